@@ -1,0 +1,79 @@
+//! The catalogue of event types tenants can subscribe to. Operators extend it
+//! with `HERALD_EXTRA_EVENT_TYPES`.
+
+use serde::Serialize;
+
+use crate::matching;
+use crate::names::valid_event_type;
+
+pub const DEFAULT: &[(&str, &str)] = &[
+    ("workflow.started", "An execution began"),
+    ("workflow.completed", "An execution ended successfully"),
+    ("workflow.failed", "An execution failed"),
+    ("workflow.timed_out", "An execution timed out"),
+    ("workflow.canceled", "An execution was canceled"),
+    ("workflow.waiting", "An execution waits for an external trigger"),
+    ("workflow.step.started", "A step (task, activity, action) began"),
+    ("workflow.step.completed", "A step ended successfully"),
+    ("workflow.step.failed", "A step failed"),
+    ("workflow.definition.created", "A workflow (state machine, flow, rule) definition was created"),
+    ("workflow.definition.updated", "A workflow definition was updated"),
+    ("workflow.definition.deleted", "A workflow definition was deleted"),
+    ("worker.connected", "A worker joined"),
+    ("worker.disconnected", "A worker left"),
+];
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EventType {
+    pub name: String,
+    pub description: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Catalogue {
+    types: Vec<EventType>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a valid event type")]
+pub struct CatalogueError(pub String);
+
+impl Default for Catalogue {
+    fn default() -> Self {
+        let types = DEFAULT
+            .iter()
+            .map(|(name, description)| EventType { name: (*name).into(), description: (*description).into() })
+            .collect();
+        Self { types }
+    }
+}
+
+impl Catalogue {
+    /// The default catalogue plus `extra`, a comma-separated list of types.
+    pub fn with_extra(extra: &str) -> Result<Self, CatalogueError> {
+        let mut catalogue = Self::default();
+        for name in extra.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            if !valid_event_type(name) {
+                return Err(CatalogueError(name.to_owned()));
+            }
+            if !catalogue.contains(name) {
+                catalogue.types.push(EventType { name: name.to_owned(), description: "Operator-defined event type".into() });
+            }
+        }
+        Ok(catalogue)
+    }
+
+    pub fn types(&self) -> &[EventType] {
+        &self.types
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.types.iter().any(|t| t.name == name)
+    }
+
+    /// Whether a subscription pattern (exact, `*` or `>`) selects at least one
+    /// catalogue type: a pattern that can never match is a tenant's mistake.
+    pub fn pattern_selects_any(&self, pattern: &str) -> bool {
+        self.types.iter().any(|t| matching::type_matches(pattern, &t.name))
+    }
+}

@@ -1,0 +1,20 @@
+//! Herald's domain rules, free of IO: the names of subjects, streams and
+//! buckets; event validation; webhook matching; signing; secret encryption;
+//! retry schedules. Every service builds on these; none of it touches the
+//! network, a clock it cannot be given, or tokio.
+
+pub mod catalogue;
+pub mod duration;
+pub mod event;
+pub mod ids;
+pub mod matching;
+pub mod names;
+pub mod payload;
+pub mod retry;
+pub mod secret;
+pub mod signing;
+
+pub use herald_proto::v1 as proto;
+
+/// Herald's version, sent as `User-Agent: Herald/<version>`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

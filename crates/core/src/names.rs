@@ -1,0 +1,172 @@
+//! Names of NATS subjects, JetStream streams, consumers and the KV bucket,
+//! and the rules for the tokens tenants put into subjects.
+//!
+//! Tenant data (organization ids, event types, webhook ids) only ever enters
+//! a subject after [`valid_org`], [`valid_event_type`] or [`valid_id`] said
+//! yes, so it can never become a wildcard.
+
+/// Producers publish events here: `herald.events.<org>.<type>`.
+pub const EVENTS_PREFIX: &str = "herald.events";
+pub const EVENTS_STREAM: &str = "HERALD_EVENTS";
+pub const EVENTS_SUBJECTS: &str = "herald.events.>";
+
+/// Normalized events, ingest → matcher: `herald.accepted.<org>`.
+pub const ACCEPTED_STREAM: &str = "HERALD_ACCEPTED";
+pub const ACCEPTED_SUBJECTS: &str = "herald.accepted.>";
+
+/// Events ingest refused, with the reason: `herald.rejected.<org>`.
+pub const REJECTED_STREAM: &str = "HERALD_REJECTED";
+pub const REJECTED_SUBJECTS: &str = "herald.rejected.>";
+/// The organization token used when the subject had no valid one.
+pub const REJECTED_UNKNOWN_ORG: &str = "_unknown";
+
+/// Delivery jobs, matcher → deliverer: `herald.deliveries.<org>.<webhook>`.
+/// The same stream holds retry schedules, `herald.schedules.<delivery>`,
+/// which the server turns back into jobs when they are due.
+pub const DELIVERIES_STREAM: &str = "HERALD_DELIVERIES";
+pub const DELIVERIES_SUBJECTS: &str = "herald.deliveries.>";
+pub const SCHEDULES_SUBJECTS: &str = "herald.schedules.>";
+
+/// Attempt results, deliverer → log-writer: `herald.attempts.<org>.<webhook>`.
+pub const ATTEMPTS_STREAM: &str = "HERALD_ATTEMPTS";
+pub const ATTEMPTS_SUBJECTS: &str = "herald.attempts.>";
+
+/// Herald's own events, e.g. `herald.system.<org>.webhook.disabled`.
+pub const SYSTEM_STREAM: &str = "HERALD_SYSTEM";
+pub const SYSTEM_SUBJECTS: &str = "herald.system.>";
+
+/// Webhook definitions, key `<org>.<webhook id>`.
+pub const WEBHOOKS_BUCKET: &str = "herald-webhooks";
+
+pub const INGEST_CONSUMER: &str = "ingest";
+pub const MATCHER_CONSUMER: &str = "matcher";
+pub const DELIVERER_CONSUMER: &str = "deliverer";
+pub const LOG_WRITER_CONSUMER: &str = "log-writer";
+
+pub fn accepted_subject(org: &str) -> String {
+    format!("herald.accepted.{org}")
+}
+
+pub fn rejected_subject(org: &str) -> String {
+    format!("herald.rejected.{org}")
+}
+
+pub fn delivery_subject(org: &str, webhook_id: &str) -> String {
+    format!("herald.deliveries.{org}.{webhook_id}")
+}
+
+pub fn schedule_subject(delivery_id: &str) -> String {
+    format!("herald.schedules.{delivery_id}")
+}
+
+pub fn attempt_subject(org: &str, webhook_id: &str) -> String {
+    format!("herald.attempts.{org}.{webhook_id}")
+}
+
+pub fn system_subject(org: &str, event_type: &str) -> String {
+    format!("herald.system.{org}.{event_type}")
+}
+
+pub fn webhook_key(org: &str, webhook_id: &str) -> String {
+    format!("{org}.{webhook_id}")
+}
+
+/// Splits a webhooks-bucket key into organization and webhook id.
+pub fn parse_webhook_key(key: &str) -> Option<(&str, &str)> {
+    let (org, id) = key.split_once('.')?;
+    (valid_org(org) && valid_id(id)).then_some((org, id))
+}
+
+/// An organization id: 1–64 of `[a-z0-9_-]`.
+pub fn valid_org(org: &str) -> bool {
+    (1..=64).contains(&org.len())
+        && org
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// One token of an event type: 1–64 of `[A-Za-z0-9_-]`.
+pub fn valid_type_token(token: &str) -> bool {
+    (1..=64).contains(&token.len())
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// An event type: dot-separated valid tokens, at most 255 bytes.
+pub fn valid_event_type(event_type: &str) -> bool {
+    !event_type.is_empty() && event_type.len() <= 255 && event_type.split('.').all(valid_type_token)
+}
+
+/// Ids Herald makes or accepts in subjects and keys: 1–128 of `[A-Za-z0-9_-]`.
+pub fn valid_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Why a subject is not `herald.events.<org>.<type>` with valid tokens.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubjectError {
+    #[error("subject does not start with herald.events.")]
+    Prefix,
+    #[error("organization token {0:?} is not 1-64 of [a-z0-9_-]")]
+    Organization(String),
+    #[error("event type {0:?} is not dot-separated tokens of [A-Za-z0-9_-]")]
+    EventType(String),
+}
+
+/// Parses `herald.events.<org>.<type>` into `(org, type)`.
+pub fn parse_event_subject(subject: &str) -> Result<(&str, &str), SubjectError> {
+    let rest = subject
+        .strip_prefix(EVENTS_PREFIX)
+        .and_then(|r| r.strip_prefix('.'))
+        .ok_or(SubjectError::Prefix)?;
+    let (org, event_type) = rest.split_once('.').unwrap_or((rest, ""));
+    if !valid_org(org) {
+        return Err(SubjectError::Organization(org.to_owned()));
+    }
+    if !valid_event_type(event_type) {
+        return Err(SubjectError::EventType(event_type.to_owned()));
+    }
+    Ok((org, event_type))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(subject: &str, expected: Result<(&str, &str), &str>) {
+        let got = parse_event_subject(subject).map_err(|e| match e {
+            SubjectError::Prefix => "prefix",
+            SubjectError::Organization(_) => "org",
+            SubjectError::EventType(_) => "type",
+        });
+        assert_eq!(got, expected, "{subject}");
+    }
+
+    #[test]
+    fn event_subjects() {
+        check("herald.events.acme.workflow.completed", Ok(("acme", "workflow.completed")));
+        check("herald.events.a-b_9.worker.connected", Ok(("a-b_9", "worker.connected")));
+        check("herald.events.acme.Custom_Type-1", Ok(("acme", "Custom_Type-1")));
+        check("herald.events.acme", Err("type"));
+        check("herald.events.acme.", Err("type"));
+        check("herald.events.acme.workflow..completed", Err("type"));
+        check("herald.events.acme.workflow.*", Err("type"));
+        check("herald.events.acme.>", Err("type"));
+        check("herald.events.*.workflow.completed", Err("org"));
+        check("herald.events.ACME.workflow.completed", Err("org"));
+        check("herald.events..workflow.completed", Err("org"));
+        check(&format!("herald.events.{}.x", "a".repeat(65)), Err("org"));
+        check(&format!("herald.events.{}.x", "a".repeat(64)), Ok((&"a".repeat(64), "x")));
+        check("herald.eventsx.acme.x", Err("prefix"));
+        check("other.events.acme.x", Err("prefix"));
+    }
+
+    #[test]
+    fn webhook_keys() {
+        assert_eq!(parse_webhook_key("acme.wh_1"), Some(("acme", "wh_1")));
+        assert_eq!(parse_webhook_key("acme"), None);
+        assert_eq!(parse_webhook_key("acme.wh.1"), None);
+    }
+}

@@ -1,0 +1,169 @@
+//! `/live`, `/ready` and `/metrics` for every service.
+//!
+//! Liveness says the process answers. Readiness says every dependency the
+//! service registered (NATS, Redis, its consumers) is up right now; it turns
+//! false again when one is lost. Metrics are Prometheus text.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// A service's health: named readiness checks and its metrics registry.
+#[derive(Clone)]
+pub struct Health {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    service: &'static str,
+    checks: Mutex<BTreeMap<&'static str, bool>>,
+    registry: Mutex<Registry>,
+}
+
+impl std::fmt::Debug for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Health").field("service", &self.inner.service).finish()
+    }
+}
+
+impl Health {
+    pub fn new(service: &'static str) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                service,
+                checks: Mutex::new(BTreeMap::new()),
+                registry: Mutex::new(Registry::with_prefix("herald")),
+            }),
+        }
+    }
+
+    pub fn service(&self) -> &'static str {
+        self.inner.service
+    }
+
+    /// Sets a readiness check; a check once named must be true for readiness.
+    pub fn set(&self, check: &'static str, ok: bool) {
+        self.inner.checks.lock().expect("health lock").insert(check, ok);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        let checks = self.inner.checks.lock().expect("health lock");
+        !checks.is_empty() && checks.values().all(|ok| *ok)
+    }
+
+    /// The readiness checks as JSON, e.g. `{"nats":true,"redis":false}`.
+    pub fn checks_json(&self) -> String {
+        let checks = self.inner.checks.lock().expect("health lock");
+        serde_json::to_string(&*checks).unwrap_or_default()
+    }
+
+    /// Registers metrics: `register(|r| r.register("name", "help", metric.clone()))`.
+    pub fn register(&self, f: impl FnOnce(&mut Registry)) {
+        f(&mut self.inner.registry.lock().expect("registry lock"));
+    }
+
+    pub fn render_metrics(&self) -> String {
+        let mut out = String::new();
+        let registry = self.inner.registry.lock().expect("registry lock");
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+
+    /// Answers a health path, or `None` when `path` is not one of ours.
+    pub fn answer(&self, path: &str) -> Option<(StatusCode, &'static str, String)> {
+        match path {
+            "/live" => Some((StatusCode::OK, "application/json", r#"{"status":"live"}"#.to_owned())),
+            "/ready" => {
+                let body = format!(r#"{{"ready":{},"checks":{}}}"#, self.is_ready(), self.checks_json());
+                let status = if self.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                Some((status, "application/json", body))
+            }
+            "/metrics" => Some((
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                self.render_metrics(),
+            )),
+            _ => None,
+        }
+    }
+
+    /// Serves the health endpoints on `addr` until `shutdown`.
+    pub async fn serve(self, addr: SocketAddr, shutdown: CancellationToken) -> std::io::Result<()> {
+        let listener = TcpListener::bind(addr).await?;
+        tokio::spawn(self.serve_on(listener, shutdown));
+        Ok(())
+    }
+
+    pub async fn serve_on(self, listener: TcpListener, shutdown: CancellationToken) {
+        loop {
+            let stream = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(error) => {
+                        tracing::warn!(%error, "health server accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let health = self.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let health = health.clone();
+                    async move {
+                        let (status, content_type, body) = health
+                            .answer(req.uri().path())
+                            .unwrap_or((StatusCode::NOT_FOUND, "text/plain", "not found\n".to_owned()));
+                        let response = Response::builder()
+                            .status(status)
+                            .header("content-type", content_type)
+                            .body(Full::new(Bytes::from(body)))
+                            .expect("static response parts are valid");
+                        Ok::<_, Infallible>(response)
+                    }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            });
+        }
+    }
+
+    /// Keeps the `nats` check in step with the client's connection.
+    pub fn watch_nats(&self, client: async_nats::Client, shutdown: CancellationToken) {
+        let health = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let up = client.connection_state() == async_nats::connection::State::Connected;
+                health.set("nats", up);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        });
+    }
+
+    /// Keeps the `redis` check in step with a PING every second.
+    pub fn watch_redis(&self, redis: crate::redis::Redis, shutdown: CancellationToken) {
+        let health = self.clone();
+        tokio::spawn(async move {
+            loop {
+                health.set("redis", redis.ping().await);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        });
+    }
+}

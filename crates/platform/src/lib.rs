@@ -1,0 +1,16 @@
+//! What every Herald service shares: configuration from the environment,
+//! logging, shutdown on signals, the health and metrics server, and the
+//! connections to NATS (streams, the webhooks bucket) and Redis (the log
+//! index, caches and counters).
+
+pub mod config;
+pub mod health;
+pub mod log_index;
+pub mod nats;
+pub mod redis;
+pub mod service;
+pub mod shutdown;
+pub mod telemetry;
+pub mod webhooks;
+
+pub use tokio_util::sync::CancellationToken;

@@ -1,0 +1,207 @@
+//! The webhooks KV bucket: `herald.v1.Webhook` values under
+//! `<org>.<webhook id>`. Writes compare-and-set on the revision, so a lost
+//! race is a conflict, never a silent overwrite. The bucket's change feed
+//! ([`WebhookStore::watch`]) tells matchers and deliverers what changed.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use futures::StreamExt;
+use herald_core::{names, proto};
+use prost::Message;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("webhook changed concurrently")]
+    Conflict,
+    #[error("webhook store unavailable: {0}")]
+    Unavailable(String),
+    #[error("corrupt webhook record {key}: {message}")]
+    Corrupt { key: String, message: String },
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// A webhook with the KV revision it was read at.
+#[derive(Debug, Clone)]
+pub struct Versioned {
+    pub webhook: proto::Webhook,
+    pub revision: u64,
+}
+
+/// A change seen on the bucket's feed.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub org: String,
+    pub webhook_id: String,
+    /// The new definition; `None` when deleted.
+    pub webhook: Option<proto::Webhook>,
+}
+
+#[derive(Clone)]
+pub struct WebhookStore {
+    kv: kv::Store,
+    js: jetstream::Context,
+}
+
+impl std::fmt::Debug for WebhookStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookStore").finish_non_exhaustive()
+    }
+}
+
+impl WebhookStore {
+    /// Opens the bucket, creating it when missing.
+    pub async fn open(js: &jetstream::Context, replicas: usize) -> Result<Self, StoreError> {
+        let kv = match js.get_key_value(names::WEBHOOKS_BUCKET).await {
+            Ok(kv) => kv,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: names::WEBHOOKS_BUCKET.into(),
+                    description: "Herald webhook definitions".into(),
+                    history: 5,
+                    num_replicas: replicas,
+                    storage: jetstream::stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(unavailable)?,
+        };
+        Ok(Self { kv, js: js.clone() })
+    }
+
+    fn decode(key: &str, bytes: &[u8]) -> Result<proto::Webhook, StoreError> {
+        proto::Webhook::decode(bytes).map_err(|e| StoreError::Corrupt { key: key.to_owned(), message: e.to_string() })
+    }
+
+    pub async fn get(&self, org: &str, id: &str) -> Result<Option<Versioned>, StoreError> {
+        if !names::valid_org(org) || !names::valid_id(id) {
+            return Ok(None);
+        }
+        let key = names::webhook_key(org, id);
+        match self.kv.entry(key.as_str()).await.map_err(unavailable)? {
+            Some(entry) if entry.operation == kv::Operation::Put => {
+                Ok(Some(Versioned { webhook: Self::decode(&key, &entry.value)?, revision: entry.revision }))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Every webhook of `org`, in creation order.
+    pub async fn list(&self, org: &str) -> Result<Vec<proto::Webhook>, StoreError> {
+        if !names::valid_org(org) {
+            return Ok(Vec::new());
+        }
+        let stream_name = format!("KV_{}", names::WEBHOOKS_BUCKET);
+        let stream = self.js.get_stream(&stream_name).await.map_err(unavailable)?;
+        let consumer = stream
+            .create_consumer(jetstream::consumer::push::OrderedConfig {
+                deliver_subject: self.js_client_inbox(),
+                filter_subject: format!("$KV.{}.{org}.>", names::WEBHOOKS_BUCKET),
+                deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
+                replay_policy: jetstream::consumer::ReplayPolicy::Instant,
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        let mut remaining = consumer.cached_info().num_pending;
+        let mut webhooks = Vec::with_capacity(remaining as usize);
+        if remaining == 0 {
+            return Ok(webhooks);
+        }
+        let mut messages = consumer.messages().await.map_err(unavailable)?;
+        while remaining > 0 {
+            let message = tokio::time::timeout(Duration::from_secs(5), messages.next())
+                .await
+                .map_err(|_| unavailable("listing webhooks timed out"))?
+                .ok_or_else(|| unavailable("listing webhooks ended early"))?
+                .map_err(unavailable)?;
+            remaining = message.info().map_err(unavailable)?.pending;
+            let deleted = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("KV-Operation"))
+                .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
+            if !deleted {
+                webhooks.push(Self::decode(&message.subject, &message.payload)?);
+            }
+        }
+        webhooks.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+        Ok(webhooks)
+    }
+
+    fn js_client_inbox(&self) -> String {
+        self.js.client().new_inbox()
+    }
+
+    /// Stores a new webhook; fails with `Conflict` when the id exists.
+    pub async fn create(&self, webhook: &proto::Webhook) -> Result<u64, StoreError> {
+        let key = names::webhook_key(&webhook.organization_id, &webhook.id);
+        self.kv.create(key, webhook.encode_to_vec().into()).await.map_err(|e| match e.kind() {
+            kv::CreateErrorKind::AlreadyExists => StoreError::Conflict,
+            _ => unavailable(e),
+        })
+    }
+
+    /// Replaces a webhook read at `revision`; `Conflict` if it changed since.
+    pub async fn update(&self, webhook: &proto::Webhook, revision: u64) -> Result<u64, StoreError> {
+        let key = names::webhook_key(&webhook.organization_id, &webhook.id);
+        self.kv.update(key, webhook.encode_to_vec().into(), revision).await.map_err(|e| match e.kind() {
+            kv::UpdateErrorKind::WrongLastRevision => StoreError::Conflict,
+            _ => unavailable(e),
+        })
+    }
+
+    /// Deletes a webhook read at `revision`; `Conflict` if it changed since.
+    pub async fn delete(&self, org: &str, id: &str, revision: u64) -> Result<(), StoreError> {
+        let key = names::webhook_key(org, id);
+        self.kv.delete_expect_revision(key, Some(revision)).await.map_err(|e| match e.kind() {
+            kv::DeleteErrorKind::WrongLastRevision => StoreError::Conflict,
+            _ => unavailable(e),
+        })
+    }
+
+    /// Applies `change` to the current definition, retrying on conflicts.
+    /// `change` returns false to leave the webhook as it is. Returns the
+    /// stored webhook, or `None` when it does not exist.
+    pub async fn modify(
+        &self,
+        org: &str,
+        id: &str,
+        mut change: impl FnMut(&mut proto::Webhook) -> bool,
+    ) -> Result<Option<proto::Webhook>, StoreError> {
+        for _ in 0..10 {
+            let Some(Versioned { mut webhook, revision }) = self.get(org, id).await? else {
+                return Ok(None);
+            };
+            if !change(&mut webhook) {
+                return Ok(Some(webhook));
+            }
+            match self.update(&webhook, revision).await {
+                Ok(_) => return Ok(Some(webhook)),
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Conflict)
+    }
+
+    /// Every change from now on (or the whole bucket first, with history).
+    pub async fn watch(
+        &self,
+    ) -> Result<impl futures::Stream<Item = Result<Change, StoreError>> + use<>, StoreError> {
+        let watch = self.kv.watch_all().await.map_err(unavailable)?;
+        Ok(watch.map(|entry| {
+            let entry = entry.map_err(unavailable)?;
+            let (org, id) = names::parse_webhook_key(&entry.key)
+                .ok_or_else(|| StoreError::Corrupt { key: entry.key.clone(), message: "bad key".into() })?;
+            let webhook = match entry.operation {
+                kv::Operation::Put => Some(Self::decode(&entry.key, &entry.value)?),
+                _ => None,
+            };
+            Ok(Change { org: org.to_owned(), webhook_id: id.to_owned(), webhook })
+        }))
+    }
+}

@@ -1,0 +1,184 @@
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+/// How the receiver answers one request.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+    /// Wait this long before answering.
+    pub delay: Duration,
+    /// Never answer (the connection stays open until the client gives up).
+    pub hang: bool,
+}
+
+impl Reply {
+    pub fn status(status: u16) -> Self {
+        Self { status, headers: Vec::new(), body: String::new(), delay: Duration::ZERO, hang: false }
+    }
+
+    pub fn hang() -> Self {
+        Self { hang: true, ..Self::status(200) }
+    }
+
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    pub fn body(mut self, body: &str) -> Self {
+        self.body = body.into();
+        self
+    }
+
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+}
+
+/// One request the receiver got.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub at: Instant,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+}
+
+#[derive(Default)]
+struct State {
+    /// Replies per path, used in order; the last one repeats.
+    scripts: HashMap<String, Vec<Reply>>,
+    served: HashMap<String, usize>,
+    received: Vec<Received>,
+}
+
+/// An HTTP receiver on 127.0.0.1 that records every request.
+#[derive(Clone)]
+pub struct Receiver {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    notify: Arc<Notify>,
+}
+
+impl Receiver {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind receiver");
+        let addr = listener.local_addr().expect("receiver addr");
+        let receiver = Self { addr, state: Arc::default(), notify: Arc::new(Notify::new()) };
+        let server = receiver.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let server = server.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let server = server.clone();
+                        async move { Ok::<_, Infallible>(server.handle(req).await) }
+                    });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+                });
+            }
+        });
+        receiver
+    }
+
+    async fn handle(&self, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+        let (parts, body) = req.into_parts();
+        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let path = parts.uri.path().to_owned();
+        let reply = {
+            let mut state = self.state.lock().expect("receiver lock");
+            state.received.push(Received {
+                method: parts.method.to_string(),
+                path: path.clone(),
+                headers: parts.headers,
+                body,
+                at: Instant::now(),
+            });
+            let n = state.served.entry(path.clone()).or_default();
+            let i = *n;
+            *n += 1;
+            state
+                .scripts
+                .get(&path)
+                .and_then(|s| s.get(i).or(s.last()).cloned())
+                .unwrap_or_else(|| Reply::status(200))
+        };
+        self.notify.notify_waiters();
+        if reply.hang {
+            std::future::pending::<()>().await;
+        }
+        if !reply.delay.is_zero() {
+            tokio::time::sleep(reply.delay).await;
+        }
+        let mut response = Response::builder().status(reply.status);
+        for (name, value) in &reply.headers {
+            response = response.header(name, value);
+        }
+        response.body(Full::new(Bytes::from(reply.body))).expect("valid reply")
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:<port><path>`
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Answers requests to `path` with `replies` in order, the last repeating.
+    pub fn script(&self, path: &str, replies: Vec<Reply>) {
+        let mut state = self.state.lock().expect("receiver lock");
+        state.scripts.insert(path.to_owned(), replies);
+        state.served.remove(path);
+    }
+
+    /// Everything received on `path` so far.
+    pub fn received(&self, path: &str) -> Vec<Received> {
+        let state = self.state.lock().expect("receiver lock");
+        state.received.iter().filter(|r| r.path == path).cloned().collect()
+    }
+
+    /// Everything received on any path.
+    pub fn all(&self) -> Vec<Received> {
+        self.state.lock().expect("receiver lock").received.clone()
+    }
+
+    /// Waits until `path` got at least `n` requests, or `timeout`; returns
+    /// what it got either way.
+    pub async fn wait_for(&self, path: &str, n: usize, timeout: Duration) -> Vec<Received> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.notify.notified();
+            let got = self.received(path);
+            if got.len() >= n {
+                return got;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.received(path);
+            }
+        }
+    }
+}
