@@ -37,7 +37,7 @@ impl Source for HashMap<&str, String> {
     }
 }
 
-impl Source for [(&str, &str)] {
+impl<const N: usize> Source for [(&str, &str); N] {
     fn get(&self, name: &str) -> Option<String> {
         self.iter().rev().find(|(k, _)| *k == name).map(|(_, v)| (*v).to_owned())
     }
@@ -164,13 +164,13 @@ mod tests {
 
     #[test]
     fn parsing_names_the_variable() {
-        let src: &[(&str, &str)] = &[("A", "x"), ("B", "70"), ("C", "maybe"), ("D", "5 s"), ("E", "localhost")];
+        let src = &[("A", "x"), ("B", "70"), ("C", "maybe"), ("D", "5 s"), ("E", "localhost")];
         assert_eq!(number(src, "B", 1u32, 1..=64).unwrap_err().var, "B");
         assert_eq!(number(src, "A", 1u32, 1..=64).unwrap_err().var, "A");
         assert_eq!(boolean(src, "C", false).unwrap_err().var, "C");
         assert_eq!(duration(src, "D", Duration::ZERO).unwrap_err().var, "D");
         assert_eq!(addr(src, "E", "").unwrap_err().var, "E");
         assert_eq!(number(src, "UNSET", 7u32, 1..=64), Ok(7));
-        assert!(boolean(&[("X", "TRUE")][..], "X", false).unwrap());
+        assert!(boolean(&[("X", "TRUE")], "X", false).unwrap());
     }
 }

@@ -1,0 +1,187 @@
+//! Admin: the HTTP API tenants use to manage webhooks and read delivery
+//! logs (see PRODUCT.md, "Webhooks (admin API)"). Webhooks live in the
+//! JetStream KV bucket; every write there is seen by matchers and
+//! deliverers on the bucket's change feed. Logs are read from the Redis log
+//! index that log-writer maintains. `/live`, `/ready` and `/metrics` are
+//! served on the API port too.
+
+pub mod auth;
+pub mod error;
+mod limits;
+mod logs;
+mod webhooks;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use herald_core::catalogue::Catalogue;
+use herald_core::secret::Keyring;
+use herald_platform::config::{self, ConfigError, Source};
+use herald_platform::health::Health;
+use herald_platform::log_index::LogIndex;
+use herald_platform::nats;
+use herald_platform::redis::Redis;
+use herald_platform::webhooks::WebhookStore;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Keys;
+use crate::error::ApiError;
+
+pub const ADMIN_ADDR: &str = "HERALD_ADMIN_ADDR";
+pub const API_KEYS_FILE: &str = "HERALD_API_KEYS_FILE";
+pub const SECRET_KEY: &str = "HERALD_SECRET_KEY";
+pub const SECRET_KEY_PREVIOUS: &str = "HERALD_SECRET_KEY_PREVIOUS";
+pub const ALLOW_HTTP: &str = "HERALD_ALLOW_HTTP";
+pub const MAX_WEBHOOKS_PER_WORKFLOW: &str = "HERALD_MAX_WEBHOOKS_PER_WORKFLOW";
+pub const EXTRA_EVENT_TYPES: &str = "HERALD_EXTRA_EVENT_TYPES";
+pub const LOG_RETENTION: &str = "HERALD_LOG_RETENTION";
+
+/// Largest request body accepted; more is a 413.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub nats: config::Nats,
+    pub redis_url: String,
+    pub addr: SocketAddr,
+    pub keys: Keys,
+    pub keyring: Keyring,
+    pub allow_http: bool,
+    pub max_webhooks_per_workflow: usize,
+    pub catalogue: Catalogue,
+    pub log_retention: Duration,
+}
+
+impl Config {
+    pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
+        let keys_path = config::required(src, API_KEYS_FILE)?;
+        let keys_json = std::fs::read_to_string(&keys_path)
+            .map_err(|e| ConfigError::new(API_KEYS_FILE, format!("cannot read {keys_path:?}: {e}")))?;
+        let keys = Keys::parse(&keys_json).map_err(|e| ConfigError::new(API_KEYS_FILE, e))?;
+        let current = config::required(src, SECRET_KEY)?;
+        let previous = config::string(src, SECRET_KEY_PREVIOUS, "");
+        let keyring = Keyring::parse(&current, &previous).map_err(|e| {
+            let var = if Keyring::parse(&current, "").is_ok() { SECRET_KEY_PREVIOUS } else { SECRET_KEY };
+            ConfigError::new(var, e.to_string())
+        })?;
+        let extra = config::string(src, EXTRA_EVENT_TYPES, "");
+        Ok(Self {
+            nats: config::Nats::from_source(src)?,
+            redis_url: config::redis_url(src)?,
+            addr: config::addr(src, ADMIN_ADDR, "127.0.0.1:8080")?,
+            keys,
+            keyring,
+            allow_http: config::boolean(src, ALLOW_HTTP, false)?,
+            max_webhooks_per_workflow: config::number(src, MAX_WEBHOOKS_PER_WORKFLOW, 5, 1..=10_000)?,
+            catalogue: Catalogue::with_extra(&extra).map_err(|e| ConfigError::new(EXTRA_EVENT_TYPES, e.to_string()))?,
+            log_retention: config::duration(src, LOG_RETENTION, Duration::from_secs(7 * 86_400))?,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Nats(#[from] nats::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("webhook store: {0}")]
+    Store(#[from] herald_platform::webhooks::StoreError),
+    #[error("server: {0}")]
+    Serve(std::io::Error),
+}
+
+/// What handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+pub struct Inner {
+    pub config: Config,
+    pub store: WebhookStore,
+    pub logs: LogIndex,
+    pub js: jetstream::Context,
+    pub health: Health,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+impl AsRef<Keys> for AppState {
+    fn as_ref(&self) -> &Keys {
+        &self.inner.config.keys
+    }
+}
+
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
+}
+
+/// Binds `config.addr` and serves until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let listener = TcpListener::bind(config.addr).await.map_err(|source| Error::Listen { addr: config.addr, source })?;
+    serve(config, listener, shutdown).await
+}
+
+/// Serves on an already bound listener (tests bind port 0).
+pub async fn serve(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), Error> {
+    let health = Health::new("admin");
+    health.set("nats", false);
+    health.set("store", false);
+    let client = nats::connect(&config.nats, "admin").await?;
+    health.watch_nats(client.clone(), shutdown.clone());
+    let js = jetstream::new(client.clone());
+    nats::ensure_streams(&js, config.nats.replicas, &nats::Retention::default(), &shutdown).await?;
+    let store = WebhookStore::open(&js, config.nats.replicas).await?;
+    health.set("store", true);
+    let redis = Redis::new(&config.redis_url, Duration::from_millis(500))?;
+    health.watch_redis(redis.clone(), shutdown.clone());
+    let logs = LogIndex::new(redis, config.log_retention, usize::MAX);
+    let state = AppState { inner: Arc::new(Inner { config, store, logs, js, health }) };
+
+    tracing::info!(addr = %listener.local_addr().map_err(Error::Serve)?, "admin API listening");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .map_err(Error::Serve)
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/webhooks", get(webhooks::list).post(webhooks::create))
+        .route("/webhooks/{id}", get(webhooks::get))
+        .route("/webhooks/{id}/logs", get(logs::list_for_webhook))
+        .route("/event-types", get(event_types))
+        .route("/live", get(health))
+        .route("/ready", get(health))
+        .route("/metrics", get(health))
+        .fallback(|| async { ApiError::not_found("route") })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn event_types(State(state): State<AppState>, _caller: auth::Caller) -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({"data": state.config.catalogue.types()}))
+}
+
+async fn health(State(state): State<AppState>, uri: axum::http::Uri) -> Response {
+    match state.health.answer(uri.path()) {
+        Some((status, content_type, body)) => (status, [("content-type", content_type)], body).into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}

@@ -1,0 +1,128 @@
+//! The HTTP client that POSTs to customers: hyper over rustls (webpki
+//! roots), pooled keep-alive connections, no proxy from the environment, no
+//! redirects followed, and a response body read with a cap while reading.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+/// Bytes of a response body kept for the log.
+pub const BODY_CAP: usize = 8 * 1024;
+
+pub type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+#[derive(Clone)]
+pub struct Client {
+    inner: HyperClient<Connector, Full<Bytes>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Client")
+    }
+}
+
+/// What came back.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+    pub truncated: bool,
+}
+
+/// Why no response came back. Every variant is the endpoint's failure
+/// (counted against the webhook) except `Internal`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SendError {
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("connection failed: {0}")]
+    Connect(String),
+    #[error("request failed: {0}")]
+    Request(String),
+}
+
+impl Client {
+    pub fn new() -> Self {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(10)));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions")
+            .with_root_certificates(rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() })
+            .with_no_client_auth();
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let inner = HyperClient::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .build(https);
+        Self { inner }
+    }
+
+    /// Sends `request`, giving up after `timeout` (connect, headers and the
+    /// capped body read included).
+    pub async fn send(&self, request: http::Request<Full<Bytes>>, timeout: Duration) -> (Result<Response, SendError>, Duration) {
+        let started = Instant::now();
+        let result = tokio::time::timeout(timeout, async {
+            let response = self.inner.request(request).await.map_err(|e| {
+                if e.is_connect() {
+                    SendError::Connect(error_chain(&e))
+                } else {
+                    SendError::Request(error_chain(&e))
+                }
+            })?;
+            let (parts, mut body) = response.into_parts();
+            let mut kept = Vec::new();
+            let mut truncated = false;
+            while let Some(frame) = body.frame().await {
+                let Ok(frame) = frame else { break };
+                if let Ok(data) = frame.into_data() {
+                    let room = BODY_CAP - kept.len();
+                    kept.extend_from_slice(&data[..data.len().min(room)]);
+                    if data.len() > room {
+                        truncated = true;
+                        break;
+                    }
+                }
+            }
+            let headers = parts
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                .collect();
+            Ok(Response { status: parts.status.as_u16(), headers, body: kept.into(), truncated })
+        })
+        .await
+        .unwrap_or(Err(SendError::Timeout(timeout)));
+        (result, started.elapsed())
+    }
+}
+
+impl Default for Client {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}

@@ -1,0 +1,232 @@
+//! Matcher: fans each accepted event out to the organization's webhooks.
+//!
+//! It consumes `herald.accepted.<org>`, finds the webhooks whose event types
+//! and filters select the event, and publishes one `herald.v1.DeliveryJob`
+//! per match to `herald.deliveries.<org>.<webhook>`. The event is acked only
+//! after every job is durably stored; a crash in between re-matches it, and
+//! because delivery ids are derived from (org, event, webhook) and jobs carry
+//! `Nats-Msg-Id: <delivery id>.1`, the receiver still sees one delivery.
+
+mod subscriptions;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer};
+use futures::StreamExt;
+use herald_core::{ids, names, proto};
+use herald_platform::config::{self, ConfigError, Source};
+use herald_platform::health::Health;
+use herald_platform::nats;
+use herald_platform::redis::Redis;
+use herald_platform::webhooks::WebhookStore;
+use prometheus_client::metrics::counter::Counter;
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+
+pub use subscriptions::Cache;
+
+pub const HEALTH_ADDR: &str = "HERALD_MATCHER_HEALTH_ADDR";
+pub const CACHE_TTL: &str = "HERALD_SUBSCRIPTION_CACHE_TTL";
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub nats: config::Nats,
+    pub redis_url: String,
+    pub health_addr: SocketAddr,
+    /// How long Redis keeps an organization's subscription set.
+    pub cache_ttl: Duration,
+    pub concurrency: usize,
+}
+
+impl Config {
+    pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
+        Ok(Self {
+            nats: config::Nats::from_source(src)?,
+            redis_url: config::redis_url(src)?,
+            health_addr: config::addr(src, HEALTH_ADDR, "127.0.0.1:9102")?,
+            cache_ttl: config::duration(src, CACHE_TTL, Duration::from_secs(60))?,
+            concurrency: 128,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Nats(#[from] nats::Error),
+    #[error("health server: {0}")]
+    Health(std::io::Error),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("webhook store: {0}")]
+    Store(#[from] herald_platform::webhooks::StoreError),
+    #[error("consumer: {0}")]
+    Consumer(String),
+}
+
+#[derive(Clone, Default)]
+struct Metrics {
+    events: Counter,
+    jobs: Counter,
+    unmatched: Counter,
+}
+
+struct State {
+    js: jetstream::Context,
+    cache: Cache,
+    metrics: Metrics,
+}
+
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let health = Health::new("matcher");
+    health.set("nats", false);
+    health.set("consumer", false);
+    let metrics = Metrics::default();
+    health.clone().serve(config.health_addr, shutdown.clone()).await.map_err(Error::Health)?;
+
+    let client = nats::connect(&config.nats, "matcher").await?;
+    health.watch_nats(client.clone(), shutdown.clone());
+    let js = jetstream::new(client.clone());
+    nats::ensure_streams(&js, config.nats.replicas, &nats::Retention::default(), &shutdown).await?;
+    let store = WebhookStore::open(&js, config.nats.replicas).await?;
+    let redis = Redis::new(&config.redis_url, Duration::from_millis(250))?;
+    let cache = Cache::new(store.clone(), redis, config.cache_ttl);
+    health.register(|r| {
+        r.register("events_matched", "Events matched against subscriptions", metrics.events.clone());
+        r.register("delivery_jobs", "Delivery jobs published (fan-out)", metrics.jobs.clone());
+        r.register("events_unmatched", "Events that matched no webhook", metrics.unmatched.clone());
+        r.register("subscription_cache_local_hits", "Subscription sets found in process", cache.metrics.local_hits.clone());
+        r.register("subscription_cache_redis_hits", "Subscription sets found in Redis", cache.metrics.redis_hits.clone());
+        r.register("subscription_cache_rebuilds", "Subscription sets rebuilt from the webhooks bucket", cache.metrics.rebuilds.clone());
+        r.register("redis_degraded", "Redis calls that failed or timed out; work went on without Redis", cache.metrics.redis_degraded.clone());
+    });
+
+    tokio::spawn(watch_changes(store, cache.clone(), shutdown.clone()));
+
+    let consumer = nats::durable_consumer(
+        &js,
+        names::ACCEPTED_STREAM,
+        consumer::pull::Config {
+            durable_name: Some(names::MATCHER_CONSUMER.into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 10_000,
+            ..Default::default()
+        },
+        &shutdown,
+    )
+    .await?;
+    let messages = consumer
+        .stream()
+        .max_messages_per_batch(500)
+        .messages()
+        .await
+        .map_err(|e| Error::Consumer(e.to_string()))?;
+    health.set("consumer", true);
+
+    let state = Arc::new(State { js, cache, metrics });
+    messages
+        .take_until(shutdown.cancelled_owned())
+        .for_each_concurrent(config.concurrency, |message| {
+            let state = state.clone();
+            async move {
+                match message {
+                    Ok(message) => state.handle(message).await,
+                    Err(error) => tracing::warn!(%error, "accepted-events consumer error"),
+                }
+            }
+        })
+        .await;
+    client.flush().await.ok();
+    Ok(())
+}
+
+/// Follows the webhooks bucket and drops changed organizations from the
+/// caches; if the feed breaks, everything local is dropped and it resumes.
+async fn watch_changes(store: WebhookStore, cache: Cache, shutdown: CancellationToken) {
+    loop {
+        match store.watch().await {
+            Ok(mut changes) => loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    change = changes.next() => match change {
+                        Some(Ok(change)) => cache.invalidate(&change.org).await,
+                        Some(Err(error)) => tracing::warn!(%error, "webhook change feed"),
+                        None => break,
+                    }
+                }
+            },
+            Err(error) => tracing::warn!(%error, "cannot watch webhook changes"),
+        }
+        cache.clear_local();
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+impl State {
+    async fn handle(&self, message: jetstream::Message) {
+        let event = match proto::Event::decode(message.payload.clone()) {
+            Ok(event) => event,
+            Err(error) => {
+                // Only ingest writes here; a record it cannot have written is
+                // dropped loudly rather than retried forever.
+                tracing::error!(%error, subject = %message.subject, "undecodable accepted event dropped");
+                let _ = message.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        match self.fan_out(&event).await {
+            Ok(()) => {
+                self.metrics.events.inc();
+                let _ = message.ack().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, event_id = %event.id, org = %event.organization_id, "fan-out failed, event handed back");
+                let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            }
+        }
+    }
+
+    async fn fan_out(&self, event: &proto::Event) -> Result<(), String> {
+        let set = self.cache.get(&event.organization_id).await.map_err(|e| e.to_string())?;
+        let mut acks = Vec::new();
+        for subscription in set.matching(&event.r#type, &event.attributes) {
+            let job = proto::DeliveryJob {
+                delivery_id: ids::delivery_id(&event.organization_id, &event.id, &subscription.webhook_id),
+                organization_id: event.organization_id.clone(),
+                webhook_id: subscription.webhook_id.clone(),
+                event: Some(event.clone()),
+                attempt: 1,
+                kind: proto::DeliveryKind::Event as i32,
+                not_before_ms: 0,
+                deferrals: 0,
+            };
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", format!("{}.1", job.delivery_id).as_str());
+            if !event.traceparent.is_empty() {
+                headers.insert("traceparent", event.traceparent.as_str());
+            }
+            let subject = names::delivery_subject(&event.organization_id, &subscription.webhook_id);
+            let ack = self
+                .js
+                .publish_with_headers(subject, headers, job.encode_to_vec().into())
+                .await
+                .map_err(|e| e.to_string())?;
+            acks.push(ack);
+        }
+        if acks.is_empty() {
+            self.metrics.unmatched.inc();
+        }
+        let n = acks.len() as u64;
+        for result in futures::future::join_all(acks.into_iter().map(std::future::IntoFuture::into_future)).await {
+            result.map_err(|e| e.to_string())?;
+        }
+        self.metrics.jobs.inc_by(n);
+        Ok(())
+    }
+}

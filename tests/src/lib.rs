@@ -1,0 +1,260 @@
+//! The end-to-end harness: a real NATS (JetStream) and Redis, all five
+//! services running in this process, an operator API key, and a small HTTP
+//! client for the admin API.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use herald_platform::config::Source;
+use herald_test_support::{NatsServer, RedisServer, free_port};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+pub use herald_test_support::{Received, Receiver, Reply};
+
+pub const API_KEY: &str = "test-operator-key";
+pub const TENANT_KEY: &str = "test-tenant-key";
+
+/// A running Herald.
+pub struct Stack {
+    pub nats: NatsServer,
+    pub redis: RedisServer,
+    pub admin_url: String,
+    pub env: HashMap<String, String>,
+    pub shutdown: CancellationToken,
+    pub client: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    http: Client<HttpConnector, Full<Bytes>>,
+    _dir: tempfile_dir::Dir,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+mod tempfile_dir {
+    /// A directory removed on drop.
+    pub struct Dir(pub std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Settings a test may change before the stack starts.
+pub struct Options {
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { env: Vec::new() }
+    }
+}
+
+impl Options {
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.to_owned(), value.to_owned()));
+        self
+    }
+}
+
+fn hash(key: &str) -> String {
+    herald_admin::auth::hash_key(key)
+}
+
+impl Stack {
+    pub async fn start() -> Self {
+        Self::start_with(Options::default()).await
+    }
+
+    pub async fn start_with(options: Options) -> Self {
+        let nats = NatsServer::start();
+        let redis = RedisServer::start();
+        let dir = std::env::temp_dir().join(format!("herald-e2e-{}", free_port()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let keys_file = dir.join("keys.json");
+        let keys = serde_json::json!({"keys": [
+            {"key_sha256": hash(API_KEY), "organizations": ["*"], "default_organization": "acme"},
+            {"key_sha256": hash(TENANT_KEY), "organizations": ["globex"], "default_organization": "globex"},
+        ]});
+        std::fs::write(&keys_file, keys.to_string()).expect("write keys");
+        let admin_port = free_port();
+        let mut env: HashMap<String, String> = [
+            ("HERALD_NATS_URL", nats.url()),
+            ("HERALD_REDIS_URL", redis.url()),
+            ("HERALD_ADMIN_ADDR", format!("127.0.0.1:{admin_port}")),
+            ("HERALD_API_KEYS_FILE", keys_file.display().to_string()),
+            ("HERALD_SECRET_KEY", herald_core::secret::Keyring::generate_key_text()),
+            ("HERALD_ALLOW_HTTP", "true".into()),
+            ("HERALD_ALLOW_PRIVATE_TARGETS", "true".into()),
+            ("HERALD_RETRY_SCHEDULE", "200ms,400ms,800ms".into()),
+            ("HERALD_INGEST_HEALTH_ADDR", format!("127.0.0.1:{}", free_port())),
+            ("HERALD_MATCHER_HEALTH_ADDR", format!("127.0.0.1:{}", free_port())),
+            ("HERALD_DELIVERER_HEALTH_ADDR", format!("127.0.0.1:{}", free_port())),
+            ("HERALD_LOG_WRITER_HEALTH_ADDR", format!("127.0.0.1:{}", free_port())),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        for (k, v) in options.env {
+            env.insert(k, v);
+        }
+        let shutdown = CancellationToken::new();
+        let client = async_nats::connect(nats.url()).await.expect("connect nats");
+        let js = async_nats::jetstream::new(client.clone());
+        let http = Client::builder(TokioExecutor::new()).build_http();
+        let mut stack = Stack {
+            nats,
+            redis,
+            admin_url: format!("http://127.0.0.1:{admin_port}"),
+            env,
+            shutdown,
+            client,
+            js,
+            http,
+            _dir: tempfile_dir::Dir(dir),
+            tasks: Vec::new(),
+        };
+        stack.spawn_services();
+        stack.wait_ready().await;
+        stack
+    }
+
+    fn spawn_services(&mut self) {
+        let src: &dyn Source = &self.env;
+        let token = self.shutdown.clone();
+        macro_rules! spawn {
+            ($krate:ident) => {{
+                let config = $krate::Config::from_source(src).expect(concat!(stringify!($krate), " config"));
+                let token = token.clone();
+                self.tasks.push(tokio::spawn(async move {
+                    if let Err(error) = $krate::run(config, token).await {
+                        panic!("{} failed: {error}", stringify!($krate));
+                    }
+                }));
+            }};
+        }
+        spawn!(herald_ingest);
+        spawn!(herald_matcher);
+        spawn!(herald_deliverer);
+        spawn!(herald_log_writer);
+        spawn!(herald_admin);
+    }
+
+    /// Waits until every service answers `/ready`.
+    pub async fn wait_ready(&self) {
+        let ports = [
+            "HERALD_INGEST_HEALTH_ADDR",
+            "HERALD_MATCHER_HEALTH_ADDR",
+            "HERALD_DELIVERER_HEALTH_ADDR",
+            "HERALD_LOG_WRITER_HEALTH_ADDR",
+            "HERALD_ADMIN_ADDR",
+        ];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        for var in ports {
+            let url = format!("http://{}/ready", self.env[var]);
+            loop {
+                if let Ok((200, _)) = self.raw("GET", &url, None, &[]).await {
+                    break;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "{var} not ready in 30s");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    /// Stops every service and waits for them to drain.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        for task in self.tasks.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+        }
+    }
+
+    async fn raw(&self, method: &str, url: &str, body: Option<&Value>, headers: &[(&str, &str)]) -> Result<(u16, Bytes), String> {
+        let mut builder = http::Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        let body = match body {
+            Some(v) => {
+                builder = builder.header("content-type", "application/json");
+                Bytes::from(v.to_string())
+            }
+            None => Bytes::new(),
+        };
+        let request = builder.body(Full::new(body)).map_err(|e| e.to_string())?;
+        let response = tokio::time::timeout(Duration::from_secs(10), self.http.request(request))
+            .await
+            .map_err(|_| "timeout".to_owned())?
+            .map_err(|e| e.to_string())?;
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok((status, bytes))
+    }
+
+    /// Calls the admin API with the operator key; answers status and JSON.
+    pub async fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.api_as(API_KEY, None, method, path, body).await
+    }
+
+    /// Calls the admin API with `key` and an optional organization.
+    pub async fn api_as(&self, key: &str, org: Option<&str>, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let auth = format!("Bearer {key}");
+        let mut headers = vec![("authorization", auth.as_str())];
+        if let Some(org) = org {
+            headers.push(("x-organization-id", org));
+        }
+        let url = format!("{}{path}", self.admin_url);
+        let (status, bytes) = self.raw(method, &url, body.as_ref(), &headers).await.expect("admin API call");
+        let json = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into())) };
+        (status, json)
+    }
+
+    /// Creates a webhook (operator key, organization `acme`); answers its JSON.
+    pub async fn create_webhook(&self, body: Value) -> Value {
+        let (status, json) = self.api("POST", "/webhooks", Some(body)).await;
+        assert_eq!(status, 201, "create webhook: {json}");
+        json
+    }
+
+    /// Publishes a JSON event with a JetStream publish and waits for the ack.
+    pub async fn publish(&self, org: &str, event_type: &str, body: Value) {
+        self.publish_with_headers(org, event_type, body, async_nats::HeaderMap::new()).await
+    }
+
+    pub async fn publish_with_headers(&self, org: &str, event_type: &str, body: Value, headers: async_nats::HeaderMap) {
+        self.js
+            .publish_with_headers(format!("herald.events.{org}.{event_type}"), headers, body.to_string().into())
+            .await
+            .expect("publish")
+            .await
+            .expect("publish ack");
+    }
+
+    /// Polls `f` until it returns `Some`, or panics after `timeout`.
+    pub async fn eventually<T, F, Fut>(&self, timeout: Duration, what: &str, mut f: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(v) = f().await {
+                return v;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
