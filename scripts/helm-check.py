@@ -95,6 +95,7 @@ SCHEMA_REJECTS = [
         {"secrets": {"apiKeys": [{"key_sha256": "not-hex", "organizations": ["acme"]}]}},
     ),
     ("a privileged service port", {"admin": {"port": 80}}),
+    ("an encryption key that is not 32 bytes of base64", {"secrets": {"secretKey": "hunter2"}}),
 ]
 
 # kubernetes-validate ships no schema for the Prometheus Operator's CRD; this
@@ -368,10 +369,10 @@ def check_release(
     herald_names: dict[str, str] = {}  # HERALD_* name -> where the chart sets it
     for name, cm in config_maps.items():
         for key in cm.get("data") or {}:
-            herald_names.setdefault(key, f"ConfigMap {name}")
+            herald_names.setdefault(key, f"[{label}] ConfigMap {name}")
     for name, secret in secrets.items():
         for key in secret.get("data") or {}:
-            herald_names.setdefault(key, f"Secret {name}")
+            herald_names.setdefault(key, f"[{label}] Secret {name}")
 
     workloads: dict[str, dict[str, Any]] = {}
     for service_name, service in SERVICES.items():
@@ -417,7 +418,7 @@ def check_release(
             if env_name.startswith("HERALD_"):
                 report.check(
                     env_name in known_env,
-                    f"[{label}] {source} sets {env_name}, which no service reads (not a quoted literal in crates/*/src)",
+                    f"{source} sets {env_name}, which no service reads (not a quoted literal in crates/*/src)",
                 )
 
     check_pdbs(report, rendered, workloads)
