@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Check the Herald Helm chart (helm/herald) the way an install would use it.
 
-Lints the chart, renders it offline with its default values and with
-helm/herald/ci/production-values.yaml, validates every rendered object against
+Lints the chart, renders it offline with its default values, with
+helm/herald/ci/production-values.yaml and with a set of less common values
+(VARIANT_VALUES below), validates every rendered object against
 the Kubernetes schemas that kubernetes-validate ships (the oldest version the
 chart's kubeVersion allows, and the newest), then asserts what a running
 release relies on:
@@ -97,6 +98,21 @@ SCHEMA_REJECTS = [
     ("a privileged service port", {"admin": {"port": 80}}),
     ("an encryption key that is not 32 bytes of base64", {"secrets": {"secretKey": "hunter2"}}),
 ]
+
+# Less common settings, rendered and checked like the two values files, so the
+# templates' other branches are exercised too.
+VARIANT_VALUES = {
+    "listenHost": "[::]",
+    "image": {"digest": "sha256:" + "0" * 64},
+    "serviceAccount": {"create": False, "name": "herald-runner"},
+    "spreadAcrossNodes": False,
+    "secrets": {"apiKeys": [{"key_sha256": "a" * 64, "organizations": ["acme"], "default_organization": "acme"}]},
+    "config": {"streamReplicas": 1, "extraEventTypes": ["invoice.approved"], "allowHttp": True},
+    "otel": {"endpoint": "http://otel-collector:4317"},
+    "deliverer": {"autoscaling": {"enabled": False}, "extraEnv": [{"name": "RUST_BACKTRACE", "value": "1"}]},
+    "admin": {"podDisruptionBudget": {"enabled": False}, "service": {"type": "LoadBalancer", "port": 443}},
+    "ingress": {"enabled": True, "host": "herald.internal", "tls": {"enabled": False}},
+}
 
 # kubernetes-validate ships no schema for the Prometheus Operator's CRD; this
 # covers every field the chart writes, and refuses any other.
@@ -206,8 +222,12 @@ def main() -> int:
     kube_versions = kube_versions_to_validate(report, metadata)
 
     production = helm_python.values_from_yaml(PRODUCTION_VALUES.read_text())
-    specifics = {"default": check_default_specifics, "production": check_production_specifics}
-    for label, overrides in (("default", {}), ("production", production)):
+    specifics = {
+        "default": check_default_specifics,
+        "production": check_production_specifics,
+        "variants": lambda *_: None,
+    }
+    for label, overrides in (("default", {}), ("production", production), ("variants", VARIANT_VALUES)):
         lint(report, label, overrides, kube_versions[0])
         rendered = render(report, chart, label, overrides)
         if rendered is None:
@@ -331,6 +351,9 @@ def render(report: Report, chart: Any, label: str, overrides: dict[str, Any]) ->
             ):
                 objects.append(document)
     report.check(bool(notes.strip()), f"[{label}] NOTES.txt renders empty")
+    identities = [(o["kind"], o["metadata"].get("namespace"), o["metadata"].get("name")) for o in objects]
+    for identity in sorted({i for i in identities if identities.count(i) > 1}):
+        report.fail(f"[{label}] the chart renders {identity[0]} {identity[2]} more than once")
     return Rendered(label, chart.merge_values(overrides), objects, notes)
 
 
@@ -364,7 +387,10 @@ def check_release(
     secrets = rendered.of_kind("Secret")
     existing_secret = values["secrets"].get("existingSecret") or ""
     image = values["image"]
-    expected_image = f"{image['repository']}:{image.get('tag') or metadata['appVersion']}"
+    if image.get("digest"):
+        expected_image = f"{image['repository']}@{image['digest']}"
+    else:
+        expected_image = f"{image['repository']}:{image.get('tag') or metadata['appVersion']}"
 
     herald_names: dict[str, str] = {}  # HERALD_* name -> where the chart sets it
     for name, cm in config_maps.items():
@@ -621,10 +647,17 @@ def check_pdbs(report: Report, rendered: Rendered, workloads: dict[str, dict[str
             name for name, pdb in pdbs.items()
             if selects(pdb["spec"]["selector"].get("matchLabels") or {}, labels_of(deployment))
         ]
+        wanted = 1 if values_of(rendered, service_name)["podDisruptionBudget"]["enabled"] else 0
         report.check(
-            len(covering) == 1,
-            f"[{rendered.label}] {service_name}: expected one PodDisruptionBudget selecting its pods, found {covering}",
+            len(covering) == wanted,
+            f"[{rendered.label}] {service_name}: expected {wanted} PodDisruptionBudget selecting its pods, found {covering}",
         )
+
+
+def values_of(rendered: Rendered, service_name: str) -> dict[str, Any]:
+    """A service's block of values: `log-writer` is `logWriter`."""
+    head, *rest = service_name.split("-")
+    return rendered.values[head + "".join(word.capitalize() for word in rest)]
 
 
 def check_hpas(report: Report, rendered: Rendered, workloads: dict[str, dict[str, Any]]) -> None:
