@@ -93,7 +93,11 @@ SCHEMA_REJECTS = [
     ("an unknown image pull policy", {"image": {"pullPolicy": "Sometimes"}}),
     (
         "an API key entry without a SHA-256",
-        {"secrets": {"apiKeys": [{"key_sha256": "not-hex", "organizations": ["acme"]}]}},
+        {"secrets": {"apiKeys": [{"key_sha256": "not-hex", "organizations": ["acme"], "default_organization": "acme"}]}},
+    ),
+    (
+        "an API key entry without a default organization",
+        {"secrets": {"apiKeys": [{"key_sha256": "a" * 64, "organizations": ["acme"]}]}},
     ),
     ("a privileged service port", {"admin": {"port": 80}}),
     ("an encryption key that is not 32 bytes of base64", {"secrets": {"secretKey": "hunter2"}}),
