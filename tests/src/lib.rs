@@ -6,9 +6,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use herald_platform::config::Source;
 use herald_test_support::{NatsServer, RedisServer, free_port};
+use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -45,14 +45,9 @@ mod tempfile_dir {
 }
 
 /// Settings a test may change before the stack starts.
+#[derive(Default)]
 pub struct Options {
     pub env: Vec<(String, String)>,
-}
-
-impl Default for Options {
-    fn default() -> Self {
-        Self { env: Vec::new() }
-    }
 }
 
 impl Options {
@@ -88,14 +83,29 @@ impl Stack {
             ("HERALD_REDIS_URL", redis.url()),
             ("HERALD_ADMIN_ADDR", format!("127.0.0.1:{admin_port}")),
             ("HERALD_API_KEYS_FILE", keys_file.display().to_string()),
-            ("HERALD_SECRET_KEY", herald_core::secret::Keyring::generate_key_text()),
+            (
+                "HERALD_SECRET_KEY",
+                herald_core::secret::Keyring::generate_key_text(),
+            ),
             ("HERALD_ALLOW_HTTP", "true".into()),
             ("HERALD_ALLOW_PRIVATE_TARGETS", "true".into()),
             ("HERALD_RETRY_SCHEDULE", "200ms,400ms,800ms".into()),
-            ("HERALD_INGEST_HEALTH_ADDR", format!("127.0.0.1:{}", free_port())),
-            ("HERALD_MATCHER_HEALTH_ADDR", format!("127.0.0.1:{}", free_port())),
-            ("HERALD_DELIVERER_HEALTH_ADDR", format!("127.0.0.1:{}", free_port())),
-            ("HERALD_LOG_WRITER_HEALTH_ADDR", format!("127.0.0.1:{}", free_port())),
+            (
+                "HERALD_INGEST_HEALTH_ADDR",
+                format!("127.0.0.1:{}", free_port()),
+            ),
+            (
+                "HERALD_MATCHER_HEALTH_ADDR",
+                format!("127.0.0.1:{}", free_port()),
+            ),
+            (
+                "HERALD_DELIVERER_HEALTH_ADDR",
+                format!("127.0.0.1:{}", free_port()),
+            ),
+            (
+                "HERALD_LOG_WRITER_HEALTH_ADDR",
+                format!("127.0.0.1:{}", free_port()),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -129,7 +139,8 @@ impl Stack {
         let token = self.shutdown.clone();
         macro_rules! spawn {
             ($krate:ident) => {{
-                let config = $krate::Config::from_source(src).expect(concat!(stringify!($krate), " config"));
+                let config =
+                    $krate::Config::from_source(src).expect(concat!(stringify!($krate), " config"));
                 let token = token.clone();
                 self.tasks.push(tokio::spawn(async move {
                     if let Err(error) = $krate::run(config, token).await {
@@ -161,7 +172,10 @@ impl Stack {
                 if let Ok((200, _)) = self.raw("GET", &url, None, &[]).await {
                     break;
                 }
-                assert!(tokio::time::Instant::now() < deadline, "{var} not ready in 30s");
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{var} not ready in 30s"
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -175,7 +189,13 @@ impl Stack {
         }
     }
 
-    async fn raw(&self, method: &str, url: &str, body: Option<&Value>, headers: &[(&str, &str)]) -> Result<(u16, Bytes), String> {
+    async fn raw(
+        &self,
+        method: &str,
+        url: &str,
+        body: Option<&Value>,
+        headers: &[(&str, &str)],
+    ) -> Result<(u16, Bytes), String> {
         let mut builder = http::Request::builder().method(method).uri(url);
         for (k, v) in headers {
             builder = builder.header(*k, *v);
@@ -193,7 +213,12 @@ impl Stack {
             .map_err(|_| "timeout".to_owned())?
             .map_err(|e| e.to_string())?;
         let status = response.status().as_u16();
-        let bytes = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
         Ok((status, bytes))
     }
 
@@ -203,15 +228,30 @@ impl Stack {
     }
 
     /// Calls the admin API with `key` and an optional organization.
-    pub async fn api_as(&self, key: &str, org: Option<&str>, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    pub async fn api_as(
+        &self,
+        key: &str,
+        org: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let auth = format!("Bearer {key}");
         let mut headers = vec![("authorization", auth.as_str())];
         if let Some(org) = org {
             headers.push(("x-organization-id", org));
         }
         let url = format!("{}{path}", self.admin_url);
-        let (status, bytes) = self.raw(method, &url, body.as_ref(), &headers).await.expect("admin API call");
-        let json = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into())) };
+        let (status, bytes) = self
+            .raw(method, &url, body.as_ref(), &headers)
+            .await
+            .expect("admin API call");
+        let json = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
         (status, json)
     }
 
@@ -224,12 +264,23 @@ impl Stack {
 
     /// Publishes a JSON event with a JetStream publish and waits for the ack.
     pub async fn publish(&self, org: &str, event_type: &str, body: Value) {
-        self.publish_with_headers(org, event_type, body, async_nats::HeaderMap::new()).await
+        self.publish_with_headers(org, event_type, body, async_nats::HeaderMap::new())
+            .await
     }
 
-    pub async fn publish_with_headers(&self, org: &str, event_type: &str, body: Value, headers: async_nats::HeaderMap) {
+    pub async fn publish_with_headers(
+        &self,
+        org: &str,
+        event_type: &str,
+        body: Value,
+        headers: async_nats::HeaderMap,
+    ) {
         self.js
-            .publish_with_headers(format!("herald.events.{org}.{event_type}"), headers, body.to_string().into())
+            .publish_with_headers(
+                format!("herald.events.{org}.{event_type}"),
+                headers,
+                body.to_string().into(),
+            )
             .await
             .expect("publish")
             .await
@@ -247,7 +298,10 @@ impl Stack {
             if let Some(v) = f().await {
                 return v;
             }
-            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

@@ -20,7 +20,10 @@ async fn a_matching_event_is_delivered_signed_and_logged() {
             "filters": {"workflow": ["invoice-approval"]},
         }))
         .await;
-    let secret = webhook["secret"].as_str().expect("secret shown on create").to_owned();
+    let secret = webhook["secret"]
+        .as_str()
+        .expect("secret shown on create")
+        .to_owned();
     assert!(secret.starts_with("whsec_"));
     let id = webhook["id"].as_str().unwrap().to_owned();
 
@@ -30,10 +33,28 @@ async fn a_matching_event_is_delivered_signed_and_logged() {
     assert!(fetched.get("secret").is_none(), "{fetched}");
 
     // Another type and another workflow are not delivered.
-    stack.publish("acme", "workflow.failed", json!({"attributes": {"workflow": "invoice-approval"}})).await;
-    stack.publish("acme", "workflow.completed", json!({"attributes": {"workflow": "other"}})).await;
+    stack
+        .publish(
+            "acme",
+            "workflow.failed",
+            json!({"attributes": {"workflow": "invoice-approval"}}),
+        )
+        .await;
+    stack
+        .publish(
+            "acme",
+            "workflow.completed",
+            json!({"attributes": {"workflow": "other"}}),
+        )
+        .await;
     // Another organization's identical event is not delivered either.
-    stack.publish("globex", "workflow.completed", json!({"attributes": {"workflow": "invoice-approval"}})).await;
+    stack
+        .publish(
+            "globex",
+            "workflow.completed",
+            json!({"attributes": {"workflow": "invoice-approval"}}),
+        )
+        .await;
     stack
         .publish(
             "acme",
@@ -58,9 +79,16 @@ async fn a_matching_event_is_delivered_signed_and_logged() {
     assert_eq!(body["metadata"], json!({"source": "test"}));
 
     let msg_id = request.header("webhook-id").unwrap();
-    let timestamp: i64 = request.header("webhook-timestamp").unwrap().parse().unwrap();
+    let timestamp: i64 = request
+        .header("webhook-timestamp")
+        .unwrap()
+        .parse()
+        .unwrap();
     let signature = request.header("webhook-signature").unwrap();
-    assert!(signing::verify_standard(&secret, msg_id, timestamp, &request.body, signature), "standard signature");
+    assert!(
+        signing::verify_standard(&secret, msg_id, timestamp, &request.body, signature),
+        "standard signature"
+    );
     assert_eq!(
         request.header("x-webhook-signature").unwrap(),
         signing::SigningKey::new(&secret).body_signature(&request.body)
@@ -71,7 +99,9 @@ async fn a_matching_event_is_delivered_signed_and_logged() {
     // The attempt shows in the logs.
     let logs = stack
         .eventually(Duration::from_secs(10), "log entry", || async {
-            let (status, logs) = stack.api("GET", &format!("/webhooks/{id}/logs"), None).await;
+            let (status, logs) = stack
+                .api("GET", &format!("/webhooks/{id}/logs"), None)
+                .await;
             (status == 200 && logs["total"] == 1).then_some(logs)
         })
         .await;

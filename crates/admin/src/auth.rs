@@ -47,7 +47,8 @@ pub fn hash_key(key: &str) -> String {
 
 impl Keys {
     pub fn parse(json: &str) -> Result<Self, String> {
-        let file: KeysFile = serde_json::from_str(json).map_err(|e| format!("not a keys file: {e}"))?;
+        let file: KeysFile =
+            serde_json::from_str(json).map_err(|e| format!("not a keys file: {e}"))?;
         if file.keys.is_empty() {
             return Err("no keys: the admin API refuses to start without keys".into());
         }
@@ -59,11 +60,17 @@ impl Keys {
             }
             for org in &entry.organizations {
                 if org != "*" && !names::valid_org(org) {
-                    return Err(format!("keys[{i}].organizations: {org:?} is not 1-64 of [a-z0-9_-]"));
+                    return Err(format!(
+                        "keys[{i}].organizations: {org:?} is not 1-64 of [a-z0-9_-]"
+                    ));
                 }
             }
-            if !names::valid_org(&entry.default_organization) || !entry.allows(&entry.default_organization) {
-                return Err(format!("keys[{i}].default_organization must be one of its organizations"));
+            if !names::valid_org(&entry.default_organization)
+                || !entry.allows(&entry.default_organization)
+            {
+                return Err(format!(
+                    "keys[{i}].default_organization must be one of its organizations"
+                ));
             }
             by_hash.insert(hash, entry);
         }
@@ -98,10 +105,16 @@ where
             .headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .map(str::trim)
             .ok_or_else(ApiError::unauthorized)?;
-        let entry = state.as_ref().find(key).ok_or_else(ApiError::unauthorized)?;
+        let entry = state
+            .as_ref()
+            .find(key)
+            .ok_or_else(ApiError::unauthorized)?;
         let org = match parts.headers.get("x-organization-id") {
             None => entry.default_organization.clone(),
             Some(value) => {

@@ -63,13 +63,18 @@ pub struct Config {
 impl Config {
     pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
         let keys_path = config::required(src, API_KEYS_FILE)?;
-        let keys_json = std::fs::read_to_string(&keys_path)
-            .map_err(|e| ConfigError::new(API_KEYS_FILE, format!("cannot read {keys_path:?}: {e}")))?;
+        let keys_json = std::fs::read_to_string(&keys_path).map_err(|e| {
+            ConfigError::new(API_KEYS_FILE, format!("cannot read {keys_path:?}: {e}"))
+        })?;
         let keys = Keys::parse(&keys_json).map_err(|e| ConfigError::new(API_KEYS_FILE, e))?;
         let current = config::required(src, SECRET_KEY)?;
         let previous = config::string(src, SECRET_KEY_PREVIOUS, "");
         let keyring = Keyring::parse(&current, &previous).map_err(|e| {
-            let var = if Keyring::parse(&current, "").is_ok() { SECRET_KEY_PREVIOUS } else { SECRET_KEY };
+            let var = if Keyring::parse(&current, "").is_ok() {
+                SECRET_KEY_PREVIOUS
+            } else {
+                SECRET_KEY
+            };
             ConfigError::new(var, e.to_string())
         })?;
         let extra = config::string(src, EXTRA_EVENT_TYPES, "");
@@ -80,8 +85,14 @@ impl Config {
             keys,
             keyring,
             allow_http: config::boolean(src, ALLOW_HTTP, false)?,
-            max_webhooks_per_workflow: config::number(src, MAX_WEBHOOKS_PER_WORKFLOW, 5, 1..=10_000)?,
-            catalogue: Catalogue::with_extra(&extra).map_err(|e| ConfigError::new(EXTRA_EVENT_TYPES, e.to_string()))?,
+            max_webhooks_per_workflow: config::number(
+                src,
+                MAX_WEBHOOKS_PER_WORKFLOW,
+                5,
+                1..=10_000,
+            )?,
+            catalogue: Catalogue::with_extra(&extra)
+                .map_err(|e| ConfigError::new(EXTRA_EVENT_TYPES, e.to_string()))?,
             log_retention: config::duration(src, LOG_RETENTION, Duration::from_secs(7 * 86_400))?,
         })
     }
@@ -92,7 +103,10 @@ pub enum Error {
     #[error(transparent)]
     Nats(#[from] nats::Error),
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("webhook store: {0}")]
@@ -129,30 +143,56 @@ impl AsRef<Keys> for AppState {
 }
 
 pub(crate) fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
 }
 
 /// Binds `config.addr` and serves until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    let listener = TcpListener::bind(config.addr).await.map_err(|source| Error::Listen { addr: config.addr, source })?;
+    let listener = TcpListener::bind(config.addr)
+        .await
+        .map_err(|source| Error::Listen {
+            addr: config.addr,
+            source,
+        })?;
     serve(config, listener, shutdown).await
 }
 
 /// Serves on an already bound listener (tests bind port 0).
-pub async fn serve(config: Config, listener: TcpListener, shutdown: CancellationToken) -> Result<(), Error> {
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     let health = Health::new("admin");
     health.set("nats", false);
     health.set("store", false);
     let client = nats::connect(&config.nats, "admin").await?;
     health.watch_nats(client.clone(), shutdown.clone());
     let js = jetstream::new(client.clone());
-    nats::ensure_streams(&js, config.nats.replicas, &nats::Retention::default(), &shutdown).await?;
+    nats::ensure_streams(
+        &js,
+        config.nats.replicas,
+        &nats::Retention::default(),
+        &shutdown,
+    )
+    .await?;
     let store = WebhookStore::open(&js, config.nats.replicas).await?;
     health.set("store", true);
     let redis = Redis::new(&config.redis_url, Duration::from_millis(500))?;
     health.watch_redis(redis.clone(), shutdown.clone());
     let logs = LogIndex::new(redis, config.log_retention, usize::MAX);
-    let state = AppState { inner: Arc::new(Inner { config, store, logs, js, health }) };
+    let state = AppState {
+        inner: Arc::new(Inner {
+            config,
+            store,
+            logs,
+            js,
+            health,
+        }),
+    };
 
     tracing::info!(addr = %listener.local_addr().map_err(Error::Serve)?, "admin API listening");
     axum::serve(listener, router(state))
@@ -163,9 +203,8 @@ pub async fn serve(config: Config, listener: TcpListener, shutdown: Cancellation
 
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/webhooks", get(webhooks::list).post(webhooks::create))
-        .route("/webhooks/{id}", get(webhooks::get))
-        .route("/webhooks/{id}/logs", get(logs::list_for_webhook))
+        .merge(webhooks::routes())
+        .merge(logs::routes())
         .route("/event-types", get(event_types))
         .route("/live", get(health))
         .route("/ready", get(health))
@@ -175,13 +214,18 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn event_types(State(state): State<AppState>, _caller: auth::Caller) -> axum::Json<serde_json::Value> {
+async fn event_types(
+    State(state): State<AppState>,
+    _caller: auth::Caller,
+) -> axum::Json<serde_json::Value> {
     axum::Json(serde_json::json!({"data": state.config.catalogue.types()}))
 }
 
 async fn health(State(state): State<AppState>, uri: axum::http::Uri) -> Response {
     match state.health.answer(uri.path()) {
-        Some((status, content_type, body)) => (status, [("content-type", content_type)], body).into_response(),
+        Some((status, content_type, body)) => {
+            (status, [("content-type", content_type)], body).into_response()
+        }
         None => StatusCode::NOT_FOUND.into_response(),
     }
 }

@@ -13,14 +13,20 @@ pub async fn check_workflow_limit(
     webhook: &proto::Webhook,
     except: Option<&str>,
 ) -> Result<(), ApiError> {
-    let Some(workflows) = webhook.filters.get("workflow") else { return Ok(()) };
+    let Some(workflows) = webhook.filters.get("workflow") else {
+        return Ok(());
+    };
     let max = state.config.max_webhooks_per_workflow;
     let existing = state.store.list(&webhook.organization_id).await?;
     for workflow in &workflows.values {
         let count = existing
             .iter()
             .filter(|w| Some(w.id.as_str()) != except)
-            .filter(|w| w.filters.get("workflow").is_some_and(|f| f.values.contains(workflow)))
+            .filter(|w| {
+                w.filters
+                    .get("workflow")
+                    .is_some_and(|f| f.values.contains(workflow))
+            })
             .count();
         if count >= max {
             return Err(ApiError::validation(

@@ -12,6 +12,13 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::error::ApiError;
 
+/// The delivery-log routes, and the test and retry routes that produce
+/// deliveries shown in the logs.
+pub fn routes() -> axum::Router<AppState> {
+    use axum::routing::get;
+    axum::Router::new().route("/webhooks/{id}/logs", get(list_for_webhook))
+}
+
 pub const DEFAULT_LIMIT: usize = 50;
 pub const MAX_LIMIT: usize = 500;
 
@@ -23,12 +30,17 @@ fn paging(query: &HashMap<String, String>) -> Result<(usize, usize), ApiError> {
                 .parse::<usize>()
                 .ok()
                 .filter(|n| *n <= max)
-                .ok_or_else(|| ApiError::validation(name, format!("{name} must be an integer 0-{max}"))),
+                .ok_or_else(|| {
+                    ApiError::validation(name, format!("{name} must be an integer 0-{max}"))
+                }),
         }
     };
     let limit = number("limit", DEFAULT_LIMIT, MAX_LIMIT)?;
     if limit == 0 {
-        return Err(ApiError::validation("limit", format!("limit must be an integer 1-{MAX_LIMIT}")));
+        return Err(ApiError::validation(
+            "limit",
+            format!("limit must be an integer 1-{MAX_LIMIT}"),
+        ));
     }
     Ok((limit, number("offset", 0, 10_000_000)?))
 }
@@ -72,11 +84,26 @@ pub async fn list_for_webhook(
         None | Some("") => None,
         Some(s) if log_index::STATUSES.contains(&s) => Some(s.to_owned()),
         Some(_) => {
-            return Err(ApiError::validation("status", format!("status must be one of {}", log_index::STATUSES.join(", "))));
+            return Err(ApiError::validation(
+                "status",
+                format!("status must be one of {}", log_index::STATUSES.join(", ")),
+            ));
         }
     };
-    state.store.get(&caller.org, &id).await?.ok_or_else(|| ApiError::not_found("webhook"))?;
-    let scope = Scope::Webhook { org: caller.org, webhook_id: id, status };
-    let page = state.logs.page(&scope, limit, offset).await.map_err(index_error)?;
+    state
+        .store
+        .get(&caller.org, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("webhook"))?;
+    let scope = Scope::Webhook {
+        org: caller.org,
+        webhook_id: id,
+        status,
+    };
+    let page = state
+        .logs
+        .page(&scope, limit, offset)
+        .await
+        .map_err(index_error)?;
     Ok(Json(page_json(page, limit, offset)))
 }

@@ -15,7 +15,13 @@ use crate::auth::Caller;
 use crate::error::ApiError;
 
 pub const RESERVED_HEADER_PREFIXES: &[&str] = &["content-", "webhook-", "x-webhook-"];
-pub const RESERVED_HEADERS: &[&str] = &["host", "transfer-encoding", "connection", "user-agent", "traceparent"];
+pub const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "transfer-encoding",
+    "connection",
+    "user-agent",
+    "traceparent",
+];
 
 /// A create request. Unknown fields are refused, so a typo is an error.
 #[derive(Debug, Deserialize)]
@@ -42,22 +48,31 @@ pub struct CreateWebhook {
 
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     if body.is_empty() {
-        return Err(ApiError::bad_request("invalid_json", "a JSON object body is required"));
+        return Err(ApiError::bad_request(
+            "invalid_json",
+            "a JSON object body is required",
+        ));
     }
     serde_json::from_slice(body).map_err(|e| {
         let message = e.to_string();
         let field = message
             .split('`')
             .nth(1)
-            .filter(|_| message.starts_with("unknown field") || message.starts_with("missing field"))
+            .filter(|_| {
+                message.starts_with("unknown field") || message.starts_with("missing field")
+            })
             .map(str::to_owned);
-        ApiError { field, ..ApiError::bad_request("invalid_json", format!("invalid JSON body: {message}")) }
+        ApiError {
+            field,
+            ..ApiError::bad_request("invalid_json", format!("invalid JSON body: {message}"))
+        }
     })
 }
 
 /// The JSON form of a webhook; secrets are never part of it.
 pub fn to_json(w: &proto::Webhook) -> Value {
-    let filters: BTreeMap<&String, &Vec<String>> = w.filters.iter().map(|(k, v)| (k, &v.values)).collect();
+    let filters: BTreeMap<&String, &Vec<String>> =
+        w.filters.iter().map(|(k, v)| (k, &v.values)).collect();
     let headers: BTreeMap<&String, &String> = w.headers.iter().collect();
     json!({
         "id": w.id,
@@ -78,41 +93,65 @@ pub fn to_json(w: &proto::Webhook) -> Value {
 
 pub fn validate_name(name: &str) -> Result<(), ApiError> {
     if name.trim().is_empty() || name.chars().count() > 255 {
-        return Err(ApiError::validation("name", "name must be 1-255 characters"));
+        return Err(ApiError::validation(
+            "name",
+            "name must be 1-255 characters",
+        ));
     }
     Ok(())
 }
 
 pub fn validate_url(url: &str, allow_http: bool) -> Result<(), ApiError> {
     if url.len() > 2048 {
-        return Err(ApiError::validation("url", "url must be at most 2048 characters"));
+        return Err(ApiError::validation(
+            "url",
+            "url must be at most 2048 characters",
+        ));
     }
-    let parsed = url::Url::parse(url).map_err(|e| ApiError::validation("url", format!("url is not valid: {e}")))?;
+    let parsed = url::Url::parse(url)
+        .map_err(|e| ApiError::validation("url", format!("url is not valid: {e}")))?;
     match parsed.scheme() {
         "https" => {}
         "http" if allow_http => {}
         "http" => return Err(ApiError::validation("url", "url must use https")),
-        other => return Err(ApiError::validation("url", format!("url scheme {other:?} is not https"))),
+        other => {
+            return Err(ApiError::validation(
+                "url",
+                format!("url scheme {other:?} is not https"),
+            ));
+        }
     }
     if parsed.host_str().is_none_or(str::is_empty) {
         return Err(ApiError::validation("url", "url must have a host"));
     }
     if !parsed.username().is_empty() || parsed.password().is_some() {
-        return Err(ApiError::validation("url", "url must not carry credentials; use headers"));
+        return Err(ApiError::validation(
+            "url",
+            "url must not carry credentials; use headers",
+        ));
     }
     Ok(())
 }
 
 pub fn validate_event_types(state: &AppState, types: &[String]) -> Result<(), ApiError> {
     if types.is_empty() {
-        return Err(ApiError::validation("event_types", "event_types must name at least one type"));
+        return Err(ApiError::validation(
+            "event_types",
+            "event_types must name at least one type",
+        ));
     }
     for t in types {
         if !matching::valid_pattern(t) {
-            return Err(ApiError::validation("event_types", format!("{t:?} is not an event type or pattern")));
+            return Err(ApiError::validation(
+                "event_types",
+                format!("{t:?} is not an event type or pattern"),
+            ));
         }
         if !state.config.catalogue.pattern_selects_any(t) {
-            return Err(ApiError::validation("event_types", format!("{t:?} selects no type of the catalogue (GET /event-types)")));
+            return Err(ApiError::validation(
+                "event_types",
+                format!("{t:?} selects no type of the catalogue (GET /event-types)"),
+            ));
         }
     }
     Ok(())
@@ -124,13 +163,25 @@ pub fn validate_filters(filters: &BTreeMap<String, Vec<String>>) -> Result<(), A
     }
     for (key, values) in filters {
         if !names::valid_type_token(key) {
-            return Err(ApiError::validation("filters", format!("filter key {key:?} is not 1-64 of [A-Za-z0-9_-]")));
+            return Err(ApiError::validation(
+                "filters",
+                format!("filter key {key:?} is not 1-64 of [A-Za-z0-9_-]"),
+            ));
         }
         if values.is_empty() || values.len() > 100 {
-            return Err(ApiError::validation("filters", format!("filter {key:?} must have 1-100 values")));
+            return Err(ApiError::validation(
+                "filters",
+                format!("filter {key:?} must have 1-100 values"),
+            ));
         }
-        if values.iter().any(|v| v.is_empty() || v.chars().count() > 256) {
-            return Err(ApiError::validation("filters", format!("values of filter {key:?} must be 1-256 characters")));
+        if values
+            .iter()
+            .any(|v| v.is_empty() || v.chars().count() > 256)
+        {
+            return Err(ApiError::validation(
+                "filters",
+                format!("values of filter {key:?} must be 1-256 characters"),
+            ));
         }
     }
     Ok(())
@@ -142,14 +193,30 @@ pub fn validate_headers(headers: &BTreeMap<String, String>) -> Result<(), ApiErr
     }
     for (name, value) in headers {
         let lower = name.to_ascii_lowercase();
-        if RESERVED_HEADERS.contains(&lower.as_str()) || RESERVED_HEADER_PREFIXES.iter().any(|p| lower.starts_with(p)) {
-            return Err(ApiError::validation("headers", format!("header {name:?} is reserved")));
+        if RESERVED_HEADERS.contains(&lower.as_str())
+            || RESERVED_HEADER_PREFIXES
+                .iter()
+                .any(|p| lower.starts_with(p))
+        {
+            return Err(ApiError::validation(
+                "headers",
+                format!("header {name:?} is reserved"),
+            ));
         }
         if axum::http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-            return Err(ApiError::validation("headers", format!("{name:?} is not a valid header name")));
+            return Err(ApiError::validation(
+                "headers",
+                format!("{name:?} is not a valid header name"),
+            ));
         }
-        if value.contains(['\r', '\n']) || axum::http::HeaderValue::from_str(value).is_err() || value.len() > 4096 {
-            return Err(ApiError::validation("headers", format!("value of header {name:?} is not valid")));
+        if value.contains(['\r', '\n'])
+            || axum::http::HeaderValue::from_str(value).is_err()
+            || value.len() > 4096
+        {
+            return Err(ApiError::validation(
+                "headers",
+                format!("value of header {name:?} is not valid"),
+            ));
         }
     }
     Ok(())
@@ -165,20 +232,39 @@ pub fn parse_format(format: &str) -> Result<proto::PayloadFormat, ApiError> {
 
 pub fn validate_secret(secret: &str) -> Result<(), ApiError> {
     if secret.is_empty() || secret.chars().count() > 255 {
-        return Err(ApiError::validation("secret", "secret must be 1-255 characters"));
+        return Err(ApiError::validation(
+            "secret",
+            "secret must be 1-255 characters",
+        ));
     }
     Ok(())
 }
 
 pub fn validate_timeout(timeout_ms: u32) -> Result<(), ApiError> {
     if !(1..=30_000).contains(&timeout_ms) {
-        return Err(ApiError::validation("timeout_ms", "timeout_ms must be 1-30000"));
+        return Err(ApiError::validation(
+            "timeout_ms",
+            "timeout_ms must be 1-30000",
+        ));
     }
     Ok(())
 }
 
-pub fn filters_to_proto(filters: BTreeMap<String, Vec<String>>) -> HashMap<String, proto::StringList> {
-    filters.into_iter().map(|(k, values)| (k, proto::StringList { values })).collect()
+pub fn filters_to_proto(
+    filters: BTreeMap<String, Vec<String>>,
+) -> HashMap<String, proto::StringList> {
+    filters
+        .into_iter()
+        .map(|(k, values)| (k, proto::StringList { values }))
+        .collect()
+}
+
+/// The webhook routes (the log, test and retry routes are in `logs`).
+pub fn routes() -> axum::Router<AppState> {
+    use axum::routing::get;
+    axum::Router::new()
+        .route("/webhooks", get(list).post(create))
+        .route("/webhooks/{id}", get(get_one))
 }
 
 pub async fn create(
@@ -187,15 +273,24 @@ pub async fn create(
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let req: CreateWebhook = parse_json(&body)?;
-    let name = req.name.ok_or_else(|| ApiError::validation("name", "name is required"))?;
+    let name = req
+        .name
+        .ok_or_else(|| ApiError::validation("name", "name is required"))?;
     validate_name(&name)?;
-    let url = req.url.ok_or_else(|| ApiError::validation("url", "url is required"))?;
+    let url = req
+        .url
+        .ok_or_else(|| ApiError::validation("url", "url is required"))?;
     validate_url(&url, state.config.allow_http)?;
     let description = req.description.unwrap_or_default();
     if description.chars().count() > 1024 {
-        return Err(ApiError::validation("description", "description must be at most 1024 characters"));
+        return Err(ApiError::validation(
+            "description",
+            "description must be at most 1024 characters",
+        ));
     }
-    let event_types = req.event_types.ok_or_else(|| ApiError::validation("event_types", "event_types is required"))?;
+    let event_types = req
+        .event_types
+        .ok_or_else(|| ApiError::validation("event_types", "event_types is required"))?;
     validate_event_types(&state, &event_types)?;
     let filters = req.filters.unwrap_or_default();
     validate_filters(&filters)?;
@@ -245,11 +340,15 @@ pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<
     Ok(Json(json!({"data": data, "total": data.len()})))
 }
 
-pub async fn get(
+pub async fn get_one(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let found = state.store.get(&caller.org, &id).await?.ok_or_else(|| ApiError::not_found("webhook"))?;
+    let found = state
+        .store
+        .get(&caller.org, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("webhook"))?;
     Ok(Json(to_json(&found.webhook)))
 }

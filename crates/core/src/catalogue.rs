@@ -12,13 +12,28 @@ pub const DEFAULT: &[(&str, &str)] = &[
     ("workflow.failed", "An execution failed"),
     ("workflow.timed_out", "An execution timed out"),
     ("workflow.canceled", "An execution was canceled"),
-    ("workflow.waiting", "An execution waits for an external trigger"),
-    ("workflow.step.started", "A step (task, activity, action) began"),
+    (
+        "workflow.waiting",
+        "An execution waits for an external trigger",
+    ),
+    (
+        "workflow.step.started",
+        "A step (task, activity, action) began",
+    ),
     ("workflow.step.completed", "A step ended successfully"),
     ("workflow.step.failed", "A step failed"),
-    ("workflow.definition.created", "A workflow (state machine, flow, rule) definition was created"),
-    ("workflow.definition.updated", "A workflow definition was updated"),
-    ("workflow.definition.deleted", "A workflow definition was deleted"),
+    (
+        "workflow.definition.created",
+        "A workflow (state machine, flow, rule) definition was created",
+    ),
+    (
+        "workflow.definition.updated",
+        "A workflow definition was updated",
+    ),
+    (
+        "workflow.definition.deleted",
+        "A workflow definition was deleted",
+    ),
     ("worker.connected", "A worker joined"),
     ("worker.disconnected", "A worker left"),
 ];
@@ -42,7 +57,10 @@ impl Default for Catalogue {
     fn default() -> Self {
         let types = DEFAULT
             .iter()
-            .map(|(name, description)| EventType { name: (*name).into(), description: (*description).into() })
+            .map(|(name, description)| EventType {
+                name: (*name).into(),
+                description: (*description).into(),
+            })
             .collect();
         Self { types }
     }
@@ -57,7 +75,10 @@ impl Catalogue {
                 return Err(CatalogueError(name.to_owned()));
             }
             if !catalogue.contains(name) {
-                catalogue.types.push(EventType { name: name.to_owned(), description: "Operator-defined event type".into() });
+                catalogue.types.push(EventType {
+                    name: name.to_owned(),
+                    description: "Operator-defined event type".into(),
+                });
             }
         }
         Ok(catalogue)
@@ -74,6 +95,8 @@ impl Catalogue {
     /// Whether a subscription pattern (exact, `*` or `>`) selects at least one
     /// catalogue type: a pattern that can never match is a tenant's mistake.
     pub fn pattern_selects_any(&self, pattern: &str) -> bool {
-        self.types.iter().any(|t| matching::type_matches(pattern, &t.name))
+        self.types
+            .iter()
+            .any(|t| matching::type_matches(pattern, &t.name))
     }
 }

@@ -27,8 +27,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
 /// Formats a duration the way [`parse_duration`] reads it.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    for (unit, size) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
-        if ms != 0 && ms % size == 0 {
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
+        if ms != 0 && ms.is_multiple_of(size) {
             return format!("{}{unit}", ms / size);
         }
     }
@@ -41,11 +46,30 @@ mod tests {
 
     #[test]
     fn durations() {
-        for (text, ms) in [("250ms", 250), ("5s", 5_000), ("1m", 60_000), ("4h", 14_400_000), ("7d", 604_800_000)] {
-            assert_eq!(parse_duration(text), Ok(Duration::from_millis(ms)), "{text}");
+        for (text, ms) in [
+            ("250ms", 250),
+            ("5s", 5_000),
+            ("1m", 60_000),
+            ("4h", 14_400_000),
+            ("7d", 604_800_000),
+        ] {
+            assert_eq!(
+                parse_duration(text),
+                Ok(Duration::from_millis(ms)),
+                "{text}"
+            );
             assert_eq!(format_duration(Duration::from_millis(ms)), text);
         }
-        for bad in ["", "5", "s", "5 s", "-5s", "5y", "1.5s", "99999999999999999999d"] {
+        for bad in [
+            "",
+            "5",
+            "s",
+            "5 s",
+            "-5s",
+            "5y",
+            "1.5s",
+            "99999999999999999999d",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }

@@ -21,7 +21,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_event_bytes: 256 * 1024, max_attributes: 32, max_attribute_len: 256 }
+        Self {
+            max_event_bytes: 256 * 1024,
+            max_attributes: 32,
+            max_attribute_len: 256,
+        }
     }
 }
 
@@ -117,11 +121,18 @@ pub fn normalize(
 ) -> Result<proto::Event, Rejection> {
     let (org, subject_type) = parse_event_subject(envelope.subject)?;
     if body.len() > limits.max_event_bytes {
-        return Err(Rejection::TooLarge { size: body.len(), limit: limits.max_event_bytes });
+        return Err(Rejection::TooLarge {
+            size: body.len(),
+            limit: limits.max_event_bytes,
+        });
     }
-    let content_type = envelope
-        .content_type
-        .map(|c| c.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
+    let content_type = envelope.content_type.map(|c| {
+        c.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    });
     let mut event = match content_type.as_deref() {
         None | Some("") | Some("application/json") => from_json(body)?,
         Some("application/protobuf") | Some("application/x-protobuf") => from_protobuf(body)?,
@@ -131,7 +142,10 @@ pub fn normalize(
     if event.r#type.is_empty() {
         event.r#type = subject_type.to_owned();
     } else if event.r#type != subject_type {
-        return Err(Rejection::TypeMismatch { subject: subject_type.to_owned(), body: event.r#type });
+        return Err(Rejection::TypeMismatch {
+            subject: subject_type.to_owned(),
+            body: event.r#type,
+        });
     }
     if !catalogue.contains(&event.r#type) {
         return Err(Rejection::UnknownType(event.r#type));
@@ -143,7 +157,10 @@ pub fn normalize(
         };
     }
     if !valid_event_id(&event.id) {
-        return Err(Rejection::BadId(format!("{:?} is not 1-128 of [A-Za-z0-9_.:-]", event.id)));
+        return Err(Rejection::BadId(format!(
+            "{:?} is not 1-128 of [A-Za-z0-9_.:-]",
+            event.id
+        )));
     }
     if event.attributes.len() > limits.max_attributes {
         return Err(Rejection::BadAttributes(format!(
@@ -154,7 +171,9 @@ pub fn normalize(
     }
     for (name, value) in &event.attributes {
         if !crate::names::valid_type_token(name) {
-            return Err(Rejection::BadAttributes(format!("name {name:?} is not 1-64 of [A-Za-z0-9_-]")));
+            return Err(Rejection::BadAttributes(format!(
+                "name {name:?} is not 1-64 of [A-Za-z0-9_-]"
+            )));
         }
         if value.chars().count() > limits.max_attribute_len {
             return Err(Rejection::BadAttributes(format!(
@@ -174,7 +193,9 @@ pub fn normalize(
 
 fn valid_event_id(id: &str) -> bool {
     (1..=128).contains(&id.len())
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
 }
 
 fn from_json(body: &[u8]) -> Result<proto::Event, Rejection> {
@@ -206,7 +227,10 @@ fn from_json(body: &[u8]) -> Result<proto::Event, Rejection> {
         };
         attributes.insert(name, text);
     }
-    let raw = |v: Option<&RawValue>| v.map(|r| bytes::Bytes::copy_from_slice(r.get().as_bytes())).unwrap_or_default();
+    let raw = |v: Option<&RawValue>| {
+        v.map(|r| bytes::Bytes::copy_from_slice(r.get().as_bytes()))
+            .unwrap_or_default()
+    };
     Ok(proto::Event {
         id: parsed.id.map(Into::into).unwrap_or_default(),
         r#type: parsed.event_type.map(Into::into).unwrap_or_default(),
@@ -220,8 +244,12 @@ fn from_json(body: &[u8]) -> Result<proto::Event, Rejection> {
 
 fn from_protobuf(body: &[u8]) -> Result<proto::Event, Rejection> {
     use prost::Message;
-    let event = proto::Event::decode(body).map_err(|e| Rejection::MalformedProtobuf(e.to_string()))?;
-    for (name, json) in [("data_json", &event.data_json), ("metadata_json", &event.metadata_json)] {
+    let event =
+        proto::Event::decode(body).map_err(|e| Rejection::MalformedProtobuf(e.to_string()))?;
+    for (name, json) in [
+        ("data_json", &event.data_json),
+        ("metadata_json", &event.metadata_json),
+    ] {
         if !json.is_empty() {
             serde_json::from_slice::<&RawValue>(json)
                 .map_err(|e| Rejection::MalformedProtobuf(format!("{name} is not JSON: {e}")))?;
@@ -245,8 +273,20 @@ mod tests {
     const NOW: i64 = 1_764_000_000_000;
 
     fn check(subject: &str, body: &str) -> Result<proto::Event, &'static str> {
-        let envelope = Envelope { subject, content_type: None, msg_id: Some("msg-1"), traceparent: None };
-        normalize(&envelope, body.as_bytes(), &Limits::default(), &Catalogue::default(), NOW).map_err(|e| e.code())
+        let envelope = Envelope {
+            subject,
+            content_type: None,
+            msg_id: Some("msg-1"),
+            traceparent: None,
+        };
+        normalize(
+            &envelope,
+            body.as_bytes(),
+            &Limits::default(),
+            &Catalogue::default(),
+            NOW,
+        )
+        .map_err(|e| e.code())
     }
 
     #[test]
@@ -265,7 +305,10 @@ mod tests {
         assert_eq!(&e.metadata_json[..], br#"{"m":true}"#);
 
         let e = check("herald.events.acme.worker.connected", "{}").unwrap();
-        assert_eq!((e.id.as_str(), e.r#type.as_str(), e.occurred_at_ms), ("msg-1", "worker.connected", NOW));
+        assert_eq!(
+            (e.id.as_str(), e.r#type.as_str(), e.occurred_at_ms),
+            ("msg-1", "worker.connected", NOW)
+        );
     }
 
     #[test]
@@ -273,27 +316,68 @@ mod tests {
         let table = [
             ("herald.events.acme.workflow.*", "{}", "bad_subject"),
             ("herald.events.Acme.workflow.completed", "{}", "bad_subject"),
-            ("herald.events.acme.workflow.completed", "{", "malformed_json"),
-            ("herald.events.acme.workflow.completed", "[]", "malformed_json"),
+            (
+                "herald.events.acme.workflow.completed",
+                "{",
+                "malformed_json",
+            ),
+            (
+                "herald.events.acme.workflow.completed",
+                "[]",
+                "malformed_json",
+            ),
             ("herald.events.acme.workflow.exploded", "{}", "unknown_type"),
-            ("herald.events.acme.workflow.completed", r#"{"type":"workflow.failed"}"#, "type_mismatch"),
-            ("herald.events.acme.workflow.completed", r#"{"id":"a b"}"#, "bad_id"),
-            ("herald.events.acme.workflow.completed", r#"{"occurred_at":"yesterday"}"#, "bad_timestamp"),
-            ("herald.events.acme.workflow.completed", r#"{"attributes":{"a":{"b":1}}}"#, "bad_attributes"),
-            ("herald.events.acme.workflow.completed", r#"{"attributes":{"a b":"x"}}"#, "bad_attributes"),
+            (
+                "herald.events.acme.workflow.completed",
+                r#"{"type":"workflow.failed"}"#,
+                "type_mismatch",
+            ),
+            (
+                "herald.events.acme.workflow.completed",
+                r#"{"id":"a b"}"#,
+                "bad_id",
+            ),
+            (
+                "herald.events.acme.workflow.completed",
+                r#"{"occurred_at":"yesterday"}"#,
+                "bad_timestamp",
+            ),
+            (
+                "herald.events.acme.workflow.completed",
+                r#"{"attributes":{"a":{"b":1}}}"#,
+                "bad_attributes",
+            ),
+            (
+                "herald.events.acme.workflow.completed",
+                r#"{"attributes":{"a b":"x"}}"#,
+                "bad_attributes",
+            ),
         ];
         for (subject, body, code) in table {
-            assert_eq!(check(subject, body).map(|_| ()), Err(code), "{subject} {body}");
+            assert_eq!(
+                check(subject, body).map(|_| ()),
+                Err(code),
+                "{subject} {body}"
+            );
         }
         let long = format!(r#"{{"attributes":{{"a":"{}"}}}}"#, "x".repeat(257));
-        assert_eq!(check("herald.events.acme.workflow.completed", &long).map(|_| ()), Err("bad_attributes"));
+        assert_eq!(
+            check("herald.events.acme.workflow.completed", &long).map(|_| ()),
+            Err("bad_attributes")
+        );
         let ok = format!(r#"{{"attributes":{{"a":"{}"}}}}"#, "é".repeat(256));
         assert!(check("herald.events.acme.workflow.completed", &ok).is_ok());
         let many: Vec<String> = (0..33).map(|i| format!(r#""a{i}":"x""#)).collect();
         let many = format!(r#"{{"attributes":{{{}}}}}"#, many.join(","));
-        assert_eq!(check("herald.events.acme.workflow.completed", &many).map(|_| ()), Err("bad_attributes"));
+        assert_eq!(
+            check("herald.events.acme.workflow.completed", &many).map(|_| ()),
+            Err("bad_attributes")
+        );
         let big = format!(r#"{{"data":"{}"}}"#, "x".repeat(256 * 1024));
-        assert_eq!(check("herald.events.acme.workflow.completed", &big).map(|_| ()), Err("too_large"));
+        assert_eq!(
+            check("herald.events.acme.workflow.completed", &big).map(|_| ()),
+            Err("too_large")
+        );
     }
 
     #[test]
@@ -310,12 +394,30 @@ mod tests {
             content_type: Some("application/protobuf"),
             ..Default::default()
         };
-        let e = normalize(&envelope, &body, &Limits::default(), &Catalogue::default(), NOW).unwrap();
+        let e = normalize(
+            &envelope,
+            &body,
+            &Limits::default(),
+            &Catalogue::default(),
+            NOW,
+        )
+        .unwrap();
         assert_eq!(e.r#type, "workflow.failed");
         assert!(e.id.starts_with("evt_"));
-        let envelope = Envelope { content_type: Some("text/plain"), ..envelope };
+        let envelope = Envelope {
+            content_type: Some("text/plain"),
+            ..envelope
+        };
         assert_eq!(
-            normalize(&envelope, &body, &Limits::default(), &Catalogue::default(), NOW).map_err(|e| e.code()).map(|_| ()),
+            normalize(
+                &envelope,
+                &body,
+                &Limits::default(),
+                &Catalogue::default(),
+                NOW
+            )
+            .map_err(|e| e.code())
+            .map(|_| ()),
             Err("unsupported_content_type")
         );
     }

@@ -17,9 +17,10 @@ pub fn valid_pattern(pattern: &str) -> bool {
         return false;
     }
     let tokens: Vec<&str> = pattern.split('.').collect();
-    tokens.iter().enumerate().all(|(i, t)| {
-        *t == "*" || (*t == ">" && i == tokens.len() - 1) || valid_type_token(t)
-    })
+    tokens
+        .iter()
+        .enumerate()
+        .all(|(i, t)| *t == "*" || (*t == ">" && i == tokens.len() - 1) || valid_type_token(t))
 }
 
 /// Whether the event type `event_type` is selected by `pattern`.
@@ -44,7 +45,8 @@ pub fn glob_matches(glob: &str, value: &str) -> bool {
     }
     let parts: Vec<&str> = glob.split('*').collect();
     let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if value.len() < first.len() + last.len() || !value.starts_with(first) || !value.ends_with(last) {
+    if value.len() < first.len() + last.len() || !value.starts_with(first) || !value.ends_with(last)
+    {
         return false;
     }
     let mut rest = &value[first.len()..value.len() - last.len()];
@@ -66,13 +68,24 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    pub fn new(webhook_id: String, patterns: Vec<String>, filters: Vec<(String, Vec<String>)>) -> Self {
-        Self { webhook_id, patterns, filters }
+    pub fn new(
+        webhook_id: String,
+        patterns: Vec<String>,
+        filters: Vec<(String, Vec<String>)>,
+    ) -> Self {
+        Self {
+            webhook_id,
+            patterns,
+            filters,
+        }
     }
 
     pub fn from_webhook(webhook: &proto::Webhook) -> Self {
-        let mut filters: Vec<(String, Vec<String>)> =
-            webhook.filters.iter().map(|(k, v)| (k.clone(), v.values.clone())).collect();
+        let mut filters: Vec<(String, Vec<String>)> = webhook
+            .filters
+            .iter()
+            .map(|(k, v)| (k.clone(), v.values.clone()))
+            .collect();
         filters.sort();
         Self::new(webhook.id.clone(), webhook.event_types.clone(), filters)
     }
@@ -112,7 +125,13 @@ impl SubscriptionSet {
     /// Builds the set from the enabled webhooks among `webhooks`; disabled
     /// webhooks match nothing.
     pub fn from_webhooks<'a>(webhooks: impl IntoIterator<Item = &'a proto::Webhook>) -> Self {
-        Self::new(webhooks.into_iter().filter(|w| w.enabled).map(Subscription::from_webhook).collect())
+        Self::new(
+            webhooks
+                .into_iter()
+                .filter(|w| w.enabled)
+                .map(Subscription::from_webhook)
+                .collect(),
+        )
     }
 
     pub fn new(subscriptions: Vec<Subscription>) -> Self {
@@ -130,7 +149,11 @@ impl SubscriptionSet {
                 with_patterns.push(i);
             }
         }
-        Self { subscriptions, by_type, with_patterns }
+        Self {
+            subscriptions,
+            by_type,
+            with_patterns,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -147,7 +170,11 @@ impl SubscriptionSet {
         event_type: &'a str,
         attributes: &'a HashMap<String, String>,
     ) -> impl Iterator<Item = &'a Subscription> + 'a {
-        let exact = self.by_type.get(event_type).map(Vec::as_slice).unwrap_or_default();
+        let exact = self
+            .by_type
+            .get(event_type)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
         let exact = exact
             .iter()
             .map(|&i| &self.subscriptions[i])
@@ -186,16 +213,37 @@ mod tests {
             ("workflow.*.failed", "workflow.failed", false),
         ];
         for (pattern, event_type, expected) in table {
-            assert_eq!(type_matches(pattern, event_type), expected, "{pattern} vs {event_type}");
+            assert_eq!(
+                type_matches(pattern, event_type),
+                expected,
+                "{pattern} vs {event_type}"
+            );
         }
     }
 
     #[test]
     fn pattern_validity() {
-        for ok in ["workflow.completed", "workflow.*", "workflow.>", ">", "*", "a.*.b", "Custom-Type_1"] {
+        for ok in [
+            "workflow.completed",
+            "workflow.*",
+            "workflow.>",
+            ">",
+            "*",
+            "a.*.b",
+            "Custom-Type_1",
+        ] {
             assert!(valid_pattern(ok), "{ok}");
         }
-        for bad in ["", "workflow.", ".x", "workflow.>.x", "work flow", "a..b", "wf.com*", ">.x"] {
+        for bad in [
+            "",
+            "workflow.",
+            ".x",
+            "workflow.>.x",
+            "work flow",
+            "a..b",
+            "wf.com*",
+            ">.x",
+        ] {
             assert!(!valid_pattern(bad), "{bad}");
         }
     }
@@ -224,14 +272,20 @@ mod tests {
     }
 
     fn attrs(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect()
     }
 
     fn sub(id: &str, patterns: &[&str], filters: &[(&str, &[&str])]) -> Subscription {
         Subscription::new(
             id.into(),
             patterns.iter().map(|p| (*p).into()).collect(),
-            filters.iter().map(|(k, v)| ((*k).into(), v.iter().map(|s| (*s).into()).collect())).collect(),
+            filters
+                .iter()
+                .map(|(k, v)| ((*k).into(), v.iter().map(|s| (*s).into()).collect()))
+                .collect(),
         )
     }
 
@@ -239,20 +293,98 @@ mod tests {
     /// step outcome and worker name.
     #[test]
     fn filters() {
-        let table: &[(Subscription, &str, &[(&str, &str)], bool)] = &[
-            (sub("a", &["workflow.completed"], &[("workflow", &["invoice-approval"])]), "workflow.completed", &[("workflow", "invoice-approval")], true),
-            (sub("a", &["workflow.completed"], &[("workflow", &["invoice-approval"])]), "workflow.completed", &[("workflow", "other")], false),
-            (sub("a", &["workflow.completed"], &[("workflow", &["invoice-approval"])]), "workflow.completed", &[], false),
-            (sub("b", &["workflow.*"], &[("status", &["failed", "timed_out"])]), "workflow.failed", &[("status", "timed_out")], true),
-            (sub("b", &["workflow.*"], &[("status", &["failed", "timed_out"])]), "workflow.failed", &[("status", "succeeded")], false),
-            (sub("c", &["workflow.step.>"], &[("step", &["charge-*"]), ("status", &["failed"])]), "workflow.step.failed", &[("step", "charge-card"), ("status", "failed")], true),
-            (sub("c", &["workflow.step.>"], &[("step", &["charge-*"]), ("status", &["failed"])]), "workflow.step.failed", &[("step", "charge-card")], false),
-            (sub("d", &["worker.*"], &[("worker", &["worker-7"])]), "worker.connected", &[("worker", "worker-7")], true),
-            (sub("d", &["worker.*"], &[("worker", &["worker-7"])]), "worker.connected", &[("worker", "worker-8")], false),
+        type Case<'a> = (Subscription, &'a str, &'a [(&'a str, &'a str)], bool);
+        let table: &[Case] = &[
+            (
+                sub(
+                    "a",
+                    &["workflow.completed"],
+                    &[("workflow", &["invoice-approval"])],
+                ),
+                "workflow.completed",
+                &[("workflow", "invoice-approval")],
+                true,
+            ),
+            (
+                sub(
+                    "a",
+                    &["workflow.completed"],
+                    &[("workflow", &["invoice-approval"])],
+                ),
+                "workflow.completed",
+                &[("workflow", "other")],
+                false,
+            ),
+            (
+                sub(
+                    "a",
+                    &["workflow.completed"],
+                    &[("workflow", &["invoice-approval"])],
+                ),
+                "workflow.completed",
+                &[],
+                false,
+            ),
+            (
+                sub(
+                    "b",
+                    &["workflow.*"],
+                    &[("status", &["failed", "timed_out"])],
+                ),
+                "workflow.failed",
+                &[("status", "timed_out")],
+                true,
+            ),
+            (
+                sub(
+                    "b",
+                    &["workflow.*"],
+                    &[("status", &["failed", "timed_out"])],
+                ),
+                "workflow.failed",
+                &[("status", "succeeded")],
+                false,
+            ),
+            (
+                sub(
+                    "c",
+                    &["workflow.step.>"],
+                    &[("step", &["charge-*"]), ("status", &["failed"])],
+                ),
+                "workflow.step.failed",
+                &[("step", "charge-card"), ("status", "failed")],
+                true,
+            ),
+            (
+                sub(
+                    "c",
+                    &["workflow.step.>"],
+                    &[("step", &["charge-*"]), ("status", &["failed"])],
+                ),
+                "workflow.step.failed",
+                &[("step", "charge-card")],
+                false,
+            ),
+            (
+                sub("d", &["worker.*"], &[("worker", &["worker-7"])]),
+                "worker.connected",
+                &[("worker", "worker-7")],
+                true,
+            ),
+            (
+                sub("d", &["worker.*"], &[("worker", &["worker-7"])]),
+                "worker.connected",
+                &[("worker", "worker-8")],
+                false,
+            ),
             (sub("e", &["worker.*"], &[]), "workflow.started", &[], false),
         ];
         for (s, event_type, a, expected) in table {
-            assert_eq!(s.matches(event_type, &attrs(a)), *expected, "{s:?} vs {event_type} {a:?}");
+            assert_eq!(
+                s.matches(event_type, &attrs(a)),
+                *expected,
+                "{s:?} vs {event_type} {a:?}"
+            );
         }
     }
 
@@ -274,7 +406,12 @@ mod tests {
 
     #[test]
     fn disabled_webhooks_match_nothing() {
-        let mut w = proto::Webhook { id: "w".into(), event_types: vec![">".into()], enabled: false, ..Default::default() };
+        let mut w = proto::Webhook {
+            id: "w".into(),
+            event_types: vec![">".into()],
+            enabled: false,
+            ..Default::default()
+        };
         assert!(SubscriptionSet::from_webhooks([&w]).is_empty());
         w.enabled = true;
         assert_eq!(SubscriptionSet::from_webhooks([&w]).len(), 1);

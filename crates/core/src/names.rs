@@ -101,7 +101,9 @@ pub fn valid_event_type(event_type: &str) -> bool {
 /// Ids Herald makes or accepts in subjects and keys: 1–128 of `[A-Za-z0-9_-]`.
 pub fn valid_id(id: &str) -> bool {
     (1..=128).contains(&id.len())
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// Why a subject is not `herald.events.<org>.<type>` with valid tokens.
@@ -146,9 +148,18 @@ mod tests {
 
     #[test]
     fn event_subjects() {
-        check("herald.events.acme.workflow.completed", Ok(("acme", "workflow.completed")));
-        check("herald.events.a-b_9.worker.connected", Ok(("a-b_9", "worker.connected")));
-        check("herald.events.acme.Custom_Type-1", Ok(("acme", "Custom_Type-1")));
+        check(
+            "herald.events.acme.workflow.completed",
+            Ok(("acme", "workflow.completed")),
+        );
+        check(
+            "herald.events.a-b_9.worker.connected",
+            Ok(("a-b_9", "worker.connected")),
+        );
+        check(
+            "herald.events.acme.Custom_Type-1",
+            Ok(("acme", "Custom_Type-1")),
+        );
         check("herald.events.acme", Err("type"));
         check("herald.events.acme.", Err("type"));
         check("herald.events.acme.workflow..completed", Err("type"));
@@ -158,7 +169,10 @@ mod tests {
         check("herald.events.ACME.workflow.completed", Err("org"));
         check("herald.events..workflow.completed", Err("org"));
         check(&format!("herald.events.{}.x", "a".repeat(65)), Err("org"));
-        check(&format!("herald.events.{}.x", "a".repeat(64)), Ok((&"a".repeat(64), "x")));
+        check(
+            &format!("herald.events.{}.x", "a".repeat(64)),
+            Ok((&"a".repeat(64), "x")),
+        );
         check("herald.eventsx.acme.x", Err("prefix"));
         check("other.events.acme.x", Err("prefix"));
     }

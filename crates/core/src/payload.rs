@@ -77,7 +77,11 @@ pub fn render(event: &proto::Event, webhook_id: &str, format: Format) -> Vec<u8>
         timestamp: rfc3339_ms(event.occurred_at_ms),
         organization_id: &event.organization_id,
         webhook_id,
-        attributes: event.attributes.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+        attributes: event
+            .attributes
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect(),
         data: raw(&event.data_json),
         metadata: raw(&event.metadata_json),
     };
@@ -100,7 +104,12 @@ fn render_xml(body: &Body<'_>) -> String {
     }
     out.push_str("<attributes>");
     for (k, v) in &body.attributes {
-        let _ = write!(out, "<attribute name=\"{}\">{}</attribute>", escape(k), escape(v));
+        let _ = write!(
+            out,
+            "<attribute name=\"{}\">{}</attribute>",
+            escape(k),
+            escape(v)
+        );
     }
     out.push_str("</attributes>");
     for (name, json) in [("data", body.data), ("metadata", body.metadata)] {
@@ -147,7 +156,9 @@ fn xml_value(out: &mut String, value: &serde_json::Value) {
 
 fn xml_name(name: &str) -> bool {
     let mut chars = name.chars();
-    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
         && !name.to_ascii_lowercase().starts_with("xml")
 }
@@ -198,7 +209,10 @@ mod tests {
     fn xml_body() {
         let body = String::from_utf8(render(&event(), "wh_1", Format::Xml)).unwrap();
         assert!(body.contains("<type>workflow.completed</type>"), "{body}");
-        assert!(body.contains("<attribute name=\"workflow\">a&lt;b</attribute>"), "{body}");
+        assert!(
+            body.contains("<attribute name=\"workflow\">a&lt;b</attribute>"),
+            "{body}"
+        );
         assert!(body.contains("<data><item key=\"9bad\"></item><list><item>true</item><item>x</item></list><n>1</n></data>"), "{body}");
         assert!(body.contains("<metadata></metadata>"), "{body}");
     }

@@ -29,7 +29,10 @@ impl RetrySchedule {
         if text.is_empty() {
             return Ok(Self { delays: Vec::new() });
         }
-        let delays = text.split(',').map(parse_duration).collect::<Result<_, _>>()?;
+        let delays = text
+            .split(',')
+            .map(parse_duration)
+            .collect::<Result<_, _>>()?;
         Ok(Self { delays })
     }
 
@@ -60,7 +63,12 @@ mod tests {
         assert_eq!(s.delay_after(8, 0.0), None);
         assert_eq!(s.delay_after(0, 0.0), None);
         assert_eq!(RetrySchedule::parse("").unwrap().max_attempts(), 1);
-        assert_eq!(RetrySchedule::parse("100ms,200ms").unwrap().delay_after(2, 0.5), Some(Duration::from_millis(220)));
+        assert_eq!(
+            RetrySchedule::parse("100ms,200ms")
+                .unwrap()
+                .delay_after(2, 0.5),
+            Some(Duration::from_millis(220))
+        );
         assert!(RetrySchedule::parse("5s,,1m").is_err());
     }
 }

@@ -48,7 +48,9 @@ pub struct Keyring {
 
 impl std::fmt::Debug for Keyring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.keys.iter().map(|k| &k.id)).finish()
+        f.debug_list()
+            .entries(self.keys.iter().map(|k| &k.id))
+            .finish()
     }
 }
 
@@ -76,7 +78,13 @@ impl Keyring {
         rand::rng().fill_bytes(&mut nonce);
         let ciphertext = key
             .cipher
-            .encrypt(XNonce::from_slice(&nonce), Payload { msg: secret.as_bytes(), aad: aad.as_bytes() })
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: secret.as_bytes(),
+                    aad: aad.as_bytes(),
+                },
+            )
             .expect("encryption into memory cannot fail");
         proto::EncryptedSecret {
             key_id: key.id.clone(),
@@ -89,7 +97,11 @@ impl Keyring {
 
     /// `aad` binds the ciphertext to its webhook, so a secret copied onto
     /// another webhook's record does not decrypt.
-    pub fn decrypt(&self, secret: &proto::EncryptedSecret, aad: &str) -> Result<String, DecryptError> {
+    pub fn decrypt(
+        &self,
+        secret: &proto::EncryptedSecret,
+        aad: &str,
+    ) -> Result<String, DecryptError> {
         let key = self
             .keys
             .iter()
@@ -101,7 +113,13 @@ impl Keyring {
         }
         let plain = key
             .cipher
-            .decrypt(XNonce::from_slice(&secret.nonce), Payload { msg: &secret.ciphertext, aad: aad.as_bytes() })
+            .decrypt(
+                XNonce::from_slice(&secret.nonce),
+                Payload {
+                    msg: &secret.ciphertext,
+                    aad: aad.as_bytes(),
+                },
+            )
             .map_err(|_| corrupt())?;
         String::from_utf8(plain).map_err(|_| corrupt())
     }
@@ -110,14 +128,22 @@ impl Keyring {
 fn parse_key(text: &str) -> Result<Key, KeyError> {
     let text = text.trim();
     let (id, b64) = text.split_once(':').unwrap_or(("k1", text));
-    if id.is_empty() || id.len() > 32 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+    if id.is_empty()
+        || id.len() > 32
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
         return Err(KeyError::KeyId(id.to_owned()));
     }
     let bytes = B64.decode(b64).map_err(|_| KeyError::Format)?;
     if bytes.len() != 32 {
         return Err(KeyError::Format);
     }
-    Ok(Key { id: id.to_owned(), cipher: XChaCha20Poly1305::new_from_slice(&bytes).map_err(|_| KeyError::Format)? })
+    Ok(Key {
+        id: id.to_owned(),
+        cipher: XChaCha20Poly1305::new_from_slice(&bytes).map_err(|_| KeyError::Format)?,
+    })
 }
 
 #[cfg(test)]
@@ -133,19 +159,33 @@ mod tests {
         assert_eq!(sealed.key_id, "old");
         assert_ne!(&sealed.ciphertext[..], b"whsec_abc");
         assert_eq!(before.decrypt(&sealed, "acme.wh_1").unwrap(), "whsec_abc");
-        assert!(matches!(before.decrypt(&sealed, "acme.wh_2"), Err(DecryptError::Corrupt(_))));
+        assert!(matches!(
+            before.decrypt(&sealed, "acme.wh_2"),
+            Err(DecryptError::Corrupt(_))
+        ));
 
         let after = Keyring::parse(&new, &old).unwrap();
         assert_eq!(after.decrypt(&sealed, "acme.wh_1").unwrap(), "whsec_abc");
         assert_eq!(after.encrypt("x", "a", 1).key_id, "new");
-        assert!(matches!(Keyring::parse(&new, "").unwrap().decrypt(&sealed, "acme.wh_1"), Err(DecryptError::UnknownKey(_))));
+        assert!(matches!(
+            Keyring::parse(&new, "")
+                .unwrap()
+                .decrypt(&sealed, "acme.wh_1"),
+            Err(DecryptError::UnknownKey(_))
+        ));
     }
 
     #[test]
     fn bad_keys() {
         assert_eq!(Keyring::parse("", "").unwrap_err(), KeyError::Format);
-        assert_eq!(Keyring::parse("k1:c2hvcnQ=", "").unwrap_err(), KeyError::Format);
-        assert!(matches!(Keyring::parse("bad id:AAAA", ""), Err(KeyError::KeyId(_))));
+        assert_eq!(
+            Keyring::parse("k1:c2hvcnQ=", "").unwrap_err(),
+            KeyError::Format
+        );
+        assert!(matches!(
+            Keyring::parse("bad id:AAAA", ""),
+            Err(KeyError::KeyId(_))
+        ));
         assert!(generate().starts_with("whsec_"));
         assert_eq!(B64.decode(&generate()[6..]).unwrap().len(), 32);
     }

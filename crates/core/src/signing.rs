@@ -33,12 +33,16 @@ impl SigningKey {
             .and_then(|b64| B64.decode(b64).ok())
             .filter(|k| !k.is_empty())
             .unwrap_or_else(|| secret.as_bytes().to_vec());
-        Self { standard, raw: secret.as_bytes().to_vec() }
+        Self {
+            standard,
+            raw: secret.as_bytes().to_vec(),
+        }
     }
 
     /// `v1,<base64>` over `id.timestamp.body`.
     pub fn standard_signature(&self, msg_id: &str, timestamp: i64, body: &[u8]) -> String {
-        let mut mac = HmacSha256::new_from_slice(&self.standard).expect("hmac takes any key length");
+        let mut mac =
+            HmacSha256::new_from_slice(&self.standard).expect("hmac takes any key length");
         mac.update(msg_id.as_bytes());
         mac.update(b".");
         mac.update(timestamp.to_string().as_bytes());
@@ -57,7 +61,12 @@ impl SigningKey {
 
 /// The `webhook-signature` header value: one signature per live secret,
 /// space-separated (several during a rotation).
-pub fn standard_signatures(keys: &[SigningKey], msg_id: &str, timestamp: i64, body: &[u8]) -> String {
+pub fn standard_signatures(
+    keys: &[SigningKey],
+    msg_id: &str,
+    timestamp: i64,
+    body: &[u8],
+) -> String {
     keys.iter()
         .map(|k| k.standard_signature(msg_id, timestamp, body))
         .collect::<Vec<_>>()
@@ -66,9 +75,17 @@ pub fn standard_signatures(keys: &[SigningKey], msg_id: &str, timestamp: i64, bo
 
 /// Verifies a `webhook-signature` header the way a receiver does: true when
 /// any of its signatures matches. Used by tests and the benchmark receiver.
-pub fn verify_standard(secret: &str, msg_id: &str, timestamp: i64, body: &[u8], header: &str) -> bool {
+pub fn verify_standard(
+    secret: &str,
+    msg_id: &str,
+    timestamp: i64,
+    body: &[u8],
+    header: &str,
+) -> bool {
     let expected = SigningKey::new(secret).standard_signature(msg_id, timestamp, body);
-    header.split(' ').any(|sig| constant_time_eq(sig.as_bytes(), expected.as_bytes()))
+    header
+        .split(' ')
+        .any(|sig| constant_time_eq(sig.as_bytes(), expected.as_bytes()))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -83,7 +100,11 @@ mod tests {
     #[test]
     fn standard_webhooks_vector() {
         let key = SigningKey::new("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
-        let sig = key.standard_signature("msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, br#"{"test": 2432232314}"#);
+        let sig = key.standard_signature(
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1614265330,
+            br#"{"test": 2432232314}"#,
+        );
         assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
         assert!(verify_standard(
             "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",

@@ -54,11 +54,15 @@ impl Client {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(Duration::from_secs(10)));
         http.set_keepalive(Some(Duration::from_secs(60)));
-        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("ring supports the default protocol versions")
-            .with_root_certificates(rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() })
-            .with_no_client_auth();
+        let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        })
+        .with_no_client_auth();
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -73,7 +77,11 @@ impl Client {
 
     /// Sends `request`, giving up after `timeout` (connect, headers and the
     /// capped body read included).
-    pub async fn send(&self, request: http::Request<Full<Bytes>>, timeout: Duration) -> (Result<Response, SendError>, Duration) {
+    pub async fn send(
+        &self,
+        request: http::Request<Full<Bytes>>,
+        timeout: Duration,
+    ) -> (Result<Response, SendError>, Duration) {
         let started = Instant::now();
         let result = tokio::time::timeout(timeout, async {
             let response = self.inner.request(request).await.map_err(|e| {
@@ -100,9 +108,19 @@ impl Client {
             let headers = parts
                 .headers
                 .iter()
-                .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_owned(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
                 .collect();
-            Ok(Response { status: parts.status.as_u16(), headers, body: kept.into(), truncated })
+            Ok(Response {
+                status: parts.status.as_u16(),
+                headers,
+                body: kept.into(),
+                truncated,
+            })
         })
         .await
         .unwrap_or(Err(SendError::Timeout(timeout)));

@@ -67,8 +67,12 @@ pub struct Config {
 
 impl Config {
     pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
-        let retry = RetrySchedule::parse(&config::string(src, RETRY_SCHEDULE, "5s,1m,10m,1h,4h,12h,24h"))
-            .map_err(|e| ConfigError::new(RETRY_SCHEDULE, e.to_string()))?;
+        let retry = RetrySchedule::parse(&config::string(
+            src,
+            RETRY_SCHEDULE,
+            "5s,1m,10m,1h,4h,12h,24h",
+        ))
+        .map_err(|e| ConfigError::new(RETRY_SCHEDULE, e.to_string()))?;
         let keyring = Keyring::parse(&config::required(src, SECRET_KEY)?, "")
             .map_err(|e| ConfigError::new(SECRET_KEY, e.to_string()))?;
         let keyring = match config::optional(src, SECRET_KEY_PREVIOUS) {
@@ -125,7 +129,10 @@ struct State {
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
 }
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
@@ -134,15 +141,33 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     health.set("consumer", false);
     let metrics = Metrics::default();
     health.register(|r| {
-        r.register("deliveries", "Delivery attempts, by outcome", metrics.deliveries.clone());
-        r.register("webhooks_disabled", "Webhooks disabled by the deliverer", metrics.disabled.clone());
+        r.register(
+            "deliveries",
+            "Delivery attempts, by outcome",
+            metrics.deliveries.clone(),
+        );
+        r.register(
+            "webhooks_disabled",
+            "Webhooks disabled by the deliverer",
+            metrics.disabled.clone(),
+        );
     });
-    health.clone().serve(config.health_addr, shutdown.clone()).await.map_err(Error::Health)?;
+    health
+        .clone()
+        .serve(config.health_addr, shutdown.clone())
+        .await
+        .map_err(Error::Health)?;
 
     let client = nats::connect(&config.nats, "deliverer").await?;
     health.watch_nats(client.clone(), shutdown.clone());
     let js = jetstream::new(client.clone());
-    nats::ensure_streams(&js, config.nats.replicas, &nats::Retention::default(), &shutdown).await?;
+    nats::ensure_streams(
+        &js,
+        config.nats.replicas,
+        &nats::Retention::default(),
+        &shutdown,
+    )
+    .await?;
     let store = WebhookStore::open(&js, config.nats.replicas).await?;
     let redis = Redis::new(&config.redis_url, Duration::from_millis(250))?;
 
@@ -223,7 +248,9 @@ impl State {
             Err(error) => {
                 // Herald's own trouble (NATS): hand the job back untouched.
                 tracing::warn!(%error, delivery_id = %job.delivery_id, "delivery handed back");
-                let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
             }
         }
     }
@@ -248,10 +275,15 @@ impl State {
             kind: job.kind,
             ..Default::default()
         };
-        let Some(webhook) = webhook.filter(|w| w.enabled || job.kind != proto::DeliveryKind::Event as i32) else {
+        let Some(webhook) =
+            webhook.filter(|w| w.enabled || job.kind != proto::DeliveryKind::Event as i32)
+        else {
             attempt.set_status(proto::AttemptStatus::Skipped);
             attempt.error = "webhook deleted or disabled; not sent".into();
-            self.metrics.deliveries.get_or_create(&OutcomeLabel { outcome: "skipped" }).inc();
+            self.metrics
+                .deliveries
+                .get_or_create(&OutcomeLabel { outcome: "skipped" })
+                .inc();
             return self.publish_attempt(&attempt).await;
         };
 
@@ -264,7 +296,10 @@ impl State {
             .header("user-agent", concat!("Herald/", env!("CARGO_PKG_VERSION")))
             .header("webhook-id", &job.delivery_id)
             .header("webhook-timestamp", timestamp.to_string())
-            .header("webhook-signature", signing::standard_signatures(&keys, &job.delivery_id, timestamp, &body));
+            .header(
+                "webhook-signature",
+                signing::standard_signatures(&keys, &job.delivery_id, timestamp, &body),
+            );
         if let Some(current) = keys.first() {
             builder = builder.header("x-webhook-signature", current.body_signature(&body));
         }
@@ -275,7 +310,11 @@ impl State {
             builder = builder.header(name, value);
         }
         let request = builder.body(http_body_util::Full::new(body.clone()));
-        let timeout = Duration::from_millis(if webhook.timeout_ms == 0 { 5_000 } else { webhook.timeout_ms as u64 });
+        let timeout = Duration::from_millis(if webhook.timeout_ms == 0 {
+            5_000
+        } else {
+            webhook.timeout_ms as u64
+        });
 
         let outcome = match request {
             Err(error) => Outcome {
@@ -296,7 +335,14 @@ impl State {
         attempt.error = outcome.error.clone();
         attempt.response = outcome.response.as_ref().map(|r| proto::HttpResponse {
             status: r.status as u32,
-            headers: r.headers.iter().map(|(n, v)| proto::Header { name: n.clone(), value: v.clone() }).collect(),
+            headers: r
+                .headers
+                .iter()
+                .map(|(n, v)| proto::Header {
+                    name: n.clone(),
+                    value: v.clone(),
+                })
+                .collect(),
             body: r.body.clone(),
             body_truncated: r.truncated,
         });
@@ -321,7 +367,9 @@ impl State {
         }
         self.metrics
             .deliveries
-            .get_or_create(&OutcomeLabel { outcome: if succeeded { "succeeded" } else { "failed" } })
+            .get_or_create(&OutcomeLabel {
+                outcome: if succeeded { "succeeded" } else { "failed" },
+            })
             .inc();
         self.publish_attempt(&attempt).await?;
 
@@ -329,24 +377,36 @@ impl State {
             self.reset_failures(&webhook).await;
         } else if outcome.gone {
             self.disable(&webhook, "endpoint answered 410 Gone").await;
-        } else if outcome.endpoint_failure {
-            if let Some(count) = self.count_failure(&webhook, &attempt.log_id).await {
-                if count > self.config.disable_after as i64 {
-                    self.disable(&webhook, &format!("{count} consecutive failed attempts; last: {}", outcome.error))
-                        .await;
-                }
-            }
+        } else if outcome.endpoint_failure
+            && let Some(count) = self.count_failure(&webhook, &attempt.log_id).await
+            && count > self.config.disable_after as i64
+        {
+            let reason = format!(
+                "{count} consecutive failed attempts; last: {}",
+                outcome.error
+            );
+            self.disable(&webhook, &reason).await;
         }
         Ok(())
     }
 
-    fn signing_keys(&self, webhook: &proto::Webhook, now_ms: i64) -> Result<Vec<SigningKey>, String> {
+    fn signing_keys(
+        &self,
+        webhook: &proto::Webhook,
+        now_ms: i64,
+    ) -> Result<Vec<SigningKey>, String> {
         let aad = names::webhook_key(&webhook.organization_id, &webhook.id);
         webhook
             .secrets
             .iter()
             .filter(|s| s.expires_at_ms == 0 || s.expires_at_ms > now_ms)
-            .map(|s| self.config.keyring.decrypt(s, &aad).map(|plain| SigningKey::new(&plain)).map_err(|e| e.to_string()))
+            .map(|s| {
+                self.config
+                    .keyring
+                    .decrypt(s, &aad)
+                    .map(|plain| SigningKey::new(&plain))
+                    .map_err(|e| e.to_string())
+            })
             .collect()
     }
 
@@ -366,16 +426,28 @@ impl State {
     }
 
     async fn schedule_retry(&self, job: &proto::DeliveryJob, at_ms: i64) -> Result<(), String> {
-        let next = proto::DeliveryJob { attempt: job.attempt + 1, not_before_ms: at_ms, deferrals: 0, ..job.clone() };
+        let next = proto::DeliveryJob {
+            attempt: job.attempt + 1,
+            not_before_ms: at_ms,
+            deferrals: 0,
+            ..job.clone()
+        };
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Schedule", format!("@at {}", payload::rfc3339_ms(at_ms)).as_str());
+        headers.insert(
+            "Nats-Schedule",
+            format!("@at {}", payload::rfc3339_ms(at_ms)).as_str(),
+        );
         headers.insert(
             "Nats-Schedule-Target",
             names::delivery_subject(&job.organization_id, &job.webhook_id).as_str(),
         );
         let ack = self
             .js
-            .publish_with_headers(names::schedule_subject(&job.delivery_id), headers, next.encode_to_vec().into())
+            .publish_with_headers(
+                names::schedule_subject(&job.delivery_id),
+                headers,
+                next.encode_to_vec().into(),
+            )
             .await
             .map_err(|e| e.to_string())?;
         ack.await.map(|_| ()).map_err(|e| e.to_string())
@@ -392,9 +464,15 @@ impl State {
               return tonumber(redis.call('GET', KEYS[1]) or '0')",
         );
         let mut invocation = script.prepare_invoke();
-        invocation.key(failures_key(webhook)).key(format!("herald:failseen:{log_id}")).arg(7 * 86_400);
+        invocation
+            .key(failures_key(webhook))
+            .key(format!("herald:failseen:{log_id}"))
+            .arg(7 * 86_400);
         let call = invocation.invoke_async::<i64>(&mut conn);
-        tokio::time::timeout(self.redis.timeout(), call).await.ok()?.ok()
+        tokio::time::timeout(self.redis.timeout(), call)
+            .await
+            .ok()?
+            .ok()
     }
 
     async fn reset_failures(&self, webhook: &proto::Webhook) {
@@ -438,7 +516,9 @@ impl State {
                 }
             }
             Ok(_) => {}
-            Err(error) => tracing::warn!(%error, webhook_id = %webhook.id, "cannot disable webhook"),
+            Err(error) => {
+                tracing::warn!(%error, webhook_id = %webhook.id, "cannot disable webhook")
+            }
         }
     }
 }
@@ -448,7 +528,10 @@ fn failures_key(webhook: &proto::Webhook) -> String {
 }
 
 /// Request headers as logged: signatures and anything secret-looking masked.
-fn logged_request(request: &::http::Request<http_body_util::Full<Bytes>>, body: &Bytes) -> proto::HttpRequest {
+fn logged_request(
+    request: &::http::Request<http_body_util::Full<Bytes>>,
+    body: &Bytes,
+) -> proto::HttpRequest {
     let headers = request
         .headers()
         .iter()
@@ -461,11 +544,23 @@ fn logged_request(request: &::http::Request<http_body_util::Full<Bytes>>, body: 
                 || n.contains("key")
                 || n.contains("cookie")
                 || n.contains("password");
-            let value = if secret { "********".to_owned() } else { String::from_utf8_lossy(value.as_bytes()).into_owned() };
-            proto::Header { name: n.to_owned(), value }
+            let value = if secret {
+                "********".to_owned()
+            } else {
+                String::from_utf8_lossy(value.as_bytes()).into_owned()
+            };
+            proto::Header {
+                name: n.to_owned(),
+                value,
+            }
         })
         .collect();
-    proto::HttpRequest { method: "POST".into(), url: request.uri().to_string(), headers, body: body.clone() }
+    proto::HttpRequest {
+        method: "POST".into(),
+        url: request.uri().to_string(),
+        headers,
+        body: body.clone(),
+    }
 }
 
 fn classify(result: Result<http::Response, http::SendError>) -> Outcome {
@@ -481,7 +576,11 @@ fn classify(result: Result<http::Response, http::SendError>) -> Outcome {
                 .filter(|_| status == 429 || status == 503);
             let ok = (200..300).contains(&status);
             Outcome {
-                status: if ok { proto::AttemptStatus::Succeeded } else { proto::AttemptStatus::Failed },
+                status: if ok {
+                    proto::AttemptStatus::Succeeded
+                } else {
+                    proto::AttemptStatus::Failed
+                },
                 error: match status {
                     200..=299 => String::new(),
                     300..=399 => format!("HTTP {status}: redirects are not followed"),

@@ -1,5 +1,9 @@
 //! `herald-deliverer`: POSTs delivery jobs to webhook URLs; see the library.
 
 fn main() -> std::process::ExitCode {
-    herald_platform::service::main("deliverer", herald_deliverer::Config::from_source, herald_deliverer::run)
+    herald_platform::service::main(
+        "deliverer",
+        herald_deliverer::Config::from_source,
+        herald_deliverer::run,
+    )
 }

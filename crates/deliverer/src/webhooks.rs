@@ -11,15 +11,21 @@ use herald_core::proto;
 use herald_platform::webhooks::{StoreError, WebhookStore};
 use tokio_util::sync::CancellationToken;
 
+/// Definitions by (organization, webhook id); `None` remembers a deletion.
+type Local = HashMap<(String, String), Option<Arc<proto::Webhook>>>;
+
 #[derive(Clone)]
 pub struct Webhooks {
     store: WebhookStore,
-    local: Arc<Mutex<HashMap<(String, String), Option<Arc<proto::Webhook>>>>>,
+    local: Arc<Mutex<Local>>,
 }
 
 impl Webhooks {
     pub fn new(store: WebhookStore, shutdown: CancellationToken) -> Self {
-        let this = Self { store, local: Arc::default() };
+        let this = Self {
+            store,
+            local: Arc::default(),
+        };
         tokio::spawn(this.clone().follow(shutdown));
         this
     }
@@ -29,14 +35,24 @@ impl Webhooks {
     }
 
     /// The current definition, or `None` when the webhook does not exist.
-    pub async fn get(&self, org: &str, id: &str) -> Result<Option<Arc<proto::Webhook>>, StoreError> {
+    pub async fn get(
+        &self,
+        org: &str,
+        id: &str,
+    ) -> Result<Option<Arc<proto::Webhook>>, StoreError> {
         let key = (org.to_owned(), id.to_owned());
         if let Some(found) = self.local.lock().expect("webhooks lock").get(&key) {
             return Ok(found.clone());
         }
         let found = self.store.get(org, id).await?.map(|v| Arc::new(v.webhook));
         // A change the feed delivered meanwhile is newer than what was read.
-        Ok(self.local.lock().expect("webhooks lock").entry(key).or_insert(found).clone())
+        Ok(self
+            .local
+            .lock()
+            .expect("webhooks lock")
+            .entry(key)
+            .or_insert(found)
+            .clone())
     }
 
     async fn follow(self, shutdown: CancellationToken) {

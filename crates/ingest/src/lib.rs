@@ -47,10 +47,16 @@ impl Config {
             nats: config::Nats::from_source(src)?,
             health_addr: config::addr(src, HEALTH_ADDR, "127.0.0.1:9101")?,
             limits: Limits {
-                max_event_bytes: config::number(src, MAX_EVENT_BYTES, 256 * 1024, 1..=8 * 1024 * 1024)?,
+                max_event_bytes: config::number(
+                    src,
+                    MAX_EVENT_BYTES,
+                    256 * 1024,
+                    1..=8 * 1024 * 1024,
+                )?,
                 ..Limits::default()
             },
-            catalogue: Catalogue::with_extra(&extra).map_err(|e| ConfigError::new(EXTRA_EVENT_TYPES, e.to_string()))?,
+            catalogue: Catalogue::with_extra(&extra)
+                .map_err(|e| ConfigError::new(EXTRA_EVENT_TYPES, e.to_string()))?,
             concurrency: 256,
         })
     }
@@ -90,18 +96,38 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     health.set("consumer", false);
     let metrics = Metrics::default();
     health.register(|r| {
-        r.register("events_ingested", "Events accepted and passed to the matcher", metrics.ingested.clone());
-        r.register("events_rejected", "Events refused, by reason", metrics.rejected.clone());
+        r.register(
+            "events_ingested",
+            "Events accepted and passed to the matcher",
+            metrics.ingested.clone(),
+        );
+        r.register(
+            "events_rejected",
+            "Events refused, by reason",
+            metrics.rejected.clone(),
+        );
     });
     for code in Rejection::CODES {
-        let _ = metrics.rejected.get_or_create(&ReasonLabel { reason: code });
+        let _ = metrics
+            .rejected
+            .get_or_create(&ReasonLabel { reason: code });
     }
-    health.clone().serve(config.health_addr, shutdown.clone()).await.map_err(Error::Health)?;
+    health
+        .clone()
+        .serve(config.health_addr, shutdown.clone())
+        .await
+        .map_err(Error::Health)?;
 
     let client = nats::connect(&config.nats, "ingest").await?;
     health.watch_nats(client.clone(), shutdown.clone());
     let js = jetstream::new(client.clone());
-    nats::ensure_streams(&js, config.nats.replicas, &nats::Retention::default(), &shutdown).await?;
+    nats::ensure_streams(
+        &js,
+        config.nats.replicas,
+        &nats::Retention::default(),
+        &shutdown,
+    )
+    .await?;
     let consumer = nats::durable_consumer(
         &js,
         names::EVENTS_STREAM,
@@ -125,7 +151,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     tracing::info!("ingest consuming {}", names::EVENTS_SUBJECTS);
 
     let concurrency = config.concurrency;
-    let state = Arc::new(State { js, config, metrics });
+    let state = Arc::new(State {
+        js,
+        config,
+        metrics,
+    });
     messages
         .take_until(shutdown.cancelled_owned())
         .for_each_concurrent(concurrency, |message| {
@@ -143,7 +173,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
 }
 
 impl State {
@@ -155,7 +188,13 @@ impl State {
             msg_id: nats::header(headers, "Nats-Msg-Id"),
             traceparent: nats::header(headers, "traceparent"),
         };
-        let outcome = event::normalize(&envelope, &message.payload, &self.config.limits, &self.config.catalogue, now_ms());
+        let outcome = event::normalize(
+            &envelope,
+            &message.payload,
+            &self.config.limits,
+            &self.config.catalogue,
+            now_ms(),
+        );
         let published = match &outcome {
             Ok(event) => self.accept(event).await,
             Err(rejection) => self.reject(&message, rejection).await,
@@ -164,9 +203,13 @@ impl State {
             Ok(()) => {
                 match &outcome {
                     Ok(_) => self.metrics.ingested.inc(),
-                    Err(rejection) => {
-                        self.metrics.rejected.get_or_create(&ReasonLabel { reason: rejection.code() }).inc()
-                    }
+                    Err(rejection) => self
+                        .metrics
+                        .rejected
+                        .get_or_create(&ReasonLabel {
+                            reason: rejection.code(),
+                        })
+                        .inc(),
                 };
                 if let Err(error) = message.ack().await {
                     tracing::warn!(%error, "ack failed; the event will be redelivered and deduplicated");
@@ -175,33 +218,50 @@ impl State {
             Err(error) => {
                 // Herald's own failure: hand the event back for a later try.
                 tracing::warn!(%error, subject = %message.subject, "cannot publish, event handed back");
-                let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
             }
         }
     }
 
     async fn accept(&self, event: &herald_core::proto::Event) -> Result<(), String> {
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", format!("{}:{}", event.organization_id, event.id).as_str());
+        headers.insert(
+            "Nats-Msg-Id",
+            format!("{}:{}", event.organization_id, event.id).as_str(),
+        );
         if !event.traceparent.is_empty() {
             headers.insert("traceparent", event.traceparent.as_str());
         }
         let ack = self
             .js
-            .publish_with_headers(names::accepted_subject(&event.organization_id), headers, event.encode_to_vec().into())
+            .publish_with_headers(
+                names::accepted_subject(&event.organization_id),
+                headers,
+                event.encode_to_vec().into(),
+            )
             .await
             .map_err(|e| e.to_string())?;
         ack.await.map(|_| ()).map_err(|e| e.to_string())
     }
 
-    async fn reject(&self, message: &jetstream::Message, rejection: &Rejection) -> Result<(), String> {
+    async fn reject(
+        &self,
+        message: &jetstream::Message,
+        rejection: &Rejection,
+    ) -> Result<(), String> {
         let org = names::parse_event_subject(&message.subject)
             .map(|(org, _)| org)
             .or_else(|_| {
                 // A subject with a valid organization but a bad type still
                 // files the rejection under that organization.
                 let org = message.subject.split('.').nth(2).unwrap_or_default();
-                if names::valid_org(org) { Ok(org) } else { Err(()) }
+                if names::valid_org(org) {
+                    Ok(org)
+                } else {
+                    Err(())
+                }
             })
             .unwrap_or(names::REJECTED_UNKNOWN_ORG);
         tracing::info!(subject = %message.subject, reason = rejection.code(), error = %rejection, "event rejected");
@@ -215,11 +275,18 @@ impl State {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Herald-Reject-Reason", rejection.code());
         if let Ok(info) = message.info() {
-            headers.insert("Nats-Msg-Id", format!("rejected:{}", info.stream_sequence).as_str());
+            headers.insert(
+                "Nats-Msg-Id",
+                format!("rejected:{}", info.stream_sequence).as_str(),
+            );
         }
         let ack = self
             .js
-            .publish_with_headers(names::rejected_subject(org), headers, record.to_string().into())
+            .publish_with_headers(
+                names::rejected_subject(org),
+                headers,
+                record.to_string().into(),
+            )
             .await
             .map_err(|e| e.to_string())?;
         ack.await.map(|_| ()).map_err(|e| e.to_string())

@@ -67,13 +67,26 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     health.set("nats", false);
     health.set("consumer", false);
     let stored = Counter::<u64>::default();
-    health.register(|r| r.register("attempts_stored", "Delivery attempts written to the log index", stored.clone()));
-    health.clone().serve(config.health_addr, shutdown.clone()).await.map_err(Error::Health)?;
+    health.register(|r| {
+        r.register(
+            "attempts_stored",
+            "Delivery attempts written to the log index",
+            stored.clone(),
+        )
+    });
+    health
+        .clone()
+        .serve(config.health_addr, shutdown.clone())
+        .await
+        .map_err(Error::Health)?;
 
     let client = nats::connect(&config.nats, "log-writer").await?;
     health.watch_nats(client.clone(), shutdown.clone());
     let js = jetstream::new(client.clone());
-    let retention = nats::Retention { attempts: config.retention, ..Default::default() };
+    let retention = nats::Retention {
+        attempts: config.retention,
+        ..Default::default()
+    };
     nats::ensure_streams(&js, config.nats.replicas, &retention, &shutdown).await?;
     let redis = Redis::new(&config.redis_url, Duration::from_millis(500))?;
     health.watch_redis(redis.clone(), shutdown.clone());
@@ -100,7 +113,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .map_err(|e| Error::Consumer(e.to_string()))?;
     health.set("consumer", true);
 
-    let mut batches = std::pin::pin!(messages.ready_chunks(500).take_until(shutdown.clone().cancelled_owned()));
+    let mut batches = std::pin::pin!(
+        messages
+            .ready_chunks(500)
+            .take_until(shutdown.clone().cancelled_owned())
+    );
     while let Some(batch) = batches.next().await {
         let mut messages = Vec::with_capacity(batch.len());
         let mut attempts = Vec::with_capacity(batch.len());
@@ -129,7 +146,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             Err(error) => {
                 tracing::warn!(%error, batch = attempts.len(), "cannot store attempts, handed back");
                 for message in messages {
-                    let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                    let _ = message
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await;
                 }
             }
         }

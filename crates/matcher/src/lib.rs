@@ -84,23 +84,61 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     health.set("nats", false);
     health.set("consumer", false);
     let metrics = Metrics::default();
-    health.clone().serve(config.health_addr, shutdown.clone()).await.map_err(Error::Health)?;
+    health
+        .clone()
+        .serve(config.health_addr, shutdown.clone())
+        .await
+        .map_err(Error::Health)?;
 
     let client = nats::connect(&config.nats, "matcher").await?;
     health.watch_nats(client.clone(), shutdown.clone());
     let js = jetstream::new(client.clone());
-    nats::ensure_streams(&js, config.nats.replicas, &nats::Retention::default(), &shutdown).await?;
+    nats::ensure_streams(
+        &js,
+        config.nats.replicas,
+        &nats::Retention::default(),
+        &shutdown,
+    )
+    .await?;
     let store = WebhookStore::open(&js, config.nats.replicas).await?;
     let redis = Redis::new(&config.redis_url, Duration::from_millis(250))?;
     let cache = Cache::new(store.clone(), redis, config.cache_ttl);
     health.register(|r| {
-        r.register("events_matched", "Events matched against subscriptions", metrics.events.clone());
-        r.register("delivery_jobs", "Delivery jobs published (fan-out)", metrics.jobs.clone());
-        r.register("events_unmatched", "Events that matched no webhook", metrics.unmatched.clone());
-        r.register("subscription_cache_local_hits", "Subscription sets found in process", cache.metrics.local_hits.clone());
-        r.register("subscription_cache_redis_hits", "Subscription sets found in Redis", cache.metrics.redis_hits.clone());
-        r.register("subscription_cache_rebuilds", "Subscription sets rebuilt from the webhooks bucket", cache.metrics.rebuilds.clone());
-        r.register("redis_degraded", "Redis calls that failed or timed out; work went on without Redis", cache.metrics.redis_degraded.clone());
+        r.register(
+            "events_matched",
+            "Events matched against subscriptions",
+            metrics.events.clone(),
+        );
+        r.register(
+            "delivery_jobs",
+            "Delivery jobs published (fan-out)",
+            metrics.jobs.clone(),
+        );
+        r.register(
+            "events_unmatched",
+            "Events that matched no webhook",
+            metrics.unmatched.clone(),
+        );
+        r.register(
+            "subscription_cache_local_hits",
+            "Subscription sets found in process",
+            cache.metrics.local_hits.clone(),
+        );
+        r.register(
+            "subscription_cache_redis_hits",
+            "Subscription sets found in Redis",
+            cache.metrics.redis_hits.clone(),
+        );
+        r.register(
+            "subscription_cache_rebuilds",
+            "Subscription sets rebuilt from the webhooks bucket",
+            cache.metrics.rebuilds.clone(),
+        );
+        r.register(
+            "redis_degraded",
+            "Redis calls that failed or timed out; work went on without Redis",
+            cache.metrics.redis_degraded.clone(),
+        );
     });
 
     tokio::spawn(watch_changes(store, cache.clone(), shutdown.clone()));
@@ -187,17 +225,27 @@ impl State {
             }
             Err(error) => {
                 tracing::warn!(%error, event_id = %event.id, org = %event.organization_id, "fan-out failed, event handed back");
-                let _ = message.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
             }
         }
     }
 
     async fn fan_out(&self, event: &proto::Event) -> Result<(), String> {
-        let set = self.cache.get(&event.organization_id).await.map_err(|e| e.to_string())?;
+        let set = self
+            .cache
+            .get(&event.organization_id)
+            .await
+            .map_err(|e| e.to_string())?;
         let mut acks = Vec::new();
         for subscription in set.matching(&event.r#type, &event.attributes) {
             let job = proto::DeliveryJob {
-                delivery_id: ids::delivery_id(&event.organization_id, &event.id, &subscription.webhook_id),
+                delivery_id: ids::delivery_id(
+                    &event.organization_id,
+                    &event.id,
+                    &subscription.webhook_id,
+                ),
                 organization_id: event.organization_id.clone(),
                 webhook_id: subscription.webhook_id.clone(),
                 event: Some(event.clone()),
@@ -223,7 +271,10 @@ impl State {
             self.metrics.unmatched.inc();
         }
         let n = acks.len() as u64;
-        for result in futures::future::join_all(acks.into_iter().map(std::future::IntoFuture::into_future)).await {
+        for result in
+            futures::future::join_all(acks.into_iter().map(std::future::IntoFuture::into_future))
+                .await
+        {
             result.map_err(|e| e.to_string())?;
         }
         self.metrics.jobs.inc_by(n);

@@ -63,7 +63,13 @@ fn trimmed(w: &proto::Webhook) -> proto::Webhook {
 
 impl Cache {
     pub fn new(store: WebhookStore, redis: Redis, ttl: Duration) -> Self {
-        Self { store, redis, ttl, local: Arc::default(), metrics: CacheMetrics::default() }
+        Self {
+            store,
+            redis,
+            ttl,
+            local: Arc::default(),
+            metrics: CacheMetrics::default(),
+        }
     }
 
     pub async fn get(&self, org: &str) -> Result<Arc<SubscriptionSet>, StoreError> {
@@ -75,39 +81,59 @@ impl Cache {
             }
             local.generations.get(org).copied().unwrap_or_default()
         };
-        let webhooks = match self.from_redis(org).await {
+        let webhooks = match self.read_redis(org).await {
             Some(webhooks) => {
                 self.metrics.redis_hits.inc();
                 webhooks
             }
             None => {
                 self.metrics.rebuilds.inc();
-                let webhooks: Vec<proto::Webhook> = self.store.list(org).await?.iter().map(trimmed).collect();
-                self.to_redis(org, &webhooks).await;
+                let webhooks: Vec<proto::Webhook> =
+                    self.store.list(org).await?.iter().map(trimmed).collect();
+                self.write_redis(org, &webhooks).await;
                 webhooks
             }
         };
         let set = Arc::new(SubscriptionSet::from_webhooks(&webhooks));
         let mut local = self.local.lock().expect("cache lock");
         if local.generations.get(org).copied().unwrap_or_default() == generation {
-            local.entries.insert(org.to_owned(), Entry { set: set.clone() });
+            local
+                .entries
+                .insert(org.to_owned(), Entry { set: set.clone() });
         }
         Ok(set)
     }
 
-    async fn from_redis(&self, org: &str) -> Option<Vec<proto::Webhook>> {
+    async fn read_redis(&self, org: &str) -> Option<Vec<proto::Webhook>> {
         let mut conn = self.degraded_unless(self.redis.conn().await)?;
         let cmd = redis::cmd("GET").arg(redis_key(org)).clone();
         let get = cmd.query_async::<Option<Vec<u8>>>(&mut conn);
-        let bytes = self.degraded_unless(tokio::time::timeout(self.redis.timeout(), get).await.ok().and_then(Result::ok))??;
+        let bytes = self.degraded_unless(
+            tokio::time::timeout(self.redis.timeout(), get)
+                .await
+                .ok()
+                .and_then(Result::ok),
+        )??;
         decode_list(&bytes)
     }
 
-    async fn to_redis(&self, org: &str, webhooks: &[proto::Webhook]) {
-        let Some(mut conn) = self.degraded_unless(self.redis.conn().await) else { return };
-        let cmd = redis::cmd("SET").arg(redis_key(org)).arg(encode_list(webhooks)).arg("PX").arg(self.ttl.as_millis() as u64).clone();
+    async fn write_redis(&self, org: &str, webhooks: &[proto::Webhook]) {
+        let Some(mut conn) = self.degraded_unless(self.redis.conn().await) else {
+            return;
+        };
+        let cmd = redis::cmd("SET")
+            .arg(redis_key(org))
+            .arg(encode_list(webhooks))
+            .arg("PX")
+            .arg(self.ttl.as_millis() as u64)
+            .clone();
         let set = cmd.query_async::<()>(&mut conn);
-        self.degraded_unless(tokio::time::timeout(self.redis.timeout(), set).await.ok().and_then(Result::ok));
+        self.degraded_unless(
+            tokio::time::timeout(self.redis.timeout(), set)
+                .await
+                .ok()
+                .and_then(Result::ok),
+        );
     }
 
     fn degraded_unless<T>(&self, value: Option<T>) -> Option<T> {
@@ -127,7 +153,12 @@ impl Cache {
         if let Some(mut conn) = self.redis.conn().await {
             let cmd = redis::cmd("DEL").arg(redis_key(org)).clone();
             let del = cmd.query_async::<()>(&mut conn);
-            if tokio::time::timeout(self.redis.timeout(), del).await.ok().and_then(Result::ok).is_none() {
+            if tokio::time::timeout(self.redis.timeout(), del)
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .is_none()
+            {
                 self.metrics.redis_degraded.inc();
             }
         }
@@ -147,7 +178,8 @@ impl Cache {
 fn encode_list(webhooks: &[proto::Webhook]) -> Vec<u8> {
     let mut out = Vec::new();
     for w in webhooks {
-        w.encode_length_delimited(&mut out).expect("encoding into a Vec cannot fail");
+        w.encode_length_delimited(&mut out)
+            .expect("encoding into a Vec cannot fail");
     }
     out
 }

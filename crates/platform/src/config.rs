@@ -39,7 +39,10 @@ impl Source for HashMap<&str, String> {
 
 impl<const N: usize> Source for [(&str, &str); N] {
     fn get(&self, name: &str) -> Option<String> {
-        self.iter().rev().find(|(k, _)| *k == name).map(|(_, v)| (*v).to_owned())
+        self.iter()
+            .rev()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| (*v).to_owned())
     }
 }
 
@@ -53,7 +56,10 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(var: &str, message: impl Into<String>) -> Self {
-        Self { var: var.to_owned(), message: message.into() }
+        Self {
+            var: var.to_owned(),
+            message: message.into(),
+        }
     }
 }
 
@@ -64,7 +70,9 @@ pub const SHUTDOWN_GRACE: &str = "HERALD_SHUTDOWN_GRACE";
 
 /// Reads `var`, or `default` when unset or empty.
 pub fn string(src: &dyn Source, var: &str, default: &str) -> String {
-    src.get(var).filter(|v| !v.trim().is_empty()).unwrap_or_else(|| default.to_owned())
+    src.get(var)
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| default.to_owned())
 }
 
 /// Reads `var` when set and not empty.
@@ -84,12 +92,20 @@ where
 {
     match optional(src, var) {
         None => Ok(default),
-        Some(text) => text.trim().parse().map_err(|e| ConfigError::new(var, format!("{text:?}: {e}"))),
+        Some(text) => text
+            .trim()
+            .parse()
+            .map_err(|e| ConfigError::new(var, format!("{text:?}: {e}"))),
     }
 }
 
 /// Parses a number in `range`.
-pub fn number<T>(src: &dyn Source, var: &str, default: T, range: std::ops::RangeInclusive<T>) -> Result<T, ConfigError>
+pub fn number<T>(
+    src: &dyn Source,
+    var: &str,
+    default: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<T, ConfigError>
 where
     T: FromStr + PartialOrd + std::fmt::Display + Copy,
     T::Err: std::fmt::Display,
@@ -125,7 +141,12 @@ pub fn duration(src: &dyn Source, var: &str, default: Duration) -> Result<Durati
 /// Parses a socket address like `127.0.0.1:8080`.
 pub fn addr(src: &dyn Source, var: &str, default: &str) -> Result<SocketAddr, ConfigError> {
     let text = string(src, var, default);
-    text.parse().map_err(|_| ConfigError::new(var, format!("{text:?} is not an address like 127.0.0.1:8080")))
+    text.parse().map_err(|_| {
+        ConfigError::new(
+            var,
+            format!("{text:?} is not an address like 127.0.0.1:8080"),
+        )
+    })
 }
 
 /// Settings every service that talks to NATS shares.
@@ -140,16 +161,23 @@ impl Nats {
     pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
         let url = string(src, NATS_URL, "nats://127.0.0.1:4222");
         if !url.split(',').all(|u| u.contains("://") || u.contains(':')) {
-            return Err(ConfigError::new(NATS_URL, format!("{url:?} is not a NATS URL like nats://host:4222")));
+            return Err(ConfigError::new(
+                NATS_URL,
+                format!("{url:?} is not a NATS URL like nats://host:4222"),
+            ));
         }
-        Ok(Self { url, replicas: number(src, STREAM_REPLICAS, 1usize, 1..=5)? })
+        Ok(Self {
+            url,
+            replicas: number(src, STREAM_REPLICAS, 1usize, 1..=5)?,
+        })
     }
 }
 
 /// The Redis URL, checked for form.
 pub fn redis_url(src: &dyn Source) -> Result<String, ConfigError> {
     let url = string(src, REDIS_URL, "redis://127.0.0.1:6379");
-    ::redis::Client::open(url.as_str()).map_err(|e| ConfigError::new(REDIS_URL, format!("{url:?}: {e}")))?;
+    ::redis::Client::open(url.as_str())
+        .map_err(|e| ConfigError::new(REDIS_URL, format!("{url:?}: {e}")))?;
     Ok(url)
 }
 
@@ -164,7 +192,13 @@ mod tests {
 
     #[test]
     fn parsing_names_the_variable() {
-        let src = &[("A", "x"), ("B", "70"), ("C", "maybe"), ("D", "5 s"), ("E", "localhost")];
+        let src = &[
+            ("A", "x"),
+            ("B", "70"),
+            ("C", "maybe"),
+            ("D", "5 s"),
+            ("E", "localhost"),
+        ];
         assert_eq!(number(src, "B", 1u32, 1..=64).unwrap_err().var, "B");
         assert_eq!(number(src, "A", 1u32, 1..=64).unwrap_err().var, "A");
         assert_eq!(boolean(src, "C", false).unwrap_err().var, "C");

@@ -31,7 +31,9 @@ struct Inner {
 
 impl std::fmt::Debug for Health {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Health").field("service", &self.inner.service).finish()
+        f.debug_struct("Health")
+            .field("service", &self.inner.service)
+            .finish()
     }
 }
 
@@ -52,7 +54,11 @@ impl Health {
 
     /// Sets a readiness check; a check once named must be true for readiness.
     pub fn set(&self, check: &'static str, ok: bool) {
-        self.inner.checks.lock().expect("health lock").insert(check, ok);
+        self.inner
+            .checks
+            .lock()
+            .expect("health lock")
+            .insert(check, ok);
     }
 
     pub fn is_ready(&self) -> bool {
@@ -81,10 +87,22 @@ impl Health {
     /// Answers a health path, or `None` when `path` is not one of ours.
     pub fn answer(&self, path: &str) -> Option<(StatusCode, &'static str, String)> {
         match path {
-            "/live" => Some((StatusCode::OK, "application/json", r#"{"status":"live"}"#.to_owned())),
+            "/live" => Some((
+                StatusCode::OK,
+                "application/json",
+                r#"{"status":"live"}"#.to_owned(),
+            )),
             "/ready" => {
-                let body = format!(r#"{{"ready":{},"checks":{}}}"#, self.is_ready(), self.checks_json());
-                let status = if self.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                let body = format!(
+                    r#"{{"ready":{},"checks":{}}}"#,
+                    self.is_ready(),
+                    self.checks_json()
+                );
+                let status = if self.is_ready() {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
                 Some((status, "application/json", body))
             }
             "/metrics" => Some((
@@ -118,22 +136,28 @@ impl Health {
             };
             let health = self.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let health = health.clone();
-                    async move {
-                        let (status, content_type, body) = health
-                            .answer(req.uri().path())
-                            .unwrap_or((StatusCode::NOT_FOUND, "text/plain", "not found\n".to_owned()));
-                        let response = Response::builder()
-                            .status(status)
-                            .header("content-type", content_type)
-                            .body(Full::new(Bytes::from(body)))
-                            .expect("static response parts are valid");
-                        Ok::<_, Infallible>(response)
-                    }
-                });
+                let service =
+                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let health = health.clone();
+                        async move {
+                            let (status, content_type, body) =
+                                health.answer(req.uri().path()).unwrap_or((
+                                    StatusCode::NOT_FOUND,
+                                    "text/plain",
+                                    "not found\n".to_owned(),
+                                ));
+                            let response = Response::builder()
+                                .status(status)
+                                .header("content-type", content_type)
+                                .body(Full::new(Bytes::from(body)))
+                                .expect("static response parts are valid");
+                            Ok::<_, Infallible>(response)
+                        }
+                    });
                 let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
             });
         }
     }

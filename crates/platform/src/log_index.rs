@@ -42,8 +42,15 @@ pub const STATUSES: &[&str] = &["succeeded", "failed", "retrying", "skipped"];
 /// Which attempts a query reads.
 #[derive(Debug, Clone)]
 pub enum Scope {
-    Webhook { org: String, webhook_id: String, status: Option<String> },
-    Organization { org: String, event_type: Option<String> },
+    Webhook {
+        org: String,
+        webhook_id: String,
+        status: Option<String>,
+    },
+    Organization {
+        org: String,
+        event_type: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -84,12 +91,19 @@ fn org_type_key(org: &str, event_type: &str) -> String {
 pub const BUILT_MARKER: &str = "herald:logs:built";
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or_default()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
 }
 
 impl LogIndex {
     pub fn new(redis: Redis, retention: Duration, max_per_webhook: usize) -> Self {
-        Self { redis, retention, max_per_webhook }
+        Self {
+            redis,
+            retention,
+            max_per_webhook,
+        }
     }
 
     pub fn redis(&self) -> &Redis {
@@ -115,7 +129,12 @@ impl LogIndex {
                 continue;
             }
             let age_s = ((now_ms() - a.attempted_at_ms).max(0) / 1000) as u64;
-            pipe.set_ex(entry_key(&a.log_id), a.encode_to_vec(), ttl.saturating_sub(age_s).max(1)).ignore();
+            pipe.set_ex(
+                entry_key(&a.log_id),
+                a.encode_to_vec(),
+                ttl.saturating_sub(age_s).max(1),
+            )
+            .ignore();
             let status = status_name(a.status());
             for key in [
                 webhook_key(&a.organization_id, &a.webhook_id),
@@ -128,9 +147,17 @@ impl LogIndex {
             }
         }
         for key in &touched {
-            pipe.cmd("ZREMRANGEBYSCORE").arg(key).arg("-inf").arg(format!("({cutoff}")).ignore();
+            pipe.cmd("ZREMRANGEBYSCORE")
+                .arg(key)
+                .arg("-inf")
+                .arg(format!("({cutoff}"))
+                .ignore();
             if key.starts_with("herald:logs:w:") {
-                pipe.cmd("ZREMRANGEBYRANK").arg(key).arg(0).arg(-(self.max_per_webhook as i64) - 1).ignore();
+                pipe.cmd("ZREMRANGEBYRANK")
+                    .arg(key)
+                    .arg(0)
+                    .arg(-(self.max_per_webhook as i64) - 1)
+                    .ignore();
             }
             pipe.expire(key, ttl as i64).ignore();
         }
@@ -141,13 +168,32 @@ impl LogIndex {
     }
 
     /// Attempts newest first, with the total count of the scope.
-    pub async fn page(&self, scope: &Scope, limit: usize, offset: usize) -> Result<Page, IndexError> {
+    pub async fn page(
+        &self,
+        scope: &Scope,
+        limit: usize,
+        offset: usize,
+    ) -> Result<Page, IndexError> {
         let mut conn = self.redis.conn().await.ok_or(IndexError::Unavailable)?;
         let key = match scope {
-            Scope::Webhook { org, webhook_id, status: None } => webhook_key(org, webhook_id),
-            Scope::Webhook { org, webhook_id, status: Some(s) } => webhook_status_key(org, webhook_id, s),
-            Scope::Organization { org, event_type: None } => org_key(org),
-            Scope::Organization { org, event_type: Some(t) } => org_type_key(org, t),
+            Scope::Webhook {
+                org,
+                webhook_id,
+                status: None,
+            } => webhook_key(org, webhook_id),
+            Scope::Webhook {
+                org,
+                webhook_id,
+                status: Some(s),
+            } => webhook_status_key(org, webhook_id, s),
+            Scope::Organization {
+                org,
+                event_type: None,
+            } => org_key(org),
+            Scope::Organization {
+                org,
+                event_type: Some(t),
+            } => org_type_key(org, t),
         };
         let cutoff = self.cutoff_ms();
         let (total, ids): (u64, Vec<String>) = redis::pipe()

@@ -16,7 +16,10 @@ pub enum Error {
     #[error("cannot connect to NATS: {0}")]
     Connect(#[from] async_nats::ConnectError),
     #[error("cannot create stream {stream}: {source}")]
-    Stream { stream: String, source: async_nats::jetstream::context::CreateStreamError },
+    Stream {
+        stream: String,
+        source: async_nats::jetstream::context::CreateStreamError,
+    },
     #[error("cannot create consumer {consumer}: {message}")]
     Consumer { consumer: String, message: String },
     #[error("shutting down")]
@@ -47,11 +50,19 @@ pub struct Retention {
 
 impl Default for Retention {
     fn default() -> Self {
-        Self { work: Duration::from_secs(3 * 86_400), attempts: Duration::from_secs(7 * 86_400) }
+        Self {
+            work: Duration::from_secs(3 * 86_400),
+            attempts: Duration::from_secs(7 * 86_400),
+        }
     }
 }
 
-fn stream_config(name: &str, subjects: Vec<String>, max_age: Duration, replicas: usize) -> stream::Config {
+fn stream_config(
+    name: &str,
+    subjects: Vec<String>,
+    max_age: Duration,
+    replicas: usize,
+) -> stream::Config {
     stream::Config {
         name: name.to_owned(),
         subjects,
@@ -70,7 +81,10 @@ pub fn streams(replicas: usize, retention: &Retention) -> Vec<stream::Config> {
     let week = Duration::from_secs(7 * 86_400);
     let mut deliveries = stream_config(
         names::DELIVERIES_STREAM,
-        vec![names::DELIVERIES_SUBJECTS.into(), names::SCHEDULES_SUBJECTS.into()],
+        vec![
+            names::DELIVERIES_SUBJECTS.into(),
+            names::SCHEDULES_SUBJECTS.into(),
+        ],
         retention.work,
         replicas,
     );
@@ -79,12 +93,37 @@ pub fn streams(replicas: usize, retention: &Retention) -> Vec<stream::Config> {
     deliveries.allow_message_schedules = true;
     deliveries.allow_message_ttl = true;
     vec![
-        stream_config(names::EVENTS_STREAM, vec![names::EVENTS_SUBJECTS.into()], retention.work, replicas),
-        stream_config(names::ACCEPTED_STREAM, vec![names::ACCEPTED_SUBJECTS.into()], retention.work, replicas),
-        stream_config(names::REJECTED_STREAM, vec![names::REJECTED_SUBJECTS.into()], week, replicas),
+        stream_config(
+            names::EVENTS_STREAM,
+            vec![names::EVENTS_SUBJECTS.into()],
+            retention.work,
+            replicas,
+        ),
+        stream_config(
+            names::ACCEPTED_STREAM,
+            vec![names::ACCEPTED_SUBJECTS.into()],
+            retention.work,
+            replicas,
+        ),
+        stream_config(
+            names::REJECTED_STREAM,
+            vec![names::REJECTED_SUBJECTS.into()],
+            week,
+            replicas,
+        ),
         deliveries,
-        stream_config(names::ATTEMPTS_STREAM, vec![names::ATTEMPTS_SUBJECTS.into()], retention.attempts, replicas),
-        stream_config(names::SYSTEM_STREAM, vec![names::SYSTEM_SUBJECTS.into()], week, replicas),
+        stream_config(
+            names::ATTEMPTS_STREAM,
+            vec![names::ATTEMPTS_SUBJECTS.into()],
+            retention.attempts,
+            replicas,
+        ),
+        stream_config(
+            names::SYSTEM_STREAM,
+            vec![names::SYSTEM_SUBJECTS.into()],
+            week,
+            replicas,
+        ),
     ]
 }
 
@@ -99,7 +138,10 @@ pub async fn ensure_streams(
         let name = config.name.clone();
         retry(shutdown, || js.create_or_update_stream(config.clone()))
             .await
-            .map_err(|source| Error::Stream { stream: name, source })?;
+            .map_err(|source| Error::Stream {
+                stream: name,
+                source,
+            })?;
     }
     Ok(())
 }
@@ -112,9 +154,16 @@ pub async fn durable_consumer(
     shutdown: &CancellationToken,
 ) -> Result<consumer::Consumer<consumer::pull::Config>, Error> {
     let name = config.durable_name.clone().unwrap_or_default();
-    let err = |message: String| Error::Consumer { consumer: name.clone(), message };
-    let stream = retry(shutdown, || js.get_stream(stream)).await.map_err(|e| err(e.to_string()))?;
-    retry(shutdown, || stream.create_consumer(config.clone())).await.map_err(|e| err(e.to_string()))
+    let err = |message: String| Error::Consumer {
+        consumer: name.clone(),
+        message,
+    };
+    let stream = retry(shutdown, || js.get_stream(stream))
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    retry(shutdown, || stream.create_consumer(config.clone()))
+        .await
+        .map_err(|e| err(e.to_string()))
 }
 
 /// Retries `f` with backoff while it fails, until it succeeds or `shutdown`;

@@ -31,7 +31,10 @@ impl Redis {
     pub fn new(url: &str, timeout: Duration) -> redis::RedisResult<Self> {
         Ok(Self {
             client: redis::Client::open(url)?,
-            state: Arc::new(Mutex::new(State { conn: None, last_attempt: None })),
+            state: Arc::new(Mutex::new(State {
+                conn: None,
+                last_attempt: None,
+            })),
             timeout,
         })
     }
@@ -47,7 +50,10 @@ impl Redis {
         if let Some(conn) = &state.conn {
             return Some(conn.clone());
         }
-        if state.last_attempt.is_some_and(|t| t.elapsed() < Duration::from_millis(500)) {
+        if state
+            .last_attempt
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(500))
+        {
             return None;
         }
         state.last_attempt = Some(Instant::now());
@@ -56,7 +62,12 @@ impl Redis {
             .set_response_timeout(Some(self.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        match tokio::time::timeout(self.timeout * 2, ConnectionManager::new_with_config(self.client.clone(), config)).await {
+        match tokio::time::timeout(
+            self.timeout * 2,
+            ConnectionManager::new_with_config(self.client.clone(), config),
+        )
+        .await
+        {
             Ok(Ok(conn)) => {
                 state.conn = Some(conn.clone());
                 Some(conn)
@@ -74,7 +85,10 @@ impl Redis {
 
     /// Waits until Redis answers or `shutdown`; for services that cannot do
     /// anything useful without it (log-writer).
-    pub async fn wait_ready(&self, shutdown: &tokio_util::sync::CancellationToken) -> Option<ConnectionManager> {
+    pub async fn wait_ready(
+        &self,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Option<ConnectionManager> {
         loop {
             if let Some(conn) = self.conn().await {
                 return Some(conn);
@@ -87,7 +101,9 @@ impl Redis {
     }
 
     pub async fn ping(&self) -> bool {
-        let Some(mut conn) = self.conn().await else { return false };
+        let Some(mut conn) = self.conn().await else {
+            return false;
+        };
         let cmd = redis::cmd("PING");
         let ping = cmd.query_async::<String>(&mut conn);
         matches!(tokio::time::timeout(self.timeout, ping).await, Ok(Ok(_)))

@@ -30,7 +30,10 @@ where
         }
     };
     crate::telemetry::init(service);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(error) => {
             eprintln!("herald-{service}: cannot start the runtime: {error}");

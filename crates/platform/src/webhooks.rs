@@ -73,7 +73,10 @@ impl WebhookStore {
     }
 
     fn decode(key: &str, bytes: &[u8]) -> Result<proto::Webhook, StoreError> {
-        proto::Webhook::decode(bytes).map_err(|e| StoreError::Corrupt { key: key.to_owned(), message: e.to_string() })
+        proto::Webhook::decode(bytes).map_err(|e| StoreError::Corrupt {
+            key: key.to_owned(),
+            message: e.to_string(),
+        })
     }
 
     pub async fn get(&self, org: &str, id: &str) -> Result<Option<Versioned>, StoreError> {
@@ -82,9 +85,10 @@ impl WebhookStore {
         }
         let key = names::webhook_key(org, id);
         match self.kv.entry(key.as_str()).await.map_err(unavailable)? {
-            Some(entry) if entry.operation == kv::Operation::Put => {
-                Ok(Some(Versioned { webhook: Self::decode(&key, &entry.value)?, revision: entry.revision }))
-            }
+            Some(entry) if entry.operation == kv::Operation::Put => Ok(Some(Versioned {
+                webhook: Self::decode(&key, &entry.value)?,
+                revision: entry.revision,
+            })),
             _ => Ok(None),
         }
     }
@@ -95,7 +99,11 @@ impl WebhookStore {
             return Ok(Vec::new());
         }
         let stream_name = format!("KV_{}", names::WEBHOOKS_BUCKET);
-        let stream = self.js.get_stream(&stream_name).await.map_err(unavailable)?;
+        let stream = self
+            .js
+            .get_stream(&stream_name)
+            .await
+            .map_err(unavailable)?;
         let consumer = stream
             .create_consumer(jetstream::consumer::push::OrderedConfig {
                 deliver_subject: self.js_client_inbox(),
@@ -139,28 +147,37 @@ impl WebhookStore {
     /// Stores a new webhook; fails with `Conflict` when the id exists.
     pub async fn create(&self, webhook: &proto::Webhook) -> Result<u64, StoreError> {
         let key = names::webhook_key(&webhook.organization_id, &webhook.id);
-        self.kv.create(key, webhook.encode_to_vec().into()).await.map_err(|e| match e.kind() {
-            kv::CreateErrorKind::AlreadyExists => StoreError::Conflict,
-            _ => unavailable(e),
-        })
+        self.kv
+            .create(key, webhook.encode_to_vec().into())
+            .await
+            .map_err(|e| match e.kind() {
+                kv::CreateErrorKind::AlreadyExists => StoreError::Conflict,
+                _ => unavailable(e),
+            })
     }
 
     /// Replaces a webhook read at `revision`; `Conflict` if it changed since.
     pub async fn update(&self, webhook: &proto::Webhook, revision: u64) -> Result<u64, StoreError> {
         let key = names::webhook_key(&webhook.organization_id, &webhook.id);
-        self.kv.update(key, webhook.encode_to_vec().into(), revision).await.map_err(|e| match e.kind() {
-            kv::UpdateErrorKind::WrongLastRevision => StoreError::Conflict,
-            _ => unavailable(e),
-        })
+        self.kv
+            .update(key, webhook.encode_to_vec().into(), revision)
+            .await
+            .map_err(|e| match e.kind() {
+                kv::UpdateErrorKind::WrongLastRevision => StoreError::Conflict,
+                _ => unavailable(e),
+            })
     }
 
     /// Deletes a webhook read at `revision`; `Conflict` if it changed since.
     pub async fn delete(&self, org: &str, id: &str, revision: u64) -> Result<(), StoreError> {
         let key = names::webhook_key(org, id);
-        self.kv.delete_expect_revision(key, Some(revision)).await.map_err(|e| match e.kind() {
-            kv::DeleteErrorKind::WrongLastRevision => StoreError::Conflict,
-            _ => unavailable(e),
-        })
+        self.kv
+            .delete_expect_revision(key, Some(revision))
+            .await
+            .map_err(|e| match e.kind() {
+                kv::DeleteErrorKind::WrongLastRevision => StoreError::Conflict,
+                _ => unavailable(e),
+            })
     }
 
     /// Applies `change` to the current definition, retrying on conflicts.
@@ -173,7 +190,11 @@ impl WebhookStore {
         mut change: impl FnMut(&mut proto::Webhook) -> bool,
     ) -> Result<Option<proto::Webhook>, StoreError> {
         for _ in 0..10 {
-            let Some(Versioned { mut webhook, revision }) = self.get(org, id).await? else {
+            let Some(Versioned {
+                mut webhook,
+                revision,
+            }) = self.get(org, id).await?
+            else {
                 return Ok(None);
             };
             if !change(&mut webhook) {
@@ -195,13 +216,20 @@ impl WebhookStore {
         let watch = self.kv.watch_all().await.map_err(unavailable)?;
         Ok(watch.map(|entry| {
             let entry = entry.map_err(unavailable)?;
-            let (org, id) = names::parse_webhook_key(&entry.key)
-                .ok_or_else(|| StoreError::Corrupt { key: entry.key.clone(), message: "bad key".into() })?;
+            let (org, id) =
+                names::parse_webhook_key(&entry.key).ok_or_else(|| StoreError::Corrupt {
+                    key: entry.key.clone(),
+                    message: "bad key".into(),
+                })?;
             let webhook = match entry.operation {
                 kv::Operation::Put => Some(Self::decode(&entry.key, &entry.value)?),
                 _ => None,
             };
-            Ok(Change { org: org.to_owned(), webhook_id: id.to_owned(), webhook })
+            Ok(Change {
+                org: org.to_owned(),
+                webhook_id: id.to_owned(),
+                webhook,
+            })
         }))
     }
 }

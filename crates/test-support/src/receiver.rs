@@ -25,11 +25,20 @@ pub struct Reply {
 
 impl Reply {
     pub fn status(status: u16) -> Self {
-        Self { status, headers: Vec::new(), body: String::new(), delay: Duration::ZERO, hang: false }
+        Self {
+            status,
+            headers: Vec::new(),
+            body: String::new(),
+            delay: Duration::ZERO,
+            hang: false,
+        }
     }
 
     pub fn hang() -> Self {
-        Self { hang: true, ..Self::status(200) }
+        Self {
+            hang: true,
+            ..Self::status(200)
+        }
     }
 
     pub fn header(mut self, name: &str, value: &str) -> Self {
@@ -62,7 +71,6 @@ impl Received {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
-
 }
 
 #[derive(Default)]
@@ -83,9 +91,15 @@ pub struct Receiver {
 
 impl Receiver {
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind receiver");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind receiver");
         let addr = listener.local_addr().expect("receiver addr");
-        let receiver = Self { addr, state: Arc::default(), notify: Arc::new(Notify::new()) };
+        let receiver = Self {
+            addr,
+            state: Arc::default(),
+            notify: Arc::new(Notify::new()),
+        };
         let server = receiver.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
@@ -96,7 +110,9 @@ impl Receiver {
                         async move { Ok::<_, Infallible>(server.handle(req).await) }
                     });
                     let io = hyper_util::rt::TokioIo::new(stream);
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await;
                 });
             }
         });
@@ -105,7 +121,11 @@ impl Receiver {
 
     async fn handle(&self, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
         let (parts, body) = req.into_parts();
-        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         let path = parts.uri.path().to_owned();
         let reply = {
             let mut state = self.state.lock().expect("receiver lock");
@@ -136,7 +156,9 @@ impl Receiver {
         for (name, value) in &reply.headers {
             response = response.header(name, value);
         }
-        response.body(Full::new(Bytes::from(reply.body))).expect("valid reply")
+        response
+            .body(Full::new(Bytes::from(reply.body)))
+            .expect("valid reply")
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -158,7 +180,12 @@ impl Receiver {
     /// Everything received on `path` so far.
     pub fn received(&self, path: &str) -> Vec<Received> {
         let state = self.state.lock().expect("receiver lock");
-        state.received.iter().filter(|r| r.path == path).cloned().collect()
+        state
+            .received
+            .iter()
+            .filter(|r| r.path == path)
+            .cloned()
+            .collect()
     }
 
     /// Everything received on any path.

@@ -5,7 +5,10 @@ use std::time::{Duration, Instant};
 
 /// A free TCP port on 127.0.0.1 (bound, then released).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind 127.0.0.1:0").port()
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
 }
 
 fn find_binary(name: &str, env_var: &str) -> PathBuf {
@@ -13,7 +16,11 @@ fn find_binary(name: &str, env_var: &str) -> PathBuf {
         return PathBuf::from(path);
     }
     let paths = std::env::var_os("PATH").unwrap_or_default();
-    let extra = [PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin"), PathBuf::from("/usr/local/bin")];
+    let extra = [
+        PathBuf::from("/usr/sbin"),
+        PathBuf::from("/usr/bin"),
+        PathBuf::from("/usr/local/bin"),
+    ];
     std::env::split_paths(&paths)
         .chain(extra)
         .map(|dir| dir.join(name))
@@ -52,7 +59,11 @@ pub struct NatsServer {
 impl NatsServer {
     pub fn start() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut server = Self { child: None, port: free_port(), dir };
+        let mut server = Self {
+            child: None,
+            port: free_port(),
+            dir,
+        };
         server.spawn();
         server
     }
@@ -60,7 +71,14 @@ impl NatsServer {
     fn spawn(&mut self) {
         let binary = find_binary("nats-server", "NATS_SERVER_BIN");
         let mut child = Command::new(binary)
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
             .arg(self.dir.path().join("js"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -109,7 +127,11 @@ pub struct RedisServer {
 impl RedisServer {
     pub fn start() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut server = Self { child: None, port: free_port(), dir };
+        let mut server = Self {
+            child: None,
+            port: free_port(),
+            dir,
+        };
         server.spawn();
         server
     }
@@ -117,7 +139,16 @@ impl RedisServer {
     fn spawn(&mut self) {
         let binary = find_binary("redis-server", "REDIS_SERVER_BIN");
         let mut child = Command::new(binary)
-            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", "", "--appendonly", "no"])
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())

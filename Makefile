@@ -1,0 +1,44 @@
+# Herald's front door. `make help` lists the targets.
+SHELL := /bin/bash
+CARGO ?= cargo
+PIP ?= python3 -m pip
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+.DEFAULT_GOAL := help
+.PHONY: help deps build run test test-rust lint helm-check bench fuzz-api clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+deps: ## install nats-server and redis-server when missing
+	@scripts/install-deps.sh
+
+build: ## build the five services (release)
+	$(CARGO) build --release --bins
+
+run: deps build ## start NATS, Redis and all five services locally; Ctrl-C stops
+	@scripts/dev-stack.sh
+
+test: deps test-rust helm-check ## install what is missing and run every test
+
+test-rust: ## unit, integration and end-to-end tests against real NATS and Redis
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		$(CARGO) nextest run --workspace --no-fail-fast; \
+	else \
+		$(CARGO) test --workspace --no-fail-fast; \
+	fi
+
+lint: ## rustfmt check and clippy with warnings denied
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+helm-check: ## lint, render and validate the Helm chart
+	@$(PIP) install -q -r scripts/requirements-helm.txt
+	python3 scripts/helm-check.py
+
+bench: deps ## end-to-end benchmark; writes target/bench/result.json
+	$(CARGO) run --release -p herald-bench --
+
+clean: ## remove build output and the dev stack's data
+	$(CARGO) clean
+	rm -rf .herald

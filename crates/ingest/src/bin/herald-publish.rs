@@ -1,0 +1,62 @@
+//! `herald-publish [--url nats://...] [--id <msg id>] <subject> <json>`:
+//! publishes one event with a JetStream publish and prints the ack, for the
+//! dev stack's tour and for scripts on machines without the `nats` CLI.
+
+use std::process::ExitCode;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let mut url =
+        std::env::var("HERALD_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let mut msg_id = None;
+    let mut positional = Vec::new();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--url" => url = args.next().unwrap_or_default(),
+            "--id" => msg_id = args.next(),
+            _ => positional.push(arg),
+        }
+    }
+    let [subject, body] = positional.as_slice() else {
+        eprintln!(
+            "usage: herald-publish [--url nats://host:4222] [--id msg-id] <subject> <json body>"
+        );
+        return ExitCode::from(64);
+    };
+    let client = match async_nats::connect(url.as_str()).await {
+        Ok(client) => client,
+        Err(error) => {
+            eprintln!("cannot connect to {url}: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let js = async_nats::jetstream::new(client);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Content-Type", "application/json");
+    if let Some(id) = msg_id {
+        headers.insert("Nats-Msg-Id", id.as_str());
+    }
+    let result = match js
+        .publish_with_headers(subject.clone(), headers, body.clone().into())
+        .await
+    {
+        Ok(ack) => ack.await.map_err(|e| e.to_string()),
+        Err(error) => Err(error.to_string()),
+    };
+    match result {
+        Ok(ack) => {
+            println!(
+                "published to {} seq {}{}",
+                ack.stream,
+                ack.sequence,
+                if ack.duplicate { " (duplicate)" } else { "" }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("publish failed: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
