@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use herald_e2e::{Options, Receiver, Reply, Stack};
+use herald_platform::trace::trace_id;
 use serde_json::{Value, json};
 
 const HEALTH_ADDRS: [&str; 5] = [
@@ -202,6 +203,8 @@ async fn metrics_move_with_deliveries() {
 async fn the_producers_trace_reaches_the_receiver() {
     let stack = Stack::start().await;
     let receiver = Receiver::start().await;
+    // The first attempt fails, so the trace must also survive a retry.
+    receiver.script("/hook", vec![Reply::status(503), Reply::status(200)]);
     hook(&stack, &receiver, json!(["workflow.completed"])).await;
 
     let producer = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -215,26 +218,54 @@ async fn the_producers_trace_reaches_the_receiver() {
             headers,
         )
         .await;
+    // The 503 and the retry's 200 both go to the traced event.
+    receiver.wait_for("/hook", 2, Duration::from_secs(10)).await;
     stack
         .publish("acme", "workflow.completed", json!({"id": "untraced"}))
         .await;
 
-    let got = receiver.wait_for("/hook", 2, Duration::from_secs(10)).await;
-    let by_id = |id: &str| {
+    let got = receiver.wait_for("/hook", 3, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), 3);
+    let of = |id: &str| -> Vec<Option<&str>> {
         got.iter()
-            .find(|r| serde_json::from_slice::<Value>(&r.body).unwrap()["id"] == id)
-            .unwrap_or_else(|| panic!("{id} delivered"))
+            .filter(|r| serde_json::from_slice::<Value>(&r.body).unwrap()["id"] == id)
+            .map(|r| r.header("traceparent"))
+            .collect()
     };
-    let traceparent = by_id("traced")
-        .header("traceparent")
-        .expect("traceparent on the POST");
-    assert_eq!(
-        herald_platform::trace::trace_id(traceparent),
-        herald_platform::trace::trace_id(producer),
-        "{traceparent}"
-    );
+    let traced = of("traced");
+    assert_eq!(traced.len(), 2, "attempt and retry");
+    for traceparent in traced {
+        let traceparent = traceparent.expect("traceparent on every POST");
+        assert_eq!(trace_id(traceparent), trace_id(producer), "{traceparent}");
+    }
     // Without a producer trace and without an exporter, none is invented.
-    assert_eq!(by_id("untraced").header("traceparent"), None);
+    assert!(of("untraced").iter().all(Option::is_none));
+
+    // Every delivery job on NATS carried it too, the retry included.
+    let stream = stack.js.get_stream("HERALD_DELIVERIES").await.unwrap();
+    let last = stream.get_info().await.unwrap().state.last_sequence;
+    let mut jobs = 0;
+    for sequence in 1..=last {
+        let Ok(message) = stream.get_raw_message(sequence).await else {
+            continue; // a fired schedule is removed
+        };
+        let Some(header) = message.headers.get("traceparent") else {
+            continue;
+        };
+        assert!(
+            message.subject.starts_with("herald."),
+            "{}",
+            message.subject
+        );
+        assert_eq!(trace_id(header.as_str()), trace_id(producer));
+        if message.subject.starts_with("herald.deliveries.") {
+            jobs += 1;
+        }
+    }
+    assert!(
+        jobs >= 2,
+        "the first job and its retry carry the trace: {jobs}"
+    );
     stack.stop().await;
 }
 
