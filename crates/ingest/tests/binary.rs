@@ -95,6 +95,24 @@ fn sigterm_drains_and_exits_zero() {
     .spawn()
     .expect("start herald-ingest");
     wait_for(&addr, "/ready");
+    // A rejected event is logged while its message is handled.
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("traceparent", TRACEPARENT);
+        js.publish_with_headers("herald.events.acme.no.such.type", headers, "{}".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let mut rejected = js.get_stream("HERALD_REJECTED").await.unwrap();
+        let started = Instant::now();
+        while rejected.info().await.unwrap().state.messages == 0 {
+            assert!(started.elapsed() < Duration::from_secs(10), "not rejected");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
     signal(&child, "TERM");
     let (output, took) = exit_within(child, Duration::from_secs(10));
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -108,7 +126,20 @@ fn sigterm_drains_and_exits_zero() {
         .unwrap_or_else(|| panic!("a JSON 'stopped' line in {stderr}"));
     assert_eq!(stopped["service"], "ingest");
     assert_eq!(stopped["level"], "INFO");
+    let rejected = stderr
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|log| log["message"] == "event rejected")
+        .unwrap_or_else(|| panic!("a JSON 'event rejected' line in {stderr}"));
+    assert_eq!(rejected["reason"], "unknown_type");
+    assert_eq!(
+        rejected["span"]["trace_id"],
+        &TRACEPARENT[3..35],
+        "{rejected}"
+    );
 }
+
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 #[test]
 fn a_drain_past_the_grace_exits_non_zero_and_a_second_signal_at_once() {

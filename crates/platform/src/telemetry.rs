@@ -1,6 +1,7 @@
-//! Logs and traces. Logs are JSON lines on stderr with structured fields, the
-//! level set by `RUST_LOG` (default `info`); `HERALD_LOG_FORMAT=text` gives
-//! human lines. Traces are exported over OTLP/HTTP (protobuf) when
+//! Logs and traces. Logs are JSON lines on stderr with structured fields
+//! (and, while a message is handled, a `span` object with its subject and
+//! `trace_id`), the level set by `RUST_LOG` (default `info`);
+//! `HERALD_LOG_FORMAT=text` gives human lines. Traces are exported over OTLP/HTTP (protobuf) when
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` is set, under the service name
 //! `OTEL_SERVICE_NAME` or `herald-<service>`; how a trace follows an event
 //! through NATS is in [`crate::trace`].
@@ -107,7 +108,12 @@ pub fn init(service: &'static str, config: &Config) -> Result<Telemetry, ConfigE
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let result = if config.json {
         registry
-            .with(fmt.json().flatten_event(true).with_current_span(false))
+            .with(
+                fmt.json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_span_list(false),
+            )
             .try_init()
     } else {
         registry.with(fmt).try_init()

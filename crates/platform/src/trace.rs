@@ -41,12 +41,22 @@ pub fn message_span(
         otel.kind = "consumer",
         messaging.system = "nats",
         messaging.destination.name = subject,
+        trace_id = tracing::field::Empty,
     );
     let incoming = crate::nats::header(headers, TRACEPARENT).unwrap_or(fallback);
     if valid(incoming) {
         let parent = TraceContextPropagator::new().extract(&Incoming(incoming));
         // Fails only when no OpenTelemetry layer is installed.
         let _ = span.set_parent(parent);
+    }
+    // Log lines written while handling the message carry its trace id, so
+    // logs and traces meet even without an exporter.
+    let context = span.context();
+    let recorded = context.span().span_context().trace_id();
+    if recorded != opentelemetry::trace::TraceId::INVALID {
+        span.record("trace_id", tracing::field::display(recorded));
+    } else if let Some(id) = trace_id(incoming) {
+        span.record("trace_id", id);
     }
     span
 }
