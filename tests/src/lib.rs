@@ -31,8 +31,12 @@ pub struct Stack {
     pub js: async_nats::jetstream::Context,
     http: Client<HttpConnector, Full<Bytes>>,
     _dir: tempfile_dir::Dir,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Each running service: its own token (a child of `shutdown`) and task.
+    services: HashMap<&'static str, (CancellationToken, tokio::task::JoinHandle<()>)>,
 }
+
+/// The services, by the names [`Stack::stop_service`] takes.
+pub const SERVICES: [&str; 5] = ["ingest", "matcher", "deliverer", "log-writer", "admin"];
 
 mod tempfile_dir {
     /// A directory removed on drop.
@@ -127,7 +131,7 @@ impl Stack {
             js,
             http,
             _dir: tempfile_dir::Dir(dir),
-            tasks: Vec::new(),
+            services: HashMap::new(),
         };
         stack.spawn_services();
         stack.wait_ready().await;
@@ -135,25 +139,67 @@ impl Stack {
     }
 
     fn spawn_services(&mut self) {
+        for service in SERVICES {
+            self.start_service(service);
+        }
+    }
+
+    /// Starts one service (again) with the stack's environment, under its own
+    /// token, as a replica that replaces a stopped one would.
+    pub fn start_service(&mut self, service: &'static str) {
         let src: &dyn Source = &self.env;
-        let token = self.shutdown.clone();
+        let token = self.shutdown.child_token();
         macro_rules! spawn {
             ($krate:ident) => {{
                 let config =
                     $krate::Config::from_source(src).expect(concat!(stringify!($krate), " config"));
                 let token = token.clone();
-                self.tasks.push(tokio::spawn(async move {
+                tokio::spawn(async move {
                     if let Err(error) = $krate::run(config, token).await {
                         panic!("{} failed: {error}", stringify!($krate));
                     }
-                }));
+                })
             }};
         }
-        spawn!(herald_ingest);
-        spawn!(herald_matcher);
-        spawn!(herald_deliverer);
-        spawn!(herald_log_writer);
-        spawn!(herald_admin);
+        let task = match service {
+            "ingest" => spawn!(herald_ingest),
+            "matcher" => spawn!(herald_matcher),
+            "deliverer" => spawn!(herald_deliverer),
+            "log-writer" => spawn!(herald_log_writer),
+            "admin" => spawn!(herald_admin),
+            other => panic!("no service {other:?}"),
+        };
+        self.services.insert(service, (token, task));
+    }
+
+    /// Stops one service as SIGTERM would (cancels its token) and waits for
+    /// it to drain; answers how long draining took. Panics if it takes more
+    /// than `grace`.
+    pub async fn stop_service(&mut self, service: &str, grace: Duration) -> Duration {
+        let (token, task) = self
+            .services
+            .remove(service)
+            .unwrap_or_else(|| panic!("{service} is not running"));
+        let started = tokio::time::Instant::now();
+        token.cancel();
+        tokio::time::timeout(grace, task)
+            .await
+            .unwrap_or_else(|_| panic!("{service} still draining after {grace:?}"))
+            .unwrap_or_else(|error| panic!("{service} failed while draining: {error}"));
+        started.elapsed()
+    }
+
+    /// The URL of `path` on a service's health server, e.g.
+    /// `health_url("HERALD_DELIVERER_HEALTH_ADDR", "/metrics")`.
+    pub fn health_url(&self, addr_var: &str, path: &str) -> String {
+        format!("http://{}{path}", self.env[addr_var])
+    }
+
+    /// A plain GET: status and body text.
+    pub async fn get(&self, url: &str) -> Result<(u16, String), String> {
+        self.raw("GET", url, None, &[])
+            .await
+            .map(|(status, body)| (status, String::from_utf8_lossy(&body).into_owned()))
     }
 
     /// Waits until every service answers `/ready`.
@@ -184,7 +230,7 @@ impl Stack {
     /// Stops every service and waits for them to drain.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
-        for task in self.tasks.drain(..) {
+        for (_, (_, task)) in self.services.drain() {
             let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
         }
     }

@@ -30,14 +30,15 @@ use herald_core::signing::{self, SigningKey};
 use herald_core::{ids, names, proto};
 use herald_platform::config::{self, ConfigError, Source};
 use herald_platform::health::Health;
-use herald_platform::nats;
 use herald_platform::redis::Redis;
 use herald_platform::webhooks::WebhookStore;
+use herald_platform::{metrics, nats, trace};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 pub use crate::http::{BODY_CAP, Client};
 
@@ -113,10 +114,21 @@ struct OutcomeLabel {
     outcome: &'static str,
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct Metrics {
     deliveries: Family<OutcomeLabel, Counter>,
     disabled: Counter,
+    attempt_duration: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            deliveries: Family::default(),
+            disabled: Counter::default(),
+            attempt_duration: metrics::attempt_duration(),
+        }
+    }
 }
 
 struct State {
@@ -151,6 +163,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             "Webhooks disabled by the deliverer",
             metrics.disabled.clone(),
         );
+        r.register(
+            "delivery_attempt_duration_seconds",
+            "How long customer endpoints took to answer an attempt",
+            metrics.attempt_duration.clone(),
+        );
     });
     health
         .clone()
@@ -170,6 +187,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     .await?;
     let store = WebhookStore::open(&js, config.nats.replicas).await?;
     let redis = Redis::new(&config.redis_url, Duration::from_millis(250))?;
+    health.watch_redis_degradable(redis.clone(), shutdown.clone());
+    metrics::watch_retries(&health, js.clone(), shutdown.clone());
 
     let consumer = nats::durable_consumer(
         &js,
@@ -185,7 +204,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         &shutdown,
     )
     .await?;
-    let messages = consumer
+    metrics::watch_consumer(
+        &health,
+        &consumer,
+        names::DELIVERER_CONSUMER,
+        shutdown.clone(),
+    );
+    let mut messages = consumer
         .stream()
         .max_messages_per_batch(config.concurrency.min(1000))
         .messages()
@@ -203,17 +228,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         metrics,
     });
     messages
-        .take_until(shutdown.cancelled_owned())
+        .by_ref()
+        .take_until(shutdown.clone().cancelled_owned())
         .for_each_concurrent(concurrency, |message| {
             let state = state.clone();
             async move {
                 match message {
-                    Ok(message) => state.handle(message).await,
+                    Ok(message) => {
+                        let span = trace::message_span(
+                            "deliver",
+                            &message.subject,
+                            message.headers.as_ref(),
+                            "",
+                        );
+                        state.handle(message).instrument(span).await
+                    }
                     Err(error) => tracing::warn!(%error, "delivery consumer error"),
                 }
             }
         })
         .await;
+    herald_platform::shutdown::hand_back(&mut messages).await;
     client.flush().await.ok();
     Ok(())
 }
@@ -303,8 +338,8 @@ impl State {
         if let Some(current) = keys.first() {
             builder = builder.header("x-webhook-signature", current.body_signature(&body));
         }
-        if !event.traceparent.is_empty() {
-            builder = builder.header("traceparent", &event.traceparent);
+        if let Some(traceparent) = trace::outgoing(&event.traceparent) {
+            builder = builder.header("traceparent", traceparent);
         }
         for (name, value) in &webhook.headers {
             builder = builder.header(name, value);
@@ -329,6 +364,7 @@ impl State {
                 attempt.request = Some(logged_request(&request, &body));
                 let (result, took) = self.client.send(request, timeout).await;
                 attempt.duration_ms = took.as_millis() as u64;
+                self.metrics.attempt_duration.observe(took.as_secs_f64());
                 classify(result)
             }
         };
@@ -433,6 +469,13 @@ impl State {
             ..job.clone()
         };
         let mut headers = async_nats::HeaderMap::new();
+        trace::inject(
+            &mut headers,
+            job.event
+                .as_ref()
+                .map(|e| e.traceparent.as_str())
+                .unwrap_or_default(),
+        );
         headers.insert(
             "Nats-Schedule",
             format!("@at {}", payload::rfc3339_ms(at_ms)).as_str(),

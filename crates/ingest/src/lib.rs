@@ -19,12 +19,13 @@ use herald_core::event::{self, Envelope, Limits, Rejection};
 use herald_core::names;
 use herald_platform::config::{self, ConfigError, Source};
 use herald_platform::health::Health;
-use herald_platform::nats;
+use herald_platform::{metrics, nats, trace};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 pub const HEALTH_ADDR: &str = "HERALD_INGEST_HEALTH_ADDR";
 pub const MAX_EVENT_BYTES: &str = "HERALD_MAX_EVENT_BYTES";
@@ -141,7 +142,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         &shutdown,
     )
     .await?;
-    let messages = consumer
+    metrics::watch_consumer(&health, &consumer, names::INGEST_CONSUMER, shutdown.clone());
+    let mut messages = consumer
         .stream()
         .max_messages_per_batch(1_000)
         .messages()
@@ -157,17 +159,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         metrics,
     });
     messages
-        .take_until(shutdown.cancelled_owned())
+        .by_ref()
+        .take_until(shutdown.clone().cancelled_owned())
         .for_each_concurrent(concurrency, |message| {
             let state = state.clone();
             async move {
                 match message {
-                    Ok(message) => state.handle(message).await,
+                    Ok(message) => {
+                        let span = trace::message_span(
+                            "ingest",
+                            &message.subject,
+                            message.headers.as_ref(),
+                            "",
+                        );
+                        state.handle(message).instrument(span).await
+                    }
                     Err(error) => tracing::warn!(%error, "event consumer error"),
                 }
             }
         })
         .await;
+    herald_platform::shutdown::hand_back(&mut messages).await;
     client.flush().await.ok();
     Ok(())
 }
@@ -231,9 +243,7 @@ impl State {
             "Nats-Msg-Id",
             format!("{}:{}", event.organization_id, event.id).as_str(),
         );
-        if !event.traceparent.is_empty() {
-            headers.insert("traceparent", event.traceparent.as_str());
-        }
+        trace::inject(&mut headers, &event.traceparent);
         let ack = self
             .js
             .publish_with_headers(

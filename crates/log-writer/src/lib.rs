@@ -105,6 +105,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         &shutdown,
     )
     .await?;
+    herald_platform::metrics::watch_consumer(
+        &health,
+        &consumer,
+        names::LOG_WRITER_CONSUMER,
+        shutdown.clone(),
+    );
     let messages = consumer
         .stream()
         .max_messages_per_batch(1_000)

@@ -18,12 +18,13 @@ use futures::StreamExt;
 use herald_core::{ids, names, proto};
 use herald_platform::config::{self, ConfigError, Source};
 use herald_platform::health::Health;
-use herald_platform::nats;
 use herald_platform::redis::Redis;
 use herald_platform::webhooks::WebhookStore;
+use herald_platform::{metrics, nats, trace};
 use prometheus_client::metrics::counter::Counter;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 pub use subscriptions::Cache;
 
@@ -102,6 +103,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     .await?;
     let store = WebhookStore::open(&js, config.nats.replicas).await?;
     let redis = Redis::new(&config.redis_url, Duration::from_millis(250))?;
+    health.watch_redis_degradable(redis.clone(), shutdown.clone());
     let cache = Cache::new(store.clone(), redis, config.cache_ttl);
     health.register(|r| {
         r.register(
@@ -156,7 +158,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         &shutdown,
     )
     .await?;
-    let messages = consumer
+    metrics::watch_consumer(
+        &health,
+        &consumer,
+        names::MATCHER_CONSUMER,
+        shutdown.clone(),
+    );
+    let mut messages = consumer
         .stream()
         .max_messages_per_batch(500)
         .messages()
@@ -166,17 +174,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 
     let state = Arc::new(State { js, cache, metrics });
     messages
-        .take_until(shutdown.cancelled_owned())
+        .by_ref()
+        .take_until(shutdown.clone().cancelled_owned())
         .for_each_concurrent(config.concurrency, |message| {
             let state = state.clone();
             async move {
                 match message {
-                    Ok(message) => state.handle(message).await,
+                    Ok(message) => {
+                        let span = trace::message_span(
+                            "match",
+                            &message.subject,
+                            message.headers.as_ref(),
+                            "",
+                        );
+                        state.handle(message).instrument(span).await
+                    }
                     Err(error) => tracing::warn!(%error, "accepted-events consumer error"),
                 }
             }
         })
         .await;
+    herald_platform::shutdown::hand_back(&mut messages).await;
     client.flush().await.ok();
     Ok(())
 }
@@ -256,9 +274,7 @@ impl State {
             };
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("Nats-Msg-Id", format!("{}.1", job.delivery_id).as_str());
-            if !event.traceparent.is_empty() {
-                headers.insert("traceparent", event.traceparent.as_str());
-            }
+            trace::inject(&mut headers, &event.traceparent);
             let subject = names::delivery_subject(&event.organization_id, &subscription.webhook_id);
             let ack = self
                 .js

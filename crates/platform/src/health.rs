@@ -2,9 +2,12 @@
 //!
 //! Liveness says the process answers. Readiness says every dependency the
 //! service registered (NATS, Redis, its consumers) is up right now; it turns
-//! false again when one is lost. Metrics are Prometheus text.
+//! false again when one is lost. A service that works on without a
+//! dependency (the matcher and deliverer without Redis) reports it in
+//! `/ready`'s checks as informational, without turning unready. Metrics are
+//! Prometheus text.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -26,6 +29,8 @@ pub struct Health {
 struct Inner {
     service: &'static str,
     checks: Mutex<BTreeMap<&'static str, bool>>,
+    /// Checks reported but not required for readiness.
+    informational: Mutex<BTreeSet<&'static str>>,
     registry: Mutex<Registry>,
 }
 
@@ -43,6 +48,7 @@ impl Health {
             inner: Arc::new(Inner {
                 service,
                 checks: Mutex::new(BTreeMap::new()),
+                informational: Mutex::new(BTreeSet::new()),
                 registry: Mutex::new(Registry::with_prefix("herald")),
             }),
         }
@@ -62,8 +68,12 @@ impl Health {
     }
 
     pub fn is_ready(&self) -> bool {
+        let informational = self.inner.informational.lock().expect("health lock");
         let checks = self.inner.checks.lock().expect("health lock");
-        !checks.is_empty() && checks.values().all(|ok| *ok)
+        !checks.is_empty()
+            && checks
+                .iter()
+                .all(|(name, ok)| *ok || informational.contains(name))
     }
 
     /// The readiness checks as JSON, e.g. `{"nats":true,"redis":false}`.
@@ -177,17 +187,74 @@ impl Health {
         });
     }
 
-    /// Keeps the `redis` check in step with a PING every second.
+    /// Keeps the `redis` check in step with a PING every second; Redis is
+    /// required for readiness (the log-writer and admin cannot work without
+    /// the log index).
     pub fn watch_redis(&self, redis: crate::redis::Redis, shutdown: CancellationToken) {
+        self.watch_redis_check(redis, shutdown);
+    }
+
+    /// Like [`Health::watch_redis`], for a service that works on without
+    /// Redis (the matcher, the deliverer): the check is reported, and
+    /// `herald_redis_up` drops to 0, but the service stays ready.
+    pub fn watch_redis_degradable(&self, redis: crate::redis::Redis, shutdown: CancellationToken) {
+        self.inner
+            .informational
+            .lock()
+            .expect("health lock")
+            .insert("redis");
+        self.watch_redis_check(redis, shutdown);
+    }
+
+    fn watch_redis_check(&self, redis: crate::redis::Redis, shutdown: CancellationToken) {
+        let up = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+        self.register(|r| {
+            r.register(
+                "redis_up",
+                "1 while Redis answers; 0 while the service works on without it",
+                up.clone(),
+            );
+        });
         let health = self.clone();
         tokio::spawn(async move {
             loop {
-                health.set("redis", redis.ping().await);
+                let ok = redis.ping().await;
+                health.set("redis", ok);
+                up.set(i64::from(ok));
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_when_every_required_check_is() {
+        let health = Health::new("test");
+        assert!(!health.is_ready(), "nothing checked yet");
+        health.set("nats", true);
+        health.set("consumer", false);
+        assert!(!health.is_ready());
+        health.set("consumer", true);
+        assert!(health.is_ready());
+        health.inner.informational.lock().unwrap().insert("redis");
+        health.set("redis", false);
+        assert!(health.is_ready(), "an informational check does not gate");
+        assert_eq!(
+            health.answer("/ready").unwrap().2,
+            r#"{"ready":true,"checks":{"consumer":true,"nats":true,"redis":false}}"#
+        );
+        health.set("nats", false);
+        assert!(!health.is_ready());
+        assert_eq!(
+            health.answer("/ready").unwrap().0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
     }
 }

@@ -1,9 +1,11 @@
 //! The thin shell every binary is: read configuration (exit 64 naming the
-//! bad variable), start logging, turn signals into a cancellation token,
-//! run the service, exit.
+//! bad variable), start logging and tracing, turn signals into a
+//! cancellation token, run the service, give it `HERALD_SHUTDOWN_GRACE` to
+//! drain after the signal, flush traces, exit.
 
 use std::future::Future;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -11,6 +13,8 @@ use crate::config::{ConfigError, Env, Source};
 
 /// Exit code for a configuration error (EX_USAGE).
 pub const EXIT_CONFIG: u8 = 64;
+/// Exit code when draining outlasted the grace period.
+pub const EXIT_GRACE_EXCEEDED: u8 = 1;
 
 pub fn main<C, E, F, Fut>(
     service: &'static str,
@@ -22,14 +26,25 @@ where
     Fut: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    let config = match load(&Env) {
-        Ok(config) => config,
+    let loaded = load(&Env).and_then(|config| {
+        let grace = crate::config::shutdown_grace(&Env)?;
+        let telemetry = crate::telemetry::Config::from_source(service, &Env)?;
+        Ok((config, grace, telemetry))
+    });
+    let (config, grace, telemetry) = match loaded {
+        Ok(loaded) => loaded,
         Err(error) => {
             eprintln!("herald-{service}: {error}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    crate::telemetry::init(service);
+    let telemetry = match crate::telemetry::init(service, &telemetry) {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("herald-{service}: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -42,17 +57,29 @@ where
     };
     let result = runtime.block_on(async move {
         let shutdown = crate::shutdown::on_signals();
-        run(config, shutdown).await
+        crate::shutdown::within_grace(run(config, shutdown.clone()), shutdown, grace).await
     });
-    match result {
-        Ok(()) => {
+    let code = match result {
+        Some(Ok(())) => {
             tracing::info!(service, "stopped");
             ExitCode::SUCCESS
         }
-        Err(error) => {
+        Some(Err(error)) => {
             tracing::error!(service, %error, "failed");
             eprintln!("herald-{service}: {error}");
             ExitCode::FAILURE
         }
-    }
+        None => {
+            tracing::error!(
+                service,
+                grace_seconds = grace.as_secs_f64(),
+                "still draining when the shutdown grace ran out; exiting, unacked work will be redelivered"
+            );
+            ExitCode::from(EXIT_GRACE_EXCEEDED)
+        }
+    };
+    // Tasks still running (a stuck drain) must not hold the exit.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    telemetry.shutdown();
+    code
 }
