@@ -81,6 +81,19 @@ async fn count(stack: &Stack, stream: &str, filter: &str) -> u64 {
         .expect("subjects")
 }
 
+/// The deliverer's durable consumer as the server sees it now.
+async fn deliverer_consumer(stack: &Stack) -> async_nats::jetstream::consumer::Info {
+    let mut consumer = stack
+        .js
+        .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+            names::DELIVERER_CONSUMER,
+            names::DELIVERIES_STREAM,
+        )
+        .await
+        .expect("deliverer consumer");
+    consumer.info().await.expect("consumer info").clone()
+}
+
 async fn webhook_json(stack: &Stack, id: &str) -> Value {
     let (status, json) = stack.api("GET", &format!("/webhooks/{id}"), None).await;
     assert_eq!(status, 200, "{json}");
@@ -561,15 +574,7 @@ async fn a_thousand_deliveries_waiting_for_retry_do_not_slow_a_healthy_webhook()
         count(&stack, names::DELIVERIES_STREAM, "herald.schedules.>").await,
         1000
     );
-    let mut consumer = stack
-        .js
-        .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
-            names::DELIVERER_CONSUMER,
-            names::DELIVERIES_STREAM,
-        )
-        .await
-        .unwrap();
-    let info = consumer.info().await.unwrap();
+    let info = deliverer_consumer(&stack).await;
     assert_eq!(info.num_ack_pending, 0, "{info:?}");
 
     let mut loaded = Duration::ZERO;
@@ -684,5 +689,51 @@ async fn without_redis_deliveries_go_on_and_nothing_is_disabled() {
     assert_eq!(attempts.len(), 4);
     assert_eq!(receiver.received("/down").len(), 4);
     assert_eq!(webhook_json(&stack, &failing).await["enabled"], true);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_shutdown_in_flight_deliveries_finish_or_are_handed_back() {
+    let stack = Stack::start_with(Options::default().env("HERALD_SHUTDOWN_GRACE", "1s")).await;
+    let receiver = Receiver::start().await;
+    receiver.script(
+        "/slow",
+        vec![Reply::status(200).delay(Duration::from_millis(300))],
+    );
+    receiver.script("/hang", vec![Reply::hang()]);
+    let (slow, _) = create(&stack, &receiver.url("/slow"), "workflow.completed").await;
+    let (hang, _) = create(&stack, &receiver.url("/hang"), "workflow.failed").await;
+    publish(&stack, "workflow.completed", "evt_slow").await;
+    publish(&stack, "workflow.failed", "evt_hang").await;
+    assert_eq!(receiver.wait_for("/slow", 1, WAIT).await.len(), 1);
+    assert_eq!(receiver.wait_for("/hang", 1, WAIT).await.len(), 1);
+
+    // Both are in flight now.
+    stack.shutdown.cancel();
+    // The one that answers within the grace period is finished and logged.
+    let finished = attempts_until(&stack, &slow, "the slow attempt", |a| !a.is_empty()).await;
+    assert_eq!(finished[0].status(), proto::AttemptStatus::Succeeded);
+    // The other is handed back (a NAK, not left to the 60 s ack wait),
+    // with no attempt logged.
+    assert!(attempts(&stack, &hang).await.is_empty());
+
+    // A deliverer started later makes that attempt at once: nothing was
+    // lost, and no attempt was spent.
+    receiver.script("/hang", vec![Reply::status(200)]);
+    let mut env = stack.env.clone();
+    env.insert(
+        herald_deliverer::HEALTH_ADDR.into(),
+        format!("127.0.0.1:{}", herald_test_support::free_port()),
+    );
+    let config = herald_deliverer::Config::from_source(&env).unwrap();
+    let token = tokio_util::sync::CancellationToken::new();
+    let deliverer = tokio::spawn(herald_deliverer::run(config, token.clone()));
+    let later = attempts_until(&stack, &hang, "the handed-back attempt", |a| !a.is_empty()).await;
+    assert_eq!(later.len(), 1);
+    assert_eq!(later[0].attempt, 1, "handing back spends no attempt");
+    assert_eq!(later[0].status(), proto::AttemptStatus::Succeeded);
+    assert_eq!(receiver.received("/hang").len(), 2);
+    token.cancel();
+    deliverer.await.unwrap().unwrap();
     stack.stop().await;
 }

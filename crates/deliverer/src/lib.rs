@@ -243,19 +243,37 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         config,
         metrics,
     });
-    messages
-        .take_until(shutdown.cancelled_owned())
-        .for_each_concurrent(concurrency, |message| {
-            let state = state.clone();
-            let hard_stop = hard_stop.clone();
-            async move {
-                match message {
-                    Ok(message) => state.handle(message, &hard_stop).await,
-                    Err(error) => tracing::warn!(%error, "delivery consumer error"),
-                }
+    // Each job is its own task (signing and TLS spread over every core),
+    // at most `concurrency` at once.
+    let slots = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut messages = messages;
+    loop {
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            slot = slots.clone().acquire_owned() => slot.expect("slots are never closed"),
+        };
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            message = messages.next() => message,
+        };
+        match message {
+            Some(Ok(message)) => {
+                let (state, hard_stop) = (state.clone(), hard_stop.clone());
+                tasks.spawn(async move {
+                    state.handle(message, &hard_stop).await;
+                    drop(slot);
+                });
             }
-        })
-        .await;
+            Some(Err(error)) => tracing::warn!(%error, "delivery consumer error"),
+            None => break,
+        }
+        while tasks.try_join_next().is_some() {}
+    }
+    // Stop pulling before anything is handed back, so that a handed-back
+    // job goes to another replica rather than to this one's pull request.
+    drop(messages);
+    while tasks.join_next().await.is_some() {}
     hard_stop.cancel();
     client.flush().await.ok();
     Ok(())
