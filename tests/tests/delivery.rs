@@ -243,12 +243,23 @@ async fn an_always_failing_webhook_is_disabled_after_its_fourth_failed_attempt()
     // A job queued before the webhook was disabled is logged as skipped and
     // never sent; a new event is not even matched.
     publish(&stack, "workflow.completed", "evt_2").await;
-    let queued = proto::DeliveryJob {
-        delivery_id: "msg_queued".into(),
+    queue_job(&stack, &id, "msg_queued").await;
+    let attempts = attempts_until(&stack, &id, "a skipped attempt", |a| a.len() == 5).await;
+    assert_eq!(attempts[4].status(), Skipped);
+    assert_eq!(attempts[4].event_id, "evt_msg_queued");
+    assert!(attempts[4].request.is_none());
+    assert_eq!(receiver.received("/down").len(), 4);
+    stack.stop().await;
+}
+
+/// A delivery job for `webhook_id`, as the matcher would have queued it.
+async fn queue_job(stack: &Stack, webhook_id: &str, delivery_id: &str) {
+    let job = proto::DeliveryJob {
+        delivery_id: delivery_id.into(),
         organization_id: "acme".into(),
-        webhook_id: id.clone(),
+        webhook_id: webhook_id.into(),
         event: Some(proto::Event {
-            id: "evt_queued".into(),
+            id: format!("evt_{delivery_id}"),
             organization_id: "acme".into(),
             r#type: "workflow.completed".into(),
             ..Default::default()
@@ -259,18 +270,31 @@ async fn an_always_failing_webhook_is_disabled_after_its_fourth_failed_attempt()
     stack
         .js
         .publish(
-            names::delivery_subject("acme", &id),
-            queued.encode_to_vec().into(),
+            names::delivery_subject("acme", webhook_id),
+            job.encode_to_vec().into(),
         )
         .await
         .unwrap()
         .await
         .unwrap();
-    let attempts = attempts_until(&stack, &id, "a skipped attempt", |a| a.len() == 5).await;
-    assert_eq!(attempts[4].status(), Skipped);
-    assert_eq!(attempts[4].event_id, "evt_queued");
-    assert!(attempts[4].request.is_none());
-    assert_eq!(receiver.received("/down").len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jobs_queued_for_a_deleted_webhook_are_skipped() {
+    let stack = Stack::start().await;
+    let receiver = Receiver::start().await;
+    let (id, _) = create(&stack, &receiver.url("/deleted"), "workflow.completed").await;
+    // Deleted through the store: the DELETE route is another branch's.
+    let store = herald_platform::webhooks::WebhookStore::open(&stack.js, 1)
+        .await
+        .unwrap();
+    let revision = store.get("acme", &id).await.unwrap().unwrap().revision;
+    store.delete("acme", &id, revision).await.unwrap();
+    queue_job(&stack, &id, "msg_after_delete").await;
+    let attempts = attempts_until(&stack, &id, "the skipped attempt", |a| !a.is_empty()).await;
+    assert_eq!(attempts[0].status(), proto::AttemptStatus::Skipped);
+    assert!(attempts[0].request.is_none());
+    assert_eq!(receiver.connections(), 0);
     stack.stop().await;
 }
 

@@ -63,6 +63,8 @@ pub const ENDPOINT_CONCURRENCY: &str = "HERALD_ENDPOINT_CONCURRENCY";
 
 /// A webhook's timeout when it sets none.
 pub const DEFAULT_TIMEOUT_MS: u64 = 5_000;
+/// The longest timeout a webhook may set (the admin API refuses more).
+pub const MAX_TIMEOUT_MS: u64 = 30_000;
 /// Times a job is put back because its endpoint is saturated before it
 /// waits for a turn instead (about five minutes of deferrals).
 pub const MAX_DEFERRALS: u32 = 64;
@@ -442,10 +444,9 @@ impl State {
             Err(error) => return Outcome::failed(format!("invalid request: {error}"), true),
         };
         attempt.request = Some(logged_request(&request, &body));
-        let timeout = Duration::from_millis(if webhook.timeout_ms == 0 {
-            DEFAULT_TIMEOUT_MS
-        } else {
-            webhook.timeout_ms as u64
+        let timeout = Duration::from_millis(match webhook.timeout_ms {
+            0 => DEFAULT_TIMEOUT_MS,
+            ms => u64::from(ms).min(MAX_TIMEOUT_MS),
         });
         let (result, took) = self.client.send(request, timeout).await;
         attempt.duration_ms = took.as_millis() as u64;
