@@ -68,6 +68,10 @@ pub const MAX_TIMEOUT_MS: u64 = 30_000;
 /// Times a job is put back because its endpoint is saturated before it
 /// waits for a turn instead (about five minutes of deferrals).
 pub const MAX_DEFERRALS: u32 = 64;
+/// The consumer's ack wait, and how often a job in hand says it is still
+/// being worked on.
+const ACK_WAIT: Duration = Duration::from_secs(60);
+const PROGRESS_EVERY: Duration = Duration::from_secs(20);
 /// How long a counted failure is remembered (the longest retry schedule
 /// runs ~41 h).
 const FAILURE_MEMORY: Duration = Duration::from_secs(7 * 86_400);
@@ -209,7 +213,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             durable_name: Some(names::DELIVERER_CONSUMER.into()),
             filter_subject: names::DELIVERIES_SUBJECTS.into(),
             ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(60),
+            ack_wait: ACK_WAIT,
             max_ack_pending: (config.concurrency * 2) as i64,
             ..Default::default()
         },
@@ -299,11 +303,22 @@ impl State {
                 return;
             }
         };
-        let done = tokio::select! {
-            done = self.deliver(&job) => done,
-            // The grace period is over: another replica (or this one,
-            // restarted) will make the attempt.
-            _ = hard_stop.cancelled() => Done::HandBack("shutting down".into()),
+        let deliver = self.deliver(&job);
+        tokio::pin!(deliver);
+        // A job that waits long for its endpoint's turn keeps its claim
+        // rather than being redelivered to another replica meanwhile.
+        let mut progress =
+            tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+        let done = loop {
+            tokio::select! {
+                done = &mut deliver => break done,
+                // The grace period is over: another replica (or this one,
+                // restarted) will make the attempt.
+                _ = hard_stop.cancelled() => break Done::HandBack("shutting down".into()),
+                _ = progress.tick() => {
+                    let _ = message.ack_with(AckKind::Progress).await;
+                }
+            }
         };
         match done {
             Done::Ack => {
@@ -355,7 +370,7 @@ impl State {
         };
 
         let key = (webhook.organization_id.clone(), webhook.id.clone());
-        let _permit = match self.endpoints.try_acquire(&key) {
+        let permit = match self.endpoints.try_acquire(&key) {
             Some(permit) => permit,
             None if job.deferrals < MAX_DEFERRALS => {
                 // Its endpoint is saturated: rather than holding one of the
@@ -375,6 +390,7 @@ impl State {
         };
         attempt.attempted_at_ms = now_ms();
         let outcome = self.send(job, &event, &webhook, &mut attempt).await;
+        drop(permit);
         self.conclude(job, &webhook, attempt, outcome).await
     }
 
