@@ -761,3 +761,45 @@ async fn on_shutdown_in_flight_deliveries_finish_or_are_handed_back() {
     deliverer.await.unwrap().unwrap();
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_endpoint_times_out_and_a_long_answer_is_kept_to_8_kib() {
+    let stack = Stack::start().await;
+    let receiver = Receiver::start().await;
+    receiver.script(
+        "/slow",
+        vec![
+            Reply::status(200).delay(Duration::from_secs(3)),
+            Reply::status(500).body(&"x".repeat(20_000)),
+            Reply::status(200),
+        ],
+    );
+    let slow = stack
+        .create_webhook(json!({
+            "name": "slow", "url": receiver.url("/slow"),
+            "event_types": ["workflow.completed"], "timeout_ms": 300,
+        }))
+        .await;
+    let id = slow["id"].as_str().unwrap().to_owned();
+    publish(&stack, "workflow.completed", "evt_slow").await;
+
+    let attempts = attempts_until(&stack, &id, "three attempts", |a| a.len() == 3).await;
+    use proto::AttemptStatus::*;
+    assert_eq!(statuses(&attempts), [Retrying, Retrying, Succeeded]);
+    assert!(
+        attempts[0].error.contains("timed out after 300ms"),
+        "{}",
+        attempts[0].error
+    );
+    assert!(attempts[0].response.is_none());
+    assert!(
+        attempts[0].duration_ms < 2_000,
+        "{}",
+        attempts[0].duration_ms
+    );
+    let long = attempts[1].response.as_ref().unwrap();
+    assert_eq!(long.status, 500);
+    assert_eq!(long.body.len(), herald_deliverer::BODY_CAP);
+    assert!(long.body_truncated);
+    stack.stop().await;
+}
