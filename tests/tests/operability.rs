@@ -163,7 +163,7 @@ async fn metrics_move_with_deliveries() {
         })
         .await;
     assert_eq!(
-        sample(&deliverer, "herald_deliveries_total{outcome=\"failed\"}"),
+        sample(&deliverer, "herald_deliveries_total{outcome=\"retrying\"}"),
         Some(1.0)
     );
     assert_eq!(

@@ -1,6 +1,7 @@
 //! The HTTP client that POSTs to customers: hyper over rustls (webpki
 //! roots), pooled keep-alive connections, no proxy from the environment, no
-//! redirects followed, and a response body read with a cap while reading.
+//! redirects followed, a response body read with a cap while reading, and
+//! connections only to addresses [`crate::guard`] allows.
 
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,9 @@ use hyper_util::rt::TokioExecutor;
 /// Bytes of a response body kept for the log.
 pub const BODY_CAP: usize = 8 * 1024;
 
-pub type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+use crate::guard::{DnsError, Guarded, GuardedResolver, Refused};
+
+pub type Connector = hyper_rustls::HttpsConnector<Guarded<HttpConnector<GuardedResolver>>>;
 
 #[derive(Clone)]
 pub struct Client {
@@ -36,20 +39,57 @@ pub struct Response {
 }
 
 /// Why no response came back. Every variant is the endpoint's failure
-/// (counted against the webhook) except `Internal`.
+/// (counted against the webhook) except `Resolver`, which is Herald's own.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SendError {
     #[error("timed out after {0:?}")]
     Timeout(Duration),
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0} (Herald's resolver failed; not counted against the webhook)")]
+    Resolver(String),
     #[error("connection failed: {0}")]
     Connect(String),
     #[error("request failed: {0}")]
     Request(String),
 }
 
+impl SendError {
+    /// Whether the endpoint is to blame (counts toward auto-disable).
+    pub fn endpoint_failure(&self) -> bool {
+        !matches!(self, SendError::Resolver(_))
+    }
+
+    fn from_hyper(error: &hyper_util::client::legacy::Error) -> Self {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+        while let Some(e) = source {
+            if let Some(refused) = e.downcast_ref::<Refused>() {
+                return SendError::Refused(refused.to_string());
+            }
+            if let Some(dns) = e.downcast_ref::<DnsError>() {
+                return if dns.not_found {
+                    SendError::NotFound(dns.to_string())
+                } else {
+                    SendError::Resolver(dns.to_string())
+                };
+            }
+            source = e.source();
+        }
+        if error.is_connect() {
+            SendError::Connect(error_chain(error))
+        } else {
+            SendError::Request(error_chain(error))
+        }
+    }
+}
+
 impl Client {
-    pub fn new() -> Self {
-        let mut http = HttpConnector::new();
+    /// A client that connects only to public addresses unless
+    /// `allow_private` (HERALD_ALLOW_PRIVATE_TARGETS).
+    pub fn new(allow_private: bool) -> Self {
+        let mut http = HttpConnector::new_with_resolver(GuardedResolver { allow_private });
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(Duration::from_secs(10)));
@@ -67,7 +107,10 @@ impl Client {
             .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
-            .wrap_connector(http);
+            .wrap_connector(Guarded {
+                inner: http,
+                allow_private,
+            });
         let inner = HyperClient::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
@@ -84,13 +127,11 @@ impl Client {
     ) -> (Result<Response, SendError>, Duration) {
         let started = Instant::now();
         let result = tokio::time::timeout(timeout, async {
-            let response = self.inner.request(request).await.map_err(|e| {
-                if e.is_connect() {
-                    SendError::Connect(error_chain(&e))
-                } else {
-                    SendError::Request(error_chain(&e))
-                }
-            })?;
+            let response = self
+                .inner
+                .request(request)
+                .await
+                .map_err(|e| SendError::from_hyper(&e))?;
             let (parts, mut body) = response.into_parts();
             let mut kept = Vec::new();
             let mut truncated = false;
@@ -125,12 +166,6 @@ impl Client {
         .await
         .unwrap_or(Err(SendError::Timeout(timeout)));
         (result, started.elapsed())
-    }
-}
-
-impl Default for Client {
-    fn default() -> Self {
-        Self::new()
     }
 }
 

@@ -1,23 +1,32 @@
 //! Deliverer: POSTs each delivery job to its webhook's URL.
 //!
 //! It consumes `herald.deliveries.<org>.<webhook>`, signs the body (Standard
-//! Webhooks and `X-Webhook-Signature`), sends it, and publishes the attempt
-//! to `herald.attempts.<org>.<webhook>` for the log-writer. A failed attempt
-//! with retries left becomes a JetStream message schedule
-//! (`herald.schedules.<delivery>`), which the server republishes as a job
-//! when due; the job in hand is acked, so a delivery waiting for its retry
-//! holds no ack-pending slot and cannot stall healthy webhooks.
+//! Webhooks and `X-Webhook-Signature`), sends it to a checked public address
+//! ([`guard`]), and publishes the attempt to `herald.attempts.<org>.<webhook>`
+//! for the log-writer. A failed attempt with retries left becomes a
+//! JetStream message schedule (`herald.schedules.<delivery>`), which the
+//! server republishes as a job when due; the job in hand is acked, so a
+//! delivery waiting for its retry holds no ack-pending slot and cannot stall
+//! healthy webhooks. A job whose endpoint already has
+//! `HERALD_ENDPOINT_CONCURRENCY` requests in flight is deferred the same way
+//! instead of waiting in one of the `HERALD_DELIVERY_CONCURRENCY` slots.
 //!
 //! Consecutive failed attempts are counted per webhook in Redis, once per
-//! attempt however often it is redelivered; past `HERALD_DISABLE_AFTER` the
-//! webhook is disabled and `webhook.disabled` is published. Herald's own
-//! failures are never counted, and without Redis nothing is disabled.
+//! attempt however often it is redelivered; past `HERALD_DISABLE_AFTER` (or
+//! on a 410) the webhook is disabled and `webhook.disabled` is published.
+//! Herald's own failures are never counted, and without Redis nothing is
+//! disabled. On shutdown it stops pulling, lets in-flight deliveries finish
+//! for `HERALD_SHUTDOWN_GRACE`, and hands the rest back unacked.
 
+mod endpoints;
+pub mod guard;
 mod http;
+pub mod outcome;
 mod webhooks;
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream::{self, AckKind, consumer};
@@ -40,7 +49,9 @@ use prost::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-pub use crate::http::{BODY_CAP, Client};
+pub use crate::endpoints::deferral_delay;
+pub use crate::http::{BODY_CAP, Client, SendError};
+use crate::outcome::Outcome;
 
 pub const HEALTH_ADDR: &str = "HERALD_DELIVERER_HEALTH_ADDR";
 pub const RETRY_SCHEDULE: &str = "HERALD_RETRY_SCHEDULE";
@@ -50,6 +61,21 @@ pub const SECRET_KEY: &str = "HERALD_SECRET_KEY";
 pub const SECRET_KEY_PREVIOUS: &str = "HERALD_SECRET_KEY_PREVIOUS";
 pub const DELIVERY_CONCURRENCY: &str = "HERALD_DELIVERY_CONCURRENCY";
 pub const ENDPOINT_CONCURRENCY: &str = "HERALD_ENDPOINT_CONCURRENCY";
+
+/// A webhook's timeout when it sets none.
+pub const DEFAULT_TIMEOUT_MS: u64 = 5_000;
+/// The longest timeout a webhook may set (the admin API refuses more).
+pub const MAX_TIMEOUT_MS: u64 = 30_000;
+/// Times a job is put back because its endpoint is saturated before it
+/// waits for a turn instead (about five minutes of deferrals).
+pub const MAX_DEFERRALS: u32 = 64;
+/// The consumer's ack wait, and how often a job in hand says it is still
+/// being worked on.
+const ACK_WAIT: Duration = Duration::from_secs(60);
+const PROGRESS_EVERY: Duration = Duration::from_secs(20);
+/// How long a counted failure is remembered (the longest retry schedule
+/// runs ~41 h).
+const FAILURE_MEMORY: Duration = Duration::from_secs(7 * 86_400);
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -64,6 +90,9 @@ pub struct Config {
     pub concurrency: usize,
     /// Deliveries in flight at once to one webhook.
     pub endpoint_concurrency: usize,
+    /// How long in-flight deliveries may finish after shutdown is asked;
+    /// the rest are handed back to the stream.
+    pub shutdown_grace: Duration,
 }
 
 impl Config {
@@ -91,6 +120,7 @@ impl Config {
             keyring,
             concurrency: config::number(src, DELIVERY_CONCURRENCY, 1024, 1..=65_536)?,
             endpoint_concurrency: config::number(src, ENDPOINT_CONCURRENCY, 32, 1..=4096)?,
+            shutdown_grace: config::shutdown_grace(src)?,
         })
     }
 }
@@ -138,6 +168,9 @@ struct State {
     redis: Redis,
     config: Config,
     metrics: Metrics,
+    endpoints: endpoints::Limits,
+    /// Failure counters whose reset Redis missed.
+    pending_resets: Mutex<HashSet<String>>,
 }
 
 fn now_ms() -> i64 {
@@ -147,6 +180,11 @@ fn now_ms() -> i64 {
         .unwrap_or_default()
 }
 
+/// The most jobs one pull asks for.
+const PULL_BATCH: usize = 500;
+/// How long one pull waits for jobs before the next is made.
+const PULL_EXPIRES: Duration = Duration::from_millis(500);
+
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let health = Health::new("deliverer");
     health.set("nats", false);
@@ -155,7 +193,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     health.register(|r| {
         r.register(
             "deliveries",
-            "Delivery attempts, by outcome",
+            "Delivery jobs handled, by outcome (succeeded, retrying, failed, skipped, deferred)",
             metrics.deliveries.clone(),
         );
         r.register(
@@ -190,6 +228,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     health.watch_redis_degradable(redis.clone(), shutdown.clone());
     metrics::watch_retries(&health, js.clone(), shutdown.clone());
 
+    // Jobs waiting for a retry or a deferral are server-side schedules, not
+    // unacked messages, so max_ack_pending bounds only work in hand.
     let consumer = nats::durable_consumer(
         &js,
         names::DELIVERIES_STREAM,
@@ -197,7 +237,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             durable_name: Some(names::DELIVERER_CONSUMER.into()),
             filter_subject: names::DELIVERIES_SUBJECTS.into(),
             ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(60),
+            ack_wait: ACK_WAIT,
             max_ack_pending: (config.concurrency * 2) as i64,
             ..Default::default()
         },
@@ -210,64 +250,109 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         names::DELIVERER_CONSUMER,
         shutdown.clone(),
     );
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(config.concurrency.min(1000))
-        .messages()
-        .await
-        .map_err(|e| Error::Consumer(e.to_string()))?;
     health.set("consumer", true);
 
     let concurrency = config.concurrency;
+    let grace = config.shutdown_grace;
+    let hard_stop = CancellationToken::new();
+    {
+        let (shutdown, hard_stop) = (shutdown.clone(), hard_stop.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+            hard_stop.cancel();
+        });
+    }
     let state = Arc::new(State {
         js,
         webhooks: webhooks::Webhooks::new(store, shutdown.clone()),
-        client: Client::new(),
+        client: Client::new(config.allow_private_targets),
         redis,
+        endpoints: endpoints::Limits::new(config.endpoint_concurrency),
+        pending_resets: Mutex::default(),
         config,
         metrics,
     });
-    messages
-        .by_ref()
-        .take_until(shutdown.clone().cancelled_owned())
-        .for_each_concurrent(concurrency, |message| {
-            let state = state.clone();
-            async move {
-                match message {
-                    Ok(message) => {
-                        let span = trace::message_span(
-                            "deliver",
-                            &message.subject,
-                            message.headers.as_ref(),
-                            "",
-                        );
-                        state.handle(message).instrument(span).await
-                    }
-                    Err(error) => tracing::warn!(%error, "delivery consumer error"),
+    // Each job is its own task (signing and TLS spread over every core),
+    // at most `concurrency` at once. Jobs are pulled in batches no larger
+    // than the free slots, one short-lived pull request at a time, so on
+    // shutdown no pull request is left for nobody to read: every job pulled
+    // is either started or handed back at once.
+    let slots = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let mut tasks = tokio::task::JoinSet::new();
+    while !shutdown.is_cancelled() {
+        // Wait for a free slot without holding it.
+        let free = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            slot = slots.clone().acquire_owned() => {
+                drop(slot.expect("slots are never closed"));
+                slots.available_permits()
+            }
+        };
+        let batch = consumer
+            .batch()
+            .max_messages(free.min(PULL_BATCH))
+            .expires(PULL_EXPIRES)
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(batch) => batch,
+            Err(error) => {
+                tracing::warn!(%error, "cannot pull delivery jobs");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
                 }
             }
-        })
-        .await;
-    herald_platform::shutdown::hand_back(&mut messages).await;
+        };
+        while let Some(message) = batch.next().await {
+            let message = match message {
+                Ok(message) => message,
+                Err(error) => {
+                    tracing::warn!(%error, "delivery consumer error");
+                    continue;
+                }
+            };
+            if shutdown.is_cancelled() {
+                // Pulled but not started: another replica takes it now.
+                let _ = message.ack_with(AckKind::Nak(None)).await;
+                continue;
+            }
+            // Never more jobs were asked for than slots were free.
+            let slot = slots
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("slots are never closed");
+            let (state, hard_stop) = (state.clone(), hard_stop.clone());
+            let span =
+                trace::message_span("deliver", &message.subject, message.headers.as_ref(), "");
+            tasks.spawn(
+                async move {
+                    state.handle(message, &hard_stop).await;
+                    drop(slot);
+                }
+                .instrument(span),
+            );
+            while tasks.try_join_next().is_some() {}
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    hard_stop.cancel();
     client.flush().await.ok();
     Ok(())
 }
 
-/// How one attempt ended.
-struct Outcome {
-    status: proto::AttemptStatus,
-    response: Option<http::Response>,
-    error: String,
-    /// The endpoint's fault: counts toward auto-disable.
-    endpoint_failure: bool,
-    /// 410 Gone: disable now.
-    gone: bool,
-    /// A `Retry-After` the endpoint asked for.
-    retry_after: Option<Duration>,
+/// What becomes of the job in hand.
+enum Done {
+    /// Finished (sent, skipped, deferred or scheduled): ack it.
+    Ack,
+    /// Herald's own trouble (NATS, the webhook store): hand it back as is.
+    HandBack(String),
 }
 
 impl State {
-    async fn handle(&self, message: jetstream::Message) {
+    async fn handle(&self, message: jetstream::Message, hard_stop: &CancellationToken) {
         let job = match proto::DeliveryJob::decode(message.payload.clone()) {
             Ok(job) => job,
             Err(error) => {
@@ -276,28 +361,49 @@ impl State {
                 return;
             }
         };
-        match self.deliver(&job).await {
-            Ok(()) => {
+        let deliver = self.deliver(&job);
+        tokio::pin!(deliver);
+        // A job that waits long for its endpoint's turn keeps its claim
+        // rather than being redelivered to another replica meanwhile.
+        let mut progress =
+            tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+        let done = loop {
+            tokio::select! {
+                done = &mut deliver => break done,
+                // The grace period is over: another replica (or this one,
+                // restarted) will make the attempt.
+                _ = hard_stop.cancelled() => break Done::HandBack("shutting down".into()),
+                _ = progress.tick() => {
+                    let _ = message.ack_with(AckKind::Progress).await;
+                }
+            }
+        };
+        match done {
+            Done::Ack => {
                 let _ = message.ack().await;
             }
-            Err(error) => {
-                // Herald's own trouble (NATS): hand the job back untouched.
-                tracing::warn!(%error, delivery_id = %job.delivery_id, "delivery handed back");
-                let _ = message
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                    .await;
+            Done::HandBack(error) => {
+                tracing::warn!(%error, delivery_id = %job.delivery_id, attempt = job.attempt, "delivery handed back");
+                let delay = if hard_stop.is_cancelled() {
+                    None
+                } else {
+                    Some(Duration::from_secs(1))
+                };
+                let _ = message.ack_with(AckKind::Nak(delay)).await;
             }
         }
     }
 
-    async fn deliver(&self, job: &proto::DeliveryJob) -> Result<(), String> {
-        let event = job.event.clone().unwrap_or_default();
-        let webhook = self
+    async fn deliver(&self, job: &proto::DeliveryJob) -> Done {
+        let webhook = match self
             .webhooks
             .get(&job.organization_id, &job.webhook_id)
             .await
-            .map_err(|e| e.to_string())?;
-        let attempted_at_ms = now_ms();
+        {
+            Ok(webhook) => webhook,
+            Err(error) => return Done::HandBack(error.to_string()),
+        };
+        let event = job.event.clone().unwrap_or_default();
         let mut attempt = proto::AttemptResult {
             log_id: ids::log_id(&job.delivery_id, job.attempt),
             delivery_id: job.delivery_id.clone(),
@@ -306,27 +412,92 @@ impl State {
             event_id: event.id.clone(),
             event_type: event.r#type.clone(),
             attempt: job.attempt,
-            attempted_at_ms,
+            attempted_at_ms: now_ms(),
             kind: job.kind,
             ..Default::default()
         };
+        // Test and manual deliveries go to a disabled webhook too: that is
+        // how a tenant checks it before re-enabling it.
         let Some(webhook) =
             webhook.filter(|w| w.enabled || job.kind != proto::DeliveryKind::Event as i32)
         else {
             attempt.set_status(proto::AttemptStatus::Skipped);
             attempt.error = "webhook deleted or disabled; not sent".into();
-            self.metrics
-                .deliveries
-                .get_or_create(&OutcomeLabel { outcome: "skipped" })
-                .inc();
-            return self.publish_attempt(&attempt).await;
+            self.count("skipped");
+            return self.finish(self.publish_attempt(&attempt).await);
         };
 
+        let key = (webhook.organization_id.clone(), webhook.id.clone());
+        let permit = match self.endpoints.try_acquire(&key) {
+            Some(permit) => permit,
+            None if job.deferrals < MAX_DEFERRALS => {
+                // Its endpoint is saturated: rather than holding one of the
+                // global slots while waiting, come back a little later.
+                let delay = deferral_delay(job.deferrals, rand::random::<f64>());
+                let next = proto::DeliveryJob {
+                    deferrals: job.deferrals + 1,
+                    not_before_ms: now_ms() + delay.as_millis() as i64,
+                    ..job.clone()
+                };
+                self.count("deferred");
+                return self.finish(self.schedule(&next).await);
+            }
+            // Deferred long enough: wait for a turn (bounded by the
+            // endpoint's timeout, as every request holding a permit is).
+            None => self.endpoints.acquire(&key).await,
+        };
+        attempt.attempted_at_ms = now_ms();
+        let outcome = self.send(job, &event, &webhook, &mut attempt).await;
+        drop(permit);
+        self.conclude(job, &webhook, attempt, outcome).await
+    }
+
+    fn finish(&self, result: Result<(), String>) -> Done {
+        match result {
+            Ok(()) => Done::Ack,
+            Err(error) => Done::HandBack(error),
+        }
+    }
+
+    fn count(&self, outcome: &'static str) {
+        self.metrics
+            .deliveries
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+    }
+
+    /// Builds, signs and sends the request; fills in what was sent and got.
+    async fn send(
+        &self,
+        job: &proto::DeliveryJob,
+        event: &proto::Event,
+        webhook: &proto::Webhook,
+        attempt: &mut proto::AttemptResult,
+    ) -> Outcome {
+        let url = match url::Url::parse(&webhook.url) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") => url,
+            Ok(url) => {
+                return Outcome::failed(format!("unsupported URL scheme {}", url.scheme()), true);
+            }
+            Err(error) => return Outcome::failed(format!("invalid URL: {error}"), true),
+        };
         let format = Format::from(webhook.format());
-        let body = Bytes::from(payload::render(&event, &webhook.id, format));
-        let keys = self.signing_keys(&webhook, attempted_at_ms)?;
-        let timestamp = attempted_at_ms / 1000;
-        let mut builder = ::http::Request::post(&webhook.url)
+        let body = Bytes::from(payload::render(event, &webhook.id, format));
+        let keys = match self.signing_keys(webhook, attempt.attempted_at_ms) {
+            Ok(keys) if !keys.is_empty() => keys,
+            Ok(_) => {
+                return Outcome::failed("webhook has no live secret; not sent".into(), false);
+            }
+            Err(error) => {
+                // Herald's own configuration (HERALD_SECRET_KEY): not the
+                // endpoint's fault.
+                return Outcome::failed(format!("cannot decrypt the secret: {error}"), false);
+            }
+        };
+        let timestamp = attempt.attempted_at_ms / 1000;
+        // The url crate normalizes the host: numeric forms like 2130706433
+        // become the dotted address the SSRF guard checks.
+        let mut builder = ::http::Request::post(url.as_str())
             .header("content-type", format.content_type())
             .header("user-agent", concat!("Herald/", env!("CARGO_PKG_VERSION")))
             .header("webhook-id", &job.delivery_id)
@@ -334,40 +505,37 @@ impl State {
             .header(
                 "webhook-signature",
                 signing::standard_signatures(&keys, &job.delivery_id, timestamp, &body),
-            );
-        if let Some(current) = keys.first() {
-            builder = builder.header("x-webhook-signature", current.body_signature(&body));
-        }
+            )
+            .header("x-webhook-signature", keys[0].body_signature(&body));
         if let Some(traceparent) = trace::outgoing(&event.traceparent) {
             builder = builder.header("traceparent", traceparent);
         }
         for (name, value) in &webhook.headers {
             builder = builder.header(name, value);
         }
-        let request = builder.body(http_body_util::Full::new(body.clone()));
-        let timeout = Duration::from_millis(if webhook.timeout_ms == 0 {
-            5_000
-        } else {
-            webhook.timeout_ms as u64
-        });
-
-        let outcome = match request {
-            Err(error) => Outcome {
-                status: proto::AttemptStatus::Failed,
-                response: None,
-                error: format!("invalid request: {error}"),
-                endpoint_failure: true,
-                gone: false,
-                retry_after: None,
-            },
-            Ok(request) => {
-                attempt.request = Some(logged_request(&request, &body));
-                let (result, took) = self.client.send(request, timeout).await;
-                attempt.duration_ms = took.as_millis() as u64;
-                self.metrics.attempt_duration.observe(took.as_secs_f64());
-                classify(result)
-            }
+        let request = match builder.body(http_body_util::Full::new(body.clone())) {
+            Ok(request) => request,
+            Err(error) => return Outcome::failed(format!("invalid request: {error}"), true),
         };
+        attempt.request = Some(logged_request(&request, &body));
+        let timeout = Duration::from_millis(match webhook.timeout_ms {
+            0 => DEFAULT_TIMEOUT_MS,
+            ms => u64::from(ms).min(MAX_TIMEOUT_MS),
+        });
+        let (result, took) = self.client.send(request, timeout).await;
+        attempt.duration_ms = took.as_millis() as u64;
+        self.metrics.attempt_duration.observe(took.as_secs_f64());
+        outcome::classify(result, SystemTime::now())
+    }
+
+    /// Counts, disables, schedules the retry and publishes the attempt.
+    async fn conclude(
+        &self,
+        job: &proto::DeliveryJob,
+        webhook: &proto::Webhook,
+        mut attempt: proto::AttemptResult,
+        outcome: Outcome,
+    ) -> Done {
         attempt.error = outcome.error.clone();
         attempt.response = outcome.response.as_ref().map(|r| proto::HttpResponse {
             status: r.status as u32,
@@ -382,48 +550,78 @@ impl State {
             body: r.body.clone(),
             body_truncated: r.truncated,
         });
+        let succeeded = outcome.succeeded();
 
-        let succeeded = outcome.status == proto::AttemptStatus::Succeeded;
-        let mut next: Option<Duration> = None;
-        if !succeeded && !outcome.gone && job.kind == proto::DeliveryKind::Event as i32 {
-            next = self
-                .config
-                .retry
-                .delay_after(job.attempt, rand::random::<f64>())
-                .map(|d| d.max(outcome.retry_after.unwrap_or_default()));
+        let mut disable = outcome
+            .gone
+            .then(|| "the endpoint answered 410 Gone".to_owned());
+        if !succeeded
+            && outcome.endpoint_failure
+            && let Some(count) = self.count_failure(webhook, &attempt.log_id).await
+            && count > self.config.disable_after as i64
+        {
+            disable.get_or_insert_with(|| {
+                format!(
+                    "{count} consecutive failed attempts; last: {}",
+                    outcome.error
+                )
+            });
         }
+        let next =
+            if succeeded || disable.is_some() || job.kind != proto::DeliveryKind::Event as i32 {
+                None
+            } else {
+                self.config
+                    .retry
+                    .delay_after(job.attempt, rand::random::<f64>())
+                    .map(|d| d.max(outcome.retry_after.unwrap_or_default()))
+            };
         attempt.set_status(match (succeeded, next) {
             (true, _) => proto::AttemptStatus::Succeeded,
             (false, Some(_)) => proto::AttemptStatus::Retrying,
             (false, None) => proto::AttemptStatus::Failed,
         });
-        if let Some(delay) = next {
-            attempt.next_attempt_at_ms = attempted_at_ms + delay.as_millis() as i64;
-            self.schedule_retry(job, attempt.next_attempt_at_ms).await?;
-        }
-        self.metrics
-            .deliveries
-            .get_or_create(&OutcomeLabel {
-                outcome: if succeeded { "succeeded" } else { "failed" },
-            })
-            .inc();
-        self.publish_attempt(&attempt).await?;
-
-        if succeeded {
-            self.reset_failures(&webhook).await;
-        } else if outcome.gone {
-            self.disable(&webhook, "endpoint answered 410 Gone").await;
-        } else if outcome.endpoint_failure
-            && let Some(count) = self.count_failure(&webhook, &attempt.log_id).await
-            && count > self.config.disable_after as i64
+        if let Some(reason) = &disable
+            && let Err(error) = self.disable(webhook, reason).await
         {
-            let reason = format!(
-                "{count} consecutive failed attempts; last: {}",
-                outcome.error
-            );
-            self.disable(&webhook, &reason).await;
+            // Counting is idempotent per attempt: the redelivered job comes
+            // to the same decision.
+            return Done::HandBack(format!("cannot disable webhook: {error}"));
         }
-        Ok(())
+        if let Some(delay) = next {
+            attempt.next_attempt_at_ms = now_ms() + delay.as_millis() as i64;
+            let retry = proto::DeliveryJob {
+                attempt: job.attempt + 1,
+                not_before_ms: attempt.next_attempt_at_ms,
+                deferrals: 0,
+                ..job.clone()
+            };
+            if let Err(error) = self.schedule(&retry).await {
+                return Done::HandBack(error);
+            }
+        }
+        self.count(match attempt.status() {
+            proto::AttemptStatus::Succeeded => "succeeded",
+            proto::AttemptStatus::Retrying => "retrying",
+            _ => "failed",
+        });
+        if !succeeded {
+            tracing::info!(
+                webhook_id = %webhook.id,
+                delivery_id = %job.delivery_id,
+                attempt = job.attempt,
+                error = %outcome.error,
+                next_attempt_at_ms = attempt.next_attempt_at_ms,
+                "delivery attempt failed"
+            );
+        }
+        if let Err(error) = self.publish_attempt(&attempt).await {
+            return Done::HandBack(error);
+        }
+        if succeeded {
+            self.reset_failures(webhook).await;
+        }
+        Done::Ack
     }
 
     fn signing_keys(
@@ -461,13 +659,10 @@ impl State {
         ack.await.map(|_| ()).map_err(|e| e.to_string())
     }
 
-    async fn schedule_retry(&self, job: &proto::DeliveryJob, at_ms: i64) -> Result<(), String> {
-        let next = proto::DeliveryJob {
-            attempt: job.attempt + 1,
-            not_before_ms: at_ms,
-            deferrals: 0,
-            ..job.clone()
-        };
+    /// Publishes `job` as a JetStream message schedule that the server
+    /// turns back into a delivery job at `job.not_before_ms`. One schedule
+    /// per delivery: a newer one replaces an older one.
+    async fn schedule(&self, job: &proto::DeliveryJob) -> Result<(), String> {
         let mut headers = async_nats::HeaderMap::new();
         trace::inject(
             &mut headers,
@@ -478,7 +673,7 @@ impl State {
         );
         headers.insert(
             "Nats-Schedule",
-            format!("@at {}", payload::rfc3339_ms(at_ms)).as_str(),
+            format!("@at {}", payload::rfc3339_ms(job.not_before_ms)).as_str(),
         );
         headers.insert(
             "Nats-Schedule-Target",
@@ -489,80 +684,136 @@ impl State {
             .publish_with_headers(
                 names::schedule_subject(&job.delivery_id),
                 headers,
-                next.encode_to_vec().into(),
+                job.encode_to_vec().into(),
             )
             .await
             .map_err(|e| e.to_string())?;
         ack.await.map(|_| ()).map_err(|e| e.to_string())
     }
 
-    /// Counts a failed attempt once, however often it is redelivered;
-    /// `None` when Redis cannot say (then nothing is disabled).
+    /// Counts a failed attempt once, however often it is redelivered, and
+    /// answers the webhook's consecutive failures; `None` when Redis cannot
+    /// say (then nothing is disabled). A reset that Redis missed (it was
+    /// down when a delivery succeeded) is applied first, so a stale count
+    /// never disables a webhook.
     async fn count_failure(&self, webhook: &proto::Webhook, log_id: &str) -> Option<i64> {
+        let key = failures_key(webhook);
+        let reset_first = self
+            .pending_resets
+            .lock()
+            .expect("resets lock")
+            .contains(&key);
         let mut conn = self.redis.conn().await?;
         let script = redis::Script::new(
-            r"if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then
-                return redis.call('INCR', KEYS[1])
+            r"if ARGV[2] == '1' then redis.call('DEL', KEYS[1]) end
+              if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[1]) then
+                local n = redis.call('INCR', KEYS[1])
+                redis.call('EXPIRE', KEYS[1], ARGV[1])
+                return n
               end
               return tonumber(redis.call('GET', KEYS[1]) or '0')",
         );
         let mut invocation = script.prepare_invoke();
         invocation
-            .key(failures_key(webhook))
+            .key(&key)
             .key(format!("herald:failseen:{log_id}"))
-            .arg(7 * 86_400);
+            .arg(FAILURE_MEMORY.as_secs())
+            .arg(if reset_first { "1" } else { "0" });
         let call = invocation.invoke_async::<i64>(&mut conn);
-        tokio::time::timeout(self.redis.timeout(), call)
-            .await
-            .ok()?
-            .ok()
+        match tokio::time::timeout(self.redis.timeout(), call).await {
+            Ok(Ok(count)) => {
+                if reset_first {
+                    self.pending_resets
+                        .lock()
+                        .expect("resets lock")
+                        .remove(&key);
+                }
+                Some(count)
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(%error, webhook_id = %webhook.id, "cannot count failure; not disabling");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(webhook_id = %webhook.id, "counting failure timed out; not disabling");
+                None
+            }
+        }
     }
 
     async fn reset_failures(&self, webhook: &proto::Webhook) {
-        if let Some(mut conn) = self.redis.conn().await {
-            let cmd = redis::cmd("DEL").arg(failures_key(webhook)).clone();
-            let del = cmd.query_async::<()>(&mut conn);
-            let _ = tokio::time::timeout(self.redis.timeout(), del).await;
+        let key = failures_key(webhook);
+        let done = match self.redis.conn().await {
+            Some(mut conn) => {
+                let cmd = redis::cmd("DEL").arg(&key).clone();
+                let del = cmd.query_async::<()>(&mut conn);
+                matches!(
+                    tokio::time::timeout(self.redis.timeout(), del).await,
+                    Ok(Ok(()))
+                )
+            }
+            None => false,
+        };
+        let mut pending = self.pending_resets.lock().expect("resets lock");
+        if done {
+            pending.remove(&key);
+        } else {
+            pending.insert(key);
         }
     }
 
-    async fn disable(&self, webhook: &proto::Webhook, reason: &str) {
+    /// Disables the webhook and publishes `webhook.disabled`, once.
+    async fn disable(&self, webhook: &proto::Webhook, reason: &str) -> Result<(), String> {
         let now = now_ms();
-        let result = self
+        let mut changed = false;
+        let stored = self
             .webhooks
             .store()
             .modify(&webhook.organization_id, &webhook.id, |w| {
-                if !w.enabled {
-                    return false;
+                changed = w.enabled;
+                if w.enabled {
+                    w.enabled = false;
+                    w.disabled_reason = reason.to_owned();
+                    w.updated_at_ms = now;
                 }
-                w.enabled = false;
-                w.disabled_reason = reason.to_owned();
-                w.updated_at_ms = now;
-                true
+                changed
             })
-            .await;
-        match result {
-            Ok(Some(w)) if !w.enabled && w.updated_at_ms == now => {
-                self.metrics.disabled.inc();
-                tracing::warn!(webhook_id = %w.id, org = %w.organization_id, reason, "webhook disabled");
-                let event = serde_json::json!({
-                    "id": ids::new_event_id(),
-                    "type": "webhook.disabled",
-                    "timestamp": payload::rfc3339_ms(now),
-                    "organization_id": w.organization_id,
-                    "webhook_id": w.id,
-                    "data": {"reason": reason, "url": w.url, "name": w.name},
-                });
-                let subject = names::system_subject(&w.organization_id, "webhook.disabled");
-                if let Ok(ack) = self.js.publish(subject, event.to_string().into()).await {
-                    let _ = ack.await;
-                }
-            }
-            Ok(_) => {}
-            Err(error) => {
-                tracing::warn!(%error, webhook_id = %webhook.id, "cannot disable webhook")
-            }
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(w) = stored else {
+            return Ok(());
+        };
+        // Jobs already queued are skipped from now on, without waiting for
+        // the bucket's change feed.
+        self.webhooks.remember(w.clone());
+        if !changed {
+            return Ok(());
         }
+        self.metrics.disabled.inc();
+        tracing::warn!(webhook_id = %w.id, org = %w.organization_id, reason, "webhook disabled");
+        let event = serde_json::json!({
+            "id": ids::new_event_id(),
+            "type": "webhook.disabled",
+            "timestamp": payload::rfc3339_ms(now),
+            "organization_id": w.organization_id,
+            "webhook_id": w.id,
+            "data": {"reason": reason, "url": w.url, "name": w.name},
+        });
+        let subject = names::system_subject(&w.organization_id, "webhook.disabled");
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Content-Type", "application/json");
+        let published = match self
+            .js
+            .publish_with_headers(subject, headers, event.to_string().into())
+            .await
+        {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(error) => Err(error.to_string()),
+        };
+        if let Err(error) = published {
+            tracing::warn!(%error, webhook_id = %w.id, "cannot publish webhook.disabled");
+        }
+        Ok(())
     }
 }
 
@@ -603,45 +854,5 @@ fn logged_request(
         url: request.uri().to_string(),
         headers,
         body: body.clone(),
-    }
-}
-
-fn classify(result: Result<http::Response, http::SendError>) -> Outcome {
-    match result {
-        Ok(response) => {
-            let status = response.status;
-            let retry_after = response
-                .headers
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case("retry-after"))
-                .and_then(|(_, v)| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs)
-                .filter(|_| status == 429 || status == 503);
-            let ok = (200..300).contains(&status);
-            Outcome {
-                status: if ok {
-                    proto::AttemptStatus::Succeeded
-                } else {
-                    proto::AttemptStatus::Failed
-                },
-                error: match status {
-                    200..=299 => String::new(),
-                    300..=399 => format!("HTTP {status}: redirects are not followed"),
-                    _ => format!("HTTP {status}"),
-                },
-                response: Some(response),
-                endpoint_failure: !ok,
-                gone: status == 410,
-                retry_after,
-            }
-        }
-        Err(error) => Outcome {
-            status: proto::AttemptStatus::Failed,
-            response: None,
-            error: error.to_string(),
-            endpoint_failure: true,
-            gone: false,
-            retry_after: None,
-        },
     }
 }

@@ -34,6 +34,16 @@ impl Webhooks {
         &self.store
     }
 
+    /// Takes `webhook` as the current definition: a change this deliverer
+    /// made itself, before the change feed reports it.
+    pub fn remember(&self, webhook: proto::Webhook) {
+        let key = (webhook.organization_id.clone(), webhook.id.clone());
+        self.local
+            .lock()
+            .expect("webhooks lock")
+            .insert(key, Some(Arc::new(webhook)));
+    }
+
     /// The current definition, or `None` when the webhook does not exist.
     pub async fn get(
         &self,

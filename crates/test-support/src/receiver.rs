@@ -1,6 +1,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -87,6 +88,7 @@ pub struct Receiver {
     addr: SocketAddr,
     state: Arc<Mutex<State>>,
     notify: Arc<Notify>,
+    connections: Arc<AtomicUsize>,
 }
 
 impl Receiver {
@@ -99,10 +101,12 @@ impl Receiver {
             addr,
             state: Arc::default(),
             notify: Arc::new(Notify::new()),
+            connections: Arc::default(),
         };
         let server = receiver.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                server.connections.fetch_add(1, Ordering::SeqCst);
                 let server = server.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
@@ -159,6 +163,11 @@ impl Receiver {
         response
             .body(Full::new(Bytes::from(reply.body)))
             .expect("valid reply")
+    }
+
+    /// TCP connections accepted so far (with or without a request).
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -1,0 +1,407 @@
+//! SSRF protection: which addresses Herald refuses to connect to, and the
+//! connector pieces that enforce it on the address actually connected to.
+//!
+//! A host name is resolved by [`GuardedResolver`], which drops every refused
+//! address before the connector sees the list, so a name that resolves to
+//! loopback (or re-resolves to it later: DNS rebinding) is never connected
+//! to. An IP-literal host never reaches a resolver, so [`Guarded`] checks it
+//! before connecting. Both answer errors that [`crate::http`] recognizes in
+//! the error chain: [`Refused`] is the endpoint's failure, [`DnsError`] may be
+//! Herald's own.
+
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use hyper_util::client::legacy::connect::dns::Name;
+use tower_service::Service;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why an address is refused, or `None` when Herald may connect to it.
+pub fn refused(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(v4) => refused_v4(v4),
+        IpAddr::V6(v6) => refused_v6(v6),
+    }
+}
+
+fn in_v4(ip: Ipv4Addr, net: [u8; 4], prefix: u32) -> bool {
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix)
+    };
+    u32::from(ip) & mask == u32::from(Ipv4Addr::from(net)) & mask
+}
+
+fn refused_v4(ip: Ipv4Addr) -> Option<&'static str> {
+    const RANGES: &[([u8; 4], u32, &str)] = &[
+        ([0, 0, 0, 0], 8, "unspecified (0.0.0.0/8)"),
+        ([10, 0, 0, 0], 8, "private (10.0.0.0/8)"),
+        ([100, 64, 0, 0], 10, "shared address space (100.64.0.0/10)"),
+        ([127, 0, 0, 0], 8, "loopback (127.0.0.0/8)"),
+        ([169, 254, 169, 254], 32, "cloud metadata (169.254.169.254)"),
+        ([169, 254, 0, 0], 16, "link-local (169.254.0.0/16)"),
+        ([172, 16, 0, 0], 12, "private (172.16.0.0/12)"),
+        (
+            [192, 0, 0, 0],
+            24,
+            "IETF protocol assignments (192.0.0.0/24)",
+        ),
+        ([192, 0, 2, 0], 24, "documentation (192.0.2.0/24)"),
+        ([192, 88, 99, 0], 24, "6to4 relay anycast (192.88.99.0/24)"),
+        ([192, 168, 0, 0], 16, "private (192.168.0.0/16)"),
+        ([198, 18, 0, 0], 15, "benchmarking (198.18.0.0/15)"),
+        ([198, 51, 100, 0], 24, "documentation (198.51.100.0/24)"),
+        ([203, 0, 113, 0], 24, "documentation (203.0.113.0/24)"),
+        ([224, 0, 0, 0], 4, "multicast (224.0.0.0/4)"),
+        ([255, 255, 255, 255], 32, "broadcast (255.255.255.255)"),
+        ([240, 0, 0, 0], 4, "reserved (240.0.0.0/4)"),
+    ];
+    RANGES
+        .iter()
+        .find(|(net, prefix, _)| in_v4(ip, *net, *prefix))
+        .map(|(_, _, why)| *why)
+}
+
+fn in_v6(ip: Ipv6Addr, net: [u16; 8], prefix: u32) -> bool {
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u128::MAX << (128 - prefix)
+    };
+    u128::from(ip) & mask == u128::from(Ipv6Addr::from(net)) & mask
+}
+
+fn refused_v6(ip: Ipv6Addr) -> Option<&'static str> {
+    let bits = u128::from(ip);
+    // Forms that carry an IPv4 address are judged by that address.
+    if in_v6(ip, [0, 0, 0, 0, 0, 0xffff, 0, 0], 96) {
+        return refused_v4(Ipv4Addr::from(bits as u32));
+    }
+    if in_v6(ip, [0x64, 0xff9b, 0, 0, 0, 0, 0, 0], 96) {
+        return refused_v4(Ipv4Addr::from(bits as u32));
+    }
+    if in_v6(ip, [0x2002, 0, 0, 0, 0, 0, 0, 0], 16) {
+        return refused_v4(Ipv4Addr::from((bits >> 80) as u32));
+    }
+    const RANGES: &[([u16; 8], u32, &str)] = &[
+        ([0, 0, 0, 0, 0, 0, 0, 0], 128, "unspecified (::)"),
+        ([0, 0, 0, 0, 0, 0, 0, 1], 128, "loopback (::1)"),
+        (
+            [0, 0, 0, 0, 0, 0, 0, 0],
+            96,
+            "IPv4-compatible IPv6 (::/96, deprecated)",
+        ),
+        (
+            [0x64, 0xff9b, 1, 0, 0, 0, 0, 0],
+            48,
+            "local-use NAT64 (64:ff9b:1::/48)",
+        ),
+        ([0x100, 0, 0, 0, 0, 0, 0, 0], 64, "discard-only (100::/64)"),
+        ([0x2001, 0, 0, 0, 0, 0, 0, 0], 32, "Teredo (2001::/32)"),
+        (
+            [0x2001, 0x2, 0, 0, 0, 0, 0, 0],
+            48,
+            "benchmarking (2001:2::/48)",
+        ),
+        (
+            [0x2001, 0xdb8, 0, 0, 0, 0, 0, 0],
+            32,
+            "documentation (2001:db8::/32)",
+        ),
+        (
+            [0x3fff, 0, 0, 0, 0, 0, 0, 0],
+            20,
+            "documentation (3fff::/20)",
+        ),
+        (
+            [0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254],
+            128,
+            "cloud metadata (fd00:ec2::254)",
+        ),
+        ([0xfc00, 0, 0, 0, 0, 0, 0, 0], 7, "unique-local (fc00::/7)"),
+        ([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10, "link-local (fe80::/10)"),
+        ([0xfec0, 0, 0, 0, 0, 0, 0, 0], 10, "site-local (fec0::/10)"),
+        ([0xff00, 0, 0, 0, 0, 0, 0, 0], 8, "multicast (ff00::/8)"),
+    ];
+    RANGES
+        .iter()
+        .find(|(net, prefix, _)| in_v6(ip, *net, *prefix))
+        .map(|(_, _, why)| *why)
+}
+
+/// The target's address is one Herald refuses to connect to.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("refused to connect to {host}: {reason}; only public addresses are allowed")]
+pub struct Refused {
+    pub host: String,
+    pub reason: String,
+}
+
+/// Resolving the target's host name failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("cannot resolve {host}: {message}")]
+pub struct DnsError {
+    pub host: String,
+    pub message: String,
+    /// The name does not exist (the endpoint's fault); otherwise Herald's
+    /// resolver failed and the webhook is not blamed.
+    pub not_found: bool,
+}
+
+/// Resolves with the system resolver and drops refused addresses.
+#[derive(Debug, Clone, Copy)]
+pub struct GuardedResolver {
+    pub allow_private: bool,
+}
+
+impl Service<Name> for GuardedResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let allow_private = self.allow_private;
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await
+                .map_err(|e| dns_error(&host, &e))?
+                .collect();
+            if allow_private {
+                return Ok(addrs.into_iter());
+            }
+            let mut first_refusal = None;
+            let allowed: Vec<SocketAddr> = addrs
+                .into_iter()
+                .filter(|a| match refused(a.ip()) {
+                    None => true,
+                    Some(why) => {
+                        first_refusal.get_or_insert_with(|| format!("{} is {why}", a.ip()));
+                        false
+                    }
+                })
+                .collect();
+            if allowed.is_empty() {
+                return Err(match first_refusal {
+                    Some(reason) => Box::new(Refused { host, reason }) as BoxError,
+                    None => Box::new(DnsError {
+                        host,
+                        message: "no addresses".into(),
+                        not_found: true,
+                    }),
+                });
+            }
+            Ok(allowed.into_iter())
+        })
+    }
+}
+
+/// Classifies a `getaddrinfo` failure: a name that does not exist is the
+/// endpoint's fault; a resolver that cannot answer is Herald's.
+fn dns_error(host: &str, error: &std::io::Error) -> BoxError {
+    let message = error.to_string();
+    let not_found = [
+        "Name or service not known",
+        "No address associated with hostname",
+        "nodename nor servname provided",
+    ]
+    .iter()
+    .any(|m| message.contains(m));
+    Box::new(DnsError {
+        host: host.to_owned(),
+        message,
+        not_found,
+    })
+}
+
+/// Wraps a connector: refuses IP-literal hosts that [`refused`] names, since
+/// those bypass the resolver.
+#[derive(Debug, Clone)]
+pub struct Guarded<C> {
+    pub inner: C,
+    pub allow_private: bool,
+}
+
+impl<C> Service<http::Uri> for Guarded<C>
+where
+    C: Service<http::Uri> + Clone + Send + 'static,
+    C::Future: Send + 'static,
+    C::Error: Into<BoxError>,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        if !self.allow_private
+            && let Some(host) = uri.host()
+            && let Ok(ip) = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+            && let Some(why) = refused(ip)
+        {
+            let error = Refused {
+                host: host.to_owned(),
+                reason: format!("{ip} is {why}"),
+            };
+            return Box::pin(async move { Err(Box::new(error) as BoxError) });
+        }
+        let call = self.inner.call(uri);
+        Box::pin(async move { call.await.map_err(Into::into) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `address` (or the host of a URL, as the url crate normalizes it)
+    /// is refused, or not.
+    fn check(address: &str, expect_refused: bool) {
+        let ip: IpAddr = match address.parse() {
+            Ok(ip) => ip,
+            Err(_) => match url::Url::parse(address).expect(address).host() {
+                Some(url::Host::Ipv4(v4)) => v4.into(),
+                Some(url::Host::Ipv6(v6)) => v6.into(),
+                other => panic!("{address}: host {other:?} is not an address"),
+            },
+        };
+        assert_eq!(
+            refused(ip).is_some(),
+            expect_refused,
+            "{address} ({ip}): {:?}",
+            refused(ip)
+        );
+    }
+
+    #[test]
+    fn address_table() {
+        for (address, expect_refused) in [
+            // Public addresses pass.
+            ("93.184.215.14", false),
+            ("8.8.8.8", false),
+            ("1.1.1.1", false),
+            ("100.63.255.255", false),
+            ("100.128.0.0", false),
+            ("172.15.255.255", false),
+            ("172.32.0.0", false),
+            ("192.169.0.1", false),
+            ("198.20.0.1", false),
+            ("2606:4700:4700::1111", false),
+            ("2a00:1450:4001:82a::200e", false),
+            ("::ffff:8.8.8.8", false),
+            ("64:ff9b::808:808", false),
+            ("2002:0808:0808::1", false),
+            // Loopback, unspecified, private.
+            ("127.0.0.1", true),
+            ("127.255.255.254", true),
+            ("0.0.0.0", true),
+            ("0.1.2.3", true),
+            ("10.0.0.1", true),
+            ("172.16.0.1", true),
+            ("172.31.255.255", true),
+            ("192.168.1.1", true),
+            ("100.64.0.1", true),
+            ("100.127.255.255", true),
+            // Link-local and cloud metadata.
+            ("169.254.0.1", true),
+            ("169.254.169.254", true),
+            ("fe80::1", true),
+            ("fd00:ec2::254", true),
+            // Documentation, benchmarking, reserved, multicast, broadcast.
+            ("192.0.0.8", true),
+            ("192.0.2.1", true),
+            ("198.51.100.7", true),
+            ("203.0.113.9", true),
+            ("198.18.0.1", true),
+            ("198.19.255.255", true),
+            ("192.88.99.1", true),
+            ("224.0.0.1", true),
+            ("239.255.255.250", true),
+            ("240.0.0.1", true),
+            ("255.255.255.255", true),
+            ("2001:db8::1", true),
+            ("3fff::1", true),
+            ("2001:2::1", true),
+            ("ff02::1", true),
+            ("100::1", true),
+            // IPv6 forms of loopback and private IPv4.
+            ("::", true),
+            ("::1", true),
+            ("::ffff:127.0.0.1", true),
+            ("::ffff:169.254.169.254", true),
+            ("::ffff:10.0.0.1", true),
+            ("::127.0.0.1", true),
+            ("::8.8.8.8", true),
+            ("64:ff9b::7f00:1", true),
+            ("64:ff9b:1::1", true),
+            ("2002:7f00:0001::1", true),
+            ("2001:0:4136:e378:8000:63bf:3fff:fdd2", true),
+            ("fc00::1", true),
+            ("fd12:3456:789a::1", true),
+            ("fec0::1", true),
+            // Numeric host tricks, as the url crate reads them.
+            ("http://2130706433/", true),
+            ("http://0x7f000001/", true),
+            ("http://0177.0.0.1/", true),
+            ("http://0x7f.1/", true),
+            ("http://127.1/", true),
+            ("http://017700000001/", true),
+            ("http://0/", true),
+            ("http://[::ffff:7f00:1]/", true),
+            ("http://[0:0:0:0:0:ffff:127.0.0.1]/", true),
+            ("http://3232235777/", true),
+            ("http://134744072/", false),
+        ] {
+            check(address, expect_refused);
+        }
+    }
+
+    #[test]
+    fn refusal_names_the_range() {
+        assert_eq!(
+            refused("169.254.169.254".parse().unwrap()),
+            Some("cloud metadata (169.254.169.254)")
+        );
+        assert_eq!(
+            refused("::ffff:127.0.0.1".parse().unwrap()),
+            Some("loopback (127.0.0.0/8)")
+        );
+    }
+
+    #[tokio::test]
+    async fn resolver_drops_refused_addresses() {
+        let mut guarded = GuardedResolver {
+            allow_private: false,
+        };
+        let error = guarded
+            .call("localhost".parse().unwrap())
+            .await
+            .expect_err("localhost is refused");
+        let refused = error.downcast_ref::<Refused>().expect("a refusal");
+        assert!(refused.reason.contains("loopback"), "{refused}");
+
+        let mut open = GuardedResolver {
+            allow_private: true,
+        };
+        let addrs: Vec<_> = open
+            .call("localhost".parse().unwrap())
+            .await
+            .unwrap()
+            .collect();
+        assert!(addrs.iter().all(|a| a.ip().is_loopback()), "{addrs:?}");
+    }
+}
