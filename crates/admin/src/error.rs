@@ -126,10 +126,18 @@ fn code_for(status: StatusCode) -> &'static str {
 /// own rejections (a path that does not decode, a body over the limit) —
 /// is rewritten into our error shape, keeping its text as the message. A
 /// 422 becomes a 400, as PRODUCT.md promises 400 for bad input.
-pub async fn json_errors(response: Response) -> Response {
+pub async fn json_errors(mut response: Response) -> Response {
     let status = response.status();
     if !(status.is_client_error() || status.is_server_error()) {
         return response;
+    }
+    if matches!(status.as_u16(), 408 | 413) {
+        // The body was not read to its end: the connection cannot carry
+        // another request, and the client must not try.
+        response.headers_mut().insert(
+            header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
     }
     let is_json = response
         .headers()

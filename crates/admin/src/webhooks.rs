@@ -45,8 +45,10 @@ pub const ROTATION_OVERLAP: Duration = Duration::from_secs(24 * 3600);
 /// Secrets a webhook signs with at once, the newest included; a rotation
 /// beyond drops the oldest.
 pub const MAX_LIVE_SECRETS: usize = 5;
-/// Times a write is applied again after losing a race, before a 409.
-const WRITE_ATTEMPTS: usize = 5;
+/// Times a write is applied again after losing a race, before a 409: each
+/// loss is another writer's win, so fewer than this many concurrent
+/// writers of one webhook all succeed.
+const WRITE_ATTEMPTS: usize = 10;
 
 const FIELDS: &[&str] = &[
     "name",
