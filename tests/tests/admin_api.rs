@@ -237,6 +237,14 @@ async fn create_get_list_and_every_limit_at_its_edge() {
         "headers",
     )
     .await;
+    for value in ["caf\u{e9}", "\u{84}", "a\u{7f}"] {
+        refused(
+            &stack,
+            with(&base, "headers", json!({"X-A": value})),
+            "headers",
+        )
+        .await;
+    }
     accepted(
         &stack,
         with(&base, "headers", json!({"Authorization": "Bearer x"})),

@@ -251,8 +251,11 @@ pub fn validate_headers(headers: &BTreeMap<String, String>) -> Result<(), ApiErr
                 format!("{name:?} is not a valid header name"),
             ));
         }
-        if value.contains(['\r', '\n', '\0'])
-            || axum::http::HeaderValue::from_str(value).is_err()
+        // Visible ASCII, space and tab: `HeaderValue` would also take bytes
+        // above 0x7f, which receivers read in differing charsets.
+        if !value
+            .bytes()
+            .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
             || value.len() > 4096
         {
             return Err(ApiError::validation(
