@@ -97,7 +97,7 @@ echo "fuzzing $ADMIN/openapi.json ($MAX_EXAMPLES examples per operation, at most
 timeout --signal=INT --kill-after=10 "$MAX_TIME" \
   "$VENV/bin/schemathesis" run "$ADMIN/openapi.json" \
   --header "Authorization: Bearer $API_KEY" \
-  --checks not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,negative_data_rejection,missing_required_header,ignored_auth,use_after_free,ensure_resource_availability \
+  --checks "${FUZZ_CHECKS:-not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,negative_data_rejection,missing_required_header,ignored_auth,use_after_free,ensure_resource_availability}" \
   --max-examples "$MAX_EXAMPLES" \
   --request-timeout 15 \
   --workers 2 \
