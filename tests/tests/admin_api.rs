@@ -772,6 +772,25 @@ async fn the_sixth_webhook_on_a_workflow_is_refused() {
     assert_eq!(status, 204);
     accepted(&stack, on(json!(["invoice-approval"]))).await;
 
+    // The lock that serializes those checks: a lease left by a crashed admin
+    // is taken over once expired; a live one makes a create wait, then 409.
+    let locks = stack.js.get_key_value("herald-admin-locks").await.unwrap();
+    locks.put("workflows.acme", "1".into()).await.unwrap();
+    accepted(&stack, on(json!(["after-a-crash"]))).await;
+    let far = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 60_000)
+        .to_string();
+    locks.put("workflows.acme", far.into()).await.unwrap();
+    let (status, answer) = stack
+        .api("POST", "/webhooks", Some(on(json!(["locked"]))))
+        .await;
+    assert_eq!(error_of(status, 409, &answer).0, "conflict");
+    accepted(&stack, minimal("https://example.com/")).await;
+    locks.delete("workflows.acme").await.unwrap();
+
     // Concurrent creates on a fresh workflow: exactly five win.
     let calls = (0..8).map(|_| {
         let stack = &stack;
