@@ -511,6 +511,13 @@ async fn a_key_sees_only_its_own_organizations() {
         )
         .await;
     assert_eq!(status, 200);
+    // The scheme is case-insensitive; the key is not.
+    for auth in ["bearer test-operator-key", "BEARER  test-operator-key"] {
+        let (status, _, _) = stack
+            .send("GET", "/webhooks", &[("authorization", auth)], "")
+            .await;
+        assert_eq!(status, 200, "{auth}");
+    }
     // Keys are compared whole: a prefix or a differently cased key is not one.
     for key in [
         "test-operator-ke",
