@@ -94,8 +94,12 @@ SEED_ARGS=()
 [ -n "${FUZZ_SEED:-}" ] && SEED_ARGS=(--seed "$FUZZ_SEED")
 
 echo "fuzzing $ADMIN/openapi.json ($MAX_EXAMPLES examples per operation, at most ${MAX_TIME}s)"
+# Run from the temp dir: Schemathesis keeps a cache in its working directory.
+SCHEMATHESIS=$(cd "$VENV/bin" && pwd)/schemathesis
+REPORTS=$(cd "$TARGET" && pwd)/fuzz-api
+cd "$DIR"
 timeout --signal=INT --kill-after=10 "$MAX_TIME" \
-  "$VENV/bin/schemathesis" run "$ADMIN/openapi.json" \
+  "$SCHEMATHESIS" run "$ADMIN/openapi.json" \
   --header "Authorization: Bearer $API_KEY" \
   --checks "${FUZZ_CHECKS:-not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,negative_data_rejection,missing_required_header,ignored_auth,use_after_free,ensure_resource_availability}" \
   --max-examples "$MAX_EXAMPLES" \
@@ -103,5 +107,5 @@ timeout --signal=INT --kill-after=10 "$MAX_TIME" \
   --workers 2 \
   --suppress-health-check all \
   --output-sanitize true \
-  --report junit --report-dir "$TARGET/fuzz-api" \
+  --report junit --report-dir "$REPORTS" \
   "${SEED_ARGS[@]}" "$@"
