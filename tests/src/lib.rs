@@ -268,6 +268,37 @@ impl Stack {
         Ok((status, bytes))
     }
 
+    /// Sends exactly this request to the admin API (`path` after the host):
+    /// any headers, any body bytes. Answers status, headers and body.
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> (u16, http::HeaderMap, Bytes) {
+        let mut builder = http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.admin_url));
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        let request = builder.body(Full::new(body.into())).expect("request");
+        let response = tokio::time::timeout(Duration::from_secs(20), self.http.request(request))
+            .await
+            .expect("admin API answers in time")
+            .expect("admin API call");
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("response body")
+            .to_bytes();
+        (status, headers, bytes)
+    }
+
     /// Calls the admin API with the operator key; answers status and JSON.
     pub async fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         self.api_as(API_KEY, None, method, path, body).await

@@ -1,10 +1,14 @@
 //! API errors: `{"error": {"code", "message", "field"}}` with 400 for bad
 //! input, 401 without a valid key, 404 for what the caller cannot see, 409
-//! for a conflicting concurrent change, 413 for an oversize body.
+//! for a conflicting concurrent change, 413 for an oversize body, 415 for a
+//! body that is not declared JSON. Every error the API answers has this
+//! shape, axum's own rejections included ([`json_errors`]).
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::body::Body;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
 use serde_json::json;
 
 #[derive(Debug, Clone)]
@@ -60,6 +64,22 @@ impl ApiError {
         )
     }
 
+    pub fn payload_too_large(max: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the request body is larger than {max} bytes"),
+        )
+    }
+
+    pub fn unsupported_media_type() -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the body as JSON with `Content-Type: application/json`",
+        )
+    }
+
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
     }
@@ -84,4 +104,73 @@ impl From<herald_platform::webhooks::StoreError> for ApiError {
             }
         }
     }
+}
+
+/// The code our error shape uses for an HTTP status.
+fn code_for(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 | 422 => "bad_request",
+        401 => "unauthorized",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        408 => "request_timeout",
+        409 => "conflict",
+        413 => "payload_too_large",
+        415 => "unsupported_media_type",
+        503 => "unavailable",
+        _ => "error",
+    }
+}
+
+/// Middleware: an error response that is not already JSON — one of axum's
+/// own rejections (a path that does not decode, a body over the limit) —
+/// is rewritten into our error shape, keeping its text as the message. A
+/// 422 becomes a 400, as PRODUCT.md promises 400 for bad input.
+pub async fn json_errors(mut response: Response) -> Response {
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    if matches!(status.as_u16(), 408 | 413) {
+        // The body was not read to its end: the connection cannot carry
+        // another request, and the client must not try.
+        response.headers_mut().insert(
+            header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return response;
+    }
+    let status = if status == StatusCode::UNPROCESSABLE_ENTITY {
+        StatusCode::BAD_REQUEST
+    } else {
+        status
+    };
+    let allow = response.headers().get(header::ALLOW).cloned();
+    let body: Body = response.into_body();
+    let text = match http_body_util::Limited::new(body, 4096).collect().await {
+        Ok(collected) => String::from_utf8_lossy(&collected.to_bytes())
+            .trim()
+            .to_owned(),
+        Err(_) => String::new(),
+    };
+    let message = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("request failed")
+            .to_lowercase()
+    } else {
+        text
+    };
+    let mut response = ApiError::new(status, code_for(status), message).into_response();
+    if let Some(allow) = allow {
+        response.headers_mut().insert(header::ALLOW, allow);
+    }
+    response
 }

@@ -6,8 +6,9 @@
 //! served on the API port too.
 
 pub mod auth;
+mod body;
 pub mod error;
-mod limits;
+pub mod limits;
 mod logs;
 mod webhooks;
 
@@ -127,6 +128,8 @@ pub struct Inner {
     pub logs: LogIndex,
     pub js: jetstream::Context,
     pub health: Health,
+    /// Short-lived per-organization locks (see `limits`).
+    pub locks: async_nats::jetstream::kv::Store,
 }
 
 impl std::ops::Deref for AppState {
@@ -180,6 +183,9 @@ pub async fn serve(
     )
     .await?;
     let store = WebhookStore::open(&js, config.nats.replicas).await?;
+    let locks = limits::open_locks(&js, config.nats.replicas)
+        .await
+        .map_err(|e| Error::Store(herald_platform::webhooks::StoreError::Unavailable(e)))?;
     health.set("store", true);
     let redis = Redis::new(&config.redis_url, Duration::from_millis(500))?;
     health.watch_redis(redis.clone(), shutdown.clone());
@@ -191,6 +197,7 @@ pub async fn serve(
             logs,
             js,
             health,
+            locks,
         }),
     };
 
@@ -201,17 +208,35 @@ pub async fn serve(
         .map_err(Error::Serve)
 }
 
+/// The OpenAPI 3.1 description of this API, served at `/openapi.json`.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let api = Router::new()
         .merge(webhooks::routes())
         .merge(logs::routes())
         .route("/event-types", get(event_types))
+        .route("/openapi.json", get(openapi))
+        .fallback(|| async { ApiError::not_found("route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this path does not take that method",
+            )
+        })
+        .layer(axum::middleware::map_response(error::json_errors))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
+    Router::new()
         .route("/live", get(health))
         .route("/ready", get(health))
         .route("/metrics", get(health))
-        .fallback(|| async { ApiError::not_found("route") })
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .merge(api)
         .with_state(state)
+}
+
+async fn openapi() -> Response {
+    ([("content-type", "application/json")], OPENAPI).into_response()
 }
 
 async fn event_types(
@@ -227,5 +252,28 @@ async fn health(State(state): State<AppState>, uri: axum::http::Uri) -> Response
             (status, [("content-type", content_type)], body).into_response()
         }
         None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn openapi_document_is_json_and_names_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(super::OPENAPI).expect("valid JSON");
+        assert_eq!(doc["openapi"], "3.1.0");
+        for path in [
+            "/webhooks",
+            "/webhooks/{id}",
+            "/webhooks/{id}/rotate-secret",
+            "/webhooks/{id}/test",
+            "/webhooks/{id}/logs",
+            "/webhooks/logs/all",
+            "/webhooks/{id}/logs/{log_id}",
+            "/webhooks/{id}/logs/{log_id}/retry",
+            "/event-types",
+            "/openapi.json",
+        ] {
+            assert!(doc["paths"].get(path).is_some(), "{path} not described");
+        }
     }
 }

@@ -1,37 +1,141 @@
 //! At most `HERALD_MAX_WEBHOOKS_PER_WORKFLOW` webhooks of an organization may
-//! name the same workflow in their `workflow` filter.
+//! name the same workflow in their `workflow` filter (exact values; a glob
+//! such as `invoice-*` counts as a workflow of its own).
+//!
+//! Counting and writing are not atomic, so a write that adds a workflow
+//! holds the organization's lock while it counts and writes: a key in the
+//! `herald-admin-locks` KV bucket, created with compare-and-set and holding
+//! a lease, so a crashed admin blocks the organization for at most
+//! [`LEASE`]. Two admin replicas creating the sixth webhook at once get one
+//! 201 and one 400.
 
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
 use herald_core::proto;
 
-use crate::AppState;
 use crate::error::ApiError;
+use crate::{AppState, now_ms};
+
+pub const LOCKS_BUCKET: &str = "herald-admin-locks";
+/// How long a lock holds when its holder never releases it.
+pub const LEASE: Duration = Duration::from_secs(10);
+/// How long a write waits for the lock before answering 409.
+const WAIT: Duration = Duration::from_secs(5);
+
+pub async fn open_locks(js: &jetstream::Context, replicas: usize) -> Result<kv::Store, String> {
+    match js.get_key_value(LOCKS_BUCKET).await {
+        Ok(kv) => Ok(kv),
+        Err(_) => js
+            .create_key_value(kv::Config {
+                bucket: LOCKS_BUCKET.into(),
+                description: "Herald admin: short-lived per-organization locks".into(),
+                history: 1,
+                max_age: Duration::from_secs(3600),
+                num_replicas: replicas,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string()),
+    }
+}
+
+/// A held organization lock; [`OrgLock::release`] it when done.
+pub struct OrgLock {
+    kv: kv::Store,
+    key: String,
+    revision: u64,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> ApiError {
+    tracing::error!(error = %e, "locks bucket");
+    ApiError::unavailable("webhook store unavailable, try again")
+}
+
+impl OrgLock {
+    pub async fn acquire(state: &AppState, org: &str) -> Result<Self, ApiError> {
+        let kv = state.locks.clone();
+        let key = format!("workflows.{org}");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let lease = (now_ms() + LEASE.as_millis() as i64).to_string();
+            match kv.create(&key, lease.clone().into()).await {
+                Ok(revision) => return Ok(Self { kv, key, revision }),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                    // Taken: take it over only when its lease ran out.
+                    if let Some(entry) = kv.entry(&key).await.map_err(unavailable)? {
+                        let expired = std::str::from_utf8(&entry.value)
+                            .ok()
+                            .and_then(|s| s.parse::<i64>().ok())
+                            .is_none_or(|until| until < now_ms());
+                        if expired
+                            && entry.operation == kv::Operation::Put
+                            && let Ok(revision) =
+                                kv.update(&key, lease.into(), entry.revision).await
+                        {
+                            return Ok(Self { kv, key, revision });
+                        }
+                    }
+                }
+                Err(e) => return Err(unavailable(e)),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::CONFLICT,
+                    "conflict",
+                    "another change to this organization's webhooks is in progress; retry",
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn release(self) {
+        if let Err(error) = self
+            .kv
+            .delete_expect_revision(&self.key, Some(self.revision))
+            .await
+        {
+            tracing::warn!(%error, key = %self.key, "cannot release lock; its lease will expire");
+        }
+    }
+}
+
+/// The workflows a webhook names in its `workflow` filter.
+pub fn workflows(webhook: &proto::Webhook) -> &[String] {
+    webhook
+        .filters
+        .get("workflow")
+        .map(|f| f.values.as_slice())
+        .unwrap_or_default()
+}
 
 /// Refuses `webhook` when one of its workflows already has the maximum of
-/// other webhooks (`except`: the webhook's own id, when it is updated).
+/// other webhooks. Call it holding the organization's [`OrgLock`].
 pub async fn check_workflow_limit(
     state: &AppState,
     webhook: &proto::Webhook,
-    except: Option<&str>,
 ) -> Result<(), ApiError> {
-    let Some(workflows) = webhook.filters.get("workflow") else {
+    let mine = workflows(webhook);
+    if mine.is_empty() {
         return Ok(());
-    };
+    }
     let max = state.config.max_webhooks_per_workflow;
     let existing = state.store.list(&webhook.organization_id).await?;
-    for workflow in &workflows.values {
+    for workflow in mine {
         let count = existing
             .iter()
-            .filter(|w| Some(w.id.as_str()) != except)
-            .filter(|w| {
-                w.filters
-                    .get("workflow")
-                    .is_some_and(|f| f.values.contains(workflow))
-            })
+            .filter(|w| w.id != webhook.id)
+            .filter(|w| workflows(w).contains(workflow))
             .count();
         if count >= max {
             return Err(ApiError::validation(
                 "filters",
-                format!("workflow {workflow:?} already has {count} webhooks, the maximum is {max}"),
+                format!(
+                    "workflow {workflow:?} already has {count} webhooks, the maximum is {max} \
+                     (HERALD_MAX_WEBHOOKS_PER_WORKFLOW)"
+                ),
             ));
         }
     }

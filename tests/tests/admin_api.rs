@@ -1,0 +1,1004 @@
+//! The admin API through HTTP, against a whole running Herald: every route,
+//! every field at the edge of its limit, organizations, secrets (shown once,
+//! encrypted at rest, rotated with an overlap), concurrent changes, and the
+//! JSON error shape of every refusal.
+
+use std::time::Duration;
+
+use herald_core::{proto, signing};
+use herald_e2e::{API_KEY, Options, Receiver, Stack, TENANT_KEY};
+use herald_platform::webhooks::WebhookStore;
+use prost::Message;
+use serde_json::{Value, json};
+
+const AUTH: (&str, &str) = ("authorization", "Bearer test-operator-key");
+const JSON: (&str, &str) = ("content-type", "application/json");
+
+fn minimal(url: &str) -> Value {
+    json!({"name": "n", "url": url, "event_types": ["workflow.completed"]})
+}
+
+/// `base` with `field` set to `value`.
+fn with(base: &Value, field: &str, value: Value) -> Value {
+    let mut body = base.clone();
+    body[field] = value;
+    body
+}
+
+/// Asserts our error shape and answers `(code, field)`.
+#[track_caller]
+fn error_of(status: u16, expected: u16, body: &Value) -> (String, Option<String>) {
+    assert_eq!(status, expected, "{body}");
+    let error = &body["error"];
+    assert!(error["message"].is_string(), "error shape: {body}");
+    (
+        error["code"].as_str().expect("code").to_owned(),
+        error["field"].as_str().map(str::to_owned),
+    )
+}
+
+async fn refused(stack: &Stack, body: Value, field: &str) {
+    let (status, answer) = stack.api("POST", "/webhooks", Some(body.clone())).await;
+    let (code, got_field) = error_of(status, 400, &answer);
+    assert_eq!(code, "validation_failed", "{body} -> {answer}");
+    assert_eq!(got_field.as_deref(), Some(field), "{body} -> {answer}");
+}
+
+async fn accepted(stack: &Stack, body: Value) -> Value {
+    let (status, answer) = stack.api("POST", "/webhooks", Some(body.clone())).await;
+    assert_eq!(status, 201, "{body} -> {answer}");
+    answer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn create_get_list_and_every_limit_at_its_edge() {
+    let stack = Stack::start().await;
+    let base = minimal("https://example.com/hook");
+
+    let full = accepted(
+        &stack,
+        json!({
+            "name": "invoices", "url": "https://example.com/in", "description": "d",
+            "event_types": ["workflow.completed", "workflow.step.*", "worker.>"],
+            "filters": {"workflow": ["invoice-approval"], "status": ["failed", "timed_*"]},
+            "format": "xml", "headers": {"X-Tenant": "t1"}, "timeout_ms": 1500, "enabled": false,
+        }),
+    )
+    .await;
+    let id = full["id"].as_str().unwrap().to_owned();
+    assert!(full["secret"].as_str().unwrap().starts_with("whsec_"));
+    assert_eq!(full["format"], "xml");
+    assert_eq!(full["timeout_ms"], 1500);
+    assert_eq!(full["enabled"], false);
+    assert_eq!(full["disabled_reason"], Value::Null);
+    assert_eq!(full["headers"], json!({"X-Tenant": "t1"}));
+    assert_eq!(full["filters"]["status"], json!(["failed", "timed_*"]));
+    assert!(full["created_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(full["created_at"], full["updated_at"]);
+
+    let (status, got) = stack.api("GET", &format!("/webhooks/{id}"), None).await;
+    assert_eq!(status, 200);
+    let mut expected = full.clone();
+    expected.as_object_mut().unwrap().remove("secret");
+    assert_eq!(
+        got, expected,
+        "GET answers what create did, without the secret"
+    );
+
+    // Defaults.
+    let plain = accepted(&stack, base.clone()).await;
+    assert_eq!(plain["timeout_ms"], 5000);
+    assert_eq!(plain["format"], "json");
+    assert_eq!(plain["enabled"], true);
+    assert_eq!(plain["description"], "");
+    assert_eq!(plain["filters"], json!({}));
+
+    let (status, list) = stack.api("GET", "/webhooks", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(list["total"], 2);
+    assert_eq!(list["data"][0]["id"], id.as_str(), "oldest first");
+    assert!(
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w.get("secret").is_none())
+    );
+
+    // Each limit at its edge.
+    let url_of = |n: usize| format!("https://example.com/{}", "a".repeat(n - 20));
+    assert_eq!(url_of(2048).len(), 2048);
+    accepted(&stack, with(&base, "name", json!("é".repeat(255)))).await;
+    refused(&stack, with(&base, "name", json!("é".repeat(256))), "name").await;
+    refused(&stack, with(&base, "name", json!("   ")), "name").await;
+    accepted(&stack, with(&base, "url", json!(url_of(2048)))).await;
+    refused(&stack, with(&base, "url", json!(url_of(2049))), "url").await;
+    refused(
+        &stack,
+        with(&base, "url", json!("ftp://example.com/")),
+        "url",
+    )
+    .await;
+    refused(&stack, with(&base, "url", json!("not a url")), "url").await;
+    refused(
+        &stack,
+        with(&base, "url", json!("https://u:p@example.com/")),
+        "url",
+    )
+    .await;
+    accepted(&stack, with(&base, "description", json!("d".repeat(1024)))).await;
+    refused(
+        &stack,
+        with(&base, "description", json!("d".repeat(1025))),
+        "description",
+    )
+    .await;
+    accepted(&stack, with(&base, "timeout_ms", json!(30_000))).await;
+    refused(
+        &stack,
+        with(&base, "timeout_ms", json!(30_001)),
+        "timeout_ms",
+    )
+    .await;
+    refused(&stack, with(&base, "timeout_ms", json!(0)), "timeout_ms").await;
+    refused(&stack, with(&base, "timeout_ms", json!(-1)), "timeout_ms").await;
+    refused(
+        &stack,
+        with(&base, "timeout_ms", json!("5000")),
+        "timeout_ms",
+    )
+    .await;
+    let own = accepted(&stack, with(&base, "secret", json!("s".repeat(255)))).await;
+    assert_eq!(
+        own["secret"],
+        "s".repeat(255),
+        "an own secret is shown once too"
+    );
+    refused(
+        &stack,
+        with(&base, "secret", json!("s".repeat(256))),
+        "secret",
+    )
+    .await;
+    refused(&stack, with(&base, "secret", json!("")), "secret").await;
+    refused(&stack, with(&base, "format", json!("yaml")), "format").await;
+
+    // Event types: exact or patterns, each checked against the catalogue.
+    refused(&stack, with(&base, "event_types", json!([])), "event_types").await;
+    refused(
+        &stack,
+        with(&base, "event_types", json!(["nothing.here"])),
+        "event_types",
+    )
+    .await;
+    refused(
+        &stack,
+        with(&base, "event_types", json!(["billing.*"])),
+        "event_types",
+    )
+    .await;
+    refused(
+        &stack,
+        with(&base, "event_types", json!(["workflow..x"])),
+        "event_types",
+    )
+    .await;
+    refused(
+        &stack,
+        with(&base, "event_types", json!(["workflow.>.x"])),
+        "event_types",
+    )
+    .await;
+    refused(
+        &stack,
+        with(&base, "event_types", json!("workflow.completed")),
+        "event_types",
+    )
+    .await;
+    accepted(
+        &stack,
+        with(&base, "event_types", json!(["workflow.*", "workflow.>"])),
+    )
+    .await;
+
+    // Custom headers: reserved names and CR/LF refused.
+    for name in [
+        "Host",
+        "content-type",
+        "Content-Length",
+        "Transfer-Encoding",
+        "webhook-id",
+        "Webhook-Signature",
+        "X-Webhook-Signature",
+        "x-webhook-anything",
+    ] {
+        refused(
+            &stack,
+            with(&base, "headers", json!({name: "v"})),
+            "headers",
+        )
+        .await;
+    }
+    refused(
+        &stack,
+        with(&base, "headers", json!({"X-A": "a\r\nX-B: b"})),
+        "headers",
+    )
+    .await;
+    refused(
+        &stack,
+        with(&base, "headers", json!({"X-A": "a\nb"})),
+        "headers",
+    )
+    .await;
+    refused(
+        &stack,
+        with(&base, "headers", json!({"bad name": "v"})),
+        "headers",
+    )
+    .await;
+    for value in ["caf\u{e9}", "\u{84}", "a\u{7f}"] {
+        refused(
+            &stack,
+            with(&base, "headers", json!({"X-A": value})),
+            "headers",
+        )
+        .await;
+    }
+    accepted(
+        &stack,
+        with(&base, "headers", json!({"Authorization": "Bearer x"})),
+    )
+    .await;
+
+    // Filters.
+    refused(
+        &stack,
+        with(&base, "filters", json!({"workflow": []})),
+        "filters",
+    )
+    .await;
+    refused(
+        &stack,
+        with(&base, "filters", json!({"a.b": ["x"]})),
+        "filters",
+    )
+    .await;
+    refused(
+        &stack,
+        with(&base, "filters", json!({"workflow": [""]})),
+        "filters",
+    )
+    .await;
+    refused(
+        &stack,
+        with(&base, "filters", json!({"workflow": "x"})),
+        "filters",
+    )
+    .await;
+
+    // Required fields, unknown fields, read-only fields.
+    for field in ["name", "url", "event_types"] {
+        let mut body = base.clone();
+        body.as_object_mut().unwrap().remove(field);
+        refused(&stack, body, field).await;
+        refused(&stack, with(&base, field, Value::Null), field).await;
+    }
+    refused(&stack, with(&base, "colour", json!("red")), "colour").await;
+    refused(&stack, with(&base, "id", json!("wh_mine")), "id").await;
+    refused(
+        &stack,
+        with(&base, "disabled_reason", json!("x")),
+        "disabled_reason",
+    )
+    .await;
+
+    // The catalogue, and the document that describes the API.
+    let (status, types) = stack.api("GET", "/event-types", None).await;
+    assert_eq!(status, 200);
+    let names: Vec<&str> = types["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"workflow.completed") && names.contains(&"worker.disconnected"));
+    assert!(types["data"][0]["description"].is_string());
+    let (status, headers, doc) = stack.send("GET", "/openapi.json", &[], "").await;
+    assert_eq!(status, 200, "no key needed for the description");
+    assert_eq!(headers["content-type"], "application/json");
+    let doc: Value = serde_json::from_slice(&doc).unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    assert!(doc["paths"]["/webhooks/{id}/rotate-secret"]["post"].is_object());
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_refusal_is_json_in_our_shape() {
+    let stack = Stack::start_with(Options::default().env("HERALD_ALLOW_HTTP", "false")).await;
+    let body = minimal("https://example.com/hook").to_string();
+
+    // 401: no key, a wrong key, another scheme; on every route but health.
+    for (method, path) in [
+        ("GET", "/webhooks"),
+        ("POST", "/webhooks"),
+        ("GET", "/webhooks/wh_x"),
+        ("PATCH", "/webhooks/wh_x"),
+        ("DELETE", "/webhooks/wh_x"),
+        ("POST", "/webhooks/wh_x/rotate-secret"),
+        ("GET", "/event-types"),
+    ] {
+        for auth in [
+            None,
+            Some("Bearer wrong"),
+            Some("Basic dGVzdA=="),
+            Some("Bearer "),
+        ] {
+            let mut headers = vec![JSON];
+            if let Some(a) = auth {
+                headers.push(("authorization", a));
+            }
+            let (status, h, bytes) = stack.send(method, path, &headers, body.clone()).await;
+            assert_eq!(h["content-type"], "application/json", "{method} {path}");
+            let json: Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(
+                error_of(status, 401, &json).0,
+                "unauthorized",
+                "{method} {path} {auth:?}"
+            );
+        }
+    }
+    let (status, _, _) = stack.send("GET", "/ready", &[], "").await;
+    assert_eq!(status, 200, "health needs no key");
+
+    let check = |status: u16, headers: &http::HeaderMap, bytes: &[u8], want: u16, code: &str| {
+        assert_eq!(
+            headers["content-type"],
+            "application/json",
+            "{want} {}",
+            String::from_utf8_lossy(bytes)
+        );
+        let json: Value = serde_json::from_slice(bytes).expect("JSON error body");
+        assert_eq!(error_of(status, want, &json).0, code, "{json}");
+    };
+
+    // 404 for an unknown route and an unknown webhook; 405 for a wrong method.
+    let (s, h, b) = stack.send("GET", "/nothing/here", &[AUTH], "").await;
+    check(s, &h, &b, 404, "not_found");
+    let (s, h, b) = stack.send("GET", "/webhooks/wh_missing", &[AUTH], "").await;
+    check(s, &h, &b, 404, "not_found");
+    let (s, h, b) = stack.send("GET", "/webhooks/a%FFb", &[AUTH], "").await;
+    assert!(s == 400 || s == 404, "{s}");
+    check(
+        s,
+        &h,
+        &b,
+        s,
+        if s == 400 { "bad_request" } else { "not_found" },
+    );
+    let (s, h, b) = stack
+        .send("PUT", "/webhooks", &[AUTH, JSON], body.clone())
+        .await;
+    check(s, &h, &b, 405, "method_not_allowed");
+    let (s, h, b) = stack.send("DELETE", "/event-types", &[AUTH], "").await;
+    check(s, &h, &b, 405, "method_not_allowed");
+
+    // 413: a body over the limit, declared or chunked.
+    let big = format!(
+        r#"{{"name":"n","url":"https://example.com/","event_types":["workflow.completed"],"description":"{}"}}"#,
+        "x".repeat(herald_admin::MAX_BODY_BYTES)
+    );
+    let (s, h, b) = stack
+        .send("POST", "/webhooks", &[AUTH, JSON], big.clone())
+        .await;
+    check(s, &h, &b, 413, "payload_too_large");
+    let (s, h, b) = stack
+        .send("PATCH", "/webhooks/wh_x", &[AUTH, JSON], big)
+        .await;
+    assert!(s == 413 || s == 404, "{s}");
+    check(
+        s,
+        &h,
+        &b,
+        s,
+        if s == 413 {
+            "payload_too_large"
+        } else {
+            "not_found"
+        },
+    );
+
+    // 415: a body not declared JSON; 400: a body that is not a JSON object.
+    for content_type in ["text/plain", "application/x-www-form-urlencoded"] {
+        let headers = [AUTH, ("content-type", content_type)];
+        let (s, h, b) = stack
+            .send("POST", "/webhooks", &headers, body.clone())
+            .await;
+        check(s, &h, &b, 415, "unsupported_media_type");
+    }
+    let (s, h, b) = stack.send("POST", "/webhooks", &[AUTH], body.clone()).await;
+    check(s, &h, &b, 415, "unsupported_media_type");
+    for bad in ["{", "[1,2]", "\"x\"", "null", "{\"name\": }"] {
+        let (s, h, b) = stack.send("POST", "/webhooks", &[AUTH, JSON], bad).await;
+        check(s, &h, &b, 400, "invalid_json");
+    }
+    let (s, h, b) = stack.send("POST", "/webhooks", &[AUTH, JSON], "").await;
+    check(s, &h, &b, 400, "invalid_json");
+
+    // An organization header that is not an organization id.
+    let headers = [AUTH, ("x-organization-id", "Not Valid")];
+    let (s, h, b) = stack.send("GET", "/webhooks", &headers, "").await;
+    check(s, &h, &b, 400, "invalid_organization");
+
+    // https only, unless the operator allows plain http.
+    refused(&stack, minimal("http://example.com/hook"), "url").await;
+    accepted(&stack, minimal("https://example.com/hook")).await;
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_sees_only_its_own_organizations() {
+    let stack = Stack::start().await;
+    let body = minimal("https://example.com/hook");
+    // The operator key: default organization acme, any other by header.
+    let acme = accepted(&stack, body.clone()).await;
+    let acme_id = acme["id"].as_str().unwrap().to_owned();
+    let (status, globex) = stack
+        .api_as(
+            API_KEY,
+            Some("globex"),
+            "POST",
+            "/webhooks",
+            Some(body.clone()),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let globex_id = globex["id"].as_str().unwrap().to_owned();
+
+    // The tenant key's default organization is globex, and only it.
+    let (status, list) = stack
+        .api_as(TENANT_KEY, None, "GET", "/webhooks", None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(list["total"], 1);
+    assert_eq!(list["data"][0]["id"], globex_id.as_str());
+    let (status, list) = stack.api("GET", "/webhooks", None).await;
+    assert_eq!((status, list["total"].clone()), (200, json!(1)));
+    assert_eq!(list["data"][0]["id"], acme_id.as_str());
+
+    // Another organization's webhook is a 404 on every route, never a 403.
+    let acme_path = format!("/webhooks/{acme_id}");
+    for (method, path, body) in [
+        ("GET", acme_path.clone(), None),
+        ("PATCH", acme_path.clone(), Some(json!({"name": "stolen"}))),
+        ("DELETE", acme_path.clone(), None),
+        ("POST", format!("{acme_path}/rotate-secret"), None),
+        ("GET", format!("{acme_path}/logs"), None),
+    ] {
+        let (status, answer) = stack.api_as(TENANT_KEY, None, method, &path, body).await;
+        assert_eq!(
+            error_of(status, 404, &answer).0,
+            "not_found",
+            "{method} {path}"
+        );
+    }
+    // Asking for another organization outright is a 404 too.
+    let (status, answer) = stack
+        .api_as(TENANT_KEY, Some("acme"), "GET", "/webhooks", None)
+        .await;
+    error_of(status, 404, &answer);
+    let (status, answer) = stack
+        .api_as(TENANT_KEY, Some("acme"), "POST", "/webhooks", Some(body))
+        .await;
+    error_of(status, 404, &answer);
+    // The operator reading globex's webhook from acme does not find it either.
+    let (status, _) = stack
+        .api("GET", &format!("/webhooks/{globex_id}"), None)
+        .await;
+    assert_eq!(status, 404);
+
+    // Nothing changed in acme.
+    let (status, got) = stack.api("GET", &acme_path, None).await;
+    assert_eq!((status, got["name"].clone()), (200, json!("n")));
+    // The tenant key with its own organization named explicitly works.
+    let (status, _) = stack
+        .api_as(
+            TENANT_KEY,
+            Some("globex"),
+            "GET",
+            &format!("/webhooks/{globex_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    // The scheme is case-insensitive; the key is not.
+    for auth in ["bearer test-operator-key", "BEARER  test-operator-key"] {
+        let (status, _, _) = stack
+            .send("GET", "/webhooks", &[("authorization", auth)], "")
+            .await;
+        assert_eq!(status, 200, "{auth}");
+    }
+    // Keys are compared whole: a prefix or a differently cased key is not one.
+    for key in [
+        "test-operator-ke",
+        "TEST-OPERATOR-KEY",
+        "test-operator-key2",
+    ] {
+        let (status, _) = stack.api_as(key, None, "GET", "/webhooks", None).await;
+        assert_eq!(status, 401, "{key}");
+    }
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn patch_changes_only_the_fields_given() {
+    let stack = Stack::start().await;
+    let created = accepted(
+        &stack,
+        json!({"name": "a", "url": "https://example.com/a", "description": "keep",
+               "event_types": ["workflow.failed"], "filters": {"status": ["failed"]},
+               "headers": {"X-A": "1"}, "timeout_ms": 2000}),
+    )
+    .await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let path = format!("/webhooks/{id}");
+
+    let (status, patched) = stack.api("PATCH", &path, Some(json!({"name": "b"}))).await;
+    assert_eq!(status, 200, "{patched}");
+    for field in [
+        "url",
+        "description",
+        "event_types",
+        "filters",
+        "headers",
+        "timeout_ms",
+        "format",
+        "enabled",
+        "created_at",
+    ] {
+        assert_eq!(patched[field], created[field], "{field} unchanged");
+    }
+    assert_eq!(patched["name"], "b");
+    assert!(patched.get("secret").is_none());
+    let store = WebhookStore::open(&stack.js, 1).await.unwrap();
+    let stored = store.get("acme", &id).await.unwrap().unwrap().webhook;
+    assert_eq!(stored.name, "b");
+    assert!(stored.updated_at_ms >= stored.created_at_ms);
+    assert_eq!(
+        patched["updated_at"],
+        herald_core::payload::rfc3339_ms(stored.updated_at_ms)
+    );
+
+    // null resets an optional field; required fields cannot be null.
+    let (status, patched) = stack
+        .api(
+            "PATCH",
+            &path,
+            Some(json!({"description": null, "headers": null, "timeout_ms": null})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(patched["description"], "");
+    assert_eq!(patched["headers"], json!({}));
+    assert_eq!(patched["timeout_ms"], 5000);
+    assert_eq!(patched["filters"], json!({"status": ["failed"]}));
+    for (field, value) in [
+        ("name", Value::Null),
+        ("url", Value::Null),
+        ("event_types", Value::Null),
+        ("enabled", Value::Null),
+        ("name", json!("x".repeat(256))),
+        ("timeout_ms", json!(30_001)),
+        ("event_types", json!(["nope.*"])),
+        ("headers", json!({"Content-Type": "text/plain"})),
+        ("id", json!("wh_other")),
+    ] {
+        let (status, answer) = stack.api("PATCH", &path, Some(json!({field: value}))).await;
+        assert_eq!(
+            error_of(status, 400, &answer).1.as_deref(),
+            Some(field),
+            "{answer}"
+        );
+    }
+    let (status, after) = stack.api("GET", &path, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(after["name"], "b", "a refused patch changed nothing");
+    let (status, answer) = stack
+        .api("PATCH", "/webhooks/wh_nope", Some(json!({"name": "x"})))
+        .await;
+    error_of(status, 404, &answer);
+
+    // enabled: true re-enables, clears the reason and resets the count.
+    store
+        .modify("acme", &id, |w| {
+            w.enabled = false;
+            w.disabled_reason = "4 consecutive failed attempts".into();
+            true
+        })
+        .await
+        .unwrap();
+    let mut redis = redis::Client::open(stack.redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let failures = format!("herald:failures:{id}");
+    redis::cmd("SET")
+        .arg(&failures)
+        .arg(4)
+        .query_async::<()>(&mut redis)
+        .await
+        .unwrap();
+    let (_, disabled) = stack.api("GET", &path, None).await;
+    assert_eq!(disabled["enabled"], false);
+    assert_eq!(disabled["disabled_reason"], "4 consecutive failed attempts");
+    let (status, enabled) = stack
+        .api("PATCH", &path, Some(json!({"enabled": true})))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(enabled["enabled"], true);
+    assert_eq!(enabled["disabled_reason"], Value::Null);
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(&failures)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(!exists, "failure count reset");
+    let (_, off) = stack
+        .api("PATCH", &path, Some(json!({"enabled": false})))
+        .await;
+    assert_eq!(
+        (off["enabled"].clone(), off["disabled_reason"].clone()),
+        (json!(false), Value::Null)
+    );
+
+    // If-Match: the ETag of what was read; an older one is a 409.
+    let (status, headers, _) = stack.send("GET", &path, &[AUTH], "").await;
+    assert_eq!(status, 200);
+    let etag = headers["etag"].to_str().unwrap().to_owned();
+    let (status, _, _) = stack
+        .send(
+            "PATCH",
+            &path,
+            &[AUTH, JSON, ("if-match", &etag)],
+            r#"{"name":"c"}"#,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, _, bytes) = stack
+        .send(
+            "PATCH",
+            &path,
+            &[AUTH, JSON, ("if-match", &etag)],
+            r#"{"name":"d"}"#,
+        )
+        .await;
+    let answer: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(error_of(status, 409, &answer).0, "conflict");
+    let (status, _, _) = stack
+        .send("DELETE", &path, &[AUTH, ("if-match", &etag)], "")
+        .await;
+    assert_eq!(status, 409, "a stale delete is refused");
+
+    // Concurrent patches of different fields: every one lands, none is lost.
+    let mut calls = Vec::new();
+    for i in 0..6 {
+        let field = if i % 2 == 0 { "name" } else { "description" };
+        let body = json!({field: format!("{field}-{i}")});
+        let stack = &stack;
+        let path = path.clone();
+        calls.push(async move { stack.api("PATCH", &path, Some(body)).await.0 });
+    }
+    let statuses = futures::future::join_all(calls).await;
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let (_, after) = stack.api("GET", &path, None).await;
+    assert!(
+        after["name"].as_str().unwrap().starts_with("name-"),
+        "{after}"
+    );
+    assert!(
+        after["description"]
+            .as_str()
+            .unwrap()
+            .starts_with("description-"),
+        "{after}"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_sixth_webhook_on_a_workflow_is_refused() {
+    let stack = Stack::start().await;
+    let on = |workflows: Value| {
+        json!({"name": "n", "url": "https://example.com/", "event_types": ["workflow.>"],
+               "filters": {"workflow": workflows}})
+    };
+    for _ in 0..5 {
+        accepted(&stack, on(json!(["invoice-approval"]))).await;
+    }
+    let (status, answer) = stack
+        .api(
+            "POST",
+            "/webhooks",
+            Some(on(json!(["other", "invoice-approval"]))),
+        )
+        .await;
+    let (code, field) = error_of(status, 400, &answer);
+    assert_eq!(
+        (code.as_str(), field.as_deref()),
+        ("validation_failed", Some("filters"))
+    );
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("invoice-approval")
+    );
+
+    // Other workflows, other organizations, and webhooks without a workflow
+    // filter are not counted.
+    let other = accepted(&stack, on(json!(["other"]))).await;
+    accepted(&stack, minimal("https://example.com/")).await;
+    let (status, _) = stack
+        .api_as(
+            API_KEY,
+            Some("globex"),
+            "POST",
+            "/webhooks",
+            Some(on(json!(["invoice-approval"]))),
+        )
+        .await;
+    assert_eq!(status, 201);
+
+    // A patch that would make it six is refused too; one that keeps a
+    // webhook's own workflow is not.
+    let other_path = format!("/webhooks/{}", other["id"].as_str().unwrap());
+    let (status, answer) = stack
+        .api(
+            "PATCH",
+            &other_path,
+            Some(json!({"filters": {"workflow": ["invoice-approval"]}})),
+        )
+        .await;
+    error_of(status, 400, &answer);
+    let (_, list) = stack.api("GET", "/webhooks", None).await;
+    let first = list["data"][0]["id"].as_str().unwrap().to_owned();
+    let (status, _) = stack
+        .api(
+            "PATCH",
+            &format!("/webhooks/{first}"),
+            Some(json!({"filters": {"workflow": ["invoice-approval"], "status": ["failed"]}})),
+        )
+        .await;
+    assert_eq!(status, 200);
+
+    // Deleting one frees a place.
+    let (status, _) = stack
+        .api("DELETE", &format!("/webhooks/{first}"), None)
+        .await;
+    assert_eq!(status, 204);
+    accepted(&stack, on(json!(["invoice-approval"]))).await;
+
+    // The lock that serializes those checks: a lease left by a crashed admin
+    // is taken over once expired; a live one makes a create wait, then 409.
+    let locks = stack.js.get_key_value("herald-admin-locks").await.unwrap();
+    locks.put("workflows.acme", "1".into()).await.unwrap();
+    accepted(&stack, on(json!(["after-a-crash"]))).await;
+    let far = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 60_000)
+        .to_string();
+    locks.put("workflows.acme", far.into()).await.unwrap();
+    let (status, answer) = stack
+        .api("POST", "/webhooks", Some(on(json!(["locked"]))))
+        .await;
+    assert_eq!(error_of(status, 409, &answer).0, "conflict");
+    accepted(&stack, minimal("https://example.com/")).await;
+    locks.delete("workflows.acme").await.unwrap();
+
+    // Concurrent creates on a fresh workflow: exactly five win.
+    let calls = (0..8).map(|_| {
+        let stack = &stack;
+        async move {
+            stack
+                .api("POST", "/webhooks", Some(on(json!(["race"]))))
+                .await
+                .0
+        }
+    });
+    let mut statuses = futures::future::join_all(calls).await;
+    statuses.sort();
+    assert_eq!(statuses, vec![201, 201, 201, 201, 201, 400, 400, 400]);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn secrets_are_shown_once_and_encrypted_at_rest() {
+    let stack = Stack::start().await;
+    let own = "my-own-very-recognisable-secret-42";
+    let mine = accepted(
+        &stack,
+        with(&minimal("https://example.com/"), "secret", json!(own)),
+    )
+    .await;
+    let generated = accepted(&stack, minimal("https://example.com/")).await;
+
+    let kv = stack.js.get_key_value("herald-webhooks").await.unwrap();
+    for (webhook, secret) in [
+        (&mine, own.to_owned()),
+        (&generated, generated["secret"].as_str().unwrap().to_owned()),
+    ] {
+        let id = webhook["id"].as_str().unwrap();
+        let raw = kv.get(format!("acme.{id}")).await.unwrap().expect("stored");
+        let contains = |needle: &[u8]| raw.windows(needle.len()).any(|w| w == needle);
+        assert!(
+            !contains(secret.as_bytes()),
+            "secret in clear in the KV value"
+        );
+        if let Some(b64) = secret.strip_prefix("whsec_") {
+            use base64::Engine;
+            let key = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap();
+            assert!(!contains(&key), "secret key bytes in clear in the KV value");
+        }
+        let stored = proto::Webhook::decode(raw).unwrap();
+        assert_eq!(stored.secrets.len(), 1);
+        assert_eq!(stored.secrets[0].nonce.len(), 24);
+        assert!(!stored.secrets[0].key_id.is_empty());
+
+        // Never shown again: get, list, patch.
+        let (_, got) = stack.api("GET", &format!("/webhooks/{id}"), None).await;
+        assert!(got.get("secret").is_none());
+        let (_, patched) = stack
+            .api(
+                "PATCH",
+                &format!("/webhooks/{id}"),
+                Some(json!({"name": "m"})),
+            )
+            .await;
+        assert!(patched.get("secret").is_none());
+    }
+    let (_, list) = stack.api("GET", "/webhooks", None).await;
+    assert!(!list.to_string().contains(own));
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rotated_secret_signs_alongside_the_new_one() {
+    let stack = Stack::start().await;
+    let receiver = Receiver::start().await;
+    let created = accepted(
+        &stack,
+        json!({"name": "r", "url": receiver.url("/hook"), "event_types": ["workflow.completed"]}),
+    )
+    .await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let old = created["secret"].as_str().unwrap().to_owned();
+
+    let (status, rotated) = stack
+        .api("POST", &format!("/webhooks/{id}/rotate-secret"), None)
+        .await;
+    assert_eq!(status, 200, "{rotated}");
+    let new = rotated["secret"].as_str().unwrap().to_owned();
+    assert!(new.starts_with("whsec_") && new != old);
+    let (_, got) = stack.api("GET", &format!("/webhooks/{id}"), None).await;
+    assert!(got.get("secret").is_none(), "shown once");
+
+    // The stored secrets: new first, the old one expiring in 24 h.
+    let store = WebhookStore::open(&stack.js, 1).await.unwrap();
+    let stored = store.get("acme", &id).await.unwrap().unwrap().webhook;
+    assert_eq!(stored.secrets.len(), 2);
+    assert_eq!(stored.secrets[0].expires_at_ms, 0);
+    let in_a_day = stored.secrets[1].expires_at_ms - stored.updated_at_ms;
+    assert_eq!(in_a_day, 24 * 3600 * 1000);
+
+    stack
+        .publish(
+            "acme",
+            "workflow.completed",
+            json!({"attributes": {"workflow": "w"}}),
+        )
+        .await;
+    let got = receiver.wait_for("/hook", 1, Duration::from_secs(15)).await;
+    let request = &got[0];
+    let msg_id = request.header("webhook-id").unwrap();
+    let timestamp: i64 = request
+        .header("webhook-timestamp")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let header = request.header("webhook-signature").unwrap();
+    let signatures: Vec<&str> = header.split(' ').collect();
+    assert_eq!(signatures.len(), 2, "{header}");
+    assert!(signatures.iter().all(|s| s.starts_with("v1,")));
+    for secret in [&old, &new] {
+        let expected =
+            signing::SigningKey::new(secret).standard_signature(msg_id, timestamp, &request.body);
+        assert!(
+            signatures.contains(&expected.as_str()),
+            "signed with {secret}"
+        );
+    }
+
+    // A rotation to an own secret; a webhook that does not exist is a 404.
+    let (status, own) = stack
+        .api(
+            "POST",
+            &format!("/webhooks/{id}/rotate-secret"),
+            Some(json!({"secret": "mine-now"})),
+        )
+        .await;
+    assert_eq!((status, own["secret"].clone()), (200, json!("mine-now")));
+    let stored = store.get("acme", &id).await.unwrap().unwrap().webhook;
+    assert_eq!(
+        stored.secrets.len(),
+        3,
+        "new, previous, and the first until its day is over"
+    );
+    let (status, answer) = stack
+        .api(
+            "POST",
+            &format!("/webhooks/{id}/rotate-secret"),
+            Some(json!({"secret": ""})),
+        )
+        .await;
+    assert_eq!(error_of(status, 400, &answer).1.as_deref(), Some("secret"));
+    let (status, _) = stack
+        .api("POST", "/webhooks/wh_nope/rotate-secret", None)
+        .await;
+    assert_eq!(status, 404);
+
+    // PATCH secret replaces every secret at once.
+    let (status, _) = stack
+        .api(
+            "PATCH",
+            &format!("/webhooks/{id}"),
+            Some(json!({"secret": "only-this"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let stored = store.get("acme", &id).await.unwrap().unwrap().webhook;
+    assert_eq!(stored.secrets.len(), 1);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deleted_webhook_gets_nothing() {
+    let stack = Stack::start().await;
+    let receiver = Receiver::start().await;
+    let doomed = accepted(
+        &stack,
+        json!({"name": "gone", "url": receiver.url("/gone"), "event_types": ["workflow.completed"]}),
+    )
+    .await;
+    accepted(
+        &stack,
+        json!({"name": "kept", "url": receiver.url("/kept"), "event_types": ["workflow.completed"]}),
+    )
+    .await;
+    let path = format!("/webhooks/{}", doomed["id"].as_str().unwrap());
+
+    let (status, body) = stack.api("DELETE", &path, None).await;
+    assert_eq!((status, body), (204, Value::Null));
+    let (status, _) = stack.api("GET", &path, None).await;
+    assert_eq!(status, 404);
+    let (status, _) = stack.api("DELETE", &path, None).await;
+    assert_eq!(status, 404, "deleting twice");
+    let (_, list) = stack.api("GET", "/webhooks", None).await;
+    assert_eq!(list["total"], 1);
+
+    stack
+        .publish("acme", "workflow.completed", json!({"attributes": {}}))
+        .await;
+    receiver.wait_for("/kept", 1, Duration::from_secs(15)).await;
+    // The kept webhook's delivery ran alongside; give a stray one a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        receiver.received("/gone").is_empty(),
+        "a deleted webhook got a delivery"
+    );
+    stack.stop().await;
+}
