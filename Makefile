@@ -19,7 +19,7 @@ build: ## build the five services (release)
 run: deps build ## start NATS, Redis and all five services locally; Ctrl-C stops
 	@scripts/dev-stack.sh
 
-test: deps test-rust helm-check ## install what is missing and run every test
+test: deps test-rust fuzz-api helm-check ## install what is missing and run every test
 
 test-rust: ## unit, integration and end-to-end tests against real NATS and Redis
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
@@ -31,6 +31,9 @@ test-rust: ## unit, integration and end-to-end tests against real NATS and Redis
 lint: ## rustfmt check and clippy with warnings denied
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fuzz-api: ## property-based tests of the admin API against its OpenAPI document (schemathesis)
+	@scripts/fuzz-api.sh
 
 helm-check: ## lint, render and validate the Helm chart
 	@$(PIP) install -q -r scripts/requirements-helm.txt
