@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer};
 use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use herald_core::{ids, names, proto};
 use herald_platform::config::{self, ConfigError, Source};
 use herald_platform::health::Health;
@@ -29,6 +30,9 @@ pub use subscriptions::Cache;
 
 pub const HEALTH_ADDR: &str = "HERALD_MATCHER_HEALTH_ADDR";
 pub const CACHE_TTL: &str = "HERALD_SUBSCRIPTION_CACHE_TTL";
+/// How long an event may stay unacknowledged before NATS hands it to another
+/// matcher (after a crash between publishing its jobs and acking it).
+pub const ACK_WAIT: &str = "HERALD_MATCHER_ACK_WAIT";
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -37,6 +41,7 @@ pub struct Config {
     pub health_addr: SocketAddr,
     /// How long Redis keeps an organization's subscription set.
     pub cache_ttl: Duration,
+    pub ack_wait: Duration,
     pub concurrency: usize,
 }
 
@@ -47,6 +52,7 @@ impl Config {
             redis_url: config::redis_url(src)?,
             health_addr: config::addr(src, HEALTH_ADDR, "127.0.0.1:9102")?,
             cache_ttl: config::duration(src, CACHE_TTL, Duration::from_secs(60))?,
+            ack_wait: config::duration(src, ACK_WAIT, Duration::from_secs(30))?,
             concurrency: 128,
         })
     }
@@ -135,13 +141,31 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             cache.metrics.rebuilds.clone(),
         );
         r.register(
+            "subscription_cache_invalidations",
+            "Organizations dropped from the subscription caches on a webhook change",
+            cache.metrics.invalidations.clone(),
+        );
+        r.register(
             "redis_degraded",
             "Redis calls that failed or timed out; work went on without Redis",
             cache.metrics.redis_degraded.clone(),
         );
     });
 
-    tokio::spawn(watch_changes(store, cache.clone(), shutdown.clone()));
+    // The change feed first catches up on recent changes, so no set cached
+    // before a change made while no matcher ran is used.
+    let (ready, caught_up) = tokio::sync::oneshot::channel();
+    tokio::spawn(subscriptions::follow_changes(
+        js.clone(),
+        cache.clone(),
+        config.cache_ttl + Duration::from_secs(30),
+        ready,
+        shutdown.clone(),
+    ));
+    tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        _ = caught_up => {}
+    }
 
     let consumer = nats::durable_consumer(
         &js,
@@ -149,14 +173,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         consumer::pull::Config {
             durable_name: Some(names::MATCHER_CONSUMER.into()),
             ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(30),
+            ack_wait: config.ack_wait,
             max_ack_pending: 10_000,
             ..Default::default()
         },
         &shutdown,
     )
     .await?;
-    let messages = consumer
+    let mut messages = consumer
         .stream()
         .max_messages_per_batch(500)
         .messages()
@@ -165,45 +189,36 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     health.set("consumer", true);
 
     let state = Arc::new(State { js, cache, metrics });
-    messages
-        .take_until(shutdown.cancelled_owned())
-        .for_each_concurrent(config.concurrency, |message| {
-            let state = state.clone();
-            async move {
-                match message {
-                    Ok(message) => state.handle(message).await,
-                    Err(error) => tracing::warn!(%error, "accepted-events consumer error"),
-                }
-            }
-        })
-        .await;
-    client.flush().await.ok();
-    Ok(())
-}
-
-/// Follows the webhooks bucket and drops changed organizations from the
-/// caches; if the feed breaks, everything local is dropped and it resumes.
-async fn watch_changes(store: WebhookStore, cache: Cache, shutdown: CancellationToken) {
+    let mut in_flight = FuturesUnordered::new();
     loop {
-        match store.watch().await {
-            Ok(mut changes) => loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    change = changes.next() => match change {
-                        Some(Ok(change)) => cache.invalidate(&change.org).await,
-                        Some(Err(error)) => tracing::warn!(%error, "webhook change feed"),
-                        None => break,
-                    }
-                }
-            },
-            Err(error) => tracing::warn!(%error, "cannot watch webhook changes"),
-        }
-        cache.clear_local();
         tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            biased;
+            _ = shutdown.cancelled() => break,
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            message = messages.next(), if in_flight.len() < config.concurrency => match message {
+                Some(Ok(message)) => {
+                    let state = state.clone();
+                    in_flight.push(async move { state.handle(message).await });
+                }
+                Some(Err(error)) => tracing::warn!(%error, "accepted-events consumer error"),
+                None => break,
+            },
         }
     }
+    // Finish what was started; hand back at once what was pulled but not
+    // started, rather than leave it to wait out the ack deadline.
+    let hand_back = async {
+        while let Ok(Some(message)) =
+            tokio::time::timeout(Duration::from_millis(50), messages.next()).await
+        {
+            if let Ok(message) = message {
+                let _ = message.ack_with(AckKind::Nak(None)).await;
+            }
+        }
+    };
+    futures::join!(in_flight.collect::<()>(), hand_back);
+    client.flush().await.ok();
+    Ok(())
 }
 
 impl State {
@@ -238,8 +253,18 @@ impl State {
             .get(&event.organization_id)
             .await
             .map_err(|e| e.to_string())?;
-        let mut acks = Vec::new();
-        for subscription in set.matching(&event.r#type, &event.attributes) {
+        let matches = set.matching(&event.r#type, &event.attributes);
+        if matches.is_empty() {
+            self.metrics.unmatched.inc();
+            return Ok(());
+        }
+        // The event is encoded once and appended to each job as its field 4
+        // (protobuf fields may come in any order), so a large event is not
+        // copied and re-encoded per webhook.
+        let mut event_field = Vec::with_capacity(event.encoded_len() + 8);
+        prost::encoding::message::encode(4, event, &mut event_field);
+        let mut acks = Vec::with_capacity(matches.len());
+        for subscription in matches {
             let job = proto::DeliveryJob {
                 delivery_id: ids::delivery_id(
                     &event.organization_id,
@@ -248,12 +273,16 @@ impl State {
                 ),
                 organization_id: event.organization_id.clone(),
                 webhook_id: subscription.webhook_id.clone(),
-                event: Some(event.clone()),
+                event: None,
                 attempt: 1,
                 kind: proto::DeliveryKind::Event as i32,
                 not_before_ms: 0,
                 deferrals: 0,
             };
+            let mut payload = Vec::with_capacity(job.encoded_len() + event_field.len());
+            job.encode(&mut payload)
+                .expect("encoding into a Vec cannot fail");
+            payload.extend_from_slice(&event_field);
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("Nats-Msg-Id", format!("{}.1", job.delivery_id).as_str());
             if !event.traceparent.is_empty() {
@@ -262,13 +291,10 @@ impl State {
             let subject = names::delivery_subject(&event.organization_id, &subscription.webhook_id);
             let ack = self
                 .js
-                .publish_with_headers(subject, headers, job.encode_to_vec().into())
+                .publish_with_headers(subject, headers, payload.into())
                 .await
                 .map_err(|e| e.to_string())?;
             acks.push(ack);
-        }
-        if acks.is_empty() {
-            self.metrics.unmatched.inc();
         }
         let n = acks.len() as u64;
         for result in
@@ -279,5 +305,39 @@ impl State {
         }
         self.metrics.jobs.inc_by(n);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A job built by appending the encoded event decodes to the job with
+    /// the event inside.
+    #[test]
+    fn jobs_carry_the_event_encoded_once() {
+        let event = proto::Event {
+            id: "evt_1".into(),
+            organization_id: "acme".into(),
+            r#type: "workflow.completed".into(),
+            data_json: br#"{"big":"data"}"#.to_vec().into(),
+            ..Default::default()
+        };
+        let job = proto::DeliveryJob {
+            delivery_id: "msg_1".into(),
+            webhook_id: "wh_1".into(),
+            attempt: 1,
+            ..Default::default()
+        };
+        let mut payload = job.encode_to_vec();
+        prost::encoding::message::encode(4, &event, &mut payload);
+        let decoded = proto::DeliveryJob::decode(payload.as_slice()).unwrap();
+        assert_eq!(
+            decoded,
+            proto::DeliveryJob {
+                event: Some(event),
+                ..job
+            }
+        );
     }
 }
