@@ -34,6 +34,9 @@ pub const CACHE_TTL: &str = "HERALD_SUBSCRIPTION_CACHE_TTL";
 /// matcher (after a crash between publishing its jobs and acking it).
 pub const ACK_WAIT: &str = "HERALD_MATCHER_ACK_WAIT";
 
+/// Accepted events asked for at a time.
+const PULL_BATCH: usize = 500;
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub nats: config::Nats,
@@ -182,7 +185,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     .await?;
     let mut messages = consumer
         .stream()
-        .max_messages_per_batch(500)
+        .max_messages_per_batch(PULL_BATCH)
         .messages()
         .await
         .map_err(|e| Error::Consumer(e.to_string()))?;
@@ -205,14 +208,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             },
         }
     }
-    // Finish what was started; hand back at once what was pulled but not
-    // started, rather than leave it to wait out the ack deadline.
+    // Finish what was started, and hand back what was pulled but not
+    // started rather than leave it to wait out the ack deadline. The pull
+    // keeps asking for more as it is read, so this stops after one batch;
+    // the short delay keeps a handed-back event from coming straight back
+    // here.
     let hand_back = async {
-        while let Ok(Some(message)) =
-            tokio::time::timeout(Duration::from_millis(50), messages.next()).await
-        {
-            if let Ok(message) = message {
-                let _ = message.ack_with(AckKind::Nak(None)).await;
+        for _ in 0..PULL_BATCH {
+            match tokio::time::timeout(Duration::from_millis(50), messages.next()).await {
+                Ok(Some(Ok(message))) => {
+                    let _ = message
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await;
+                }
+                Ok(Some(Err(_))) => {}
+                Ok(None) | Err(_) => break,
             }
         }
     };

@@ -482,4 +482,137 @@ mod tests {
         assert_eq!(org_of("$KV.other.acme.wh_1"), None);
         assert_eq!(org_of("herald-webhooks.acme.wh_1"), None);
     }
+
+    /// Against real NATS and Redis: two caches stand for two replicas.
+    mod redis_races {
+        use super::*;
+        use herald_test_support::{NatsServer, RedisServer};
+
+        struct Env {
+            _nats: NatsServer,
+            _redis: RedisServer,
+            store: WebhookStore,
+            redis_url: String,
+        }
+
+        async fn env() -> Env {
+            let nats = NatsServer::start();
+            let redis = RedisServer::start();
+            let client = async_nats::connect(nats.url()).await.unwrap();
+            let store = WebhookStore::open(&jetstream::new(client), 1)
+                .await
+                .unwrap();
+            let redis_url = redis.url();
+            Env {
+                _nats: nats,
+                _redis: redis,
+                store,
+                redis_url,
+            }
+        }
+
+        impl Env {
+            fn cache(&self) -> Cache {
+                let redis = Redis::new(&self.redis_url, Duration::from_millis(500)).unwrap();
+                Cache::new(self.store.clone(), redis, Duration::from_secs(60))
+            }
+
+            async fn add(&self, id: &str) {
+                let w = proto::Webhook {
+                    id: id.into(),
+                    organization_id: "acme".into(),
+                    event_types: vec![">".into()],
+                    enabled: true,
+                    ..Default::default()
+                };
+                self.store.create(&w).await.unwrap();
+            }
+        }
+
+        #[tokio::test]
+        async fn replicas_share_sets_through_redis() {
+            let env = env().await;
+            env.add("wh_1").await;
+            let (a, b) = (env.cache(), env.cache());
+            assert_eq!(a.get("acme").await.unwrap().len(), 1);
+            assert_eq!(a.metrics.rebuilds.get(), 1);
+            assert_eq!(a.get("acme").await.unwrap().len(), 1);
+            assert_eq!(a.metrics.local_hits.get(), 1);
+            assert_eq!(b.get("acme").await.unwrap().len(), 1);
+            assert_eq!(
+                (b.metrics.redis_hits.get(), b.metrics.rebuilds.get()),
+                (1, 0)
+            );
+
+            // A change seen by one replica is not served from Redis to another.
+            env.add("wh_2").await;
+            a.invalidate("acme").await;
+            let c = env.cache();
+            assert_eq!(c.get("acme").await.unwrap().len(), 2);
+            assert_eq!(
+                (c.metrics.redis_hits.get(), c.metrics.rebuilds.get()),
+                (0, 1)
+            );
+            assert_eq!(a.metrics.redis_degraded.get(), 0);
+        }
+
+        #[tokio::test]
+        async fn a_rebuild_that_raced_a_change_is_not_stored() {
+            let env = env().await;
+            env.add("wh_1").await;
+            let a = env.cache();
+            // A rebuild reads the generation and the bucket...
+            let Lookup::Miss(generation) = a.read_redis("acme").await else {
+                panic!("nothing cached yet");
+            };
+            let stale = a.rebuild("acme").await.unwrap();
+            // ...then a webhook is added and the change seen...
+            env.add("wh_2").await;
+            a.invalidate("acme").await;
+            // ...and only then does the rebuild try to store what it read.
+            a.write_redis("acme", generation, &stale).await;
+            let b = env.cache();
+            assert_eq!(b.get("acme").await.unwrap().len(), 2, "not the stale set");
+            assert_eq!(b.metrics.redis_hits.get(), 0);
+
+            // A set stored under an old generation is never served.
+            let mut conn = a.redis.conn().await.unwrap();
+            let _: () = redis::cmd("SET")
+                .arg(set_key("acme"))
+                .arg(encode_set(generation, &stale))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let c = env.cache();
+            assert_eq!(c.get("acme").await.unwrap().len(), 2);
+            assert_eq!(
+                (c.metrics.redis_hits.get(), c.metrics.rebuilds.get()),
+                (0, 1)
+            );
+        }
+
+        #[tokio::test]
+        async fn without_redis_sets_come_from_the_bucket() {
+            let mut env = env().await;
+            env.add("wh_1").await;
+            let a = env.cache();
+            env._redis.stop();
+            assert_eq!(a.get("acme").await.unwrap().len(), 1);
+            env.add("wh_2").await;
+            a.invalidate("acme").await;
+            assert_eq!(a.get("acme").await.unwrap().len(), 2);
+            assert!(a.metrics.redis_degraded.get() >= 2);
+            assert!(a.local.lock().unwrap().unsynced.contains("acme"));
+            // Redis back: the missed change reaches it.
+            env._redis.restart();
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while a.local.lock().unwrap().unsynced.contains("acme") {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    a.sync_redis().await;
+                }
+            })
+            .await
+            .expect("synced once Redis is back");
+        }
+    }
 }
