@@ -562,7 +562,8 @@ struct Harness {
 }
 
 impl Harness {
-    async fn start() -> Self {
+    /// With a deliverer when `deliver`.
+    async fn start(deliver: bool) -> Self {
         let nats = NatsServer::start();
         let redis = RedisServer::start();
         let env: HashMap<String, String> = [
@@ -584,8 +585,10 @@ impl Harness {
         let js = jetstream::new(client);
         let shutdown = CancellationToken::new();
         let src: &dyn Source = &env;
-        let config = herald_deliverer::Config::from_source(src).expect("deliverer config");
-        tokio::spawn(herald_deliverer::run(config, shutdown.clone()));
+        if deliver {
+            let config = herald_deliverer::Config::from_source(src).expect("deliverer config");
+            tokio::spawn(herald_deliverer::run(config, shutdown.clone()));
+        }
         Self {
             _nats: nats,
             _redis: redis,
@@ -625,7 +628,7 @@ async fn a_matcher_stopped_or_killed_mid_stream_yields_one_job_per_pair() {
     // leaves some untouched.
     const EVENTS: usize = 300;
     const WEBHOOKS: usize = 4;
-    let harness = Harness::start().await;
+    let harness = Harness::start(true).await;
     let receiver = Receiver::start().await;
     herald_platform::nats::ensure_streams(&harness.js, 1, &Default::default(), &harness.shutdown)
         .await
@@ -719,6 +722,54 @@ async fn a_matcher_stopped_or_killed_mid_stream_yields_one_job_per_pair() {
     let delivered: HashSet<&str> = got.iter().filter_map(|r| r.header("webhook-id")).collect();
     assert_eq!(delivered.len() as u64, total);
     assert_eq!(got.len() as u64, total, "no webhook-id twice");
+    token.cancel();
+    let _ = task.await;
+}
+
+/// Many events, each to many webhooks, at once: the matcher's publishes in
+/// flight stay bounded without any fan-out waiting on another's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_large_fan_outs_at_once_complete() {
+    const EVENTS: usize = 150;
+    const WEBHOOKS: usize = 1000;
+    let harness = Harness::start(false).await;
+    herald_platform::nats::ensure_streams(&harness.js, 1, &Default::default(), &harness.shutdown)
+        .await
+        .expect("streams");
+    let store = WebhookStore::open(&harness.js, 1).await.expect("store");
+    let creates: Vec<proto::Webhook> = (0..WEBHOOKS)
+        .map(|_| webhook(&harness.env, "http://127.0.0.1:9/", &["workflow.>"], &[]))
+        .collect();
+    futures::future::try_join_all(creates.iter().map(|w| store.create(w)))
+        .await
+        .expect("create");
+    for i in 0..EVENTS {
+        let event = proto::Event {
+            id: format!("evt_{i}"),
+            organization_id: ORG.into(),
+            r#type: "workflow.completed".into(),
+            ..Default::default()
+        };
+        harness
+            .js
+            .publish(names::accepted_subject(ORG), event.encode_to_vec().into())
+            .await
+            .expect("publish")
+            .await
+            .expect("ack");
+    }
+    let started = Instant::now();
+    let (token, task) = harness.matcher();
+    let total = (EVENTS * WEBHOOKS) as u64;
+    until(Duration::from_secs(60), "every job", || async {
+        job_count(&harness.js).await >= total && matcher_idle(&harness.js).await
+    })
+    .await;
+    eprintln!(
+        "{total} jobs from {EVENTS} events in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(job_count(&harness.js).await, total);
     token.cancel();
     let _ = task.await;
 }

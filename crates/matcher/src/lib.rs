@@ -36,6 +36,8 @@ pub const ACK_WAIT: &str = "HERALD_MATCHER_ACK_WAIT";
 
 /// Accepted events asked for at a time.
 const PULL_BATCH: usize = 500;
+/// Delivery jobs one fan-out has published and not yet seen acknowledged.
+const ACK_WINDOW: usize = 128;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -101,7 +103,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 
     let client = nats::connect(&config.nats, "matcher").await?;
     health.watch_nats(client.clone(), shutdown.clone());
-    let js = jetstream::new(client.clone());
+    // Each fan-out keeps at most ACK_WINDOW publishes unacknowledged, so
+    // room for all of them at once means no fan-out ever waits for room
+    // held by another (which could stall them all).
+    let js = jetstream::ContextBuilder::new()
+        .max_ack_inflight(config.concurrency * ACK_WINDOW)
+        .build(client.clone());
     nats::ensure_streams(
         &js,
         config.nats.replicas,
@@ -273,8 +280,16 @@ impl State {
         // copied and re-encoded per webhook.
         let mut event_field = Vec::with_capacity(event.encoded_len() + 8);
         prost::encoding::message::encode(4, event, &mut event_field);
-        let mut acks = Vec::with_capacity(matches.len());
+        let mut acks: FuturesUnordered<
+            <jetstream::context::PublishAckFuture as std::future::IntoFuture>::IntoFuture,
+        > = FuturesUnordered::new();
+        let n = matches.len() as u64;
         for subscription in matches {
+            if acks.len() >= ACK_WINDOW
+                && let Some(result) = acks.next().await
+            {
+                result.map_err(|e| e.to_string())?;
+            }
             let job = proto::DeliveryJob {
                 delivery_id: ids::delivery_id(
                     &event.organization_id,
@@ -304,13 +319,9 @@ impl State {
                 .publish_with_headers(subject, headers, payload.into())
                 .await
                 .map_err(|e| e.to_string())?;
-            acks.push(ack);
+            acks.push(std::future::IntoFuture::into_future(ack));
         }
-        let n = acks.len() as u64;
-        for result in
-            futures::future::join_all(acks.into_iter().map(std::future::IntoFuture::into_future))
-                .await
-        {
+        while let Some(result) = acks.next().await {
             result.map_err(|e| e.to_string())?;
         }
         self.metrics.jobs.inc_by(n);
