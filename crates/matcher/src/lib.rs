@@ -6,6 +6,9 @@
 //! after every job is durably stored; a crash in between re-matches it, and
 //! because delivery ids are derived from (org, event, webhook) and jobs carry
 //! `Nats-Msg-Id: <delivery id>.1`, the receiver still sees one delivery.
+//! On shutdown it finishes the events in hand and hands back at once those
+//! pulled but not started. Where the subscription sets come from, and how
+//! a webhook change reaches them, is in [`Cache`].
 
 mod subscriptions;
 
@@ -118,7 +121,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     .await?;
     let store = WebhookStore::open(&js, config.nats.replicas).await?;
     let redis = Redis::new(&config.redis_url, Duration::from_millis(250))?;
-    let cache = Cache::new(store.clone(), redis, config.cache_ttl);
+    let cache = Cache::new(store, redis, config.cache_ttl);
     health.register(|r| {
         r.register(
             "events_matched",
