@@ -81,6 +81,10 @@ enum Lookup {
     Unavailable,
 }
 
+/// Each organization's subscription set: in process, then Redis, then the
+/// webhooks bucket; the bucket's change feed drops an organization from both
+/// caches on every change of one of its webhooks (see the
+/// module docs).
 #[derive(Clone)]
 pub struct Cache {
     store: WebhookStore,
