@@ -6,6 +6,9 @@
 //! after every job is durably stored; a crash in between re-matches it, and
 //! because delivery ids are derived from (org, event, webhook) and jobs carry
 //! `Nats-Msg-Id: <delivery id>.1`, the receiver still sees one delivery.
+//! On shutdown it finishes the events in hand and hands back at once those
+//! pulled but not started. Where the subscription sets come from, and how
+//! a webhook change reaches them, is in [`Cache`].
 
 mod subscriptions;
 
@@ -15,6 +18,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer};
 use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use herald_core::{ids, names, proto};
 use herald_platform::config::{self, ConfigError, Source};
 use herald_platform::health::Health;
@@ -30,6 +34,14 @@ pub use subscriptions::Cache;
 
 pub const HEALTH_ADDR: &str = "HERALD_MATCHER_HEALTH_ADDR";
 pub const CACHE_TTL: &str = "HERALD_SUBSCRIPTION_CACHE_TTL";
+/// How long an event may stay unacknowledged before NATS hands it to another
+/// matcher (after a crash between publishing its jobs and acking it).
+pub const ACK_WAIT: &str = "HERALD_MATCHER_ACK_WAIT";
+
+/// Accepted events asked for at a time.
+const PULL_BATCH: usize = 500;
+/// Delivery jobs one fan-out has published and not yet seen acknowledged.
+const ACK_WINDOW: usize = 128;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -38,6 +50,7 @@ pub struct Config {
     pub health_addr: SocketAddr,
     /// How long Redis keeps an organization's subscription set.
     pub cache_ttl: Duration,
+    pub ack_wait: Duration,
     pub concurrency: usize,
 }
 
@@ -48,6 +61,7 @@ impl Config {
             redis_url: config::redis_url(src)?,
             health_addr: config::addr(src, HEALTH_ADDR, "127.0.0.1:9102")?,
             cache_ttl: config::duration(src, CACHE_TTL, Duration::from_secs(60))?,
+            ack_wait: config::duration(src, ACK_WAIT, Duration::from_secs(30))?,
             concurrency: 128,
         })
     }
@@ -93,7 +107,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 
     let client = nats::connect(&config.nats, "matcher").await?;
     health.watch_nats(client.clone(), shutdown.clone());
-    let js = jetstream::new(client.clone());
+    // Each fan-out keeps at most ACK_WINDOW publishes unacknowledged, so
+    // room for all of them at once means no fan-out ever waits for room
+    // held by another (which could stall them all).
+    let js = jetstream::ContextBuilder::new()
+        .max_ack_inflight(config.concurrency * ACK_WINDOW)
+        .build(client.clone());
     nats::ensure_streams(
         &js,
         config.nats.replicas,
@@ -104,7 +123,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let store = WebhookStore::open(&js, config.nats.replicas).await?;
     let redis = Redis::new(&config.redis_url, Duration::from_millis(250))?;
     health.watch_redis_degradable(redis.clone(), shutdown.clone());
-    let cache = Cache::new(store.clone(), redis, config.cache_ttl);
+    let cache = Cache::new(store, redis, config.cache_ttl);
     health.register(|r| {
         r.register(
             "events_matched",
@@ -137,13 +156,31 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             cache.metrics.rebuilds.clone(),
         );
         r.register(
+            "subscription_cache_invalidations",
+            "Organizations dropped from the subscription caches on a webhook change",
+            cache.metrics.invalidations.clone(),
+        );
+        r.register(
             "redis_degraded",
             "Redis calls that failed or timed out; work went on without Redis",
             cache.metrics.redis_degraded.clone(),
         );
     });
 
-    tokio::spawn(watch_changes(store, cache.clone(), shutdown.clone()));
+    // The change feed first catches up on recent changes, so no set cached
+    // before a change made while no matcher ran is used.
+    let (ready, caught_up) = tokio::sync::oneshot::channel();
+    tokio::spawn(subscriptions::follow_changes(
+        js.clone(),
+        cache.clone(),
+        config.cache_ttl + Duration::from_secs(30),
+        ready,
+        shutdown.clone(),
+    ));
+    tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        _ = caught_up => {}
+    }
 
     let consumer = nats::durable_consumer(
         &js,
@@ -151,7 +188,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         consumer::pull::Config {
             durable_name: Some(names::MATCHER_CONSUMER.into()),
             ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(30),
+            ack_wait: config.ack_wait,
             max_ack_pending: 10_000,
             ..Default::default()
         },
@@ -166,62 +203,36 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     );
     let mut messages = consumer
         .stream()
-        .max_messages_per_batch(500)
+        .max_messages_per_batch(PULL_BATCH)
         .messages()
         .await
         .map_err(|e| Error::Consumer(e.to_string()))?;
     health.set("consumer", true);
 
     let state = Arc::new(State { js, cache, metrics });
-    messages
-        .by_ref()
-        .take_until(shutdown.clone().cancelled_owned())
-        .for_each_concurrent(config.concurrency, |message| {
-            let state = state.clone();
-            async move {
-                match message {
-                    Ok(message) => {
-                        let span = trace::message_span(
-                            "match",
-                            &message.subject,
-                            message.headers.as_ref(),
-                            "",
-                        );
-                        state.handle(message).instrument(span).await
-                    }
-                    Err(error) => tracing::warn!(%error, "accepted-events consumer error"),
-                }
-            }
-        })
-        .await;
-    herald_platform::shutdown::hand_back(&mut messages).await;
-    client.flush().await.ok();
-    Ok(())
-}
-
-/// Follows the webhooks bucket and drops changed organizations from the
-/// caches; if the feed breaks, everything local is dropped and it resumes.
-async fn watch_changes(store: WebhookStore, cache: Cache, shutdown: CancellationToken) {
+    let mut in_flight = FuturesUnordered::new();
     loop {
-        match store.watch().await {
-            Ok(mut changes) => loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    change = changes.next() => match change {
-                        Some(Ok(change)) => cache.invalidate(&change.org).await,
-                        Some(Err(error)) => tracing::warn!(%error, "webhook change feed"),
-                        None => break,
-                    }
-                }
-            },
-            Err(error) => tracing::warn!(%error, "cannot watch webhook changes"),
-        }
-        cache.clear_local();
         tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            biased;
+            _ = shutdown.cancelled() => break,
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            message = messages.next(), if in_flight.len() < config.concurrency => match message {
+                Some(Ok(message)) => {
+                    let state = state.clone();
+                    let span = trace::message_span("match", &message.subject, message.headers.as_ref(), "");
+                    in_flight.push(async move { state.handle(message).instrument(span).await });
+                }
+                Some(Err(error)) => tracing::warn!(%error, "accepted-events consumer error"),
+                None => break,
+            },
         }
     }
+    // Finish what was started, and hand back what was pulled but not
+    // started rather than leave it to wait out the ack deadline.
+    let hand_back = herald_platform::shutdown::hand_back(&mut messages);
+    futures::join!(in_flight.collect::<()>(), hand_back);
+    client.flush().await.ok();
+    Ok(())
 }
 
 impl State {
@@ -256,8 +267,26 @@ impl State {
             .get(&event.organization_id)
             .await
             .map_err(|e| e.to_string())?;
-        let mut acks = Vec::new();
-        for subscription in set.matching(&event.r#type, &event.attributes) {
+        let matches = set.matching(&event.r#type, &event.attributes);
+        if matches.is_empty() {
+            self.metrics.unmatched.inc();
+            return Ok(());
+        }
+        // The event is encoded once and appended to each job as its field 4
+        // (protobuf fields may come in any order), so a large event is not
+        // copied and re-encoded per webhook.
+        let mut event_field = Vec::with_capacity(event.encoded_len() + 8);
+        prost::encoding::message::encode(4, event, &mut event_field);
+        let mut acks: FuturesUnordered<
+            <jetstream::context::PublishAckFuture as std::future::IntoFuture>::IntoFuture,
+        > = FuturesUnordered::new();
+        let n = matches.len() as u64;
+        for subscription in matches {
+            if acks.len() >= ACK_WINDOW
+                && let Some(result) = acks.next().await
+            {
+                result.map_err(|e| e.to_string())?;
+            }
             let job = proto::DeliveryJob {
                 delivery_id: ids::delivery_id(
                     &event.organization_id,
@@ -266,34 +295,65 @@ impl State {
                 ),
                 organization_id: event.organization_id.clone(),
                 webhook_id: subscription.webhook_id.clone(),
-                event: Some(event.clone()),
+                event: None,
                 attempt: 1,
                 kind: proto::DeliveryKind::Event as i32,
                 not_before_ms: 0,
                 deferrals: 0,
             };
+            let mut payload = Vec::with_capacity(job.encoded_len() + event_field.len());
+            job.encode(&mut payload)
+                .expect("encoding into a Vec cannot fail");
+            payload.extend_from_slice(&event_field);
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("Nats-Msg-Id", format!("{}.1", job.delivery_id).as_str());
             trace::inject(&mut headers, &event.traceparent);
             let subject = names::delivery_subject(&event.organization_id, &subscription.webhook_id);
             let ack = self
                 .js
-                .publish_with_headers(subject, headers, job.encode_to_vec().into())
+                .publish_with_headers(subject, headers, payload.into())
                 .await
                 .map_err(|e| e.to_string())?;
-            acks.push(ack);
+            acks.push(std::future::IntoFuture::into_future(ack));
         }
-        if acks.is_empty() {
-            self.metrics.unmatched.inc();
-        }
-        let n = acks.len() as u64;
-        for result in
-            futures::future::join_all(acks.into_iter().map(std::future::IntoFuture::into_future))
-                .await
-        {
+        while let Some(result) = acks.next().await {
             result.map_err(|e| e.to_string())?;
         }
         self.metrics.jobs.inc_by(n);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A job built by appending the encoded event decodes to the job with
+    /// the event inside.
+    #[test]
+    fn jobs_carry_the_event_encoded_once() {
+        let event = proto::Event {
+            id: "evt_1".into(),
+            organization_id: "acme".into(),
+            r#type: "workflow.completed".into(),
+            data_json: br#"{"big":"data"}"#.to_vec().into(),
+            ..Default::default()
+        };
+        let job = proto::DeliveryJob {
+            delivery_id: "msg_1".into(),
+            webhook_id: "wh_1".into(),
+            attempt: 1,
+            ..Default::default()
+        };
+        let mut payload = job.encode_to_vec();
+        prost::encoding::message::encode(4, &event, &mut payload);
+        let decoded = proto::DeliveryJob::decode(payload.as_slice()).unwrap();
+        assert_eq!(
+            decoded,
+            proto::DeliveryJob {
+                event: Some(event),
+                ..job
+            }
+        );
     }
 }

@@ -1,51 +1,100 @@
 //! Each organization's subscription set, found in three places in turn: an
 //! in-process copy, Redis (shared by all matcher replicas), and the webhooks
-//! bucket, which is the truth. Every change on the bucket's feed drops the
-//! organization's entry from both caches at once, so a change takes effect
-//! on the next event. If Redis is down or slow, matching goes on from the
-//! bucket and the in-process copy, and the degradation is counted.
+//! bucket, which is the truth.
+//!
+//! Every change on the bucket's feed drops the organization's in-process
+//! copy and bumps its generation in Redis (`herald:subs:{<org>}:gen`). A set
+//! in Redis (`herald:subs:{<org>}`) carries the generation it was built at
+//! and only counts while that is still current, and a rebuild stores its set
+//! only if the generation it started from is still current (checked and set
+//! in one script). So a rebuild that read the bucket before a change can
+//! never leave a stale set behind, and a change takes effect on the next
+//! event after the feed brought it.
+//!
+//! If Redis is down or slow, matching goes on from the bucket and the
+//! in-process copy; the degradation is counted and logged at most every
+//! 10 s. An organization whose change could not reach Redis is kept away
+//! from Redis until it has, so a Redis that comes back cannot serve a set
+//! from before the change.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt;
 use herald_core::matching::SubscriptionSet;
-use herald_core::proto;
+use herald_core::{names, proto};
 use herald_platform::redis::Redis;
 use herald_platform::webhooks::{StoreError, WebhookStore};
 use prometheus_client::metrics::counter::Counter;
 use prost::Message;
+use tokio_util::sync::CancellationToken;
 
-fn redis_key(org: &str) -> String {
-    format!("herald:subs:{org}")
+fn set_key(org: &str) -> String {
+    format!("herald:subs:{{{org}}}")
 }
+
+fn generation_key(org: &str) -> String {
+    format!("herald:subs:{{{org}}}:gen")
+}
+
+/// How long Redis keeps a generation counter after its last change; longer
+/// than any set lives, so a counter never restarts under a live set.
+const GENERATION_TTL: Duration = Duration::from_secs(7 * 86_400);
+
+/// Stores the set (ARGV[2]) for ARGV[3] ms if the generation is still
+/// ARGV[1].
+const STORE_IF_CURRENT: &str = r"
+local current = redis.call('GET', KEYS[1]) or '0'
+if current == ARGV[1] then
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+";
 
 #[derive(Clone, Default)]
 pub struct CacheMetrics {
     pub local_hits: Counter,
     pub redis_hits: Counter,
     pub rebuilds: Counter,
+    pub invalidations: Counter,
     pub redis_degraded: Counter,
-}
-
-struct Entry {
-    set: Arc<SubscriptionSet>,
 }
 
 #[derive(Default)]
 struct Local {
-    entries: HashMap<String, Entry>,
+    entries: HashMap<String, Arc<SubscriptionSet>>,
     /// Bumped on every invalidation, so a rebuild that raced with a change
-    /// does not store what it read before the change.
+    /// does not keep what it read before the change.
     generations: HashMap<String, u64>,
+    /// Organizations whose last change has not reached Redis yet.
+    unsynced: HashSet<String>,
 }
 
+/// What Redis said about an organization.
+enum Lookup {
+    Hit(Vec<proto::Webhook>),
+    /// No current set; a rebuild may store one at this generation.
+    Miss(u64),
+    Unavailable,
+}
+
+/// Each organization's subscription set: in process, then Redis, then the
+/// webhooks bucket; the bucket's change feed drops an organization from both
+/// caches on every change of one of its webhooks (see the
+/// module docs).
 #[derive(Clone)]
 pub struct Cache {
     store: WebhookStore,
     redis: Redis,
     ttl: Duration,
     local: Arc<Mutex<Local>>,
+    /// One rebuild per organization at a time; the others wait for it.
+    loading: Arc<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    store_script: Arc<redis::Script>,
+    degraded_log: Arc<Mutex<DegradedLog>>,
     pub metrics: CacheMetrics,
 }
 
@@ -68,99 +117,211 @@ impl Cache {
             redis,
             ttl,
             local: Arc::default(),
+            loading: Arc::default(),
+            store_script: Arc::new(redis::Script::new(STORE_IF_CURRENT)),
+            degraded_log: Arc::default(),
             metrics: CacheMetrics::default(),
         }
     }
 
+    fn local_get(&self, org: &str) -> Option<Arc<SubscriptionSet>> {
+        let local = self.local.lock().expect("cache lock");
+        let set = local.entries.get(org).cloned();
+        if set.is_some() {
+            self.metrics.local_hits.inc();
+        }
+        set
+    }
+
+    /// The organization's subscription set.
     pub async fn get(&self, org: &str) -> Result<Arc<SubscriptionSet>, StoreError> {
-        let generation = {
-            let local = self.local.lock().expect("cache lock");
-            if let Some(entry) = local.entries.get(org) {
-                self.metrics.local_hits.inc();
-                return Ok(entry.set.clone());
-            }
-            local.generations.get(org).copied().unwrap_or_default()
+        if let Some(set) = self.local_get(org) {
+            return Ok(set);
+        }
+        let lock = self
+            .loading
+            .lock()
+            .expect("loading lock")
+            .entry(org.to_owned())
+            .or_default()
+            .clone();
+        let result = {
+            let _one_at_a_time = lock.lock().await;
+            self.load(org).await
         };
-        let webhooks = match self.read_redis(org).await {
-            Some(webhooks) => {
+        let mut loading = self.loading.lock().expect("loading lock");
+        // Only the map and this call hold it: nobody is waiting.
+        if Arc::strong_count(&lock) == 2 {
+            loading.remove(org);
+        }
+        result
+    }
+
+    async fn load(&self, org: &str) -> Result<Arc<SubscriptionSet>, StoreError> {
+        let (generation, unsynced) = {
+            let local = self.local.lock().expect("cache lock");
+            if let Some(set) = local.entries.get(org) {
+                self.metrics.local_hits.inc();
+                return Ok(set.clone());
+            }
+            (
+                local.generations.get(org).copied().unwrap_or_default(),
+                local.unsynced.contains(org),
+            )
+        };
+        let lookup = if unsynced {
+            Lookup::Unavailable
+        } else {
+            self.read_redis(org).await
+        };
+        let webhooks = match lookup {
+            Lookup::Hit(webhooks) => {
                 self.metrics.redis_hits.inc();
                 webhooks
             }
-            None => {
-                self.metrics.rebuilds.inc();
-                let webhooks: Vec<proto::Webhook> =
-                    self.store.list(org).await?.iter().map(trimmed).collect();
-                self.write_redis(org, &webhooks).await;
+            Lookup::Miss(redis_generation) => {
+                let webhooks = self.rebuild(org).await?;
+                self.write_redis(org, redis_generation, &webhooks).await;
                 webhooks
             }
+            Lookup::Unavailable => self.rebuild(org).await?,
         };
         let set = Arc::new(SubscriptionSet::from_webhooks(&webhooks));
         let mut local = self.local.lock().expect("cache lock");
         if local.generations.get(org).copied().unwrap_or_default() == generation {
-            local
-                .entries
-                .insert(org.to_owned(), Entry { set: set.clone() });
+            local.entries.insert(org.to_owned(), set.clone());
         }
         Ok(set)
     }
 
-    async fn read_redis(&self, org: &str) -> Option<Vec<proto::Webhook>> {
-        let mut conn = self.degraded_unless(self.redis.conn().await)?;
-        let cmd = redis::cmd("GET").arg(redis_key(org)).clone();
-        let get = cmd.query_async::<Option<Vec<u8>>>(&mut conn);
-        let bytes = self.degraded_unless(
-            tokio::time::timeout(self.redis.timeout(), get)
-                .await
-                .ok()
-                .and_then(Result::ok),
-        )??;
-        decode_list(&bytes)
+    async fn rebuild(&self, org: &str) -> Result<Vec<proto::Webhook>, StoreError> {
+        self.metrics.rebuilds.inc();
+        Ok(self.store.list(org).await?.iter().map(trimmed).collect())
     }
 
-    async fn write_redis(&self, org: &str, webhooks: &[proto::Webhook]) {
-        let Some(mut conn) = self.degraded_unless(self.redis.conn().await) else {
+    async fn read_redis(&self, org: &str) -> Lookup {
+        let Some(mut conn) = self.redis.conn().await else {
+            self.degraded("redis unavailable");
+            return Lookup::Unavailable;
+        };
+        let cmd = redis::cmd("MGET")
+            .arg(generation_key(org))
+            .arg(set_key(org))
+            .clone();
+        let get = cmd.query_async::<(Option<u64>, Option<Vec<u8>>)>(&mut conn);
+        let (generation, stored) = match tokio::time::timeout(self.redis.timeout(), get).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(error)) => {
+                self.degraded(&error.to_string());
+                return Lookup::Unavailable;
+            }
+            Err(_) => {
+                self.degraded("redis timed out");
+                return Lookup::Unavailable;
+            }
+        };
+        let generation = generation.unwrap_or_default();
+        match stored.as_deref().and_then(decode_set) {
+            Some((at, webhooks)) if at == generation => Lookup::Hit(webhooks),
+            _ => Lookup::Miss(generation),
+        }
+    }
+
+    async fn write_redis(&self, org: &str, generation: u64, webhooks: &[proto::Webhook]) {
+        let Some(mut conn) = self.redis.conn().await else {
+            self.degraded("redis unavailable");
             return;
         };
-        let cmd = redis::cmd("SET")
-            .arg(redis_key(org))
-            .arg(encode_list(webhooks))
-            .arg("PX")
-            .arg(self.ttl.as_millis() as u64)
-            .clone();
-        let set = cmd.query_async::<()>(&mut conn);
-        self.degraded_unless(
-            tokio::time::timeout(self.redis.timeout(), set)
-                .await
-                .ok()
-                .and_then(Result::ok),
-        );
-    }
-
-    fn degraded_unless<T>(&self, value: Option<T>) -> Option<T> {
-        if value.is_none() {
-            self.metrics.redis_degraded.inc();
+        let mut invocation = self.store_script.prepare_invoke();
+        invocation
+            .key(generation_key(org))
+            .key(set_key(org))
+            .arg(generation)
+            .arg(encode_set(generation, webhooks))
+            .arg(self.ttl.as_millis() as u64);
+        let store = invocation.invoke_async::<i64>(&mut conn);
+        match tokio::time::timeout(self.redis.timeout(), store).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => self.degraded(&error.to_string()),
+            Err(_) => self.degraded("redis timed out"),
         }
-        value
     }
 
-    /// Drops `org` from both caches.
+    fn degraded(&self, error: &str) {
+        self.metrics.redis_degraded.inc();
+        let mut log = self.degraded_log.lock().expect("log lock");
+        if log
+            .last
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(10))
+        {
+            log.suppressed += 1;
+            return;
+        }
+        tracing::warn!(
+            error,
+            suppressed = log.suppressed,
+            "redis unavailable, subscriptions come from the webhooks bucket"
+        );
+        log.last = Some(Instant::now());
+        log.suppressed = 0;
+    }
+
+    /// Drops `org` from both caches. Called by one task at a time (the
+    /// change feed's).
     pub async fn invalidate(&self, org: &str) {
+        self.metrics.invalidations.inc();
         {
             let mut local = self.local.lock().expect("cache lock");
             local.entries.remove(org);
             *local.generations.entry(org.to_owned()).or_default() += 1;
+            local.unsynced.insert(org.to_owned());
         }
-        if let Some(mut conn) = self.redis.conn().await {
-            let cmd = redis::cmd("DEL").arg(redis_key(org)).clone();
-            let del = cmd.query_async::<()>(&mut conn);
-            if tokio::time::timeout(self.redis.timeout(), del)
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .is_none()
-            {
-                self.metrics.redis_degraded.inc();
+        if self.bump_redis(org).await {
+            self.local.lock().expect("cache lock").unsynced.remove(org);
+        }
+    }
+
+    /// Moves the organization's generation in Redis on, so that no set built
+    /// before now is served or stored any more.
+    async fn bump_redis(&self, org: &str) -> bool {
+        let Some(mut conn) = self.redis.conn().await else {
+            self.degraded("redis unavailable");
+            return false;
+        };
+        let pipe = redis::pipe()
+            .atomic()
+            .incr(generation_key(org), 1)
+            .ignore()
+            .pexpire(generation_key(org), GENERATION_TTL.as_millis() as i64)
+            .ignore()
+            .del(set_key(org))
+            .ignore()
+            .clone();
+        let bump = pipe.query_async::<()>(&mut conn);
+        match tokio::time::timeout(self.redis.timeout(), bump).await {
+            Ok(Ok(())) => true,
+            Ok(Err(error)) => {
+                self.degraded(&error.to_string());
+                false
             }
+            Err(_) => {
+                self.degraded("redis timed out");
+                false
+            }
+        }
+    }
+
+    /// Tries again to tell Redis about changes it missed.
+    pub async fn sync_redis(&self) {
+        let orgs: Vec<String> = {
+            let local = self.local.lock().expect("cache lock");
+            local.unsynced.iter().cloned().collect()
+        };
+        for org in orgs {
+            if !self.bump_redis(&org).await {
+                return;
+            }
+            self.local.lock().expect("cache lock").unsynced.remove(&org);
         }
     }
 
@@ -175,8 +336,14 @@ impl Cache {
     }
 }
 
-fn encode_list(webhooks: &[proto::Webhook]) -> Vec<u8> {
-    let mut out = Vec::new();
+#[derive(Default)]
+struct DegradedLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+fn encode_set(generation: u64, webhooks: &[proto::Webhook]) -> Vec<u8> {
+    let mut out = generation.to_be_bytes().to_vec();
     for w in webhooks {
         w.encode_length_delimited(&mut out)
             .expect("encoding into a Vec cannot fail");
@@ -184,10 +351,272 @@ fn encode_list(webhooks: &[proto::Webhook]) -> Vec<u8> {
     out
 }
 
-fn decode_list(mut bytes: &[u8]) -> Option<Vec<proto::Webhook>> {
+fn decode_set(bytes: &[u8]) -> Option<(u64, Vec<proto::Webhook>)> {
+    let (generation, mut bytes) = bytes.split_at_checked(8)?;
+    let generation = u64::from_be_bytes(generation.try_into().ok()?);
     let mut out = Vec::new();
     while !bytes.is_empty() {
         out.push(proto::Webhook::decode_length_delimited(&mut bytes).ok()?);
     }
-    Some(out)
+    Some((generation, out))
+}
+
+/// The organization a change on the bucket's stream is about.
+fn org_of(subject: &str) -> Option<&str> {
+    let key = subject
+        .strip_prefix("$KV.")?
+        .strip_prefix(names::WEBHOOKS_BUCKET)?
+        .strip_prefix('.')?;
+    names::parse_webhook_key(key).map(|(org, _)| org)
+}
+
+/// Follows the webhooks bucket's changes and invalidates each changed
+/// organization, and retries what Redis missed.
+///
+/// It starts `lookback` in the past (the cache TTL and a margin), so that a
+/// change made while no matcher was running still clears a set Redis may
+/// hold from before it; `ready` fires once that backlog is done. After an
+/// interruption it resumes where it stopped, having dropped the in-process
+/// copy.
+pub async fn follow_changes(
+    js: jetstream::Context,
+    cache: Cache,
+    lookback: Duration,
+    ready: tokio::sync::oneshot::Sender<()>,
+    shutdown: CancellationToken,
+) {
+    let mut ready = Some(ready);
+    let start = time::OffsetDateTime::now_utc() - lookback;
+    let mut policy = consumer::DeliverPolicy::ByStartTime { start_time: start };
+    let mut sync = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        match open_feed(&js, policy).await {
+            Ok((mut changes, backlog)) => {
+                if backlog == 0
+                    && let Some(ready) = ready.take()
+                {
+                    let _ = ready.send(());
+                }
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = sync.tick() => cache.sync_redis().await,
+                        change = changes.next() => match change {
+                            Some(Ok(change)) => {
+                                if let Some(org) = org_of(&change.subject) {
+                                    cache.invalidate(org).await;
+                                }
+                                if let Ok(info) = change.info() {
+                                    policy = consumer::DeliverPolicy::ByStartSequence {
+                                        start_sequence: info.stream_sequence + 1,
+                                    };
+                                    if info.pending == 0
+                                        && let Some(ready) = ready.take()
+                                    {
+                                        let _ = ready.send(());
+                                    }
+                                }
+                            }
+                            Some(Err(error)) => {
+                                tracing::warn!(%error, "webhook change feed");
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot follow webhook changes"),
+        }
+        cache.clear_local();
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+type Feed = consumer::push::Ordered;
+
+async fn open_feed(
+    js: &jetstream::Context,
+    deliver_policy: consumer::DeliverPolicy,
+) -> Result<(Feed, u64), String> {
+    let stream = js
+        .get_stream(format!("KV_{}", names::WEBHOOKS_BUCKET))
+        .await
+        .map_err(|e| e.to_string())?;
+    let consumer = stream
+        .create_consumer(consumer::push::OrderedConfig {
+            deliver_subject: js.client().new_inbox(),
+            filter_subject: format!("$KV.{}.>", names::WEBHOOKS_BUCKET),
+            deliver_policy,
+            headers_only: true,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let backlog = consumer.cached_info().num_pending;
+    let feed = consumer.messages().await.map_err(|e| e.to_string())?;
+    Ok((feed, backlog))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sets_carry_their_generation() {
+        let w = proto::Webhook {
+            id: "wh_1".into(),
+            event_types: vec!["workflow.>".into()],
+            enabled: true,
+            ..Default::default()
+        };
+        let bytes = encode_set(7, &[w.clone(), w.clone()]);
+        assert_eq!(decode_set(&bytes), Some((7, vec![w.clone(), w])));
+        assert_eq!(decode_set(&encode_set(0, &[])), Some((0, vec![])));
+        assert_eq!(decode_set(b"short"), None);
+        assert_eq!(decode_set(b"\0\0\0\0\0\0\0\x01\xff"), None);
+    }
+
+    #[test]
+    fn changes_name_their_organization() {
+        assert_eq!(org_of("$KV.herald-webhooks.acme.wh_1"), Some("acme"));
+        assert_eq!(org_of("$KV.other.acme.wh_1"), None);
+        assert_eq!(org_of("herald-webhooks.acme.wh_1"), None);
+    }
+
+    /// Against real NATS and Redis: two caches stand for two replicas.
+    mod redis_races {
+        use super::*;
+        use herald_test_support::{NatsServer, RedisServer};
+
+        struct Env {
+            _nats: NatsServer,
+            _redis: RedisServer,
+            store: WebhookStore,
+            redis_url: String,
+        }
+
+        async fn env() -> Env {
+            let nats = NatsServer::start();
+            let redis = RedisServer::start();
+            let client = async_nats::connect(nats.url()).await.unwrap();
+            let store = WebhookStore::open(&jetstream::new(client), 1)
+                .await
+                .unwrap();
+            let redis_url = redis.url();
+            Env {
+                _nats: nats,
+                _redis: redis,
+                store,
+                redis_url,
+            }
+        }
+
+        impl Env {
+            fn cache(&self) -> Cache {
+                let redis = Redis::new(&self.redis_url, Duration::from_millis(500)).unwrap();
+                Cache::new(self.store.clone(), redis, Duration::from_secs(60))
+            }
+
+            async fn add(&self, id: &str) {
+                let w = proto::Webhook {
+                    id: id.into(),
+                    organization_id: "acme".into(),
+                    event_types: vec![">".into()],
+                    enabled: true,
+                    ..Default::default()
+                };
+                self.store.create(&w).await.unwrap();
+            }
+        }
+
+        #[tokio::test]
+        async fn replicas_share_sets_through_redis() {
+            let env = env().await;
+            env.add("wh_1").await;
+            let (a, b) = (env.cache(), env.cache());
+            assert_eq!(a.get("acme").await.unwrap().len(), 1);
+            assert_eq!(a.metrics.rebuilds.get(), 1);
+            assert_eq!(a.get("acme").await.unwrap().len(), 1);
+            assert_eq!(a.metrics.local_hits.get(), 1);
+            assert_eq!(b.get("acme").await.unwrap().len(), 1);
+            assert_eq!(
+                (b.metrics.redis_hits.get(), b.metrics.rebuilds.get()),
+                (1, 0)
+            );
+
+            // A change seen by one replica is not served from Redis to another.
+            env.add("wh_2").await;
+            a.invalidate("acme").await;
+            let c = env.cache();
+            assert_eq!(c.get("acme").await.unwrap().len(), 2);
+            assert_eq!(
+                (c.metrics.redis_hits.get(), c.metrics.rebuilds.get()),
+                (0, 1)
+            );
+            assert_eq!(a.metrics.redis_degraded.get(), 0);
+        }
+
+        #[tokio::test]
+        async fn a_rebuild_that_raced_a_change_is_not_stored() {
+            let env = env().await;
+            env.add("wh_1").await;
+            let a = env.cache();
+            // A rebuild reads the generation and the bucket...
+            let Lookup::Miss(generation) = a.read_redis("acme").await else {
+                panic!("nothing cached yet");
+            };
+            let stale = a.rebuild("acme").await.unwrap();
+            // ...then a webhook is added and the change seen...
+            env.add("wh_2").await;
+            a.invalidate("acme").await;
+            // ...and only then does the rebuild try to store what it read.
+            a.write_redis("acme", generation, &stale).await;
+            let b = env.cache();
+            assert_eq!(b.get("acme").await.unwrap().len(), 2, "not the stale set");
+            assert_eq!(b.metrics.redis_hits.get(), 0);
+
+            // A set stored under an old generation is never served.
+            let mut conn = a.redis.conn().await.unwrap();
+            let _: () = redis::cmd("SET")
+                .arg(set_key("acme"))
+                .arg(encode_set(generation, &stale))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let c = env.cache();
+            assert_eq!(c.get("acme").await.unwrap().len(), 2);
+            assert_eq!(
+                (c.metrics.redis_hits.get(), c.metrics.rebuilds.get()),
+                (0, 1)
+            );
+        }
+
+        #[tokio::test]
+        async fn without_redis_sets_come_from_the_bucket() {
+            let mut env = env().await;
+            env.add("wh_1").await;
+            let a = env.cache();
+            env._redis.stop();
+            assert_eq!(a.get("acme").await.unwrap().len(), 1);
+            env.add("wh_2").await;
+            a.invalidate("acme").await;
+            assert_eq!(a.get("acme").await.unwrap().len(), 2);
+            assert!(a.metrics.redis_degraded.get() >= 2);
+            assert!(a.local.lock().unwrap().unsynced.contains("acme"));
+            // Redis back: the missed change reaches it.
+            env._redis.restart();
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while a.local.lock().unwrap().unsynced.contains("acme") {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    a.sync_redis().await;
+                }
+            })
+            .await
+            .expect("synced once Redis is back");
+        }
+    }
 }

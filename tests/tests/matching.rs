@@ -1,0 +1,782 @@
+//! Matching and fan-out against real NATS and Redis: webhook changes take
+//! effect on the next event, Redis going away does not stop matching, one
+//! event fans out to a thousand webhooks with stable delivery ids, and a
+//! matcher stopped or killed mid-stream yields exactly one job (and one
+//! `webhook-id` at the receiver) per event and webhook.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer};
+use futures::StreamExt;
+use herald_core::{ids, names, proto, secret};
+use herald_e2e::{Receiver, Stack};
+use herald_platform::config::Source;
+use herald_platform::webhooks::WebhookStore;
+use herald_test_support::{NatsServer, RedisServer, free_port};
+use prost::Message;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+const ORG: &str = "acme";
+
+/// A webhook record as the admin API would store it.
+fn webhook(
+    env: &HashMap<String, String>,
+    url: &str,
+    event_types: &[&str],
+    filters: &[(&str, &[&str])],
+) -> proto::Webhook {
+    let keyring = secret::Keyring::parse(&env["HERALD_SECRET_KEY"], "").expect("secret key");
+    let id = ids::new_webhook_id();
+    let now = 1_700_000_000_000;
+    proto::Webhook {
+        secrets: vec![keyring.encrypt(&secret::generate(), &names::webhook_key(ORG, &id), now)],
+        id,
+        organization_id: ORG.into(),
+        name: "test".into(),
+        url: url.into(),
+        event_types: event_types.iter().map(|t| (*t).into()).collect(),
+        filters: filters
+            .iter()
+            .map(|(k, v)| {
+                let values = v.iter().map(|s| (*s).into()).collect();
+                ((*k).into(), proto::StringList { values })
+            })
+            .collect(),
+        timeout_ms: 5_000,
+        enabled: true,
+        created_at_ms: now,
+        updated_at_ms: now,
+        ..Default::default()
+    }
+}
+
+/// One delivery job found in HERALD_DELIVERIES.
+#[derive(Debug, Clone)]
+struct Job {
+    webhook_id: String,
+    event_id: String,
+    delivery_id: String,
+    msg_id: String,
+    job: proto::DeliveryJob,
+}
+
+/// Every delivery job of `ORG` in the stream, in order.
+async fn jobs(js: &jetstream::Context) -> Vec<Job> {
+    let stream = js
+        .get_stream(names::DELIVERIES_STREAM)
+        .await
+        .expect("stream");
+    let consumer = stream
+        .create_consumer(consumer::push::OrderedConfig {
+            deliver_subject: js.client().new_inbox(),
+            filter_subject: format!("herald.deliveries.{ORG}.>"),
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    let mut remaining = consumer.cached_info().num_pending;
+    let mut out = Vec::with_capacity(remaining as usize);
+    if remaining == 0 {
+        return out;
+    }
+    let mut messages = consumer.messages().await.expect("messages");
+    while remaining > 0 {
+        let message = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .expect("jobs arrive")
+            .expect("stream open")
+            .expect("message");
+        remaining = message.info().expect("info").pending;
+        let job = proto::DeliveryJob::decode(message.payload.clone()).expect("job decodes");
+        // Only what the matcher published: the deliverer's retries and
+        // deferrals come back into the same subjects.
+        if job.attempt != 1 || job.deferrals != 0 {
+            continue;
+        }
+        let msg_id = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Msg-Id"))
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default();
+        out.push(Job {
+            webhook_id: job.webhook_id.clone(),
+            event_id: job.event.as_ref().map(|e| e.id.clone()).unwrap_or_default(),
+            delivery_id: job.delivery_id.clone(),
+            msg_id,
+            job,
+        });
+    }
+    out
+}
+
+/// Messages in HERALD_DELIVERIES (cheap; no reading of messages).
+async fn job_count(js: &jetstream::Context) -> u64 {
+    let mut stream = js
+        .get_stream(names::DELIVERIES_STREAM)
+        .await
+        .expect("stream");
+    stream.info().await.expect("stream info").state.messages
+}
+
+/// Whether the matcher has nothing pending or unacknowledged.
+async fn matcher_idle(js: &jetstream::Context) -> bool {
+    let Ok(stream) = js.get_stream(names::ACCEPTED_STREAM).await else {
+        return false;
+    };
+    let Ok(mut consumer) = stream
+        .get_consumer::<consumer::pull::Config>(names::MATCHER_CONSUMER)
+        .await
+    else {
+        return false;
+    };
+    consumer
+        .info()
+        .await
+        .is_ok_and(|i| i.num_pending == 0 && i.num_ack_pending == 0)
+}
+
+/// Polls `f` every 20 ms until it is true; panics after `timeout`.
+async fn until<F, Fut>(timeout: Duration, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A metric's value from a service's `/metrics`, 0 when absent.
+async fn metric(addr: &str, name: &str) -> f64 {
+    let Ok(mut conn) = tokio::net::TcpStream::connect(addr).await else {
+        return 0.0;
+    };
+    let request = format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    conn.write_all(request.as_bytes()).await.expect("write");
+    let mut text = String::new();
+    conn.read_to_string(&mut text).await.expect("read");
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+const INVALIDATIONS: &str = "herald_subscription_cache_invalidations_total";
+const DEGRADED: &str = "herald_redis_degraded_total";
+
+/// Runs `change` and waits until the matcher has seen it on the change feed.
+/// The product promises that within a second under normal load; a test
+/// machine running every test at once is not, so this allows 5 s and prints
+/// how long it took.
+async fn changed<Fut: Future>(stack: &Stack, change: Fut) -> Fut::Output {
+    let addr = stack.env["HERALD_MATCHER_HEALTH_ADDR"].clone();
+    let before = metric(&addr, INVALIDATIONS).await;
+    let out = change.await;
+    let started = Instant::now();
+    until(
+        Duration::from_secs(5),
+        "the change to reach the matcher",
+        || {
+            let addr = addr.clone();
+            async move { metric(&addr, INVALIDATIONS).await > before }
+        },
+    )
+    .await;
+    eprintln!("change seen by the matcher after {:?}", started.elapsed());
+    out
+}
+
+/// Publishes one event and answers which webhooks got a job for it, once
+/// the matcher is done with it. `sentinel` matches every event, so its job
+/// says the event got through.
+async fn routed(
+    stack: &Stack,
+    sentinel: &str,
+    event_id: &str,
+    event_type: &str,
+    attributes: serde_json::Value,
+) -> HashSet<String> {
+    stack
+        .publish(
+            ORG,
+            event_type,
+            json!({"id": event_id, "attributes": attributes}),
+        )
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut found: HashSet<String> = loop {
+        if matcher_idle(&stack.js).await {
+            let found: HashSet<String> = jobs(&stack.js)
+                .await
+                .into_iter()
+                .filter(|j| j.event_id == event_id)
+                .map(|j| j.webhook_id)
+                .collect();
+            if found.contains(sentinel) {
+                break found;
+            }
+        }
+        assert!(Instant::now() < deadline, "timed out matching {event_id}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    found.remove(sentinel);
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn webhook_changes_take_effect_on_the_next_event() {
+    let stack = Stack::start().await;
+    let store = WebhookStore::open(&stack.js, 1).await.expect("store");
+    let receiver = Receiver::start().await;
+    let sentinel = changed(
+        &stack,
+        stack.create_webhook(json!({
+            "name": "sentinel", "url": receiver.url("/sentinel"), "event_types": [">"],
+        })),
+    )
+    .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let target = changed(
+        &stack,
+        stack.create_webhook(json!({
+            "name": "target", "url": receiver.url("/target"),
+            "event_types": ["workflow.completed"],
+            "filters": {"workflow": ["invoice-*"]},
+        })),
+    )
+    .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let only_target: HashSet<String> = [target.clone()].into();
+    let none = HashSet::new();
+    let completed = "workflow.completed";
+    let invoice = json!({"workflow": "invoice-approval"});
+    let payroll = json!({"workflow": "payroll"});
+
+    assert_eq!(
+        routed(&stack, &sentinel, "e1", completed, invoice.clone()).await,
+        only_target
+    );
+    assert_eq!(
+        routed(&stack, &sentinel, "e2", completed, payroll.clone()).await,
+        none
+    );
+
+    // Patch the filters: the next event follows the new ones.
+    changed(
+        &stack,
+        store.modify(ORG, &target, |w| {
+            w.filters.insert(
+                "workflow".into(),
+                proto::StringList {
+                    values: vec!["payroll".into()],
+                },
+            );
+            true
+        }),
+    )
+    .await
+    .expect("patch")
+    .expect("exists");
+    assert_eq!(
+        routed(&stack, &sentinel, "e3", completed, payroll.clone()).await,
+        only_target
+    );
+    assert_eq!(
+        routed(&stack, &sentinel, "e4", completed, invoice.clone()).await,
+        none
+    );
+
+    // Patch the event types.
+    let step_failed = "workflow.step.failed";
+    assert_eq!(
+        routed(&stack, &sentinel, "e5", step_failed, payroll.clone()).await,
+        none
+    );
+    changed(
+        &stack,
+        store.modify(ORG, &target, |w| {
+            w.event_types = vec!["workflow.>".into()];
+            true
+        }),
+    )
+    .await
+    .expect("patch")
+    .expect("exists");
+    assert_eq!(
+        routed(&stack, &sentinel, "e6", step_failed, payroll.clone()).await,
+        only_target
+    );
+
+    // Disable, then enable again.
+    changed(
+        &stack,
+        store.modify(ORG, &target, |w| {
+            w.enabled = false;
+            w.disabled_reason = "test".into();
+            true
+        }),
+    )
+    .await
+    .expect("disable")
+    .expect("exists");
+    assert_eq!(
+        routed(&stack, &sentinel, "e7", completed, payroll.clone()).await,
+        none
+    );
+    changed(
+        &stack,
+        store.modify(ORG, &target, |w| {
+            w.enabled = true;
+            true
+        }),
+    )
+    .await
+    .expect("enable")
+    .expect("exists");
+    assert_eq!(
+        routed(&stack, &sentinel, "e8", completed, payroll.clone()).await,
+        only_target
+    );
+
+    // Delete.
+    let revision = store.get(ORG, &target).await.unwrap().unwrap().revision;
+    changed(&stack, store.delete(ORG, &target, revision))
+        .await
+        .expect("delete");
+    assert_eq!(
+        routed(&stack, &sentinel, "e9", completed, payroll.clone()).await,
+        none
+    );
+
+    // A webhook created behind the API's back is matched too.
+    let created = webhook(&stack.env, &receiver.url("/new"), &["workflow.*"], &[]);
+    changed(&stack, store.create(&created))
+        .await
+        .expect("create");
+    assert_eq!(
+        routed(&stack, &sentinel, "e10", completed, payroll.clone()).await,
+        [created.id.clone()].into()
+    );
+
+    // What the matcher routed is what receivers got.
+    let got = receiver
+        .wait_for("/target", 4, Duration::from_secs(10))
+        .await;
+    let mut events: Vec<String> = got
+        .iter()
+        .map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["id"].to_string())
+        .collect();
+    events.sort();
+    assert_eq!(events, ["\"e1\"", "\"e3\"", "\"e6\"", "\"e8\""]);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn matching_goes_on_without_redis_and_counts_it() {
+    let mut stack = Stack::start().await;
+    let store = WebhookStore::open(&stack.js, 1).await.expect("store");
+    let receiver = Receiver::start().await;
+    let a = webhook(
+        &stack.env,
+        &receiver.url("/a"),
+        &["workflow.completed"],
+        &[],
+    );
+    changed(&stack, store.create(&a)).await.expect("create a");
+    stack.publish(ORG, "workflow.completed", json!({})).await;
+    receiver.wait_for("/a", 1, Duration::from_secs(10)).await;
+
+    let addr = stack.env["HERALD_MATCHER_HEALTH_ADDR"].clone();
+    let degraded_before = metric(&addr, DEGRADED).await;
+    stack.redis.stop();
+
+    // A change while Redis is down still takes effect: the set comes from
+    // the bucket, and Redis is not trusted for it until told of the change.
+    let b = webhook(&stack.env, &receiver.url("/b"), &["workflow.*"], &[]);
+    changed(&stack, store.create(&b)).await.expect("create b");
+    for _ in 0..3 {
+        stack.publish(ORG, "workflow.completed", json!({})).await;
+    }
+    assert_eq!(
+        receiver
+            .wait_for("/a", 4, Duration::from_secs(10))
+            .await
+            .len(),
+        4
+    );
+    assert_eq!(
+        receiver
+            .wait_for("/b", 3, Duration::from_secs(10))
+            .await
+            .len(),
+        3
+    );
+    assert!(
+        metric(&addr, DEGRADED).await > degraded_before,
+        "the degradation is counted"
+    );
+
+    // Redis comes back empty; matching uses it again.
+    stack.redis.restart();
+    let c = webhook(&stack.env, &receiver.url("/c"), &["workflow.>"], &[]);
+    changed(&stack, store.create(&c)).await.expect("create c");
+    stack.publish(ORG, "workflow.completed", json!({})).await;
+    assert_eq!(
+        receiver
+            .wait_for("/a", 5, Duration::from_secs(10))
+            .await
+            .len(),
+        5
+    );
+    assert_eq!(
+        receiver
+            .wait_for("/c", 1, Duration::from_secs(10))
+            .await
+            .len(),
+        1
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_event_fans_out_to_a_thousand_webhooks_once_each() {
+    let stack = Stack::start().await;
+    let store = WebhookStore::open(&stack.js, 1).await.expect("store");
+    let receiver = Receiver::start().await;
+    let url = receiver.url("/fan");
+    type Shape<'a> = (&'a [&'a str], &'a [(&'a str, &'a [&'a str])]);
+    let matching: [Shape; 5] = [
+        (
+            &["workflow.completed"],
+            &[("workflow", &["invoice-approval"])],
+        ),
+        (&["workflow.*"], &[("status", &["succeeded", "failed"])]),
+        (&["workflow.>"], &[("workflow", &["invoice-*"])]),
+        (&[">"], &[]),
+        (
+            &["workflow.failed", "workflow.completed"],
+            &[("execution", &["ex-*"])],
+        ),
+    ];
+    let other: [Shape; 4] = [
+        (&["workflow.failed"], &[]),
+        (&["workflow.>"], &[("workflow", &["payroll"])]),
+        (&["worker.*"], &[]),
+        (&["workflow.completed"], &[("step", &["*"])]),
+    ];
+    let mut expected = HashSet::new();
+    let mut records = Vec::new();
+    for i in 0..1000 {
+        let (types, filters) = matching[i % matching.len()];
+        let w = webhook(&stack.env, &url, types, filters);
+        expected.insert(w.id.clone());
+        records.push(w);
+    }
+    for i in 0..100 {
+        let (types, filters) = other[i % other.len()];
+        records.push(webhook(&stack.env, &url, types, filters));
+    }
+    // Disabled webhooks match nothing.
+    for _ in 0..20 {
+        let mut w = webhook(&stack.env, &url, &[">"], &[]);
+        w.enabled = false;
+        records.push(w);
+    }
+    let creates = records.iter().map(|w| store.create(w));
+    futures::future::try_join_all(creates)
+        .await
+        .expect("create");
+
+    let started = Instant::now();
+    stack
+        .publish(
+            ORG,
+            "workflow.completed",
+            json!({"id": "evt_fan", "attributes": {
+                "workflow": "invoice-approval", "execution": "ex-1", "status": "succeeded"}}),
+        )
+        .await;
+    until(Duration::from_secs(30), "1,000 jobs", || async {
+        job_count(&stack.js).await >= 1000 && matcher_idle(&stack.js).await
+    })
+    .await;
+    eprintln!(
+        "1,000-webhook fan-out matched and stored in {:?}",
+        started.elapsed()
+    );
+    let found = jobs(&stack.js).await;
+    assert_eq!(found.len(), 1000);
+    let got: HashSet<String> = found.iter().map(|j| j.webhook_id.clone()).collect();
+    assert_eq!(got, expected, "exactly the matching webhooks");
+    for j in &found {
+        assert_eq!(j.event_id, "evt_fan");
+        assert_eq!(
+            j.delivery_id,
+            ids::delivery_id(ORG, "evt_fan", &j.webhook_id)
+        );
+        assert_eq!(j.msg_id, format!("{}.1", j.delivery_id));
+        assert_eq!(j.job.attempt, 1);
+    }
+
+    // The same event matched again (as after a partial failure) publishes
+    // the same ids, which the stream drops as duplicates.
+    let event = found[0].job.event.clone().expect("event");
+    stack
+        .js
+        .publish(names::accepted_subject(ORG), event.encode_to_vec().into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    let jobs_metric = "herald_delivery_jobs_total";
+    let addr = stack.env["HERALD_MATCHER_HEALTH_ADDR"].clone();
+    until(
+        Duration::from_secs(30),
+        "the event matched again",
+        || async { metric(&addr, jobs_metric).await >= 2000.0 && matcher_idle(&stack.js).await },
+    )
+    .await;
+    assert_eq!(job_count(&stack.js).await, 1000, "no duplicate job");
+
+    // Each webhook got the event once, under its own webhook-id.
+    let got = receiver
+        .wait_for("/fan", 1000, Duration::from_secs(60))
+        .await;
+    let ids: HashSet<&str> = got.iter().filter_map(|r| r.header("webhook-id")).collect();
+    assert_eq!(got.len(), 1000);
+    assert_eq!(ids.len(), 1000);
+    stack.stop().await;
+}
+
+/// NATS, Redis, a deliverer and a receiver, with matchers started and
+/// stopped by the test; events go straight to `herald.accepted`.
+struct Harness {
+    _nats: NatsServer,
+    _redis: RedisServer,
+    env: HashMap<String, String>,
+    js: jetstream::Context,
+    shutdown: CancellationToken,
+}
+
+impl Harness {
+    /// With a deliverer when `deliver`.
+    async fn start(deliver: bool) -> Self {
+        let nats = NatsServer::start();
+        let redis = RedisServer::start();
+        let env: HashMap<String, String> = [
+            ("HERALD_NATS_URL", nats.url()),
+            ("HERALD_REDIS_URL", redis.url()),
+            ("HERALD_SECRET_KEY", secret::Keyring::generate_key_text()),
+            ("HERALD_ALLOW_PRIVATE_TARGETS", "true".into()),
+            ("HERALD_RETRY_SCHEDULE", "200ms,400ms".into()),
+            (herald_matcher::ACK_WAIT, "2s".into()),
+            (
+                herald_deliverer::HEALTH_ADDR,
+                format!("127.0.0.1:{}", free_port()),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        let js = jetstream::new(client);
+        let shutdown = CancellationToken::new();
+        let src: &dyn Source = &env;
+        if deliver {
+            let config = herald_deliverer::Config::from_source(src).expect("deliverer config");
+            tokio::spawn(herald_deliverer::run(config, shutdown.clone()));
+        }
+        Self {
+            _nats: nats,
+            _redis: redis,
+            env,
+            js,
+            shutdown,
+        }
+    }
+
+    /// A matcher on its own token (and health port).
+    fn matcher(&self) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        let mut env = self.env.clone();
+        env.insert(
+            herald_matcher::HEALTH_ADDR.into(),
+            format!("127.0.0.1:{}", free_port()),
+        );
+        let src: &dyn Source = &env;
+        let config = herald_matcher::Config::from_source(src).expect("matcher config");
+        let token = self.shutdown.child_token();
+        let task = tokio::spawn({
+            let token = token.clone();
+            async move { herald_matcher::run(config, token).await.expect("matcher") }
+        });
+        (token, task)
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_matcher_stopped_or_killed_mid_stream_yields_one_job_per_pair() {
+    // More events than a matcher works on at once (128), so that a stop
+    // leaves some untouched.
+    const EVENTS: usize = 300;
+    const WEBHOOKS: usize = 4;
+    let harness = Harness::start(true).await;
+    let receiver = Receiver::start().await;
+    herald_platform::nats::ensure_streams(&harness.js, 1, &Default::default(), &harness.shutdown)
+        .await
+        .expect("streams");
+    let store = WebhookStore::open(&harness.js, 1).await.expect("store");
+    let mut webhooks = Vec::new();
+    for i in 0..WEBHOOKS {
+        let patterns: &[&str] = [&["workflow.completed"][..], &["workflow.*"], &[">"]][i % 3];
+        let w = webhook(&harness.env, &receiver.url("/hook"), patterns, &[]);
+        store.create(&w).await.expect("create");
+        webhooks.push(w.id);
+    }
+    for i in 0..EVENTS {
+        let event = proto::Event {
+            id: format!("evt_{i}"),
+            organization_id: ORG.into(),
+            r#type: "workflow.completed".into(),
+            occurred_at_ms: 1_700_000_000_000,
+            received_at_ms: 1_700_000_000_000,
+            ..Default::default()
+        };
+        harness
+            .js
+            .publish(names::accepted_subject(ORG), event.encode_to_vec().into())
+            .await
+            .expect("publish")
+            .await
+            .expect("ack");
+    }
+    let total = (EVENTS * WEBHOOKS) as u64;
+
+    // Stopped as SIGTERM would, right after its first job: in-flight events
+    // finish, the rest are handed back.
+    let mut published = harness
+        .js
+        .client()
+        .subscribe(format!("herald.deliveries.{ORG}.>"))
+        .await
+        .expect("subscribe");
+    let (token, task) = harness.matcher();
+    published.next().await.expect("a first job");
+    token.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("matcher drains in time")
+        .expect("matcher stops cleanly");
+    let after_stop = job_count(&harness.js).await;
+    assert!(after_stop < total, "stopped mid-stream");
+    drop(published);
+
+    // Killed right after its first job: jobs published, events not acked.
+    let mut published = harness
+        .js
+        .client()
+        .subscribe(format!("herald.deliveries.{ORG}.>"))
+        .await
+        .expect("subscribe");
+    let (token, task) = harness.matcher();
+    published.next().await.expect("a first job");
+    task.abort();
+    token.cancel();
+    let after_kill = job_count(&harness.js).await;
+    assert!(after_kill < total, "killed mid-stream");
+    eprintln!("jobs: {after_stop} after the stop, {after_kill} after the kill, of {total}");
+
+    // A fresh matcher finishes the stream.
+    let (token, task) = harness.matcher();
+    until(Duration::from_secs(30), "every job", || async {
+        job_count(&harness.js).await >= total && matcher_idle(&harness.js).await
+    })
+    .await;
+    let found = jobs(&harness.js).await;
+    assert_eq!(found.len() as u64, total, "one job per event and webhook");
+    let pairs: HashSet<(String, String)> = found
+        .iter()
+        .map(|j| (j.event_id.clone(), j.webhook_id.clone()))
+        .collect();
+    assert_eq!(pairs.len() as u64, total);
+    for j in &found {
+        assert_eq!(
+            j.delivery_id,
+            ids::delivery_id(ORG, &j.event_id, &j.webhook_id)
+        );
+        assert_eq!(j.msg_id, format!("{}.1", j.delivery_id));
+    }
+
+    // Receivers saw each delivery once.
+    let got = receiver
+        .wait_for("/hook", total as usize, Duration::from_secs(60))
+        .await;
+    let delivered: HashSet<&str> = got.iter().filter_map(|r| r.header("webhook-id")).collect();
+    assert_eq!(delivered.len() as u64, total);
+    assert_eq!(got.len() as u64, total, "no webhook-id twice");
+    token.cancel();
+    let _ = task.await;
+}
+
+/// Many events, each to many webhooks, at once: the matcher's publishes in
+/// flight stay bounded without any fan-out waiting on another's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_large_fan_outs_at_once_complete() {
+    const EVENTS: usize = 150;
+    const WEBHOOKS: usize = 1000;
+    let harness = Harness::start(false).await;
+    herald_platform::nats::ensure_streams(&harness.js, 1, &Default::default(), &harness.shutdown)
+        .await
+        .expect("streams");
+    let store = WebhookStore::open(&harness.js, 1).await.expect("store");
+    let creates: Vec<proto::Webhook> = (0..WEBHOOKS)
+        .map(|_| webhook(&harness.env, "http://127.0.0.1:9/", &["workflow.>"], &[]))
+        .collect();
+    futures::future::try_join_all(creates.iter().map(|w| store.create(w)))
+        .await
+        .expect("create");
+    for i in 0..EVENTS {
+        let event = proto::Event {
+            id: format!("evt_{i}"),
+            organization_id: ORG.into(),
+            r#type: "workflow.completed".into(),
+            ..Default::default()
+        };
+        harness
+            .js
+            .publish(names::accepted_subject(ORG), event.encode_to_vec().into())
+            .await
+            .expect("publish")
+            .await
+            .expect("ack");
+    }
+    let started = Instant::now();
+    let (token, task) = harness.matcher();
+    let total = (EVENTS * WEBHOOKS) as u64;
+    until(Duration::from_secs(60), "every job", || async {
+        job_count(&harness.js).await >= total && matcher_idle(&harness.js).await
+    })
+    .await;
+    eprintln!(
+        "{total} jobs from {EVENTS} events in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(job_count(&harness.js).await, total);
+    token.cancel();
+    let _ = task.await;
+}
