@@ -273,6 +273,7 @@ impl State {
             attempt: job.attempt,
             attempted_at_ms,
             kind: job.kind,
+            event: job.event.clone(),
             ..Default::default()
         };
         let Some(webhook) =
