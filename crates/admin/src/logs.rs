@@ -459,3 +459,109 @@ pub async fn retry(
     })?;
     publish_job(&state, &webhook, event, proto::DeliveryKind::ManualRetry).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn masker() -> Masker {
+        let mut secrets = vec![
+            "whsec_c2VjcmV0LWJ5dGVzLWhlcmU=".to_owned(),
+            "c2VjcmV0LWJ5dGVzLWhlcmU=".to_owned(),
+        ];
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        Masker { secrets }
+    }
+
+    #[test]
+    fn texts_lose_the_webhook_secrets() {
+        let m = masker();
+        for (input, expected) in [
+            ("plain", "plain"),
+            (
+                "got whsec_c2VjcmV0LWJ5dGVzLWhlcmU= back",
+                "got ******** back",
+            ),
+            ("key c2VjcmV0LWJ5dGVzLWhlcmU=", "key ********"),
+            ("", ""),
+        ] {
+            assert_eq!(m.text(input), expected, "{input}");
+        }
+    }
+
+    #[test]
+    fn headers_are_masked_by_name_and_by_value() {
+        let m = masker();
+        let h = |name: &str, value: &str| proto::Header {
+            name: name.into(),
+            value: value.into(),
+        };
+        let shown = m.headers(&[
+            h("Authorization", "Bearer abc"),
+            h("X-Api-Key", "abc"),
+            h("webhook-signature", "v1,abc"),
+            h("Set-Cookie", "s=1"),
+            h("X-Plain", "whsec_c2VjcmV0LWJ5dGVzLWhlcmU="),
+            h("Content-Type", "application/json"),
+        ]);
+        let values: Vec<&str> = shown
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["value"].as_str().unwrap())
+            .collect();
+        assert_eq!(values, [MASK, MASK, MASK, MASK, MASK, "application/json"]);
+    }
+
+    #[test]
+    fn urls_lose_secret_query_values_and_passwords() {
+        let m = masker();
+        for (input, expected) in [
+            ("https://a.example/h", "https://a.example/h"),
+            (
+                "https://a.example/h?token=t1&page=2",
+                "https://a.example/h?token=********&page=2",
+            ),
+            (
+                "https://a.example/h?API_KEY=x",
+                "https://a.example/h?API_KEY=********",
+            ),
+            ("https://u:p@a.example/", "https://u:********@a.example/"),
+        ] {
+            assert_eq!(m.url(input), expected, "{input}");
+        }
+    }
+
+    #[test]
+    fn bodies_are_text_or_flagged_base64() {
+        let m = masker();
+        assert_eq!(m.body(b"{\"a\":1}"), (json!("{\"a\":1}"), false));
+        assert_eq!(m.body(&[0xff, 0x00, 0x01]), (json!("/wAB"), true));
+        assert_eq!(m.body(b""), (json!(""), false));
+    }
+
+    #[test]
+    fn paging_defaults_and_bounds() {
+        let q = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        assert_eq!(paging(&q(&[])).unwrap(), (50, 0));
+        assert_eq!(
+            paging(&q(&[("limit", "500"), ("offset", "7")])).unwrap(),
+            (500, 7)
+        );
+        for (name, value) in [
+            ("limit", "0"),
+            ("limit", "501"),
+            ("limit", " 5"),
+            ("offset", "-1"),
+            ("offset", "99999999999"),
+        ] {
+            let error = paging(&q(&[(name, value)])).unwrap_err();
+            assert_eq!(error.field.as_deref(), Some(name), "{name}={value}");
+        }
+    }
+}
