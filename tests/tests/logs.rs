@@ -716,6 +716,11 @@ async fn the_index_keeps_the_retention_and_a_bounded_number_per_webhook() {
     let kept: Vec<_> = page.items.iter().map(|a| a.log_id.clone()).collect();
     let newest: Vec<_> = busy[..10].iter().map(|a| a.log_id.clone()).collect();
     assert_eq!(kept, newest);
+    // Lists carry summaries; the attempt in full is one get away.
+    assert!(page.items.iter().all(|a| a.request.is_none()));
+    assert_eq!(page.items[0].response.as_ref().map(|r| r.status), Some(200));
+    let full = index.get(&busy[0].log_id).await.unwrap().unwrap();
+    assert_eq!(full, busy[0]);
     // Evicted attempts are gone from every list and from the store.
     assert!(index.get(&busy[10].log_id).await.unwrap().is_none());
     assert!(index.get(&busy[9].log_id).await.unwrap().is_some());

@@ -43,7 +43,7 @@ fn now_ms() -> i64 {
 }
 
 /// A realistic attempt: a ~600-byte JSON body, signed headers, a short
-/// response.
+/// response, and the event it delivered.
 fn attempt(org: &str, webhook_id: &str, n: u64, at_ms: i64) -> proto::AttemptResult {
     let delivery_id = format!("msg_{webhook_id}_{n:08}");
     let event_type = TYPES[(n % TYPES.len() as u64) as usize];
@@ -83,6 +83,27 @@ fn attempt(org: &str, webhook_id: &str, n: u64, at_ms: i64) -> proto::AttemptRes
         }),
         duration_ms: 40 + n % 50,
         attempted_at_ms: at_ms,
+        // The deliverer logs the event too, so that it can be sent again.
+        event: Some(proto::Event {
+            id: format!("evt_{n}"),
+            organization_id: org.into(),
+            r#type: event_type.into(),
+            occurred_at_ms: at_ms,
+            attributes: [
+                ("workflow", "invoice-approval"),
+                ("execution", "ex-1"),
+                ("status", "succeeded"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+            data_json: Bytes::from(format!(
+                r#"{{"invoice":"INV-{n}","amount":4200,"currency":"EUR","lines":[{{"sku":"A-1","qty":3}},{{"sku":"B-2","qty":1}}],"customer":{{"id":"cus_{n}","name":"Example Customer Ltd","email":"billing@example.com"}}}}"#
+            )),
+            metadata_json: Bytes::from_static(br#"{"source":"bench"}"#),
+            received_at_ms: at_ms,
+            traceparent: String::new(),
+        }),
         ..Default::default()
     };
     a.set_status(if n.is_multiple_of(10) {
@@ -170,6 +191,21 @@ async fn publish_all(js: &async_nats::jetstream::Context, attempts: &[proto::Att
     }
 }
 
+/// Redis's `used_memory`, in bytes.
+async fn used_memory(url: &str) -> u64 {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 #[tokio::main]
 async fn main() {
     let n: u64 = std::env::args()
@@ -245,6 +281,7 @@ async fn main() {
     // 1. Query latency at n stored attempts, all of one webhook.
     let redis = Redis::new(&redis_server.url(), Duration::from_secs(5)).unwrap();
     let index = LogIndex::new(redis, Duration::from_secs(7 * 86_400), (n * 3) as usize);
+    let memory_before = used_memory(&redis_server.url()).await;
     let base = now_ms();
     let started = Instant::now();
     let mut last_log_id = String::new();
@@ -260,6 +297,11 @@ async fn main() {
         "Direct index writes (LogIndex::write, batches of 1000): {n} in {:.1} s = {:.0} attempts/s\n",
         direct.as_secs_f64(),
         n as f64 / direct.as_secs_f64()
+    );
+
+    let per_attempt = (used_memory(&redis_server.url()).await - memory_before) / n.max(1);
+    println!(
+        "Redis memory: {per_attempt} bytes per stored attempt (its entry and its four list memberships)\n"
     );
 
     let webhook = |status: Option<&str>| Scope::Webhook {

@@ -1,7 +1,9 @@
 //! The delivery-log index in Redis: written by log-writer, read by admin.
 //!
-//! - `herald:log:<log_id>`: a hash holding the attempt (`pb`, protobuf) and
-//!   its event type (`t`, so that an evicted entry can be taken out of its
+//! - `herald:log:<log_id>`: a hash holding the attempt (`pb`, protobuf),
+//!   its summary (`s`: the attempt without request, response headers and
+//!   bodies, or event — what a list shows, a tenth of the bytes) and its
+//!   event type (`t`, so that an evicted entry can be taken out of its
 //!   event-type list), expiring when the attempt leaves the retention.
 //! - Sorted sets of log ids scored by attempt time, one per query the API
 //!   answers: per webhook (`herald:logs:w:<org>:<webhook>`), per webhook and
@@ -93,7 +95,9 @@ impl Scope {
     }
 }
 
-/// One page of attempts, newest first, and how many the scope holds.
+/// One page of attempts, newest first, and how many the scope holds. The
+/// attempts are summaries: no request, no response headers or body, no
+/// event ([`LogIndex::get`] has those).
 #[derive(Debug, Clone)]
 pub struct Page {
     pub total: u64,
@@ -121,13 +125,14 @@ pub const BUILT_MARKER: &str = "herald:logs:built";
 pub const REBUILD_LOCK: &str = "herald:logs:rebuilding";
 
 /// ARGV: log id, org, webhook, status, event type, score (ms), attempt
-/// (protobuf), entry ttl (s), list ttl (s), cutoff (ms), max per webhook.
+/// (protobuf), entry ttl (s), list ttl (s), cutoff (ms), max per webhook,
+/// summary (protobuf).
 const WRITE_SCRIPT: &str = r"
 local id, org, wh, status, etype = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local score, ttl, list_ttl = ARGV[6], tonumber(ARGV[8]), tonumber(ARGV[9])
 local cutoff, max = ARGV[10], tonumber(ARGV[11])
 local entry = 'herald:log:' .. id
-redis.call('HSET', entry, 'pb', ARGV[7], 't', etype)
+redis.call('HSET', entry, 'pb', ARGV[7], 's', ARGV[12], 't', etype)
 redis.call('EXPIRE', entry, ttl)
 local wk = 'herald:logs:w:' .. org .. ':' .. wh
 local ok = 'herald:logs:o:' .. org
@@ -164,8 +169,9 @@ local out = {total}
 if offset >= total or limit <= 0 then return out end
 local last = math.min(offset + limit, total) - 1
 for _, id in ipairs(redis.call('ZREVRANGE', KEYS[1], offset, last)) do
-  local pb = redis.call('HGET', 'herald:log:' .. id, 'pb')
-  if pb then out[#out + 1] = pb end
+  local entry = 'herald:log:' .. id
+  local s = redis.call('HGET', entry, 's') or redis.call('HGET', entry, 'pb')
+  if s then out[#out + 1] = s end
 end
 return out
 ";
@@ -198,6 +204,19 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 ";
+
+/// What a list shows of an attempt.
+pub fn summary(a: &proto::AttemptResult) -> proto::AttemptResult {
+    proto::AttemptResult {
+        request: None,
+        response: a.response.as_ref().map(|r| proto::HttpResponse {
+            status: r.status,
+            ..Default::default()
+        }),
+        event: None,
+        ..a.clone()
+    }
+}
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -270,7 +289,8 @@ impl LogIndex {
                 .arg(ttl)
                 .arg(retention_s)
                 .arg(cutoff)
-                .arg(self.max_per_webhook.min(i64::MAX as usize) as i64);
+                .arg(self.max_per_webhook.min(i64::MAX as usize) as i64)
+                .arg(summary(a).encode_to_vec());
             pipe.invoke_script(&invocation).ignore();
             count += 1;
         }
