@@ -2,7 +2,10 @@
 //! from the vendored binary, so the build needs nothing installed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read when the script runs, not when it is compiled: worktrees sharing
+    // one target directory share the compiled script too.
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").ok_or("CARGO_MANIFEST_DIR unset")?;
+    let root = std::path::Path::new(&manifest_dir).join("../../proto");
     let file = root.join("herald/v1/herald.proto");
     println!("cargo:rerun-if-changed={}", file.display());
     println!("cargo:rerun-if-env-changed=PROTOC");

@@ -414,6 +414,7 @@ impl State {
             attempt: job.attempt,
             attempted_at_ms: now_ms(),
             kind: job.kind,
+            event: job.event.clone(),
             ..Default::default()
         };
         // Test and manual deliveries go to a disabled webhook too: that is

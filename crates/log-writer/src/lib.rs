@@ -2,9 +2,16 @@
 //!
 //! It consumes `herald.attempts.>` in batches and writes each batch in one
 //! Redis round trip before acking it. Writes are idempotent, so a
-//! redelivered batch is stored once. The attempts stream keeps attempts for
-//! the log retention; when the index is lost (no `herald:logs:built`
-//! marker), log-writer replays the stream into it before going on.
+//! redelivered batch (or an attempt published twice) is stored once.
+//!
+//! The attempts stream keeps attempts for the log retention. When the index
+//! is lost — Redis restarted empty, flushed, or a new Redis — the
+//! `herald:logs:built` marker is missing; log-writer checks for it at start
+//! and every `HERALD_LOG_INDEX_CHECK` while it runs, and replays the stream
+//! into the index when it is gone (see [`rebuild`]). `herald-log-writer
+//! rebuild` does the same replay on demand.
+
+mod rebuild;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -14,24 +21,34 @@ use futures::StreamExt;
 use herald_core::{names, proto};
 use herald_platform::config::{self, ConfigError, Source};
 use herald_platform::health::Health;
-use herald_platform::log_index::LogIndex;
+use herald_platform::log_index::{IndexError, LogIndex};
 use herald_platform::nats;
 use herald_platform::redis::Redis;
 use prometheus_client::metrics::counter::Counter;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::rebuild::Outcome;
+
 pub const HEALTH_ADDR: &str = "HERALD_LOG_WRITER_HEALTH_ADDR";
 pub const LOG_RETENTION: &str = "HERALD_LOG_RETENTION";
 pub const LOG_MAX_PER_WEBHOOK: &str = "HERALD_LOG_MAX_PER_WEBHOOK";
+pub const LOG_INDEX_CHECK: &str = "HERALD_LOG_INDEX_CHECK";
+
+/// Attempts written to Redis in one round trip.
+const BATCH: usize = 500;
 
 #[derive(Debug, Clone)]
 pub struct Config {
     pub nats: config::Nats,
     pub redis_url: String,
     pub health_addr: SocketAddr,
+    /// How long attempts are kept (index and attempts stream).
     pub retention: Duration,
+    /// Attempts kept per webhook; older ones are dropped first.
     pub max_per_webhook: usize,
+    /// How often the index is checked for loss (and rebuilt).
+    pub index_check: Duration,
 }
 
 impl Config {
@@ -40,12 +57,20 @@ impl Config {
         if retention < Duration::from_secs(60) {
             return Err(ConfigError::new(LOG_RETENTION, "must be at least 1m"));
         }
+        let index_check = config::duration(src, LOG_INDEX_CHECK, Duration::from_secs(5))?;
+        if index_check < Duration::from_millis(100) || index_check > Duration::from_secs(3600) {
+            return Err(ConfigError::new(
+                LOG_INDEX_CHECK,
+                "must be between 100ms and 1h",
+            ));
+        }
         Ok(Self {
             nats: config::Nats::from_source(src)?,
             redis_url: config::redis_url(src)?,
             health_addr: config::addr(src, HEALTH_ADDR, "127.0.0.1:9104")?,
             retention,
             max_per_webhook: config::number(src, LOG_MAX_PER_WEBHOOK, 10_000, 10..=10_000_000)?,
+            index_check,
         })
     }
 }
@@ -58,21 +83,48 @@ pub enum Error {
     Health(std::io::Error),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("log index: {0}")]
+    Index(#[from] IndexError),
     #[error("consumer: {0}")]
     Consumer(String),
+    #[error("attempts stream: {0}")]
+    Stream(String),
+    #[error("another log-writer is rebuilding the index now; try again when it is done")]
+    RebuildBusy,
+    #[error("redis lost its data during the rebuild; run it again")]
+    RebuildLost,
+    #[error("shutting down")]
+    Shutdown,
+}
+
+#[derive(Clone, Default)]
+struct Metrics {
+    stored: Counter,
+    replayed: Counter,
+    rebuilds: Counter,
 }
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let health = Health::new("log-writer");
     health.set("nats", false);
     health.set("consumer", false);
-    let stored = Counter::<u64>::default();
+    let metrics = Metrics::default();
     health.register(|r| {
         r.register(
             "attempts_stored",
             "Delivery attempts written to the log index",
-            stored.clone(),
-        )
+            metrics.stored.clone(),
+        );
+        r.register(
+            "attempts_replayed",
+            "Delivery attempts written to the log index by a rebuild",
+            metrics.replayed.clone(),
+        );
+        r.register(
+            "log_index_rebuilds",
+            "Rebuilds of the log index from the attempts stream",
+            metrics.rebuilds.clone(),
+        );
     });
     health
         .clone()
@@ -85,12 +137,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let js = jetstream::new(client.clone());
     let retention = nats::Retention {
         attempts: config.retention,
+        owns_attempts: true,
         ..Default::default()
     };
     nats::ensure_streams(&js, config.nats.replicas, &retention, &shutdown).await?;
     let redis = Redis::new(&config.redis_url, Duration::from_millis(500))?;
     health.watch_redis(redis.clone(), shutdown.clone());
     let index = LogIndex::new(redis, config.retention, config.max_per_webhook);
+
+    let watcher = tokio::spawn(rebuild::watch(
+        js.clone(),
+        index.clone(),
+        config.index_check,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
 
     let consumer = nats::durable_consumer(
         &js,
@@ -121,44 +182,76 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 
     let mut batches = std::pin::pin!(
         messages
-            .ready_chunks(500)
+            .ready_chunks(BATCH)
             .take_until(shutdown.clone().cancelled_owned())
     );
     while let Some(batch) = batches.next().await {
-        let mut messages = Vec::with_capacity(batch.len());
-        let mut attempts = Vec::with_capacity(batch.len());
-        for message in batch {
-            match message {
-                Ok(message) => match proto::AttemptResult::decode(message.payload.clone()) {
-                    Ok(attempt) => {
-                        attempts.push(attempt);
-                        messages.push(message);
-                    }
-                    Err(error) => {
-                        tracing::error!(%error, subject = %message.subject, "undecodable attempt dropped");
-                        let _ = message.ack_with(AckKind::Term).await;
-                    }
-                },
-                Err(error) => tracing::warn!(%error, "attempts consumer error"),
+        store_batch(&index, batch, &metrics).await;
+    }
+    let _ = watcher.await;
+    client.flush().await.ok();
+    Ok(())
+}
+
+/// Writes one batch of attempts, then acks it; hands it back when Redis
+/// cannot take it.
+async fn store_batch(
+    index: &LogIndex,
+    batch: Vec<Result<jetstream::Message, consumer::pull::MessagesError>>,
+    metrics: &Metrics,
+) {
+    let mut messages = Vec::with_capacity(batch.len());
+    let mut attempts = Vec::with_capacity(batch.len());
+    for message in batch {
+        match message {
+            Ok(message) => match proto::AttemptResult::decode(message.payload.clone()) {
+                Ok(attempt) => {
+                    attempts.push(attempt);
+                    messages.push(message);
+                }
+                Err(error) => {
+                    tracing::error!(%error, subject = %message.subject, "undecodable attempt dropped");
+                    let _ = message.ack_with(AckKind::Term).await;
+                }
+            },
+            Err(error) => tracing::warn!(%error, "attempts consumer error"),
+        }
+    }
+    match index.write(&attempts).await {
+        Ok(()) => {
+            metrics.stored.inc_by(attempts.len() as u64);
+            for message in messages {
+                let _ = message.ack().await;
             }
         }
-        match index.write(&attempts).await {
-            Ok(()) => {
-                stored.inc_by(attempts.len() as u64);
-                for message in messages {
-                    let _ = message.ack().await;
-                }
-            }
-            Err(error) => {
-                tracing::warn!(%error, batch = attempts.len(), "cannot store attempts, handed back");
-                for message in messages {
-                    let _ = message
-                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                        .await;
-                }
+        Err(error) => {
+            tracing::warn!(%error, batch = attempts.len(), "cannot store attempts, handed back");
+            for message in messages {
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
             }
         }
     }
-    client.flush().await.ok();
-    Ok(())
+}
+
+/// `herald-log-writer rebuild`: replays the attempts stream into the index
+/// now, whether or not it looks complete, and marks it built. Idempotent;
+/// running log-writers may go on meanwhile.
+pub async fn rebuild_now(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let client = nats::connect(&config.nats, "log-writer-rebuild").await?;
+    let js = jetstream::new(client.clone());
+    let redis = Redis::new(&config.redis_url, Duration::from_millis(2_000))?;
+    redis.wait_ready(&shutdown).await.ok_or(Error::Shutdown)?;
+    let index = LogIndex::new(redis, config.retention, config.max_per_webhook);
+    let token = rebuild::token();
+    match rebuild::replay(&js, &index, &token, &Metrics::default(), &shutdown).await? {
+        Outcome::Built { replayed } => {
+            tracing::info!(replayed, "log index rebuilt");
+            client.flush().await.ok();
+            Ok(())
+        }
+        Outcome::Busy => Err(Error::RebuildBusy),
+        Outcome::Lost => Err(Error::RebuildLost),
+    }
 }

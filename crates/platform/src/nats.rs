@@ -46,6 +46,10 @@ pub struct Retention {
     pub work: Duration,
     /// Attempt results: the log retention, so the index can be rebuilt.
     pub attempts: Duration,
+    /// Whether this service owns the attempts stream's retention (only
+    /// log-writer, which reads `HERALD_LOG_RETENTION`): others create the
+    /// stream when it is missing but never change an existing one's.
+    pub owns_attempts: bool,
 }
 
 impl Default for Retention {
@@ -53,6 +57,7 @@ impl Default for Retention {
         Self {
             work: Duration::from_secs(3 * 86_400),
             attempts: Duration::from_secs(7 * 86_400),
+            owns_attempts: false,
         }
     }
 }
@@ -136,6 +141,20 @@ pub async fn ensure_streams(
 ) -> Result<(), Error> {
     for config in streams(replicas, retention) {
         let name = config.name.clone();
+        if name == names::ATTEMPTS_STREAM && !retention.owns_attempts {
+            retry(shutdown, || async {
+                match js.get_stream(&name).await {
+                    Ok(_) => Ok(()),
+                    Err(_) => js.create_or_update_stream(config.clone()).await.map(|_| ()),
+                }
+            })
+            .await
+            .map_err(|source| Error::Stream {
+                stream: name,
+                source,
+            })?;
+            continue;
+        }
         retry(shutdown, || js.create_or_update_stream(config.clone()))
             .await
             .map_err(|source| Error::Stream {

@@ -1,0 +1,466 @@
+//! Log-writer benchmark, against a throwaway nats-server and redis-server on
+//! loopback (started and removed by this program):
+//!
+//! 1. query latency with N attempts stored for one webhook (written straight
+//!    into the index with `LogIndex::write`), through the index and through
+//!    the admin API over HTTP;
+//! 2. log-writer throughput: N attempts published to `herald.attempts.>`,
+//!    then log-writer started and timed until every one is stored (a
+//!    backlog), then N more published while it runs (live);
+//! 3. rebuild: Redis flushed, timed until log-writer has replayed the stream.
+//!
+//! `cargo run --release -p herald-log-writer --example log-writer-bench -- [attempts]`
+//! (default 100000). Prints a Markdown table.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use herald_core::{ids, names, proto};
+use herald_platform::log_index::{LogIndex, Scope};
+use herald_platform::redis::Redis;
+use herald_test_support::{NatsServer, RedisServer, free_port};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+
+const KEY: &str = "bench-key";
+const TYPES: &[&str] = &[
+    "workflow.completed",
+    "workflow.failed",
+    "workflow.step.completed",
+    "worker.connected",
+];
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// A realistic attempt: a ~600-byte JSON body, signed headers, a short
+/// response, and the event it delivered.
+fn attempt(org: &str, webhook_id: &str, n: u64, at_ms: i64) -> proto::AttemptResult {
+    let delivery_id = format!("msg_{webhook_id}_{n:08}");
+    let event_type = TYPES[(n % TYPES.len() as u64) as usize];
+    let body = format!(
+        r#"{{"id":"evt_{n}","type":"{event_type}","timestamp":"2026-11-22T10:00:00.000Z","organization_id":"{org}","webhook_id":"{webhook_id}","attributes":{{"execution":"ex-{n}","status":"succeeded","workflow":"invoice-approval"}},"data":{{"invoice":"INV-{n}","amount":4200,"currency":"EUR","lines":[{{"sku":"A-1","qty":3}},{{"sku":"B-2","qty":1}}],"customer":{{"id":"cus_{n}","name":"Example Customer Ltd","email":"billing@example.com"}}}},"metadata":{{"source":"bench"}}}}"#
+    );
+    let header = |name: &str, value: &str| proto::Header {
+        name: name.into(),
+        value: value.into(),
+    };
+    let mut a = proto::AttemptResult {
+        log_id: ids::log_id(&delivery_id, 1),
+        delivery_id: delivery_id.clone(),
+        organization_id: org.into(),
+        webhook_id: webhook_id.into(),
+        event_id: format!("evt_{n}"),
+        event_type: event_type.into(),
+        attempt: 1,
+        request: Some(proto::HttpRequest {
+            method: "POST".into(),
+            url: "https://hooks.example.com/herald/receive".into(),
+            headers: vec![
+                header("content-type", "application/json"),
+                header("user-agent", "Herald/0.1.0"),
+                header("webhook-id", &delivery_id),
+                header("webhook-timestamp", "1795000000"),
+                header("webhook-signature", "********"),
+                header("x-webhook-signature", "********"),
+            ],
+            body: body.into_bytes().into(),
+        }),
+        response: Some(proto::HttpResponse {
+            status: if n.is_multiple_of(10) { 500 } else { 200 },
+            headers: vec![header("content-type", "application/json")],
+            body: Bytes::from_static(br#"{"ok":true}"#),
+            body_truncated: false,
+        }),
+        duration_ms: 40 + n % 50,
+        attempted_at_ms: at_ms,
+        // The deliverer logs the event too, so that it can be sent again.
+        event: Some(proto::Event {
+            id: format!("evt_{n}"),
+            organization_id: org.into(),
+            r#type: event_type.into(),
+            occurred_at_ms: at_ms,
+            attributes: [
+                ("workflow", "invoice-approval"),
+                ("execution", "ex-1"),
+                ("status", "succeeded"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+            data_json: Bytes::from(format!(
+                r#"{{"invoice":"INV-{n}","amount":4200,"currency":"EUR","lines":[{{"sku":"A-1","qty":3}},{{"sku":"B-2","qty":1}}],"customer":{{"id":"cus_{n}","name":"Example Customer Ltd","email":"billing@example.com"}}}}"#
+            )),
+            metadata_json: Bytes::from_static(br#"{"source":"bench"}"#),
+            received_at_ms: at_ms,
+            traceparent: String::new(),
+        }),
+        ..Default::default()
+    };
+    a.set_status(if n.is_multiple_of(10) {
+        proto::AttemptStatus::Retrying
+    } else {
+        proto::AttemptStatus::Succeeded
+    });
+    a
+}
+
+#[derive(Default)]
+struct Latencies(Vec<Duration>);
+
+impl Latencies {
+    fn row(&mut self, what: &str) -> String {
+        self.0.sort();
+        let at = |q: f64| {
+            let i = ((self.0.len() as f64 * q).ceil() as usize).clamp(1, self.0.len()) - 1;
+            self.0[i].as_secs_f64() * 1000.0
+        };
+        format!(
+            "| {what} | {:.2} | {:.2} | {:.2} |",
+            at(0.50),
+            at(0.99),
+            at(1.0)
+        )
+    }
+}
+
+struct Http {
+    client: Client<HttpConnector, Full<Bytes>>,
+    base: String,
+}
+
+impl Http {
+    async fn call(&self, method: &str, path: &str, body: Option<String>) -> (u16, Bytes) {
+        let mut builder = http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header("authorization", format!("Bearer {KEY}"));
+        if body.is_some() {
+            builder = builder.header("content-type", "application/json");
+        }
+        let request = builder
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .unwrap();
+        let response = self.client.request(request).await.expect("admin call");
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, bytes)
+    }
+}
+
+async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn publish_all(js: &async_nats::jetstream::Context, attempts: &[proto::AttemptResult]) {
+    for window in attempts.chunks(2_000) {
+        let mut acks = Vec::with_capacity(window.len());
+        for a in window {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", a.log_id.as_str());
+            acks.push(
+                js.publish_with_headers(
+                    names::attempt_subject(&a.organization_id, &a.webhook_id),
+                    headers,
+                    a.encode_to_vec().into(),
+                )
+                .await
+                .expect("publish"),
+            );
+        }
+        for ack in acks {
+            ack.await.expect("ack");
+        }
+    }
+}
+
+/// Redis's `used_memory`, in bytes.
+async fn used_memory(url: &str) -> u64 {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() {
+    let n: u64 = std::env::args()
+        .nth(1)
+        .map(|a| a.parse().expect("attempts: a number"))
+        .unwrap_or(100_000);
+    let queries = 200;
+    let nats = NatsServer::start();
+    let redis_server = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.json");
+    std::fs::write(
+        &keys,
+        format!(
+            r#"{{"keys":[{{"key_sha256":"{}","organizations":["*"],"default_organization":"acme"}}]}}"#,
+            herald_admin::auth::hash_key(KEY)
+        ),
+    )
+    .unwrap();
+    let admin_addr = format!("127.0.0.1:{}", free_port());
+    let env: HashMap<String, String> = [
+        ("HERALD_NATS_URL", nats.url()),
+        ("HERALD_REDIS_URL", redis_server.url()),
+        ("HERALD_ADMIN_ADDR", admin_addr.clone()),
+        ("HERALD_API_KEYS_FILE", keys.display().to_string()),
+        (
+            "HERALD_SECRET_KEY",
+            herald_core::secret::Keyring::generate_key_text(),
+        ),
+        ("HERALD_ALLOW_HTTP", "true".into()),
+        (
+            "HERALD_LOG_WRITER_HEALTH_ADDR",
+            format!("127.0.0.1:{}", free_port()),
+        ),
+        ("HERALD_LOG_MAX_PER_WEBHOOK", (n * 3).max(10).to_string()),
+        ("HERALD_LOG_INDEX_CHECK", "100ms".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let shutdown = CancellationToken::new();
+    let admin_config = herald_admin::Config::from_source(&env).unwrap();
+    tokio::spawn(herald_admin::run(admin_config, shutdown.clone()));
+    let http = Http {
+        client: Client::builder(TokioExecutor::new()).build_http(),
+        base: format!("http://{admin_addr}"),
+    };
+    wait_until("admin", Duration::from_secs(30), || async {
+        let request = http::Request::get(format!("{}/ready", http.base))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        matches!(http.client.request(request).await, Ok(r) if r.status() == 200)
+    })
+    .await;
+    let (status, created) = http
+        .call(
+            "POST",
+            "/webhooks",
+            Some(r#"{"name":"bench","url":"http://127.0.0.1:9/bench","event_types":["workflow.>","worker.>"]}"#.into()),
+        )
+        .await;
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&created));
+    let created: serde_json::Value = serde_json::from_slice(&created).unwrap();
+    let webhook_id = created["id"].as_str().unwrap().to_owned();
+
+    println!(
+        "## Log-writer benchmark: {n} attempts, {} CPUs\n",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+
+    // 1. Query latency at n stored attempts, all of one webhook.
+    let redis = Redis::new(&redis_server.url(), Duration::from_secs(5)).unwrap();
+    let index = LogIndex::new(redis, Duration::from_secs(7 * 86_400), (n * 3) as usize);
+    let memory_before = used_memory(&redis_server.url()).await;
+    let base = now_ms();
+    let started = Instant::now();
+    let mut last_log_id = String::new();
+    for chunk_start in (0..n).step_by(1_000) {
+        let batch: Vec<_> = (chunk_start..(chunk_start + 1_000).min(n))
+            .map(|i| attempt("acme", &webhook_id, i, base - (n - i) as i64))
+            .collect();
+        last_log_id = batch.last().unwrap().log_id.clone();
+        index.write(&batch).await.unwrap();
+    }
+    let direct = started.elapsed();
+    println!(
+        "Direct index writes (LogIndex::write, batches of 1000): {n} in {:.1} s = {:.0} attempts/s\n",
+        direct.as_secs_f64(),
+        n as f64 / direct.as_secs_f64()
+    );
+
+    let per_attempt = (used_memory(&redis_server.url()).await - memory_before) / n.max(1);
+    println!(
+        "Redis memory: {per_attempt} bytes per stored attempt (its entry and its four list memberships)\n"
+    );
+
+    let webhook = |status: Option<&str>| Scope::Webhook {
+        org: "acme".into(),
+        webhook_id: webhook_id.clone(),
+        status: status.map(str::to_owned),
+    };
+    let deep = (n as usize).saturating_sub(100);
+    let index_cases: Vec<(String, Scope, usize, usize)> = vec![
+        ("webhook, limit 50, offset 0".into(), webhook(None), 50, 0),
+        (
+            format!("webhook, limit 50, offset {deep}"),
+            webhook(None),
+            50,
+            deep,
+        ),
+        ("webhook, limit 500, offset 0".into(), webhook(None), 500, 0),
+        (
+            "webhook, status=retrying, limit 50".into(),
+            webhook(Some("retrying")),
+            50,
+            0,
+        ),
+        (
+            "organization, event_type=workflow.failed, limit 50".into(),
+            Scope::Organization {
+                org: "acme".into(),
+                event_type: Some("workflow.failed".into()),
+            },
+            50,
+            0,
+        ),
+    ];
+    println!("| query (LogIndex, Redis round trip) | p50 ms | p99 ms | max ms |");
+    println!("| --- | --- | --- | --- |");
+    for (what, scope, limit, offset) in &index_cases {
+        let mut lat = Latencies::default();
+        for _ in 0..queries {
+            let t = Instant::now();
+            let page = index.page(scope, *limit, *offset).await.unwrap();
+            lat.0.push(t.elapsed());
+            assert!(!page.items.is_empty() && page.total > 0, "{what}");
+        }
+        println!("{}", lat.row(what));
+    }
+    let mut lat = Latencies::default();
+    for _ in 0..queries {
+        let t = Instant::now();
+        assert!(index.get(&last_log_id).await.unwrap().is_some());
+        lat.0.push(t.elapsed());
+    }
+    println!("{}", lat.row("one attempt (get)"));
+
+    let http_cases = vec![
+        format!("/webhooks/{webhook_id}/logs"),
+        format!("/webhooks/{webhook_id}/logs?limit=50&offset={deep}"),
+        format!("/webhooks/{webhook_id}/logs?limit=500"),
+        format!("/webhooks/{webhook_id}/logs?status=retrying"),
+        "/webhooks/logs/all?event_type=workflow.failed".to_owned(),
+        format!("/webhooks/{webhook_id}/logs/{last_log_id}"),
+    ];
+    println!("\n| GET (admin API over HTTP, loopback) | p50 ms | p99 ms | max ms |");
+    println!("| --- | --- | --- | --- |");
+    for path in &http_cases {
+        let mut lat = Latencies::default();
+        for _ in 0..queries {
+            let t = Instant::now();
+            let (status, body) = http.call("GET", path, None).await;
+            lat.0.push(t.elapsed());
+            assert_eq!(status, 200, "{path}: {}", String::from_utf8_lossy(&body));
+        }
+        let shown = path
+            .replace(&last_log_id, "{log_id}")
+            .replace(&webhook_id, "{id}");
+        println!("{}", lat.row(&format!("`{shown}`")));
+    }
+
+    // 2. Throughput: a backlog, then live.
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let backlog: Vec<_> = (0..n)
+        .map(|i| attempt("tp", "wh_backlog", i, now_ms()))
+        .collect();
+    let t = Instant::now();
+    publish_all(&js, &backlog).await;
+    let published = t.elapsed();
+    let org_total = |org: &'static str| {
+        let index = index.clone();
+        async move {
+            let scope = Scope::Organization {
+                org: org.into(),
+                event_type: None,
+            };
+            index.page(&scope, 1, 0).await.map(|p| p.total).unwrap_or(0)
+        }
+    };
+    let writer_config = herald_log_writer::Config::from_source(&env).unwrap();
+    let t = Instant::now();
+    tokio::spawn(herald_log_writer::run(writer_config, shutdown.clone()));
+    wait_until("backlog stored", Duration::from_secs(600), || async {
+        org_total("tp").await >= n
+    })
+    .await;
+    let backlog_time = t.elapsed();
+
+    let live: Vec<_> = (0..n)
+        .map(|i| attempt("live", "wh_live", i, now_ms()))
+        .collect();
+    let t = Instant::now();
+    publish_all(&js, &live).await;
+    wait_until("live stored", Duration::from_secs(600), || async {
+        org_total("live").await >= n
+    })
+    .await;
+    let live_time = t.elapsed();
+
+    // 3. Rebuild after FLUSHALL (the 2n attempts that went through NATS).
+    let flush = redis::Client::open(redis_server.url()).unwrap();
+    let mut conn = flush.get_multiplexed_async_connection().await.unwrap();
+    let t = Instant::now();
+    redis::cmd("FLUSHALL")
+        .arg("ASYNC")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    wait_until("rebuilt", Duration::from_secs(600), || async {
+        org_total("tp").await >= n
+            && org_total("live").await >= n
+            && index.is_built().await.unwrap_or(false)
+    })
+    .await;
+    let rebuild_time = t.elapsed();
+
+    let rate = |count: u64, d: Duration| count as f64 / d.as_secs_f64();
+    println!(
+        "\n| log-writer (published to NATS, consumed, stored in Redis) | attempts | seconds | attempts/s |"
+    );
+    println!("| --- | --- | --- | --- |");
+    println!(
+        "| publish only (JetStream, acked, windows of 2000) | {n} | {:.1} | {:.0} |",
+        published.as_secs_f64(),
+        rate(n, published)
+    );
+    println!(
+        "| backlog: log-writer started after the publish | {n} | {:.1} | {:.0} |",
+        backlog_time.as_secs_f64(),
+        rate(n, backlog_time)
+    );
+    println!(
+        "| live: published while log-writer runs, until all stored | {n} | {:.1} | {:.0} |",
+        live_time.as_secs_f64(),
+        rate(n, live_time)
+    );
+    println!(
+        "| rebuild after FLUSHALL (replay of the stream) | {} | {:.1} | {:.0} |",
+        2 * n,
+        rebuild_time.as_secs_f64(),
+        rate(2 * n, rebuild_time)
+    );
+    shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+}

@@ -1,0 +1,762 @@
+//! Delivery logs: paging, filters, the detail view and its masking,
+//! idempotent writes, retention bounds, rebuild after Redis loses its data,
+//! the test and retry routes, and what another organization cannot see.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use herald_core::{ids, names, proto};
+use herald_e2e::{Options, Receiver, Reply, Stack, TENANT_KEY};
+use herald_platform::log_index::{LogIndex, Scope};
+use herald_platform::redis::Redis;
+use herald_test_support::RedisServer;
+use prost::Message;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// A made-up attempt `n` of `webhook_id`, `n` ms·10 older than `base_ms`.
+fn attempt(
+    org: &str,
+    webhook_id: &str,
+    n: u32,
+    status: proto::AttemptStatus,
+    event_type: &str,
+    base_ms: i64,
+) -> proto::AttemptResult {
+    let delivery_id = format!("msg_{webhook_id}_{n:05}");
+    let mut a = proto::AttemptResult {
+        log_id: ids::log_id(&delivery_id, 1),
+        delivery_id,
+        organization_id: org.into(),
+        webhook_id: webhook_id.into(),
+        event_id: format!("evt_{n}"),
+        event_type: event_type.into(),
+        attempt: 1,
+        request: Some(proto::HttpRequest {
+            method: "POST".into(),
+            url: "http://127.0.0.1:9/hook".into(),
+            headers: vec![proto::Header {
+                name: "content-type".into(),
+                value: "application/json".into(),
+            }],
+            body: format!(r#"{{"id":"evt_{n}"}}"#).into_bytes().into(),
+        }),
+        response: Some(proto::HttpResponse {
+            status: 200,
+            ..Default::default()
+        }),
+        duration_ms: 3,
+        attempted_at_ms: base_ms - n as i64 * 10,
+        ..Default::default()
+    };
+    a.set_status(status);
+    a
+}
+
+async fn publish_attempt(stack: &Stack, a: &proto::AttemptResult, msg_id: &str) {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", msg_id);
+    stack
+        .js
+        .publish_with_headers(
+            names::attempt_subject(&a.organization_id, &a.webhook_id),
+            headers,
+            a.encode_to_vec().into(),
+        )
+        .await
+        .expect("publish attempt")
+        .await
+        .expect("attempt ack");
+}
+
+async fn wait_total(stack: &Stack, path: &str, total: u64) -> Value {
+    stack
+        .eventually(WAIT, &format!("{path} total {total}"), || async {
+            let (status, body) = stack.api("GET", path, None).await;
+            (status == 200 && body["total"] == total).then_some(body)
+        })
+        .await
+}
+
+async fn webhook(stack: &Stack, url: &str, extra: Value) -> (String, String) {
+    let mut body = json!({"name": "logs", "url": url, "event_types": ["workflow.>"]});
+    for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+        body[k] = v;
+    }
+    let created = stack.create_webhook(body).await;
+    (
+        created["id"].as_str().unwrap().to_owned(),
+        created["secret"].as_str().unwrap().to_owned(),
+    )
+}
+
+fn ids_of(page: &Value) -> Vec<String> {
+    page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn flushall(stack: &Stack) {
+    let client = redis::Client::open(stack.redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("FLUSHALL")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pages_filters_and_organizations() {
+    let stack = Stack::start().await;
+    let (id, _) = webhook(&stack, "http://127.0.0.1:9/a", json!({})).await;
+    let (other, _) = webhook(&stack, "http://127.0.0.1:9/b", json!({})).await;
+    let base = now_ms();
+    let status_of = |n: u32| match n % 4 {
+        0 => proto::AttemptStatus::Failed,
+        1 => proto::AttemptStatus::Retrying,
+        _ => proto::AttemptStatus::Succeeded,
+    };
+    let type_of = |n: u32| {
+        if n.is_multiple_of(3) {
+            "workflow.failed"
+        } else {
+            "workflow.completed"
+        }
+    };
+    for n in 0..120 {
+        let a = attempt("acme", &id, n, status_of(n), type_of(n), base);
+        publish_attempt(&stack, &a, &a.log_id).await;
+    }
+    for n in 0..5 {
+        let a = attempt(
+            "acme",
+            &other,
+            n,
+            proto::AttemptStatus::Succeeded,
+            "worker.connected",
+            base - 5,
+        );
+        publish_attempt(&stack, &a, &a.log_id).await;
+    }
+    let path = format!("/webhooks/{id}/logs");
+    wait_total(&stack, &path, 120).await;
+    wait_total(&stack, "/webhooks/logs/all", 125).await;
+
+    // Pages of 50, newest first, without overlaps or gaps.
+    let expected: Vec<String> = (0..120)
+        .map(|n| ids::log_id(&format!("msg_{id}_{n:05}"), 1))
+        .collect();
+    let mut seen = Vec::new();
+    for (offset, len) in [(0, 50), (50, 50), (100, 20), (150, 0)] {
+        let (status, page) = stack
+            .api("GET", &format!("{path}?limit=50&offset={offset}"), None)
+            .await;
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(page["total"], 120);
+        assert_eq!(page["limit"], 50);
+        assert_eq!(page["offset"], offset);
+        assert_eq!(page["data"].as_array().unwrap().len(), len);
+        seen.extend(ids_of(&page));
+    }
+    assert_eq!(seen, expected);
+
+    // The default page is 50; a summary says what happened.
+    let (_, page) = stack.api("GET", &path, None).await;
+    assert_eq!(page["limit"], 50);
+    assert_eq!(page["data"].as_array().unwrap().len(), 50);
+    let first = &page["data"][0];
+    assert_eq!(first["webhook_id"], id.as_str());
+    assert_eq!(first["event_id"], "evt_0");
+    assert_eq!(first["event_type"], "workflow.failed");
+    assert_eq!(first["status"], "failed");
+    assert_eq!(first["attempt"], 1);
+    assert_eq!(first["response_status"], 200);
+
+    // Status filter.
+    for (status, count) in [("failed", 30), ("retrying", 30), ("succeeded", 60)] {
+        let (code, page) = stack
+            .api("GET", &format!("{path}?status={status}&limit=500"), None)
+            .await;
+        assert_eq!(code, 200);
+        assert_eq!(page["total"], count, "{status}");
+        let data = page["data"].as_array().unwrap();
+        assert_eq!(data.len(), count);
+        assert!(data.iter().all(|e| e["status"] == status));
+    }
+    let (_, page) = stack
+        .api("GET", &format!("{path}?status=skipped"), None)
+        .await;
+    assert_eq!(page["total"], 0);
+
+    // The organization's logs, by event type. `/webhooks/logs/all` is not
+    // taken for a webhook called "logs".
+    let (code, page) = stack
+        .api(
+            "GET",
+            "/webhooks/logs/all?event_type=workflow.failed&limit=500",
+            None,
+        )
+        .await;
+    assert_eq!(code, 200, "{page}");
+    assert_eq!(page["total"], 40);
+    assert!(
+        page["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["event_type"] == "workflow.failed")
+    );
+    let (_, page) = stack
+        .api(
+            "GET",
+            "/webhooks/logs/all?event_type=worker.connected",
+            None,
+        )
+        .await;
+    assert_eq!(page["total"], 5);
+    assert!(ids_of(&page).iter().all(|l| l.contains(&other)));
+    let (_, page) = stack
+        .api("GET", "/webhooks/logs/all?limit=10&offset=118", None)
+        .await;
+    assert_eq!(page["total"], 125);
+    assert_eq!(page["data"].as_array().unwrap().len(), 7);
+
+    // Another organization sees none of it.
+    let log_id = &expected[0];
+    for path in [
+        format!("/webhooks/{id}/logs"),
+        format!("/webhooks/{id}/logs/{log_id}"),
+    ] {
+        let (code, body) = stack.api_as(TENANT_KEY, None, "GET", &path, None).await;
+        assert_eq!(code, 404, "{path}: {body}");
+    }
+    let (code, body) = stack
+        .api_as(
+            TENANT_KEY,
+            None,
+            "POST",
+            &format!("/webhooks/{id}/logs/{log_id}/retry"),
+            None,
+        )
+        .await;
+    assert_eq!(code, 404, "{body}");
+    let (code, page) = stack
+        .api_as(TENANT_KEY, None, "GET", "/webhooks/logs/all", None)
+        .await;
+    assert_eq!((code, page["total"].clone()), (200, json!(0)));
+    // Not even through a webhook of its own.
+    let (code, own) = stack
+        .api_as(
+            TENANT_KEY,
+            None,
+            "POST",
+            "/webhooks",
+            Some(
+                json!({"name": "g", "url": "http://127.0.0.1:9/g", "event_types": ["workflow.>"]}),
+            ),
+        )
+        .await;
+    assert_eq!(code, 201, "{own}");
+    let own = own["id"].as_str().unwrap();
+    let (code, _) = stack
+        .api_as(
+            TENANT_KEY,
+            None,
+            "GET",
+            &format!("/webhooks/{own}/logs/{log_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(code, 404);
+    // Nor through another webhook of the same organization.
+    let (code, _) = stack
+        .api("GET", &format!("/webhooks/{other}/logs/{log_id}"), None)
+        .await;
+    assert_eq!(code, 404);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_parameters_are_400s() {
+    let stack = Stack::start().await;
+    let (id, _) = webhook(&stack, "http://127.0.0.1:9/a", json!({})).await;
+    let cases = [
+        (format!("/webhooks/{id}/logs?limit=0"), "limit"),
+        (format!("/webhooks/{id}/logs?limit=501"), "limit"),
+        (format!("/webhooks/{id}/logs?limit=ten"), "limit"),
+        (format!("/webhooks/{id}/logs?limit=-1"), "limit"),
+        (format!("/webhooks/{id}/logs?offset=-1"), "offset"),
+        (format!("/webhooks/{id}/logs?offset=1.5"), "offset"),
+        (format!("/webhooks/{id}/logs?status=bogus"), "status"),
+        ("/webhooks/logs/all?limit=1000".to_owned(), "limit"),
+        ("/webhooks/logs/all?offset=x".to_owned(), "offset"),
+        (
+            "/webhooks/logs/all?event_type=a..b".to_owned(),
+            "event_type",
+        ),
+        ("/webhooks/logs/all?event_type=*".to_owned(), "event_type"),
+    ];
+    for (path, field) in cases {
+        let (status, body) = stack.api("GET", &path, None).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["error"]["code"], "validation_failed", "{path}");
+        assert_eq!(body["error"]["field"], field, "{path}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+    }
+    for path in [
+        format!("/webhooks/{id}/logs?limit=500&offset=0"),
+        format!("/webhooks/{id}/logs?limit=1&status="),
+        "/webhooks/logs/all?limit=1".to_owned(),
+    ] {
+        let (status, body) = stack.api("GET", &path, None).await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    let (status, _) = stack.api("GET", "/webhooks/wh_missing/logs", None).await;
+    assert_eq!(status, 404);
+    let (status, _) = stack
+        .api("GET", &format!("/webhooks/{id}/logs/msg_missing-1"), None)
+        .await;
+    assert_eq!(status, 404);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_attempt_delivered_twice_is_stored_once() {
+    let stack = Stack::start().await;
+    let (id, _) = webhook(&stack, "http://127.0.0.1:9/a", json!({})).await;
+    let base = now_ms();
+    let twice = attempt(
+        "acme",
+        &id,
+        1,
+        proto::AttemptStatus::Succeeded,
+        "workflow.completed",
+        base,
+    );
+    // Different Nats-Msg-Id, so JetStream keeps both messages.
+    publish_attempt(&stack, &twice, "first").await;
+    publish_attempt(&stack, &twice, "second").await;
+    let after = attempt(
+        "acme",
+        &id,
+        2,
+        proto::AttemptStatus::Failed,
+        "workflow.completed",
+        base,
+    );
+    publish_attempt(&stack, &after, "third").await;
+    let info = stack
+        .js
+        .get_stream(names::ATTEMPTS_STREAM)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages;
+    assert_eq!(info, 3, "the stream holds both copies");
+    // The consumer stores in stream order, so once the third is visible the
+    // duplicate has been written too.
+    let path = format!("/webhooks/{id}/logs");
+    let page = stack
+        .eventually(WAIT, "third attempt", || async {
+            let (_, page) = stack.api("GET", &path, None).await;
+            ids_of(&page).contains(&after.log_id).then_some(page)
+        })
+        .await;
+    assert_eq!(page["total"], 2, "{page}");
+    assert_eq!(
+        ids_of(&page),
+        vec![twice.log_id.clone(), after.log_id.clone()]
+    );
+    let (_, all) = stack.api("GET", "/webhooks/logs/all", None).await;
+    assert_eq!(all["total"], 2);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn detail_shows_request_and_response_with_secrets_masked() {
+    let stack = Stack::start().await;
+    let receiver = Receiver::start().await;
+    let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let (id, shown) = webhook(
+        &stack,
+        &format!("{}?token=hunter2&page=1", receiver.url("/hook")),
+        json!({"secret": secret, "headers": {"X-Api-Key": "k-123456", "X-Echo": secret}}),
+    )
+    .await;
+    assert_eq!(shown, secret);
+    // First attempt: a 500 that echoes the secret; then a 10 KiB answer.
+    receiver.script(
+        "/hook",
+        vec![
+            Reply::status(500)
+                .header("x-echo", secret)
+                .header("set-cookie", "session=abc")
+                .body(&format!("no thanks {secret}")),
+            Reply::status(200).body(&"x".repeat(10 * 1024)),
+        ],
+    );
+    stack
+        .publish(
+            "acme",
+            "workflow.completed",
+            json!({"id": "evt_detail", "attributes": {"workflow": "w"}, "data": {"n": 1}}),
+        )
+        .await;
+    receiver.wait_for("/hook", 2, WAIT).await;
+    let path = format!("/webhooks/{id}/logs");
+    let list = wait_total(&stack, &path, 2).await;
+    let mut bodies = vec![list.to_string()];
+
+    // Retries are listed, newest first.
+    let data = list["data"].as_array().unwrap();
+    assert_eq!(data[0]["attempt"], 2);
+    assert_eq!(data[0]["status"], "succeeded");
+    assert_eq!(data[1]["attempt"], 1);
+    assert_eq!(data[1]["status"], "retrying");
+    assert_eq!(data[1]["error"], "HTTP 500");
+    assert!(data[1]["next_attempt_at"].is_string());
+    assert_eq!(data[0]["delivery_id"], data[1]["delivery_id"]);
+
+    let first_id = data[1]["id"].as_str().unwrap();
+    let (status, first) = stack.api("GET", &format!("{path}/{first_id}"), None).await;
+    assert_eq!(status, 200, "{first}");
+    bodies.push(first.to_string());
+    assert_eq!(first["id"], first_id);
+    assert_eq!(first["event_id"], "evt_detail");
+    assert_eq!(first["kind"], "event");
+    assert!(first["duration_ms"].is_u64());
+    assert!(first["next_attempt_at"].is_string());
+    let request = &first["request"];
+    assert_eq!(request["method"], "POST");
+    let url = request["url"].as_str().unwrap();
+    assert!(url.starts_with(&receiver.url("/hook")), "{url}");
+    assert!(!url.contains("hunter2") && url.contains("page=1"), "{url}");
+    let header = |h: &Value, name: &str| -> String {
+        h.as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"].as_str().unwrap().eq_ignore_ascii_case(name))
+            .map(|x| x["value"].as_str().unwrap().to_owned())
+            .unwrap_or_else(|| panic!("header {name} in {h}"))
+    };
+    assert_eq!(header(&request["headers"], "webhook-signature"), "********");
+    assert_eq!(
+        header(&request["headers"], "x-webhook-signature"),
+        "********"
+    );
+    assert_eq!(header(&request["headers"], "x-api-key"), "********");
+    assert_eq!(header(&request["headers"], "x-echo"), "********");
+    assert_eq!(
+        header(&request["headers"], "content-type"),
+        "application/json"
+    );
+    assert_eq!(request["body_base64"], false);
+    let sent: Value = serde_json::from_str(request["body"].as_str().unwrap()).unwrap();
+    assert_eq!(sent["id"], "evt_detail");
+    assert_eq!(sent["data"], json!({"n": 1}));
+    let response = &first["response"];
+    assert_eq!(response["status"], 500);
+    assert_eq!(response["body"], "no thanks ********");
+    assert_eq!(response["body_base64"], false);
+    assert_eq!(response["body_truncated"], false);
+    assert_eq!(header(&response["headers"], "x-echo"), "********");
+    assert_eq!(header(&response["headers"], "set-cookie"), "********");
+
+    // The second answer was cut at 8 KiB.
+    let second_id = data[0]["id"].as_str().unwrap();
+    let (_, second) = stack.api("GET", &format!("{path}/{second_id}"), None).await;
+    bodies.push(second.to_string());
+    assert_eq!(second["response"]["status"], 200);
+    assert_eq!(second["response"]["body_truncated"], true);
+    assert_eq!(second["response"]["body"].as_str().unwrap().len(), 8 * 1024);
+    assert!(second["next_attempt_at"].is_null());
+
+    let (_, all) = stack.api("GET", "/webhooks/logs/all", None).await;
+    bodies.push(all.to_string());
+    let key = secret.strip_prefix("whsec_").unwrap();
+    for body in &bodies {
+        assert!(!body.contains(key), "secret in a log response: {body}");
+        assert!(!body.contains("k-123456"), "api key in a log response");
+    }
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_and_retry_deliver_now_and_show_in_the_logs() {
+    let stack = Stack::start().await;
+    let receiver = Receiver::start().await;
+    // Disabled, and subscribed to another type: a test still goes out.
+    let (id, _) = webhook(
+        &stack,
+        &receiver.url("/t"),
+        json!({"enabled": false, "event_types": ["worker.connected"]}),
+    )
+    .await;
+    receiver.script("/t", vec![Reply::status(500), Reply::status(204)]);
+
+    let (status, queued) = stack
+        .api("POST", &format!("/webhooks/{id}/test"), None)
+        .await;
+    assert_eq!(status, 202, "{queued}");
+    let delivery_id = queued["delivery_id"].as_str().unwrap().to_owned();
+    let log_id = queued["log_id"].as_str().unwrap().to_owned();
+    let got = receiver.wait_for("/t", 1, WAIT).await;
+    assert_eq!(got[0].header("webhook-id"), Some(delivery_id.as_str()));
+    let body: Value = serde_json::from_slice(&got[0].body).unwrap();
+    assert_eq!(body["type"], "workflow.completed");
+    assert_eq!(body["webhook_id"], id.as_str());
+    let event_id = body["id"].as_str().unwrap().to_owned();
+
+    // It failed, and a test is not retried.
+    let path = format!("/webhooks/{id}/logs/{log_id}");
+    let entry = stack
+        .eventually(WAIT, "test attempt", || async {
+            let (status, entry) = stack.api("GET", &path, None).await;
+            (status == 200).then_some(entry)
+        })
+        .await;
+    assert_eq!(entry["kind"], "test");
+    assert_eq!(entry["status"], "failed");
+    assert_eq!(entry["response"]["status"], 500);
+    assert!(entry["next_attempt_at"].is_null());
+    assert_eq!(entry["delivery_id"], delivery_id.as_str());
+
+    // Retry it: the same event, delivered again now.
+    let (status, again) = stack.api("POST", &format!("{path}/retry"), None).await;
+    assert_eq!(status, 202, "{again}");
+    let retry_delivery = again["delivery_id"].as_str().unwrap();
+    assert_ne!(retry_delivery, delivery_id);
+    let got = receiver.wait_for("/t", 2, WAIT).await;
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[1].header("webhook-id"), Some(retry_delivery));
+    let body: Value = serde_json::from_slice(&got[1].body).unwrap();
+    assert_eq!(body["id"], event_id.as_str());
+    assert_eq!(body["type"], "workflow.completed");
+
+    let logs = wait_total(&stack, &format!("/webhooks/{id}/logs"), 2).await;
+    assert_eq!(logs["data"][0]["id"], again["log_id"]);
+    assert_eq!(logs["data"][0]["kind"], "manual_retry");
+    assert_eq!(logs["data"][0]["status"], "succeeded");
+    assert_eq!(logs["data"][0]["event_id"], event_id.as_str());
+
+    // Unknown webhook, unknown log, another organization: 404.
+    for (key, method, path) in [
+        (
+            herald_e2e::API_KEY,
+            "POST",
+            "/webhooks/wh_missing/test".to_owned(),
+        ),
+        (
+            herald_e2e::API_KEY,
+            "POST",
+            format!("/webhooks/{id}/logs/msg_x-1/retry"),
+        ),
+        (TENANT_KEY, "POST", format!("/webhooks/{id}/test")),
+    ] {
+        let (status, body) = stack.api_as(key, None, method, &path, None).await;
+        assert_eq!(status, 404, "{path}: {body}");
+    }
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_index_is_rebuilt_after_redis_loses_it() {
+    let mut stack =
+        Stack::start_with(Options::default().env("HERALD_LOG_INDEX_CHECK", "200ms")).await;
+    let (id, _) = webhook(&stack, "http://127.0.0.1:9/a", json!({})).await;
+    let base = now_ms();
+    for n in 0..30 {
+        let a = attempt(
+            "acme",
+            &id,
+            n,
+            proto::AttemptStatus::Succeeded,
+            "workflow.completed",
+            base,
+        );
+        publish_attempt(&stack, &a, &a.log_id).await;
+    }
+    let path = format!("/webhooks/{id}/logs?limit=500");
+    let before = wait_total(&stack, &path, 30).await;
+
+    flushall(&stack).await;
+    // Everything was acked long ago: only a replay can bring it back.
+    let after = wait_total(&stack, &path, 30).await;
+    assert_eq!(ids_of(&after), ids_of(&before));
+    let (_, all) = stack.api("GET", "/webhooks/logs/all", None).await;
+    assert_eq!(all["total"], 30);
+
+    // Redis restarted empty: the same.
+    stack.redis.restart();
+    wait_total(&stack, &path, 30).await;
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_rebuild_command_restores_the_index() {
+    // Checks so rare that only the command can rebuild within the test.
+    let stack = Stack::start_with(Options::default().env("HERALD_LOG_INDEX_CHECK", "1h")).await;
+    let (id, _) = webhook(&stack, "http://127.0.0.1:9/a", json!({})).await;
+    let base = now_ms();
+    for n in 0..12 {
+        let a = attempt(
+            "acme",
+            &id,
+            n,
+            proto::AttemptStatus::Failed,
+            "workflow.failed",
+            base,
+        );
+        publish_attempt(&stack, &a, &a.log_id).await;
+    }
+    let path = format!("/webhooks/{id}/logs");
+    wait_total(&stack, &path, 12).await;
+    flushall(&stack).await;
+    let (_, empty) = stack.api("GET", &path, None).await;
+    assert_eq!(empty["total"], 0);
+
+    let config = herald_log_writer::Config::from_source(&stack.env).unwrap();
+    herald_log_writer::rebuild_now(config, stack.shutdown.clone())
+        .await
+        .expect("rebuild");
+    let (_, page) = stack.api("GET", &path, None).await;
+    assert_eq!(page["total"], 12);
+    let (_, page) = stack
+        .api("GET", "/webhooks/logs/all?event_type=workflow.failed", None)
+        .await;
+    assert_eq!(page["total"], 12);
+    stack.stop().await;
+}
+
+fn index(redis: &RedisServer, max_per_webhook: usize) -> LogIndex {
+    let redis = Redis::new(&redis.url(), Duration::from_secs(2)).unwrap();
+    LogIndex::new(redis, Duration::from_secs(60), max_per_webhook)
+}
+
+fn webhook_scope(id: &str, status: Option<&str>) -> Scope {
+    Scope::Webhook {
+        org: "acme".into(),
+        webhook_id: id.into(),
+        status: status.map(str::to_owned),
+    }
+}
+
+fn org_scope(event_type: Option<&str>) -> Scope {
+    Scope::Organization {
+        org: "acme".into(),
+        event_type: event_type.map(str::to_owned),
+    }
+}
+
+#[tokio::test]
+async fn the_index_keeps_the_retention_and_a_bounded_number_per_webhook() {
+    let server = RedisServer::start();
+    let index = index(&server, 10);
+    let base = now_ms();
+    let kind = |n: u32| {
+        if n.is_multiple_of(2) {
+            "workflow.completed"
+        } else {
+            "workflow.failed"
+        }
+    };
+    let status = |n: u32| {
+        if n.is_multiple_of(3) {
+            proto::AttemptStatus::Failed
+        } else {
+            proto::AttemptStatus::Succeeded
+        }
+    };
+    let busy: Vec<_> = (0..25)
+        .map(|n| attempt("acme", "wh_busy", n, status(n), kind(n), base))
+        .collect();
+    let quiet: Vec<_> = (0..5)
+        .map(|n| attempt("acme", "wh_quiet", n, status(n), kind(n), base))
+        .collect();
+    // Older than the retention: not stored.
+    let stale = attempt(
+        "acme",
+        "wh_quiet",
+        99,
+        status(0),
+        kind(0),
+        base - 61_000 + 990,
+    );
+    // Written oldest first, as they happen; twice, which changes nothing.
+    for _ in 0..2 {
+        for a in busy.iter().rev() {
+            index.write(std::slice::from_ref(a)).await.unwrap();
+        }
+        index.write(&quiet).await.unwrap();
+        index.write(std::slice::from_ref(&stale)).await.unwrap();
+    }
+
+    let page = index
+        .page(&webhook_scope("wh_busy", None), 500, 0)
+        .await
+        .unwrap();
+    assert_eq!(page.total, 10);
+    let kept: Vec<_> = page.items.iter().map(|a| a.log_id.clone()).collect();
+    let newest: Vec<_> = busy[..10].iter().map(|a| a.log_id.clone()).collect();
+    assert_eq!(kept, newest);
+    // Lists carry summaries; the attempt in full is one get away.
+    assert!(page.items.iter().all(|a| a.request.is_none()));
+    assert_eq!(page.items[0].response.as_ref().map(|r| r.status), Some(200));
+    let full = index.get(&busy[0].log_id).await.unwrap().unwrap();
+    assert_eq!(full, busy[0]);
+    // Evicted attempts are gone from every list and from the store.
+    assert!(index.get(&busy[10].log_id).await.unwrap().is_none());
+    assert!(index.get(&busy[9].log_id).await.unwrap().is_some());
+    assert!(index.get(&stale.log_id).await.unwrap().is_none());
+    let count = |scope: Scope| {
+        let index = index.clone();
+        async move { index.page(&scope, 1, 0).await.unwrap().total }
+    };
+    assert_eq!(count(org_scope(None)).await, 15);
+    let by_type = count(org_scope(Some("workflow.completed"))).await
+        + count(org_scope(Some("workflow.failed"))).await;
+    assert_eq!(by_type, 15);
+    let by_status = count(webhook_scope("wh_busy", Some("failed"))).await
+        + count(webhook_scope("wh_busy", Some("succeeded"))).await;
+    assert_eq!(by_status, 10);
+    assert_eq!(count(webhook_scope("wh_quiet", None)).await, 5);
+
+    // Pages beyond the end are empty, not errors.
+    let page = index.page(&org_scope(None), 10, 15).await.unwrap();
+    assert_eq!((page.total, page.items.len()), (15, 0));
+
+    // Every key expires with the retention.
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("herald:log*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty());
+    for key in keys {
+        let ttl: i64 = redis::cmd("TTL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!((1..=60).contains(&ttl), "{key} ttl {ttl}");
+    }
+}
