@@ -169,6 +169,8 @@ struct PhaseReport {
     /// consumer had caught up (the log-writer included).
     service_cpu_s: BTreeMap<String, f64>,
     cpu_ms_per_delivery: f64,
+    /// CPU seconds of NATS and Redis, when started by the benchmark.
+    server_cpu_s: BTreeMap<String, f64>,
     /// CPU seconds of this process (publisher and receiver).
     bench_cpu_s: f64,
     /// Share of the whole machine busy during the phase, all processes.
@@ -196,6 +198,7 @@ struct Bench {
     stack: Stack,
     publisher: Publisher,
     js: async_nats::jetstream::Context,
+    servers: Vec<(&'static str, u32)>,
     phase: usize,
 }
 
@@ -209,6 +212,11 @@ impl Bench {
         let phase = self.phase;
         self.phase += 1;
         let cpu_before = self.stack.cpu();
+        let servers_before: Vec<f64> = self
+            .servers
+            .iter()
+            .map(|(_, pid)| stack::cpu_seconds(*pid))
+            .collect();
         let bench_before = stack::cpu_seconds(std::process::id());
         let machine_before = stack::machine_jiffies();
         let errors_before = self
@@ -334,6 +342,11 @@ impl Bench {
         } else {
             0.0
         };
+        for ((name, pid), before) in self.servers.iter().zip(servers_before) {
+            report
+                .server_cpu_s
+                .insert((*name).into(), round3(stack::cpu_seconds(*pid) - before));
+        }
         report.bench_cpu_s = round3(stack::cpu_seconds(std::process::id()) - bench_before);
         let machine_after = stack::machine_jiffies();
         let (busy, all) = (
@@ -346,7 +359,7 @@ impl Bench {
             0.0
         };
         eprintln!(
-            "{name}: {}/{} delivered, {:.0} deliveries/s, p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, {:.3} CPU ms/delivery, {} duplicates, {} bad signatures",
+            "{name}: {}/{} delivered, {:.0} deliveries/s, p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, {:.3} CPU ms/delivery, {} duplicates, {} bad signatures\n    cpu s: {:?} servers {:?} bench {} machine busy {}%",
             report.delivered,
             report.expected,
             report.deliveries_per_s,
@@ -356,6 +369,10 @@ impl Bench {
             report.cpu_ms_per_delivery,
             report.duplicates,
             report.bad_signatures,
+            report.service_cpu_s,
+            report.server_cpu_s,
+            report.bench_cpu_s,
+            report.machine_busy_pct,
         );
         Ok(report)
     }
@@ -524,6 +541,7 @@ async fn bench(args: Args) -> anyhow::Result<bool> {
         stack,
         publisher,
         js,
+        servers: backing.pids.clone(),
         phase: 0,
         args,
     };

@@ -25,6 +25,8 @@ pub const ORG: &str = "bench";
 pub struct Backing {
     pub nats_url: String,
     pub redis_url: String,
+    /// Process ids of the servers started here, for their CPU time.
+    pub pids: Vec<(&'static str, u32)>,
     _nats: Option<NatsServer>,
     _redis: Option<RedisServer>,
 }
@@ -33,13 +35,55 @@ impl Backing {
     pub fn start(nats_url: Option<String>, redis_url: Option<String>) -> Self {
         let nats = nats_url.is_none().then(NatsServer::start);
         let redis = redis_url.is_none().then(RedisServer::start);
+        let mut pids = Vec::new();
+        if let Some(pid) = nats
+            .as_ref()
+            .and_then(|n| find_server("nats-server", n.port()))
+        {
+            pids.push(("nats-server", pid));
+        }
+        if let Some(pid) = redis.as_ref().and_then(|r| {
+            let port = r.url().rsplit(':').next()?.parse().ok()?;
+            find_server("redis-server", port)
+        }) {
+            pids.push(("redis-server", pid));
+        }
         Self {
             nats_url: nats_url.unwrap_or_else(|| nats.as_ref().expect("started").url()),
             redis_url: redis_url.unwrap_or_else(|| redis.as_ref().expect("started").url()),
+            pids,
             _nats: nats,
             _redis: redis,
         }
     }
+}
+
+/// The process id of our child `name` listening on `port`: test-support
+/// starts the servers without telling their ids, so /proc is searched for
+/// a child of this process with that name and port in its command line.
+fn find_server(name: &str, port: u16) -> Option<u32> {
+    let me = std::process::id().to_string();
+    let port = port.to_string();
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            // redis-server rewrites its command line to `redis-server host:port`.
+            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            let mut words = text.split([' ', ':']);
+            let named = words.next()?.ends_with(name);
+            let on_port = words.any(|w| w == port);
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            let parent = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .to_owned();
+            (named && on_port && parent == me).then_some(pid)
+        })
 }
 
 /// One service process, killed on drop.
