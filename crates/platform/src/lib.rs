@@ -14,3 +14,8 @@ pub mod telemetry;
 pub mod webhooks;
 
 pub use tokio_util::sync::CancellationToken;
+
+/// The allocator each service binary installs (`#[global_allocator]`):
+/// glibc's malloc spent a quarter of the deliverer's CPU time (see
+/// docs/benchmarks.md, Optimization log); a library never installs it.
+pub type Allocator = mimalloc::MiMalloc;
