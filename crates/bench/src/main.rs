@@ -486,8 +486,7 @@ async fn main() -> ExitCode {
 }
 
 async fn bench(args: Args) -> anyhow::Result<bool> {
-    let target = args
-        .bin_dir
+    let target = stack::own_dir()
         .parent()
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("target"));
