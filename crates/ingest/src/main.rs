@@ -1,8 +1,5 @@
 //! `herald-ingest`: validates producers' events; see the library.
 
-#[global_allocator]
-static ALLOCATOR: herald_platform::Allocator = herald_platform::Allocator {};
-
 fn main() -> std::process::ExitCode {
     herald_platform::service::main(
         "ingest",

@@ -15,7 +15,8 @@ pub mod webhooks;
 
 pub use tokio_util::sync::CancellationToken;
 
-/// The allocator each service binary installs (`#[global_allocator]`):
-/// glibc's malloc spent a quarter of the deliverer's CPU time (see
-/// docs/benchmarks.md, Optimization log); a library never installs it.
+/// The allocator a service binary may install (`#[global_allocator]`); the
+/// deliverer does: glibc's malloc took a quarter of its CPU time. The others
+/// keep glibc's, which holds less memory (docs/benchmarks.md, Optimization
+/// log). A library never installs it.
 pub type Allocator = mimalloc::MiMalloc;
