@@ -128,16 +128,22 @@ impl Publisher {
 }
 
 /// Settings of the deliverer's HTTP client, repeated for the ceiling: keep-
-/// alive, nodelay, up to 256 idle connections per host.
-fn http_client() -> Client<HttpConnector, Full<Bytes>> {
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(Duration::from_secs(10)));
-    http.set_keepalive(Some(Duration::from_secs(60)));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(256)
-        .build(http)
+/// alive, nodelay, up to 1024 idle connections per host. One client for
+/// the whole run, so the ceiling's warm-up leaves its connections open for
+/// the measured phase, as the warm-up does for the deliverer.
+fn http_client() -> &'static Client<HttpConnector, Full<Bytes>> {
+    static CLIENT: std::sync::OnceLock<Client<HttpConnector, Full<Bytes>>> =
+        std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(10)));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(1024)
+            .build(http)
+    })
 }
 
 /// The ceiling: `n` deliveries rendered, signed and POSTed the way the
@@ -154,7 +160,7 @@ pub async fn ceiling(receiver: &Receiver, phase: usize, n: u64, concurrency: usi
     let run = now_us();
     futures::stream::iter(0..n)
         .for_each_concurrent(concurrency, |seq| {
-            let (client, key, url, failures) = (&client, &key, &url, &failures);
+            let (key, url, failures) = (&key, &url, &failures);
             async move {
                 let event = proto::Event {
                     id: format!("ceiling-{run}-{seq}"),

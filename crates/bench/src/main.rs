@@ -175,6 +175,8 @@ struct PhaseReport {
     bench_cpu_s: f64,
     /// Share of the whole machine busy during the phase, all processes.
     machine_busy_pct: f64,
+    /// TCP connections the receiver accepted during the phase.
+    connections_opened: u64,
 }
 
 enum Drive {
@@ -219,6 +221,7 @@ impl Bench {
             .collect();
         let bench_before = stack::cpu_seconds(std::process::id());
         let machine_before = stack::machine_jiffies();
+        let connections_before = self.receiver.connections();
         let errors_before = self
             .publisher
             .errors
@@ -347,6 +350,7 @@ impl Bench {
                 .server_cpu_s
                 .insert((*name).into(), round3(stack::cpu_seconds(*pid) - before));
         }
+        report.connections_opened = self.receiver.connections() - connections_before;
         report.bench_cpu_s = round3(stack::cpu_seconds(std::process::id()) - bench_before);
         let machine_after = stack::machine_jiffies();
         let (busy, all) = (
@@ -359,7 +363,7 @@ impl Bench {
             0.0
         };
         eprintln!(
-            "{name}: {}/{} delivered, {:.0} deliveries/s, p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, {:.3} CPU ms/delivery, {} duplicates, {} bad signatures\n    cpu s: {:?} servers {:?} bench {} machine busy {}%",
+            "{name}: {}/{} delivered, {:.0} deliveries/s, p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, {:.3} CPU ms/delivery, {} duplicates, {} bad signatures\n    cpu s: {:?} servers {:?} bench {} machine busy {}%, {} connections opened",
             report.delivered,
             report.expected,
             report.deliveries_per_s,
@@ -373,6 +377,7 @@ impl Bench {
             report.server_cpu_s,
             report.bench_cpu_s,
             report.machine_busy_pct,
+            report.connections_opened,
         );
         Ok(report)
     }
@@ -611,6 +616,13 @@ async fn bench(args: Args) -> anyhow::Result<bool> {
                 .await?,
         );
     }
+    let ceiling_warmup = warmup.max(2 * concurrency as u64);
+    eprintln!("ceiling warm-up: {ceiling_warmup} signed POSTs, {concurrency} at once");
+    phases.push(
+        bench
+            .run("ceiling warm-up", 1, Drive::Ceiling { n: ceiling_warmup })
+            .await?,
+    );
     eprintln!("ceiling: {events} signed POSTs, {concurrency} at once, no broker");
     phases.push(
         bench
@@ -626,7 +638,10 @@ async fn bench(args: Args) -> anyhow::Result<bool> {
 
     let find = |prefix: &str| phases.iter().find(|p| p.name.starts_with(prefix));
     let throughput = find("throughput").map_or(0.0, |p| p.deliveries_per_s);
-    let ceiling = find("ceiling").map_or(0.0, |p| p.deliveries_per_s);
+    let ceiling = phases
+        .iter()
+        .find(|p| p.name == "ceiling")
+        .map_or(0.0, |p| p.deliveries_per_s);
     let latency_phases: Vec<&PhaseReport> = phases
         .iter()
         .filter(|p| p.name.starts_with("latency@"))
@@ -709,4 +724,20 @@ async fn bench(args: Args) -> anyhow::Result<bool> {
         s.ratio
     );
     Ok(result.failures.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let latency = Latency::of((1..=1000).rev().collect());
+        assert_eq!(latency.p50_ms, 0.5);
+        assert_eq!(latency.p99_ms, 0.99);
+        assert_eq!(latency.p999_ms, 0.999);
+        assert_eq!(latency.max_ms, 1.0);
+        assert_eq!(Latency::of(vec![7_000]).p50_ms, 7.0);
+        assert_eq!(Latency::of(Vec::new()).p99_ms, 0.0);
+    }
 }

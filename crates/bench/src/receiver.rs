@@ -6,6 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -41,6 +42,7 @@ struct State {
 pub struct Receiver {
     pub addr: SocketAddr,
     state: Arc<State>,
+    connections: Arc<AtomicU64>,
 }
 
 #[derive(Deserialize)]
@@ -61,11 +63,14 @@ impl Receiver {
         let addr = listener.local_addr()?;
         let state = Arc::new(State::default());
         let shared = state.clone();
+        let connections = Arc::new(AtomicU64::new(0));
+        let accepted = connections.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                accepted.fetch_add(1, Ordering::Relaxed);
                 let _ = stream.set_nodelay(true);
                 let state = shared.clone();
                 tokio::spawn(async move {
@@ -80,11 +85,20 @@ impl Receiver {
                 });
             }
         });
-        Ok(Self { addr, state })
+        Ok(Self {
+            addr,
+            state,
+            connections,
+        })
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// Connections accepted so far: keep-alive working means few.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
     }
 
     pub fn add_secret(&self, webhook_id: &str, secret: &str) {

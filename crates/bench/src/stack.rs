@@ -303,20 +303,21 @@ fn clock_ticks() -> f64 {
 
 /// utime + stime of a process, in seconds.
 pub fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // The command name may hold spaces; fields are counted after its ')'.
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return 0.0;
-    };
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat_ticks(&stat))
+        .map_or(0.0, |ticks| ticks as f64 / clock_ticks())
+}
+
+/// utime + stime, in clock ticks, from the text of `/proc/<pid>/stat`.
+fn stat_ticks(stat: &str) -> Option<u64> {
+    // The command name may hold spaces and parentheses; fields are counted
+    // after its last ')'. What follows starts at field 3 (state); utime is
+    // field 14 and stime 15.
+    let (_, rest) = stat.rsplit_once(')')?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state); utime is field 14, stime 15.
-    let ticks = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<f64>().ok());
-    match (ticks(14), ticks(15)) {
-        (Some(u), Some(s)) => (u + s) / clock_ticks(),
-        _ => 0.0,
-    }
+    let field = |i: usize| fields.get(i - 3)?.parse::<u64>().ok();
+    Some(field(14)? + field(15)?)
 }
 
 /// Busy and total jiffies of the whole machine, from /proc/stat.
@@ -342,4 +343,25 @@ pub fn own_dir() -> PathBuf {
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
         .unwrap_or_else(|| PathBuf::from("target/release"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_ticks_counts_fields_after_the_command_name() {
+        let stat = "4242 (tokio (rt) x) S 1 4242 4242 0 -1 4194560 1200 0 0 0 \
+                    731 269 0 0 20 0 9 0 12345 123456789 4321 18446744073709551615";
+        assert_eq!(stat_ticks(stat), Some(731 + 269));
+        assert_eq!(stat_ticks("4242 (truncated"), None);
+        assert_eq!(stat_ticks("4242 (x) S 1 2"), None);
+    }
+
+    #[test]
+    fn own_process_cpu_is_readable() {
+        let spin = std::time::Instant::now();
+        while spin.elapsed() < Duration::from_millis(30) {}
+        assert!(cpu_seconds(std::process::id()) > 0.0);
+    }
 }
