@@ -39,7 +39,7 @@ helm-check: ## lint, render and validate the Helm chart
 	@$(PIP) install -q -r scripts/requirements-helm.txt
 	python3 scripts/helm-check.py
 
-bench: deps ## end-to-end benchmark; writes target/bench/result.json
+bench: deps build ## end-to-end benchmark (builds the services first); writes target/bench/result.json
 	$(CARGO) run --release -p herald-bench --
 
 clean: ## remove build output and the dev stack's data

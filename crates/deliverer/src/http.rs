@@ -113,7 +113,11 @@ impl Client {
             });
         let inner = HyperClient::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
+            // As many as the default deliveries in flight: with fewer, a
+            // busy endpoint's connections beyond the cap are closed whenever
+            // the in-flight count dips and opened again (a TLS handshake
+            // each) on the next burst (docs/benchmarks.md).
+            .pool_max_idle_per_host(1024)
             .build(https);
         Self { inner }
     }

@@ -1,5 +1,8 @@
 //! `herald-deliverer`: POSTs delivery jobs to webhook URLs; see the library.
 
+#[global_allocator]
+static ALLOCATOR: herald_platform::Allocator = herald_platform::Allocator {};
+
 fn main() -> std::process::ExitCode {
     herald_platform::service::main(
         "deliverer",

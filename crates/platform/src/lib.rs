@@ -17,3 +17,9 @@ pub mod trace;
 pub mod webhooks;
 
 pub use tokio_util::sync::CancellationToken;
+
+/// The allocator a service binary may install (`#[global_allocator]`); the
+/// deliverer does: glibc's malloc took a quarter of its CPU time. The others
+/// keep glibc's, which holds less memory (docs/benchmarks.md, Optimization
+/// log). A library never installs it.
+pub type Allocator = mimalloc::MiMalloc;

@@ -1,0 +1,743 @@
+//! `herald-bench`: Herald end to end — throughput, latency, CPU and memory
+//! per service — beside the bare-HTTP ceiling of the same receiver.
+//!
+//! It starts NATS and Redis (or uses `--nats-url`/`--redis-url`), the five
+//! services as processes from the release binaries next to it, a receiver
+//! that verifies every signature, and then runs its phases in order:
+//! warm-up, throughput to one webhook, fan-out to several, latency at a
+//! steady rate and at half the measured peak, and the ceiling. It writes
+//! `<target>/bench/result.json` and ends with one `bench:` summary line; it
+//! exits non-zero when a delivery is missing or a signature is wrong.
+
+mod load;
+mod receiver;
+mod stack;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use herald_core::names;
+use serde::Serialize;
+
+use crate::load::Publisher;
+use crate::receiver::Receiver;
+use crate::stack::{Backing, SERVICES, Stack};
+
+const USAGE: &str = "\
+usage: herald-bench [options]
+  --events N            events to one webhook in the throughput phase (50000)
+  --fanout-events N     events in the fan-out phase (events / 10)
+  --fanout-webhooks N   webhooks every fan-out event goes to (10)
+  --rate N              steady rate of the latency phase, events/s (1000)
+  --latency-secs N      length of each latency phase (10)
+  --concurrency N       deliveries in flight, the deliverer's and the ceiling's (1024)
+  --publish-window N    publishes awaiting their ack at once (1024)
+  --warmup N            warm-up events, not measured (2000)
+  --stall-secs N        give up when no delivery arrives for this long (30)
+  --nats-url URL        use this NATS instead of starting one
+  --redis-url URL       use this Redis instead of starting one
+  --bin-dir DIR         where herald-{ingest,...} are (next to this binary)
+  --out FILE            result JSON (<target>/bench/result.json)
+  --env NAME=VALUE      extra environment for the services (repeatable)";
+
+struct Args {
+    events: u64,
+    fanout_events: Option<u64>,
+    fanout_webhooks: usize,
+    rate: f64,
+    latency_secs: u64,
+    concurrency: usize,
+    publish_window: usize,
+    warmup: u64,
+    stall_secs: u64,
+    nats_url: Option<String>,
+    redis_url: Option<String>,
+    bin_dir: PathBuf,
+    out: Option<PathBuf>,
+    env: Vec<(String, String)>,
+}
+
+impl Args {
+    fn parse() -> Result<Self, String> {
+        let mut args = Self {
+            events: 50_000,
+            fanout_events: None,
+            fanout_webhooks: 10,
+            rate: 1_000.0,
+            latency_secs: 10,
+            concurrency: 1024,
+            publish_window: 1024,
+            warmup: 2_000,
+            stall_secs: 30,
+            nats_url: None,
+            redis_url: None,
+            bin_dir: stack::own_dir(),
+            out: None,
+            env: Vec::new(),
+        };
+        let mut it = std::env::args().skip(1);
+        while let Some(flag) = it.next() {
+            if flag == "-h" || flag == "--help" {
+                return Err(String::new());
+            }
+            let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+            fn num<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, String> {
+                v.parse().map_err(|_| format!("{flag}: not a number: {v}"))
+            }
+            match flag.as_str() {
+                "--events" => args.events = num(&flag, &value)?,
+                "--fanout-events" => args.fanout_events = Some(num(&flag, &value)?),
+                "--fanout-webhooks" => args.fanout_webhooks = num(&flag, &value)?,
+                "--rate" => args.rate = num(&flag, &value)?,
+                "--latency-secs" => args.latency_secs = num(&flag, &value)?,
+                "--concurrency" => args.concurrency = num(&flag, &value)?,
+                "--publish-window" => args.publish_window = num(&flag, &value)?,
+                "--warmup" => args.warmup = num(&flag, &value)?,
+                "--stall-secs" => args.stall_secs = num(&flag, &value)?,
+                "--nats-url" => args.nats_url = Some(value),
+                "--redis-url" => args.redis_url = Some(value),
+                "--bin-dir" => args.bin_dir = value.into(),
+                "--out" => args.out = Some(value.into()),
+                "--env" => {
+                    let (k, v) = value
+                        .split_once('=')
+                        .ok_or_else(|| format!("--env wants NAME=VALUE, got {value}"))?;
+                    args.env.push((k.into(), v.into()));
+                }
+                _ => return Err(format!("unknown option {flag}")),
+            }
+        }
+        if args.events == 0 || args.rate <= 0.0 || args.concurrency == 0 || args.publish_window == 0
+        {
+            return Err(
+                "--events, --rate, --concurrency and --publish-window must be positive".into(),
+            );
+        }
+        Ok(args)
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Latency {
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    max_ms: f64,
+}
+
+impl Latency {
+    fn of(mut us: Vec<u32>) -> Self {
+        if us.is_empty() {
+            return Self::default();
+        }
+        us.sort_unstable();
+        let at = |p: f64| {
+            let rank = ((p * us.len() as f64).ceil() as usize).clamp(1, us.len());
+            us[rank - 1] as f64 / 1000.0
+        };
+        Self {
+            p50_ms: at(0.50),
+            p99_ms: at(0.99),
+            p999_ms: at(0.999),
+            max_ms: at(1.0),
+        }
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+struct PhaseReport {
+    name: String,
+    events: u64,
+    webhooks: usize,
+    /// Events per second offered, for a paced phase.
+    offered_rate: Option<f64>,
+    expected: u64,
+    delivered: u64,
+    missing: u64,
+    duplicates: u64,
+    bad_signatures: u64,
+    malformed: u64,
+    publish_errors: u64,
+    /// First publish to the last delivery's receipt.
+    seconds: f64,
+    deliveries_per_s: f64,
+    latency: Latency,
+    /// CPU seconds of each service from the phase's start until every
+    /// consumer had caught up (the log-writer included).
+    service_cpu_s: BTreeMap<String, f64>,
+    cpu_ms_per_delivery: f64,
+    /// CPU seconds of NATS and Redis, when started by the benchmark.
+    server_cpu_s: BTreeMap<String, f64>,
+    /// CPU seconds of this process (publisher and receiver).
+    bench_cpu_s: f64,
+    /// Share of the whole machine busy during the phase, all processes.
+    machine_busy_pct: f64,
+    /// TCP connections the receiver accepted during the phase.
+    connections_opened: u64,
+}
+
+enum Drive {
+    Burst {
+        event_type: String,
+        n: u64,
+    },
+    Paced {
+        event_type: String,
+        rate: f64,
+        secs: u64,
+    },
+    Ceiling {
+        n: u64,
+    },
+}
+
+struct Bench {
+    args: Args,
+    receiver: Receiver,
+    stack: Stack,
+    publisher: Publisher,
+    js: async_nats::jetstream::Context,
+    servers: Vec<(&'static str, u32)>,
+    phase: usize,
+}
+
+impl Bench {
+    async fn run(
+        &mut self,
+        name: &str,
+        webhooks: usize,
+        drive: Drive,
+    ) -> anyhow::Result<PhaseReport> {
+        let phase = self.phase;
+        self.phase += 1;
+        let cpu_before = self.stack.cpu();
+        let servers_before: Vec<f64> = self
+            .servers
+            .iter()
+            .map(|(_, pid)| stack::cpu_seconds(*pid))
+            .collect();
+        let bench_before = stack::cpu_seconds(std::process::id());
+        let machine_before = stack::machine_jiffies();
+        let connections_before = self.receiver.connections();
+        let errors_before = self
+            .publisher
+            .errors
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let started = Instant::now();
+        let mut report = PhaseReport {
+            name: name.into(),
+            webhooks,
+            ..Default::default()
+        };
+        let mut ceiling_failures = 0;
+        let receiver = self.receiver.clone();
+        let publisher = self.publisher.clone();
+        let concurrency = self.args.concurrency;
+        let events = match &drive {
+            Drive::Burst { n, .. } | Drive::Ceiling { n } => *n,
+            Drive::Paced { rate, secs, .. } => (rate * *secs as f64).round() as u64,
+        };
+        report.events = events;
+        if let Drive::Paced { rate, .. } = &drive {
+            report.offered_rate = Some(*rate);
+        }
+        let is_ceiling = matches!(drive, Drive::Ceiling { .. });
+        report.expected = events * webhooks as u64;
+        let driver = tokio::spawn(async move {
+            match drive {
+                Drive::Burst { event_type, n } => {
+                    publisher.burst(phase, &event_type, n).await;
+                    0
+                }
+                Drive::Paced {
+                    event_type,
+                    rate,
+                    secs,
+                } => {
+                    publisher
+                        .paced(phase, &event_type, rate, Duration::from_secs(secs))
+                        .await;
+                    0
+                }
+                Drive::Ceiling { n } => load::ceiling(&receiver, phase, n, concurrency).await,
+            }
+        });
+
+        // Wait for every delivery, or until they stop coming.
+        let mut last_count = 0;
+        let mut last_progress = Instant::now();
+        let mut last_print = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let delivered = self.receiver.delivered(phase);
+            if delivered != last_count {
+                last_count = delivered;
+                last_progress = Instant::now();
+            }
+            if last_print.elapsed() >= Duration::from_secs(1) {
+                last_print = Instant::now();
+                let secs = started.elapsed().as_secs_f64();
+                eprintln!(
+                    "  {name}: {delivered}/{} delivered in {secs:.1}s ({:.0}/s)",
+                    report.expected,
+                    delivered as f64 / secs
+                );
+            }
+            if delivered >= report.expected && driver.is_finished() {
+                break;
+            }
+            let exited = self.stack.exited();
+            if !exited.is_empty() {
+                bail!("services exited: {exited:?}");
+            }
+            if last_progress.elapsed() > Duration::from_secs(self.args.stall_secs) {
+                eprintln!(
+                    "  {name}: no delivery for {}s; giving up",
+                    self.args.stall_secs
+                );
+                break;
+            }
+        }
+        if driver.is_finished() {
+            ceiling_failures = driver.await.unwrap_or(0);
+        } else {
+            driver.abort();
+        }
+        // Let a late duplicate show up and the log-writer catch up, so the
+        // CPU of this phase is not billed to the next one.
+        if !is_ceiling {
+            self.settle().await;
+        }
+
+        let seen = self.receiver.take(phase);
+        let last = seen.last_at.unwrap_or(started);
+        report.seconds = last.duration_since(started).as_secs_f64();
+        report.delivered = seen.delivered;
+        report.missing = report.expected.saturating_sub(seen.delivered);
+        report.duplicates = seen.duplicates;
+        report.bad_signatures = seen.bad_signatures;
+        report.malformed = seen.malformed;
+        report.publish_errors = self
+            .publisher
+            .errors
+            .load(std::sync::atomic::Ordering::Relaxed)
+            - errors_before
+            + ceiling_failures;
+        report.deliveries_per_s = if report.seconds > 0.0 {
+            seen.delivered as f64 / report.seconds
+        } else {
+            0.0
+        };
+        report.latency = Latency::of(seen.latencies_us);
+        let cpu_after = self.stack.cpu();
+        let mut total = 0.0;
+        for ((name, before), after) in SERVICES.iter().zip(cpu_before).zip(cpu_after) {
+            total += after - before;
+            report
+                .service_cpu_s
+                .insert((*name).into(), round3(after - before));
+        }
+        report.cpu_ms_per_delivery = if seen.delivered > 0 {
+            round3(total * 1000.0 / seen.delivered as f64)
+        } else {
+            0.0
+        };
+        for ((name, pid), before) in self.servers.iter().zip(servers_before) {
+            report
+                .server_cpu_s
+                .insert((*name).into(), round3(stack::cpu_seconds(*pid) - before));
+        }
+        report.connections_opened = self.receiver.connections() - connections_before;
+        report.bench_cpu_s = round3(stack::cpu_seconds(std::process::id()) - bench_before);
+        let machine_after = stack::machine_jiffies();
+        let (busy, all) = (
+            machine_after.0 - machine_before.0,
+            machine_after.1 - machine_before.1,
+        );
+        report.machine_busy_pct = if all > 0 {
+            round3(100.0 * busy as f64 / all as f64)
+        } else {
+            0.0
+        };
+        eprintln!(
+            "{name}: {}/{} delivered, {:.0} deliveries/s, p50 {:.1} ms, p99 {:.1} ms, p99.9 {:.1} ms, {:.3} CPU ms/delivery, {} duplicates, {} bad signatures\n    cpu s: {:?} servers {:?} bench {} machine busy {}%, {} connections opened",
+            report.delivered,
+            report.expected,
+            report.deliveries_per_s,
+            report.latency.p50_ms,
+            report.latency.p99_ms,
+            report.latency.p999_ms,
+            report.cpu_ms_per_delivery,
+            report.duplicates,
+            report.bad_signatures,
+            report.service_cpu_s,
+            report.server_cpu_s,
+            report.bench_cpu_s,
+            report.machine_busy_pct,
+            report.connections_opened,
+        );
+        Ok(report)
+    }
+
+    /// Waits (up to 60 s) until every Herald consumer has nothing pending.
+    async fn settle(&self) {
+        let consumers = [
+            (names::EVENTS_STREAM, names::INGEST_CONSUMER),
+            (names::ACCEPTED_STREAM, names::MATCHER_CONSUMER),
+            (names::DELIVERIES_STREAM, names::DELIVERER_CONSUMER),
+            (names::ATTEMPTS_STREAM, names::LOG_WRITER_CONSUMER),
+        ];
+        let deadline = Instant::now() + Duration::from_secs(60);
+        'wait: while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            for (stream, consumer) in consumers {
+                let Ok(stream) = self.js.get_stream(stream).await else {
+                    continue 'wait;
+                };
+                match stream.consumer_info(consumer).await {
+                    Ok(info) if info.num_pending == 0 && info.num_ack_pending == 0 => {}
+                    _ => continue 'wait,
+                }
+            }
+            return;
+        }
+        eprintln!("  consumers still busy after 60s; going on");
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+#[derive(Serialize)]
+struct Report {
+    started_at_unix: u64,
+    host: Host,
+    settings: Settings,
+    phases: Vec<PhaseReport>,
+    peak_memory_mib: BTreeMap<String, f64>,
+    summary: Summary,
+    failures: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct Host {
+    cpus: usize,
+    load_average_at_start: String,
+    load_average_at_end: String,
+}
+
+#[derive(Serialize)]
+struct Settings {
+    events: u64,
+    fanout_events: u64,
+    fanout_webhooks: usize,
+    rate: f64,
+    latency_secs: u64,
+    concurrency: usize,
+    publish_window: usize,
+    warmup: u64,
+    service_env: BTreeMap<String, String>,
+}
+
+#[derive(Serialize)]
+struct Summary {
+    deliveries_per_s: f64,
+    fanout_deliveries_per_s: f64,
+    steady_p50_ms: f64,
+    steady_p99_ms: f64,
+    steady_p999_ms: f64,
+    half_peak_p50_ms: f64,
+    half_peak_p99_ms: f64,
+    half_peak_p999_ms: f64,
+    ceiling_per_s: f64,
+    ratio: f64,
+    cpu_ms_per_delivery: f64,
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = match Args::parse() {
+        Ok(args) => args,
+        Err(message) => {
+            if !message.is_empty() {
+                eprintln!("herald-bench: {message}");
+            }
+            eprintln!("{USAGE}");
+            return ExitCode::from(64);
+        }
+    };
+    match bench(args).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("herald-bench: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn bench(args: Args) -> anyhow::Result<bool> {
+    let target = stack::own_dir()
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target"));
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| target.join("bench").join("result.json"));
+    let work_dir = target.join("bench").join("run");
+    let load_at_start = load_average();
+    eprintln!(
+        "herald-bench: {} cpus, load average {load_at_start}; services from {}, logs in {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        args.bin_dir.display(),
+        work_dir.display()
+    );
+
+    let backing = Backing::start(args.nats_url.clone(), args.redis_url.clone());
+    let receiver = Receiver::start().await?;
+    let mut service_env = vec![(
+        "HERALD_DELIVERY_CONCURRENCY".to_owned(),
+        args.concurrency.to_string(),
+    )];
+    service_env.extend(args.env.iter().cloned());
+    let stack = Stack::start(&backing, &args.bin_dir, &work_dir, &service_env).await?;
+    let client = async_nats::connect(backing.nats_url.as_str())
+        .await
+        .context("connect to NATS")?;
+    let js = async_nats::jetstream::new(client.clone());
+
+    const SINGLE: &str = "workflow.step.completed";
+    const FANOUT: &str = "workflow.step.failed";
+    let (id, secret) = stack
+        .create_webhook("bench-single", &receiver.url("/single"), SINGLE)
+        .await?;
+    receiver.add_secret(&id, &secret);
+    for i in 0..args.fanout_webhooks {
+        let (id, secret) = stack
+            .create_webhook(
+                &format!("bench-fanout-{i}"),
+                &receiver.url(&format!("/fanout/{i}")),
+                FANOUT,
+            )
+            .await?;
+        receiver.add_secret(&id, &secret);
+    }
+    let fanout_events = args.fanout_events.unwrap_or((args.events / 10).max(1));
+
+    let publisher = Publisher::new(js.clone(), args.publish_window);
+    let mut bench = Bench {
+        receiver,
+        stack,
+        publisher,
+        js,
+        servers: backing.pids.clone(),
+        phase: 0,
+        args,
+    };
+    let a = &bench.args;
+    let (events, warmup, fanout_webhooks, rate, latency_secs, concurrency) = (
+        a.events,
+        a.warmup,
+        a.fanout_webhooks,
+        a.rate,
+        a.latency_secs,
+        a.concurrency,
+    );
+    let mut phases = Vec::new();
+    eprintln!("warm-up: {warmup} events");
+    phases.push(
+        bench
+            .run(
+                "warm-up",
+                1,
+                Drive::Burst {
+                    event_type: SINGLE.into(),
+                    n: warmup,
+                },
+            )
+            .await?,
+    );
+    eprintln!("throughput: {events} events to 1 webhook");
+    let single = bench
+        .run(
+            "throughput",
+            1,
+            Drive::Burst {
+                event_type: SINGLE.into(),
+                n: events,
+            },
+        )
+        .await?;
+    let peak = single.deliveries_per_s;
+    phases.push(single);
+    if fanout_webhooks > 0 {
+        eprintln!("fan-out: {fanout_events} events to {fanout_webhooks} webhooks");
+        phases.push(
+            bench
+                .run(
+                    "fan-out",
+                    fanout_webhooks,
+                    Drive::Burst {
+                        event_type: FANOUT.into(),
+                        n: fanout_events,
+                    },
+                )
+                .await?,
+        );
+    }
+    for rate in [rate, (peak / 2.0).round().max(1.0)] {
+        eprintln!("latency: {rate} events/s for {latency_secs}s");
+        phases.push(
+            bench
+                .run(
+                    &format!("latency@{rate}/s"),
+                    1,
+                    Drive::Paced {
+                        event_type: SINGLE.into(),
+                        rate,
+                        secs: latency_secs,
+                    },
+                )
+                .await?,
+        );
+    }
+    let ceiling_warmup = warmup.max(2 * concurrency as u64);
+    eprintln!("ceiling warm-up: {ceiling_warmup} signed POSTs, {concurrency} at once");
+    phases.push(
+        bench
+            .run("ceiling warm-up", 1, Drive::Ceiling { n: ceiling_warmup })
+            .await?,
+    );
+    eprintln!("ceiling: {events} signed POSTs, {concurrency} at once, no broker");
+    phases.push(
+        bench
+            .run("ceiling", 1, Drive::Ceiling { n: events })
+            .await?,
+    );
+
+    let peak_memory_mib = SERVICES
+        .iter()
+        .map(|s| (*s).to_owned())
+        .zip(bench.stack.peak_memory_mib().into_iter().map(round1))
+        .collect();
+
+    let find = |prefix: &str| phases.iter().find(|p| p.name.starts_with(prefix));
+    let throughput = find("throughput").map_or(0.0, |p| p.deliveries_per_s);
+    let ceiling = phases
+        .iter()
+        .find(|p| p.name == "ceiling")
+        .map_or(0.0, |p| p.deliveries_per_s);
+    let latency_phases: Vec<&PhaseReport> = phases
+        .iter()
+        .filter(|p| p.name.starts_with("latency@"))
+        .collect();
+    let (steady, half) = (&latency_phases[0].latency, &latency_phases[1].latency);
+    let summary = Summary {
+        deliveries_per_s: throughput.round(),
+        fanout_deliveries_per_s: find("fan-out").map_or(0.0, |p| p.deliveries_per_s.round()),
+        steady_p50_ms: steady.p50_ms,
+        steady_p99_ms: steady.p99_ms,
+        steady_p999_ms: steady.p999_ms,
+        half_peak_p50_ms: half.p50_ms,
+        half_peak_p99_ms: half.p99_ms,
+        half_peak_p999_ms: half.p999_ms,
+        ceiling_per_s: ceiling.round(),
+        ratio: if ceiling > 0.0 {
+            round3(throughput / ceiling)
+        } else {
+            0.0
+        },
+        cpu_ms_per_delivery: find("throughput").map_or(0.0, |p| p.cpu_ms_per_delivery),
+    };
+    let mut failures = Vec::new();
+    for p in &phases {
+        if p.missing > 0 {
+            failures.push(format!(
+                "{}: {} of {} deliveries missing",
+                p.name, p.missing, p.expected
+            ));
+        }
+        if p.bad_signatures > 0 {
+            failures.push(format!("{}: {} bad signatures", p.name, p.bad_signatures));
+        }
+        if p.malformed > 0 {
+            failures.push(format!("{}: {} malformed requests", p.name, p.malformed));
+        }
+        if p.publish_errors > 0 {
+            failures.push(format!("{}: {} publish errors", p.name, p.publish_errors));
+        }
+    }
+    let result = Report {
+        started_at_unix: load::now_us() / 1_000_000,
+        host: Host {
+            cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            load_average_at_start: load_at_start,
+            load_average_at_end: load_average(),
+        },
+        settings: Settings {
+            events,
+            fanout_events,
+            fanout_webhooks,
+            rate,
+            latency_secs,
+            concurrency,
+            publish_window: bench.args.publish_window,
+            warmup,
+            service_env: service_env.into_iter().collect(),
+        },
+        phases,
+        peak_memory_mib,
+        summary,
+        failures,
+    };
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&result)? + "\n")?;
+    eprintln!("peak memory (MiB): {:?}", result.peak_memory_mib);
+    for failure in &result.failures {
+        eprintln!("FAILED: {failure}");
+    }
+    eprintln!("wrote {}", out.display());
+    let s = &result.summary;
+    println!(
+        "bench: deliveries/s={} p50_ms={} p99_ms={} ceiling/s={} ratio={}",
+        s.deliveries_per_s,
+        round1(s.steady_p50_ms),
+        round1(s.steady_p99_ms),
+        s.ceiling_per_s,
+        s.ratio
+    );
+    Ok(result.failures.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let latency = Latency::of((1..=1000).rev().collect());
+        assert_eq!(latency.p50_ms, 0.5);
+        assert_eq!(latency.p99_ms, 0.99);
+        assert_eq!(latency.p999_ms, 0.999);
+        assert_eq!(latency.max_ms, 1.0);
+        assert_eq!(Latency::of(vec![7_000]).p50_ms, 7.0);
+        assert_eq!(Latency::of(Vec::new()).p99_ms, 0.0);
+    }
+}

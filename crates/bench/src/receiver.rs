@@ -1,0 +1,205 @@
+//! The benchmark's receiver: a keep-alive hyper server that verifies every
+//! signature, counts each delivery once by `webhook-id`, and records how
+//! long it took from publish to receipt (the publish time travels in the
+//! event's `data.ts_us`).
+
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+
+/// What the receiver saw of one phase.
+#[derive(Debug, Default)]
+pub struct Phase {
+    /// Distinct deliveries (by `webhook-id`).
+    pub delivered: u64,
+    pub duplicates: u64,
+    pub bad_signatures: u64,
+    /// Requests whose body or headers were not what Herald sends.
+    pub malformed: u64,
+    /// Publish-to-receipt, microseconds, one per distinct delivery.
+    pub latencies_us: Vec<u32>,
+    pub last_at: Option<Instant>,
+    seen: HashSet<String>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Secrets by webhook id.
+    secrets: RwLock<HashMap<String, String>>,
+    phases: Mutex<Vec<Phase>>,
+}
+
+#[derive(Clone)]
+pub struct Receiver {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    connections: Arc<AtomicU64>,
+}
+
+#[derive(Deserialize)]
+struct Body {
+    webhook_id: String,
+    data: Data,
+}
+
+#[derive(Deserialize)]
+struct Data {
+    phase: usize,
+    ts_us: u64,
+}
+
+impl Receiver {
+    pub async fn start() -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State::default());
+        let shared = state.clone();
+        let connections = Arc::new(AtomicU64::new(0));
+        let accepted = connections.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                accepted.fetch_add(1, Ordering::Relaxed);
+                let _ = stream.set_nodelay(true);
+                let state = shared.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(state.handle(request).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(true)
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(Self {
+            addr,
+            state,
+            connections,
+        })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Connections accepted so far: keep-alive working means few.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    pub fn add_secret(&self, webhook_id: &str, secret: &str) {
+        self.state
+            .secrets
+            .write()
+            .expect("secrets lock")
+            .insert(webhook_id.to_owned(), secret.to_owned());
+    }
+
+    /// Distinct deliveries of `phase` so far.
+    pub fn delivered(&self, phase: usize) -> u64 {
+        self.state
+            .phases
+            .lock()
+            .expect("phases lock")
+            .get(phase)
+            .map_or(0, |p| p.delivered)
+    }
+
+    /// Takes what was recorded for `phase`.
+    pub fn take(&self, phase: usize) -> Phase {
+        let mut phases = self.state.phases.lock().expect("phases lock");
+        phases
+            .get_mut(phase)
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or_default()
+}
+
+impl State {
+    async fn handle(&self, request: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+        let (parts, body) = request.into_parts();
+        let body = match body.collect().await {
+            Ok(body) => body.to_bytes(),
+            Err(_) => return reply(400),
+        };
+        let received_us = now_us();
+        let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+        let (Some(msg_id), Some(timestamp), Some(signature), Ok(parsed)) = (
+            header("webhook-id"),
+            header("webhook-timestamp").and_then(|t| t.parse::<i64>().ok()),
+            header("webhook-signature"),
+            serde_json::from_slice::<Body>(&body),
+        ) else {
+            self.record_malformed(&body);
+            return reply(400);
+        };
+        let valid = self
+            .secrets
+            .read()
+            .expect("secrets lock")
+            .get(&parsed.webhook_id)
+            .is_some_and(|secret| {
+                herald_core::signing::verify_standard(secret, msg_id, timestamp, &body, signature)
+            });
+        let latency = received_us.saturating_sub(parsed.data.ts_us);
+        let mut phases = self.phases.lock().expect("phases lock");
+        if phases.len() <= parsed.data.phase {
+            phases.resize_with(parsed.data.phase + 1, Phase::default);
+        }
+        let phase = &mut phases[parsed.data.phase];
+        if !valid {
+            phase.bad_signatures += 1;
+        }
+        if phase.seen.insert(msg_id.to_owned()) {
+            phase.delivered += 1;
+            phase.latencies_us.push(latency.min(u32::MAX as u64) as u32);
+            phase.last_at = Some(Instant::now());
+        } else {
+            phase.duplicates += 1;
+        }
+        drop(phases);
+        reply(if valid { 200 } else { 401 })
+    }
+
+    fn record_malformed(&self, body: &[u8]) {
+        #[derive(Deserialize)]
+        struct PhaseOnly {
+            data: Data,
+        }
+        let index = serde_json::from_slice::<PhaseOnly>(body)
+            .map(|b| b.data.phase)
+            .unwrap_or(0);
+        let mut phases = self.phases.lock().expect("phases lock");
+        if phases.len() <= index {
+            phases.resize_with(index + 1, Phase::default);
+        }
+        phases[index].malformed += 1;
+    }
+}
+
+fn reply(status: u16) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = http::StatusCode::from_u16(status).expect("valid status");
+    response
+}

@@ -1,0 +1,367 @@
+//! The system under test: NATS and Redis (started here, or reached by URL)
+//! and the five services as separate processes from the release binaries,
+//! so each one's CPU time and peak memory can be read from /proc.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use herald_test_support::{NatsServer, RedisServer, free_port};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+pub const SERVICES: [&str; 5] = ["ingest", "matcher", "deliverer", "log-writer", "admin"];
+pub const API_KEY: &str = "bench-operator-key";
+pub const ORG: &str = "bench";
+
+/// Where the stack's NATS and Redis come from.
+pub struct Backing {
+    pub nats_url: String,
+    pub redis_url: String,
+    /// Process ids of the servers started here, for their CPU time.
+    pub pids: Vec<(&'static str, u32)>,
+    _nats: Option<NatsServer>,
+    _redis: Option<RedisServer>,
+}
+
+impl Backing {
+    pub fn start(nats_url: Option<String>, redis_url: Option<String>) -> Self {
+        let nats = nats_url.is_none().then(NatsServer::start);
+        let redis = redis_url.is_none().then(RedisServer::start);
+        let mut pids = Vec::new();
+        if let Some(pid) = nats
+            .as_ref()
+            .and_then(|n| find_server("nats-server", n.port()))
+        {
+            pids.push(("nats-server", pid));
+        }
+        if let Some(pid) = redis.as_ref().and_then(|r| {
+            let port = r.url().rsplit(':').next()?.parse().ok()?;
+            find_server("redis-server", port)
+        }) {
+            pids.push(("redis-server", pid));
+        }
+        Self {
+            nats_url: nats_url.unwrap_or_else(|| nats.as_ref().expect("started").url()),
+            redis_url: redis_url.unwrap_or_else(|| redis.as_ref().expect("started").url()),
+            pids,
+            _nats: nats,
+            _redis: redis,
+        }
+    }
+}
+
+/// The process id of our child `name` listening on `port`: test-support
+/// starts the servers without telling their ids, so /proc is searched for
+/// a child of this process with that name and port in its command line.
+fn find_server(name: &str, port: u16) -> Option<u32> {
+    let me = std::process::id().to_string();
+    let port = port.to_string();
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            // redis-server rewrites its command line to `redis-server host:port`.
+            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            let mut words = text.split([' ', ':']);
+            let named = words.next()?.ends_with(name);
+            let on_port = words.any(|w| w == port);
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            let parent = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .to_owned();
+            (named && on_port && parent == me).then_some(pid)
+        })
+}
+
+/// One service process, killed on drop.
+pub struct Service {
+    pub name: &'static str,
+    child: Child,
+}
+
+impl Service {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Stack {
+    pub services: Vec<Service>,
+    pub admin_url: String,
+    http: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Stack {
+    /// Starts the five services from `bin_dir` and waits for `/ready` on each.
+    pub async fn start(
+        backing: &Backing,
+        bin_dir: &Path,
+        work_dir: &Path,
+        extra_env: &[(String, String)],
+    ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(work_dir)?;
+        let keys_file = work_dir.join("keys.json");
+        let keys = serde_json::json!({"keys": [{
+            "key_sha256": hex::encode(Sha256::digest(API_KEY.as_bytes())),
+            "organizations": ["*"],
+            "default_organization": ORG,
+        }]});
+        std::fs::write(&keys_file, keys.to_string())?;
+        let mut env: HashMap<String, String> = HashMap::from([
+            ("HERALD_NATS_URL".into(), backing.nats_url.clone()),
+            ("HERALD_REDIS_URL".into(), backing.redis_url.clone()),
+            (
+                "HERALD_ADMIN_ADDR".into(),
+                format!("127.0.0.1:{}", free_port()),
+            ),
+            (
+                "HERALD_API_KEYS_FILE".into(),
+                keys_file.display().to_string(),
+            ),
+            (
+                "HERALD_SECRET_KEY".into(),
+                herald_core::secret::Keyring::generate_key_text(),
+            ),
+            ("HERALD_ALLOW_HTTP".into(), "true".into()),
+            ("HERALD_ALLOW_PRIVATE_TARGETS".into(), "true".into()),
+        ]);
+        let health_vars = [
+            "HERALD_INGEST_HEALTH_ADDR",
+            "HERALD_MATCHER_HEALTH_ADDR",
+            "HERALD_DELIVERER_HEALTH_ADDR",
+            "HERALD_LOG_WRITER_HEALTH_ADDR",
+        ];
+        for var in health_vars {
+            env.insert(var.into(), format!("127.0.0.1:{}", free_port()));
+        }
+        for (k, v) in extra_env {
+            env.insert(k.clone(), v.clone());
+        }
+
+        let mut services = Vec::new();
+        for name in SERVICES {
+            let binary = bin_dir.join(format!("herald-{name}"));
+            if !binary.is_file() {
+                bail!(
+                    "{} not found; build the services first: cargo build --release --bins",
+                    binary.display()
+                );
+            }
+            let log = std::fs::File::create(work_dir.join(format!("{name}.log")))?;
+            let child = Command::new(&binary)
+                .env_clear()
+                .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+                .env(
+                    "RUST_LOG",
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+                )
+                .envs(&env)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("start {}", binary.display()))?;
+            services.push(Service { name, child });
+        }
+        let stack = Self {
+            services,
+            admin_url: format!("http://{}", env["HERALD_ADMIN_ADDR"]),
+            http: Client::builder(TokioExecutor::new()).build_http(),
+        };
+        let mut ready_urls: Vec<String> = health_vars
+            .iter()
+            .map(|v| format!("http://{}/ready", env[*v]))
+            .collect();
+        ready_urls.push(format!("{}/ready", stack.admin_url));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        for url in ready_urls {
+            loop {
+                if let Ok((200, _)) = stack.call("GET", &url, None).await {
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    bail!(
+                        "{url} not ready in 30s; service logs are in {}",
+                        work_dir.display()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(stack)
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        url: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let request = http::Request::builder()
+            .method(method)
+            .uri(url)
+            .header("authorization", format!("Bearer {API_KEY}"))
+            .header("content-type", "application/json")
+            .body(Full::new(
+                body.map(|b| Bytes::from(b.to_string())).unwrap_or_default(),
+            ))?;
+        let response =
+            tokio::time::timeout(Duration::from_secs(10), self.http.request(request)).await??;
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await?.to_bytes();
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        ))
+    }
+
+    /// Creates a webhook to `url` for `event_type`; answers (id, secret).
+    pub async fn create_webhook(
+        &self,
+        name: &str,
+        url: &str,
+        event_type: &str,
+    ) -> anyhow::Result<(String, String)> {
+        let body = serde_json::json!({"name": name, "url": url, "event_types": [event_type]});
+        let (status, json) = self
+            .call("POST", &format!("{}/webhooks", self.admin_url), Some(&body))
+            .await?;
+        if status != 201 {
+            bail!("create webhook: HTTP {status}: {json}");
+        }
+        let field = |f: &str| json[f].as_str().map(str::to_owned);
+        match (field("id"), field("secret")) {
+            (Some(id), Some(secret)) => Ok((id, secret)),
+            _ => bail!("create webhook: unexpected answer {json}"),
+        }
+    }
+
+    /// CPU seconds used so far by each service.
+    pub fn cpu(&self) -> Vec<f64> {
+        self.services.iter().map(|s| cpu_seconds(s.pid())).collect()
+    }
+
+    /// Peak resident memory (VmHWM) of each service, in MiB.
+    pub fn peak_memory_mib(&self) -> Vec<f64> {
+        self.services
+            .iter()
+            .map(|s| {
+                std::fs::read_to_string(format!("/proc/{}/status", s.pid()))
+                    .ok()
+                    .and_then(|status| {
+                        status
+                            .lines()
+                            .find_map(|l| l.strip_prefix("VmHWM:"))
+                            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                    })
+                    .map_or(0.0, |kb: f64| kb / 1024.0)
+            })
+            .collect()
+    }
+
+    /// Names of services that have exited.
+    pub fn exited(&mut self) -> Vec<&'static str> {
+        self.services
+            .iter_mut()
+            .filter_map(|s| matches!(s.child.try_wait(), Ok(Some(_))).then_some(s.name))
+            .collect()
+    }
+}
+
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// utime + stime of a process, in seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat_ticks(&stat))
+        .map_or(0.0, |ticks| ticks as f64 / clock_ticks())
+}
+
+/// utime + stime, in clock ticks, from the text of `/proc/<pid>/stat`.
+fn stat_ticks(stat: &str) -> Option<u64> {
+    // The command name may hold spaces and parentheses; fields are counted
+    // after its last ')'. What follows starts at field 3 (state); utime is
+    // field 14 and stime 15.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| fields.get(i - 3)?.parse::<u64>().ok();
+    Some(field(14)? + field(15)?)
+}
+
+/// Busy and total jiffies of the whole machine, from /proc/stat.
+pub fn machine_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return (0, 0);
+    };
+    let values: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = values.iter().take(8).sum();
+    // idle + iowait
+    let idle = values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
+/// The directory holding this binary (target/release under cargo run).
+pub fn own_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("target/release"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_ticks_counts_fields_after_the_command_name() {
+        let stat = "4242 (tokio (rt) x) S 1 4242 4242 0 -1 4194560 1200 0 0 0 \
+                    731 269 0 0 20 0 9 0 12345 123456789 4321 18446744073709551615";
+        assert_eq!(stat_ticks(stat), Some(731 + 269));
+        assert_eq!(stat_ticks("4242 (truncated"), None);
+        assert_eq!(stat_ticks("4242 (x) S 1 2"), None);
+    }
+
+    #[test]
+    fn own_process_cpu_is_readable() {
+        let spin = std::time::Instant::now();
+        while spin.elapsed() < Duration::from_millis(30) {}
+        assert!(cpu_seconds(std::process::id()) > 0.0);
+    }
+}
