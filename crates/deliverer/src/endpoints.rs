@@ -1,19 +1,37 @@
 //! Per-endpoint concurrency: at most `HERALD_ENDPOINT_CONCURRENCY` requests
 //! in flight to one webhook, so a slow or dead URL can hold only that many
-//! of the deliverer's global slots. A job that finds its endpoint saturated
-//! is deferred (put back as a short server-side schedule) instead of
-//! waiting in a slot.
+//! of the deliverer's global slots.
+//!
+//! A job that finds its endpoint at the limit waits for a turn only while
+//! the endpoint is *moving*: a request to it finished within the last
+//! [`STALL`]. Then turns come round quickly and waiting is the cheapest
+//! thing to do (a fast endpoint may use every global slot). An endpoint
+//! with no request finished for longer is stalled: a job for it is deferred
+//! (put back as a short server-side schedule) at once, and a waiter that
+//! gets no turn within [`STALL`] is deferred too, so a slow or dead URL
+//! never holds more than a brief share of the slots.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 /// (organization, webhook id)
 pub type Key = (String, String);
 
-type Map = Arc<Mutex<HashMap<Key, Arc<Semaphore>>>>;
+/// How long an endpoint may go without finishing a request and still count
+/// as moving; also the longest a job waits for a turn.
+pub const STALL: Duration = Duration::from_millis(250);
+
+struct Endpoint {
+    semaphore: Arc<Semaphore>,
+    /// When a request to it last finished (or when it was first seen).
+    last_done: Mutex<Instant>,
+}
+
+type Map = Arc<Mutex<HashMap<Key, Arc<Endpoint>>>>;
 
 /// The permits of every endpoint with requests in flight.
 pub struct Limits {
@@ -25,12 +43,16 @@ pub struct Limits {
 /// ends.
 pub struct Permit {
     permit: Option<OwnedSemaphorePermit>,
+    endpoint: Option<Arc<Endpoint>>,
     key: Key,
     map: Map,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        if let Some(endpoint) = self.endpoint.take() {
+            *endpoint.last_done.lock().expect("endpoint lock") = Instant::now();
+        }
         drop(self.permit.take());
         let mut map = self.map.lock().expect("endpoints lock");
         // Only the map holds it: nobody is in flight or waiting.
@@ -51,37 +73,65 @@ impl Limits {
         }
     }
 
-    fn semaphore(&self, key: &Key) -> Arc<Semaphore> {
+    fn endpoint(&self, key: &Key) -> Arc<Endpoint> {
         self.map
             .lock()
             .expect("endpoints lock")
             .entry(key.clone())
-            .or_insert_with(|| Arc::new(Semaphore::new(self.per_endpoint)))
+            .or_insert_with(|| {
+                Arc::new(Endpoint {
+                    semaphore: Arc::new(Semaphore::new(self.per_endpoint)),
+                    last_done: Mutex::new(Instant::now()),
+                })
+            })
             .clone()
     }
 
-    fn permit(&self, key: &Key, permit: OwnedSemaphorePermit) -> Permit {
+    fn permit(&self, key: &Key, endpoint: Arc<Endpoint>, permit: OwnedSemaphorePermit) -> Permit {
         Permit {
             permit: Some(permit),
+            endpoint: Some(endpoint),
             key: key.clone(),
             map: self.map.clone(),
         }
     }
 
-    /// A turn now, or `None` when the endpoint is saturated.
+    /// A turn now, or `None` when the endpoint is at its limit.
+    #[cfg(test)]
     pub fn try_acquire(&self, key: &Key) -> Option<Permit> {
-        let permit = self.semaphore(key).try_acquire_owned().ok()?;
-        Some(self.permit(key, permit))
+        let endpoint = self.endpoint(key);
+        let permit = endpoint.semaphore.clone().try_acquire_owned().ok()?;
+        Some(self.permit(key, endpoint, permit))
+    }
+
+    /// A turn now, or after a short wait while the endpoint is moving;
+    /// `None` when it is stalled (the job should be deferred).
+    pub async fn acquire_if_moving(&self, key: &Key) -> Option<Permit> {
+        let endpoint = self.endpoint(key);
+        if let Ok(permit) = endpoint.semaphore.clone().try_acquire_owned() {
+            return Some(self.permit(key, endpoint, permit));
+        }
+        let last_done = *endpoint.last_done.lock().expect("endpoint lock");
+        if last_done.elapsed() > STALL {
+            return None;
+        }
+        let permit = tokio::time::timeout(STALL, endpoint.semaphore.clone().acquire_owned())
+            .await
+            .ok()?
+            .expect("endpoint semaphores are never closed");
+        Some(self.permit(key, endpoint, permit))
     }
 
     /// Waits for a turn.
     pub async fn acquire(&self, key: &Key) -> Permit {
-        let semaphore = self.semaphore(key);
-        let permit = semaphore
+        let endpoint = self.endpoint(key);
+        let permit = endpoint
+            .semaphore
+            .clone()
             .acquire_owned()
             .await
             .expect("endpoint semaphores are never closed");
-        self.permit(key, permit)
+        self.permit(key, endpoint, permit)
     }
 
     #[cfg(test)]
@@ -120,6 +170,37 @@ mod tests {
         let a3 = limits.try_acquire(&key("a")).expect("a has room again");
         drop((a2, a3, b));
         assert_eq!(limits.tracked(), 0, "idle endpoints are forgotten");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_moving_endpoint_is_waited_for_and_a_stalled_one_is_not() {
+        let limits = Limits::new(1);
+        let held = limits.try_acquire(&key("a")).unwrap();
+        // Just seen: moving; the turn comes when the holder finishes.
+        let a = key("a");
+        let waiting = limits.acquire_if_moving(&a);
+        tokio::pin!(waiting);
+        tokio::select! {
+            _ = &mut waiting => panic!("no turn while held"),
+            _ = tokio::time::sleep(STALL / 2) => {}
+        }
+        drop(held);
+        let turn = waiting.await.expect("a turn after the holder finished");
+        // Held for longer than STALL with nothing finished: stalled.
+        tokio::time::sleep(STALL * 2).await;
+        assert!(limits.acquire_if_moving(&key("a")).await.is_none());
+        drop(turn);
+        // Something finished just now: moving again, and free.
+        assert!(limits.acquire_if_moving(&key("a")).await.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_on_a_busy_endpoint_gives_up_after_the_stall_time() {
+        let limits = Limits::new(1);
+        let _held = limits.try_acquire(&key("a")).unwrap();
+        let start = Instant::now();
+        assert!(limits.acquire_if_moving(&key("a")).await.is_none());
+        assert_eq!(start.elapsed(), STALL);
     }
 
     #[tokio::test(start_paused = true)]

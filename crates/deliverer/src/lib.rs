@@ -429,11 +429,11 @@ impl State {
         };
 
         let key = (webhook.organization_id.clone(), webhook.id.clone());
-        let permit = match self.endpoints.try_acquire(&key) {
+        let permit = match self.endpoints.acquire_if_moving(&key).await {
             Some(permit) => permit,
             None if job.deferrals < MAX_DEFERRALS => {
-                // Its endpoint is saturated: rather than holding one of the
-                // global slots while waiting, come back a little later.
+                // Its endpoint is at its limit and stalled: rather than
+                // holding one of the global slots, come back a little later.
                 let delay = deferral_delay(job.deferrals, rand::random::<f64>());
                 let next = proto::DeliveryJob {
                     deferrals: job.deferrals + 1,
