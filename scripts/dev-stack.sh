@@ -41,12 +41,18 @@ export HERALD_ALLOW_HTTP=true
 export HERALD_ALLOW_PRIVATE_TARGETS=true
 export RUST_LOG=${RUST_LOG:-info}
 
-pids=()
+pids=()       # nats-server, redis-server
+services=()   # the five services
+stopping=""
 cleanup() {
   trap - INT TERM EXIT
+  stopping=1
   echo
   echo "stopping..."
-  for ((i=${#pids[@]}-1; i>=0; i--)); do kill -TERM "${pids[$i]}" 2>/dev/null || true; done
+  # The services first, while NATS and Redis are still there to drain to.
+  for pid in "${services[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${services[@]}"; do wait "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
   echo "stopped"
 }
@@ -62,7 +68,7 @@ done
 
 for svc in ingest matcher deliverer log-writer admin; do
   "$BIN/herald-$svc" >"$DATA/logs/$svc.log" 2>&1 &
-  pids+=($!)
+  services+=($!)
 done
 
 for _ in $(seq 100); do
@@ -91,5 +97,5 @@ See the attempt:  curl -s http://127.0.0.1:$ADMIN_PORT/webhooks/<id>/logs -H "Au
 Ctrl-C stops everything.
 MSG
 
-wait -n "${pids[@]}" || true
-echo "a process exited; see $DATA/logs/" >&2
+wait -n "${pids[@]}" "${services[@]}" || true
+[ -n "$stopping" ] || echo "a process exited; see $DATA/logs/" >&2

@@ -339,7 +339,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     }
     while tasks.join_next().await.is_some() {}
     hard_stop.cancel();
-    client.flush().await.ok();
+    nats::flush(&client).await;
     Ok(())
 }
 

@@ -180,7 +180,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         })
         .await;
     herald_platform::shutdown::hand_back(&mut messages).await;
-    client.flush().await.ok();
+    nats::flush(&client).await;
     Ok(())
 }
 

@@ -189,7 +189,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         store_batch(&index, batch, &metrics).await;
     }
     let _ = watcher.await;
-    client.flush().await.ok();
+    nats::flush(&client).await;
     Ok(())
 }
 
@@ -248,7 +248,7 @@ pub async fn rebuild_now(config: Config, shutdown: CancellationToken) -> Result<
     match rebuild::replay(&js, &index, &token, &Metrics::default(), &shutdown).await? {
         Outcome::Built { replayed } => {
             tracing::info!(replayed, "log index rebuilt");
-            client.flush().await.ok();
+            nats::flush(&client).await;
             Ok(())
         }
         Outcome::Busy => Err(Error::RebuildBusy),

@@ -231,7 +231,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     // started rather than leave it to wait out the ack deadline.
     let hand_back = herald_platform::shutdown::hand_back(&mut messages);
     futures::join!(in_flight.collect::<()>(), hand_back);
-    client.flush().await.ok();
+    nats::flush(&client).await;
     Ok(())
 }
 

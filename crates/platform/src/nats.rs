@@ -210,6 +210,17 @@ where
     }
 }
 
+/// Flushes what the client still has to send, giving up after two seconds
+/// (at shutdown NATS may already be gone; acks not flushed are redelivered).
+pub async fn flush(client: &async_nats::Client) {
+    if tokio::time::timeout(Duration::from_secs(2), client.flush())
+        .await
+        .is_err()
+    {
+        tracing::warn!("nats flush timed out at shutdown");
+    }
+}
+
 /// The value of a header, if present.
 pub fn header<'a>(headers: Option<&'a async_nats::HeaderMap>, name: &str) -> Option<&'a str> {
     headers?.get(name).map(|v| v.as_str())
