@@ -71,7 +71,7 @@ async fn a_matching_event_is_delivered_signed_and_logged() {
     let body: Value = serde_json::from_slice(&request.body).unwrap();
     assert_eq!(body["id"], "evt_123");
     assert_eq!(body["type"], "workflow.completed");
-    assert_eq!(body["timestamp"], "2026-11-22T10:00:00Z");
+    assert_eq!(body["timestamp"], "2026-11-22T10:00:00.000Z");
     assert_eq!(body["organization_id"], "acme");
     assert_eq!(body["webhook_id"], id.as_str());
     assert_eq!(body["attributes"]["execution"], "ex-42");

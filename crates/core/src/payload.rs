@@ -12,7 +12,6 @@ use std::fmt::Write;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
 use crate::proto;
 
@@ -40,11 +39,15 @@ impl From<proto::PayloadFormat> for Format {
     }
 }
 
-/// RFC 3339 with milliseconds, UTC.
+/// RFC 3339 in UTC with exactly three fractional digits
+/// (`2026-11-22T10:00:00.000Z`), so that timestamps sort as strings.
 pub fn rfc3339_ms(unix_ms: i64) -> String {
+    const FORMAT: &[time::format_description::FormatItem<'static>] = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
     OffsetDateTime::from_unix_timestamp_nanos(unix_ms as i128 * 1_000_000)
         .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
+        .and_then(|t| t.format(FORMAT).ok())
         .unwrap_or_default()
 }
 
@@ -201,7 +204,7 @@ mod tests {
         let body = String::from_utf8(render(&event(), "wh_1", Format::Json)).unwrap();
         assert_eq!(
             body,
-            r#"{"id":"evt_1","type":"workflow.completed","timestamp":"2026-11-22T10:00:00Z","organization_id":"acme","webhook_id":"wh_1","attributes":{"workflow":"a<b"},"data":{"n":1,"list":[true,"x"],"9bad":null},"metadata":null}"#
+            r#"{"id":"evt_1","type":"workflow.completed","timestamp":"2026-11-22T10:00:00.000Z","organization_id":"acme","webhook_id":"wh_1","attributes":{"workflow":"a<b"},"data":{"n":1,"list":[true,"x"],"9bad":null},"metadata":null}"#
         );
     }
 
