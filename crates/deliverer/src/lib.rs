@@ -38,7 +38,6 @@ use herald_core::secret::Keyring;
 use herald_core::signing::{self, SigningKey};
 use herald_core::{ids, names, proto};
 use herald_platform::config::{self, ConfigError, Source};
-use herald_platform::health::Health;
 use herald_platform::redis::Redis;
 use herald_platform::webhooks::WebhookStore;
 use herald_platform::{metrics, nats, trace};
@@ -129,8 +128,8 @@ impl Config {
 pub enum Error {
     #[error(transparent)]
     Nats(#[from] nats::Error),
-    #[error("health server: {0}")]
-    Health(std::io::Error),
+    #[error(transparent)]
+    Start(#[from] herald_platform::service::StartError),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("webhook store: {0}")]
@@ -186,9 +185,13 @@ const PULL_BATCH: usize = 500;
 const PULL_EXPIRES: Duration = Duration::from_millis(500);
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    let health = Health::new("deliverer");
-    health.set("nats", false);
-    health.set("consumer", false);
+    let (health, client) = herald_platform::service::start_worker(
+        "deliverer",
+        config.health_addr,
+        &config.nats,
+        &shutdown,
+    )
+    .await?;
     let metrics = Metrics::default();
     health.register(|r| {
         r.register(
@@ -207,14 +210,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             metrics.attempt_duration.clone(),
         );
     });
-    health
-        .clone()
-        .serve(config.health_addr, shutdown.clone())
-        .await
-        .map_err(Error::Health)?;
 
-    let client = nats::connect(&config.nats, "deliverer").await?;
-    health.watch_nats(client.clone(), shutdown.clone());
     let js = jetstream::new(client.clone());
     nats::ensure_streams(
         &js,

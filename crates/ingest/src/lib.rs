@@ -18,7 +18,6 @@ use herald_core::catalogue::Catalogue;
 use herald_core::event::{self, Envelope, Limits, Rejection};
 use herald_core::names;
 use herald_platform::config::{self, ConfigError, Source};
-use herald_platform::health::Health;
 use herald_platform::{metrics, nats, trace};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -67,8 +66,8 @@ impl Config {
 pub enum Error {
     #[error(transparent)]
     Nats(#[from] nats::Error),
-    #[error("health server: {0}")]
-    Health(std::io::Error),
+    #[error(transparent)]
+    Start(#[from] herald_platform::service::StartError),
     #[error("consumer: {0}")]
     Consumer(String),
 }
@@ -92,9 +91,13 @@ struct State {
 
 /// Runs ingest until `shutdown`, then finishes the events in hand.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    let health = Health::new("ingest");
-    health.set("nats", false);
-    health.set("consumer", false);
+    let (health, client) = herald_platform::service::start_worker(
+        "ingest",
+        config.health_addr,
+        &config.nats,
+        &shutdown,
+    )
+    .await?;
     let metrics = Metrics::default();
     health.register(|r| {
         r.register(
@@ -113,14 +116,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             .rejected
             .get_or_create(&ReasonLabel { reason: code });
     }
-    health
-        .clone()
-        .serve(config.health_addr, shutdown.clone())
-        .await
-        .map_err(Error::Health)?;
 
-    let client = nats::connect(&config.nats, "ingest").await?;
-    health.watch_nats(client.clone(), shutdown.clone());
     let js = jetstream::new(client.clone());
     nats::ensure_streams(
         &js,

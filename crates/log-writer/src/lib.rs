@@ -20,7 +20,6 @@ use async_nats::jetstream::{self, AckKind, consumer};
 use futures::StreamExt;
 use herald_core::{names, proto};
 use herald_platform::config::{self, ConfigError, Source};
-use herald_platform::health::Health;
 use herald_platform::log_index::{IndexError, LogIndex};
 use herald_platform::nats;
 use herald_platform::redis::Redis;
@@ -79,8 +78,8 @@ impl Config {
 pub enum Error {
     #[error(transparent)]
     Nats(#[from] nats::Error),
-    #[error("health server: {0}")]
-    Health(std::io::Error),
+    #[error(transparent)]
+    Start(#[from] herald_platform::service::StartError),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("log index: {0}")]
@@ -105,9 +104,13 @@ struct Metrics {
 }
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    let health = Health::new("log-writer");
-    health.set("nats", false);
-    health.set("consumer", false);
+    let (health, client) = herald_platform::service::start_worker(
+        "log-writer",
+        config.health_addr,
+        &config.nats,
+        &shutdown,
+    )
+    .await?;
     let metrics = Metrics::default();
     health.register(|r| {
         r.register(
@@ -126,14 +129,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             metrics.rebuilds.clone(),
         );
     });
-    health
-        .clone()
-        .serve(config.health_addr, shutdown.clone())
-        .await
-        .map_err(Error::Health)?;
 
-    let client = nats::connect(&config.nats, "log-writer").await?;
-    health.watch_nats(client.clone(), shutdown.clone());
     let js = jetstream::new(client.clone());
     let retention = nats::Retention {
         attempts: config.retention,

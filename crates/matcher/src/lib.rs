@@ -21,7 +21,6 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use herald_core::{ids, names, proto};
 use herald_platform::config::{self, ConfigError, Source};
-use herald_platform::health::Health;
 use herald_platform::redis::Redis;
 use herald_platform::webhooks::WebhookStore;
 use herald_platform::{metrics, nats, trace};
@@ -71,8 +70,8 @@ impl Config {
 pub enum Error {
     #[error(transparent)]
     Nats(#[from] nats::Error),
-    #[error("health server: {0}")]
-    Health(std::io::Error),
+    #[error(transparent)]
+    Start(#[from] herald_platform::service::StartError),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("webhook store: {0}")]
@@ -95,18 +94,15 @@ struct State {
 }
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    let health = Health::new("matcher");
-    health.set("nats", false);
-    health.set("consumer", false);
+    let (health, client) = herald_platform::service::start_worker(
+        "matcher",
+        config.health_addr,
+        &config.nats,
+        &shutdown,
+    )
+    .await?;
     let metrics = Metrics::default();
-    health
-        .clone()
-        .serve(config.health_addr, shutdown.clone())
-        .await
-        .map_err(Error::Health)?;
 
-    let client = nats::connect(&config.nats, "matcher").await?;
-    health.watch_nats(client.clone(), shutdown.clone());
     // Each fan-out keeps at most ACK_WINDOW publishes unacknowledged, so
     // room for all of them at once means no fan-out ever waits for room
     // held by another (which could stall them all).

@@ -83,3 +83,35 @@ where
     telemetry.shutdown();
     code
 }
+
+/// Why a worker could not take its first steps.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("health server: {0}")]
+    Health(std::io::Error),
+    #[error(transparent)]
+    Nats(#[from] crate::nats::Error),
+}
+
+/// The first steps every worker service takes: its health server up on
+/// `health_addr`, not ready yet (`nats` and `consumer` checks false), then
+/// NATS connected, with the `nats` check following the connection from
+/// then on. The service registers its metrics and sets `consumer` itself.
+pub async fn start_worker(
+    service: &'static str,
+    health_addr: std::net::SocketAddr,
+    nats: &crate::config::Nats,
+    shutdown: &CancellationToken,
+) -> Result<(crate::health::Health, async_nats::Client), StartError> {
+    let health = crate::health::Health::new(service);
+    health.set("nats", false);
+    health.set("consumer", false);
+    health
+        .clone()
+        .serve(health_addr, shutdown.clone())
+        .await
+        .map_err(StartError::Health)?;
+    let client = crate::nats::connect(nats, service).await?;
+    health.watch_nats(client.clone(), shutdown.clone());
+    Ok((health, client))
+}
