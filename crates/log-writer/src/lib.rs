@@ -168,7 +168,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         names::LOG_WRITER_CONSUMER,
         shutdown.clone(),
     );
-    let messages = consumer
+    let mut messages = consumer
         .stream()
         .max_messages_per_batch(1_000)
         .messages()
@@ -176,14 +176,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .map_err(|e| Error::Consumer(e.to_string()))?;
     health.set("consumer", true);
 
-    let mut batches = std::pin::pin!(
-        messages
-            .ready_chunks(BATCH)
-            .take_until(shutdown.clone().cancelled_owned())
-    );
-    while let Some(batch) = batches.next().await {
-        store_batch(&index, batch, &metrics).await;
+    {
+        let mut batches = std::pin::pin!(
+            messages
+                .by_ref()
+                .ready_chunks(BATCH)
+                .take_until(shutdown.clone().cancelled_owned())
+        );
+        while let Some(batch) = batches.next().await {
+            store_batch(&index, batch, &metrics).await;
+        }
     }
+    // What was pulled but not stored goes to another replica now rather
+    // than after the ack wait.
+    herald_platform::shutdown::hand_back(&mut messages).await;
     let _ = watcher.await;
     nats::flush(&client).await;
     Ok(())
