@@ -1,5 +1,6 @@
+use std::ffi::OsString;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -49,136 +50,141 @@ fn wait_listening(port: u16, child: &mut Child, what: &str) {
     panic!("{what} did not listen on {port} within 20s");
 }
 
-/// A real `nats-server` with JetStream, on 127.0.0.1.
-pub struct NatsServer {
+/// A server process on a fixed loopback port with its own temporary
+/// directory, killed on stop and on drop; what differs between servers is
+/// only how to run them.
+struct Server {
+    name: &'static str,
+    binary_var: &'static str,
+    args: fn(port: u16, dir: &Path) -> Vec<OsString>,
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
 }
 
-impl NatsServer {
-    pub fn start() -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
+impl Server {
+    fn start(
+        name: &'static str,
+        binary_var: &'static str,
+        args: fn(u16, &Path) -> Vec<OsString>,
+    ) -> Self {
         let mut server = Self {
+            name,
+            binary_var,
+            args,
             child: None,
             port: free_port(),
-            dir,
+            dir: tempfile::tempdir().expect("temp dir"),
         };
         server.spawn();
         server
     }
 
     fn spawn(&mut self) {
-        let binary = find_binary("nats-server", "NATS_SERVER_BIN");
-        let mut child = Command::new(binary)
-            .args([
-                "-js",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-sd",
-            ])
-            .arg(self.dir.path().join("js"))
+        let mut child = Command::new(find_binary(self.name, self.binary_var))
+            .args((self.args)(self.port, self.dir.path()))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("start nats-server");
-        wait_listening(self.port, &mut child, "nats-server");
+            .unwrap_or_else(|e| panic!("start {}: {e}", self.name));
+        wait_listening(self.port, &mut child, self.name);
         self.child = Some(child);
     }
 
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn os(args: &[&str]) -> Vec<OsString> {
+    args.iter().map(OsString::from).collect()
+}
+
+/// A real `nats-server` with JetStream, on 127.0.0.1.
+pub struct NatsServer(Server);
+
+impl NatsServer {
+    pub fn start() -> Self {
+        Self(Server::start(
+            "nats-server",
+            "NATS_SERVER_BIN",
+            |port, dir| {
+                let mut args = os(&["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"]);
+                args.push(dir.join("js").into());
+                args
+            },
+        ))
+    }
+
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("nats://127.0.0.1:{}", self.0.port)
     }
 
     pub fn port(&self) -> u16 {
-        self.port
+        self.0.port
     }
 
     /// Kills the server; its data stays for [`NatsServer::restart`].
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.0.stop();
     }
 
     /// Starts it again on the same port with the same data.
     pub fn restart(&mut self) {
-        self.stop();
-        self.spawn();
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        self.stop();
+        self.0.restart();
     }
 }
 
 /// A real `redis-server`, on 127.0.0.1, without persistence.
-pub struct RedisServer {
-    child: Option<Child>,
-    port: u16,
-    dir: tempfile::TempDir,
-}
+pub struct RedisServer(Server);
 
 impl RedisServer {
     pub fn start() -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mut server = Self {
-            child: None,
-            port: free_port(),
-            dir,
-        };
-        server.spawn();
-        server
-    }
-
-    fn spawn(&mut self) {
-        let binary = find_binary("redis-server", "REDIS_SERVER_BIN");
-        let mut child = Command::new(binary)
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &self.port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server");
-        wait_listening(self.port, &mut child, "redis-server");
-        self.child = Some(child);
+        Self(Server::start(
+            "redis-server",
+            "REDIS_SERVER_BIN",
+            |port, dir| {
+                let mut args = os(&[
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    &port.to_string(),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                ]);
+                args.push(dir.into());
+                args
+            },
+        ))
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        format!("redis://127.0.0.1:{}", self.0.port)
     }
 
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.0.stop();
     }
 
     /// Starts it again on the same port, empty.
     pub fn restart(&mut self) {
-        self.stop();
-        self.spawn();
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.stop();
+        self.0.restart();
     }
 }
