@@ -5,7 +5,7 @@ PIP ?= python3 -m pip
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help deps build run test test-rust lint helm-check bench fuzz-api clean
+.PHONY: help deps build run test test-rust lint helm-check bench soak chaos fuzz-api clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -41,6 +41,13 @@ helm-check: ## lint, render and validate the Helm chart
 
 bench: deps build ## end-to-end benchmark (builds the services first); writes target/bench/result.json
 	$(CARGO) run --release -p herald-bench --
+
+SOAK_MINUTES ?= 20
+soak: deps build ## one slow (10 s) webhook beside a healthy one for SOAK_MINUTES (20); healthy p99 per minute
+	$(CARGO) run --release -p herald-bench -- --soak-minutes $(SOAK_MINUTES)
+
+chaos: deps build ## faults under load (kill -9 each replica, a NATS node, Redis) on a 3-node NATS; writes target/bench/chaos.json
+	$(CARGO) run --release -p herald-bench -- --chaos
 
 clean: ## remove build output and the dev stack's data
 	$(CARGO) clean

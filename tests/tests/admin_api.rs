@@ -622,16 +622,27 @@ async fn patch_changes_only_the_fields_given() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let failures = format!("herald:failures:{id}");
+    // The deliverer's endpoint state for it: failing, probes spent.
+    let failures = herald_core::names::endpoint_key(&id);
     redis::cmd("SET")
         .arg(&failures)
-        .arg(4)
+        .arg(
+            serde_json::to_string(&herald_core::policy::Endpoint::Failing {
+                since_ms: 1,
+                next_probe_ms: i64::MAX,
+                failed_probes: 4,
+                probe_until_ms: i64::MAX,
+                last_error: "HTTP 500".into(),
+            })
+            .unwrap(),
+        )
         .query_async::<()>(&mut redis)
         .await
         .unwrap();
     let (_, disabled) = stack.api("GET", &path, None).await;
     assert_eq!(disabled["enabled"], false);
     assert_eq!(disabled["disabled_reason"], "4 consecutive failed attempts");
+    assert_eq!(disabled["state"], "disabled");
     let (status, enabled) = stack
         .api("PATCH", &path, Some(json!({"enabled": true})))
         .await;
@@ -643,7 +654,8 @@ async fn patch_changes_only_the_fields_given() {
         .query_async(&mut redis)
         .await
         .unwrap();
-    assert!(!exists, "failure count reset");
+    assert!(!exists, "endpoint state reset");
+    assert_eq!(enabled["state"], "healthy");
     let (_, off) = stack
         .api("PATCH", &path, Some(json!({"enabled": false})))
         .await;
@@ -795,8 +807,13 @@ async fn the_sixth_webhook_on_a_workflow_is_refused() {
         .api("POST", "/webhooks", Some(on(json!(["locked"]))))
         .await;
     assert_eq!(error_of(status, 409, &answer).0, "conflict");
-    accepted(&stack, minimal("https://example.com/")).await;
+    // Every create counts the organization's webhooks under the lock too.
+    let (status, answer) = stack
+        .api("POST", "/webhooks", Some(minimal("https://example.com/")))
+        .await;
+    assert_eq!(error_of(status, 409, &answer).0, "conflict");
     locks.delete("workflows.acme").await.unwrap();
+    accepted(&stack, minimal("https://example.com/")).await;
 
     // Concurrent creates on a fresh workflow: exactly five win.
     let calls = (0..8).map(|_| {
@@ -1000,5 +1017,126 @@ async fn a_deleted_webhook_gets_nothing() {
         receiver.received("/gone").is_empty(),
         "a deleted webhook got a delivery"
     );
+    stack.stop().await;
+}
+
+/// One raw HTTP/1.0 exchange: the whole answer, head and body, as text.
+async fn raw_http(addr: &str, request: String) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lists_are_paged_an_organization_has_a_limit_and_manual_sends_a_rate() {
+    let stack = Stack::start_with(
+        Options::default()
+            .env("HERALD_MAX_WEBHOOKS_PER_ORG", "3")
+            .env("HERALD_MANUAL_SENDS_PER_MINUTE", "2"),
+    )
+    .await;
+    let receiver = Receiver::start().await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(accepted(&stack, minimal(&receiver.url("/hook"))).await["id"].clone());
+    }
+    // The fourth is over the organization's limit; another organization's
+    // first is not.
+    let (status, answer) = stack
+        .api("POST", "/webhooks", Some(minimal(&receiver.url("/hook"))))
+        .await;
+    assert_eq!(error_of(status, 409, &answer).0, "limit_reached");
+    let (status, _) = stack
+        .api_as(
+            API_KEY,
+            Some("initech"),
+            "POST",
+            "/webhooks",
+            Some(minimal(&receiver.url("/hook"))),
+        )
+        .await;
+    assert_eq!(status, 201);
+
+    // Pages of two, oldest first, with a cursor to the next.
+    let (status, first) = stack.api("GET", "/webhooks?limit=2", None).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["total"], 3);
+    let page: Vec<Value> = first["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["id"].clone())
+        .collect();
+    assert_eq!(page, ids[..2]);
+    let cursor = first["next_cursor"]
+        .as_str()
+        .expect("a next page")
+        .to_owned();
+    let (_, second) = stack
+        .api("GET", &format!("/webhooks?limit=2&cursor={cursor}"), None)
+        .await;
+    assert_eq!(second["data"].as_array().unwrap().len(), 1);
+    assert_eq!(second["data"][0]["id"], ids[2]);
+    assert!(second["next_cursor"].is_null(), "{second}");
+    let (status, answer) = stack.api("GET", "/webhooks?cursor=nope", None).await;
+    assert_eq!(error_of(status, 400, &answer).1.as_deref(), Some("cursor"));
+
+    // Two test events a minute: the third is refused with Retry-After, for
+    // this organization only.
+    let id = ids[0].as_str().unwrap();
+    for _ in 0..2 {
+        let (status, answer) = stack
+            .api("POST", &format!("/webhooks/{id}/test"), None)
+            .await;
+        assert_eq!(status, 202, "{answer}");
+    }
+    let addr = stack.env["HERALD_ADMIN_ADDR"].clone();
+    let answer = raw_http(
+        &addr,
+        format!(
+            "POST /webhooks/{id}/test HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {API_KEY}\r\nContent-Length: 0\r\n\r\n"
+        ),
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.0 429") || answer.starts_with("HTTP/1.1 429"),
+        "{answer}"
+    );
+    let retry_after: u64 = answer
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("retry-after: ")
+                .map(str::to_owned)
+        })
+        .expect("Retry-After")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    assert!(answer.contains("\"rate_limited\""), "{answer}");
+    receiver.wait_for("/hook", 2, Duration::from_secs(10)).await;
+
+    // Metrics are on the admin's health port, not on the public API port.
+    let metrics = |addr: String| async move {
+        raw_http(
+            &addr,
+            format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n"),
+        )
+        .await
+    };
+    let public = metrics(addr.clone()).await;
+    assert!(!public.contains(" 200 "), "{public}");
+    let health = metrics(stack.env["HERALD_ADMIN_HEALTH_ADDR"].clone()).await;
+    assert!(health.contains(" 200 OK"), "{health}");
+    let ready = raw_http(
+        &addr,
+        format!("GET /ready HTTP/1.0\r\nHost: {addr}\r\n\r\n"),
+    )
+    .await;
+    assert!(ready.contains(" 200 OK"), "{ready}");
     stack.stop().await;
 }

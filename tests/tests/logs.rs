@@ -6,9 +6,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use herald_core::{ids, names, proto};
 use herald_e2e::{Options, Receiver, Reply, Stack, TENANT_KEY};
-use herald_platform::log_index::{LogIndex, Scope};
+use herald_platform::log_index::{Cursor, LogIndex, Query, Stored};
 use herald_platform::redis::Redis;
-use herald_test_support::RedisServer;
+use herald_test_support::{RedisCluster, RedisServer};
 use prost::Message;
 use serde_json::{Value, json};
 
@@ -47,6 +47,7 @@ fn attempt(
                 value: "application/json".into(),
             }],
             body: format!(r#"{{"id":"evt_{n}"}}"#).into_bytes().into(),
+            ..Default::default()
         }),
         response: Some(proto::HttpResponse {
             status: 200,
@@ -645,30 +646,42 @@ async fn the_rebuild_command_restores_the_index() {
     stack.stop().await;
 }
 
-fn index(redis: &RedisServer, max_per_webhook: usize) -> LogIndex {
+fn index(redis: &RedisServer) -> LogIndex {
     let redis = Redis::new(&redis.url(), Duration::from_secs(2)).unwrap();
-    LogIndex::new(redis, Duration::from_secs(60), max_per_webhook)
+    LogIndex::new(redis, Duration::from_secs(60))
 }
 
-fn webhook_scope(id: &str, status: Option<&str>) -> Scope {
-    Scope::Webhook {
+fn query(webhook: Option<&str>) -> Query {
+    Query {
         org: "acme".into(),
-        webhook_id: id.into(),
-        status: status.map(str::to_owned),
+        webhook_id: webhook.map(str::to_owned),
+        limit: 500,
+        ..Default::default()
     }
 }
 
-fn org_scope(event_type: Option<&str>) -> Scope {
-    Scope::Organization {
-        org: "acme".into(),
-        event_type: event_type.map(str::to_owned),
-    }
+fn stored(attempts: &[proto::AttemptResult], first_seq: u64) -> Vec<Stored> {
+    attempts
+        .iter()
+        .enumerate()
+        .map(|(i, a)| Stored {
+            attempt: a.clone(),
+            seq: first_seq + i as u64,
+        })
+        .collect()
+}
+
+fn log_ids(page: &herald_platform::log_index::Page) -> Vec<String> {
+    page.items
+        .iter()
+        .map(|e| e.attempt.log_id.clone())
+        .collect()
 }
 
 #[tokio::test]
-async fn the_index_keeps_the_retention_and_a_bounded_number_per_webhook() {
+async fn the_index_keeps_the_retention_for_every_webhook_however_busy() {
     let server = RedisServer::start();
-    let index = index(&server, 10);
+    let index = index(&server);
     let base = now_ms();
     let kind = |n: u32| {
         if n.is_multiple_of(2) {
@@ -684,63 +697,96 @@ async fn the_index_keeps_the_retention_and_a_bounded_number_per_webhook() {
             proto::AttemptStatus::Succeeded
         }
     };
-    let busy: Vec<_> = (0..25)
+    let busy: Vec<_> = (0..300)
         .map(|n| attempt("acme", "wh_busy", n, status(n), kind(n), base))
         .collect();
     let quiet: Vec<_> = (0..5)
         .map(|n| attempt("acme", "wh_quiet", n, status(n), kind(n), base))
         .collect();
     // Older than the retention: not stored.
-    let stale = attempt(
-        "acme",
-        "wh_quiet",
-        99,
-        status(0),
-        kind(0),
-        base - 61_000 + 990,
-    );
+    let stale = attempt("acme", "wh_quiet", 99, status(0), kind(0), base - 61_000);
     // Written oldest first, as they happen; twice, which changes nothing.
     for _ in 0..2 {
-        for a in busy.iter().rev() {
-            index.write(std::slice::from_ref(a)).await.unwrap();
+        for (i, a) in busy.iter().enumerate().rev() {
+            index
+                .write(&stored(std::slice::from_ref(a), 1 + i as u64))
+                .await
+                .unwrap();
         }
-        index.write(&quiet).await.unwrap();
-        index.write(std::slice::from_ref(&stale)).await.unwrap();
+        index.write(&stored(&quiet, 1000)).await.unwrap();
+        index
+            .write(&stored(std::slice::from_ref(&stale), 2000))
+            .await
+            .unwrap();
     }
 
-    let page = index
-        .page(&webhook_scope("wh_busy", None), 500, 0)
+    // Nothing of a busy webhook is forgotten inside the retention.
+    let page = index.page(&query(Some("wh_busy"))).await.unwrap();
+    assert_eq!(page.total, Some(300));
+    let newest: Vec<_> = busy.iter().map(|a| a.log_id.clone()).collect();
+    assert_eq!(log_ids(&page), newest[..300]);
+    // Lists carry summaries, and where the attempt is in the stream.
+    let first = &page.items[0];
+    assert!(first.attempt.request.is_none());
+    assert_eq!(first.attempt.response.as_ref().map(|r| r.status), Some(200));
+    assert_eq!(first.seq, 1);
+    assert_eq!(first.attempt.webhook_id, "wh_busy");
+    assert_eq!(first.attempt.event_id, "evt_0");
+    assert_eq!(first.attempt.attempted_at_ms, busy[0].attempted_at_ms);
+    let found = index
+        .get("acme", "wh_busy", &busy[7].log_id)
         .await
+        .unwrap()
         .unwrap();
-    assert_eq!(page.total, 10);
-    let kept: Vec<_> = page.items.iter().map(|a| a.log_id.clone()).collect();
-    let newest: Vec<_> = busy[..10].iter().map(|a| a.log_id.clone()).collect();
-    assert_eq!(kept, newest);
-    // Lists carry summaries; the attempt in full is one get away.
-    assert!(page.items.iter().all(|a| a.request.is_none()));
-    assert_eq!(page.items[0].response.as_ref().map(|r| r.status), Some(200));
-    let full = index.get(&busy[0].log_id).await.unwrap().unwrap();
-    assert_eq!(full, busy[0]);
-    // Evicted attempts are gone from every list and from the store.
-    assert!(index.get(&busy[10].log_id).await.unwrap().is_none());
-    assert!(index.get(&busy[9].log_id).await.unwrap().is_some());
-    assert!(index.get(&stale.log_id).await.unwrap().is_none());
-    let count = |scope: Scope| {
+    assert_eq!(found.seq, 8);
+    assert_eq!(found.attempt.delivery_id, busy[7].delivery_id);
+    assert!(
+        index
+            .get("acme", "wh_quiet", &busy[7].log_id)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        index
+            .get("acme", "wh_quiet", &stale.log_id)
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    let total = |q: Query| {
         let index = index.clone();
-        async move { index.page(&scope, 1, 0).await.unwrap().total }
+        async move { index.page(&q).await.unwrap().total }
     };
-    assert_eq!(count(org_scope(None)).await, 15);
-    let by_type = count(org_scope(Some("workflow.completed"))).await
-        + count(org_scope(Some("workflow.failed"))).await;
-    assert_eq!(by_type, 15);
-    let by_status = count(webhook_scope("wh_busy", Some("failed"))).await
-        + count(webhook_scope("wh_busy", Some("succeeded"))).await;
-    assert_eq!(by_status, 10);
-    assert_eq!(count(webhook_scope("wh_quiet", None)).await, 5);
+    assert_eq!(total(query(None)).await, Some(305));
+    let by_type = |t: &str| Query {
+        event_type: Some(t.into()),
+        ..query(None)
+    };
+    assert_eq!(
+        total(by_type("workflow.completed")).await.unwrap()
+            + total(by_type("workflow.failed")).await.unwrap(),
+        305
+    );
+    let by_status = |s: &str| Query {
+        status: Some(s.into()),
+        ..query(Some("wh_busy"))
+    };
+    assert_eq!(total(by_status("failed")).await, Some(100));
+    assert_eq!(total(by_status("succeeded")).await, Some(200));
+    assert_eq!(total(query(Some("wh_quiet"))).await, Some(5));
 
     // Pages beyond the end are empty, not errors.
-    let page = index.page(&org_scope(None), 10, 15).await.unwrap();
-    assert_eq!((page.total, page.items.len()), (15, 0));
+    let page = index
+        .page(&Query {
+            offset: 305,
+            limit: 10,
+            ..query(None)
+        })
+        .await
+        .unwrap();
+    assert_eq!((page.total, page.items.len()), (Some(305), 0));
 
     // Every key expires with the retention.
     let client = redis::Client::open(server.url()).unwrap();
@@ -759,4 +805,436 @@ async fn the_index_keeps_the_retention_and_a_bounded_number_per_webhook() {
             .unwrap();
         assert!((1..=60).contains(&ttl), "{key} ttl {ttl}");
     }
+}
+
+#[tokio::test]
+async fn cursors_time_windows_and_lookups() {
+    let server = RedisServer::start();
+    let index = index(&server);
+    let base = now_ms();
+    let mut attempts: Vec<_> = (0..120)
+        .map(|n| {
+            attempt(
+                "acme",
+                if n % 3 == 0 { "wh_a" } else { "wh_b" },
+                n,
+                if n % 4 == 0 {
+                    proto::AttemptStatus::Throttled
+                } else {
+                    proto::AttemptStatus::Succeeded
+                },
+                "workflow.completed",
+                base,
+            )
+        })
+        .collect();
+    // Three attempts of one event's delivery to wh_a, one a manual retry
+    // (a delivery of its own).
+    let delivery = ids::delivery_id("acme", "evt_x", "wh_a");
+    for (n, log_id, delivery_id) in [
+        (1, ids::log_id(&delivery, 1), delivery.clone()),
+        (2, ids::throttled_log_id(&delivery, 2, 1), delivery.clone()),
+        (3, "msg_manual-1".to_owned(), "msg_manual".to_owned()),
+    ] {
+        let mut a = attempt(
+            "acme",
+            "wh_a",
+            500 + n,
+            proto::AttemptStatus::Failed,
+            "workflow.failed",
+            base,
+        );
+        a.log_id = log_id;
+        a.delivery_id = delivery_id;
+        a.event_id = "evt_x".into();
+        attempts.push(a);
+    }
+    index.write(&stored(&attempts, 1)).await.unwrap();
+
+    // A cursor walks every attempt once, newest first, while newer ones
+    // arrive in between.
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    let mut arrivals = 0;
+    loop {
+        let page = index
+            .page(&Query {
+                limit: 17,
+                cursor: cursor.clone(),
+                ..query(None)
+            })
+            .await
+            .unwrap();
+        seen.extend(log_ids(&page));
+        let newer = attempt(
+            "acme",
+            "wh_c",
+            arrivals,
+            proto::AttemptStatus::Succeeded,
+            "workflow.completed",
+            base + 20_000,
+        );
+        index
+            .write(&stored(
+                std::slice::from_ref(&newer),
+                5_000 + arrivals as u64,
+            ))
+            .await
+            .unwrap();
+        arrivals += 1;
+        match page.next_cursor {
+            Some(next) => cursor = Some(Cursor::parse(&next.encode()).unwrap()),
+            None => break,
+        }
+    }
+    let mut expected: Vec<_> = attempts.clone();
+    expected.sort_by(|a, b| (b.attempted_at_ms, &b.log_id).cmp(&(a.attempted_at_ms, &a.log_id)));
+    let expected: Vec<String> = expected.into_iter().map(|a| a.log_id).collect();
+    assert_eq!(seen, expected);
+
+    // The same through a filter that reads the webhook's list, and through
+    // a status list.
+    for (webhook, status, count) in [
+        (Some("wh_b"), Some("succeeded"), 60),
+        (None, Some("throttled"), 30),
+        (Some("wh_a"), Some("failed"), 3),
+    ] {
+        let mut seen = 0;
+        let mut cursor = None;
+        loop {
+            let page = index
+                .page(&Query {
+                    limit: 7,
+                    cursor: cursor.clone(),
+                    status: status.map(str::to_owned),
+                    ..query(webhook)
+                })
+                .await
+                .unwrap();
+            assert!(
+                page.items
+                    .iter()
+                    .all(
+                        |e| Some(herald_platform::log_index::status_name(e.attempt.status()))
+                            == status
+                    )
+            );
+            seen += page.items.len();
+            match page.next_cursor {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(seen, count, "{webhook:?} {status:?}");
+    }
+
+    // since is inclusive, until exclusive.
+    let window = index
+        .page(&Query {
+            since_ms: Some(base - 500),
+            until_ms: Some(base - 200),
+            ..query(None)
+        })
+        .await
+        .unwrap();
+    assert_eq!(window.total, Some(30));
+    assert!(
+        window
+            .items
+            .iter()
+            .all(|e| (base - 500..base - 200).contains(&e.attempt.attempted_at_ms))
+    );
+
+    // What happened to this event: its delivery's attempts and the retry.
+    let by_event = index
+        .page(&Query {
+            event_id: Some("evt_x".into()),
+            ..query(None)
+        })
+        .await
+        .unwrap();
+    assert_eq!(by_event.total, Some(3));
+    assert!(
+        by_event
+            .items
+            .iter()
+            .all(|e| e.attempt.webhook_id == "wh_a" && e.attempt.event_id == "evt_x")
+    );
+    let by_delivery = index
+        .page(&Query {
+            delivery_id: Some(delivery.clone()),
+            ..query(Some("wh_a"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(by_delivery.total, Some(2));
+    let none = index
+        .page(&Query {
+            delivery_id: Some(delivery.clone()),
+            ..query(Some("wh_b"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(none.total, Some(0));
+}
+
+/// Redis bytes of everything the index holds, per attempt.
+async fn index_bytes(url: &str) -> u64 {
+    let client = redis::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("herald:logs:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut total = 0;
+    for key in keys {
+        let bytes: u64 = redis::cmd("MEMORY")
+            .arg("USAGE")
+            .arg(&key)
+            .arg("SAMPLES")
+            .arg(0)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        eprintln!("{key}: {bytes}");
+        total += bytes;
+    }
+    total
+}
+
+#[tokio::test]
+async fn redis_holds_under_400_bytes_per_attempt_whatever_the_event_size() {
+    const N: u32 = 3_000;
+    for size in [1024, 64 * 1024] {
+        let server = RedisServer::start();
+        let index = index(&server);
+        let base = now_ms();
+        let data = "x".repeat(size);
+        let mut seq = 1;
+        for chunk in (0..N).collect::<Vec<_>>().chunks(500) {
+            let batch: Vec<_> = chunk
+                .iter()
+                .map(|&n| {
+                    let mut a = attempt(
+                        "acme",
+                        "wh_one",
+                        n,
+                        proto::AttemptStatus::Succeeded,
+                        "workflow.completed",
+                        base,
+                    );
+                    let delivery = ids::delivery_id("acme", &format!("evt_{n}"), "wh_one");
+                    a.log_id = ids::log_id(&delivery, 1);
+                    a.delivery_id = delivery;
+                    a.event_id = format!("evt_{}", uuid_like(n));
+                    a.request.as_mut().unwrap().body =
+                        format!(r#"{{"data":"{data}"}}"#).into_bytes().into();
+                    a
+                })
+                .collect();
+            let batch = stored(&batch, seq);
+            seq += batch.len() as u64;
+            index.write(&batch).await.unwrap();
+        }
+        let per_attempt = index_bytes(&server.url()).await / N as u64;
+        eprintln!("{size} B events: {per_attempt} B of Redis per attempt");
+        assert!(
+            per_attempt <= 400,
+            "{size} B events: {per_attempt} B per attempt"
+        );
+    }
+}
+
+/// An event id as long as a UUID-based one.
+fn uuid_like(n: u32) -> String {
+    format!("{n:032x}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_index_works_on_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    let stack = Stack::start_with(
+        Options::default()
+            .env("HERALD_REDIS_URL", &cluster.url())
+            .env("HERALD_LOG_INDEX_CHECK", "200ms"),
+    )
+    .await;
+    let receiver = Receiver::start().await;
+    let (id, _) = webhook(&stack, &receiver.url("/c"), json!({})).await;
+    let base = now_ms();
+    for n in 0..40 {
+        let a = attempt(
+            "acme",
+            &id,
+            n,
+            proto::AttemptStatus::Succeeded,
+            "workflow.completed",
+            base,
+        );
+        publish_attempt(&stack, &a, &a.log_id).await;
+    }
+    // A real delivery too, for the detail read back from the stream.
+    stack
+        .publish(
+            "acme",
+            "workflow.completed",
+            json!({"id": "evt_cluster", "attributes": {"workflow": "w"}}),
+        )
+        .await;
+    let path = format!("/webhooks/{id}/logs?limit=500");
+    let before = wait_total(&stack, &path, 41).await;
+    let (_, first) = stack
+        .api("GET", &format!("/webhooks/{id}/logs?limit=20"), None)
+        .await;
+    let cursor = first["next_cursor"].as_str().unwrap();
+    let (_, second) = stack
+        .api(
+            "GET",
+            &format!("/webhooks/{id}/logs?limit=30&cursor={cursor}"),
+            None,
+        )
+        .await;
+    assert_eq!(second["data"].as_array().unwrap().len(), 21);
+    assert!(second["next_cursor"].is_null());
+    let (_, found) = stack
+        .api(
+            "GET",
+            &format!("/webhooks/{id}/logs?event_id=evt_cluster"),
+            None,
+        )
+        .await;
+    assert_eq!(found["total"], 1, "{found}");
+    let log_id = found["data"][0]["id"].as_str().unwrap();
+    let (status, detail) = stack
+        .api("GET", &format!("/webhooks/{id}/logs/{log_id}"), None)
+        .await;
+    assert_eq!(status, 200, "{detail}");
+    assert!(
+        detail["request"]["body"]
+            .as_str()
+            .unwrap()
+            .contains("evt_cluster")
+    );
+
+    // Every node flushed: the index is rebuilt from the stream.
+    for url in cluster.node_urls() {
+        let client = redis::Client::open(url).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        redis::cmd("FLUSHALL")
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
+    }
+    let after = wait_total(&stack, &path, 41).await;
+    assert_eq!(ids_of(&after), ids_of(&before));
+    stack.stop().await;
+}
+
+/// A full index Redis (maxmemory, noeviction): log-writer says so and keeps
+/// the attempts in the stream, the failure counters in the other Redis
+/// still disable a failing webhook, and once there is room the index
+/// catches up with everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_index_redis_loses_nothing_and_counters_keep_working() {
+    let small = RedisServer::start_small();
+    let mut stack = Stack::start_with(
+        Options::default()
+            .env("HERALD_LOG_REDIS_URL", &small.url())
+            .env("HERALD_DISABLE_AFTER", "1"),
+    )
+    .await;
+    let client = redis::Client::open(small.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    // Fill it up to its limit.
+    let mut n = 0;
+    loop {
+        let set: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(format!("filler:{n}"))
+            .arg("x".repeat(64 * 1024))
+            .query_async(&mut conn)
+            .await;
+        if set.is_err() {
+            break;
+        }
+        n += 1;
+        assert!(n < 1000, "8mb never filled");
+    }
+    // Its filter keeps the event below (for the other webhook) away from it:
+    // its log holds exactly the 50 attempts published here.
+    let (id, _) = webhook(
+        &stack,
+        "http://127.0.0.1:9/full",
+        json!({"filters": {"workflow": ["only-these-logs"]}}),
+    )
+    .await;
+    let base = now_ms();
+    for n in 0..50 {
+        let a = attempt(
+            "acme",
+            &id,
+            n,
+            proto::AttemptStatus::Succeeded,
+            "workflow.completed",
+            base,
+        );
+        publish_attempt(&stack, &a, &a.log_id).await;
+    }
+    // log-writer says so, and keeps the attempts in the stream.
+    let ready = stack.health_url("HERALD_LOG_WRITER_HEALTH_ADDR", "/ready");
+    stack
+        .eventually(WAIT, "log-writer not ready: index full", || async {
+            let (status, body) = stack.get(&ready).await.ok()?;
+            (status == 503 && body.contains("\"log_index\":false")).then_some(())
+        })
+        .await;
+    let metrics = stack.health_url("HERALD_LOG_WRITER_HEALTH_ADDR", "/metrics");
+    let (_, text) = stack.get(&metrics).await.unwrap();
+    assert!(text.contains("herald_log_index_full 1"), "{text}");
+    let mut stream = stack.js.get_stream(names::ATTEMPTS_STREAM).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 50);
+
+    // Failure counting lives in the other Redis and still disables.
+    let receiver = Receiver::start().await;
+    receiver.script("/dead", vec![Reply::status(500); 10]);
+    let (dead, _) = webhook(&stack, &receiver.url("/dead"), json!({})).await;
+    stack
+        .publish(
+            "acme",
+            "workflow.completed",
+            json!({"id": "evt_full", "attributes": {"workflow": "w"}}),
+        )
+        .await;
+    stack
+        .eventually(Duration::from_secs(30), "webhook disabled", || async {
+            let (_, body) = stack.api("GET", &format!("/webhooks/{dead}"), None).await;
+            (body["enabled"] == false).then_some(())
+        })
+        .await;
+
+    // Room again: the index catches up with everything.
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("0")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    stack
+        .eventually(Duration::from_secs(60), "index caught up", || async {
+            let (status, body) = stack
+                .api("GET", &format!("/webhooks/{id}/logs"), None)
+                .await;
+            (status == 200 && body["total"] == 50).then_some(())
+        })
+        .await;
+    stack
+        .eventually(WAIT, "log-writer ready again", || async {
+            let (status, _) = stack.get(&ready).await.ok()?;
+            (status == 200).then_some(())
+        })
+        .await;
+    stack.redis.stop();
+    drop(small);
+    stack.stop().await;
 }

@@ -7,10 +7,10 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream;
 use futures::StreamExt;
 use herald_core::{ids, names, proto, secret};
-use herald_e2e::{Receiver, Stack};
+use herald_e2e::{Receiver, Stack, matcher_idle};
 use herald_platform::config::Source;
 use herald_platform::webhooks::WebhookStore;
 use herald_test_support::{NatsServer, RedisServer, free_port};
@@ -63,53 +63,52 @@ struct Job {
     job: proto::DeliveryJob,
 }
 
-/// Every delivery job of `ORG` in the stream, in order.
+/// A delivery job as the matcher published it, or `None` for the
+/// deliverer's own retries and deferrals (they come back into the same
+/// subjects).
+fn matcher_job(headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> Option<Job> {
+    let job = proto::DeliveryJob::decode(payload).expect("job decodes");
+    if job.attempt != 1 || job.deferrals != 0 {
+        return None;
+    }
+    let msg_id = headers
+        .and_then(|h| h.get("Nats-Msg-Id"))
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default();
+    Some(Job {
+        webhook_id: job.webhook_id.clone(),
+        event_id: job.event.as_ref().map(|e| e.id.clone()).unwrap_or_default(),
+        delivery_id: job.delivery_id.clone(),
+        msg_id,
+        job,
+    })
+}
+
+/// Every delivery job of `ORG` still in the stream, in order. The stream is
+/// a work queue (a job leaves it once the deliverer is done with it), so
+/// tests that read jobs here run no deliverer meanwhile; and a work queue
+/// allows no second consumer over the same subjects, so this reads each
+/// sequence by a plain get.
 async fn jobs(js: &jetstream::Context) -> Vec<Job> {
-    let stream = js
+    let mut stream = js
         .get_stream(names::DELIVERIES_STREAM)
         .await
         .expect("stream");
-    let consumer = stream
-        .create_consumer(consumer::push::OrderedConfig {
-            deliver_subject: js.client().new_inbox(),
-            filter_subject: format!("herald.deliveries.{ORG}.>"),
-            deliver_policy: consumer::DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .expect("consumer");
-    let mut remaining = consumer.cached_info().num_pending;
-    let mut out = Vec::with_capacity(remaining as usize);
-    if remaining == 0 {
+    let state = stream.info().await.expect("stream info").state.clone();
+    let prefix = format!("herald.deliveries.{ORG}.");
+    let mut out = Vec::with_capacity(state.messages as usize);
+    if state.messages == 0 {
         return out;
     }
-    let mut messages = consumer.messages().await.expect("messages");
-    while remaining > 0 {
-        let message = tokio::time::timeout(Duration::from_secs(10), messages.next())
-            .await
-            .expect("jobs arrive")
-            .expect("stream open")
-            .expect("message");
-        remaining = message.info().expect("info").pending;
-        let job = proto::DeliveryJob::decode(message.payload.clone()).expect("job decodes");
-        // Only what the matcher published: the deliverer's retries and
-        // deferrals come back into the same subjects.
-        if job.attempt != 1 || job.deferrals != 0 {
+    for sequence in state.first_sequence..=state.last_sequence {
+        // Gaps are jobs already done (or schedules already fired).
+        let Ok(message) = stream.get_raw_message(sequence).await else {
+            continue;
+        };
+        if !message.subject.as_str().starts_with(&prefix) {
             continue;
         }
-        let msg_id = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("Nats-Msg-Id"))
-            .map(|v| v.as_str().to_owned())
-            .unwrap_or_default();
-        out.push(Job {
-            webhook_id: job.webhook_id.clone(),
-            event_id: job.event.as_ref().map(|e| e.id.clone()).unwrap_or_default(),
-            delivery_id: job.delivery_id.clone(),
-            msg_id,
-            job,
-        });
+        out.extend(matcher_job(Some(&message.headers), &message.payload));
     }
     out
 }
@@ -121,23 +120,6 @@ async fn job_count(js: &jetstream::Context) -> u64 {
         .await
         .expect("stream");
     stream.info().await.expect("stream info").state.messages
-}
-
-/// Whether the matcher has nothing pending or unacknowledged.
-async fn matcher_idle(js: &jetstream::Context) -> bool {
-    let Ok(stream) = js.get_stream(names::ACCEPTED_STREAM).await else {
-        return false;
-    };
-    let Ok(mut consumer) = stream
-        .get_consumer::<consumer::pull::Config>(names::MATCHER_CONSUMER)
-        .await
-    else {
-        return false;
-    };
-    consumer
-        .info()
-        .await
-        .is_ok_and(|i| i.num_pending == 0 && i.num_ack_pending == 0)
 }
 
 /// Polls `f` every 20 ms until it is true; panics after `timeout`.
@@ -192,6 +174,13 @@ async fn changed<Fut: Future>(stack: &Stack, change: Fut) -> Fut::Output {
     out
 }
 
+/// The webhook of a matcher's job for `event_id` seen on the wire.
+fn webhook_of(message: &async_nats::Message, event_id: &str) -> Option<String> {
+    matcher_job(message.headers.as_ref(), &message.payload)
+        .filter(|job| job.event_id == event_id)
+        .map(|job| job.webhook_id)
+}
+
 /// Publishes one event and answers which webhooks got a job for it, once
 /// the matcher is done with it. `sentinel` matches every event, so its job
 /// says the event got through.
@@ -202,6 +191,13 @@ async fn routed(
     event_type: &str,
     attributes: serde_json::Value,
 ) -> HashSet<String> {
+    // The deliverer runs, and takes jobs out of the stream as it goes: what
+    // the matcher published is watched as it is published.
+    let mut published = stack
+        .client
+        .subscribe(format!("herald.deliveries.{ORG}.>"))
+        .await
+        .expect("subscribe");
     stack
         .publish(
             ORG,
@@ -210,21 +206,25 @@ async fn routed(
         )
         .await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    let mut found: HashSet<String> = loop {
-        if matcher_idle(&stack.js).await {
-            let found: HashSet<String> = jobs(&stack.js)
-                .await
-                .into_iter()
-                .filter(|j| j.event_id == event_id)
-                .map(|j| j.webhook_id)
-                .collect();
-            if found.contains(sentinel) {
-                break found;
-            }
+    let mut found = HashSet::new();
+    loop {
+        while let Ok(Some(message)) =
+            tokio::time::timeout(Duration::from_millis(20), published.next()).await
+        {
+            found.extend(webhook_of(&message, event_id));
+        }
+        if found.contains(sentinel) && matcher_idle(&stack.js).await {
+            break;
         }
         assert!(Instant::now() < deadline, "timed out matching {event_id}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    }
+    // The matcher acks an event after its jobs are stored, so they are all
+    // on their way here; take what is still in flight.
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_millis(200), published.next()).await
+    {
+        found.extend(webhook_of(&message, event_id));
+    }
     found.remove(sentinel);
     found
 }
@@ -450,7 +450,11 @@ async fn matching_goes_on_without_redis_and_counts_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_event_fans_out_to_a_thousand_webhooks_once_each() {
-    let stack = Stack::start().await;
+    let mut stack = Stack::start().await;
+    // The jobs are read back from the stream before anything delivers them.
+    stack
+        .stop_service("deliverer", Duration::from_secs(10))
+        .await;
     let store = WebhookStore::open(&stack.js, 1).await.expect("store");
     let receiver = Receiver::start().await;
     let url = receiver.url("/fan");
@@ -548,18 +552,24 @@ async fn one_event_fans_out_to_a_thousand_webhooks_once_each() {
     .await;
     assert_eq!(job_count(&stack.js).await, 1000, "no duplicate job");
 
-    // Each webhook got the event once, under its own webhook-id.
+    // Each webhook got the event once, under its own webhook-id, and the
+    // work left the stream once done.
+    stack.start_service("deliverer");
     let got = receiver
         .wait_for("/fan", 1000, Duration::from_secs(60))
         .await;
     let ids: HashSet<&str> = got.iter().filter_map(|r| r.header("webhook-id")).collect();
     assert_eq!(got.len(), 1000);
     assert_eq!(ids.len(), 1000);
+    until(Duration::from_secs(10), "the stream to empty", || async {
+        job_count(&stack.js).await == 0
+    })
+    .await;
     stack.stop().await;
 }
 
-/// NATS, Redis, a deliverer and a receiver, with matchers started and
-/// stopped by the test; events go straight to `herald.accepted`.
+/// NATS and Redis, with matchers and a deliverer started by the test;
+/// events go straight to `herald.accepted`.
 struct Harness {
     _nats: NatsServer,
     _redis: RedisServer,
@@ -569,8 +579,7 @@ struct Harness {
 }
 
 impl Harness {
-    /// With a deliverer when `deliver`.
-    async fn start(deliver: bool) -> Self {
+    async fn start() -> Self {
         let nats = NatsServer::start();
         let redis = RedisServer::start();
         let env: HashMap<String, String> = [
@@ -591,11 +600,6 @@ impl Harness {
         let client = async_nats::connect(nats.url()).await.expect("connect");
         let js = jetstream::new(client);
         let shutdown = CancellationToken::new();
-        let src: &dyn Source = &env;
-        if deliver {
-            let config = herald_deliverer::Config::from_source(src).expect("deliverer config");
-            tokio::spawn(herald_deliverer::run(config, shutdown.clone()));
-        }
         Self {
             _nats: nats,
             _redis: redis,
@@ -603,6 +607,13 @@ impl Harness {
             js,
             shutdown,
         }
+    }
+
+    /// A deliverer, until the harness is dropped.
+    fn deliverer(&self) {
+        let src: &dyn Source = &self.env;
+        let config = herald_deliverer::Config::from_source(src).expect("deliverer config");
+        tokio::spawn(herald_deliverer::run(config, self.shutdown.clone()));
     }
 
     /// A matcher on its own token (and health port).
@@ -635,7 +646,7 @@ async fn a_matcher_stopped_or_killed_mid_stream_yields_one_job_per_pair() {
     // leaves some untouched.
     const EVENTS: usize = 300;
     const WEBHOOKS: usize = 4;
-    let harness = Harness::start(true).await;
+    let harness = Harness::start().await;
     let receiver = Receiver::start().await;
     herald_platform::nats::ensure_streams(&harness.js, 1, &Default::default(), &harness.shutdown)
         .await
@@ -723,6 +734,7 @@ async fn a_matcher_stopped_or_killed_mid_stream_yields_one_job_per_pair() {
     }
 
     // Receivers saw each delivery once.
+    harness.deliverer();
     let got = receiver
         .wait_for("/hook", total as usize, Duration::from_secs(60))
         .await;
@@ -739,7 +751,7 @@ async fn a_matcher_stopped_or_killed_mid_stream_yields_one_job_per_pair() {
 async fn many_large_fan_outs_at_once_complete() {
     const EVENTS: usize = 150;
     const WEBHOOKS: usize = 1000;
-    let harness = Harness::start(false).await;
+    let harness = Harness::start().await;
     herald_platform::nats::ensure_streams(&harness.js, 1, &Default::default(), &harness.shutdown)
         .await
         .expect("streams");

@@ -5,8 +5,10 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use futures::StreamExt;
 use herald_e2e::{Options, Receiver, Reply, Stack};
 use herald_platform::trace::trace_id;
+use prost::Message;
 use serde_json::{Value, json};
 
 const HEALTH_ADDRS: [&str; 5] = [
@@ -208,6 +210,13 @@ async fn the_producers_trace_reaches_the_receiver() {
     hook(&stack, &receiver, json!(["workflow.completed"])).await;
 
     let producer = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    // Delivery jobs leave their work-queue stream once done: they are
+    // watched as they are published.
+    let mut published = stack
+        .client
+        .subscribe("herald.deliveries.acme.>")
+        .await
+        .unwrap();
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("traceparent", producer);
     stack
@@ -241,31 +250,29 @@ async fn the_producers_trace_reaches_the_receiver() {
     // Without a producer trace and without an exporter, none is invented.
     assert!(of("untraced").iter().all(Option::is_none));
 
-    // Every delivery job on NATS carried it too, the retry included.
-    let stream = stack.js.get_stream("HERALD_DELIVERIES").await.unwrap();
-    let last = stream.get_info().await.unwrap().state.last_sequence;
+    // The delivery job of the traced event on NATS carried it too.
     let mut jobs = 0;
-    for sequence in 1..=last {
-        let Ok(message) = stream.get_raw_message(sequence).await else {
-            continue; // a fired schedule is removed
-        };
-        let Some(header) = message.headers.get("traceparent") else {
+    while let Ok(Some(message)) =
+        tokio::time::timeout(Duration::from_millis(500), published.next()).await
+    {
+        let job = herald_core::proto::DeliveryJob::decode(message.payload.clone()).unwrap();
+        if job.event.as_ref().is_none_or(|e| e.id != "traced") {
             continue;
-        };
-        assert!(
-            message.subject.starts_with("herald."),
-            "{}",
-            message.subject
-        );
-        assert_eq!(trace_id(header.as_str()), trace_id(producer));
-        if message.subject.starts_with("herald.deliveries.") {
+        }
+        let header = message.headers.as_ref().and_then(|h| h.get("traceparent"));
+        if job.attempt == 1 && job.deferrals == 0 {
+            // The matcher's job.
+            let header = header.expect("traceparent on the matcher's job");
+            assert_eq!(trace_id(header.as_str()), trace_id(producer));
             jobs += 1;
+        } else if let Some(header) = header {
+            // A retry fired by a message schedule carries it in the job.
+            assert_eq!(trace_id(header.as_str()), trace_id(producer));
         }
     }
-    assert!(
-        jobs >= 2,
-        "the first job and its retry carry the trace: {jobs}"
-    );
+    // The retry waited in HERALD_PARKED (the webhook was failing) and was
+    // removed from there once sent: its trace is asserted at the receiver.
+    assert_eq!(jobs, 1, "the matcher's job carries the trace");
     stack.stop().await;
 }
 

@@ -1,7 +1,8 @@
 //! API errors: `{"error": {"code", "message", "field"}}` with 400 for bad
 //! input, 401 without a valid key, 404 for what the caller cannot see, 409
 //! for a conflicting concurrent change, 413 for an oversize body, 415 for a
-//! body that is not declared JSON. Every error the API answers has this
+//! body that is not declared JSON, 429 (with `Retry-After`) for a caller
+//! over a rate limit. Every error the API answers has this
 //! shape, axum's own rejections included ([`json_errors`]).
 
 use axum::Json;
@@ -17,6 +18,8 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub field: Option<String>,
+    /// Seconds a rate-limited caller should wait (`Retry-After`).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -26,6 +29,7 @@ impl ApiError {
             code,
             message: message.into(),
             field: None,
+            retry_after: None,
         }
     }
 
@@ -83,13 +87,27 @@ impl ApiError {
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
     }
+
+    /// Over a rate limit; a token is there again in `wait_ms`.
+    pub fn rate_limited(message: impl Into<String>, wait_ms: u64) -> Self {
+        Self {
+            retry_after: Some(wait_ms.div_ceil(1000).max(1)),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body =
             json!({"error": {"code": self.code, "message": self.message, "field": self.field}});
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, axum::http::HeaderValue::from(seconds));
+        }
+        response
     }
 }
 
@@ -117,6 +135,7 @@ fn code_for(status: StatusCode) -> &'static str {
         409 => "conflict",
         413 => "payload_too_large",
         415 => "unsupported_media_type",
+        429 => "rate_limited",
         503 => "unavailable",
         _ => "error",
     }

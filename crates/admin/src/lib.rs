@@ -3,18 +3,24 @@
 //! JetStream KV bucket; every write there is seen by matchers and
 //! deliverers on the bucket's change feed. Logs are read from the Redis log
 //! index that log-writer maintains. `/live`, `/ready` and `/metrics` are
-//! served on the API port too.
+//! served on the health port (`HERALD_ADMIN_HEALTH_ADDR`) like every
+//! service's, and `/live` and `/ready` on the API port too, for a load
+//! balancer; the metrics are not public.
 
 pub mod auth;
 mod body;
+mod console;
+pub mod dead_letters;
 pub mod error;
+pub mod jobs;
 pub mod limits;
 mod logs;
+mod validate;
 mod webhooks;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_nats::jetstream;
 use axum::Router;
@@ -37,11 +43,14 @@ use crate::auth::Keys;
 use crate::error::ApiError;
 
 pub const ADMIN_ADDR: &str = "HERALD_ADMIN_ADDR";
+pub const HEALTH_ADDR: &str = "HERALD_ADMIN_HEALTH_ADDR";
 pub const API_KEYS_FILE: &str = "HERALD_API_KEYS_FILE";
 pub const SECRET_KEY: &str = "HERALD_SECRET_KEY";
 pub const SECRET_KEY_PREVIOUS: &str = "HERALD_SECRET_KEY_PREVIOUS";
 pub const ALLOW_HTTP: &str = "HERALD_ALLOW_HTTP";
 pub const MAX_WEBHOOKS_PER_WORKFLOW: &str = "HERALD_MAX_WEBHOOKS_PER_WORKFLOW";
+pub const MAX_WEBHOOKS_PER_ORG: &str = "HERALD_MAX_WEBHOOKS_PER_ORG";
+pub const MANUAL_SENDS_PER_MINUTE: &str = "HERALD_MANUAL_SENDS_PER_MINUTE";
 pub const EXTRA_EVENT_TYPES: &str = "HERALD_EXTRA_EVENT_TYPES";
 pub const LOG_RETENTION: &str = "HERALD_LOG_RETENTION";
 
@@ -52,11 +61,17 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub struct Config {
     pub nats: config::Nats,
     pub redis_url: String,
+    /// The Redis of the log index (`HERALD_LOG_REDIS_URL`, else the same).
+    pub log_redis_url: String,
     pub addr: SocketAddr,
+    /// `/live`, `/ready` and `/metrics`.
+    pub health_addr: SocketAddr,
     pub keys: Keys,
     pub keyring: Keyring,
     pub allow_http: bool,
     pub max_webhooks_per_workflow: usize,
+    pub max_webhooks_per_org: usize,
+    pub manual_sends_per_minute: u32,
     pub catalogue: Catalogue,
     pub log_retention: Duration,
 }
@@ -82,7 +97,9 @@ impl Config {
         Ok(Self {
             nats: config::Nats::from_source(src)?,
             redis_url: config::redis_url(src)?,
+            log_redis_url: config::log_redis_url(src)?,
             addr: config::addr(src, ADMIN_ADDR, "127.0.0.1:8080")?,
+            health_addr: config::addr(src, HEALTH_ADDR, "127.0.0.1:9105")?,
             keys,
             keyring,
             allow_http: config::boolean(src, ALLOW_HTTP, false)?,
@@ -92,6 +109,8 @@ impl Config {
                 5,
                 1..=10_000,
             )?,
+            max_webhooks_per_org: config::number(src, MAX_WEBHOOKS_PER_ORG, 1_000, 1..=100_000)?,
+            manual_sends_per_minute: config::number(src, MANUAL_SENDS_PER_MINUTE, 60, 1..=60_000)?,
             catalogue: Catalogue::with_extra(&extra)
                 .map_err(|e| ConfigError::new(EXTRA_EVENT_TYPES, e.to_string()))?,
             log_retention: config::duration(src, LOG_RETENTION, Duration::from_secs(7 * 86_400))?,
@@ -126,10 +145,17 @@ pub struct Inner {
     pub config: Config,
     pub store: WebhookStore,
     pub logs: LogIndex,
+    /// Everything in Redis but the log index: the deliverer's endpoint
+    /// states, shown as a webhook's `state` and reset on re-enable.
+    pub redis: Redis,
     pub js: jetstream::Context,
     pub health: Health,
     /// Short-lived per-organization locks (see `limits`).
     pub locks: async_nats::jetstream::kv::Store,
+    /// Recover and replay jobs (`jobs`).
+    pub jobs: async_nats::jetstream::kv::Store,
+    /// Test events and manual retries, per organization.
+    pub manual_sends: limits::ManualSends,
 }
 
 impl std::ops::Deref for AppState {
@@ -145,12 +171,7 @@ impl AsRef<Keys> for AppState {
     }
 }
 
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
-}
+pub(crate) use herald_platform::now_ms;
 
 /// Binds `config.addr` and serves until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
@@ -172,40 +193,65 @@ pub async fn serve(
     let health = Health::new("admin");
     health.set("nats", false);
     health.set("store", false);
+    health
+        .clone()
+        .serve(config.health_addr, shutdown.clone())
+        .await
+        .map_err(|source| Error::Listen {
+            addr: config.health_addr,
+            source,
+        })?;
     let client = nats::connect(&config.nats, "admin").await?;
     health.watch_nats(client.clone(), shutdown.clone());
-    let js = jetstream::new(client.clone());
-    nats::ensure_streams(
-        &js,
-        config.nats.replicas,
-        &nats::Retention::default(),
-        &shutdown,
-    )
-    .await?;
+    let js = herald_platform::nats::jetstream(client.clone());
+    nats::ensure_streams(&js, config.nats.replicas, &config.nats.streams, &shutdown).await?;
     let store = WebhookStore::open(&js, config.nats.replicas).await?;
     let locks = limits::open_locks(&js, config.nats.replicas)
+        .await
+        .map_err(|e| Error::Store(herald_platform::webhooks::StoreError::Unavailable(e)))?;
+    let jobs = jobs::open_bucket(&js, config.nats.replicas)
         .await
         .map_err(|e| Error::Store(herald_platform::webhooks::StoreError::Unavailable(e)))?;
     health.set("store", true);
     let redis = Redis::new(&config.redis_url, Duration::from_millis(500))?;
     health.watch_redis(redis.clone(), shutdown.clone());
-    let logs = LogIndex::new(redis, config.log_retention, usize::MAX);
+    let log_redis = if config.log_redis_url == config.redis_url {
+        redis.clone()
+    } else {
+        Redis::new(&config.log_redis_url, Duration::from_millis(500))?
+    };
+    let logs = LogIndex::new(log_redis, config.log_retention);
+    let manual_sends = limits::ManualSends::new(config.manual_sends_per_minute);
     let state = AppState {
         inner: Arc::new(Inner {
+            manual_sends,
             config,
             store,
             logs,
+            redis,
             js,
             health,
             locks,
+            jobs: jobs.clone(),
         }),
     };
+    // This replica's share of recover and replay jobs.
+    let runner = Arc::new(jobs::Runner {
+        js: state.js.clone(),
+        jobs,
+        store: state.store.clone(),
+        owner: herald_core::ids::new_event_id().replacen("evt_", "admin_", 1),
+    });
+    tokio::spawn(runner.run(shutdown.clone()));
 
     tracing::info!(addr = %listener.local_addr().map_err(Error::Serve)?, "admin API listening");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-        .map_err(Error::Serve)
+    let router = router(state);
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let mut router = router.clone();
+        tower_service::Service::call(&mut router, req)
+    });
+    herald_platform::server::serve(listener, service, shutdown).await;
+    Ok(())
 }
 
 /// The OpenAPI 3.1 description of this API, served at `/openapi.json`.
@@ -215,7 +261,9 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .merge(webhooks::routes())
         .merge(logs::routes())
+        .merge(jobs::routes())
         .route("/event-types", get(event_types))
+        .route("/me", get(me))
         .route("/openapi.json", get(openapi))
         .fallback(|| async { ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async {
@@ -226,11 +274,12 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .layer(axum::middleware::map_response(error::json_errors))
+        .layer(axum::middleware::map_response(console::api_headers))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES));
     Router::new()
         .route("/live", get(health))
         .route("/ready", get(health))
-        .route("/metrics", get(health))
+        .merge(console::routes())
         .merge(api)
         .with_state(state)
 }
@@ -244,6 +293,35 @@ async fn event_types(
     _caller: auth::Caller,
 ) -> axum::Json<serde_json::Value> {
     axum::Json(serde_json::json!({"data": state.config.catalogue.types()}))
+}
+
+/// `GET /me`: what the caller's key may use — its organizations (`["*"]`
+/// for an operator key, which may use any), its default, and the one this
+/// request acts for. The console's organization picker reads it.
+async fn me(
+    State(state): State<AppState>,
+    caller: auth::Caller,
+    headers: axum::http::HeaderMap,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let key = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .map(|(_, key)| key.trim())
+        .unwrap_or_default();
+    // The extractor has found this key already; absent only in a race with
+    // nothing (keys do not change while the service runs).
+    let entry = state
+        .config
+        .keys
+        .find(key)
+        .ok_or_else(ApiError::unauthorized)?;
+    Ok(axum::Json(serde_json::json!({
+        "organizations": entry.organizations,
+        "any_organization": entry.organizations.iter().any(|o| o == "*"),
+        "default_organization": entry.default_organization,
+        "organization": caller.org,
+    })))
 }
 
 async fn health(State(state): State<AppState>, uri: axum::http::Uri) -> Response {
@@ -271,6 +349,7 @@ mod tests {
             "/webhooks/{id}/logs/{log_id}",
             "/webhooks/{id}/logs/{log_id}/retry",
             "/event-types",
+            "/me",
             "/openapi.json",
         ] {
             assert!(doc["paths"].get(path).is_some(), "{path} not described");

@@ -7,12 +7,16 @@
 //! `herald-admin-locks` KV bucket, created with compare-and-set and holding
 //! a lease, so a crashed admin blocks the organization for at most
 //! [`LEASE`]. Two admin replicas creating the sixth webhook at once get one
-//! 201 and one 400.
+//! 201 and one 400. The organization's own limit of webhooks
+//! (`HERALD_MAX_WEBHOOKS_PER_ORG`) is counted under the same lock.
+//!
+//! Manual sends are rate-limited per organization ([`ManualSends`]).
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use herald_core::proto;
+use herald_core::rate::{Bucket, Rate};
 
 use crate::error::ApiError;
 use crate::{AppState, now_ms};
@@ -41,7 +45,9 @@ pub async fn open_locks(js: &jetstream::Context, replicas: usize) -> Result<kv::
     }
 }
 
-/// A held organization lock; [`OrgLock::release`] it when done.
+/// A held organization lock. Taken and released around one piece of work by
+/// [`OrgLock::holding`], so no path forgets to release it (one that panics
+/// leaves it to its lease).
 pub struct OrgLock {
     kv: kv::Store,
     key: String,
@@ -54,7 +60,24 @@ fn unavailable(e: impl std::fmt::Display) -> ApiError {
 }
 
 impl OrgLock {
-    pub async fn acquire(state: &AppState, org: &str) -> Result<Self, ApiError> {
+    /// Runs `work` holding the organization's lock when `needed`, and
+    /// releases it whatever `work` answers.
+    pub async fn holding<T>(
+        state: &AppState,
+        org: &str,
+        needed: bool,
+        work: impl std::future::Future<Output = Result<T, ApiError>>,
+    ) -> Result<T, ApiError> {
+        if !needed {
+            return work.await;
+        }
+        let lock = Self::acquire(state, org).await?;
+        let result = work.await;
+        lock.release().await;
+        result
+    }
+
+    async fn acquire(state: &AppState, org: &str) -> Result<Self, ApiError> {
         let kv = state.locks.clone();
         let key = format!("workflows.{org}");
         let deadline = tokio::time::Instant::now() + WAIT;
@@ -91,7 +114,7 @@ impl OrgLock {
         }
     }
 
-    pub async fn release(self) {
+    async fn release(self) {
         if let Err(error) = self
             .kv
             .delete_expect_revision(&self.key, Some(self.revision))
@@ -138,6 +161,74 @@ pub async fn check_workflow_limit(
                 ),
             ));
         }
+    }
+    Ok(())
+}
+
+/// Manual sends (`POST /webhooks/{id}/test` and `.../retry`) per
+/// organization, counted in this admin replica: a token bucket of
+/// `HERALD_MANUAL_SENDS_PER_MINUTE`, so a key holder cannot use Herald as an
+/// HTTP relay. An organization over it gets 429 with `Retry-After`.
+pub struct ManualSends {
+    rate: Rate,
+    buckets: std::sync::Mutex<std::collections::HashMap<String, Bucket>>,
+}
+
+/// Organizations remembered before full buckets are forgotten.
+const MAX_TRACKED: usize = 10_000;
+
+impl ManualSends {
+    pub fn new(per_minute: u32) -> Self {
+        Self {
+            rate: Rate {
+                per_minute,
+                burst: per_minute.clamp(1, 20),
+            },
+            buckets: Default::default(),
+        }
+    }
+
+    pub fn take(&self, org: &str, now_ms: i64) -> Result<(), ApiError> {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if buckets.len() >= MAX_TRACKED {
+            buckets.retain(|_, b| !self.rate.refilled(b, now_ms));
+        }
+        let bucket = buckets
+            .get(org)
+            .copied()
+            .unwrap_or_else(|| self.rate.full(now_ms));
+        match self.rate.take(bucket, now_ms) {
+            Ok(after) => {
+                buckets.insert(org.to_owned(), after);
+                Ok(())
+            }
+            Err(wait_ms) => Err(ApiError::rate_limited(
+                format!(
+                    "at most {} test events and manual retries a minute per organization \
+                     (HERALD_MANUAL_SENDS_PER_MINUTE)",
+                    self.rate.per_minute
+                ),
+                wait_ms,
+            )),
+        }
+    }
+}
+
+/// Refuses a new webhook when the organization already has the maximum
+/// (`HERALD_MAX_WEBHOOKS_PER_ORG`). Call it holding the organization's
+/// [`OrgLock`].
+pub async fn check_org_limit(state: &AppState, org: &str) -> Result<(), ApiError> {
+    let max = state.config.max_webhooks_per_org;
+    let count = state.store.list(org).await?.len();
+    if count >= max {
+        return Err(ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            "limit_reached",
+            format!(
+                "the organization already has {count} webhooks, the maximum is {max} \
+                 (HERALD_MAX_WEBHOOKS_PER_ORG)"
+            ),
+        ));
     }
     Ok(())
 }

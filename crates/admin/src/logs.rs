@@ -9,13 +9,14 @@
 
 use std::collections::HashMap;
 
+use async_nats::jetstream::stream::RawMessageErrorKind;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use herald_core::{ids, names, payload, proto};
-use herald_platform::log_index::{self, Scope};
+use herald_platform::log_index;
 use prost::Message;
 use serde_json::{Value, json};
 
@@ -38,9 +39,12 @@ pub fn routes() -> axum::Router<AppState> {
 pub const DEFAULT_LIMIT: usize = 50;
 pub const MAX_LIMIT: usize = 500;
 pub const MAX_OFFSET: usize = 10_000_000;
+/// Deepest offset of a list that is filtered or merges webhooks (deeper
+/// pages are read with `cursor`).
+pub const MAX_MERGED_OFFSET: usize = 10_000;
 
-/// What masked values are replaced with.
-pub const MASK: &str = "********";
+pub use herald_core::masking::MASK;
+use herald_core::masking::{self, secret_name};
 
 /// The event type of test deliveries.
 pub const TEST_EVENT_TYPE: &str = "workflow.completed";
@@ -70,11 +74,122 @@ fn paging(query: &HashMap<String, String>) -> Result<(usize, usize), ApiError> {
     Ok((limit, offset))
 }
 
+/// A parameter when given and not empty.
+fn param<'a>(query: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
+    query
+        .get(name)
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+}
+
+fn time_param(query: &HashMap<String, String>, name: &str) -> Result<Option<i64>, ApiError> {
+    let Some(text) = param(query, name) else {
+        return Ok(None);
+    };
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map(|t| Some((t.unix_timestamp_nanos() / 1_000_000) as i64))
+        .map_err(|_| {
+            ApiError::validation(
+                name,
+                format!("{name} must be an RFC 3339 time like 2026-11-22T10:00:00Z"),
+            )
+        })
+}
+
+/// The list query of a request: paging (`limit` with `offset` or
+/// `cursor`), `since`/`until`, and the filters.
+fn list_query(
+    query: &HashMap<String, String>,
+    org: String,
+    webhook_id: Option<String>,
+) -> Result<log_index::Query, ApiError> {
+    let (limit, offset) = paging(query)?;
+    let cursor = match param(query, "cursor") {
+        None => None,
+        Some(text) => Some(log_index::Cursor::parse(text).ok_or_else(|| {
+            ApiError::validation(
+                "cursor",
+                "cursor must be a next_cursor from an earlier page",
+            )
+        })?),
+    };
+    if cursor.is_some() && offset > 0 {
+        return Err(ApiError::validation(
+            "offset",
+            "give either offset or cursor, not both",
+        ));
+    }
+    let status = match param(query, "status") {
+        None => None,
+        Some(s) if log_index::STATUSES.contains(&s) => Some(s.to_owned()),
+        Some(_) => {
+            return Err(ApiError::validation(
+                "status",
+                format!("status must be one of {}", log_index::STATUSES.join(", ")),
+            ));
+        }
+    };
+    let event_type = match param(query, "event_type") {
+        None => None,
+        Some(t) if names::valid_event_type(t) => Some(t.to_owned()),
+        Some(_) => {
+            return Err(ApiError::validation(
+                "event_type",
+                "event_type must be an event type like workflow.completed",
+            ));
+        }
+    };
+    let id = |name: &str| -> Result<Option<String>, ApiError> {
+        match param(query, name) {
+            None => Ok(None),
+            Some(v) if v.len() <= 1024 && !v.chars().any(char::is_control) => {
+                Ok(Some(v.to_owned()))
+            }
+            Some(_) => Err(ApiError::validation(
+                name,
+                format!("{name} must be at most 1024 printable characters"),
+            )),
+        }
+    };
+    let since_ms = time_param(query, "since")?;
+    let until_ms = time_param(query, "until")?;
+    if let (Some(s), Some(u)) = (since_ms, until_ms)
+        && s >= u
+    {
+        return Err(ApiError::validation("until", "until must be after since"));
+    }
+    let merged = webhook_id.is_none() || status.is_some() || event_type.is_some();
+    if merged && offset > MAX_MERGED_OFFSET {
+        return Err(ApiError::validation(
+            "offset",
+            format!(
+                "offset is at most {MAX_MERGED_OFFSET} for filtered and organization-wide lists; use cursor to read further"
+            ),
+        ));
+    }
+    Ok(log_index::Query {
+        org,
+        webhook_id,
+        status,
+        event_type,
+        event_id: id("event_id")?,
+        delivery_id: id("delivery_id")?,
+        since_ms,
+        until_ms,
+        cursor,
+        offset,
+        limit,
+    })
+}
+
 fn kind_name(kind: proto::DeliveryKind) -> &'static str {
     match kind {
         proto::DeliveryKind::Event => "event",
         proto::DeliveryKind::Test => "test",
         proto::DeliveryKind::ManualRetry => "manual_retry",
+        proto::DeliveryKind::Recover => "recover",
+        proto::DeliveryKind::Replay => "replay",
+        proto::DeliveryKind::Probe => "probe",
     }
 }
 
@@ -102,26 +217,6 @@ pub fn summary(a: &proto::AttemptResult) -> Value {
 struct Masker {
     /// Longest first, so a whole secret goes before a part of it.
     secrets: Vec<String>,
-}
-
-/// Names whose values are secret whatever they hold.
-fn secret_name(name: &str) -> bool {
-    let name = name.to_ascii_lowercase();
-    [
-        "signature",
-        "authorization",
-        "token",
-        "secret",
-        "key",
-        "cookie",
-        "password",
-        "passwd",
-        "credential",
-        "auth",
-        "session",
-    ]
-    .iter()
-    .any(|s| name.contains(s))
 }
 
 impl Masker {
@@ -173,28 +268,10 @@ impl Masker {
             .collect()
     }
 
+    /// `text` with secret-looking query values and a password masked (one
+    /// rule with the deliverer's, `core::masking`), then the secrets.
     fn url(&self, text: &str) -> String {
-        let Ok(mut url) = url::Url::parse(text) else {
-            return self.text(text);
-        };
-        if url.query().is_some() {
-            let pairs: Vec<(String, String)> = url
-                .query_pairs()
-                .map(|(k, v)| {
-                    let v = if secret_name(&k) {
-                        MASK.to_owned()
-                    } else {
-                        v.into_owned()
-                    };
-                    (k.into_owned(), v)
-                })
-                .collect();
-            url.query_pairs_mut().clear().extend_pairs(pairs);
-        }
-        if url.password().is_some() {
-            let _ = url.set_password(Some(MASK));
-        }
-        self.text(url.as_str())
+        self.text(&masking::mask_url(text))
     }
 
     /// A body as JSON fields: UTF-8 text (masked), or base64 when it is not
@@ -224,6 +301,8 @@ fn detail_json(a: &proto::AttemptResult, masker: &Masker) -> Value {
                 "headers": masker.headers(&r.headers),
                 "body": body,
                 "body_base64": base64,
+                "body_truncated": r.body_truncated,
+                "body_size": if r.body_size == 0 { r.body.len() as u64 } else { r.body_size },
             })
         }
     };
@@ -245,9 +324,25 @@ fn detail_json(a: &proto::AttemptResult, masker: &Masker) -> Value {
 
 /// A page of summaries. Summaries carry no headers or bodies, and their
 /// error texts are Herald's and the network's, so nothing there is secret.
-fn page_json(page: log_index::Page, limit: usize, offset: usize) -> Value {
-    let data: Vec<Value> = page.items.iter().map(summary).collect();
-    json!({"data": data, "total": page.total, "limit": limit, "offset": offset})
+fn page_json(page: log_index::Page, q: &log_index::Query) -> Value {
+    let data: Vec<Value> = page
+        .items
+        .iter()
+        .map(|e| {
+            let mut s = summary(&e.attempt);
+            if e.error_truncated {
+                s["error_truncated"] = Value::Bool(true);
+            }
+            s
+        })
+        .collect();
+    json!({
+        "data": data,
+        "total": page.total,
+        "limit": q.limit,
+        "offset": q.offset,
+        "next_cursor": page.next_cursor.map(|c| c.encode()),
+    })
 }
 
 fn index_error(error: log_index::IndexError) -> ApiError {
@@ -268,7 +363,9 @@ async fn webhook(state: &AppState, caller: &Caller, id: &str) -> Result<proto::W
         .webhook)
 }
 
-/// An attempt of the caller's webhook, or 404.
+/// An attempt of the caller's webhook in full, or 404: found in the index,
+/// read from the attempts stream by its sequence. When the stream no longer
+/// has it (its size limit dropped it), the summary stands in.
 async fn attempt(
     state: &AppState,
     webhook: &proto::Webhook,
@@ -277,74 +374,58 @@ async fn attempt(
     if !names::valid_id(log_id) {
         return Err(ApiError::not_found("log"));
     }
-    state
+    let entry = state
         .logs
-        .get(log_id)
+        .get(&webhook.organization_id, &webhook.id, log_id)
         .await
         .map_err(index_error)?
-        .filter(|a| a.organization_id == webhook.organization_id && a.webhook_id == webhook.id)
-        .ok_or_else(|| ApiError::not_found("log"))
+        .ok_or_else(|| ApiError::not_found("log"))?;
+    let unavailable = |error: &dyn std::fmt::Display| {
+        tracing::warn!(%error, seq = entry.seq, "cannot read an attempt");
+        ApiError::unavailable("cannot read the attempt right now, try again")
+    };
+    let stream = state
+        .js
+        .get_stream(names::ATTEMPTS_STREAM)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let full = match stream.direct_get(entry.seq).await {
+        Ok(message) => proto::AttemptResult::decode(message.payload.as_ref()).ok(),
+        Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => None,
+        Err(e) => return Err(unavailable(&e)),
+    };
+    Ok(full
+        .filter(|a| {
+            a.log_id == log_id
+                && a.organization_id == webhook.organization_id
+                && a.webhook_id == webhook.id
+        })
+        .unwrap_or(entry.attempt))
 }
 
-/// `GET /webhooks/{id}/logs?limit&offset&status`
+/// `GET /webhooks/{id}/logs?limit&offset&cursor&status&event_type&event_id&delivery_id&since&until`
 pub async fn list_for_webhook(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let (limit, offset) = paging(&query)?;
-    let status = match query.get("status").map(String::as_str) {
-        None | Some("") => None,
-        Some(s) if log_index::STATUSES.contains(&s) => Some(s.to_owned()),
-        Some(_) => {
-            return Err(ApiError::validation(
-                "status",
-                format!("status must be one of {}", log_index::STATUSES.join(", ")),
-            ));
-        }
-    };
+    let q = list_query(&query, caller.org.clone(), Some(id.clone()))?;
     webhook(&state, &caller, &id).await?;
-    let scope = Scope::Webhook {
-        org: caller.org,
-        webhook_id: id,
-        status,
-    };
-    let page = state
-        .logs
-        .page(&scope, limit, offset)
-        .await
-        .map_err(index_error)?;
-    Ok(Json(page_json(page, limit, offset)))
+    let page = state.logs.page(&q).await.map_err(index_error)?;
+    Ok(Json(page_json(page, &q)))
 }
 
-/// `GET /webhooks/logs/all?event_type&limit&offset`
+/// `GET /webhooks/logs/all?…`: the same query over every webhook of the
+/// organization.
 pub async fn list_for_org(
     State(state): State<AppState>,
     caller: Caller,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let (limit, offset) = paging(&query)?;
-    let event_type = match query.get("event_type").map(String::as_str) {
-        None | Some("") => None,
-        Some(t) if names::valid_event_type(t) => Some(t.to_owned()),
-        Some(_) => {
-            return Err(ApiError::validation(
-                "event_type",
-                "event_type must be an event type like workflow.completed",
-            ));
-        }
-    };
-    let scope = Scope::Organization {
-        org: caller.org,
-        event_type,
-    };
-    let page = state
-        .logs
-        .page(&scope, limit, offset)
-        .await
-        .map_err(index_error)?;
-    Ok(Json(page_json(page, limit, offset)))
+    let q = list_query(&query, caller.org.clone(), None)?;
+    let page = state.logs.page(&q).await.map_err(index_error)?;
+    Ok(Json(page_json(page, &q)))
 }
 
 /// `GET /webhooks/{id}/logs/{log_id}`
@@ -376,8 +457,7 @@ async fn publish_job(
         event: Some(event),
         attempt: 1,
         kind: kind as i32,
-        not_before_ms: 0,
-        deferrals: 0,
+        ..Default::default()
     };
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Msg-Id", format!("{delivery_id}.1").as_str());
@@ -437,6 +517,7 @@ pub async fn test(
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let webhook = webhook(&state, &caller, &id).await?;
+    state.manual_sends.take(&caller.org, crate::now_ms())?;
     let event = test_event(&caller.org, crate::now_ms());
     publish_job(&state, &webhook, event, proto::DeliveryKind::Test).await
 }
@@ -451,13 +532,48 @@ pub async fn retry(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let webhook = webhook(&state, &caller, &id).await?;
     let attempt = attempt(&state, &webhook, &log_id).await?;
-    let event = attempt.event.ok_or_else(|| {
+    state.manual_sends.take(&caller.org, crate::now_ms())?;
+    let event = match attempt.event {
+        Some(event) => event,
+        None => accepted_event(&state, attempt.event_seq, &attempt.event_id).await?,
+    };
+    publish_job(&state, &webhook, event, proto::DeliveryKind::ManualRetry).await
+}
+
+/// The event an attempt delivered, read back from the accepted-events stream
+/// by its sequence (attempt records do not carry a second copy of it).
+pub async fn accepted_event(
+    state: &AppState,
+    seq: u64,
+    event_id: &str,
+) -> Result<proto::Event, ApiError> {
+    let gone = || {
         ApiError::bad_request(
             "not_retryable",
-            "this attempt was logged without its event and cannot be delivered again",
+            "this attempt's event is no longer retained and cannot be delivered again",
         )
-    })?;
-    publish_job(&state, &webhook, event, proto::DeliveryKind::ManualRetry).await
+    };
+    if seq == 0 {
+        return Err(gone());
+    }
+    let unavailable = |error: &dyn std::fmt::Display| {
+        tracing::warn!(%error, seq, "cannot read an accepted event");
+        ApiError::unavailable("cannot read the event right now, try again")
+    };
+    let stream = state
+        .js
+        .get_stream(names::ACCEPTED_STREAM)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let message = match stream.get_raw_message(seq).await {
+        Ok(message) => message,
+        Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => return Err(gone()),
+        Err(e) => return Err(unavailable(&e)),
+    };
+    match proto::Event::decode(message.payload.as_ref()) {
+        Ok(event) if event.id == event_id => Ok(event),
+        _ => Err(gone()),
+    }
 }
 
 #[cfg(test)]

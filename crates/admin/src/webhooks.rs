@@ -7,14 +7,15 @@
 //! when the caller pinned the revision with `If-Match` (each single-webhook
 //! answer carries it as `ETag`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use herald_core::{ids, matching, names, payload, proto, secret};
+use herald_core::policy::Endpoint;
+use herald_core::{ids, names, payload, proto, secret};
 use herald_platform::webhooks::{StoreError, Versioned};
 use serde_json::{Value, json};
 
@@ -23,23 +24,8 @@ use crate::auth::Caller;
 use crate::body::{Fields, JsonBody};
 use crate::error::ApiError;
 use crate::limits::{self, OrgLock};
+use crate::validate::*;
 
-pub const RESERVED_HEADER_PREFIXES: &[&str] = &["content-", "webhook-", "x-webhook-"];
-pub const RESERVED_HEADERS: &[&str] = &[
-    "host",
-    "transfer-encoding",
-    "connection",
-    "user-agent",
-    "traceparent",
-];
-
-pub const MAX_NAME: usize = 255;
-pub const MAX_URL: usize = 2048;
-pub const MAX_DESCRIPTION: usize = 1024;
-pub const MAX_SECRET: usize = 255;
-pub const DEFAULT_TIMEOUT_MS: u32 = 5_000;
-pub const MAX_TIMEOUT_MS: u32 = 30_000;
-pub const MAX_EVENT_TYPES: usize = 100;
 /// After a rotation the previous secret keeps signing this long.
 pub const ROTATION_OVERLAP: Duration = Duration::from_secs(24 * 3600);
 /// Secrets a webhook signs with at once, the newest included; a rotation
@@ -115,197 +101,6 @@ fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
         })
 }
 
-fn chars(s: &str) -> usize {
-    s.chars().count()
-}
-
-pub fn validate_name(name: &str) -> Result<(), ApiError> {
-    if name.trim().is_empty() || chars(name) > MAX_NAME {
-        return Err(ApiError::validation(
-            "name",
-            format!("name must be 1-{MAX_NAME} characters, not blank"),
-        ));
-    }
-    Ok(())
-}
-
-pub fn validate_url(url: &str, allow_http: bool) -> Result<(), ApiError> {
-    if chars(url) > MAX_URL {
-        return Err(ApiError::validation(
-            "url",
-            format!("url must be at most {MAX_URL} characters"),
-        ));
-    }
-    let parsed = url::Url::parse(url)
-        .map_err(|e| ApiError::validation("url", format!("url is not valid: {e}")))?;
-    match parsed.scheme() {
-        "https" => {}
-        "http" if allow_http => {}
-        "http" => {
-            return Err(ApiError::validation(
-                "url",
-                "url must use https (the operator has not allowed plain http)",
-            ));
-        }
-        other => {
-            return Err(ApiError::validation(
-                "url",
-                format!("url scheme {other:?} is not https"),
-            ));
-        }
-    }
-    if parsed.host_str().is_none_or(str::is_empty) {
-        return Err(ApiError::validation("url", "url must have a host"));
-    }
-    if !parsed.username().is_empty() || parsed.password().is_some() {
-        return Err(ApiError::validation(
-            "url",
-            "url must not carry credentials; use headers",
-        ));
-    }
-    Ok(())
-}
-
-pub fn validate_description(description: &str) -> Result<(), ApiError> {
-    if chars(description) > MAX_DESCRIPTION {
-        return Err(ApiError::validation(
-            "description",
-            format!("description must be at most {MAX_DESCRIPTION} characters"),
-        ));
-    }
-    Ok(())
-}
-
-pub fn validate_event_types(state: &AppState, types: &[String]) -> Result<(), ApiError> {
-    if types.is_empty() || types.len() > MAX_EVENT_TYPES {
-        return Err(ApiError::validation(
-            "event_types",
-            format!("event_types must name 1-{MAX_EVENT_TYPES} types or patterns"),
-        ));
-    }
-    for t in types {
-        if !matching::valid_pattern(t) {
-            return Err(ApiError::validation(
-                "event_types",
-                format!(
-                    "{t:?} is not an event type or pattern (`workflow.*` one token, `workflow.>` any depth)"
-                ),
-            ));
-        }
-        if !state.config.catalogue.pattern_selects_any(t) {
-            return Err(ApiError::validation(
-                "event_types",
-                format!("{t:?} selects no type of the catalogue (GET /event-types)"),
-            ));
-        }
-    }
-    Ok(())
-}
-
-pub fn validate_filters(filters: &BTreeMap<String, Vec<String>>) -> Result<(), ApiError> {
-    if filters.len() > 32 {
-        return Err(ApiError::validation("filters", "at most 32 filter keys"));
-    }
-    for (key, values) in filters {
-        if !names::valid_type_token(key) {
-            return Err(ApiError::validation(
-                "filters",
-                format!("filter key {key:?} is not 1-64 of [A-Za-z0-9_-]"),
-            ));
-        }
-        if values.is_empty() || values.len() > 100 {
-            return Err(ApiError::validation(
-                "filters",
-                format!("filter {key:?} must have 1-100 values"),
-            ));
-        }
-        if values.iter().any(|v| v.is_empty() || chars(v) > 256) {
-            return Err(ApiError::validation(
-                "filters",
-                format!("values of filter {key:?} must be 1-256 characters"),
-            ));
-        }
-    }
-    Ok(())
-}
-
-pub fn validate_headers(headers: &BTreeMap<String, String>) -> Result<(), ApiError> {
-    if headers.len() > 32 {
-        return Err(ApiError::validation("headers", "at most 32 custom headers"));
-    }
-    for (name, value) in headers {
-        let lower = name.to_ascii_lowercase();
-        if RESERVED_HEADERS.contains(&lower.as_str())
-            || RESERVED_HEADER_PREFIXES
-                .iter()
-                .any(|p| lower.starts_with(p))
-        {
-            return Err(ApiError::validation(
-                "headers",
-                format!("header {name:?} is reserved"),
-            ));
-        }
-        if axum::http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-            return Err(ApiError::validation(
-                "headers",
-                format!("{name:?} is not a valid header name"),
-            ));
-        }
-        // Visible ASCII, space and tab: `HeaderValue` would also take bytes
-        // above 0x7f, which receivers read in differing charsets.
-        if !value
-            .bytes()
-            .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
-            || value.len() > 4096
-        {
-            return Err(ApiError::validation(
-                "headers",
-                format!(
-                    "value of header {name:?} must be at most 4096 visible ASCII characters, no CR/LF"
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
-pub fn parse_format(format: &str) -> Result<proto::PayloadFormat, ApiError> {
-    match format {
-        "json" => Ok(proto::PayloadFormat::Json),
-        "xml" => Ok(proto::PayloadFormat::Xml),
-        _ => Err(ApiError::validation("format", "format must be json or xml")),
-    }
-}
-
-pub fn validate_secret(secret: &str) -> Result<(), ApiError> {
-    if secret.is_empty() || chars(secret) > MAX_SECRET {
-        return Err(ApiError::validation(
-            "secret",
-            format!("secret must be 1-{MAX_SECRET} characters"),
-        ));
-    }
-    Ok(())
-}
-
-pub fn validate_timeout(timeout_ms: u32) -> Result<(), ApiError> {
-    if !(1..=MAX_TIMEOUT_MS).contains(&timeout_ms) {
-        return Err(ApiError::validation(
-            "timeout_ms",
-            format!("timeout_ms must be 1-{MAX_TIMEOUT_MS}"),
-        ));
-    }
-    Ok(())
-}
-
-pub fn filters_to_proto(
-    filters: BTreeMap<String, Vec<String>>,
-) -> HashMap<String, proto::StringList> {
-    filters
-        .into_iter()
-        .map(|(k, values)| (k, proto::StringList { values }))
-        .collect()
-}
-
 /// The webhook routes (the log, test and retry routes are in `logs`).
 pub fn routes() -> axum::Router<AppState> {
     use axum::routing::{get, post};
@@ -375,19 +170,16 @@ pub async fn create(
         created_at_ms: now,
         updated_at_ms: now,
     };
-    let revision = if limits::workflows(&webhook).is_empty() {
-        state.store.create(&webhook).await?
-    } else {
-        let lock = OrgLock::acquire(&state, &caller.org).await?;
-        let result = async {
-            limits::check_workflow_limit(&state, &webhook).await?;
-            Ok::<_, ApiError>(state.store.create(&webhook).await?)
-        }
-        .await;
-        lock.release().await;
-        result?
-    };
-    let mut body = to_json(&webhook);
+    // The limits are checked and the webhook stored under the
+    // organization's lock, so two creates cannot both take the last place.
+    let revision = OrgLock::holding(&state, &caller.org, true, async {
+        limits::check_org_limit(&state, &caller.org).await?;
+        limits::check_workflow_limit(&state, &webhook).await?;
+        Ok::<_, ApiError>(state.store.create(&webhook).await?)
+    })
+    .await?;
+    // A new webhook has no endpoint state yet: healthy.
+    let mut body = with_state(to_json(&webhook), &webhook, Some(Endpoint::Healthy));
     body["secret"] = Value::String(secret);
     let mut response = answer(StatusCode::CREATED, body, revision);
     if let Ok(location) = HeaderValue::from_str(&format!("/webhooks/{}", webhook.id)) {
@@ -396,10 +188,98 @@ pub async fn create(
     Ok(response)
 }
 
-pub async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
-    let webhooks = state.store.list(&caller.org).await?;
-    let data: Vec<Value> = webhooks.iter().map(to_json).collect();
-    Ok(Json(json!({"data": data, "total": data.len()})))
+/// `GET /webhooks?limit&cursor`: the organization's webhooks, oldest
+/// first, a page at a time; `next_cursor` reads the next page.
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let (limit, after) = list_page(&query)?;
+    let mut webhooks = state.store.list(&caller.org).await?;
+    let total = webhooks.len();
+    // Ids are UUIDv7: in creation order.
+    webhooks.sort_by(|a, b| a.id.cmp(&b.id));
+    let start = after.map_or(0, |after| {
+        webhooks.partition_point(|w| w.id.as_str() <= after)
+    });
+    let mut page: Vec<proto::Webhook> = webhooks.into_iter().skip(start).take(limit + 1).collect();
+    let next_cursor = (page.len() > limit).then(|| {
+        page.truncate(limit);
+        page.last().map(|w| w.id.clone())
+    });
+    let states = endpoint_states(&state, page.iter().map(|w| w.id.as_str()).collect()).await;
+    let data: Vec<Value> = page
+        .iter()
+        .zip(states)
+        .map(|(w, endpoint)| with_state(to_json(w), w, endpoint))
+        .collect();
+    Ok(Json(
+        json!({"data": data, "total": total, "next_cursor": next_cursor.flatten()}),
+    ))
+}
+
+/// The deliverer's view of each webhook's endpoint (`core::policy`); an
+/// unknown one (Redis down) is `None`.
+async fn endpoint_states(state: &AppState, ids: Vec<&str>) -> Vec<Option<Endpoint>> {
+    if ids.is_empty() {
+        return Vec::new();
+    }
+    let keys: Vec<String> = ids.iter().map(|id| names::endpoint_key(id)).collect();
+    let n = keys.len();
+    // One key per call keeps it valid on a Redis Cluster (keys of different
+    // webhooks live in different slots), pipelined in one round trip.
+    let found = state
+        .redis
+        .run("read endpoint states", |mut conn| async move {
+            let mut pipe = redis::pipe();
+            for key in &keys {
+                pipe.cmd("GET").arg(key);
+            }
+            pipe.query_async::<Vec<Option<String>>>(&mut conn).await
+        })
+        .await;
+    match found {
+        Some(values) => values
+            .into_iter()
+            .map(|v| {
+                Some(
+                    v.filter(|v| !v.is_empty())
+                        .and_then(|v| serde_json::from_str(&v).ok())
+                        .unwrap_or_default(),
+                )
+            })
+            .collect(),
+        None => vec![None; n],
+    }
+}
+
+/// Adds `state`: `disabled`, or the endpoint's `healthy` / `throttled` /
+/// `failing` (with when it began failing and the next probe).
+fn with_state(mut body: Value, w: &proto::Webhook, endpoint: Option<Endpoint>) -> Value {
+    body["state"] = match (&endpoint, w.enabled) {
+        (_, false) => json!("disabled"),
+        (Some(e), true) => json!(e.name()),
+        (None, true) => Value::Null,
+    };
+    if w.enabled
+        && let Some(Endpoint::Failing {
+            since_ms,
+            next_probe_ms,
+            last_error,
+            ..
+        }) = &endpoint
+    {
+        body["failing_since"] = json!(payload::rfc3339_ms(*since_ms));
+        // None is due while it is being disabled.
+        body["next_probe_at"] = if *next_probe_ms == i64::MAX {
+            Value::Null
+        } else {
+            json!(payload::rfc3339_ms(*next_probe_ms))
+        };
+        body["last_error"] = json!(last_error);
+    }
+    body
 }
 
 async fn find(state: &AppState, org: &str, id: &str) -> Result<Versioned, ApiError> {
@@ -418,9 +298,18 @@ pub async fn get_one(
     let found = find(&state, &caller.org, &id).await?;
     Ok(answer(
         StatusCode::OK,
-        to_json(&found.webhook),
+        shown(&state, &found.webhook).await,
         found.revision,
     ))
+}
+
+/// The webhook as the API shows it, with its current state.
+async fn shown(state: &AppState, w: &proto::Webhook) -> Value {
+    let endpoint = endpoint_states(state, vec![w.id.as_str()])
+        .await
+        .pop()
+        .flatten();
+    with_state(to_json(w), w, endpoint)
 }
 
 /// A validated PATCH: `None` leaves a field as it is.
@@ -539,9 +428,10 @@ impl Patch {
     }
 }
 
-/// Forgets a webhook's consecutive failures (the deliverer's Redis counter).
-async fn reset_failures(state: &AppState, webhook_id: &str) -> Result<(), ApiError> {
-    let redis = state.logs.redis();
+/// Forgets a webhook's endpoint state (failing, its failed probes): the
+/// deliverer's, in Redis.
+async fn reset_endpoint_state(state: &AppState, webhook_id: &str) -> Result<(), ApiError> {
+    let redis = &state.redis;
     let unavailable = || {
         ApiError::unavailable(
             "cannot reset the failure count (Redis unavailable); the webhook was not re-enabled, try again",
@@ -549,7 +439,7 @@ async fn reset_failures(state: &AppState, webhook_id: &str) -> Result<(), ApiErr
     };
     let mut conn = redis.conn().await.ok_or_else(unavailable)?;
     let cmd = redis::cmd("DEL")
-        .arg(format!("herald:failures:{webhook_id}"))
+        .arg(names::endpoint_key(webhook_id))
         .clone();
     match tokio::time::timeout(redis.timeout(), cmd.query_async::<()>(&mut conn)).await {
         Ok(Ok(())) => Ok(()),
@@ -564,6 +454,34 @@ async fn reset_failures(state: &AppState, webhook_id: &str) -> Result<(), ApiErr
 /// Reads, changes and writes back with compare-and-set, applying the change
 /// again to a newer definition after a lost race — unless `pinned` (the
 /// caller's `If-Match`) says which revision it meant, then it is a 409.
+/// Reads the webhook and writes what `write` makes of it, reading again
+/// when it changed meanwhile — unless pinned to a revision by `If-Match`,
+/// when a change is a 409.
+async fn compare_and_set<T, F, Fut>(
+    state: &AppState,
+    org: &str,
+    id: &str,
+    pinned: Option<u64>,
+    mut write: F,
+) -> Result<T, ApiError>
+where
+    F: FnMut(Versioned) -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    for _ in 0..WRITE_ATTEMPTS {
+        let found = find(state, org, id).await?;
+        if pinned.is_some_and(|p| p != found.revision) {
+            return Err(ApiError::conflict());
+        }
+        match write(found).await {
+            Ok(written) => return Ok(written),
+            Err(StoreError::Conflict) if pinned.is_none() => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::conflict())
+}
+
 async fn write_back(
     state: &AppState,
     org: &str,
@@ -571,22 +489,15 @@ async fn write_back(
     pinned: Option<u64>,
     mut change: impl FnMut(&mut proto::Webhook),
 ) -> Result<(proto::Webhook, u64), ApiError> {
-    for _ in 0..WRITE_ATTEMPTS {
-        let Versioned {
-            mut webhook,
-            revision,
-        } = find(state, org, id).await?;
-        if pinned.is_some_and(|p| p != revision) {
-            return Err(ApiError::conflict());
-        }
+    compare_and_set(state, org, id, pinned, |found| {
+        let mut webhook = found.webhook;
         change(&mut webhook);
-        match state.store.update(&webhook, revision).await {
-            Ok(revision) => return Ok((webhook, revision)),
-            Err(StoreError::Conflict) if pinned.is_none() => continue,
-            Err(e) => return Err(e.into()),
+        async move {
+            let revision = state.store.update(&webhook, found.revision).await?;
+            Ok((webhook, revision))
         }
-    }
-    Err(ApiError::conflict())
+    })
+    .await
 }
 
 pub async fn patch(
@@ -602,15 +513,11 @@ pub async fn patch(
     // 404 whatever the body says.
     find(&state, &caller.org, &id).await?;
     if patch.enabled == Some(true) {
-        reset_failures(&state, &id).await?;
+        reset_endpoint_state(&state, &id).await?;
     }
-    let lock = if patch.adds_workflows() {
-        Some(OrgLock::acquire(&state, &caller.org).await?)
-    } else {
-        None
-    };
-    let result = async {
-        if lock.is_some() {
+    let locked = patch.adds_workflows();
+    let (webhook, revision) = OrgLock::holding(&state, &caller.org, locked, async {
+        if locked {
             let mut preview = find(&state, &caller.org, &id).await?.webhook;
             patch.apply(&state, &mut preview, 0);
             limits::check_workflow_limit(&state, &preview).await?;
@@ -620,17 +527,17 @@ pub async fn patch(
             patch.apply(&state, w, now)
         })
         .await
-    }
-    .await;
-    if let Some(lock) = lock {
-        lock.release().await;
-    }
-    let (webhook, revision) = result?;
+    })
+    .await?;
     if patch.enabled == Some(true) {
         // Failures of attempts already in flight while it was re-enabled.
-        let _ = reset_failures(&state, &id).await;
+        let _ = reset_endpoint_state(&state, &id).await;
     }
-    Ok(answer(StatusCode::OK, to_json(&webhook), revision))
+    Ok(answer(
+        StatusCode::OK,
+        shown(&state, &webhook).await,
+        revision,
+    ))
 }
 
 pub async fn delete_one(
@@ -640,21 +547,14 @@ pub async fn delete_one(
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     let pinned = if_match(&headers)?;
-    for _ in 0..WRITE_ATTEMPTS {
-        let found = find(&state, &caller.org, &id).await?;
-        if pinned.is_some_and(|p| p != found.revision) {
-            return Err(ApiError::conflict());
-        }
-        match state.store.delete(&caller.org, &id, found.revision).await {
-            Ok(()) => {
-                let _ = reset_failures(&state, &id).await;
-                return Ok(StatusCode::NO_CONTENT);
-            }
-            Err(StoreError::Conflict) if pinned.is_none() => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(ApiError::conflict())
+    let (org, store) = (&caller.org, &state.store);
+    compare_and_set(&state, org, &id, pinned, |found| {
+        let id = &id;
+        async move { store.delete(org, id, found.revision).await }
+    })
+    .await?;
+    let _ = reset_endpoint_state(&state, &id).await;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// The secrets after a rotation to `new`: the new one first, the previous
@@ -705,7 +605,7 @@ pub async fn rotate_secret(
         w.updated_at_ms = now;
     })
     .await?;
-    let mut body = to_json(&webhook);
+    let mut body = shown(&state, &webhook).await;
     body["secret"] = Value::String(secret);
     Ok(answer(StatusCode::OK, body, revision))
 }

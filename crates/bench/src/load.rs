@@ -86,6 +86,61 @@ impl Publisher {
         }
     }
 
+    /// Publishes event `seq` of `phase` and, in the background, again with
+    /// the same id and body until JetStream acknowledges it or `give_up`
+    /// passes, as a producer that must not lose an event does (the
+    /// `Nats-Msg-Id` makes a retry that did land a duplicate JetStream
+    /// drops). The body's `ts_us` is the first try's, so a delivery's
+    /// latency includes the producer's retries. Counts retries in
+    /// `retries` and events given up in `errors`.
+    pub async fn publish_until_acked(
+        &self,
+        phase: usize,
+        event_type: &str,
+        seq: u64,
+        give_up: Duration,
+        retries: Arc<AtomicU64>,
+    ) {
+        let permit = self
+            .window
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("window never closes");
+        let id = format!("bench-{}-{phase}-{seq}", self.run);
+        let body = Bytes::from(format!(
+            r#"{{"id":"{id}","type":"{event_type}","attributes":{{"workflow":"bench","execution":"ex-{seq}","status":"succeeded"}},"data":{{"phase":{phase},"seq":{seq},"ts_us":{}}}}}"#,
+            now_us()
+        ));
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id.as_str());
+        headers.insert("Content-Type", "application/json");
+        let subject = format!("herald.events.{ORG}.{event_type}");
+        let (js, errors) = (self.js.clone(), self.errors.clone());
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + give_up;
+            loop {
+                let acked = match js
+                    .publish_with_headers(subject.clone(), headers.clone(), body.clone())
+                    .await
+                {
+                    Ok(ack) => ack.await.is_ok(),
+                    Err(_) => false,
+                };
+                if acked {
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                retries.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            drop(permit);
+        });
+    }
+
     /// `n` events as fast as the window allows.
     pub async fn burst(&self, phase: usize, event_type: &str, n: u64) {
         for seq in 0..n {
@@ -117,7 +172,7 @@ impl Publisher {
     }
 
     /// Waits until every publish has its ack.
-    async fn drain(&self) {
+    pub async fn drain(&self) {
         let all = self
             .window
             .acquire_many(self.size)

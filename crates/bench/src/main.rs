@@ -9,8 +9,11 @@
 //! `<target>/bench/result.json` and ends with one `bench:` summary line; it
 //! exits non-zero when a delivery is missing or a signature is wrong.
 
+mod chaos;
 mod load;
 mod receiver;
+mod replay;
+mod soak;
 mod stack;
 
 use std::collections::BTreeMap;
@@ -41,7 +44,15 @@ usage: herald-bench [options]
   --redis-url URL       use this Redis instead of starting one
   --bin-dir DIR         where herald-{ingest,...} are (next to this binary)
   --out FILE            result JSON (<target>/bench/result.json)
-  --env NAME=VALUE      extra environment for the services (repeatable)";
+  --env NAME=VALUE      extra environment for the services (repeatable)
+  --soak-minutes N      instead: the soak (a 10 s webhook beside a healthy one, 10 events/s)
+  --soak-p99-ms N       the soak fails when a minute's healthy p99 exceeds this (1000)
+  --replay-events N     instead: replay N events to one webhook beside live traffic at 500/s
+  --chaos               instead: the fault suite on a 3-node NATS cluster, two replicas per worker
+                        (--rate defaults to 500); writes <target>/bench/chaos.json
+  --chaos-down-secs N   how long a killed service replica stays down (3)
+  --chaos-server-down-secs N  how long a NATS node or Redis stays down (10)
+  --chaos-phase-secs N  load before a fault, and again after it is healed (5, 10)";
 
 struct Args {
     events: u64,
@@ -58,6 +69,14 @@ struct Args {
     bin_dir: PathBuf,
     out: Option<PathBuf>,
     env: Vec<(String, String)>,
+    soak_minutes: Option<usize>,
+    soak_p99_ms: f64,
+    replay_events: Option<u64>,
+    chaos: bool,
+    rate_given: bool,
+    chaos_down_secs: u64,
+    chaos_server_down_secs: u64,
+    chaos_phase_secs: Option<u64>,
 }
 
 impl Args {
@@ -77,11 +96,23 @@ impl Args {
             bin_dir: stack::own_dir(),
             out: None,
             env: Vec::new(),
+            soak_minutes: None,
+            soak_p99_ms: 1_000.0,
+            replay_events: None,
+            chaos: false,
+            rate_given: false,
+            chaos_down_secs: 3,
+            chaos_server_down_secs: 10,
+            chaos_phase_secs: None,
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
             if flag == "-h" || flag == "--help" {
                 return Err(String::new());
+            }
+            if flag == "--chaos" {
+                args.chaos = true;
+                continue;
             }
             let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
             fn num<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, String> {
@@ -91,7 +122,13 @@ impl Args {
                 "--events" => args.events = num(&flag, &value)?,
                 "--fanout-events" => args.fanout_events = Some(num(&flag, &value)?),
                 "--fanout-webhooks" => args.fanout_webhooks = num(&flag, &value)?,
-                "--rate" => args.rate = num(&flag, &value)?,
+                "--rate" => {
+                    args.rate = num(&flag, &value)?;
+                    args.rate_given = true;
+                }
+                "--chaos-down-secs" => args.chaos_down_secs = num(&flag, &value)?,
+                "--chaos-server-down-secs" => args.chaos_server_down_secs = num(&flag, &value)?,
+                "--chaos-phase-secs" => args.chaos_phase_secs = Some(num(&flag, &value)?),
                 "--latency-secs" => args.latency_secs = num(&flag, &value)?,
                 "--concurrency" => args.concurrency = num(&flag, &value)?,
                 "--publish-window" => args.publish_window = num(&flag, &value)?,
@@ -101,6 +138,9 @@ impl Args {
                 "--redis-url" => args.redis_url = Some(value),
                 "--bin-dir" => args.bin_dir = value.into(),
                 "--out" => args.out = Some(value.into()),
+                "--soak-minutes" => args.soak_minutes = Some(num(&flag, &value)?),
+                "--soak-p99-ms" => args.soak_p99_ms = num(&flag, &value)?,
+                "--replay-events" => args.replay_events = Some(num(&flag, &value)?),
                 "--env" => {
                     let (k, v) = value
                         .split_once('=')
@@ -115,6 +155,9 @@ impl Args {
             return Err(
                 "--events, --rate, --concurrency and --publish-window must be positive".into(),
             );
+        }
+        if args.chaos && !args.rate_given {
+            args.rate = 500.0;
         }
         Ok(args)
     }
@@ -508,6 +551,9 @@ async fn bench(args: Args) -> anyhow::Result<bool> {
         work_dir.display()
     );
 
+    if args.chaos {
+        return chaos(args, &target, &work_dir).await;
+    }
     let backing = Backing::start(args.nats_url.clone(), args.redis_url.clone());
     let receiver = Receiver::start().await?;
     let mut service_env = vec![(
@@ -540,6 +586,47 @@ async fn bench(args: Args) -> anyhow::Result<bool> {
     let fanout_events = args.fanout_events.unwrap_or((args.events / 10).max(1));
 
     let publisher = Publisher::new(js.clone(), args.publish_window);
+    if let Some(events) = args.replay_events.filter(|n| *n > 0) {
+        let report = replay::run(&stack, &receiver, &publisher, &js, 0, events).await?;
+        let out = target.join("bench").join("replay.json");
+        if let Some(dir) = out.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&out, serde_json::to_vec_pretty(&report)?)?;
+        eprint!("{}", replay::table(&report));
+        let worst = report
+            .windows
+            .iter()
+            .skip(1)
+            .map(|w| w.live_p99_ms)
+            .fold(0.0, f64::max);
+        println!(
+            "replay: {events} events at {:.0}/s, live p99 {:.1} ms before, worst {worst:.1} ms during, {} ({})",
+            report.replay_per_sec,
+            report.windows[0].live_p99_ms,
+            if report.passed { "passed" } else { "FAILED" },
+            out.display()
+        );
+        return Ok(report.passed);
+    }
+    if let Some(minutes) = args.soak_minutes.filter(|m| *m > 0) {
+        eprintln!("soak: {minutes} minutes, a 10 s webhook beside a healthy one, 10 events/s");
+        let report = soak::run(&stack, &receiver, &publisher, 0, minutes, args.soak_p99_ms).await?;
+        let out = target.join("bench").join("soak.json");
+        if let Some(dir) = out.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&out, serde_json::to_vec_pretty(&report)?)?;
+        eprint!("{}", soak::table(&report));
+        let worst = report.minutes.iter().map(|m| m.p99_ms).fold(0.0, f64::max);
+        println!(
+            "soak: {minutes} min, healthy p99 worst minute {worst:.1} ms, {} ({})",
+            if report.passed { "passed" } else { "FAILED" },
+            out.display()
+        );
+        // The services are killed when `stack` drops.
+        return Ok(report.passed);
+    }
     let mut bench = Bench {
         receiver,
         stack,
@@ -724,6 +811,80 @@ async fn bench(args: Args) -> anyhow::Result<bool> {
         s.ratio
     );
     Ok(result.failures.is_empty())
+}
+
+/// `--chaos`: the fault suite (crate::chaos).
+async fn chaos(
+    args: Args,
+    target: &std::path::Path,
+    work_dir: &std::path::Path,
+) -> anyhow::Result<bool> {
+    let mut cluster = herald_test_support::NatsCluster::start();
+    let mut backing = Backing::start(Some(cluster.url()), args.redis_url.clone());
+    let receiver = Receiver::start().await?;
+    let mut service_env = vec![
+        ("HERALD_STREAM_REPLICAS".to_owned(), "3".to_owned()),
+        (
+            "HERALD_DELIVERY_CONCURRENCY".to_owned(),
+            args.concurrency.to_string(),
+        ),
+    ];
+    service_env.extend(args.env.iter().cloned());
+    eprintln!(
+        "chaos: 3 NATS nodes ({}), R3 streams, two replicas of each worker, {} events/s",
+        cluster.url(),
+        args.rate
+    );
+    let mut stack =
+        Stack::start_replicas(&backing, &args.bin_dir, work_dir, &service_env, 2).await?;
+    let client = async_nats::connect(cluster.urls())
+        .await
+        .context("connect to NATS")?;
+    let js = async_nats::jetstream::new(client);
+    let (id, secret) = stack
+        .create_webhook("chaos", &receiver.url("/chaos"), "workflow.step.completed")
+        .await?;
+    receiver.add_secret(&id, &secret);
+    let publisher = Publisher::new(js.clone(), args.publish_window);
+    let (before, after) = match args.chaos_phase_secs {
+        Some(s) => (s, s),
+        None => (5, 10),
+    };
+    let report = chaos::Chaos {
+        settings: chaos::Settings {
+            rate: args.rate,
+            before: Duration::from_secs(before),
+            service_down: Duration::from_secs(args.chaos_down_secs),
+            server_down: Duration::from_secs(args.chaos_server_down_secs),
+            after: Duration::from_secs(after),
+            stall: Duration::from_secs(args.stall_secs),
+        },
+        cluster: &mut cluster,
+        backing: &mut backing,
+        stack: &mut stack,
+        receiver: &receiver,
+        publisher: &publisher,
+        js,
+    }
+    .run()
+    .await?;
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| target.join("bench").join("chaos.json"));
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&report)? + "\n")?;
+    eprint!("{}", chaos::table(&report));
+    let lost: u64 = report.faults.iter().map(|f| f.lost).sum();
+    println!(
+        "chaos: {} faults, {lost} lost, {} ({})",
+        report.faults.len() - 1,
+        if report.passed { "passed" } else { "FAILED" },
+        out.display()
+    );
+    Ok(report.passed)
 }
 
 #[cfg(test)]

@@ -27,6 +27,10 @@ pub struct Phase {
     pub malformed: u64,
     /// Publish-to-receipt, microseconds, one per distinct delivery.
     pub latencies_us: Vec<u32>,
+    /// When each of those was published (unix microseconds), in the same
+    /// order: the chaos suite places a delivery before, during or after a
+    /// fault by it.
+    pub sent_us: Vec<u64>,
     pub last_at: Option<Instant>,
     seen: HashSet<String>,
 }
@@ -36,7 +40,13 @@ struct State {
     /// Secrets by webhook id.
     secrets: RwLock<HashMap<String, String>>,
     phases: Mutex<Vec<Phase>>,
+    /// Requests to `/slow…` paths, answered after [`SLOW_ANSWER`] and not
+    /// recorded in any phase (the soak's slow customer).
+    slow: AtomicU64,
 }
+
+/// How long a `/slow…` path takes to answer.
+pub const SLOW_ANSWER: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Clone)]
 pub struct Receiver {
@@ -109,6 +119,11 @@ impl Receiver {
             .insert(webhook_id.to_owned(), secret.to_owned());
     }
 
+    /// Requests answered on `/slow…` paths so far.
+    pub fn slow_answered(&self) -> u64 {
+        self.state.slow.load(Ordering::Relaxed)
+    }
+
     /// Distinct deliveries of `phase` so far.
     pub fn delivered(&self, phase: usize) -> u64 {
         self.state
@@ -139,6 +154,12 @@ fn now_us() -> u64 {
 impl State {
     async fn handle(&self, request: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
         let (parts, body) = request.into_parts();
+        if parts.uri.path().starts_with("/slow") {
+            let _ = body.collect().await;
+            tokio::time::sleep(SLOW_ANSWER).await;
+            self.slow.fetch_add(1, Ordering::Relaxed);
+            return reply(200);
+        }
         let body = match body.collect().await {
             Ok(body) => body.to_bytes(),
             Err(_) => return reply(400),
@@ -174,6 +195,7 @@ impl State {
         if phase.seen.insert(msg_id.to_owned()) {
             phase.delivered += 1;
             phase.latencies_us.push(latency.min(u32::MAX as u64) as u32);
+            phase.sent_us.push(parsed.data.ts_us);
             phase.last_at = Some(Instant::now());
         } else {
             phase.duplicates += 1;

@@ -17,7 +17,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-pub const SERVICES: [&str; 5] = ["ingest", "matcher", "deliverer", "log-writer", "admin"];
+pub use herald_core::names::SERVICES;
 pub const API_KEY: &str = "bench-operator-key";
 pub const ORG: &str = "bench";
 
@@ -28,7 +28,8 @@ pub struct Backing {
     /// Process ids of the servers started here, for their CPU time.
     pub pids: Vec<(&'static str, u32)>,
     _nats: Option<NatsServer>,
-    _redis: Option<RedisServer>,
+    /// The Redis started here (the chaos suite stops and restarts it).
+    pub redis: Option<RedisServer>,
 }
 
 impl Backing {
@@ -53,7 +54,7 @@ impl Backing {
             redis_url: redis_url.unwrap_or_else(|| redis.as_ref().expect("started").url()),
             pids,
             _nats: nats,
-            _redis: redis,
+            redis,
         }
     }
 }
@@ -86,15 +87,62 @@ fn find_server(name: &str, port: u16) -> Option<u32> {
         })
 }
 
-/// One service process, killed on drop.
+/// One service process (one replica of a service), killed on drop; it
+/// keeps how it was started so it can be started again.
 pub struct Service {
     pub name: &'static str,
+    /// Which replica of `name` (0 for the first).
+    pub replica: usize,
     child: Child,
+    binary: PathBuf,
+    env: HashMap<String, String>,
+    log: PathBuf,
+    /// `/ready` of this replica.
+    pub ready_url: String,
 }
 
 impl Service {
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    fn spawn(binary: &Path, env: &HashMap<String, String>, log: &Path) -> anyhow::Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        Command::new(binary)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .envs(env)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {}", binary.display()))
+    }
+
+    /// `kill -9`: no drain, no goodbye; what it held is redelivered after
+    /// the consumer's ack wait.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again (after [`Service::kill`]) as it was first started.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.child = Self::spawn(&self.binary, &self.env, &self.log)?;
+        Ok(())
+    }
+
+    /// `name`, or `name#replica` when there are several.
+    pub fn label(&self) -> String {
+        format!("{}#{}", self.name, self.replica)
     }
 }
 
@@ -102,6 +150,17 @@ impl Drop for Service {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The health address variable of each worker service.
+fn health_var(service: &str) -> Option<&'static str> {
+    match service {
+        "ingest" => Some("HERALD_INGEST_HEALTH_ADDR"),
+        "matcher" => Some("HERALD_MATCHER_HEALTH_ADDR"),
+        "deliverer" => Some("HERALD_DELIVERER_HEALTH_ADDR"),
+        "log-writer" => Some("HERALD_LOG_WRITER_HEALTH_ADDR"),
+        _ => None,
     }
 }
 
@@ -119,6 +178,19 @@ impl Stack {
         work_dir: &Path,
         extra_env: &[(String, String)],
     ) -> anyhow::Result<Self> {
+        Self::start_replicas(backing, bin_dir, work_dir, extra_env, 1).await
+    }
+
+    /// Starts `workers` replicas of each worker service (ingest, matcher,
+    /// deliverer, log-writer) and one admin, each replica its own process
+    /// with its own health address, and waits for `/ready` on each.
+    pub async fn start_replicas(
+        backing: &Backing,
+        bin_dir: &Path,
+        work_dir: &Path,
+        extra_env: &[(String, String)],
+        workers: usize,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(work_dir)?;
         let keys_file = work_dir.join("keys.json");
         let keys = serde_json::json!({"keys": [{
@@ -127,13 +199,11 @@ impl Stack {
             "default_organization": ORG,
         }]});
         std::fs::write(&keys_file, keys.to_string())?;
+        let admin_addr = format!("127.0.0.1:{}", free_port());
         let mut env: HashMap<String, String> = HashMap::from([
             ("HERALD_NATS_URL".into(), backing.nats_url.clone()),
             ("HERALD_REDIS_URL".into(), backing.redis_url.clone()),
-            (
-                "HERALD_ADMIN_ADDR".into(),
-                format!("127.0.0.1:{}", free_port()),
-            ),
+            ("HERALD_ADMIN_ADDR".into(), admin_addr.clone()),
             (
                 "HERALD_API_KEYS_FILE".into(),
                 keys_file.display().to_string(),
@@ -145,15 +215,6 @@ impl Stack {
             ("HERALD_ALLOW_HTTP".into(), "true".into()),
             ("HERALD_ALLOW_PRIVATE_TARGETS".into(), "true".into()),
         ]);
-        let health_vars = [
-            "HERALD_INGEST_HEALTH_ADDR",
-            "HERALD_MATCHER_HEALTH_ADDR",
-            "HERALD_DELIVERER_HEALTH_ADDR",
-            "HERALD_LOG_WRITER_HEALTH_ADDR",
-        ];
-        for var in health_vars {
-            env.insert(var.into(), format!("127.0.0.1:{}", free_port()));
-        }
         for (k, v) in extra_env {
             env.insert(k.clone(), v.clone());
         }
@@ -167,51 +228,75 @@ impl Stack {
                     binary.display()
                 );
             }
-            let log = std::fs::File::create(work_dir.join(format!("{name}.log")))?;
-            let child = Command::new(&binary)
-                .env_clear()
-                .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-                .env(
-                    "RUST_LOG",
-                    std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-                )
-                .envs(&env)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()
-                .with_context(|| format!("start {}", binary.display()))?;
-            services.push(Service { name, child });
+            let replicas = if health_var(name).is_some() {
+                workers.max(1)
+            } else {
+                1
+            };
+            for replica in 0..replicas {
+                let mut env = env.clone();
+                let ready_url = match health_var(name) {
+                    Some(var) => {
+                        let addr = format!("127.0.0.1:{}", free_port());
+                        env.insert(var.into(), addr.clone());
+                        format!("http://{addr}/ready")
+                    }
+                    None => {
+                        let addr = format!("127.0.0.1:{}", free_port());
+                        env.insert("HERALD_ADMIN_HEALTH_ADDR".into(), addr);
+                        format!("http://{admin_addr}/ready")
+                    }
+                };
+                let log = work_dir.join(if replicas > 1 {
+                    format!("{name}-{replica}.log")
+                } else {
+                    format!("{name}.log")
+                });
+                let _ = std::fs::remove_file(&log);
+                let child = Service::spawn(&binary, &env, &log)?;
+                services.push(Service {
+                    name,
+                    replica,
+                    child,
+                    binary: binary.clone(),
+                    env,
+                    log,
+                    ready_url,
+                });
+            }
         }
         let stack = Self {
             services,
-            admin_url: format!("http://{}", env["HERALD_ADMIN_ADDR"]),
+            admin_url: format!("http://{admin_addr}"),
             http: Client::builder(TokioExecutor::new()).build_http(),
         };
-        let mut ready_urls: Vec<String> = health_vars
-            .iter()
-            .map(|v| format!("http://{}/ready", env[*v]))
-            .collect();
-        ready_urls.push(format!("{}/ready", stack.admin_url));
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        for url in ready_urls {
-            loop {
-                if let Ok((200, _)) = stack.call("GET", &url, None).await {
-                    break;
-                }
-                if tokio::time::Instant::now() > deadline {
-                    bail!(
-                        "{url} not ready in 30s; service logs are in {}",
-                        work_dir.display()
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+        // Every replica creates the streams at start; ten of them asking a
+        // three-node cluster at once for R3 streams take a while to agree.
+        for i in 0..stack.services.len() {
+            stack
+                .wait_ready(i, Duration::from_secs(120))
+                .await
+                .with_context(|| format!("service logs are in {}", work_dir.display()))?;
         }
         Ok(stack)
     }
 
-    async fn call(
+    /// Waits until service `i` answers `/ready` with 200.
+    pub async fn wait_ready(&self, i: usize, timeout: Duration) -> anyhow::Result<()> {
+        let url = &self.services[i].ready_url;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Ok((200, _)) = self.call("GET", url, None).await {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("{url} not ready in {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn call(
         &self,
         method: &str,
         url: &str,
@@ -242,7 +327,17 @@ impl Stack {
         url: &str,
         event_type: &str,
     ) -> anyhow::Result<(String, String)> {
-        let body = serde_json::json!({"name": name, "url": url, "event_types": [event_type]});
+        self.create_webhook_with(
+            serde_json::json!({"name": name, "url": url, "event_types": [event_type]}),
+        )
+        .await
+    }
+
+    /// Creates a webhook from a full request body; its id and secret.
+    pub async fn create_webhook_with(
+        &self,
+        body: serde_json::Value,
+    ) -> anyhow::Result<(String, String)> {
         let (status, json) = self
             .call("POST", &format!("{}/webhooks", self.admin_url), Some(&body))
             .await?;
@@ -279,7 +374,7 @@ impl Stack {
             .collect()
     }
 
-    /// Names of services that have exited.
+    /// Names of services that have exited (and were not killed on purpose).
     pub fn exited(&mut self) -> Vec<&'static str> {
         self.services
             .iter_mut()

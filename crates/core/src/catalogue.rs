@@ -38,10 +38,35 @@ pub const DEFAULT: &[(&str, &str)] = &[
     ("worker.disconnected", "A worker left"),
 ];
 
+/// Herald's own events (PRODUCT.md, System events): in the catalogue so a
+/// tenant can subscribe to them, but only Herald publishes them.
+pub const SYSTEM: &[(&str, &str)] = &[
+    (
+        "webhook.failing",
+        "A webhook became failing: its endpoint failed and is being probed",
+    ),
+    ("webhook.recovered", "A failing webhook's probe succeeded"),
+    (
+        "webhook.disabled",
+        "A webhook was disabled (failing probes, 410 Gone, or by a call)",
+    ),
+    (
+        "delivery.exhausted",
+        "A delivery's retry schedule ran out without success",
+    ),
+];
+
+/// Whether `name` is one of Herald's own event types.
+pub fn is_system(name: &str) -> bool {
+    SYSTEM.iter().any(|(n, _)| *n == name)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct EventType {
     pub name: String,
     pub description: String,
+    /// Published by Herald itself, never by a producer.
+    pub system: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -57,9 +82,16 @@ impl Default for Catalogue {
     fn default() -> Self {
         let types = DEFAULT
             .iter()
-            .map(|(name, description)| EventType {
+            .map(|(name, description)| (name, description, false))
+            .chain(
+                SYSTEM
+                    .iter()
+                    .map(|(name, description)| (name, description, true)),
+            )
+            .map(|(name, description, system)| EventType {
                 name: (*name).into(),
                 description: (*description).into(),
+                system,
             })
             .collect();
         Self { types }
@@ -78,6 +110,7 @@ impl Catalogue {
                 catalogue.types.push(EventType {
                     name: name.to_owned(),
                     description: "Operator-defined event type".into(),
+                    system: false,
                 });
             }
         }

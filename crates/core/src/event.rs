@@ -45,6 +45,8 @@ pub enum Rejection {
     ContentType(String),
     #[error("event type {0:?} is not in the catalogue")]
     UnknownType(String),
+    #[error("event type {0:?} is reserved for Herald's own system events")]
+    SystemType(String),
     #[error("event type {body:?} differs from the subject's {subject:?}")]
     TypeMismatch { subject: String, body: String },
     #[error("bad id: {0}")]
@@ -64,6 +66,7 @@ impl Rejection {
             Rejection::MalformedProtobuf(_) => "malformed_protobuf",
             Rejection::ContentType(_) => "unsupported_content_type",
             Rejection::UnknownType(_) => "unknown_type",
+            Rejection::SystemType(_) => "system_type",
             Rejection::TypeMismatch { .. } => "type_mismatch",
             Rejection::BadId(_) => "bad_id",
             Rejection::BadTimestamp(_) => "bad_timestamp",
@@ -76,6 +79,7 @@ impl Rejection {
         "bad_subject",
         "too_large",
         "malformed_json",
+        "system_type",
         "malformed_protobuf",
         "unsupported_content_type",
         "unknown_type",
@@ -93,6 +97,9 @@ pub struct Envelope<'a> {
     pub content_type: Option<&'a str>,
     pub msg_id: Option<&'a str>,
     pub traceparent: Option<&'a str>,
+    /// Where the message sits in the events stream: its sequence and the
+    /// time the stream stored it (ms). The same on every redelivery.
+    pub position: Option<(u64, i64)>,
 }
 
 #[derive(Deserialize)]
@@ -147,13 +154,21 @@ pub fn normalize(
             body: event.r#type,
         });
     }
+    if crate::catalogue::is_system(&event.r#type) {
+        return Err(Rejection::SystemType(event.r#type));
+    }
     if !catalogue.contains(&event.r#type) {
         return Err(Rejection::UnknownType(event.r#type));
     }
     if event.id.is_empty() {
         event.id = match envelope.msg_id {
             Some(id) if !id.is_empty() => id.to_owned(),
-            _ => ids::new_event_id(),
+            // Derived from its place in the stream, so a redelivered event
+            // keeps its id (and the receiver one `webhook-id`).
+            _ => match envelope.position {
+                Some((seq, stored_ms)) => ids::stream_event_id(seq, stored_ms),
+                None => ids::new_event_id(),
+            },
         };
     }
     if !valid_event_id(&event.id) {
@@ -278,6 +293,7 @@ mod tests {
             content_type: None,
             msg_id: Some("msg-1"),
             traceparent: None,
+            position: None,
         };
         normalize(
             &envelope,
@@ -327,6 +343,7 @@ mod tests {
                 "malformed_json",
             ),
             ("herald.events.acme.workflow.exploded", "{}", "unknown_type"),
+            ("herald.events.acme.webhook.disabled", "{}", "system_type"),
             (
                 "herald.events.acme.workflow.completed",
                 r#"{"type":"workflow.failed"}"#,
@@ -404,6 +421,26 @@ mod tests {
         .unwrap();
         assert_eq!(e.r#type, "workflow.failed");
         assert!(e.id.starts_with("evt_"));
+        // Without an id or Nats-Msg-Id, the id comes from the stream
+        // position: the same for every redelivery of the message.
+        let placed = Envelope {
+            position: Some((42, NOW)),
+            ..envelope.clone()
+        };
+        let ids: Vec<String> = (0..2)
+            .map(|_| {
+                normalize(
+                    &placed,
+                    &body,
+                    &Limits::default(),
+                    &Catalogue::default(),
+                    NOW,
+                )
+                .unwrap()
+                .id
+            })
+            .collect();
+        assert_eq!(ids, vec![format!("evt_{NOW}.42"); 2]);
         let envelope = Envelope {
             content_type: Some("text/plain"),
             ..envelope

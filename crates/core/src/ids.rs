@@ -17,6 +17,19 @@ pub fn new_event_id() -> String {
     new_id("evt")
 }
 
+/// The id of an event published without one: from its sequence in the
+/// events stream and when the stream stored it (so a stream recreated from
+/// sequence 1 does not repeat ids).
+pub fn stream_event_id(seq: u64, stored_ms: i64) -> String {
+    format!("evt_{stored_ms}.{seq}")
+}
+
+/// The `Nats-Msg-Id` of attempt `attempt` of a delivery's job, so a job
+/// published twice (a redelivered event, a resumed replay) is stored once.
+pub fn job_msg_id(delivery_id: &str, attempt: u32) -> String {
+    format!("{delivery_id}.{attempt}")
+}
+
 /// A delivery id for a one-off delivery (test events).
 pub fn new_delivery_id() -> String {
     new_id("msg")
@@ -36,6 +49,24 @@ pub fn delivery_id(org: &str, event_id: &str, webhook_id: &str) -> String {
 /// The log id of one attempt of a delivery.
 pub fn log_id(delivery_id: &str, attempt: u32) -> String {
     format!("{delivery_id}-{attempt}")
+}
+
+/// The log id of a throttled answer: it spends no attempt, so the attempt
+/// that follows keeps `log_id(delivery_id, attempt)`.
+pub fn throttled_log_id(delivery_id: &str, attempt: u32, throttles: u32) -> String {
+    format!("{delivery_id}-{attempt}-t{throttles}")
+}
+
+/// The id of a system event about `webhook_id`, stable for the same
+/// `dedupe` (the transition it announces), so that announcing it twice
+/// publishes it once.
+pub fn system_event_id(event_type: &str, webhook_id: &str, dedupe: &str) -> String {
+    let mut hash = Sha256::new();
+    for part in [event_type, webhook_id, dedupe] {
+        hash.update((part.len() as u64).to_be_bytes());
+        hash.update(part.as_bytes());
+    }
+    format!("evt_sys_{}", hex::encode(&hash.finalize()[..16]))
 }
 
 #[cfg(test)]

@@ -7,12 +7,17 @@ pub mod catalogue;
 pub mod duration;
 pub mod event;
 pub mod ids;
+pub mod masking;
 pub mod matching;
 pub mod names;
 pub mod payload;
+pub mod policy;
+pub mod rate;
+pub mod recovery;
 pub mod retry;
 pub mod secret;
 pub mod signing;
+pub mod webhook;
 
 pub use herald_proto::v1 as proto;
 

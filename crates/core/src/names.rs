@@ -11,6 +11,10 @@ pub const EVENTS_STREAM: &str = "HERALD_EVENTS";
 pub const EVENTS_SUBJECTS: &str = "herald.events.>";
 
 /// Normalized events, ingest → matcher: `herald.accepted.<org>`.
+/// Herald's five services, in the order an event meets them (each is the
+/// `herald-<name>` binary).
+pub const SERVICES: [&str; 5] = ["ingest", "matcher", "deliverer", "log-writer", "admin"];
+
 pub const ACCEPTED_STREAM: &str = "HERALD_ACCEPTED";
 pub const ACCEPTED_SUBJECTS: &str = "herald.accepted.>";
 
@@ -34,6 +38,17 @@ pub const ATTEMPTS_SUBJECTS: &str = "herald.attempts.>";
 /// Herald's own events, e.g. `herald.system.<org>.webhook.disabled`.
 pub const SYSTEM_STREAM: &str = "HERALD_SYSTEM";
 pub const SYSTEM_SUBJECTS: &str = "herald.system.>";
+
+/// Deliveries waiting for a failing webhook to recover, in arrival order:
+/// `herald.parked.<org>.<webhook>`. Nothing consumes them; the deliverer
+/// reads the oldest (a probe) or all (on recovery) by direct get.
+pub const PARKED_STREAM: &str = "HERALD_PARKED";
+pub const PARKED_SUBJECTS: &str = "herald.parked.>";
+
+/// Messages Herald could not process at all, with the reason:
+/// `herald.dead.<stream>`. Listed and redriven by operators.
+pub const DEAD_STREAM: &str = "HERALD_DEAD";
+pub const DEAD_SUBJECTS: &str = "herald.dead.>";
 
 /// Webhook definitions, key `<org>.<webhook id>`.
 pub const WEBHOOKS_BUCKET: &str = "herald-webhooks";
@@ -59,6 +74,20 @@ pub fn schedule_subject(delivery_id: &str) -> String {
     format!("herald.schedules.{delivery_id}")
 }
 
+/// The probe timer of a failing webhook: one schedule per webhook, which
+/// the server turns into a probe job on its delivery subject when due.
+pub fn probe_schedule_subject(org: &str, webhook_id: &str) -> String {
+    format!("herald.schedules.probe.{org}.{webhook_id}")
+}
+
+pub fn parked_subject(org: &str, webhook_id: &str) -> String {
+    format!("herald.parked.{org}.{webhook_id}")
+}
+
+pub fn dead_subject(stream: &str) -> String {
+    format!("herald.dead.{stream}")
+}
+
 pub fn attempt_subject(org: &str, webhook_id: &str) -> String {
     format!("herald.attempts.{org}.{webhook_id}")
 }
@@ -69,6 +98,13 @@ pub fn system_subject(org: &str, event_type: &str) -> String {
 
 pub fn webhook_key(org: &str, webhook_id: &str) -> String {
     format!("{org}.{webhook_id}")
+}
+
+/// Redis: a webhook's endpoint state (healthy, throttled, failing), shared
+/// by every deliverer replica. The hash tag keeps it in one slot of a Redis
+/// Cluster.
+pub fn endpoint_key(webhook_id: &str) -> String {
+    format!("herald:endpoint:{{{webhook_id}}}")
 }
 
 /// Splits a webhooks-bucket key into organization and webhook id.

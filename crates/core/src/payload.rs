@@ -51,6 +51,13 @@ pub fn rfc3339_ms(unix_ms: i64) -> String {
         .unwrap_or_default()
 }
 
+/// Parses an RFC 3339 time into unix milliseconds.
+pub fn parse_rfc3339_ms(text: &str) -> Option<i64> {
+    OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
 fn raw(json: &[u8]) -> &RawValue {
     // Ingest only stores valid JSON here; anything else becomes null.
     std::str::from_utf8(json)

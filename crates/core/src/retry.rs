@@ -36,6 +36,12 @@ impl RetrySchedule {
         Ok(Self { delays })
     }
 
+    /// The whole schedule, first attempt to last, without jitter: a
+    /// delivery's deadline after its first attempt.
+    pub fn span(&self) -> Duration {
+        self.delays.iter().sum()
+    }
+
     pub fn max_attempts(&self) -> u32 {
         self.delays.len() as u32 + 1
     }

@@ -152,10 +152,55 @@ pub struct DnsError {
     pub not_found: bool,
 }
 
-/// Resolves with the system resolver and drops refused addresses.
+/// How long the system resolver may take before Herald gives up on it.
+pub const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// What resolving a name answers.
+pub type LookupFuture = Pin<Box<dyn Future<Output = std::io::Result<Vec<IpAddr>>> + Send>>;
+
+/// A name resolver: the system's (`getaddrinfo`) in production, another in
+/// tests (one that hangs or fails, to show that is Herald's failure).
+pub trait Lookup: Send + Sync + 'static {
+    fn lookup(&self, host: &str) -> LookupFuture;
+}
+
+/// The system resolver.
 #[derive(Debug, Clone, Copy)]
+pub struct SystemLookup;
+
+impl Lookup for SystemLookup {
+    fn lookup(&self, host: &str) -> LookupFuture {
+        let host = host.to_owned();
+        Box::pin(async move {
+            Ok(tokio::net::lookup_host((host, 0))
+                .await?
+                .map(|a| a.ip())
+                .collect())
+        })
+    }
+}
+
+/// The resolver the deliverer's client uses (the system's by default).
+#[derive(Clone)]
+pub struct Resolver(pub std::sync::Arc<dyn Lookup>);
+
+impl Default for Resolver {
+    fn default() -> Self {
+        Self(std::sync::Arc::new(SystemLookup))
+    }
+}
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Resolver")
+    }
+}
+
+/// Resolves with [`Resolver`] and drops refused addresses.
+#[derive(Debug, Clone)]
 pub struct GuardedResolver {
     pub allow_private: bool,
+    pub resolver: Resolver,
 }
 
 impl Service<Name> for GuardedResolver {
@@ -169,12 +214,26 @@ impl Service<Name> for GuardedResolver {
 
     fn call(&mut self, name: Name) -> Self::Future {
         let allow_private = self.allow_private;
+        let resolver = self.resolver.0.clone();
         Box::pin(async move {
             let host = name.as_str().to_owned();
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await
-                .map_err(|e| dns_error(&host, &e))?
-                .collect();
+            // A resolver that hangs is Herald's failure, not the endpoint's:
+            // it must not surface as the webhook's timeout.
+            let lookup = tokio::time::timeout(RESOLVE_TIMEOUT, resolver.lookup(&host));
+            let addrs: Vec<SocketAddr> = match lookup.await {
+                Ok(found) => found
+                    .map_err(|e| dns_error(&host, &e))?
+                    .into_iter()
+                    .map(|ip| SocketAddr::new(ip, 0))
+                    .collect(),
+                Err(_) => {
+                    return Err(Box::new(DnsError {
+                        host,
+                        message: format!("no answer within {RESOLVE_TIMEOUT:?}"),
+                        not_found: false,
+                    }) as BoxError);
+                }
+            };
             if allow_private {
                 return Ok(addrs.into_iter());
             }
@@ -184,7 +243,10 @@ impl Service<Name> for GuardedResolver {
                 .filter(|a| match refused(a.ip()) {
                     None => true,
                     Some(why) => {
-                        first_refusal.get_or_insert_with(|| format!("{} is {why}", a.ip()));
+                        // The tenant sees this text: it names the range,
+                        // never the internal address the name resolved to.
+                        first_refusal
+                            .get_or_insert_with(|| format!("it resolves to a {why} address"));
                         false
                     }
                 })
@@ -386,6 +448,7 @@ mod tests {
     async fn resolver_drops_refused_addresses() {
         let mut guarded = GuardedResolver {
             allow_private: false,
+            resolver: Resolver::default(),
         };
         let error = guarded
             .call("localhost".parse().unwrap())
@@ -393,9 +456,13 @@ mod tests {
             .expect_err("localhost is refused");
         let refused = error.downcast_ref::<Refused>().expect("a refusal");
         assert!(refused.reason.contains("loopback"), "{refused}");
+        // The tenant's log never learns the internal address.
+        assert!(!refused.to_string().contains("127.0.0.1"), "{refused}");
+        assert!(!refused.to_string().contains("::1"), "{refused}");
 
         let mut open = GuardedResolver {
             allow_private: true,
+            resolver: Resolver::default(),
         };
         let addrs: Vec<_> = open
             .call("localhost".parse().unwrap())

@@ -14,7 +14,7 @@ use hyper_util::rt::TokioExecutor;
 /// Bytes of a response body kept for the log.
 pub const BODY_CAP: usize = 8 * 1024;
 
-use crate::guard::{DnsError, Guarded, GuardedResolver, Refused};
+use crate::guard::{DnsError, Guarded, GuardedResolver, Refused, Resolver};
 
 pub type Connector = hyper_rustls::HttpsConnector<Guarded<HttpConnector<GuardedResolver>>>;
 
@@ -87,9 +87,13 @@ impl SendError {
 
 impl Client {
     /// A client that connects only to public addresses unless
-    /// `allow_private` (HERALD_ALLOW_PRIVATE_TARGETS).
-    pub fn new(allow_private: bool) -> Self {
-        let mut http = HttpConnector::new_with_resolver(GuardedResolver { allow_private });
+    /// `allow_private` (HERALD_ALLOW_PRIVATE_TARGETS), resolving names with
+    /// `resolver`.
+    pub fn new(allow_private: bool, resolver: Resolver) -> Self {
+        let mut http = HttpConnector::new_with_resolver(GuardedResolver {
+            allow_private,
+            resolver,
+        });
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(Duration::from_secs(10)));

@@ -1,7 +1,7 @@
 //! `herald-deliverer`: POSTs delivery jobs to webhook URLs; see the library.
 
 #[global_allocator]
-static ALLOCATOR: herald_platform::Allocator = herald_platform::Allocator {};
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
     herald_platform::service::main(

@@ -17,8 +17,11 @@ pub struct Outcome {
     pub status: proto::AttemptStatus,
     pub response: Option<Response>,
     pub error: String,
-    /// The endpoint's fault: counts toward auto-disable.
+    /// The endpoint's fault: opens the circuit breaker.
     pub endpoint_failure: bool,
+    /// The endpoint asked to slow down (429, or 503 with `Retry-After`):
+    /// not a failure of the endpoint, and no attempt spent.
+    pub throttled: bool,
     /// 410 Gone: disable now.
     pub gone: bool,
     /// A `Retry-After` the endpoint asked for (429 and 503 only).
@@ -30,13 +33,23 @@ impl Outcome {
         self.status == proto::AttemptStatus::Succeeded
     }
 
-    /// A failure without a response.
-    pub fn failed(error: String, endpoint_failure: bool) -> Self {
+    /// A failure without a response, the endpoint's fault.
+    pub fn endpoint(error: String) -> Self {
+        Self::failed(error, true)
+    }
+
+    /// A failure of Herald's own: nothing about the endpoint is learnt.
+    pub fn herald(error: String) -> Self {
+        Self::failed(error, false)
+    }
+
+    fn failed(error: String, endpoint_failure: bool) -> Self {
         Self {
             status: proto::AttemptStatus::Failed,
             response: None,
             error,
             endpoint_failure,
+            throttled: false,
             gone: false,
             retry_after: None,
         }
@@ -60,6 +73,7 @@ pub fn classify(result: Result<Response, SendError>, now: SystemTime) -> Outcome
     } else {
         None
     };
+    let throttled = status == 429 || (status == 503 && retry_after.is_some());
     Outcome {
         status: if ok {
             proto::AttemptStatus::Succeeded
@@ -70,10 +84,12 @@ pub fn classify(result: Result<Response, SendError>, now: SystemTime) -> Outcome
             200..=299 => String::new(),
             300..=399 => format!("HTTP {status}: redirects are not followed"),
             410 => "HTTP 410 Gone: the endpoint asked to stop deliveries".into(),
+            _ if throttled => format!("HTTP {status}: throttled; the webhook is paused"),
             _ => format!("HTTP {status}"),
         },
         response: Some(response),
-        endpoint_failure: !ok,
+        endpoint_failure: !ok && !throttled,
+        throttled,
         gone: status == 410,
         retry_after,
     }
@@ -170,15 +186,18 @@ mod tests {
         check(response(304, &[]), (false, true, false, None));
         check(response(400, &[]), (false, true, false, None));
         check(response(410, &[]), (false, true, true, None));
+        // Throttling is not the endpoint's failure.
         check(
             response(429, &[("Retry-After", "30")]),
-            (false, true, false, Some(30)),
+            (false, false, false, Some(30)),
         );
-        check(response(429, &[]), (false, true, false, None));
+        check(response(429, &[]), (false, false, false, None));
         check(
             response(503, &[("retry-after", "Mon, 12 Jan 1970 13:46:50 GMT")]),
-            (false, true, false, Some(10)),
+            (false, false, false, Some(10)),
         );
+        // A 503 that names no time is a failure.
+        check(response(503, &[]), (false, true, false, None));
         // Only 429 and 503 are asking to wait.
         check(
             response(500, &[("retry-after", "30")]),

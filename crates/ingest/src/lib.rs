@@ -10,7 +10,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer};
 use futures::StreamExt;
@@ -18,7 +18,9 @@ use herald_core::catalogue::Catalogue;
 use herald_core::event::{self, Envelope, Limits, Rejection};
 use herald_core::names;
 use herald_platform::config::{self, ConfigError, Source};
-use herald_platform::{metrics, nats, trace};
+use herald_platform::nats::PublishError;
+use herald_platform::now_ms;
+use herald_platform::{dead_letters, metrics, nats, trace};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -81,6 +83,7 @@ struct ReasonLabel {
 struct Metrics {
     ingested: Counter,
     rejected: Family<ReasonLabel, Counter>,
+    dead_letters: Counter,
 }
 
 struct State {
@@ -106,6 +109,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             metrics.ingested.clone(),
         );
         r.register(
+            "dead_letters",
+            "Events moved to HERALD_DEAD because their outcome cannot be published",
+            metrics.dead_letters.clone(),
+        );
+        r.register(
             "events_rejected",
             "Events refused, by reason",
             metrics.rejected.clone(),
@@ -117,14 +125,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             .get_or_create(&ReasonLabel { reason: code });
     }
 
-    let js = jetstream::new(client.clone());
-    nats::ensure_streams(
-        &js,
-        config.nats.replicas,
-        &nats::Retention::default(),
-        &shutdown,
-    )
-    .await?;
+    let js = herald_platform::nats::jetstream(client.clone());
+    nats::ensure_streams(&js, config.nats.replicas, &config.nats.streams, &shutdown).await?;
     let consumer = nats::durable_consumer(
         &js,
         names::EVENTS_STREAM,
@@ -133,16 +135,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: Duration::from_secs(30),
             max_ack_pending: 20_000,
+            max_deliver: dead_letters::MAX_DELIVER,
             ..Default::default()
         },
         &shutdown,
     )
     .await?;
     metrics::watch_consumer(&health, &consumer, names::INGEST_CONSUMER, shutdown.clone());
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(1_000)
-        .messages()
+    let mut messages = nats::Pull::new(consumer, 1_000, 0)
         .await
         .map_err(|e| Error::Consumer(e.to_string()))?;
     health.set("consumer", true);
@@ -180,13 +180,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     Ok(())
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
-}
-
 impl State {
     async fn handle(&self, message: jetstream::Message) {
         let headers = message.headers.as_ref();
@@ -195,6 +188,12 @@ impl State {
             content_type: nats::header(headers, "Content-Type"),
             msg_id: nats::header(headers, "Nats-Msg-Id"),
             traceparent: nats::header(headers, "traceparent"),
+            position: message.info().ok().map(|i| {
+                (
+                    i.stream_sequence,
+                    (i.published.unix_timestamp_nanos() / 1_000_000) as i64,
+                )
+            }),
         };
         let outcome = event::normalize(
             &envelope,
@@ -224,6 +223,20 @@ impl State {
                 }
             }
             Err(error) => {
+                let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+                if error.is_permanent() || delivered > dead_letters::MAX_HAND_BACKS {
+                    // It will never publish: set it aside rather than loop.
+                    let reason = format!("cannot publish the outcome: {error}");
+                    tracing::error!(%error, subject = %message.subject, "event moved to the dead letters");
+                    self.metrics.dead_letters.inc();
+                    if let Err(error) =
+                        dead_letters::terminate(&self.js, names::EVENTS_STREAM, &message, &reason)
+                            .await
+                    {
+                        tracing::warn!(%error, "cannot move an event to the dead letters; handed back");
+                    }
+                    return;
+                }
                 // Herald's own failure: hand the event back for a later try.
                 tracing::warn!(%error, subject = %message.subject, "cannot publish, event handed back");
                 let _ = message
@@ -233,30 +246,28 @@ impl State {
         }
     }
 
-    async fn accept(&self, event: &herald_core::proto::Event) -> Result<(), String> {
+    async fn accept(&self, event: &herald_core::proto::Event) -> Result<(), PublishError> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(
             "Nats-Msg-Id",
             format!("{}:{}", event.organization_id, event.id).as_str(),
         );
         trace::inject(&mut headers, &event.traceparent);
-        let ack = self
-            .js
-            .publish_with_headers(
-                names::accepted_subject(&event.organization_id),
-                headers,
-                event.encode_to_vec().into(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        ack.await.map(|_| ()).map_err(|e| e.to_string())
+        nats::publish(
+            &self.js,
+            names::accepted_subject(&event.organization_id),
+            headers,
+            event.encode_to_vec().into(),
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn reject(
         &self,
         message: &jetstream::Message,
         rejection: &Rejection,
-    ) -> Result<(), String> {
+    ) -> Result<(), PublishError> {
         let org = names::parse_event_subject(&message.subject)
             .map(|(org, _)| org)
             .or_else(|_| {
@@ -286,15 +297,13 @@ impl State {
                 format!("rejected:{}", info.stream_sequence).as_str(),
             );
         }
-        let ack = self
-            .js
-            .publish_with_headers(
-                names::rejected_subject(org),
-                headers,
-                record.to_string().into(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        ack.await.map(|_| ()).map_err(|e| e.to_string())
+        nats::publish(
+            &self.js,
+            names::rejected_subject(org),
+            headers,
+            record.to_string().into(),
+        )
+        .await
+        .map(|_| ())
     }
 }

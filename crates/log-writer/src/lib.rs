@@ -6,7 +6,7 @@
 //!
 //! The attempts stream keeps attempts for the log retention. When the index
 //! is lost — Redis restarted empty, flushed, or a new Redis — the
-//! `herald:logs:built` marker is missing; log-writer checks for it at start
+//! `herald:logs:{meta}:built` marker is missing; log-writer checks for it at start
 //! and every `HERALD_LOG_INDEX_CHECK` while it runs, and replays the stream
 //! into the index when it is gone (see [`rebuild`]). `herald-log-writer
 //! rebuild` does the same replay on demand.
@@ -20,10 +20,13 @@ use async_nats::jetstream::{self, AckKind, consumer};
 use futures::StreamExt;
 use herald_core::{names, proto};
 use herald_platform::config::{self, ConfigError, Source};
+use herald_platform::health::Health;
+use herald_platform::log_index::Stored;
 use herald_platform::log_index::{IndexError, LogIndex};
 use herald_platform::nats;
 use herald_platform::redis::Redis;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 
@@ -31,21 +34,25 @@ pub use crate::rebuild::Outcome;
 
 pub const HEALTH_ADDR: &str = "HERALD_LOG_WRITER_HEALTH_ADDR";
 pub const LOG_RETENTION: &str = "HERALD_LOG_RETENTION";
-pub const LOG_MAX_PER_WEBHOOK: &str = "HERALD_LOG_MAX_PER_WEBHOOK";
 pub const LOG_INDEX_CHECK: &str = "HERALD_LOG_INDEX_CHECK";
 
-/// Attempts written to Redis in one round trip.
+/// Attempts written to Redis in one round trip (per organization).
 const BATCH: usize = 500;
+/// Bytes of attempt records pulled from NATS at once: a batch is bounded in
+/// bytes as well as in count, whatever the bodies' size.
+const PULL_BYTES: usize = 8 * 1024 * 1024;
+/// Longest wait between two tries to store a batch while Redis is full.
+const FULL_BACKOFF: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct Config {
     pub nats: config::Nats,
+    /// The Redis of the log index (`HERALD_LOG_REDIS_URL`, else
+    /// `HERALD_REDIS_URL`).
     pub redis_url: String,
     pub health_addr: SocketAddr,
     /// How long attempts are kept (index and attempts stream).
     pub retention: Duration,
-    /// Attempts kept per webhook; older ones are dropped first.
-    pub max_per_webhook: usize,
     /// How often the index is checked for loss (and rebuilt).
     pub index_check: Duration,
 }
@@ -65,10 +72,9 @@ impl Config {
         }
         Ok(Self {
             nats: config::Nats::from_source(src)?,
-            redis_url: config::redis_url(src)?,
+            redis_url: config::log_redis_url(src)?,
             health_addr: config::addr(src, HEALTH_ADDR, "127.0.0.1:9104")?,
             retention,
-            max_per_webhook: config::number(src, LOG_MAX_PER_WEBHOOK, 10_000, 10..=10_000_000)?,
             index_check,
         })
     }
@@ -101,6 +107,7 @@ struct Metrics {
     stored: Counter,
     replayed: Counter,
     rebuilds: Counter,
+    full: Gauge,
 }
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
@@ -128,18 +135,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             "Rebuilds of the log index from the attempts stream",
             metrics.rebuilds.clone(),
         );
+        r.register(
+            "log_index_full",
+            "1 while the log index's Redis is full (attempts wait in the stream)",
+            metrics.full.clone(),
+        );
     });
 
-    let js = jetstream::new(client.clone());
+    let js = herald_platform::nats::jetstream(client.clone());
     let retention = nats::Retention {
         attempts: config.retention,
         owns_attempts: true,
-        ..Default::default()
+        ..config.nats.streams.clone()
     };
     nats::ensure_streams(&js, config.nats.replicas, &retention, &shutdown).await?;
     let redis = Redis::new(&config.redis_url, Duration::from_millis(500))?;
     health.watch_redis(redis.clone(), shutdown.clone());
-    let index = LogIndex::new(redis, config.retention, config.max_per_webhook);
+    let index = LogIndex::new(redis, config.retention);
+    health.set("log_index", true);
 
     let watcher = tokio::spawn(rebuild::watch(
         js.clone(),
@@ -157,6 +170,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: Duration::from_secs(30),
             max_ack_pending: 20_000,
+            // A backstop: nothing here is handed back forever.
+            max_deliver: herald_platform::dead_letters::MAX_DELIVER,
             ..Default::default()
         },
         &shutdown,
@@ -168,10 +183,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         names::LOG_WRITER_CONSUMER,
         shutdown.clone(),
     );
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(1_000)
-        .messages()
+    let mut messages = nats::Pull::new(consumer, 1_000, PULL_BYTES)
         .await
         .map_err(|e| Error::Consumer(e.to_string()))?;
     health.set("consumer", true);
@@ -184,7 +196,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                 .take_until(shutdown.clone().cancelled_owned())
         );
         while let Some(batch) = batches.next().await {
-            store_batch(&index, batch, &metrics).await;
+            store_batch(&js, &index, batch, &metrics, &health, &shutdown).await;
         }
     }
     // What was pulled but not stored goes to another replica now rather
@@ -195,43 +207,99 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     Ok(())
 }
 
-/// Writes one batch of attempts, then acks it; hands it back when Redis
-/// cannot take it.
+async fn dead_letter(js: &jetstream::Context, message: &jetstream::Message, reason: &str) {
+    if let Err(error) =
+        herald_platform::dead_letters::terminate(js, names::ATTEMPTS_STREAM, message, reason).await
+    {
+        tracing::warn!(%error, "cannot dead-letter an attempt; handed back");
+    }
+}
+
+/// Writes one batch of attempts, then acks it. While Redis is full the
+/// batch is kept (its ack deadline extended) and tried again with a growing
+/// pause, so a full Redis costs a try every few seconds, not a busy loop;
+/// the attempts stay in the stream meanwhile. Any other failure hands the
+/// batch back.
 async fn store_batch(
+    js: &jetstream::Context,
     index: &LogIndex,
     batch: Vec<Result<jetstream::Message, consumer::pull::MessagesError>>,
     metrics: &Metrics,
+    health: &Health,
+    shutdown: &CancellationToken,
 ) {
     let mut messages = Vec::with_capacity(batch.len());
     let mut attempts = Vec::with_capacity(batch.len());
     for message in batch {
         match message {
-            Ok(message) => match proto::AttemptResult::decode(message.payload.clone()) {
-                Ok(attempt) => {
-                    attempts.push(attempt);
-                    messages.push(message);
+            Ok(message) => {
+                let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+                match proto::AttemptResult::decode(message.payload.clone()) {
+                    Ok(attempt) if seq > 0 => {
+                        attempts.push(Stored { attempt, seq });
+                        messages.push(message);
+                    }
+                    // It stays in HERALD_ATTEMPTS; the dead letters show an
+                    // operator what could not be indexed.
+                    Ok(_) => {
+                        tracing::error!(subject = %message.subject, "attempt without a stream sequence");
+                        dead_letter(js, &message, "attempt without a stream sequence").await;
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, subject = %message.subject, "undecodable attempt");
+                        dead_letter(js, &message, &format!("undecodable attempt: {error}")).await;
+                    }
                 }
-                Err(error) => {
-                    tracing::error!(%error, subject = %message.subject, "undecodable attempt dropped");
-                    let _ = message.ack_with(AckKind::Term).await;
-                }
-            },
+            }
             Err(error) => tracing::warn!(%error, "attempts consumer error"),
         }
     }
-    match index.write(&attempts).await {
-        Ok(()) => {
-            metrics.stored.inc_by(attempts.len() as u64);
-            for message in messages {
-                let _ = message.ack().await;
+    let mut pause = Duration::from_secs(1);
+    loop {
+        match index.write(&attempts).await {
+            Ok(_) => {
+                if metrics.full.get() != 0 {
+                    metrics.full.set(0);
+                    health.set("log_index", true);
+                    tracing::info!("log index has room again, catching up");
+                }
+                metrics.stored.inc_by(attempts.len() as u64);
+                for message in messages {
+                    let _ = message.ack().await;
+                }
+                return;
             }
-        }
-        Err(error) => {
-            tracing::warn!(%error, batch = attempts.len(), "cannot store attempts, handed back");
-            for message in messages {
-                let _ = message
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                    .await;
+            Err(IndexError::Full) => {
+                if metrics.full.get() == 0 {
+                    metrics.full.set(1);
+                    health.set("log_index", false);
+                    tracing::error!(
+                        batch = attempts.len(),
+                        "log index redis is full (maxmemory): attempts wait in the stream until it has room"
+                    );
+                }
+                for message in &messages {
+                    let _ = message.ack_with(AckKind::Progress).await;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        for message in messages {
+                            let _ = message.ack_with(AckKind::Nak(None)).await;
+                        }
+                        return;
+                    }
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(FULL_BACKOFF);
+            }
+            Err(error) => {
+                tracing::warn!(%error, batch = attempts.len(), "cannot store attempts, handed back");
+                for message in messages {
+                    let _ = message
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await;
+                }
+                return;
             }
         }
     }
@@ -242,10 +310,10 @@ async fn store_batch(
 /// running log-writers may go on meanwhile.
 pub async fn rebuild_now(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let client = nats::connect(&config.nats, "log-writer-rebuild").await?;
-    let js = jetstream::new(client.clone());
+    let js = herald_platform::nats::jetstream(client.clone());
     let redis = Redis::new(&config.redis_url, Duration::from_millis(2_000))?;
     redis.wait_ready(&shutdown).await.ok_or(Error::Shutdown)?;
-    let index = LogIndex::new(redis, config.retention, config.max_per_webhook);
+    let index = LogIndex::new(redis, config.retention);
     let token = rebuild::token();
     match rebuild::replay(&js, &index, &token, &Metrics::default(), &shutdown).await? {
         Outcome::Built { replayed } => {

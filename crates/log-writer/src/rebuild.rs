@@ -1,6 +1,6 @@
 //! Rebuilding the log index from the attempts stream.
 //!
-//! The `herald:logs:built` marker says the index is complete. When it is
+//! The `herald:logs:{meta}:built` marker says the index is complete. When it is
 //! missing, one log-writer replica takes the rebuild lock, notes the
 //! stream's last sequence, and replays the attempts of the retention up to
 //! it with an ordered consumer; the live consumer keeps storing newer
@@ -8,16 +8,17 @@
 //! lock lives in Redis too: if Redis loses its data during the replay, the
 //! lock is gone, the marker is not set, and the next check starts over.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use herald_core::{names, proto};
-use herald_platform::log_index::LogIndex;
+use herald_platform::log_index::{LogIndex, Stored};
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::{Error, Metrics};
+use herald_platform::now_ms;
 
 /// How long the rebuild lock outlives a replica that stopped renewing it.
 const LOCK_TTL: Duration = Duration::from_secs(30);
@@ -77,13 +78,6 @@ pub(crate) async fn watch(
     }
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
-}
-
 /// Replays the attempts stream (the part inside the retention, up to its
 /// current last message) into the index and marks it built.
 pub(crate) async fn replay(
@@ -112,6 +106,7 @@ pub(crate) async fn replay(
             .create_consumer(consumer::pull::OrderedConfig {
                 deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time },
                 max_batch: REPLAY_BATCH as i64,
+                max_bytes: 8 * 1024 * 1024,
                 ..Default::default()
             })
             .await
@@ -136,7 +131,10 @@ pub(crate) async fn replay(
                     }
                     done = info.stream_sequence == last || info.pending == 0;
                     match proto::AttemptResult::decode(message.payload.clone()) {
-                        Ok(attempt) => attempts.push(attempt),
+                        Ok(attempt) => attempts.push(Stored {
+                            attempt,
+                            seq: info.stream_sequence,
+                        }),
                         Err(error) => {
                             tracing::warn!(%error, seq = info.stream_sequence, "undecodable attempt skipped")
                         }

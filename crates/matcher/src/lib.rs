@@ -23,7 +23,7 @@ use herald_core::{ids, names, proto};
 use herald_platform::config::{self, ConfigError, Source};
 use herald_platform::redis::Redis;
 use herald_platform::webhooks::WebhookStore;
-use herald_platform::{metrics, nats, trace};
+use herald_platform::{dead_letters, metrics, nats, trace};
 use prometheus_client::metrics::counter::Counter;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
@@ -80,11 +80,28 @@ pub enum Error {
     Consumer(String),
 }
 
+/// Why an event could not be fanned out; every case is Herald's own, so
+/// the event is handed back, or set aside when it can never succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum FanOutError {
+    #[error("cannot read the organization's webhooks: {0}")]
+    Subscriptions(#[from] herald_platform::webhooks::StoreError),
+    #[error(transparent)]
+    Publish(#[from] nats::PublishError),
+}
+
+impl FanOutError {
+    fn is_permanent(&self) -> bool {
+        matches!(self, FanOutError::Publish(e) if e.is_permanent())
+    }
+}
+
 #[derive(Clone, Default)]
 struct Metrics {
     events: Counter,
     jobs: Counter,
     unmatched: Counter,
+    dead_letters: Counter,
 }
 
 struct State {
@@ -108,14 +125,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     // held by another (which could stall them all).
     let js = jetstream::ContextBuilder::new()
         .max_ack_inflight(config.concurrency * ACK_WINDOW)
+        .timeout(nats::REQUEST_TIMEOUT)
         .build(client.clone());
-    nats::ensure_streams(
-        &js,
-        config.nats.replicas,
-        &nats::Retention::default(),
-        &shutdown,
-    )
-    .await?;
+    nats::ensure_streams(&js, config.nats.replicas, &config.nats.streams, &shutdown).await?;
     let store = WebhookStore::open(&js, config.nats.replicas).await?;
     let redis = Redis::new(&config.redis_url, Duration::from_millis(250))?;
     health.watch_redis_degradable(redis.clone(), shutdown.clone());
@@ -135,6 +147,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             "events_unmatched",
             "Events that matched no webhook",
             metrics.unmatched.clone(),
+        );
+        r.register(
+            "dead_letters",
+            "Accepted events moved to HERALD_DEAD because Herald cannot process them",
+            metrics.dead_letters.clone(),
         );
         r.register(
             "subscription_cache_local_hits",
@@ -186,6 +203,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: config.ack_wait,
             max_ack_pending: 10_000,
+            max_deliver: dead_letters::MAX_DELIVER,
             ..Default::default()
         },
         &shutdown,
@@ -197,10 +215,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         names::MATCHER_CONSUMER,
         shutdown.clone(),
     );
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(PULL_BATCH)
-        .messages()
+    let mut messages = nats::Pull::new(consumer, PULL_BATCH, 0)
         .await
         .map_err(|e| Error::Consumer(e.to_string()))?;
     health.set("consumer", true);
@@ -233,20 +248,39 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 
 impl State {
     async fn handle(&self, message: jetstream::Message) {
+        let info = message
+            .info()
+            .ok()
+            .map(|i| (i.stream_sequence, i.delivered));
+        // The event's place in HERALD_ACCEPTED: jobs carry it so that retry,
+        // recover and replay read the event back instead of copying it.
+        let (seq, delivered) = info.unwrap_or((0, 1));
         let event = match proto::Event::decode(message.payload.clone()) {
             Ok(event) => event,
             Err(error) => {
-                // Only ingest writes here; a record it cannot have written is
-                // dropped loudly rather than retried forever.
-                tracing::error!(%error, subject = %message.subject, "undecodable accepted event dropped");
-                let _ = message.ack_with(AckKind::Term).await;
+                tracing::error!(%error, subject = %message.subject, "undecodable accepted event");
+                self.dead_letter(&message, &format!("undecodable accepted event: {error}"))
+                    .await;
                 return;
             }
         };
-        match self.fan_out(&event).await {
+        if delivered > dead_letters::MAX_HAND_BACKS {
+            let reason = format!(
+                "handed back {} times for Herald's own trouble",
+                delivered - 1
+            );
+            self.dead_letter(&message, &reason).await;
+            return;
+        }
+        match self.fan_out(&event, seq).await {
             Ok(()) => {
                 self.metrics.events.inc();
                 let _ = message.ack().await;
+            }
+            Err(error) if error.is_permanent() => {
+                tracing::error!(%error, event_id = %event.id, "a delivery job can never be published");
+                self.dead_letter(&message, &format!("fan-out: {error}"))
+                    .await;
             }
             Err(error) => {
                 tracing::warn!(%error, event_id = %event.id, org = %event.organization_id, "fan-out failed, event handed back");
@@ -257,13 +291,24 @@ impl State {
         }
     }
 
-    async fn fan_out(&self, event: &proto::Event) -> Result<(), String> {
-        let set = self
-            .cache
-            .get(&event.organization_id)
-            .await
-            .map_err(|e| e.to_string())?;
-        let matches = set.matching(&event.r#type, &event.attributes);
+    async fn dead_letter(&self, message: &jetstream::Message, reason: &str) {
+        self.metrics.dead_letters.inc();
+        if let Err(error) =
+            dead_letters::terminate(&self.js, names::ACCEPTED_STREAM, message, reason).await
+        {
+            tracing::warn!(%error, "cannot move an accepted event to the dead letters; handed back");
+        }
+    }
+
+    async fn fan_out(&self, event: &proto::Event, event_seq: u64) -> Result<(), FanOutError> {
+        let set = self.cache.get(&event.organization_id).await?;
+        let mut matches = set.matching(&event.r#type, &event.attributes);
+        // A webhook is never sent system events about itself.
+        if herald_core::catalogue::is_system(&event.r#type)
+            && let Some(about) = event.attributes.get("webhook")
+        {
+            matches.retain(|s| &s.webhook_id != about);
+        }
         if matches.is_empty() {
             self.metrics.unmatched.inc();
             return Ok(());
@@ -273,15 +318,19 @@ impl State {
         // copied and re-encoded per webhook.
         let mut event_field = Vec::with_capacity(event.encoded_len() + 8);
         prost::encoding::message::encode(4, event, &mut event_field);
-        let mut acks: FuturesUnordered<
-            <jetstream::context::PublishAckFuture as std::future::IntoFuture>::IntoFuture,
-        > = FuturesUnordered::new();
+        // Each ack future carries its subject, for the error.
+        let mut acks = FuturesUnordered::new();
+        let acked = |(subject, result): (String, Result<_, jetstream::context::PublishError>)| {
+            result
+                .map(|_| ())
+                .map_err(|source| nats::PublishError::Publish { subject, source })
+        };
         let n = matches.len() as u64;
         for subscription in matches {
             if acks.len() >= ACK_WINDOW
                 && let Some(result) = acks.next().await
             {
-                result.map_err(|e| e.to_string())?;
+                acked(result)?;
             }
             let job = proto::DeliveryJob {
                 delivery_id: ids::delivery_id(
@@ -294,26 +343,29 @@ impl State {
                 event: None,
                 attempt: 1,
                 kind: proto::DeliveryKind::Event as i32,
-                not_before_ms: 0,
-                deferrals: 0,
+                event_seq,
+                ..Default::default()
             };
             let mut payload = Vec::with_capacity(job.encoded_len() + event_field.len());
             job.encode(&mut payload)
                 .expect("encoding into a Vec cannot fail");
             payload.extend_from_slice(&event_field);
             let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Msg-Id", format!("{}.1", job.delivery_id).as_str());
+            headers.insert("Nats-Msg-Id", ids::job_msg_id(&job.delivery_id, 1).as_str());
             trace::inject(&mut headers, &event.traceparent);
             let subject = names::delivery_subject(&event.organization_id, &subscription.webhook_id);
-            let ack = self
+            let ack = match self
                 .js
-                .publish_with_headers(subject, headers, payload.into())
+                .publish_with_headers(subject.clone(), headers, payload.into())
                 .await
-                .map_err(|e| e.to_string())?;
-            acks.push(std::future::IntoFuture::into_future(ack));
+            {
+                Ok(ack) => ack,
+                Err(source) => return Err(nats::PublishError::Publish { subject, source }.into()),
+            };
+            acks.push(async move { (subject, ack.await) });
         }
         while let Some(result) = acks.next().await {
-            result.map_err(|e| e.to_string())?;
+            acked(result)?;
         }
         self.metrics.jobs.inc_by(n);
         Ok(())

@@ -65,6 +65,7 @@ impl ConfigError {
 
 pub const NATS_URL: &str = "HERALD_NATS_URL";
 pub const REDIS_URL: &str = "HERALD_REDIS_URL";
+pub const LOG_REDIS_URL: &str = "HERALD_LOG_REDIS_URL";
 pub const STREAM_REPLICAS: &str = "HERALD_STREAM_REPLICAS";
 pub const SHUTDOWN_GRACE: &str = "HERALD_SHUTDOWN_GRACE";
 
@@ -149,36 +150,297 @@ pub fn addr(src: &dyn Source, var: &str, default: &str) -> Result<SocketAddr, Co
     })
 }
 
+pub const NATS_TOKEN: &str = "HERALD_NATS_TOKEN";
+pub const NATS_CREDS: &str = "HERALD_NATS_CREDS";
+pub const NATS_NKEY: &str = "HERALD_NATS_NKEY";
+pub const NATS_TLS_CA: &str = "HERALD_NATS_TLS_CA";
+pub const NATS_TLS_CERT: &str = "HERALD_NATS_TLS_CERT";
+pub const NATS_TLS_KEY: &str = "HERALD_NATS_TLS_KEY";
+pub const NATS_TLS_REQUIRED: &str = "HERALD_NATS_TLS_REQUIRED";
+
 /// Settings every service that talks to NATS shares.
 #[derive(Debug, Clone)]
 pub struct Nats {
-    pub url: String,
+    /// The servers to try, in order (`HERALD_NATS_URL`, comma-separated),
+    /// without credentials (those are in `auth`). The client learns the
+    /// rest of a cluster from the first one it reaches.
+    pub servers: Vec<async_nats::ServerAddr>,
+    pub auth: crate::nats::Auth,
+    pub tls: crate::nats::Tls,
     /// Replicas of the streams and bucket a service creates (3 on a cluster).
     pub replicas: usize,
+    /// Retention and size limits of the streams (give every service the
+    /// same values: each creates and updates the streams it uses).
+    pub streams: crate::nats::Retention,
 }
 
 impl Nats {
     pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
-        let url = string(src, NATS_URL, "nats://127.0.0.1:4222");
-        if !url.split(',').all(|u| u.contains("://") || u.contains(':')) {
-            return Err(ConfigError::new(
-                NATS_URL,
-                format!("{url:?} is not a NATS URL like nats://host:4222"),
-            ));
-        }
+        let (servers, url_auth) = nats_servers(&string(src, NATS_URL, "nats://127.0.0.1:4222"))?;
         Ok(Self {
-            url,
+            servers,
+            auth: nats_auth(src, url_auth)?,
+            tls: nats_tls(src)?,
             replicas: number(src, STREAM_REPLICAS, 1usize, 1..=5)?,
+            streams: crate::nats::Retention::from_source(src)?,
         })
+    }
+
+    /// The servers as one line for messages (no credentials).
+    pub fn urls(&self) -> String {
+        let urls: Vec<&str> = self.servers.iter().map(|s| s.as_url_str()).collect();
+        urls.join(",")
     }
 }
 
-/// The Redis URL, checked for form.
+/// Splits `HERALD_NATS_URL` into its servers, and takes out the
+/// `user:password@` (or `token@`) they carry: async-nats ignores credentials
+/// in a URL, so they become the connection's `Auth`. Every server that
+/// carries credentials must carry the same.
+fn nats_servers(
+    text: &str,
+) -> Result<(Vec<async_nats::ServerAddr>, Option<crate::nats::Auth>), ConfigError> {
+    let bad = |message: String| ConfigError::new(NATS_URL, message);
+    let mut servers = Vec::new();
+    let mut auth: Option<crate::nats::Auth> = None;
+    for part in text.split(',').map(str::trim) {
+        if part.is_empty() {
+            return Err(bad(format!("{text:?} has an empty server in its list")));
+        }
+        let with_scheme = if part.contains("://") {
+            part.to_owned()
+        } else {
+            format!("nats://{part}")
+        };
+        let mut url = url::Url::parse(&with_scheme).map_err(|e| {
+            bad(format!(
+                "{:?} is not a NATS URL like nats://host:4222: {e}",
+                redact(part)
+            ))
+        })?;
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(bad(format!("{:?} has no host", redact(part))));
+        }
+        if !matches!(url.scheme(), "nats" | "tls") {
+            return Err(bad(format!(
+                "{:?}: the scheme must be nats:// or tls://",
+                redact(part)
+            )));
+        }
+        let user = percent_decode(url.username());
+        let here = match (user.is_empty(), url.password()) {
+            (true, _) => None,
+            (false, None) => Some(crate::nats::Auth::Token(user)),
+            (false, Some(password)) => Some(crate::nats::Auth::UserPassword {
+                user,
+                password: percent_decode(password),
+            }),
+        };
+        if let Some(here) = here {
+            match &auth {
+                Some(first) if *first != here => {
+                    return Err(bad(
+                        "servers carry different credentials; give them once (every server gets the same)"
+                            .into(),
+                    ));
+                }
+                _ => auth = Some(here),
+            }
+        }
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        servers.push(async_nats::ServerAddr::from_url(url).map_err(|e| bad(e.to_string()))?);
+    }
+    Ok((servers, auth))
+}
+
+/// `part` with what sits between `://` and `@` hidden, for messages.
+fn redact(part: &str) -> String {
+    match (part.find("://"), part.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}***{}", &part[..s + 3], &part[at..]),
+        (None, Some(at)) => format!("***{}", &part[at..]),
+        _ => part.to_owned(),
+    }
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            )
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// One way to authenticate: credentials in the URL, `HERALD_NATS_TOKEN`,
+/// `HERALD_NATS_NKEY` or `HERALD_NATS_CREDS`; two at once is an error.
+fn nats_auth(
+    src: &dyn Source,
+    from_url: Option<crate::nats::Auth>,
+) -> Result<crate::nats::Auth, ConfigError> {
+    use crate::nats::Auth;
+    let mut chosen: Vec<(&str, Auth)> = Vec::new();
+    if let Some(auth) = from_url {
+        chosen.push((NATS_URL, auth));
+    }
+    if let Some(token) = optional(src, NATS_TOKEN) {
+        chosen.push((NATS_TOKEN, Auth::Token(token.trim().to_owned())));
+    }
+    if let Some(seed) = optional(src, NATS_NKEY) {
+        let seed = seed.trim().to_owned();
+        let base32 = seed
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b));
+        if !(seed.starts_with("SU") && seed.len() == 58 && base32) {
+            return Err(ConfigError::new(
+                NATS_NKEY,
+                "is not a user NKey seed (58 characters starting with SU, as `nk -gen user` prints)",
+            ));
+        }
+        chosen.push((NATS_NKEY, Auth::Nkey(seed)));
+    }
+    if let Some(path) = optional(src, NATS_CREDS) {
+        let path = std::path::PathBuf::from(path.trim());
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            ConfigError::new(NATS_CREDS, format!("cannot read {}: {e}", path.display()))
+        })?;
+        if let Err(e) = async_nats::ConnectOptions::with_credentials(&text) {
+            return Err(ConfigError::new(
+                NATS_CREDS,
+                format!("{} is not a NATS credentials file: {e}", path.display()),
+            ));
+        }
+        chosen.push((NATS_CREDS, Auth::Creds(path)));
+    }
+    match chosen.len() {
+        0 => Ok(Auth::None),
+        1 => Ok(chosen.remove(0).1),
+        _ => Err(ConfigError::new(
+            chosen[1].0,
+            format!(
+                "give NATS one way to authenticate; {} is set too",
+                chosen[0].0
+            ),
+        )),
+    }
+}
+
+fn readable_file(src: &dyn Source, var: &str) -> Result<Option<std::path::PathBuf>, ConfigError> {
+    let Some(path) = optional(src, var).map(|p| std::path::PathBuf::from(p.trim())) else {
+        return Ok(None);
+    };
+    std::fs::File::open(&path)
+        .map_err(|e| ConfigError::new(var, format!("cannot read {}: {e}", path.display())))?;
+    Ok(Some(path))
+}
+
+fn nats_tls(src: &dyn Source) -> Result<crate::nats::Tls, ConfigError> {
+    let ca = readable_file(src, NATS_TLS_CA)?;
+    let client_cert = match (
+        readable_file(src, NATS_TLS_CERT)?,
+        readable_file(src, NATS_TLS_KEY)?,
+    ) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(ConfigError::new(
+                NATS_TLS_KEY,
+                format!("must be set with {NATS_TLS_CERT}"),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::new(
+                NATS_TLS_CERT,
+                format!("must be set with {NATS_TLS_KEY}"),
+            ));
+        }
+    };
+    Ok(crate::nats::Tls {
+        ca,
+        client_cert,
+        required: boolean(src, NATS_TLS_REQUIRED, false)?,
+    })
+}
+
+/// The Redis URL (one server, or a cluster's nodes), checked for form.
 pub fn redis_url(src: &dyn Source) -> Result<String, ConfigError> {
     let url = string(src, REDIS_URL, "redis://127.0.0.1:6379");
-    ::redis::Client::open(url.as_str())
-        .map_err(|e| ConfigError::new(REDIS_URL, format!("{url:?}: {e}")))?;
+    crate::redis::parse_url(&url).map_err(|e| ConfigError::new(REDIS_URL, e))?;
     Ok(url)
+}
+
+/// The Redis of the delivery-log index: `HERALD_LOG_REDIS_URL`, or
+/// `HERALD_REDIS_URL` when that is unset.
+pub fn log_redis_url(src: &dyn Source) -> Result<String, ConfigError> {
+    match optional(src, LOG_REDIS_URL) {
+        None => redis_url(src),
+        Some(url) => {
+            crate::redis::parse_url(&url).map_err(|e| ConfigError::new(LOG_REDIS_URL, e))?;
+            Ok(url.trim().to_owned())
+        }
+    }
+}
+
+pub const EVENT_RETENTION: &str = "HERALD_EVENT_RETENTION";
+
+/// How long accepted events are kept for replay and manual retry.
+pub fn event_retention(src: &dyn Source) -> Result<Duration, ConfigError> {
+    let d = duration(src, EVENT_RETENTION, Duration::from_secs(7 * 86_400))?;
+    if d < Duration::from_secs(60) {
+        return Err(ConfigError::new(EVENT_RETENTION, "must be at least 1m"));
+    }
+    Ok(d)
+}
+
+/// A byte size: a number with an optional unit (`KiB`, `MiB`, `GiB`,
+/// `TiB`; `k`/`m`/`g`/`t` the same), 0 for no limit.
+pub fn bytes(src: &dyn Source, var: &str) -> Result<i64, ConfigError> {
+    let Some(text) = optional(src, var) else {
+        return Ok(0);
+    };
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(ConfigError::new(var, format!("{text:?}: unknown unit"))),
+    };
+    digits
+        .parse::<i64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| ConfigError::new(var, format!("{text:?} is not a size like 10GiB")))
+}
+
+/// The `HERALD_<STREAM>_MAX_BYTES` settings.
+pub fn stream_max_bytes(src: &dyn Source) -> Result<crate::nats::MaxBytes, ConfigError> {
+    Ok(crate::nats::MaxBytes {
+        events: bytes(src, "HERALD_EVENTS_MAX_BYTES")?,
+        accepted: bytes(src, "HERALD_ACCEPTED_MAX_BYTES")?,
+        rejected: bytes(src, "HERALD_REJECTED_MAX_BYTES")?,
+        deliveries: bytes(src, "HERALD_DELIVERIES_MAX_BYTES")?,
+        attempts: bytes(src, "HERALD_ATTEMPTS_MAX_BYTES")?,
+        system: bytes(src, "HERALD_SYSTEM_MAX_BYTES")?,
+        parked: bytes(src, "HERALD_PARKED_MAX_BYTES")?,
+        dead: bytes(src, "HERALD_DEAD_MAX_BYTES")?,
+    })
 }
 
 /// How long a service may take to drain on SIGTERM.
@@ -207,4 +469,179 @@ mod tests {
         assert_eq!(number(src, "UNSET", 7u32, 1..=64), Ok(7));
         assert!(boolean(&[("X", "TRUE")], "X", false).unwrap());
     }
+
+    #[test]
+    fn sizes_take_units() {
+        for (text, expected) in [
+            ("0", Some(0)),
+            ("1024", Some(1024)),
+            ("10GiB", Some(10 << 30)),
+            ("5 m", Some(5 << 20)),
+            ("2TB", Some(2 << 40)),
+            ("x", None),
+            ("-1", None),
+            ("9999999999T", None),
+        ] {
+            let got = bytes(&[("S", text)], "S").ok();
+            assert_eq!(got, expected, "{text}");
+        }
+        assert_eq!(bytes(&[("S", "")], "S"), Ok(0));
+    }
+
+    /// `HERALD_NATS_URL` → the servers (as URLs) and the auth taken from
+    /// them, or the error's message.
+    fn servers(text: &str) -> Result<(Vec<String>, String), String> {
+        Nats::from_source(&[(NATS_URL, text)])
+            .map(|n| {
+                let urls = n.servers.iter().map(|s| s.as_url_str().to_owned());
+                (urls.collect(), format!("{:?}", n.auth))
+            })
+            .map_err(|e| {
+                assert_eq!(e.var, NATS_URL);
+                e.message
+            })
+    }
+
+    #[test]
+    fn nats_url_takes_a_list_and_credentials() {
+        let ok = |urls: &[&str], auth: &str| {
+            Ok((
+                urls.iter().map(|u| u.to_string()).collect(),
+                auth.to_owned(),
+            ))
+        };
+        for (text, expected) in [
+            (
+                "nats://127.0.0.1:4222",
+                ok(&["nats://127.0.0.1:4222"], "None"),
+            ),
+            (
+                "nats://a:4222,nats://b:4223, nats://c:4224",
+                ok(&["nats://a:4222", "nats://b:4223", "nats://c:4224"], "None"),
+            ),
+            ("a:4222,b", ok(&["nats://a:4222", "nats://b"], "None")),
+            (
+                "tls://nats.example:4222",
+                ok(&["tls://nats.example:4222"], "None"),
+            ),
+            (
+                "nats://herald:s%40cret@a:4222,nats://b:4222",
+                ok(
+                    &["nats://a:4222", "nats://b:4222"],
+                    "UserPassword(herald, ***)",
+                ),
+            ),
+            (
+                "nats://herald:x@a:4222,nats://herald:x@b:4222",
+                ok(
+                    &["nats://a:4222", "nats://b:4222"],
+                    "UserPassword(herald, ***)",
+                ),
+            ),
+            ("nats://t0ken@a:4222", ok(&["nats://a:4222"], "Token(***)")),
+        ] {
+            assert_eq!(servers(text), expected, "{text}");
+        }
+        for (text, message) in [
+            ("nats://a:4222,", "empty server"),
+            ("nats://a:notaport", "not a NATS URL"),
+            ("http://a:4222", "scheme must be nats:// or tls://"),
+            ("nats://u:one@a,nats://u:two@b", "different credentials"),
+        ] {
+            let error = servers(text).expect_err(text);
+            assert!(error.contains(message), "{text}: {error}");
+            assert!(
+                !error.contains("one") || !text.contains("one@"),
+                "{error} shows a password"
+            );
+        }
+        let pass = Nats::from_source(&[(NATS_URL, "nats://u:hunter2@a:bad")]).unwrap_err();
+        assert!(!pass.message.contains("hunter2"), "{pass}");
+    }
+
+    #[test]
+    fn nats_auth_is_one_way_and_checked() {
+        let dir = tempfile_dir();
+        let creds = dir.join("herald.creds");
+        std::fs::write(&creds, CREDS).unwrap();
+        let not_creds = dir.join("not.creds");
+        std::fs::write(&not_creds, "hello").unwrap();
+        let (creds, not_creds) = (creds.display().to_string(), not_creds.display().to_string());
+        let seed = "SUAMLK2ZNL35WSMW37E7UD4VZ7ELPKW7DHC3BWBSD2GCZ7IUQQXZIORRBU";
+        let auth = |vars: &[(&str, &str)]| {
+            let src: HashMap<&str, String> =
+                vars.iter().map(|(k, v)| (*k, v.to_string())).collect();
+            Nats::from_source(&src).map(|n| format!("{:?}", n.auth))
+        };
+        assert_eq!(auth(&[(NATS_TOKEN, "s3cret")]), Ok("Token(***)".into()));
+        assert_eq!(auth(&[(NATS_NKEY, seed)]), Ok("Nkey(***)".into()));
+        assert_eq!(auth(&[(NATS_CREDS, &creds)]), Ok(format!("Creds({creds})")));
+        for (vars, var) in [
+            (vec![(NATS_NKEY, "SUshort")], NATS_NKEY),
+            (vec![(NATS_CREDS, "/nonexistent/herald.creds")], NATS_CREDS),
+            (vec![(NATS_CREDS, not_creds.as_str())], NATS_CREDS),
+            (vec![(NATS_TOKEN, "t"), (NATS_NKEY, seed)], NATS_NKEY),
+            (
+                vec![(NATS_URL, "nats://u:p@a"), (NATS_TOKEN, "t")],
+                NATS_TOKEN,
+            ),
+        ] {
+            assert_eq!(auth(&vars).unwrap_err().var, var, "{vars:?}");
+        }
+    }
+
+    #[test]
+    fn nats_tls_files_must_be_readable_and_paired() {
+        let dir = tempfile_dir();
+        let pem = dir.join("ca.pem");
+        std::fs::write(&pem, "-----BEGIN CERTIFICATE-----").unwrap();
+        let pem = pem.display().to_string();
+        let tls = |vars: &[(&str, &str)]| {
+            let src: HashMap<&str, String> =
+                vars.iter().map(|(k, v)| (*k, v.to_string())).collect();
+            Nats::from_source(&src).map(|n| n.tls)
+        };
+        let got = tls(&[
+            (NATS_TLS_CA, &pem),
+            (NATS_TLS_CERT, &pem),
+            (NATS_TLS_KEY, &pem),
+            (NATS_TLS_REQUIRED, "true"),
+        ])
+        .unwrap();
+        assert!(got.required && got.ca.is_some() && got.client_cert.is_some());
+        assert_eq!(tls(&[]).unwrap(), crate::nats::Tls::default());
+        for (vars, var) in [
+            (vec![(NATS_TLS_CA, "/nonexistent/ca.pem")], NATS_TLS_CA),
+            (vec![(NATS_TLS_CERT, pem.as_str())], NATS_TLS_KEY),
+            (vec![(NATS_TLS_KEY, pem.as_str())], NATS_TLS_CERT),
+            (vec![(NATS_TLS_REQUIRED, "maybe")], NATS_TLS_REQUIRED),
+        ] {
+            assert_eq!(tls(&vars).unwrap_err().var, var, "{vars:?}");
+        }
+    }
+
+    fn tempfile_dir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "herald-config-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// A user credentials file in the form `nsc` writes (the JWT is not
+    /// checked by the client, the seed is the one async-nats documents).
+    const CREDS: &str = "-----BEGIN NATS USER JWT-----
+eyJ0eXAiOiJKV1QiLCJhbGciOiJlZDI1NTE5LW5rZXkifQ.eyJqdGkiOiJMN1dBT1hJU0tPSUZNM1QyNEhMQ09ENzJRT1czQkNVWEdETjRKVU1SSUtHTlQ3RzdZVFRRIiwiaWF0IjoxNjUxNzkwOTgyLCJpc3MiOiJBRFRRUzdaQ0ZWSk5XNTcyNkdPWVhXNVRTQ1pGTklRU0hLMlpHWVVCQ0Q1RDc3T1ROTE9PS1pPWiIsIm5hbWUiOiJUZXN0VXNlciIsInN1YiI6IlVBRkhHNkZVRDJVVTRTREZWQUZVTDVMREZPMlhNNFdZTTc2VU5YVFBKWUpLN0VFTVlSQkhUMlZFIiwibmF0cyI6eyJwdWIiOnt9LCJzdWIiOnt9LCJzdWJzIjotMSwiZGF0YSI6LTEsInBheWxvYWQiOi0xLCJ0eXBlIjoidXNlciIsInZlcnNpb24iOjJ9fQ.bp2-Jsy33l4ayF7Ku1MNdJby4WiMKUrG-rSVYGBusAtV3xP4EdCa-zhSNUaBVIL3uYPPCQYCEoM1pCUdOnoJBg
+------END NATS USER JWT------
+
+************************* IMPORTANT *************************
+NKEY Seed printed below can be used to sign and prove identity.
+NKEYs are sensitive and should be treated as secrets.
+
+-----BEGIN USER NKEY SEED-----
+SUAIO3FHUX5PNV2LQIIP7TZ3N4L7TX3W53MQGEIVYFIGA635OZCKEYHFLM
+------END USER NKEY SEED------
+";
 }

@@ -132,44 +132,20 @@ impl Health {
     }
 
     pub async fn serve_on(self, listener: TcpListener, shutdown: CancellationToken) {
-        loop {
-            let stream = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(error) => {
-                        tracing::warn!(%error, "health server accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            let health = self.clone();
-            tokio::spawn(async move {
-                let service =
-                    hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let health = health.clone();
-                        async move {
-                            let (status, content_type, body) =
-                                health.answer(req.uri().path()).unwrap_or((
-                                    StatusCode::NOT_FOUND,
-                                    "text/plain",
-                                    "not found\n".to_owned(),
-                                ));
-                            let response = Response::builder()
-                                .status(status)
-                                .header("content-type", content_type)
-                                .body(Full::new(Bytes::from(body)))
-                                .expect("static response parts are valid");
-                            Ok::<_, Infallible>(response)
-                        }
-                    });
-                let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, service)
-                    .await;
-            });
-        }
+        let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let (status, content_type, body) = self.answer(req.uri().path()).unwrap_or((
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "not found\n".to_owned(),
+            ));
+            let response = Response::builder()
+                .status(status)
+                .header("content-type", content_type)
+                .body(Full::new(Bytes::from(body)))
+                .expect("static response parts are valid");
+            std::future::ready(Ok::<_, Infallible>(response))
+        });
+        crate::server::serve(listener, service, shutdown).await;
     }
 
     /// Keeps the `nats` check in step with the client's connection.

@@ -5,11 +5,13 @@
 //! follows an event through NATS headers.
 
 pub mod config;
+pub mod dead_letters;
 pub mod health;
 pub mod log_index;
 pub mod metrics;
 pub mod nats;
 pub mod redis;
+pub mod server;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
@@ -18,8 +20,10 @@ pub mod webhooks;
 
 pub use tokio_util::sync::CancellationToken;
 
-/// The allocator a service binary may install (`#[global_allocator]`); the
-/// deliverer does: glibc's malloc took a quarter of its CPU time. The others
-/// keep glibc's, which holds less memory (docs/benchmarks.md, Optimization
-/// log). A library never installs it.
-pub type Allocator = mimalloc::MiMalloc;
+/// Now, in unix milliseconds: the one clock reading of every service.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}

@@ -1,46 +1,69 @@
 //! The delivery-log index in Redis: written by log-writer, read by admin.
 //!
-//! - `herald:log:<log_id>`: a hash holding the attempt (`pb`, protobuf),
-//!   its summary (`s`: the attempt without request, response headers and
-//!   bodies, or event — what a list shows, a tenth of the bytes) and its
-//!   event type (`t`, so that an evicted entry can be taken out of its
-//!   event-type list), expiring when the attempt leaves the retention.
-//! - Sorted sets of log ids scored by attempt time, one per query the API
-//!   answers: per webhook (`herald:logs:w:<org>:<webhook>`), per webhook and
-//!   status (`...:s:<status>`), per organization (`herald:logs:o:<org>`) and
-//!   per organization and event type (`herald:logs:t:<org>:<type>`).
+//! The index holds what lists and filters need, never bodies: the attempt
+//! in full (request, response, error) stays in the attempts stream, and the
+//! index keeps its stream sequence so admin reads it back by direct get.
+//! Per attempt it costs about 250–300 bytes whatever the event's size.
 //!
-//! Each attempt is written by one Lua script, so its five keys change
-//! together. Writes are idempotent (same member, same score, same value):
-//! an attempt delivered twice is stored once. Entries older than the
-//! retention are trimmed on write and ignored on read, and every key expires
-//! with the retention, so an idle webhook's logs go away by themselves.
-//! Each webhook keeps at most `max_per_webhook` attempts: the oldest beyond
-//! that are deleted from every list they are in, which bounds the memory a
-//! busy webhook can take.
+//! Every key of an organization carries the hash tag `{<org>}`, so on a
+//! Redis Cluster one organization's logs live in one slot and every script
+//! touches only keys of that slot, all passed to it as `KEYS`:
 //!
-//! A page is one script too: count, ranks and entries in one round trip,
-//! reading by rank from the newest end (O(log n + limit), whatever the
-//! offset).
+//! - `herald:logs:{<org>}:w:<webhook>`: a sorted set of the webhook's
+//!   attempts scored by attempt time (ms); each member *is* the attempt's
+//!   summary (a compact binary record, [`encode_member`]), so a page is one
+//!   range read. Members start with the log id, which orders attempts of
+//!   the same millisecond and makes a member easy to recognize.
+//! - `…:w:<webhook>:s:<status>`: the same, only for the statuses that are
+//!   not `succeeded` (the rare ones users filter on); a succeeded attempt
+//!   is in one sorted set, a failed one in two.
+//! - `herald:logs:{<org>}:h:<webhook>`: a hash from 8 bytes of SHA-1 of a
+//!   delivery id to the times of its attempts (8 bytes each), which finds a
+//!   delivery's attempts (and one attempt by log id) without a scan; and
+//!   from `e:<event id>` to the deliveries of that event whose id is not
+//!   the one derived from (organization, event, webhook).
+//! - `herald:logs:{<org>}:webhooks`: the webhooks that have logs, which an
+//!   organization-wide list merges.
+//!
+//! Retention is by time only, for every webhook however busy: writes drop
+//! what fell out of it (a bounded number per write), reads ignore it, and
+//! every key expires with the retention, so an idle webhook's logs go away
+//! by themselves. Writes are idempotent: an attempt stored twice (a
+//! redelivery, or the same attempt published twice) is stored once.
 //!
 //! Everything here can be rebuilt from the attempts stream; [`BUILT_MARKER`]
 //! says that it was.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::collections::BTreeMap;
+use std::time::Duration;
 
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use herald_core::proto;
-use prost::Message;
 
-use crate::redis::Redis;
+use crate::now_ms;
+use crate::redis::{Conn, Redis};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
     #[error("redis unavailable")]
     Unavailable,
+    #[error("redis is full (maxmemory reached)")]
+    Full,
     #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
+    Redis(redis::RedisError),
     #[error("unexpected answer from redis: {0}")]
     Answer(String),
+}
+
+impl From<redis::RedisError> for IndexError {
+    fn from(error: redis::RedisError) -> Self {
+        if error.code() == Some("OOM") || error.to_string().contains("OOM ") {
+            IndexError::Full
+        } else {
+            IndexError::Redis(error)
+        }
+    }
 }
 
 pub fn status_name(status: proto::AttemptStatus) -> &'static str {
@@ -49,129 +72,534 @@ pub fn status_name(status: proto::AttemptStatus) -> &'static str {
         proto::AttemptStatus::Failed => "failed",
         proto::AttemptStatus::Retrying => "retrying",
         proto::AttemptStatus::Skipped => "skipped",
+        proto::AttemptStatus::Throttled => "throttled",
         proto::AttemptStatus::Unspecified => "unknown",
     }
 }
 
+fn status_by_name(name: &str) -> Option<proto::AttemptStatus> {
+    [
+        proto::AttemptStatus::Succeeded,
+        proto::AttemptStatus::Failed,
+        proto::AttemptStatus::Retrying,
+        proto::AttemptStatus::Skipped,
+        proto::AttemptStatus::Throttled,
+    ]
+    .into_iter()
+    .find(|s| status_name(*s) == name)
+}
+
 /// The statuses a log query may filter on.
-pub const STATUSES: &[&str] = &["succeeded", "failed", "retrying", "skipped"];
-
-/// Which attempts a query reads.
-#[derive(Debug, Clone)]
-pub enum Scope {
-    Webhook {
-        org: String,
-        webhook_id: String,
-        status: Option<String>,
-    },
-    Organization {
-        org: String,
-        event_type: Option<String>,
-    },
-}
-
-impl Scope {
-    fn key(&self) -> String {
-        match self {
-            Scope::Webhook {
-                org,
-                webhook_id,
-                status: None,
-            } => webhook_key(org, webhook_id),
-            Scope::Webhook {
-                org,
-                webhook_id,
-                status: Some(s),
-            } => format!("{}:s:{s}", webhook_key(org, webhook_id)),
-            Scope::Organization {
-                org,
-                event_type: None,
-            } => format!("herald:logs:o:{org}"),
-            Scope::Organization {
-                org,
-                event_type: Some(t),
-            } => format!("herald:logs:t:{org}:{t}"),
-        }
-    }
-}
-
-/// One page of attempts, newest first, and how many the scope holds. The
-/// attempts are summaries: no request, no response headers or body, no
-/// event ([`LogIndex::get`] has those).
-#[derive(Debug, Clone)]
-pub struct Page {
-    pub total: u64,
-    pub items: Vec<proto::AttemptResult>,
-}
-
-#[derive(Debug, Clone)]
-pub struct LogIndex {
-    redis: Redis,
-    retention: Duration,
-    max_per_webhook: usize,
-}
-
-fn webhook_key(org: &str, webhook_id: &str) -> String {
-    format!("herald:logs:w:{org}:{webhook_id}")
-}
+pub const STATUSES: &[&str] = &["succeeded", "failed", "retrying", "throttled", "skipped"];
 
 /// Set once the index holds everything of the attempts stream it should;
 /// missing after a Redis loss, which makes log-writer rebuild.
-pub const BUILT_MARKER: &str = "herald:logs:built";
+pub const BUILT_MARKER: &str = "herald:logs:{meta}:built";
 
 /// Held (with a token) by the log-writer replica that rebuilds the index; it
 /// vanishes with everything else when Redis loses its data, which is how a
-/// rebuild learns that what it wrote so far is gone.
-pub const REBUILD_LOCK: &str = "herald:logs:rebuilding";
+/// rebuild learns that what it wrote so far is gone. Same slot as the
+/// marker, so one script can check the one and set the other.
+pub const REBUILD_LOCK: &str = "herald:logs:{meta}:rebuilding";
 
-/// ARGV: log id, org, webhook, status, event type, score (ms), attempt
-/// (protobuf), entry ttl (s), list ttl (s), cutoff (ms), max per webhook,
-/// summary (protobuf).
-const WRITE_SCRIPT: &str = r"
-local id, org, wh, status, etype = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local score, ttl, list_ttl = ARGV[6], tonumber(ARGV[8]), tonumber(ARGV[9])
-local cutoff, max = ARGV[10], tonumber(ARGV[11])
-local entry = 'herald:log:' .. id
-redis.call('HSET', entry, 'pb', ARGV[7], 's', ARGV[12], 't', etype)
-redis.call('EXPIRE', entry, ttl)
-local wk = 'herald:logs:w:' .. org .. ':' .. wh
-local ok = 'herald:logs:o:' .. org
-for _, key in ipairs({wk, wk .. ':s:' .. status, ok, 'herald:logs:t:' .. org .. ':' .. etype}) do
-  redis.call('ZADD', key, score, id)
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. cutoff)
-  redis.call('EXPIRE', key, list_ttl)
+/// Longest error text a summary keeps (the detail has all of it).
+pub const SUMMARY_ERROR_BYTES: usize = 128;
+
+/// Entries a filtered list reads at most per request before it answers
+/// with what it found and a cursor to go on from.
+pub const SCAN_BUDGET: usize = 10_000;
+
+/// Most attempts one event or delivery lookup answers.
+pub const LOOKUP_LIMIT: usize = 10_000;
+
+fn webhook_key(org: &str, webhook_id: &str) -> String {
+    format!("herald:logs:{{{org}}}:w:{webhook_id}")
+}
+
+fn status_key(org: &str, webhook_id: &str, status: &str) -> String {
+    format!("{}:s:{status}", webhook_key(org, webhook_id))
+}
+
+fn lookup_key(org: &str, webhook_id: &str) -> String {
+    format!("herald:logs:{{{org}}}:h:{webhook_id}")
+}
+
+fn webhooks_key(org: &str) -> String {
+    format!("herald:logs:{{{org}}}:webhooks")
+}
+
+/// The delivery an attempt's log id belongs to: `<delivery>-<attempt>` or
+/// `<delivery>-<attempt>-t<n>` (a throttled answer).
+pub fn delivery_of(log_id: &str) -> &str {
+    fn strip<'a>(s: &'a str, marker: &str) -> Option<&'a str> {
+        let (head, tail) = s.rsplit_once(marker)?;
+        (!tail.is_empty() && tail.bytes().all(|b| b.is_ascii_digit())).then_some(head)
+    }
+    let id = strip(log_id, "-t").unwrap_or(log_id);
+    strip(id, "-").unwrap_or(id)
+}
+
+const FLAG_RESPONSE: u8 = 1;
+const FLAG_ERROR_CUT: u8 = 2;
+const FLAG_EVENT_MAPPED: u8 = 4;
+
+fn put_str(out: &mut Vec<u8>, s: &str, max: usize) -> bool {
+    let mut end = s.len().min(max).min(u16::MAX as usize);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.extend_from_slice(&(end as u16).to_be_bytes());
+    out.extend_from_slice(&s.as_bytes()[..end]);
+    end < s.len()
+}
+
+/// An attempt's summary as stored in the index: what a list shows, and
+/// the attempt's place in the attempts stream (`seq`). `None` for a log id
+/// that cannot be an index member (over 255 bytes).
+pub fn encode_member(a: &proto::AttemptResult, seq: u64, event_mapped: bool) -> Option<Vec<u8>> {
+    let log_id = a.log_id.as_bytes();
+    if log_id.is_empty() || log_id.len() > 255 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(96 + a.event_id.len() + a.event_type.len());
+    out.push(log_id.len() as u8);
+    out.extend_from_slice(log_id);
+    out.push(a.status as u8);
+    out.push(a.kind as u8);
+    out.extend_from_slice(&(a.attempt.min(u16::MAX as u32) as u16).to_be_bytes());
+    let status = a
+        .response
+        .as_ref()
+        .map_or(0, |r| r.status.min(u16::MAX as u32));
+    out.extend_from_slice(&(status as u16).to_be_bytes());
+    out.extend_from_slice(&(a.duration_ms.min(u32::MAX as u64) as u32).to_be_bytes());
+    out.extend_from_slice(&a.next_attempt_at_ms.to_be_bytes());
+    out.extend_from_slice(&seq.to_be_bytes());
+    let flags_at = out.len();
+    out.push(0);
+    let mut flags = 0;
+    if a.response.is_some() {
+        flags |= FLAG_RESPONSE;
+    }
+    if event_mapped {
+        flags |= FLAG_EVENT_MAPPED;
+    }
+    put_str(&mut out, &a.event_id, 1024);
+    put_str(&mut out, &a.event_type, 1024);
+    let delivery = if delivery_of(&a.log_id) == a.delivery_id {
+        ""
+    } else {
+        &a.delivery_id
+    };
+    put_str(&mut out, delivery, 1024);
+    if put_str(&mut out, &a.error, SUMMARY_ERROR_BYTES) {
+        flags |= FLAG_ERROR_CUT;
+    }
+    put_str(&mut out, &a.failure_reason, 256);
+    put_str(&mut out, &a.job_id, 256);
+    out[flags_at] = flags;
+    Some(out)
+}
+
+/// One attempt as the index knows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    /// The attempt without request, response headers and bodies, or event;
+    /// its error cut at [`SUMMARY_ERROR_BYTES`] (`error_truncated`).
+    pub attempt: proto::AttemptResult,
+    pub error_truncated: bool,
+    /// Its sequence in the attempts stream, where it is in full.
+    pub seq: u64,
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Some(head)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)
+            .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8)
+            .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
+    }
+    fn str(&mut self) -> Option<String> {
+        let n = self.u16()? as usize;
+        String::from_utf8(self.take(n)?.to_vec()).ok()
+    }
+}
+
+/// Reads a member back ([`encode_member`]); `score` is its attempt time.
+pub fn decode_member(member: &[u8], score: i64) -> Option<Entry> {
+    let mut r = Reader(member);
+    let n = r.u8()? as usize;
+    let log_id = String::from_utf8(r.take(n)?.to_vec()).ok()?;
+    let status = r.u8()? as i32;
+    let kind = r.u8()? as i32;
+    let attempt = r.u16()? as u32;
+    let response_status = r.u16()? as u32;
+    let duration_ms = r.u32()? as u64;
+    let next_attempt_at_ms = r.u64()? as i64;
+    let seq = r.u64()?;
+    let flags = r.u8()?;
+    let event_id = r.str()?;
+    let event_type = r.str()?;
+    let delivery = r.str()?;
+    let error = r.str()?;
+    let failure_reason = r.str()?;
+    let job_id = r.str()?;
+    let delivery_id = if delivery.is_empty() {
+        delivery_of(&log_id).to_owned()
+    } else {
+        delivery
+    };
+    Some(Entry {
+        attempt: proto::AttemptResult {
+            log_id,
+            delivery_id,
+            event_id,
+            event_type,
+            attempt,
+            status,
+            kind,
+            response: (flags & FLAG_RESPONSE != 0).then(|| proto::HttpResponse {
+                status: response_status,
+                ..Default::default()
+            }),
+            error,
+            duration_ms,
+            attempted_at_ms: score,
+            next_attempt_at_ms,
+            failure_reason,
+            job_id,
+            ..Default::default()
+        },
+        error_truncated: flags & FLAG_ERROR_CUT != 0,
+        seq,
+    })
+}
+
+/// Where a list goes on from: after the attempt at `score` with this log id
+/// (newest first, ties by log id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    score: i64,
+    /// The member's first bytes: the log id's length, then the log id.
+    prefix: Vec<u8>,
+}
+
+impl Cursor {
+    fn of(score: i64, member: &[u8]) -> Option<Self> {
+        let n = *member.first()? as usize;
+        (member.len() > n).then(|| Self {
+            score,
+            prefix: member[..=n].to_vec(),
+        })
+    }
+
+    /// The opaque text given to clients.
+    pub fn encode(&self) -> String {
+        let mut bytes = self.score.to_be_bytes().to_vec();
+        bytes.extend_from_slice(&self.prefix);
+        B64URL.encode(bytes)
+    }
+
+    /// Reads a client's cursor; `None` when it is not one.
+    pub fn parse(text: &str) -> Option<Self> {
+        let bytes = B64URL.decode(text).ok()?;
+        if bytes.len() < 10 {
+            return None;
+        }
+        let score = i64::from_be_bytes(bytes[..8].try_into().ok()?);
+        let prefix = bytes[8..].to_vec();
+        (prefix[0] as usize + 1 == prefix.len()).then_some(Self { score, prefix })
+    }
+
+    /// Whether an attempt at (`score`, `member`) comes after the cursor.
+    fn passes(&self, score: i64, member: &[u8]) -> bool {
+        score < self.score
+            || (score == self.score && member_prefix(member) < self.prefix.as_slice())
+    }
+}
+
+fn member_prefix(member: &[u8]) -> &[u8] {
+    let n = member.first().map_or(0, |n| *n as usize);
+    &member[..(n + 1).min(member.len())]
+}
+
+/// What a list asks for. Lists are newest first; `since` is inclusive,
+/// `until` exclusive (ms).
+#[derive(Debug, Clone, Default)]
+pub struct Query {
+    pub org: String,
+    /// One webhook's attempts; all of the organization's when `None`.
+    pub webhook_id: Option<String>,
+    pub status: Option<String>,
+    pub event_type: Option<String>,
+    pub event_id: Option<String>,
+    pub delivery_id: Option<String>,
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    pub cursor: Option<Cursor>,
+    pub offset: usize,
+    pub limit: usize,
+}
+
+/// One page of attempts, newest first. `total` is how many the query
+/// matches in all, when known without reading more than [`SCAN_BUDGET`]
+/// entries (always for unfiltered lists, lookups and status lists).
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub total: Option<u64>,
+    pub items: Vec<Entry>,
+    pub next_cursor: Option<Cursor>,
+}
+
+/// Shared Lua helpers: the member layout of [`encode_member`] and the
+/// lookup fields.
+const LUA_HELPERS: &str = r"
+local function u16(m, p) local a, b = m:byte(p, p + 1) return a * 256 + b end
+local function prefix(m) return m:sub(1, 1 + m:byte(1)) end
+local function derive(log_id)
+  local d = (log_id:gsub('%-t%d+$', ''))
+  return (d:gsub('%-%d+$', ''))
 end
-local over = redis.call('ZCARD', wk) - max
-if over > 0 then
-  for _, old in ipairs(redis.call('ZRANGE', wk, 0, over - 1)) do
-    local old_entry = 'herald:log:' .. old
-    local old_type = redis.call('HGET', old_entry, 't')
-    redis.call('ZREM', wk, old)
-    for _, s in ipairs({'succeeded', 'failed', 'retrying', 'skipped', 'unknown'}) do
-      redis.call('ZREM', wk .. ':s:' .. s, old)
-    end
-    redis.call('ZREM', ok, old)
-    if old_type then
-      redis.call('ZREM', 'herald:logs:t:' .. org .. ':' .. old_type, old)
-    end
-    redis.call('DEL', old_entry)
-  end
+-- log id, status, flags, event id, event type, delivery id
+local function fields(m)
+  local n = m:byte(1)
+  local log_id = m:sub(2, 1 + n)
+  local p = n + 29
+  local el = u16(m, p) local event_id = m:sub(p + 2, p + 1 + el) p = p + 2 + el
+  local tl = u16(m, p) local etype = m:sub(p + 2, p + 1 + tl) p = p + 2 + tl
+  local dl = u16(m, p) local delivery = m:sub(p + 2, p + 1 + dl)
+  if dl == 0 then delivery = derive(log_id) end
+  return log_id, m:byte(2 + n), m:byte(28 + n), event_id, etype, delivery
 end
-return 1
+local function field(s)
+  local h = redis.sha1hex(s)
+  local out = {}
+  for i = 1, 16, 2 do out[#out + 1] = string.char(tonumber(h:sub(i, i + 1), 16)) end
+  return table.concat(out)
+end
+local function has8(s, x)
+  for i = 1, #s, 8 do if s:sub(i, i + 7) == x then return true end end
+  return false
+end
+local function drop8(s, x)
+  local out = {}
+  for i = 1, #s, 8 do local c = s:sub(i, i + 7) if c ~= x then out[#out + 1] = c end end
+  return table.concat(out)
+end
 ";
 
-/// KEYS: the list. ARGV: cutoff (ms), offset, limit. Answers the total,
-/// then the attempts of the page.
-const PAGE_SCRIPT: &str = r"
-local total = redis.call('ZCOUNT', KEYS[1], ARGV[1], '+inf')
-local offset, limit = tonumber(ARGV[2]), tonumber(ARGV[3])
-local out = {total}
-if offset >= total or limit <= 0 then return out end
-local last = math.min(offset + limit, total) - 1
-for _, id in ipairs(redis.call('ZREVRANGE', KEYS[1], offset, last)) do
-  local entry = 'herald:log:' .. id
-  local s = redis.call('HGET', entry, 's') or redis.call('HGET', entry, 'pb')
-  if s then out[#out + 1] = s end
+/// KEYS: the organization's webhooks set, then the keys of the batch (all
+/// of one organization). ARGV: cutoff (ms), ttl (s), then per attempt: W,
+/// S (0: none) and H key indexes, score, member, delivery id, event id (or
+/// empty when the delivery id is the derived one), webhook id.
+const WRITE_BODY: &str = r"
+local cutoff, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
+local touched, stored = {}, 0
+for i = 3, #ARGV, 8 do
+  local w, si, h = KEYS[tonumber(ARGV[i])], tonumber(ARGV[i + 1]), KEYS[tonumber(ARGV[i + 2])]
+  local score_s, member = ARGV[i + 3], ARGV[i + 4]
+  local score = tonumber(score_s)
+  touched[w] = h
+  if score >= cutoff then
+    local p, seen = prefix(member), false
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', w, score_s, score_s)) do
+      if m:sub(1, #p) == p then seen = true break end
+    end
+    if not seen then
+      redis.call('ZADD', w, score_s, member)
+      if si > 0 then
+        local s = KEYS[si]
+        redis.call('ZADD', s, score_s, member)
+        redis.call('ZREMRANGEBYSCORE', s, '-inf', '(' .. ARGV[1])
+        redis.call('EXPIRE', s, ttl)
+      end
+      local df, t = field(ARGV[i + 5]), struct.pack('>d', score)
+      local cur = redis.call('HGET', h, df) or ''
+      if not has8(cur, t) then redis.call('HSET', h, df, cur .. t) end
+      if ARGV[i + 6] ~= '' then
+        local ef = field('e:' .. ARGV[i + 6])
+        local ev = redis.call('HGET', h, ef) or ''
+        if not has8(ev, df) then redis.call('HSET', h, ef, ev .. df) end
+      end
+      redis.call('SADD', KEYS[1], ARGV[i + 7])
+      stored = stored + 1
+    end
+  end
+end
+for w, h in pairs(touched) do
+  local old = redis.call('ZRANGEBYSCORE', w, '-inf', '(' .. ARGV[1], 'WITHSCORES', 'LIMIT', 0, 256)
+  for j = 1, #old, 2 do
+    local m, score = old[j], tonumber(old[j + 1])
+    local _, _, flags, event_id, _, delivery = fields(m)
+    local df = field(delivery)
+    local rest = drop8(redis.call('HGET', h, df) or '', struct.pack('>d', score))
+    if rest == '' then
+      redis.call('HDEL', h, df)
+      if bit.band(flags, 4) ~= 0 then
+        local ef = field('e:' .. event_id)
+        local ev = drop8(redis.call('HGET', h, ef) or '', df)
+        if ev == '' then redis.call('HDEL', h, ef) else redis.call('HSET', h, ef, ev) end
+      end
+    else
+      redis.call('HSET', h, df, rest)
+    end
+    redis.call('ZREM', w, m)
+  end
+  redis.call('EXPIRE', w, ttl)
+  redis.call('EXPIRE', h, ttl)
+end
+redis.call('EXPIRE', KEYS[1], ttl)
+return stored
+";
+
+/// KEYS: sorted sets of summaries to merge. ARGV: min score (inclusive),
+/// until (exclusive, or +inf), cursor score (or empty), cursor prefix,
+/// offset, limit, status (0: any), event type (or empty), scan budget.
+/// Answers: total (-1 when unknown), next cursor score and prefix (empty:
+/// none), then score, member and key number of each attempt of the page.
+const PAGE_BODY: &str = r"
+local min, untl = tonumber(ARGV[1]), ARGV[2]
+local cs = nil
+if ARGV[3] ~= '' then cs = tonumber(ARGV[3]) end
+local cp = ARGV[4]
+local offset, limit = tonumber(ARGV[5]), tonumber(ARGV[6])
+local want_status, want_type = tonumber(ARGV[7]), ARGV[8]
+local filtered = want_status > 0 or want_type ~= ''
+local fast = #KEYS == 1 and not filtered
+local need = offset + limit + 1
+if fast then need = limit + 1 end
+local per_key = math.max(need, math.floor(tonumber(ARGV[9]) / #KEYS))
+local function passes(m)
+  if not filtered then return true end
+  local _, status, _, _, etype = fields(m)
+  if want_status > 0 and status ~= want_status then return false end
+  if want_type ~= '' and etype ~= want_type then return false end
+  return true
+end
+local function newer(s1, p1, s2, p2) return s1 > s2 or (s1 == s2 and p1 > p2) end
+local items, frontier, complete, matched = {}, nil, true, 0
+for ki, k in ipairs(KEYS) do
+  local pos = 0
+  if cs then pos = redis.call('ZCOUNT', k, '(' .. ARGV[3], '+inf')
+  elseif untl ~= '+inf' then pos = redis.call('ZCOUNT', k, untl, '+inf') end
+  if fast and not cs then pos = pos + offset end
+  local scanned, got, done, stop = 0, 0, false, nil
+  while not done and not stop do
+    local chunk = redis.call('ZREVRANGE', k, pos, pos + 255, 'WITHSCORES')
+    if #chunk == 0 then done = true break end
+    pos = pos + #chunk / 2
+    for j = 1, #chunk, 2 do
+      local m, s = chunk[j], tonumber(chunk[j + 1])
+      if s < min then done = true break end
+      if not (cs and s == cs and prefix(m) >= cp) then
+        scanned = scanned + 1
+        if passes(m) then
+          got = got + 1
+          if got <= need then items[#items + 1] = {s, m, ki} end
+          if got == need and not filtered then stop = {s, prefix(m)} break end
+        end
+        if scanned >= per_key then
+          if got >= need then stop = {items[#items][1], prefix(items[#items][2])}
+          else stop = {s, prefix(m)} end
+          break
+        end
+      end
+    end
+  end
+  matched = matched + got
+  if not done then
+    complete = false
+    if stop and (frontier == nil or newer(stop[1], stop[2], frontier[1], frontier[2])) then
+      frontier = stop
+    end
+  end
+end
+table.sort(items, function(a, b) return newer(a[1], prefix(a[2]), b[1], prefix(b[2])) end)
+local valid = {}
+for _, it in ipairs(items) do
+  if frontier and newer(frontier[1], frontier[2], it[1], prefix(it[2])) then break end
+  valid[#valid + 1] = it
+end
+local first = offset + 1
+if fast then first = 1 end
+local total = -1
+if not filtered then
+  total = 0
+  local hi = '+inf'
+  if untl ~= '+inf' then hi = '(' .. untl end
+  for _, k in ipairs(KEYS) do total = total + redis.call('ZCOUNT', k, ARGV[1], hi) end
+elseif complete and not cs then
+  total = matched
+end
+local out = {total, '', ''}
+local last = first + limit - 1
+for i = first, math.min(last, #valid) do
+  out[#out + 1] = string.format('%d', valid[i][1])
+  out[#out + 1] = valid[i][2]
+  out[#out + 1] = valid[i][3]
+end
+local shown = (#out - 3) / 3
+if #valid > last then
+  out[2], out[3] = out[#out - 2], prefix(out[#out - 1])
+elseif frontier then
+  if shown == limit then out[2], out[3] = out[#out - 2], prefix(out[#out - 1])
+  else out[2], out[3] = string.format('%d', frontier[1]), frontier[2] end
+end
+return out
+";
+
+/// KEYS: pairs of W and H keys. ARGV: `d` and a delivery id, or `e` and an
+/// event id, then the most to answer, then (for `e`) each webhook's
+/// derived delivery id for it. Answers score, member and pair number of
+/// every attempt found.
+const LOOKUP_BODY: &str = r"
+local out, limit = {}, tonumber(ARGV[3])
+for i = 1, #KEYS, 2 do
+  local w, h = KEYS[i], KEYS[i + 1]
+  local wanted = {}
+  if ARGV[1] == 'd' then
+    wanted[field(ARGV[2])] = true
+  else
+    local derived = ARGV[3 + (i + 1) / 2]
+    if derived ~= '' then wanted[field(derived)] = true end
+    local mapped = redis.call('HGET', h, field('e:' .. ARGV[2])) or ''
+    for j = 1, #mapped, 8 do wanted[mapped:sub(j, j + 7)] = true end
+  end
+  for df, _ in pairs(wanted) do
+    local times = redis.call('HGET', h, df) or ''
+    for j = 1, #times, 8 do
+      local t = struct.unpack('>d', times:sub(j, j + 7))
+      local ts = string.format('%d', t)
+      for _, m in ipairs(redis.call('ZRANGEBYSCORE', w, ts, ts)) do
+        local _, _, _, event_id, _, delivery = fields(m)
+        if field(delivery) == df and (ARGV[1] == 'd' or event_id == ARGV[2]) then
+          if #out < limit * 3 then
+            out[#out + 1] = ts
+            out[#out + 1] = m
+            out[#out + 1] = (i + 1) / 2
+          end
+        end
+      end
+    end
+  end
 end
 return out
 ";
@@ -205,32 +633,32 @@ end
 return 0
 ";
 
-/// What a list shows of an attempt.
-pub fn summary(a: &proto::AttemptResult) -> proto::AttemptResult {
-    proto::AttemptResult {
-        request: None,
-        response: a.response.as_ref().map(|r| proto::HttpResponse {
-            status: r.status,
-            ..Default::default()
-        }),
-        event: None,
-        ..a.clone()
-    }
+/// An attempt to store and its sequence in the attempts stream.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub attempt: proto::AttemptResult,
+    pub seq: u64,
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
+#[derive(Debug, Clone)]
+pub struct LogIndex {
+    redis: Redis,
+    retention: Duration,
+    write: std::sync::Arc<redis::Script>,
+    page: std::sync::Arc<redis::Script>,
+    lookup: std::sync::Arc<redis::Script>,
 }
 
 impl LogIndex {
-    pub fn new(redis: Redis, retention: Duration, max_per_webhook: usize) -> Self {
+    pub fn new(redis: Redis, retention: Duration) -> Self {
+        let script =
+            |body: &str| std::sync::Arc::new(redis::Script::new(&format!("{LUA_HELPERS}{body}")));
         Self {
             redis,
             retention,
-            max_per_webhook,
+            write: script(WRITE_BODY),
+            page: script(PAGE_BODY),
+            lookup: script(LOOKUP_BODY),
         }
     }
 
@@ -246,7 +674,7 @@ impl LogIndex {
         now_ms() - self.retention.as_millis() as i64
     }
 
-    async fn conn(&self) -> Result<redis::aio::ConnectionManager, IndexError> {
+    async fn conn(&self) -> Result<Conn, IndexError> {
         self.redis.conn().await.ok_or(IndexError::Unavailable)
     }
 
@@ -263,84 +691,293 @@ impl LogIndex {
             .map_err(IndexError::from)
     }
 
-    /// Stores a batch of attempts in one round trip. Attempts already older
-    /// than the retention are skipped.
-    pub async fn write(&self, attempts: &[proto::AttemptResult]) -> Result<(), IndexError> {
-        let now = now_ms();
-        let cutoff = now - self.retention.as_millis() as i64;
-        let retention_s = self.retention.as_secs().max(1) as i64;
-        let script = redis::Script::new(WRITE_SCRIPT);
-        let mut pipe = redis::pipe();
-        pipe.load_script(&script).ignore();
-        let mut count = 0usize;
-        for a in attempts.iter().filter(|a| a.attempted_at_ms >= cutoff) {
-            // The entry lives as long as the attempt stays in the retention.
-            let left_ms = a.attempted_at_ms + self.retention.as_millis() as i64 - now;
-            let ttl = (left_ms / 1000).clamp(1, retention_s);
-            let mut invocation = script.prepare_invoke();
-            invocation
-                .arg(&a.log_id)
-                .arg(&a.organization_id)
-                .arg(&a.webhook_id)
-                .arg(status_name(a.status()))
-                .arg(&a.event_type)
-                .arg(a.attempted_at_ms)
-                .arg(a.encode_to_vec())
-                .arg(ttl)
-                .arg(retention_s)
-                .arg(cutoff)
-                .arg(self.max_per_webhook.min(i64::MAX as usize) as i64)
-                .arg(summary(a).encode_to_vec());
-            pipe.invoke_script(&invocation).ignore();
-            count += 1;
+    /// Stores a batch of attempts: one script per organization in the batch
+    /// (one slot each). Attempts already older than the retention are
+    /// skipped. Answers how many were new.
+    pub async fn write(&self, attempts: &[Stored]) -> Result<u64, IndexError> {
+        let cutoff = self.cutoff_ms();
+        let ttl = self.retention.as_secs().max(1);
+        let mut by_org: BTreeMap<&str, Vec<&Stored>> = BTreeMap::new();
+        for s in attempts
+            .iter()
+            .filter(|s| s.attempt.attempted_at_ms >= cutoff)
+        {
+            by_org
+                .entry(&s.attempt.organization_id)
+                .or_default()
+                .push(s);
         }
-        if count == 0 {
-            return Ok(());
+        let mut stored = 0;
+        for (org, batch) in by_org {
+            let mut keys: Vec<String> = vec![webhooks_key(org)];
+            let index_of = |key: String, keys: &mut Vec<String>| -> usize {
+                match keys.iter().position(|k| *k == key) {
+                    Some(i) => i + 1,
+                    None => {
+                        keys.push(key);
+                        keys.len()
+                    }
+                }
+            };
+            let mut args: Vec<Vec<u8>> = vec![cutoff.to_string().into(), ttl.to_string().into()];
+            for s in batch {
+                let a = &s.attempt;
+                let derived = herald_core::ids::delivery_id(org, &a.event_id, &a.webhook_id);
+                let mapped = a.delivery_id != derived && !a.event_id.is_empty();
+                let Some(member) = encode_member(a, s.seq, mapped) else {
+                    tracing::warn!(log_id = %a.log_id, "attempt with an unusable log id not indexed");
+                    continue;
+                };
+                let w = index_of(webhook_key(org, &a.webhook_id), &mut keys);
+                let status = status_name(a.status());
+                let si = if a.status() == proto::AttemptStatus::Succeeded {
+                    0
+                } else {
+                    index_of(status_key(org, &a.webhook_id, status), &mut keys)
+                };
+                let h = index_of(lookup_key(org, &a.webhook_id), &mut keys);
+                args.extend([
+                    w.to_string().into_bytes(),
+                    si.to_string().into_bytes(),
+                    h.to_string().into_bytes(),
+                    a.attempted_at_ms.to_string().into_bytes(),
+                    member,
+                    a.delivery_id.clone().into_bytes(),
+                    if mapped {
+                        a.event_id.clone().into_bytes()
+                    } else {
+                        Vec::new()
+                    },
+                    a.webhook_id.clone().into_bytes(),
+                ]);
+            }
+            if args.len() == 2 {
+                continue;
+            }
+            let count = (args.len() - 2) / 8;
+            let mut invocation = self.write.prepare_invoke();
+            for key in &keys {
+                invocation.key(key);
+            }
+            for arg in &args {
+                invocation.arg(arg.as_slice());
+            }
+            let mut conn = self.conn().await?;
+            let scale = 4 + (count / 100) as u32;
+            let n: u64 = self
+                .bounded(scale, invocation.invoke_async(&mut conn))
+                .await?;
+            stored += n;
         }
-        let mut conn = self.conn().await?;
-        let scale = 4 + (count / 100) as u32;
-        self.bounded(scale, pipe.query_async::<()>(&mut conn)).await
+        Ok(stored)
     }
 
-    /// Attempts newest first, with the total count of the scope.
-    pub async fn page(
-        &self,
-        scope: &Scope,
-        limit: usize,
-        offset: usize,
-    ) -> Result<Page, IndexError> {
+    /// A page of attempts, newest first.
+    pub async fn page(&self, q: &Query) -> Result<Page, IndexError> {
+        let min = q.since_ms.unwrap_or(i64::MIN).max(self.cutoff_ms());
+        if q.event_id.is_some() || q.delivery_id.is_some() {
+            return self.lookup_page(q, min).await;
+        }
         let mut conn = self.conn().await?;
-        let script = redis::Script::new(PAGE_SCRIPT);
-        let mut invocation = script.key(scope.key());
-        invocation.arg(self.cutoff_ms()).arg(offset).arg(limit);
-        let answer: Vec<redis::Value> = self.bounded(4, invocation.invoke_async(&mut conn)).await?;
+        let webhooks = match &q.webhook_id {
+            Some(id) => vec![id.clone()],
+            None => {
+                let cmd = redis::cmd("SMEMBERS").arg(webhooks_key(&q.org)).clone();
+                let mut ids: Vec<String> = self.bounded(1, cmd.query_async(&mut conn)).await?;
+                ids.sort();
+                ids
+            }
+        };
+        if webhooks.is_empty() {
+            return Ok(Page {
+                total: Some(0),
+                items: Vec::new(),
+                next_cursor: None,
+            });
+        }
+        // A status other than succeeded has lists of its own; a succeeded
+        // or event-type filter is read from the webhook's list.
+        let mut want_status = 0;
+        let keys: Vec<String> = match q.status.as_deref() {
+            Some(s) if s != "succeeded" => {
+                webhooks.iter().map(|w| status_key(&q.org, w, s)).collect()
+            }
+            other => {
+                if let Some(name) = other {
+                    want_status = status_by_name(name).map_or(-1, |s| s as i32);
+                }
+                webhooks.iter().map(|w| webhook_key(&q.org, w)).collect()
+            }
+        };
+        let mut invocation = self.page.prepare_invoke();
+        for key in &keys {
+            invocation.key(key);
+        }
+        let (cursor_score, cursor_prefix) = match &q.cursor {
+            Some(c) => (c.score.to_string(), c.prefix.clone()),
+            None => (String::new(), Vec::new()),
+        };
+        invocation
+            .arg(min)
+            .arg(q.until_ms.map_or("+inf".to_owned(), |u| u.to_string()))
+            .arg(cursor_score)
+            .arg(cursor_prefix)
+            .arg(q.offset)
+            .arg(q.limit)
+            .arg(want_status)
+            .arg(q.event_type.as_deref().unwrap_or(""))
+            .arg(SCAN_BUDGET);
+        let answer: Vec<redis::Value> = self.bounded(8, invocation.invoke_async(&mut conn)).await?;
         let mut answer = answer.into_iter();
         let total = match answer.next() {
-            Some(redis::Value::Int(n)) => n.max(0) as u64,
+            Some(redis::Value::Int(n)) => u64::try_from(n).ok(),
             other => return Err(IndexError::Answer(format!("{other:?}"))),
         };
-        let items = answer
-            .filter_map(|v| match v {
-                redis::Value::BulkString(bytes) => {
-                    proto::AttemptResult::decode(bytes.as_slice()).ok()
-                }
-                _ => None,
-            })
-            .collect();
-        Ok(Page { total, items })
+        let bytes = |v: Option<redis::Value>| match v {
+            Some(redis::Value::BulkString(b)) => Some(b),
+            _ => None,
+        };
+        let next_score = bytes(answer.next()).unwrap_or_default();
+        let next_prefix = bytes(answer.next()).unwrap_or_default();
+        let next_cursor = std::str::from_utf8(&next_score)
+            .ok()
+            .and_then(|s| s.parse::<i64>().ok())
+            .filter(|_| !next_prefix.is_empty())
+            .map(|score| Cursor {
+                score,
+                prefix: next_prefix,
+            });
+        let mut items = Vec::new();
+        while let (Some(score), Some(member), Some(redis::Value::Int(k))) =
+            (bytes(answer.next()), bytes(answer.next()), answer.next())
+        {
+            let score = std::str::from_utf8(&score)
+                .ok()
+                .and_then(|s| s.parse::<i64>().ok())
+                .unwrap_or_default();
+            if let Some(mut entry) = decode_member(&member, score) {
+                entry.attempt.organization_id = q.org.clone();
+                entry.attempt.webhook_id = webhooks
+                    .get((k as usize).wrapping_sub(1))
+                    .cloned()
+                    .unwrap_or_default();
+                items.push(entry);
+            }
+        }
+        Ok(Page {
+            total,
+            items,
+            next_cursor,
+        })
     }
 
-    /// One attempt in full, if it is still kept.
-    pub async fn get(&self, log_id: &str) -> Result<Option<proto::AttemptResult>, IndexError> {
+    async fn lookup_page(&self, q: &Query, min: i64) -> Result<Page, IndexError> {
         let mut conn = self.conn().await?;
-        let cmd = redis::cmd("HGET")
-            .arg(format!("herald:log:{log_id}"))
-            .arg("pb")
-            .clone();
-        let bytes: Option<Vec<u8>> = self.bounded(1, cmd.query_async(&mut conn)).await?;
-        Ok(bytes
-            .and_then(|b| proto::AttemptResult::decode(b.as_slice()).ok())
-            .filter(|a| a.attempted_at_ms >= self.cutoff_ms()))
+        let webhooks = match &q.webhook_id {
+            Some(id) => vec![id.clone()],
+            None => {
+                let cmd = redis::cmd("SMEMBERS").arg(webhooks_key(&q.org)).clone();
+                let mut ids: Vec<String> = self.bounded(1, cmd.query_async(&mut conn)).await?;
+                ids.sort();
+                ids
+            }
+        };
+        let mut found = Vec::new();
+        if !webhooks.is_empty() {
+            let mut invocation = self.lookup.prepare_invoke();
+            for w in &webhooks {
+                invocation
+                    .key(webhook_key(&q.org, w))
+                    .key(lookup_key(&q.org, w));
+            }
+            match (&q.delivery_id, &q.event_id) {
+                (Some(d), _) => {
+                    invocation.arg("d").arg(d).arg(LOOKUP_LIMIT);
+                }
+                (None, Some(e)) => {
+                    invocation.arg("e").arg(e).arg(LOOKUP_LIMIT);
+                    for w in &webhooks {
+                        invocation.arg(herald_core::ids::delivery_id(&q.org, e, w));
+                    }
+                }
+                (None, None) => unreachable!("a lookup names an event or a delivery"),
+            }
+            let answer: Vec<redis::Value> =
+                self.bounded(4, invocation.invoke_async(&mut conn)).await?;
+            for triple in answer.chunks(3) {
+                let [
+                    redis::Value::BulkString(score),
+                    redis::Value::BulkString(member),
+                    redis::Value::Int(k),
+                ] = triple
+                else {
+                    continue;
+                };
+                let score = std::str::from_utf8(score)
+                    .ok()
+                    .and_then(|s| s.parse::<i64>().ok())
+                    .unwrap_or_default();
+                if let Some(mut entry) = decode_member(member, score) {
+                    entry.attempt.organization_id = q.org.clone();
+                    entry.attempt.webhook_id = webhooks
+                        .get((*k as usize).wrapping_sub(1))
+                        .cloned()
+                        .unwrap_or_default();
+                    found.push((score, member.clone(), entry));
+                }
+            }
+        }
+        let want_status = q.status.as_deref().and_then(status_by_name);
+        found.retain(|(score, member, e)| {
+            *score >= min
+                && q.until_ms.is_none_or(|u| *score < u)
+                && want_status.is_none_or(|s| e.attempt.status() == s)
+                && q.event_type
+                    .as_ref()
+                    .is_none_or(|t| e.attempt.event_type == *t)
+                && q.delivery_id
+                    .as_ref()
+                    .is_none_or(|d| e.attempt.delivery_id == *d)
+                && q.event_id
+                    .as_ref()
+                    .is_none_or(|ev| e.attempt.event_id == *ev)
+                && q.cursor.as_ref().is_none_or(|c| c.passes(*score, member))
+        });
+        found.sort_by(|a, b| (b.0, member_prefix(&b.1)).cmp(&(a.0, member_prefix(&a.1))));
+        found.dedup_by(|a, b| a.0 == b.0 && member_prefix(&a.1) == member_prefix(&b.1));
+        let total = (q.cursor.is_none()).then_some(found.len() as u64);
+        let more = found.len() > q.offset + q.limit;
+        let items: Vec<(i64, Vec<u8>, Entry)> =
+            found.into_iter().skip(q.offset).take(q.limit).collect();
+        let next_cursor = if more {
+            items.last().and_then(|(s, m, _)| Cursor::of(*s, m))
+        } else {
+            None
+        };
+        let items: Vec<Entry> = items.into_iter().map(|(_, _, e)| e).collect();
+        Ok(Page {
+            total,
+            items,
+            next_cursor,
+        })
+    }
+
+    /// One attempt of a webhook by log id, if the index still holds it.
+    pub async fn get(
+        &self,
+        org: &str,
+        webhook_id: &str,
+        log_id: &str,
+    ) -> Result<Option<Entry>, IndexError> {
+        let q = Query {
+            org: org.to_owned(),
+            webhook_id: Some(webhook_id.to_owned()),
+            delivery_id: Some(delivery_of(log_id).to_owned()),
+            limit: LOOKUP_LIMIT,
+            ..Default::default()
+        };
+        let page = self.lookup_page(&q, self.cutoff_ms()).await?;
+        Ok(page.items.into_iter().find(|e| e.attempt.log_id == log_id))
     }
 
     /// Whether the index is complete (no rebuild needed).
@@ -381,5 +1018,93 @@ impl LogIndex {
         invocation.key(BUILT_MARKER).arg(token);
         let done: i64 = self.bounded(1, invocation.invoke_async(&mut conn)).await?;
         Ok(done == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_ids_name_their_delivery() {
+        for (log_id, delivery) in [
+            ("msg_ab12-1", "msg_ab12"),
+            ("msg_ab12-12-t3", "msg_ab12"),
+            ("msg_a-b-2", "msg_a-b"),
+            ("plain", "plain"),
+            ("msg_x-t", "msg_x-t"),
+            ("msg_x-", "msg_x-"),
+        ] {
+            assert_eq!(delivery_of(log_id), delivery, "{log_id}");
+        }
+    }
+
+    #[test]
+    fn members_round_trip() {
+        let mut a = proto::AttemptResult {
+            log_id: "msg_0123-2".into(),
+            delivery_id: "msg_0123".into(),
+            event_id: "evt_1".into(),
+            event_type: "workflow.completed".into(),
+            attempt: 2,
+            response: Some(proto::HttpResponse {
+                status: 503,
+                ..Default::default()
+            }),
+            error: "é".repeat(100),
+            duration_ms: 42,
+            attempted_at_ms: 1_700_000_000_123,
+            next_attempt_at_ms: 1_700_000_005_000,
+            failure_reason: "exhausted".into(),
+            job_id: "job_1".into(),
+            ..Default::default()
+        };
+        a.set_status(proto::AttemptStatus::Retrying);
+        a.set_kind(proto::DeliveryKind::Replay);
+        let member = encode_member(&a, 77, true).unwrap();
+        let entry = decode_member(&member, a.attempted_at_ms).unwrap();
+        assert_eq!(entry.seq, 77);
+        assert!(entry.error_truncated);
+        assert_eq!(entry.attempt.error, "é".repeat(64));
+        let expected = proto::AttemptResult {
+            error: "é".repeat(64),
+            ..a.clone()
+        };
+        assert_eq!(entry.attempt, expected);
+        // The delivery id is stored only when the log id does not name it.
+        let other = proto::AttemptResult {
+            delivery_id: "msg_other".into(),
+            ..a.clone()
+        };
+        let longer = encode_member(&other, 77, false).unwrap();
+        assert_eq!(longer.len(), member.len() + "msg_other".len());
+        assert_eq!(
+            decode_member(&longer, 0).unwrap().attempt.delivery_id,
+            "msg_other"
+        );
+        assert!(encode_member(&proto::AttemptResult::default(), 1, false).is_none());
+    }
+
+    #[test]
+    fn cursors_round_trip_and_refuse_junk() {
+        let a = proto::AttemptResult {
+            log_id: "msg_1-1".into(),
+            ..Default::default()
+        };
+        let member = encode_member(&a, 5, false).unwrap();
+        let cursor = Cursor::of(1234, &member).unwrap();
+        assert_eq!(Cursor::parse(&cursor.encode()), Some(cursor.clone()));
+        for junk in [
+            "",
+            "x",
+            "!!!",
+            &B64URL.encode([0u8; 9]),
+            &B64URL.encode([0u8; 12]),
+        ] {
+            assert_eq!(Cursor::parse(junk), None, "{junk}");
+        }
+        assert!(cursor.passes(1233, &member));
+        assert!(!cursor.passes(1234, &member));
+        assert!(!cursor.passes(1235, &member));
     }
 }

@@ -80,6 +80,25 @@ pub fn watch_consumer(
 
 /// Samples how many deliveries wait for a retry into `herald_retries_pending`
 /// until `shutdown`.
+/// Whether the durable `consumer` of `stream` has nothing pending and
+/// nothing unacknowledged: every message so far is handled (tests and the
+/// benchmark wait for the matcher with it).
+pub async fn consumer_idle(js: &jetstream::Context, stream: &str, consumer: &str) -> bool {
+    let Ok(stream) = js.get_stream(stream).await else {
+        return false;
+    };
+    let Ok(mut consumer) = stream
+        .get_consumer::<jetstream::consumer::pull::Config>(consumer)
+        .await
+    else {
+        return false;
+    };
+    consumer
+        .info()
+        .await
+        .is_ok_and(|i| i.num_pending == 0 && i.num_ack_pending == 0)
+}
+
 pub fn watch_retries(health: &Health, js: jetstream::Context, shutdown: CancellationToken) {
     let gauge = Gauge::<i64>::default();
     health.register(|r| {

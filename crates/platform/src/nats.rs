@@ -15,6 +15,11 @@ use crate::config;
 pub enum Error {
     #[error("cannot connect to NATS: {0}")]
     Connect(#[from] async_nats::ConnectError),
+    #[error("cannot read the NATS credentials file {path}: {source}")]
+    Credentials {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot create stream {stream}: {source}")]
     Stream {
         stream: String,
@@ -26,39 +31,173 @@ pub enum Error {
     Shutdown,
 }
 
-/// Connects, retrying until the server answers (or forever in the
-/// background, when it goes away later).
+/// How a service proves who it is to NATS (one way at a time).
+#[derive(Clone, PartialEq, Eq, Default)]
+pub enum Auth {
+    #[default]
+    None,
+    /// `nats://user:password@host`.
+    UserPassword { user: String, password: String },
+    /// `HERALD_NATS_TOKEN`, or `nats://token@host`.
+    Token(String),
+    /// `HERALD_NATS_NKEY`: a user NKey seed.
+    Nkey(String),
+    /// `HERALD_NATS_CREDS`: a credentials file (user JWT and NKey seed).
+    Creds(std::path::PathBuf),
+}
+
+/// Secrets never appear in a `Debug` (configurations are logged).
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Auth::None => f.write_str("None"),
+            Auth::UserPassword { user, .. } => write!(f, "UserPassword({user}, ***)"),
+            Auth::Token(_) => f.write_str("Token(***)"),
+            Auth::Nkey(_) => f.write_str("Nkey(***)"),
+            Auth::Creds(path) => write!(f, "Creds({})", path.display()),
+        }
+    }
+}
+
+/// TLS to NATS: a `tls://` URL, a server that requires it, or
+/// `HERALD_NATS_TLS_REQUIRED` turn it on; the system roots are trusted
+/// unless a CA file is given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tls {
+    /// `HERALD_NATS_TLS_CA`: PEM roots to trust.
+    pub ca: Option<std::path::PathBuf>,
+    /// `HERALD_NATS_TLS_CERT` and `HERALD_NATS_TLS_KEY`: a client
+    /// certificate, for servers that verify clients.
+    pub client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// `HERALD_NATS_TLS_REQUIRED`: refuse a server that does not speak TLS.
+    pub required: bool,
+}
+
+/// The client options `config` describes: name, credentials, TLS.
+pub async fn options(
+    config: &config::Nats,
+    name: String,
+) -> Result<async_nats::ConnectOptions, Error> {
+    let mut options = async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_secs(5));
+    options = match &config.auth {
+        Auth::None => options,
+        Auth::UserPassword { user, password } => {
+            options.user_and_password(user.clone(), password.clone())
+        }
+        Auth::Token(token) => options.token(token.clone()),
+        Auth::Nkey(seed) => options.nkey(seed.clone()),
+        Auth::Creds(path) => {
+            options
+                .credentials_file(path)
+                .await
+                .map_err(|source| Error::Credentials {
+                    path: path.clone(),
+                    source,
+                })?
+        }
+    };
+    if let Some(ca) = &config.tls.ca {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let Some((cert, key)) = &config.tls.client_cert {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    if config.tls.required {
+        options = options.require_tls(true);
+    }
+    Ok(options)
+}
+
+/// Connects to the first server of the list that answers, retrying until
+/// one does (or forever in the background, when they go away later).
 pub async fn connect(config: &config::Nats, service: &str) -> Result<async_nats::Client, Error> {
-    let client = async_nats::ConnectOptions::new()
-        .name(format!("herald-{service}"))
+    let client = options(config, format!("herald-{service}"))
+        .await?
         .retry_on_initial_connect()
-        .connection_timeout(Duration::from_secs(5))
-        .connect(config.url.as_str())
+        .connect(config.servers.clone())
         .await?;
     Ok(client)
+}
+
+/// Connects once, for a tool that should say so when NATS is not there
+/// rather than wait.
+/// How long a JetStream API request or publish waits for its answer. A
+/// node of a cluster that has just formed (or lost its meta leader) drops
+/// API requests it cannot serve yet; async-nats's 10 s default then held a
+/// service's start for 10 s per lost request. A publish that times out is
+/// retried with the same `Nats-Msg-Id` ([`publish_patiently`]).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The JetStream context every service uses.
+pub fn jetstream(client: async_nats::Client) -> jetstream::Context {
+    jetstream::ContextBuilder::new()
+        .timeout(REQUEST_TIMEOUT)
+        .build(client)
+}
+
+pub async fn connect_once(config: &config::Nats, name: &str) -> Result<async_nats::Client, Error> {
+    let client = options(config, name.to_owned())
+        .await?
+        .connect(config.servers.clone())
+        .await?;
+    Ok(client)
+}
+
+/// The largest size, in bytes, of each stream (0: no limit). A stream at
+/// its limit refuses new messages (JetStream `discard: new`): whoever
+/// publishes gets an error and keeps the work, nothing stored is dropped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MaxBytes {
+    pub events: i64,
+    pub accepted: i64,
+    pub rejected: i64,
+    pub deliveries: i64,
+    pub attempts: i64,
+    pub system: i64,
+    pub parked: i64,
+    pub dead: i64,
 }
 
 /// Stream retention Herald uses.
 #[derive(Debug, Clone)]
 pub struct Retention {
-    /// Events, accepted events and delivery jobs: long enough to outlive the
+    /// Producers' events and delivery jobs: long enough to outlive the
     /// longest retry delay.
     pub work: Duration,
+    /// Accepted events, which replay and manual retry read back
+    /// (`HERALD_EVENT_RETENTION`).
+    pub events: Duration,
     /// Attempt results: the log retention, so the index can be rebuilt.
     pub attempts: Duration,
     /// Whether this service owns the attempts stream's retention (only
     /// log-writer, which reads `HERALD_LOG_RETENTION`): others create the
     /// stream when it is missing but never change an existing one's.
     pub owns_attempts: bool,
+    pub max_bytes: MaxBytes,
 }
 
 impl Default for Retention {
     fn default() -> Self {
         Self {
             work: Duration::from_secs(3 * 86_400),
+            events: Duration::from_secs(7 * 86_400),
             attempts: Duration::from_secs(7 * 86_400),
             owns_attempts: false,
+            max_bytes: MaxBytes::default(),
         }
+    }
+}
+
+impl Retention {
+    /// The retention settings every service reads from its environment.
+    pub fn from_source(src: &dyn config::Source) -> Result<Self, config::ConfigError> {
+        Ok(Self {
+            events: config::event_retention(src)?,
+            max_bytes: config::stream_max_bytes(src)?,
+            ..Self::default()
+        })
     }
 }
 
@@ -67,6 +206,7 @@ fn stream_config(
     subjects: Vec<String>,
     max_age: Duration,
     replicas: usize,
+    max_bytes: i64,
 ) -> stream::Config {
     stream::Config {
         name: name.to_owned(),
@@ -74,9 +214,12 @@ fn stream_config(
         retention: stream::RetentionPolicy::Limits,
         storage: stream::StorageType::File,
         max_age,
+        max_bytes: if max_bytes > 0 { max_bytes } else { -1 },
         num_replicas: replicas,
         duplicate_window: Duration::from_secs(120),
-        discard: stream::DiscardPolicy::Old,
+        // Full means refusing, never forgetting: a publish to a stream at
+        // its size limit fails, and the publisher keeps its work.
+        discard: stream::DiscardPolicy::New,
         ..Default::default()
     }
 }
@@ -84,6 +227,7 @@ fn stream_config(
 /// The configuration of every stream Herald uses.
 pub fn streams(replicas: usize, retention: &Retention) -> Vec<stream::Config> {
     let week = Duration::from_secs(7 * 86_400);
+    let max = &retention.max_bytes;
     let mut deliveries = stream_config(
         names::DELIVERIES_STREAM,
         vec![
@@ -92,42 +236,81 @@ pub fn streams(replicas: usize, retention: &Retention) -> Vec<stream::Config> {
         ],
         retention.work,
         replicas,
+        max.deliveries,
     );
+    // Work leaves the stream once it is done: a job acked (delivered, or
+    // concluded) or terminated is deleted at once, and a fired retry
+    // schedule is removed by the server. What the stream holds is the work
+    // still to do, never a history of it (that is HERALD_ATTEMPTS).
+    deliveries.retention = stream::RetentionPolicy::WorkQueue;
     // Retries are server-side schedules, so a delivery waiting for its next
     // attempt holds no consumer's ack-pending slot.
     deliveries.allow_message_schedules = true;
     deliveries.allow_message_ttl = true;
+    // JetStream refuses `discard: new` on a stream with message schedules;
+    // at its size limit this stream drops its oldest messages, so
+    // HERALD_DELIVERIES_MAX_BYTES is best left unset (docs/configuration.md).
+    deliveries.discard = stream::DiscardPolicy::Old;
+    // Parked deliveries are read by direct get (oldest first) and deleted
+    // once released; a week outlives any delivery's deadline.
+    let mut parked = stream_config(
+        names::PARKED_STREAM,
+        vec![names::PARKED_SUBJECTS.into()],
+        week,
+        replicas,
+        max.parked,
+    );
+    parked.allow_direct = true;
+    // Accepted events are read back by sequence (manual retry, replay).
+    let mut accepted = stream_config(
+        names::ACCEPTED_STREAM,
+        vec![names::ACCEPTED_SUBJECTS.into()],
+        retention.events,
+        replicas,
+        max.accepted,
+    );
+    accepted.allow_direct = true;
+    // Attempts are read back by sequence for the log detail.
+    let mut attempts = stream_config(
+        names::ATTEMPTS_STREAM,
+        vec![names::ATTEMPTS_SUBJECTS.into()],
+        retention.attempts,
+        replicas,
+        max.attempts,
+    );
+    attempts.allow_direct = true;
     vec![
         stream_config(
             names::EVENTS_STREAM,
             vec![names::EVENTS_SUBJECTS.into()],
             retention.work,
             replicas,
+            max.events,
         ),
-        stream_config(
-            names::ACCEPTED_STREAM,
-            vec![names::ACCEPTED_SUBJECTS.into()],
-            retention.work,
-            replicas,
-        ),
+        accepted,
         stream_config(
             names::REJECTED_STREAM,
             vec![names::REJECTED_SUBJECTS.into()],
             week,
             replicas,
+            max.rejected,
         ),
         deliveries,
-        stream_config(
-            names::ATTEMPTS_STREAM,
-            vec![names::ATTEMPTS_SUBJECTS.into()],
-            retention.attempts,
-            replicas,
-        ),
+        attempts,
         stream_config(
             names::SYSTEM_STREAM,
             vec![names::SYSTEM_SUBJECTS.into()],
             week,
             replicas,
+            max.system,
+        ),
+        parked,
+        stream_config(
+            names::DEAD_STREAM,
+            vec![names::DEAD_SUBJECTS.into()],
+            week,
+            replicas,
+            max.dead,
         ),
     ]
 }
@@ -155,14 +338,41 @@ pub async fn ensure_streams(
             })?;
             continue;
         }
-        retry(shutdown, || js.create_or_update_stream(config.clone()))
-            .await
-            .map_err(|source| Error::Stream {
-                stream: name,
-                source,
-            })?;
+        let outcome = retry(shutdown, || async {
+            match js.create_or_update_stream(config.clone()).await {
+                Err(error) if refuses_retention_change(&error) => Ok(false),
+                other => other.map(|_| true),
+            }
+        })
+        .await
+        .map_err(|source| Error::Stream {
+            stream: name.clone(),
+            source,
+        })?;
+        if !outcome {
+            // JetStream cannot change a stream's retention in place. Such a
+            // stream keeps working with its old retention (the deliveries
+            // stream then keeps done work until its max age); the migration
+            // is in docs/deploy.md, "Upgrading".
+            tracing::warn!(
+                stream = %name,
+                retention = ?config.retention,
+                "stream exists with another retention policy, which JetStream cannot change in place; \
+                 keeping it as it is (see docs/deploy.md, Upgrading)"
+            );
+        }
     }
     Ok(())
+}
+
+/// JetStream's "can not change retention policy to/from workqueue" (10052).
+fn refuses_retention_change(error: &jetstream::context::CreateStreamError) -> bool {
+    const STREAM_INVALID_CONFIG_RETENTION: u64 = 10052;
+    matches!(
+        error.kind(),
+        jetstream::context::CreateStreamErrorKind::JetStream(e)
+            if e.error_code().0 == STREAM_INVALID_CONFIG_RETENTION
+    )
 }
 
 /// A durable pull consumer, created or updated.
@@ -183,6 +393,129 @@ pub async fn durable_consumer(
     retry(shutdown, || stream.create_consumer(config.clone()))
         .await
         .map_err(|e| err(e.to_string()))
+}
+
+/// How long a pull request waits at the server for messages, and how often
+/// the server says it is still there while none come. A pull request lives
+/// only on the consumer's leader: when that NATS node dies the request dies
+/// with it, and nothing tells the client. Two missed heartbeats (2 s) are
+/// how [`Pull`] notices, and it pulls again, from whichever node leads now.
+/// (async-nats's defaults, 30 s and 15 s, left a consumer idle for up to
+/// 35 s after a node loss: docs/benchmarks.md, "Faults under load".)
+pub const PULL_EXPIRES: Duration = Duration::from_secs(5);
+pub const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
+
+type Opening = std::pin::Pin<
+    Box<dyn Future<Output = Result<consumer::pull::Stream, consumer::StreamError>> + Send>,
+>;
+
+/// The messages of a durable pull consumer, as a stream that outlives the
+/// loss of the consumer's leader: continuous pull requests of up to
+/// `batch` messages (and `max_bytes`, when not 0), each expiring after
+/// [`PULL_EXPIRES`] with an idle heartbeat every [`PULL_HEARTBEAT`]; on a
+/// missed heartbeat the pull is made again. Errors are passed on for the
+/// caller to log; the stream ends only when the consumer is deleted.
+pub struct Pull {
+    consumer: consumer::Consumer<consumer::pull::Config>,
+    batch: usize,
+    max_bytes: usize,
+    current: Option<consumer::pull::Stream>,
+    opening: Option<Opening>,
+}
+
+impl Pull {
+    pub async fn new(
+        consumer: consumer::Consumer<consumer::pull::Config>,
+        batch: usize,
+        max_bytes: usize,
+    ) -> Result<Self, consumer::StreamError> {
+        let current = Self::open(consumer.clone(), batch, max_bytes, Duration::ZERO).await?;
+        Ok(Self {
+            consumer,
+            batch,
+            max_bytes,
+            current: Some(current),
+            opening: None,
+        })
+    }
+
+    fn open(
+        consumer: consumer::Consumer<consumer::pull::Config>,
+        batch: usize,
+        max_bytes: usize,
+        after: Duration,
+    ) -> Opening {
+        Box::pin(async move {
+            tokio::time::sleep(after).await;
+            let mut builder = consumer
+                .stream()
+                .max_messages_per_batch(batch)
+                .expires(PULL_EXPIRES)
+                .heartbeat(PULL_HEARTBEAT);
+            if max_bytes > 0 {
+                builder = builder.max_bytes_per_batch(max_bytes);
+            }
+            builder.messages().await
+        })
+    }
+}
+
+impl futures::Stream for Pull {
+    type Item = Result<jetstream::Message, consumer::pull::MessagesError>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use consumer::pull::{MessagesError, MessagesErrorKind};
+        use futures::StreamExt;
+        use std::task::Poll;
+        loop {
+            if let Some(opening) = self.opening.as_mut() {
+                match opening.as_mut().poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(stream)) => {
+                        self.opening = None;
+                        self.current = Some(stream);
+                    }
+                    Poll::Ready(Err(error)) => {
+                        let (consumer, batch, max_bytes) =
+                            (self.consumer.clone(), self.batch, self.max_bytes);
+                        self.opening = Some(Self::open(
+                            consumer,
+                            batch,
+                            max_bytes,
+                            Duration::from_millis(500),
+                        ));
+                        return Poll::Ready(Some(Err(MessagesError::with_source(
+                            MessagesErrorKind::Other,
+                            error,
+                        ))));
+                    }
+                }
+            }
+            let Some(current) = self.current.as_mut() else {
+                return Poll::Ready(None);
+            };
+            return match current.poll_next_unpin(cx) {
+                Poll::Ready(Some(Err(error)))
+                    if error.kind() == MessagesErrorKind::MissingHeartbeat =>
+                {
+                    // The pull request is gone (its consumer leader, most
+                    // likely): drop it and pull again. What the old one had
+                    // delivered and not yet handed over is redelivered
+                    // after the ack wait.
+                    tracing::warn!("pull request lost (missed heartbeats); pulling again");
+                    self.current = None;
+                    let (consumer, batch, max_bytes) =
+                        (self.consumer.clone(), self.batch, self.max_bytes);
+                    self.opening = Some(Self::open(consumer, batch, max_bytes, Duration::ZERO));
+                    continue;
+                }
+                other => other,
+            };
+        }
+    }
 }
 
 /// Retries `f` with backoff while it fails, until it succeeds or `shutdown`;
@@ -218,6 +551,93 @@ pub async fn flush(client: &async_nats::Client) {
         .is_err()
     {
         tracing::warn!("nats flush timed out at shutdown");
+    }
+}
+
+/// Why a publish did not end in JetStream's acknowledgement. Callers match
+/// on it: a publish that NATS refuses for its size is a fact about the
+/// message (it will never fit), every other error is Herald's own passing
+/// trouble (retry later).
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("message of {size} bytes is larger than NATS accepts")]
+    TooLarge { size: usize },
+    #[error("publish to {subject} failed: {source}")]
+    Publish {
+        subject: String,
+        source: async_nats::jetstream::context::PublishError,
+    },
+}
+
+impl PublishError {
+    /// The message itself can never be published: retrying cannot help.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            PublishError::TooLarge { .. } => true,
+            PublishError::Publish { source, .. } => matches!(
+                source.kind(),
+                async_nats::jetstream::context::PublishErrorKind::MaxPayloadExceeded
+            ),
+        }
+    }
+}
+
+/// Publishes to JetStream and waits for the stream's acknowledgement: the
+/// one way Herald's services hand a message on.
+pub async fn publish(
+    js: &jetstream::Context,
+    subject: String,
+    headers: async_nats::HeaderMap,
+    payload: bytes::Bytes,
+) -> Result<jetstream::publish::PublishAck, PublishError> {
+    let size = payload.len();
+    let fail = |source: async_nats::jetstream::context::PublishError| {
+        if matches!(
+            source.kind(),
+            async_nats::jetstream::context::PublishErrorKind::MaxPayloadExceeded
+        ) {
+            PublishError::TooLarge { size }
+        } else {
+            PublishError::Publish {
+                subject: subject.clone(),
+                source,
+            }
+        }
+    };
+    let ack = js
+        .publish_with_headers(subject.clone(), headers, payload)
+        .await
+        .map_err(&fail)?;
+    ack.await.map_err(&fail)
+}
+
+/// Publishes like [`publish`], and while the failure is one that can pass
+/// (no stream leader during an election, a reconnect, an ack timeout),
+/// tries again with the same headers, so the same `Nats-Msg-Id`, until
+/// `patience` is spent: the stream stores the message once however many
+/// tries reach it. For a publish whose failure would otherwise redo work
+/// that cannot be taken back, such as the deliverer's record of a POST
+/// already made.
+pub async fn publish_patiently(
+    js: &jetstream::Context,
+    subject: String,
+    headers: async_nats::HeaderMap,
+    payload: bytes::Bytes,
+    patience: std::time::Duration,
+) -> Result<jetstream::publish::PublishAck, PublishError> {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut pause = std::time::Duration::from_millis(100);
+    loop {
+        match publish(js, subject.clone(), headers.clone(), payload.clone()).await {
+            Err(error)
+                if !error.is_permanent() && tokio::time::Instant::now() + pause < deadline =>
+            {
+                tracing::debug!(%error, ?pause, "publish failed; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(1));
+            }
+            other => return other,
+        }
     }
 }
 

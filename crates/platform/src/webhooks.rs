@@ -38,6 +38,10 @@ pub struct Change {
     pub webhook_id: String,
     /// The new definition; `None` when deleted.
     pub webhook: Option<proto::Webhook>,
+    /// The bucket's revision (stream sequence) of this change: the feed is
+    /// in order, so a follower that applied revision R has seen every
+    /// change up to R.
+    pub revision: u64,
 }
 
 #[derive(Clone)]
@@ -229,6 +233,7 @@ impl WebhookStore {
                 org: org.to_owned(),
                 webhook_id: id.to_owned(),
                 webhook,
+                revision: entry.revision,
             })
         }))
     }

@@ -1,6 +1,6 @@
-//! Test fixtures against the real thing: `nats-server -js` and
-//! `redis-server` started on free loopback ports in temporary directories
-//! and killed on drop, and a recording HTTP receiver that can answer any
+//! Test fixtures against the real thing: `nats-server -js` (alone, or three
+//! in a cluster) and `redis-server` started on free loopback ports in
+//! temporary directories and killed on drop, and a recording HTTP receiver that can answer any
 //! status, hang, or answer slowly.
 //!
 //! A missing server binary panics with how to install it: tests never skip
@@ -10,4 +10,4 @@ mod receiver;
 mod servers;
 
 pub use receiver::{Received, Receiver, Reply};
-pub use servers::{NatsServer, RedisServer, free_port};
+pub use servers::{NatsCluster, NatsServer, RedisCluster, RedisServer, free_port};

@@ -74,12 +74,29 @@ impl Received {
     }
 }
 
+/// A behaviour over time for one path, beside the scripted replies.
+#[derive(Debug, Clone)]
+enum Mode {
+    /// Accepts `per_second` requests a second (a token bucket of that
+    /// size); beyond, answers `429 Retry-After: 1`.
+    RateLimited {
+        per_second: f64,
+        tokens: f64,
+        last: Instant,
+    },
+    /// Answers `status` until `until`, then 200.
+    FailUntil { status: u16, until: Instant },
+}
+
 #[derive(Default)]
 struct State {
     /// Replies per path, used in order; the last one repeats.
     scripts: HashMap<String, Vec<Reply>>,
+    modes: HashMap<String, Mode>,
     served: HashMap<String, usize>,
     received: Vec<Received>,
+    /// (path, status) of every answer given.
+    answers: Vec<(String, u16)>,
 }
 
 /// An HTTP receiver on 127.0.0.1 that records every request.
@@ -143,12 +160,42 @@ impl Receiver {
             let n = state.served.entry(path.clone()).or_default();
             let i = *n;
             *n += 1;
-            state
-                .scripts
-                .get(&path)
-                .and_then(|s| s.get(i).or(s.last()).cloned())
-                .unwrap_or_else(|| Reply::status(200))
+            let now = Instant::now();
+            let moded = match state.modes.get_mut(&path) {
+                Some(Mode::RateLimited {
+                    per_second,
+                    tokens,
+                    last,
+                }) => {
+                    *tokens =
+                        (*tokens + last.elapsed().as_secs_f64() * *per_second).min(*per_second);
+                    *last = now;
+                    if *tokens >= 1.0 {
+                        *tokens -= 1.0;
+                        Some(Reply::status(200))
+                    } else {
+                        Some(Reply::status(429).header("Retry-After", "1"))
+                    }
+                }
+                Some(Mode::FailUntil { status, until }) if now < *until => {
+                    Some(Reply::status(*status))
+                }
+                Some(Mode::FailUntil { .. }) => Some(Reply::status(200)),
+                None => None,
+            };
+            moded.unwrap_or_else(|| {
+                state
+                    .scripts
+                    .get(&path)
+                    .and_then(|s| s.get(i).or(s.last()).cloned())
+                    .unwrap_or_else(|| Reply::status(200))
+            })
         };
+        self.state
+            .lock()
+            .expect("receiver lock")
+            .answers
+            .push((path.clone(), reply.status));
         self.notify.notify_waiters();
         if reply.hang {
             std::future::pending::<()>().await;
@@ -184,6 +231,42 @@ impl Receiver {
         let mut state = self.state.lock().expect("receiver lock");
         state.scripts.insert(path.to_owned(), replies);
         state.served.remove(path);
+    }
+
+    /// Accepts `per_second` requests a second on `path` (a token bucket,
+    /// full at the start) and answers `429 Retry-After: 1` beyond.
+    pub fn rate_limit(&self, path: &str, per_second: f64) {
+        let mut state = self.state.lock().expect("receiver lock");
+        state.modes.insert(
+            path.to_owned(),
+            Mode::RateLimited {
+                per_second,
+                tokens: per_second,
+                last: Instant::now(),
+            },
+        );
+    }
+
+    /// Answers `status` on `path` for `duration` from now, then 200.
+    pub fn fail_for(&self, path: &str, status: u16, duration: Duration) {
+        let mut state = self.state.lock().expect("receiver lock");
+        state.modes.insert(
+            path.to_owned(),
+            Mode::FailUntil {
+                status,
+                until: Instant::now() + duration,
+            },
+        );
+    }
+
+    /// Requests to `path` answered with `status` so far.
+    pub fn answered(&self, path: &str, status: u16) -> usize {
+        let state = self.state.lock().expect("receiver lock");
+        state
+            .answers
+            .iter()
+            .filter(|(p, s)| p == path && *s == status)
+            .count()
     }
 
     /// Everything received on `path` so far.

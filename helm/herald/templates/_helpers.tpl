@@ -1,7 +1,7 @@
 {{/*
 The five services. For each: the values key holding its settings, the variable
-naming the address of its health server (the admin serves /live, /ready and
-/metrics on its API address), and which secrets it reads.
+naming the address of its health server (/live, /ready, /metrics; the admin's
+API has an address of its own, HERALD_ADMIN_ADDR), and which secrets it reads.
 */}}
 {{- define "herald.components" -}}
 ingest:
@@ -26,7 +26,7 @@ log-writer:
   secretKey: false
 admin:
   key: admin
-  addrEnv: HERALD_ADMIN_ADDR
+  addrEnv: HERALD_ADMIN_HEALTH_ADDR
   redis: true
   secretKey: true
 {{- end }}
@@ -112,4 +112,43 @@ app.kubernetes.io/component: {{ .component }}
 {{/* host:port for a service's HTTP server. */}}
 {{- define "herald.listenAddr" -}}
 {{- printf "%s:%d" .ctx.Values.listenHost (int .port) }}
+{{- end }}
+
+{{/*
+Refuses NATS settings the services would refuse at start, or that would
+silently connect without what the operator asked for.
+*/}}
+{{- define "herald.validateNats" -}}
+{{- $auth := .Values.nats.auth }}
+{{- $tls := .Values.nats.tls }}
+{{- $methods := list }}
+{{- range $key := list "tokenKey" "nkeyKey" "credsKey" }}
+{{- if index $auth $key }}
+{{- $methods = append $methods $key }}
+{{- end }}
+{{- end }}
+{{- if gt (len $methods) 1 }}
+{{- fail (printf "nats.auth: set one of tokenKey, nkeyKey and credsKey, not %s (the services refuse two ways to authenticate)" (join " and " $methods)) }}
+{{- end }}
+{{- if and $methods (not .Values.secrets.existingSecret) (contains "@" .Values.secrets.natsUrl) }}
+{{- fail (printf "nats.auth.%s is set and secrets.natsUrl carries credentials (user@ or user:password@): give NATS one way to authenticate" (first $methods)) }}
+{{- end }}
+{{- if and $methods (not $auth.existingSecret) }}
+{{- fail (printf "nats.auth.%s is set but nats.auth.existingSecret is empty: name the Secret that holds it" (first $methods)) }}
+{{- end }}
+{{- if and $auth.existingSecret (not $methods) }}
+{{- fail "nats.auth.existingSecret is set but names no key: set tokenKey, nkeyKey or credsKey" }}
+{{- end }}
+{{- if and $tls.certKey (not $tls.keyKey) }}
+{{- fail "nats.tls.certKey is set without nats.tls.keyKey: a client certificate needs its key" }}
+{{- end }}
+{{- if and $tls.keyKey (not $tls.certKey) }}
+{{- fail "nats.tls.keyKey is set without nats.tls.certKey: a client key needs its certificate" }}
+{{- end }}
+{{- if and $tls.certKey (not $tls.existingSecret) }}
+{{- fail "nats.tls.certKey and keyKey are set but nats.tls.existingSecret is empty: name the Secret that holds them" }}
+{{- end }}
+{{- if and $tls.existingSecret (not $tls.caKey) (not $tls.certKey) }}
+{{- fail "nats.tls.existingSecret is set but names no key: set caKey, or certKey and keyKey" }}
+{{- end }}
 {{- end }}

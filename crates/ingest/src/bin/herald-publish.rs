@@ -7,13 +7,18 @@ use std::process::ExitCode;
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
-    let mut url =
-        std::env::var("HERALD_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    // The environment, as the services read it; `--url` replaces HERALD_NATS_URL.
+    let mut env: std::collections::HashMap<String, String> = std::env::vars().collect();
     let mut msg_id = None;
     let mut positional = Vec::new();
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--url" => url = args.next().unwrap_or_default(),
+            "--url" => {
+                env.insert(
+                    herald_platform::config::NATS_URL.into(),
+                    args.next().unwrap_or_default(),
+                );
+            }
             "--id" => msg_id = args.next(),
             _ => positional.push(arg),
         }
@@ -24,10 +29,17 @@ async fn main() -> ExitCode {
         );
         return ExitCode::from(64);
     };
-    let client = match async_nats::connect(url.as_str()).await {
+    let nats = match herald_platform::config::Nats::from_source(&env) {
+        Ok(nats) => nats,
+        Err(error) => {
+            eprintln!("herald-publish: {error}");
+            return ExitCode::from(64);
+        }
+    };
+    let client = match herald_platform::nats::connect_once(&nats, "herald-publish").await {
         Ok(client) => client,
         Err(error) => {
-            eprintln!("cannot connect to {url}: {error}");
+            eprintln!("{error} (at {})", nats.urls());
             return ExitCode::FAILURE;
         }
     };

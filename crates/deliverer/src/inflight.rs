@@ -1,6 +1,8 @@
 //! Per-endpoint concurrency: at most `HERALD_ENDPOINT_CONCURRENCY` requests
 //! in flight to one webhook, so a slow or dead URL can hold only that many
-//! of the deliverer's global slots.
+//! of the deliverer's global slots. The limit adapts (additive increase,
+//! multiplicative decrease, `core::policy::next_limit`): halved when the
+//! endpoint throttles, one more per success.
 //!
 //! A job that finds its endpoint at the limit waits for a turn only while
 //! the endpoint is *moving*: a request to it finished within the last
@@ -9,9 +11,11 @@
 //! with no request finished for longer is stalled: a job for it is deferred
 //! (put back as a short server-side schedule) at once, and a waiter that
 //! gets no turn within [`STALL`] is deferred too, so a slow or dead URL
-//! never holds more than a brief share of the slots.
+//! never holds more than a brief share of the slots. Nothing ever waits for
+//! a turn without a time limit.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +31,8 @@ pub const STALL: Duration = Duration::from_millis(250);
 
 struct Endpoint {
     semaphore: Arc<Semaphore>,
+    /// Requests allowed in flight now (at most the semaphore's size).
+    limit: AtomicUsize,
     /// When a request to it last finished (or when it was first seen).
     last_done: Mutex<Instant>,
 }
@@ -34,7 +40,7 @@ struct Endpoint {
 type Map = Arc<Mutex<HashMap<Key, Arc<Endpoint>>>>;
 
 /// The permits of every endpoint with requests in flight.
-pub struct Limits {
+pub struct InFlight {
     per_endpoint: usize,
     map: Map,
 }
@@ -65,7 +71,7 @@ impl Drop for Permit {
     }
 }
 
-impl Limits {
+impl InFlight {
     pub fn new(per_endpoint: usize) -> Self {
         Self {
             per_endpoint,
@@ -81,6 +87,7 @@ impl Limits {
             .or_insert_with(|| {
                 Arc::new(Endpoint {
                     semaphore: Arc::new(Semaphore::new(self.per_endpoint)),
+                    limit: AtomicUsize::new(self.per_endpoint),
                     last_done: Mutex::new(Instant::now()),
                 })
             })
@@ -105,9 +112,15 @@ impl Limits {
     }
 
     /// A turn now, or after a short wait while the endpoint is moving;
-    /// `None` when it is stalled (the job should be deferred).
+    /// `None` when it is stalled or at its lowered limit (the job should be
+    /// deferred).
     pub async fn acquire_if_moving(&self, key: &Key) -> Option<Permit> {
         let endpoint = self.endpoint(key);
+        let limit = endpoint.limit.load(Ordering::Relaxed);
+        let in_flight = self.per_endpoint - endpoint.semaphore.available_permits();
+        if in_flight >= limit && limit < self.per_endpoint {
+            return None;
+        }
         if let Ok(permit) = endpoint.semaphore.clone().try_acquire_owned() {
             return Some(self.permit(key, endpoint, permit));
         }
@@ -122,16 +135,26 @@ impl Limits {
         Some(self.permit(key, endpoint, permit))
     }
 
-    /// Waits for a turn.
-    pub async fn acquire(&self, key: &Key) -> Permit {
-        let endpoint = self.endpoint(key);
-        let permit = endpoint
-            .semaphore
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("endpoint semaphores are never closed");
-        self.permit(key, endpoint, permit)
+    /// Adapts the endpoint's limit to how its last answer went.
+    pub fn adapt(&self, key: &Key, throttled: bool) {
+        let Some(endpoint) = self.map.lock().expect("endpoints lock").get(key).cloned() else {
+            return;
+        };
+        let _ = endpoint
+            .limit
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
+                Some(herald_core::policy::next_limit(
+                    l,
+                    self.per_endpoint,
+                    throttled,
+                ))
+            });
+    }
+
+    #[cfg(test)]
+    fn limit(&self, key: &Key) -> Option<usize> {
+        let map = self.map.lock().expect("endpoints lock");
+        map.get(key).map(|e| e.limit.load(Ordering::Relaxed))
     }
 
     #[cfg(test)]
@@ -160,7 +183,7 @@ mod tests {
 
     #[test]
     fn endpoints_are_limited_independently() {
-        let limits = Limits::new(2);
+        let limits = InFlight::new(2);
         let a1 = limits.try_acquire(&key("a")).expect("first");
         let a2 = limits.try_acquire(&key("a")).expect("second");
         assert!(limits.try_acquire(&key("a")).is_none(), "a is saturated");
@@ -174,7 +197,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_moving_endpoint_is_waited_for_and_a_stalled_one_is_not() {
-        let limits = Limits::new(1);
+        let limits = InFlight::new(1);
         let held = limits.try_acquire(&key("a")).unwrap();
         // Just seen: moving; the turn comes when the holder finishes.
         let a = key("a");
@@ -196,7 +219,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_waiter_on_a_busy_endpoint_gives_up_after_the_stall_time() {
-        let limits = Limits::new(1);
+        let limits = InFlight::new(1);
         let _held = limits.try_acquire(&key("a")).unwrap();
         let start = Instant::now();
         assert!(limits.acquire_if_moving(&key("a")).await.is_none());
@@ -204,23 +227,22 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_waiter_gets_the_next_turn() {
-        let limits = Arc::new(Limits::new(1));
-        let held = limits.try_acquire(&key("a")).unwrap();
-        let waiter = {
-            let limits = limits.clone();
-            tokio::spawn(async move {
-                let _turn = limits.acquire(&key("a")).await;
-                tokio::time::Instant::now()
-            })
-        };
-        let start = tokio::time::Instant::now();
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        assert!(!waiter.is_finished(), "waits while the endpoint is busy");
-        drop(held);
-        let got_at = waiter.await.unwrap();
-        assert_eq!(got_at - start, Duration::from_secs(3));
-        assert_eq!(limits.tracked(), 0);
+    async fn a_throttling_endpoint_gets_fewer_requests_in_flight() {
+        let limits = InFlight::new(4);
+        let a = key("a");
+        let first = limits.acquire_if_moving(&a).await.expect("a turn");
+        limits.adapt(&a, true);
+        assert_eq!(limits.limit(&a), Some(2));
+        let second = limits.acquire_if_moving(&a).await.expect("under the limit");
+        // At the lowered limit: deferred, though the semaphore has room.
+        assert!(limits.acquire_if_moving(&a).await.is_none());
+        limits.adapt(&a, false);
+        assert_eq!(limits.limit(&a), Some(3));
+        let third = limits
+            .acquire_if_moving(&a)
+            .await
+            .expect("one more allowed");
+        drop((first, second, third));
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use herald_core::proto;
 use herald_platform::webhooks::{StoreError, WebhookStore};
+use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::sync::CancellationToken;
 
 /// Definitions by (organization, webhook id); `None` remembers a deletion.
@@ -18,13 +19,16 @@ type Local = HashMap<(String, String), Option<Arc<proto::Webhook>>>;
 pub struct Webhooks {
     store: WebhookStore,
     local: Arc<Mutex<Local>>,
+    /// The last revision of the bucket applied from its feed.
+    revision: Gauge,
 }
 
 impl Webhooks {
-    pub fn new(store: WebhookStore, shutdown: CancellationToken) -> Self {
+    pub fn new(store: WebhookStore, revision: Gauge, shutdown: CancellationToken) -> Self {
         let this = Self {
             store,
             local: Arc::default(),
+            revision,
         };
         tokio::spawn(this.clone().follow(shutdown));
         this
@@ -75,6 +79,7 @@ impl Webhooks {
                             Some(Ok(change)) => {
                                 let key = (change.org, change.webhook_id);
                                 self.local.lock().expect("webhooks lock").insert(key, change.webhook.map(Arc::new));
+                                self.revision.set(i64::try_from(change.revision).unwrap_or(i64::MAX));
                             }
                             Some(Err(error)) => tracing::warn!(%error, "webhook change feed"),
                             None => break,

@@ -1,0 +1,198 @@
+// One webhook: its definition and state, the secret once after create or
+// rotate, the actions (edit, send a test event, rotate the secret, recover,
+// replay, delete) and its delivery log.
+
+import { api, routes } from '../api.js';
+import { ask, dl, h, hidden, liveRegion, say, time, uid } from '../dom.js';
+import { go, onLeave, takeFlash } from '../nav.js';
+import { logList } from './logs.js';
+import { keepSecret, secretPanel, takeSecret } from './secret.js';
+import { confirmDelete, stateOf } from './webhooks.js';
+
+const SECRET_NAME = /auth|token|secret|key|cookie|passw|signature|session|credential/i;
+
+export async function webhookDetail({ id }) {
+  const path = `/webhooks/${encodeURIComponent(id)}`;
+  const { data: w } = await api('GET', path);
+  const described = await routes();
+  const status = liveRegion();
+  const flashed = takeFlash();
+  if (flashed) say(status, flashed);
+  const kept = takeSecret(w.id);
+  const secretSlot = h('div', {}, kept ? secretPanel(kept) : null);
+  const jobSlot = h('div', {});
+  const stateEl = h('p', { class: 'state-line' }, 'State: ', stateOf(w));
+  const logs = await logList({ webhookId: w.id });
+
+  const switchId = uid('enabled');
+  const toggle = h('input', {
+    type: 'checkbox', role: 'switch', id: switchId, checked: w.enabled,
+    onchange: async () => {
+      const enabled = toggle.checked;
+      toggle.disabled = true;
+      try {
+        const { data } = await api('PATCH', path, { body: { enabled } });
+        Object.assign(w, data);
+        stateEl.replaceChildren('State: ', stateOf(w));
+        say(status, `${w.name} is ${enabled ? 'enabled' : 'disabled'}.`);
+      } catch (e) {
+        toggle.checked = !enabled;
+        say(status, `Could not ${enabled ? 'enable' : 'disable'} it: ${e.message}`, 'error');
+      } finally {
+        toggle.disabled = false;
+      }
+    },
+  });
+
+  const test = h('button', {
+    type: 'button',
+    onclick: async () => {
+      test.disabled = true;
+      try {
+        const { data } = await api('POST', `${path}/test`);
+        say(status, 'A test workflow.completed event is on its way; its attempt appears in the log below.');
+        waitForAttempt(data.log_id);
+      } catch (e) {
+        say(status, `Could not send a test event: ${e.message}`, 'error');
+      } finally {
+        test.disabled = false;
+      }
+    },
+  }, 'Send a test event');
+
+  // The log is refreshed until the test's attempt is in it (a few seconds).
+  let polling = null;
+  onLeave(() => clearTimeout(polling));
+  function waitForAttempt(logId, tries = 10) {
+    clearTimeout(polling);
+    polling = setTimeout(async () => {
+      await logs.refresh();
+      if (tries > 1 && !logs.element.querySelector(`a[href$="/logs/${CSS.escape(encodeURIComponent(logId))}"]`)) {
+        waitForAttempt(logId, tries - 1);
+      }
+    }, 700);
+  }
+
+  const rotate = h('button', {
+    type: 'button',
+    onclick: () => ask({
+      title: `Rotate the secret of “${w.name}”?`,
+      body: h('p', {}, 'Herald makes a new secret and shows it once. The current secret keeps signing alongside it for 24 hours.'),
+      confirm: 'Rotate the secret',
+      onConfirm: async () => {
+        const { data } = await api('POST', `${path}/rotate-secret`);
+        keepSecret(w.id, data.secret, 'rotated');
+        secretSlot.replaceChildren(secretPanel(takeSecret(w.id)));
+        say(status, 'The secret was rotated. Copy the new one below.');
+        secretSlot.querySelector('h2').setAttribute('tabindex', '-1');
+        setTimeout(() => secretSlot.querySelector('h2').focus());
+      },
+    }),
+  }, 'Rotate the secret');
+
+  const jobButtons = [];
+  if (described.has('/webhooks/{id}/recover')) {
+    jobButtons.push(h('button', { type: 'button', onclick: () => startJob('recover') }, 'Recover failed deliveries'));
+  }
+  if (described.has('/webhooks/{id}/replay')) {
+    jobButtons.push(h('button', { type: 'button', onclick: () => startJob('replay') }, 'Replay events'));
+  }
+
+  // Recover (deliver again what failed) or replay (deliver retained events
+  // again) in a time window; then the job's progress until it is done.
+  function startJob(kind) {
+    const local = (d) => {
+      const pad = (n) => String(n).padStart(2, '0');
+      return `${d.getFullYear()}-${pad(d.getMonth() + 1)}-${pad(d.getDate())}T${pad(d.getHours())}:${pad(d.getMinutes())}`;
+    };
+    const since = h('input', { type: 'datetime-local', id: uid('since'), value: local(new Date(Date.now() - 86400000)) });
+    const until = h('input', { type: 'datetime-local', id: uid('until') });
+    const types = h('input', { id: uid('replay-types'), autocomplete: 'off', spellcheck: 'false' });
+    const body = [
+      h('p', {}, kind === 'recover'
+        ? 'Herald delivers again every delivery of this webhook in the window whose last attempt failed or was skipped, with the same webhook-id.'
+        : 'Herald delivers again every retained event of the window that this webhook matches now, as new deliveries.'),
+      h('div', { class: 'field' }, h('label', { for: since.id }, 'From (your local time)'), since),
+      h('div', { class: 'field' }, h('label', { for: until.id }, 'Until (optional; now when empty)'), until),
+      kind === 'replay' ? h('div', { class: 'field' },
+        h('label', { for: types.id }, 'Only these event types (optional, comma-separated)'), types) : null,
+    ];
+    ask({
+      title: kind === 'recover' ? `Recover failed deliveries of “${w.name}”` : `Replay events to “${w.name}”`,
+      body,
+      confirm: kind === 'recover' ? 'Start recovering' : 'Start replaying',
+      onConfirm: async () => {
+        const request = { since: since.value ? new Date(since.value).toISOString() : '' };
+        if (until.value) request.until = new Date(until.value).toISOString();
+        const list = types.value.split(',').map((s) => s.trim()).filter(Boolean);
+        if (kind === 'replay' && list.length) request.event_types = list;
+        const { data } = await api('POST', `${path}/${kind}`, { body: request });
+        follow(data);
+      },
+    });
+  }
+
+  function follow(job) {
+    const line = h('p', {});
+    const titleId = uid('job');
+    const panel = h('section', { class: 'card job', 'aria-labelledby': titleId },
+      h('h2', { id: titleId }, job.kind === 'replay' ? 'Replay' : 'Recovery'), line);
+    const region = h('div', { role: 'status', 'aria-live': 'polite' }, panel);
+    jobSlot.replaceChildren(region);
+    const show = (j) => {
+      const what = j.status === 'running' ? 'Running' : j.status === 'done' ? 'Done' : 'Failed';
+      line.textContent = `${what}: ${j.queued} queued, ${j.delivered} delivered, ${j.failed} failed${j.error ? ` — ${j.error}` : ''}.`;
+    };
+    show(job);
+    let timer = null;
+    onLeave(() => clearTimeout(timer));
+    const poll = async () => {
+      try {
+        const { data } = await api('GET', `${path}/jobs/${encodeURIComponent(job.id)}`);
+        show(data);
+        if (data.status === 'running') timer = setTimeout(poll, 1000);
+        else logs.refresh();
+      } catch (e) {
+        line.textContent = `Cannot read the job's progress: ${e.message}`;
+      }
+    };
+    if (job.status === 'running') timer = setTimeout(poll, 1000);
+  }
+
+  const del = h('button', { type: 'button', class: 'danger', onclick: () => confirmDelete(w, () => go('#/webhooks')) },
+    'Delete', hidden(` ${w.name}`));
+
+  const filters = Object.entries(w.filters || {});
+  const headers = Object.entries(w.headers || {});
+  return h('section', {},
+    h('p', { class: 'crumbs' }, h('a', { href: '#/webhooks' }, 'Webhooks'), ' / '),
+    h('div', { class: 'title' },
+      h('h1', { tabindex: '-1' }, w.name),
+      h('label', { for: switchId, class: 'switch' }, toggle, ' Enabled')),
+    stateEl,
+    h('div', { class: 'toolbar actions', role: 'group', 'aria-label': 'Actions' },
+      h('a', { class: 'button', href: `#/webhooks/${encodeURIComponent(w.id)}/edit` }, 'Edit', hidden(` ${w.name}`)),
+      test, rotate, jobButtons, del),
+    status,
+    secretSlot,
+    jobSlot,
+    h('section', { 'aria-labelledby': 'definition' },
+      h('h2', { id: 'definition' }, 'Definition'),
+      dl([
+        ['URL', h('span', { class: 'url' }, w.url)],
+        w.description ? ['Description', w.description] : null,
+        ['Events', h('ul', { class: 'tags' }, w.event_types.map((t) => h('li', {}, h('code', {}, t))))],
+        ['Filters', filters.length === 0 ? 'None: every event of these types'
+          : h('ul', { class: 'plain' }, filters.map(([k, v]) => h('li', {}, h('code', {}, k), `: ${v.join(', ')}`)))],
+        ['Format', w.format.toUpperCase()],
+        ['Custom headers', headers.length === 0 ? 'None'
+          : h('ul', { class: 'plain' }, headers.map(([k, v]) => h('li', {}, h('code', {}, k), `: ${SECRET_NAME.test(k) ? '********' : v}`)))],
+        ['Timeout', `${w.timeout_ms} ms`],
+        ['Created', time(w.created_at)],
+        ['Updated', time(w.updated_at)],
+        ['ID', h('code', {}, w.id)],
+      ])),
+    h('section', { 'aria-labelledby': 'log' },
+      h('h2', { id: 'log' }, 'Delivery log'),
+      logs.element));
+}

@@ -1,0 +1,1082 @@
+//! The delivery policy: what happens to a delivery, and to its webhook's
+//! endpoint state, when a job arrives and when an attempt ends. No IO and no
+//! clock: time comes in as `now_ms`, so every rule is a row of a table test.
+//!
+//! The shape (PRODUCT.md, "Deliveries out"):
+//! - **healthy**: deliveries are sent.
+//! - **throttled until T** (a 429, or a 503 with `Retry-After`): deliveries
+//!   wait until T without spending an attempt; the in-flight limit halves.
+//! - **failing** (an endpoint-attributable failure): nothing is sent but one
+//!   *probe* at each step of the retry schedule; everything else is parked
+//!   and released in arrival order when a probe succeeds. Failures of
+//!   requests already in flight when it became failing do not count again.
+//!   More than `disable_after` consecutive failed probes (the first failure
+//!   counting as the first) disable the webhook.
+//! - Herald's own failures (resolver, secret, NATS) change nothing and spend
+//!   nothing: the work waits with backoff.
+//!
+//! Every delivery keeps a deadline: the retry schedule's whole span after its
+//! first attempt. Past it, a delivery that is still waiting has failed.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::retry::RetrySchedule;
+
+/// How long a claimed probe may run before another may be sent (the
+/// longest webhook timeout plus a margin for the attempt's bookkeeping).
+pub const PROBE_LEASE_MS: i64 = 45_000;
+/// A probe timer that fires this much early still counts as due (clocks of
+/// the NATS server and the deliverers differ a little).
+pub const PROBE_SLACK_MS: i64 = 200;
+/// Room past a schedule's span before a waiting delivery is given up.
+pub const DEADLINE_SLACK_MS: i64 = 60_000;
+/// The longest a throttled webhook is paused when it asked for no time.
+pub const MAX_THROTTLE_BACKOFF_MS: i64 = 60_000;
+/// The longest pause honoured from `Retry-After` (a longer ask waits this).
+pub const MAX_THROTTLE_MS: i64 = 3_600_000;
+
+/// A webhook's endpoint state, shared by every deliverer replica.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Endpoint {
+    #[default]
+    Healthy,
+    /// Asked to slow down: nothing is sent before `until_ms`.
+    Throttled {
+        until_ms: i64,
+        /// Consecutive throttled answers, for the backoff when the endpoint
+        /// names no time.
+        throttles: u32,
+    },
+    /// Failing since `since_ms`: only probes are sent.
+    Failing {
+        since_ms: i64,
+        /// When the next probe may be sent.
+        next_probe_ms: i64,
+        /// Consecutive failed probes (the failure that began it is the first).
+        failed_probes: u32,
+        /// A probe is in flight until then (0: none).
+        probe_until_ms: i64,
+        /// The last failure's error, for the disabled reason.
+        last_error: String,
+    },
+}
+
+impl Endpoint {
+    /// The name the API shows: `healthy`, `throttled` or `failing`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Endpoint::Healthy => "healthy",
+            Endpoint::Throttled { .. } => "throttled",
+            Endpoint::Failing { .. } => "failing",
+        }
+    }
+}
+
+/// What the policy needs to know of the job in hand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Job {
+    /// The attempt this job would make (1-based).
+    pub attempt: u32,
+    /// When the delivery's first attempt was made; 0 before it.
+    pub first_attempt_at_ms: i64,
+    /// Retried on the schedule (events); tests, manual retries, recover and
+    /// replay get one attempt.
+    pub scheduled: bool,
+}
+
+/// An attempt that has ended: whether it was the endpoint's probe, when it
+/// started, and how it is classified.
+#[derive(Debug, Clone, Copy)]
+pub struct Attempted<'a> {
+    pub probe: bool,
+    pub started_ms: i64,
+    pub class: &'a Class,
+}
+
+/// What to do with a job that has arrived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Arrival {
+    /// Send it now.
+    Send,
+    /// Send it now as the failing webhook's probe (the returned state
+    /// claims the probe).
+    Probe,
+    /// Keep it, in arrival order, until the webhook recovers.
+    Park,
+    /// Put it back until then (throttled); no attempt is spent.
+    Wait { until_ms: i64 },
+    /// Its deadline has passed while it waited: it has failed.
+    Expire,
+}
+
+/// How an attempt ended, as the policy sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Class {
+    Success,
+    /// 429, or 503 with `Retry-After`.
+    Throttled {
+        retry_after_ms: Option<i64>,
+    },
+    /// The endpoint's own failure; `gone` for a 410.
+    Endpoint {
+        gone: bool,
+        error: String,
+    },
+    /// Herald's own failure: nothing about the endpoint is learnt.
+    Herald,
+}
+
+/// Why a delivery failed for good; `AttemptResult.failure_reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureReason {
+    /// The schedule ran out (or the deadline passed while waiting).
+    Exhausted,
+    /// The webhook was disabled while the delivery waited.
+    WebhookDisabled,
+    /// The endpoint answered 410 Gone.
+    Gone,
+    /// A one-attempt delivery (test, manual retry, recover, replay) failed.
+    Failed,
+}
+
+impl FailureReason {
+    pub fn code(self) -> &'static str {
+        match self {
+            FailureReason::Exhausted => "exhausted",
+            FailureReason::WebhookDisabled => "webhook_disabled",
+            FailureReason::Gone => "gone",
+            FailureReason::Failed => "failed",
+        }
+    }
+}
+
+/// What happens to the delivery after an attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Delivered.
+    Done,
+    /// Throttled: try it again at `until_ms`, with no attempt spent.
+    Wait { until_ms: i64 },
+    /// The webhook is failing: park it (its attempt was spent) until a probe
+    /// succeeds.
+    Park,
+    /// Herald's own failure: try again at `at_ms`, with no attempt spent.
+    Retry { at_ms: i64 },
+    /// Failed for good.
+    Fail(FailureReason),
+    /// Herald's own failure outlasted the delivery's deadline: the job goes
+    /// to the dead-letter stream for an operator.
+    DeadLetter,
+}
+
+/// A change the rest of the world hears about (PRODUCT.md, System events).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// `webhook.failing`
+    Failing,
+    /// `webhook.recovered`; parked deliveries are released.
+    Recovered,
+    /// `webhook.disabled`, with the reason.
+    Disable(String),
+    /// `delivery.exhausted`
+    Exhausted,
+}
+
+/// The outcome of a decision: the new endpoint state (`None`: unchanged),
+/// what becomes of the delivery, and what to announce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub endpoint: Option<Endpoint>,
+    pub action: Action,
+    pub notices: Vec<Notice>,
+}
+
+/// The policy's settings.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub schedule: RetrySchedule,
+    /// Consecutive failed probes tolerated; one more disables.
+    pub disable_after: u32,
+}
+
+impl Policy {
+    /// The delivery's deadline: the schedule's whole span after its first
+    /// attempt, with room for the schedule's jitter (+20%, and a quarter
+    /// here) and [`DEADLINE_SLACK_MS`] for the bookkeeping between
+    /// attempts (`None` before the first attempt).
+    pub fn deadline_ms(&self, job: &Job) -> Option<i64> {
+        let span = self.schedule.span().as_millis() as i64;
+        (job.first_attempt_at_ms > 0)
+            .then(|| job.first_attempt_at_ms + span + span / 4 + DEADLINE_SLACK_MS)
+    }
+
+    fn expired(&self, job: &Job, now_ms: i64) -> bool {
+        self.deadline_ms(job).is_some_and(|d| now_ms > d)
+    }
+
+    /// The delay before the probe after `failed_probes` consecutive
+    /// failures: the schedule's steps, its last step repeated.
+    fn probe_delay(&self, failed_probes: u32, jitter: f64) -> Duration {
+        let last = self.schedule.max_attempts().saturating_sub(1).max(1);
+        self.schedule
+            .delay_after(failed_probes.clamp(1, last), jitter)
+            .unwrap_or(Duration::from_secs(5))
+    }
+
+    /// A job arrives at a webhook in `state`. Returns what to do, and the
+    /// new state when the job claims the probe.
+    pub fn on_arrival(
+        &self,
+        state: &Endpoint,
+        job: &Job,
+        now_ms: i64,
+    ) -> (Arrival, Option<Endpoint>) {
+        if self.expired(job, now_ms) {
+            return (Arrival::Expire, None);
+        }
+        match state {
+            Endpoint::Healthy => (Arrival::Send, None),
+            Endpoint::Throttled { until_ms, .. } if now_ms < *until_ms => (
+                Arrival::Wait {
+                    until_ms: *until_ms,
+                },
+                None,
+            ),
+            Endpoint::Throttled { .. } => (Arrival::Send, None),
+            Endpoint::Failing {
+                next_probe_ms,
+                probe_until_ms,
+                ..
+            } => {
+                if now_ms + PROBE_SLACK_MS >= *next_probe_ms && *probe_until_ms <= now_ms {
+                    let mut claimed = state.clone();
+                    if let Endpoint::Failing { probe_until_ms, .. } = &mut claimed {
+                        *probe_until_ms = now_ms + PROBE_LEASE_MS;
+                    }
+                    (Arrival::Probe, Some(claimed))
+                } else {
+                    (Arrival::Park, None)
+                }
+            }
+        }
+    }
+
+    /// An attempt ended at `now_ms`, the endpoint being in `state` now. `jitter` in
+    /// `[0, 1)` spreads waits.
+    pub fn on_outcome(
+        &self,
+        state: &Endpoint,
+        job: &Job,
+        attempt: Attempted<'_>,
+        now_ms: i64,
+        jitter: f64,
+    ) -> Decision {
+        let Attempted {
+            probe,
+            started_ms,
+            class,
+        } = attempt;
+        let first = if job.first_attempt_at_ms > 0 {
+            job.first_attempt_at_ms
+        } else {
+            started_ms
+        };
+        let job = Job {
+            first_attempt_at_ms: first,
+            ..*job
+        };
+        match class {
+            Class::Success => {
+                let recovered = matches!(state, Endpoint::Failing { .. });
+                Decision {
+                    endpoint: (*state != Endpoint::Healthy).then_some(Endpoint::Healthy),
+                    action: Action::Done,
+                    notices: if recovered {
+                        vec![Notice::Recovered]
+                    } else {
+                        vec![]
+                    },
+                }
+            }
+            Class::Herald => {
+                // Back off from a few seconds; the deadline still holds.
+                let at_ms = now_ms + 2_000 + (3_000.0 * jitter) as i64;
+                if self.expired(&job, at_ms) {
+                    return Decision {
+                        endpoint: None,
+                        action: Action::DeadLetter,
+                        notices: vec![],
+                    };
+                }
+                Decision {
+                    endpoint: None,
+                    action: Action::Retry { at_ms },
+                    notices: vec![],
+                }
+            }
+            Class::Throttled { retry_after_ms } => {
+                let throttles = match state {
+                    Endpoint::Throttled { throttles, .. } => throttles + 1,
+                    _ => 1,
+                };
+                let pause = retry_after_ms
+                    .map(|ms| ms.clamp(0, MAX_THROTTLE_MS))
+                    .unwrap_or_else(|| throttle_backoff_ms(throttles));
+                let mut until_ms = now_ms + pause;
+                if let Endpoint::Throttled { until_ms: u, .. } = state {
+                    until_ms = until_ms.max(*u);
+                }
+                // The endpoint answered: a failing one is alive again, but
+                // busy.
+                let endpoint = Endpoint::Throttled {
+                    until_ms,
+                    throttles,
+                };
+                let notices = if matches!(state, Endpoint::Failing { .. }) {
+                    vec![Notice::Recovered]
+                } else {
+                    vec![]
+                };
+                if self.expired(&job, until_ms) {
+                    let mut d = self.fail(Some(endpoint), FailureReason::Exhausted, notices);
+                    d.notices.push(Notice::Exhausted);
+                    return d;
+                }
+                // Spread the waiters over up to a second after the pause.
+                let spread = (pause.clamp(100, 1_000) as f64 * jitter) as i64;
+                Decision {
+                    endpoint: Some(endpoint),
+                    action: Action::Wait {
+                        until_ms: until_ms + spread,
+                    },
+                    notices,
+                }
+            }
+            Class::Endpoint { gone: true, .. } => Decision {
+                endpoint: None,
+                action: Action::Fail(FailureReason::Gone),
+                notices: vec![Notice::Disable("the endpoint answered 410 Gone".to_owned())],
+            },
+            Class::Endpoint { gone: false, error } => {
+                self.on_failure(state, &job, probe, started_ms, error, now_ms, jitter)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_failure(
+        &self,
+        state: &Endpoint,
+        job: &Job,
+        probe: bool,
+        started_ms: i64,
+        error: &str,
+        now_ms: i64,
+        jitter: f64,
+    ) -> Decision {
+        let (endpoint, mut notices) = match state {
+            // Already failing: only the probe's failure counts. A request
+            // that started before the webhook became failing was part of
+            // the burst that made it fail, and one sent on a stale view of
+            // the state is not a probe.
+            Endpoint::Failing {
+                since_ms,
+                failed_probes,
+                ..
+            } if probe && started_ms >= *since_ms => {
+                let failed_probes = failed_probes + 1;
+                (
+                    Endpoint::Failing {
+                        since_ms: *since_ms,
+                        next_probe_ms: now_ms
+                            + self.probe_delay(failed_probes, jitter).as_millis() as i64,
+                        failed_probes,
+                        probe_until_ms: 0,
+                        last_error: error.to_owned(),
+                    },
+                    vec![],
+                )
+            }
+            Endpoint::Failing { .. } => (state.clone(), vec![]),
+            Endpoint::Healthy | Endpoint::Throttled { .. } => (
+                Endpoint::Failing {
+                    since_ms: now_ms,
+                    next_probe_ms: now_ms + self.probe_delay(1, jitter).as_millis() as i64,
+                    failed_probes: 1,
+                    probe_until_ms: 0,
+                    last_error: error.to_owned(),
+                },
+                vec![Notice::Failing],
+            ),
+        };
+        let changed = endpoint != *state;
+        if let Endpoint::Failing {
+            failed_probes,
+            last_error,
+            ..
+        } = &endpoint
+            && *failed_probes > self.disable_after
+            && changed
+        {
+            notices.push(Notice::Disable(format!(
+                "{failed_probes} consecutive failed attempts; last: {last_error}"
+            )));
+            let reason = if job.scheduled {
+                FailureReason::WebhookDisabled
+            } else {
+                FailureReason::Failed
+            };
+            // It stays failing, with no probe ever due, while disabled: a
+            // job racing the disable is parked (and logged with the
+            // reason), never sent. Re-enabling forgets the state.
+            let endpoint = match endpoint {
+                Endpoint::Failing {
+                    since_ms,
+                    failed_probes,
+                    last_error,
+                    ..
+                } => Endpoint::Failing {
+                    since_ms,
+                    next_probe_ms: i64::MAX,
+                    failed_probes,
+                    probe_until_ms: i64::MAX,
+                    last_error,
+                },
+                other => other,
+            };
+            return self.fail(Some(endpoint), reason, notices);
+        }
+        let endpoint = changed.then_some(endpoint);
+        if !job.scheduled {
+            return self.fail(endpoint, FailureReason::Failed, notices);
+        }
+        if job.attempt >= self.schedule.max_attempts() || self.expired(job, now_ms) {
+            notices.push(Notice::Exhausted);
+            return self.fail(endpoint, FailureReason::Exhausted, notices);
+        }
+        Decision {
+            endpoint,
+            action: Action::Park,
+            notices,
+        }
+    }
+
+    fn fail(
+        &self,
+        endpoint: Option<Endpoint>,
+        reason: FailureReason,
+        notices: Vec<Notice>,
+    ) -> Decision {
+        Decision {
+            endpoint,
+            action: Action::Fail(reason),
+            notices,
+        }
+    }
+}
+
+/// The pause after `throttles` consecutive throttled answers that named no
+/// time: 1 s doubling, at most [`MAX_THROTTLE_BACKOFF_MS`].
+pub fn throttle_backoff_ms(throttles: u32) -> i64 {
+    (1_000i64 << throttles.saturating_sub(1).min(10)).min(MAX_THROTTLE_BACKOFF_MS)
+}
+
+/// The in-flight limit to one endpoint, additive increase and
+/// multiplicative decrease: halved on a throttled answer, one more on each
+/// success, within `1..=max`.
+pub fn next_limit(limit: usize, max: usize, throttled: bool) -> usize {
+    if throttled {
+        (limit / 2).max(1)
+    } else {
+        (limit + 1).min(max.max(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> Policy {
+        Policy {
+            // 4 attempts: 1 s, 10 s, 100 s apart; span 111 s.
+            schedule: RetrySchedule::parse("1s,10s,100s").unwrap(),
+            disable_after: 2,
+        }
+    }
+
+    fn job(attempt: u32, first: i64) -> Job {
+        Job {
+            attempt,
+            first_attempt_at_ms: first,
+            scheduled: true,
+        }
+    }
+
+    fn failing(since: i64, next: i64, probes: u32, probe_until: i64) -> Endpoint {
+        Endpoint::Failing {
+            since_ms: since,
+            next_probe_ms: next,
+            failed_probes: probes,
+            probe_until_ms: probe_until,
+            last_error: "HTTP 500".into(),
+        }
+    }
+
+    fn throttled(until: i64, n: u32) -> Endpoint {
+        Endpoint::Throttled {
+            until_ms: until,
+            throttles: n,
+        }
+    }
+
+    #[test]
+    fn arrivals() {
+        let p = policy();
+        let t = 1_000_000;
+        // (state, job, now, expected arrival, claims the probe)
+        let cases: Vec<(Endpoint, Job, i64, Arrival, bool)> = vec![
+            (Endpoint::Healthy, job(1, 0), t, Arrival::Send, false),
+            (
+                Endpoint::Healthy,
+                job(3, t - 5_000),
+                t,
+                Arrival::Send,
+                false,
+            ),
+            // Deadline: first attempt + the 111 s span, a quarter more, 60 s.
+            (
+                Endpoint::Healthy,
+                job(3, t - 198_751),
+                t,
+                Arrival::Expire,
+                false,
+            ),
+            (
+                Endpoint::Healthy,
+                job(3, t - 198_750),
+                t,
+                Arrival::Send,
+                false,
+            ),
+            (
+                throttled(t + 500, 1),
+                job(1, 0),
+                t,
+                Arrival::Wait { until_ms: t + 500 },
+                false,
+            ),
+            (throttled(t, 1), job(1, 0), t, Arrival::Send, false),
+            (
+                throttled(t - 1, 3),
+                job(2, t - 9_000),
+                t,
+                Arrival::Send,
+                false,
+            ),
+            // Failing, probe not yet due: parked.
+            (
+                failing(t - 100, t + 5_000, 1, 0),
+                job(1, 0),
+                t,
+                Arrival::Park,
+                false,
+            ),
+            // Due (with slack), nobody probing: this one probes.
+            (
+                failing(t - 100, t + 200, 1, 0),
+                job(1, 0),
+                t,
+                Arrival::Probe,
+                true,
+            ),
+            (
+                failing(t - 100, t - 3, 1, 0),
+                job(2, t - 100),
+                t,
+                Arrival::Probe,
+                true,
+            ),
+            // A probe is in flight: parked.
+            (
+                failing(t - 100, t - 3, 1, t + 10),
+                job(1, 0),
+                t,
+                Arrival::Park,
+                false,
+            ),
+            // A stale claim (the prober died) is taken over.
+            (
+                failing(t - 100, t - 3, 1, t),
+                job(1, 0),
+                t,
+                Arrival::Probe,
+                true,
+            ),
+            (
+                failing(t - 100, t - 3, 1, 0),
+                job(2, t - 200_000),
+                t,
+                Arrival::Expire,
+                false,
+            ),
+        ];
+        for (state, j, now, expected, claims) in cases {
+            let (arrival, next) = p.on_arrival(&state, &j, now);
+            assert_eq!(arrival, expected, "{state:?} {j:?}");
+            assert_eq!(next.is_some(), claims, "{state:?} {j:?}");
+            if let Some(Endpoint::Failing { probe_until_ms, .. }) = next {
+                assert_eq!(probe_until_ms, now + PROBE_LEASE_MS);
+            }
+        }
+    }
+
+    fn endpoint_failure() -> Class {
+        Class::Endpoint {
+            gone: false,
+            error: "HTTP 500".into(),
+        }
+    }
+
+    /// (state, job, probe, started, class, now) → (new state, action, notices)
+    #[allow(clippy::type_complexity)]
+    fn check(
+        cases: Vec<(
+            Endpoint,
+            Job,
+            bool,
+            i64,
+            Class,
+            i64,
+            Option<Endpoint>,
+            Action,
+            Vec<Notice>,
+        )>,
+    ) {
+        let p = policy();
+        for (state, j, probe, started, class, now, endpoint, action, notices) in cases {
+            let d = p.on_outcome(
+                &state,
+                &j,
+                Attempted {
+                    probe,
+                    started_ms: started,
+                    class: &class,
+                },
+                now,
+                0.0,
+            );
+            let what = format!("{state:?} {j:?} probe={probe} {class:?}");
+            assert_eq!(d.endpoint, endpoint, "endpoint: {what}");
+            assert_eq!(d.action, action, "action: {what}");
+            assert_eq!(d.notices, notices, "notices: {what}");
+        }
+    }
+
+    #[test]
+    fn successes() {
+        let t = 1_000_000;
+        check(vec![
+            (
+                Endpoint::Healthy,
+                job(1, 0),
+                false,
+                t,
+                Class::Success,
+                t,
+                None,
+                Action::Done,
+                vec![],
+            ),
+            (
+                throttled(t - 1, 2),
+                job(1, 0),
+                false,
+                t,
+                Class::Success,
+                t,
+                Some(Endpoint::Healthy),
+                Action::Done,
+                vec![],
+            ),
+            (
+                failing(t - 10, t, 1, t + 9),
+                job(2, t - 10),
+                true,
+                t,
+                Class::Success,
+                t,
+                Some(Endpoint::Healthy),
+                Action::Done,
+                vec![Notice::Recovered],
+            ),
+            // A success even off-probe proves the endpoint is back.
+            (
+                failing(t - 10, t + 50, 2, 0),
+                job(1, 0),
+                false,
+                t,
+                Class::Success,
+                t,
+                Some(Endpoint::Healthy),
+                Action::Done,
+                vec![Notice::Recovered],
+            ),
+        ]);
+    }
+
+    #[test]
+    fn endpoint_failures_open_the_breaker_once_and_probes_count() {
+        let t = 1_000_000;
+        let f = endpoint_failure;
+        check(vec![
+            // First failure: failing, next probe after the first step (1 s).
+            (
+                Endpoint::Healthy,
+                job(1, 0),
+                false,
+                t,
+                f(),
+                t + 20,
+                Some(failing(t + 20, t + 1_020, 1, 0)),
+                Action::Park,
+                vec![Notice::Failing],
+            ),
+            (
+                throttled(t - 5, 1),
+                job(1, 0),
+                false,
+                t,
+                f(),
+                t + 20,
+                Some(failing(t + 20, t + 1_020, 1, 0)),
+                Action::Park,
+                vec![Notice::Failing],
+            ),
+            // The rest of the burst (in flight when it began) counts no more.
+            (
+                failing(t + 20, t + 1_020, 1, 0),
+                job(1, 0),
+                false,
+                t,
+                f(),
+                t + 30,
+                None,
+                Action::Park,
+                vec![],
+            ),
+            // Not a probe (a replica's stale view): counts no more either.
+            (
+                failing(t + 20, t + 1_020, 1, 0),
+                job(1, 0),
+                false,
+                t + 25,
+                f(),
+                t + 30,
+                None,
+                Action::Park,
+                vec![],
+            ),
+            // A failed probe: two in a row; the next probe after 10 s.
+            (
+                failing(t, t + 1_000, 1, t + 46_000),
+                job(2, t),
+                true,
+                t + 1_000,
+                f(),
+                t + 1_100,
+                Some(failing(t, t + 11_100, 2, 0)),
+                Action::Park,
+                vec![],
+            ),
+        ]);
+    }
+
+    #[test]
+    fn the_probe_after_the_limit_disables_and_waiting_work_fails_with_the_reason() {
+        let t = 1_000_000;
+        let disabled = "3 consecutive failed attempts; last: HTTP 500".to_owned();
+        check(vec![
+            (
+                failing(t, t + 11_000, 2, t + 46_000),
+                job(3, t),
+                true,
+                t + 11_000,
+                endpoint_failure(),
+                t + 11_100,
+                Some(failing(t, i64::MAX, 3, i64::MAX)),
+                Action::Fail(FailureReason::WebhookDisabled),
+                vec![Notice::Disable(disabled)],
+            ),
+            // 410: disabled at once, whatever the state.
+            (
+                Endpoint::Healthy,
+                job(1, 0),
+                false,
+                t,
+                Class::Endpoint {
+                    gone: true,
+                    error: "HTTP 410".into(),
+                },
+                t,
+                None,
+                Action::Fail(FailureReason::Gone),
+                vec![Notice::Disable("the endpoint answered 410 Gone".into())],
+            ),
+        ]);
+        // disable_after 0: the first failure disables.
+        let p = Policy {
+            disable_after: 0,
+            ..policy()
+        };
+        let d = p.on_outcome(
+            &Endpoint::Healthy,
+            &job(1, 0),
+            Attempted {
+                probe: false,
+                started_ms: t,
+                class: &endpoint_failure(),
+            },
+            t,
+            0.0,
+        );
+        assert!(
+            matches!(d.notices.last(), Some(Notice::Disable(_))),
+            "{d:?}"
+        );
+    }
+
+    #[test]
+    fn exhausted_and_one_shot_deliveries() {
+        let t = 1_000_000;
+        check(vec![
+            // The last attempt of the schedule (4) failed.
+            (
+                Endpoint::Healthy,
+                job(4, t - 111_000),
+                false,
+                t,
+                endpoint_failure(),
+                t,
+                Some(failing(t, t + 1_000, 1, 0)),
+                Action::Fail(FailureReason::Exhausted),
+                vec![Notice::Failing, Notice::Exhausted],
+            ),
+            // Past its deadline.
+            (
+                failing(t - 500_000, t, 1, 0),
+                job(2, t - 200_000),
+                true,
+                t,
+                endpoint_failure(),
+                t,
+                Some(failing(t - 500_000, t + 10_000, 2, 0)),
+                Action::Fail(FailureReason::Exhausted),
+                vec![Notice::Exhausted],
+            ),
+            // A test delivery is not retried, but still opens the breaker.
+            (
+                Endpoint::Healthy,
+                Job {
+                    scheduled: false,
+                    ..job(1, 0)
+                },
+                false,
+                t,
+                endpoint_failure(),
+                t,
+                Some(failing(t, t + 1_000, 1, 0)),
+                Action::Fail(FailureReason::Failed),
+                vec![Notice::Failing],
+            ),
+        ]);
+    }
+
+    #[test]
+    fn throttling_waits_and_never_counts() {
+        let t = 1_000_000;
+        let th = |ms: Option<i64>| Class::Throttled { retry_after_ms: ms };
+        check(vec![
+            (
+                Endpoint::Healthy,
+                job(1, 0),
+                false,
+                t,
+                th(Some(1_000)),
+                t,
+                Some(throttled(t + 1_000, 1)),
+                Action::Wait {
+                    until_ms: t + 1_000,
+                },
+                vec![],
+            ),
+            // No time named: backoff 1 s, 2 s, 4 s...
+            (
+                throttled(t - 1, 1),
+                job(1, t - 5_000),
+                false,
+                t,
+                th(None),
+                t,
+                Some(throttled(t + 2_000, 2)),
+                Action::Wait {
+                    until_ms: t + 2_000,
+                },
+                vec![],
+            ),
+            // A pause in force is never shortened.
+            (
+                throttled(t + 9_000, 1),
+                job(1, 0),
+                false,
+                t,
+                th(Some(1_000)),
+                t,
+                Some(throttled(t + 9_000, 2)),
+                Action::Wait {
+                    until_ms: t + 9_000,
+                },
+                vec![],
+            ),
+            // Throttled on the last attempt: still not spent.
+            (
+                Endpoint::Healthy,
+                job(4, t - 1_000),
+                false,
+                t,
+                th(Some(0)),
+                t,
+                Some(throttled(t, 1)),
+                Action::Wait { until_ms: t },
+                vec![],
+            ),
+            // A throttled probe: the endpoint is alive, only busy.
+            (
+                failing(t - 9, t, 2, t + 40_000),
+                job(2, t - 9),
+                true,
+                t,
+                th(Some(5_000)),
+                t,
+                Some(throttled(t + 5_000, 1)),
+                Action::Wait {
+                    until_ms: t + 5_000,
+                },
+                vec![Notice::Recovered],
+            ),
+            // Waiting past the deadline fails it.
+            (
+                Endpoint::Healthy,
+                job(2, t - 195_000),
+                false,
+                t,
+                th(Some(5_000)),
+                t,
+                Some(throttled(t + 5_000, 1)),
+                Action::Fail(FailureReason::Exhausted),
+                vec![Notice::Exhausted],
+            ),
+        ]);
+        // Jitter spreads the waiters over at most a second past the pause.
+        let d = policy().on_outcome(
+            &Endpoint::Healthy,
+            &job(1, 0),
+            Attempted {
+                probe: false,
+                started_ms: t,
+                class: &th(Some(3_000)),
+            },
+            t,
+            0.5,
+        );
+        assert_eq!(
+            d.action,
+            Action::Wait {
+                until_ms: t + 3_500
+            }
+        );
+    }
+
+    #[test]
+    fn heralds_own_failures_change_nothing_and_spend_nothing() {
+        let t = 1_000_000;
+        for state in [
+            Endpoint::Healthy,
+            throttled(t + 5, 1),
+            failing(t - 5, t, 1, t + 40),
+        ] {
+            let d = policy().on_outcome(
+                &state,
+                &job(3, t - 1_000),
+                Attempted {
+                    probe: true,
+                    started_ms: t,
+                    class: &Class::Herald,
+                },
+                t,
+                0.0,
+            );
+            assert_eq!(
+                d,
+                Decision {
+                    endpoint: None,
+                    action: Action::Retry { at_ms: t + 2_000 },
+                    notices: vec![]
+                },
+                "{state:?}"
+            );
+        }
+        let d = policy().on_outcome(
+            &Endpoint::Healthy,
+            &job(3, t - 197_000),
+            Attempted {
+                probe: false,
+                started_ms: t,
+                class: &Class::Herald,
+            },
+            t,
+            0.0,
+        );
+        assert_eq!(d.action, Action::DeadLetter);
+    }
+
+    #[test]
+    fn probes_follow_the_schedule_and_repeat_its_last_step() {
+        let p = policy();
+        let ms = |n| p.probe_delay(n, 0.0).as_millis();
+        assert_eq!(
+            (ms(0), ms(1), ms(2), ms(3), ms(9)),
+            (1_000, 1_000, 10_000, 100_000, 100_000)
+        );
+        let none = Policy {
+            schedule: RetrySchedule::parse("").unwrap(),
+            disable_after: 3,
+        };
+        assert_eq!(none.probe_delay(1, 0.0), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn limits_and_backoff() {
+        assert_eq!(next_limit(32, 32, true), 16);
+        assert_eq!(next_limit(1, 32, true), 1);
+        assert_eq!(next_limit(16, 32, false), 17);
+        assert_eq!(next_limit(32, 32, false), 32);
+        assert_eq!(throttle_backoff_ms(1), 1_000);
+        assert_eq!(throttle_backoff_ms(3), 4_000);
+        assert_eq!(throttle_backoff_ms(100), MAX_THROTTLE_BACKOFF_MS);
+    }
+
+    #[test]
+    fn state_round_trips_as_json() {
+        for state in [Endpoint::Healthy, throttled(5, 1), failing(1, 2, 3, 4)] {
+            let text = serde_json::to_string(&state).unwrap();
+            assert_eq!(
+                serde_json::from_str::<Endpoint>(&text).unwrap(),
+                state,
+                "{text}"
+            );
+        }
+    }
+}

@@ -1,0 +1,841 @@
+//! One job's way through the deliverer: ask the policy what to do with it,
+//! send it, ask the policy what follows, and carry that out (publish the
+//! attempt, park, wait, disable, announce). The decisions are all
+//! `core::policy`'s; this module only does what they say.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_nats::jetstream::{self, AckKind};
+use bytes::Bytes;
+use herald_core::payload::{self, Format};
+use herald_core::policy::{
+    self, Action, Arrival, Attempted, Class, Endpoint, FailureReason, Notice,
+};
+use herald_core::signing::{self, SigningKey};
+use herald_core::{ids, masking, names, proto};
+use herald_platform::{now_ms, trace};
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::State;
+use crate::endpoint_state::Source;
+use crate::outbox::SystemEvent;
+use crate::outcome::{self, Outcome};
+
+use herald_platform::dead_letters::MAX_HAND_BACKS;
+/// How often a job in hand says it is still being worked on.
+const PROGRESS_EVERY: Duration = Duration::from_secs(20);
+
+/// What becomes of the job in hand.
+pub enum Done {
+    /// Finished (sent, parked, waiting, skipped): ack it.
+    Ack,
+    /// Herald's own trouble (NATS, the webhook store): hand it back as is.
+    HandBack(String),
+}
+
+fn finish<E: std::fmt::Display>(result: Result<(), E>) -> Done {
+    match result {
+        Ok(()) => Done::Ack,
+        Err(error) => Done::HandBack(error.to_string()),
+    }
+}
+
+impl State {
+    pub(crate) async fn handle(
+        self: &Arc<Self>,
+        message: jetstream::Message,
+        hard_stop: &CancellationToken,
+    ) {
+        let info = message
+            .info()
+            .ok()
+            .map(|i| (i.stream_sequence, i.delivered));
+        let (source, delivered) = info.unwrap_or((0, 1));
+        let job = match proto::DeliveryJob::decode(message.payload.clone()) {
+            Ok(job) => job,
+            Err(error) => {
+                tracing::error!(%error, subject = %message.subject, "undecodable delivery job");
+                self.dead_letter(&message, &format!("undecodable delivery job: {error}"))
+                    .await;
+                return;
+            }
+        };
+        if delivered > MAX_HAND_BACKS {
+            let reason = format!(
+                "handed back {} times for Herald's own trouble",
+                delivered - 1
+            );
+            self.dead_letter(&message, &reason).await;
+            return;
+        }
+        let deliver = self.deliver(&job, source);
+        tokio::pin!(deliver);
+        // A job that waits long for its endpoint keeps its claim rather
+        // than being redelivered to another replica meanwhile.
+        let mut progress =
+            tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
+        let done = loop {
+            tokio::select! {
+                done = &mut deliver => break done,
+                // The grace period is over: another replica (or this one,
+                // restarted) will make the attempt.
+                _ = hard_stop.cancelled() => break Done::HandBack("shutting down".into()),
+                _ = progress.tick() => {
+                    let _ = message.ack_with(AckKind::Progress).await;
+                }
+            }
+        };
+        match done {
+            Done::Ack => {
+                let _ = message.ack().await;
+            }
+            Done::HandBack(error) => {
+                tracing::warn!(%error, delivery_id = %job.delivery_id, attempt = job.attempt, "delivery handed back");
+                self.metrics.herald_failures.inc();
+                let delay = (!hard_stop.is_cancelled()).then_some(Duration::from_secs(1));
+                let _ = message.ack_with(AckKind::Nak(delay)).await;
+            }
+        }
+    }
+
+    async fn dead_letter(&self, message: &jetstream::Message, reason: &str) {
+        self.metrics.dead_letters.inc();
+        if let Err(error) = self.outbox.terminate(message, reason).await {
+            tracing::warn!(%error, "cannot dead-letter a delivery job; handed back");
+        }
+    }
+
+    fn job_view(&self, job: &proto::DeliveryJob) -> policy::Job {
+        policy::Job {
+            attempt: job.attempt.max(1),
+            first_attempt_at_ms: job.first_attempt_at_ms,
+            scheduled: job.kind == proto::DeliveryKind::Event as i32,
+        }
+    }
+
+    fn record(&self, job: &proto::DeliveryJob) -> proto::AttemptResult {
+        let event = job.event.as_ref();
+        proto::AttemptResult {
+            log_id: ids::log_id(&job.delivery_id, job.attempt),
+            delivery_id: job.delivery_id.clone(),
+            organization_id: job.organization_id.clone(),
+            webhook_id: job.webhook_id.clone(),
+            event_id: event.map(|e| e.id.clone()).unwrap_or_default(),
+            event_type: event.map(|e| e.r#type.clone()).unwrap_or_default(),
+            attempt: job.attempt,
+            attempted_at_ms: now_ms(),
+            kind: job.kind,
+            // The event is read back from HERALD_ACCEPTED by its sequence;
+            // only an event that is not there (a test) travels along.
+            event: if job.event_seq == 0 {
+                job.event.clone()
+            } else {
+                None
+            },
+            event_seq: job.event_seq,
+            job_id: job.job_id.clone(),
+            ..Default::default()
+        }
+    }
+
+    async fn deliver(self: &Arc<Self>, job: &proto::DeliveryJob, source: u64) -> Done {
+        if job.kind == proto::DeliveryKind::Probe as i32 {
+            return self.probe_timer(job).await;
+        }
+        let webhook = match self
+            .webhooks
+            .get(&job.organization_id, &job.webhook_id)
+            .await
+        {
+            Ok(webhook) => webhook,
+            Err(error) => return Done::HandBack(error.to_string()),
+        };
+        // Test and manual deliveries go to a disabled webhook too: that is
+        // how a tenant checks it before re-enabling it.
+        let one_off = matches!(
+            proto::DeliveryKind::try_from(job.kind),
+            Ok(proto::DeliveryKind::Test | proto::DeliveryKind::ManualRetry)
+        );
+        let Some(webhook) = webhook.filter(|w| w.enabled || one_off) else {
+            let mut attempt = self.record(job);
+            attempt.set_status(proto::AttemptStatus::Skipped);
+            attempt.error = "webhook deleted or disabled; not sent".into();
+            self.count("skipped");
+            return finish(self.outbox.attempt(&attempt).await);
+        };
+        let view = self.job_view(job);
+        let now = now_ms();
+        let arrival = if one_off {
+            Arrival::Send
+        } else {
+            let (state, _) = self.states.get(&webhook.id).await;
+            match self.policy.on_arrival(&state, &view, now) {
+                // Claiming the probe must be one replica's: decide again
+                // under compare-and-set.
+                (Arrival::Probe, _) => {
+                    match self
+                        .states
+                        .update(&webhook.id, |s| {
+                            self.policy.on_arrival(s, &view, now_ms()).swap()
+                        })
+                        .await
+                    {
+                        Some((arrival, _, _)) => arrival,
+                        None => return Done::HandBack("endpoint state kept changing".into()),
+                    }
+                }
+                (arrival, _) => arrival,
+            }
+        };
+        match arrival {
+            Arrival::Send | Arrival::Probe => {}
+            Arrival::Park => {
+                self.count("parked");
+                return finish(self.park(job, &webhook, source).await);
+            }
+            Arrival::Wait { until_ms } => {
+                self.count("waiting");
+                let next = proto::DeliveryJob {
+                    not_before_ms: until_ms + (1_000.0 * rand::random::<f64>()) as i64,
+                    ..job.clone()
+                };
+                return finish(self.outbox.schedule(&next).await);
+            }
+            Arrival::Expire => {
+                let mut attempt = self.record(job);
+                attempt.set_status(proto::AttemptStatus::Failed);
+                attempt.failure_reason = FailureReason::Exhausted.code().into();
+                attempt.error = "the delivery's deadline passed while it waited".into();
+                self.count("failed");
+                if let Err(error) = self
+                    .announce(&webhook, &[Notice::Exhausted], job, None)
+                    .await
+                {
+                    return Done::HandBack(error);
+                }
+                return finish(self.outbox.attempt(&attempt).await);
+            }
+        }
+        let probe = arrival == Arrival::Probe;
+        let key = (webhook.organization_id.clone(), webhook.id.clone());
+        let permit = if probe || one_off {
+            None
+        } else {
+            match self.inflight.acquire_if_moving(&key).await {
+                Some(permit) => Some(permit),
+                None => {
+                    // Its endpoint is at its limit and stalled: rather than
+                    // hold one of the global slots, come back a little later.
+                    let delay =
+                        crate::inflight::deferral_delay(job.deferrals, rand::random::<f64>());
+                    let next = proto::DeliveryJob {
+                        deferrals: job.deferrals.saturating_add(1),
+                        not_before_ms: now_ms() + delay.as_millis() as i64,
+                        ..job.clone()
+                    };
+                    self.count("deferred");
+                    return finish(self.outbox.schedule(&next).await);
+                }
+            }
+        };
+        let mut attempt = self.record(job);
+        let outcome = self.send(job, &webhook, &mut attempt).await;
+        drop(permit);
+        let class = classify(&outcome);
+        match class {
+            Class::Success => self.inflight.adapt(&key, false),
+            Class::Throttled { .. } => self.inflight.adapt(&key, true),
+            _ => {}
+        }
+        self.conclude(job, &webhook, attempt, outcome, class, probe, source)
+            .await
+    }
+
+    /// Builds, signs and sends the request; fills in what was sent and got.
+    async fn send(
+        &self,
+        job: &proto::DeliveryJob,
+        webhook: &proto::Webhook,
+        attempt: &mut proto::AttemptResult,
+    ) -> Outcome {
+        let event = job.event.clone().unwrap_or_default();
+        let url = match url::Url::parse(&webhook.url) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") => url,
+            Ok(url) => {
+                return Outcome::endpoint(format!("unsupported URL scheme {}", url.scheme()));
+            }
+            Err(error) => return Outcome::endpoint(format!("invalid URL: {error}")),
+        };
+        let format = Format::from(webhook.format());
+        let body = Bytes::from(payload::render(&event, &webhook.id, format));
+        let keys = match self.signing_keys(webhook, attempt.attempted_at_ms) {
+            Ok(keys) if !keys.is_empty() => keys,
+            Ok(_) => return Outcome::herald("webhook has no live secret; not sent".into()),
+            // Herald's own configuration (HERALD_SECRET_KEY): not the
+            // endpoint's fault, and no attempt is spent.
+            Err(error) => return Outcome::herald(format!("cannot decrypt the secret: {error}")),
+        };
+        let timestamp = attempt.attempted_at_ms / 1000;
+        // The url crate normalizes the host: numeric forms like 2130706433
+        // become the dotted address the SSRF guard checks.
+        let mut builder = ::http::Request::post(url.as_str())
+            .header("content-type", format.content_type())
+            .header("user-agent", concat!("Herald/", env!("CARGO_PKG_VERSION")))
+            .header("webhook-id", &job.delivery_id)
+            .header("webhook-timestamp", timestamp.to_string())
+            .header(
+                "webhook-signature",
+                signing::standard_signatures(&keys, &job.delivery_id, timestamp, &body),
+            )
+            .header("x-webhook-signature", keys[0].body_signature(&body));
+        if let Some(traceparent) = trace::outgoing(&event.traceparent) {
+            builder = builder.header("traceparent", traceparent);
+        }
+        for (name, value) in &webhook.headers {
+            builder = builder.header(name, value);
+        }
+        let request = match builder.body(http_body_util::Full::new(body.clone())) {
+            Ok(request) => request,
+            Err(error) => return Outcome::endpoint(format!("invalid request: {error}")),
+        };
+        attempt.request = Some(logged_request(&request, &body, self.config.log_body_limit));
+        let timeout =
+            Duration::from_millis(herald_core::webhook::timeout_ms(webhook.timeout_ms).into());
+        let (result, took) = self.client.send(request, timeout).await;
+        attempt.duration_ms = took.as_millis() as u64;
+        self.metrics.attempt_duration.observe(took.as_secs_f64());
+        outcome::classify(result, SystemTime::now())
+    }
+
+    /// Asks the policy what follows the attempt and carries it out.
+    #[allow(clippy::too_many_arguments)]
+    async fn conclude(
+        self: &Arc<Self>,
+        job: &proto::DeliveryJob,
+        webhook: &proto::Webhook,
+        mut attempt: proto::AttemptResult,
+        outcome: Outcome,
+        class: Class,
+        probe: bool,
+        source: u64,
+    ) -> Done {
+        attempt.error = outcome.error.clone();
+        attempt.response = outcome.response.as_ref().map(|r| proto::HttpResponse {
+            status: r.status as u32,
+            headers: crate::outbox::capped_headers(&r.headers),
+            body: r.body.clone(),
+            body_truncated: r.truncated,
+        });
+        let view = self.job_view(job);
+        let started = attempt.attempted_at_ms;
+        let now = now_ms();
+        let jitter = rand::random::<f64>();
+        let one_off = !view.scheduled
+            && job.kind != proto::DeliveryKind::Recover as i32
+            && job.kind != proto::DeliveryKind::Replay as i32;
+        let decided = self
+            .states
+            .update(&webhook.id, |state| {
+                let d = self.policy.on_outcome(
+                    state,
+                    &view,
+                    Attempted {
+                        probe,
+                        started_ms: started,
+                        class: &class,
+                    },
+                    now,
+                    jitter,
+                );
+                (d.endpoint.clone(), (d, state.clone()))
+            })
+            .await;
+        let Some(((mut decision, before), after, source_of_state)) = decided else {
+            return Done::HandBack("endpoint state kept changing".into());
+        };
+        if source_of_state == Source::Local {
+            // Redis cannot say: nothing is disabled on one replica's view.
+            let disabling = decision
+                .notices
+                .iter()
+                .any(|n| matches!(n, Notice::Disable(r) if !r.contains("410")));
+            if disabling {
+                decision
+                    .notices
+                    .retain(|n| !matches!(n, Notice::Disable(_)));
+                decision.action =
+                    if view.scheduled && view.attempt < self.policy.schedule.max_attempts() {
+                        Action::Park
+                    } else {
+                        Action::Fail(FailureReason::Exhausted)
+                    };
+            }
+        }
+        let first = if job.first_attempt_at_ms > 0 {
+            job.first_attempt_at_ms
+        } else {
+            started
+        };
+        match &decision.action {
+            Action::Done => {
+                attempt.set_status(proto::AttemptStatus::Succeeded);
+                self.count("succeeded");
+            }
+            Action::Wait { until_ms } | Action::Retry { at_ms: until_ms } => {
+                let throttled = matches!(decision.action, Action::Wait { .. });
+                attempt.log_id =
+                    ids::throttled_log_id(&job.delivery_id, job.attempt, job.throttles + 1);
+                attempt.set_status(if throttled {
+                    proto::AttemptStatus::Throttled
+                } else {
+                    proto::AttemptStatus::Retrying
+                });
+                attempt.next_attempt_at_ms = *until_ms;
+                let next = proto::DeliveryJob {
+                    throttles: job.throttles + 1,
+                    not_before_ms: *until_ms,
+                    first_attempt_at_ms: first,
+                    ..job.clone()
+                };
+                if !throttled {
+                    self.metrics.herald_failures.inc();
+                    tracing::warn!(webhook_id = %webhook.id, delivery_id = %job.delivery_id, error = %outcome.error, "herald's own failure; the delivery waits");
+                }
+                self.count(if throttled {
+                    "throttled"
+                } else {
+                    "herald_failure"
+                });
+                if let Err(error) = self.outbox.schedule(&next).await {
+                    return Done::HandBack(error.to_string());
+                }
+            }
+            Action::Park => {
+                attempt.set_status(proto::AttemptStatus::Retrying);
+                if let Endpoint::Failing { next_probe_ms, .. } = &after {
+                    attempt.next_attempt_at_ms = *next_probe_ms;
+                }
+                let next = proto::DeliveryJob {
+                    attempt: job.attempt + 1,
+                    first_attempt_at_ms: first,
+                    deferrals: 0,
+                    not_before_ms: 0,
+                    ..job.clone()
+                };
+                self.count("retrying");
+                if let Err(error) = self.park(&next, webhook, source).await {
+                    return Done::HandBack(error);
+                }
+            }
+            Action::Fail(reason) => {
+                attempt.set_status(proto::AttemptStatus::Failed);
+                if !one_off {
+                    attempt.failure_reason = reason.code().into();
+                }
+                self.count("failed");
+            }
+            Action::DeadLetter => {
+                attempt.set_status(proto::AttemptStatus::Failed);
+                attempt.failure_reason = "undeliverable".into();
+                self.count("failed");
+                let reason = format!(
+                    "herald's own failure outlasted the delivery's deadline: {}",
+                    outcome.error
+                );
+                if let Err(error) = self
+                    .outbox
+                    .dead_letter(
+                        names::DELIVERIES_STREAM,
+                        &names::delivery_subject(&job.organization_id, &job.webhook_id),
+                        job.encode_to_vec().into(),
+                        &reason,
+                    )
+                    .await
+                {
+                    return Done::HandBack(error.to_string());
+                }
+                self.metrics.dead_letters.inc();
+            }
+        }
+        if !matches!(decision.action, Action::Done) {
+            tracing::info!(
+                webhook_id = %webhook.id,
+                delivery_id = %job.delivery_id,
+                attempt = job.attempt,
+                error = %outcome.error,
+                state = after.name(),
+                "delivery attempt failed"
+            );
+        }
+        // A failed probe whose delivery is not parked (it ran out of
+        // attempts, or was one of a kind that gets one) leaves the webhook
+        // failing with its next probe due: the timer for it is set here,
+        // since no park will.
+        if probe
+            && !matches!(decision.action, Action::Park)
+            && let Endpoint::Failing { next_probe_ms, .. } = &after
+            && *next_probe_ms != i64::MAX
+            && let Err(error) = self
+                .outbox
+                .probe_timer(&webhook.organization_id, &webhook.id, *next_probe_ms, now)
+                .await
+        {
+            return Done::HandBack(error.to_string());
+        }
+        if let Err(error) = self
+            .announce(webhook, &decision.notices, job, Some((&before, &after)))
+            .await
+        {
+            return Done::HandBack(error);
+        }
+        finish(self.outbox.attempt(&attempt).await)
+    }
+
+    /// Parks `job` behind its failing webhook and makes sure a probe timer
+    /// is set for the webhook's next probe.
+    async fn park(
+        &self,
+        job: &proto::DeliveryJob,
+        webhook: &proto::Webhook,
+        source: u64,
+    ) -> Result<(), String> {
+        self.parking
+            .park(job, source)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (state, _) = self.states.get(&webhook.id).await;
+        let at = match state {
+            // Being disabled: the timer drains what is parked, soon.
+            Endpoint::Failing {
+                next_probe_ms: i64::MAX,
+                ..
+            } => now_ms() + 1_000,
+            Endpoint::Failing { next_probe_ms, .. } => next_probe_ms,
+            // Recovered meanwhile: release at once.
+            _ => now_ms(),
+        };
+        self.outbox
+            .probe_timer(&webhook.organization_id, &webhook.id, at, now_ms())
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// A failing webhook's probe timer fired.
+    async fn probe_timer(self: &Arc<Self>, job: &proto::DeliveryJob) -> Done {
+        let (org, id) = (job.organization_id.as_str(), job.webhook_id.as_str());
+        let webhook = match self.webhooks.get(org, id).await {
+            Ok(webhook) => webhook,
+            Err(error) => return Done::HandBack(error.to_string()),
+        };
+        let Some(webhook) = webhook.filter(|w| w.enabled) else {
+            // Deleted or disabled: what waited is logged, not lost.
+            return finish(self.drain_disabled(org, id).await);
+        };
+        let (state, _) = self.states.get(&webhook.id).await;
+        let result = match state {
+            Endpoint::Failing { next_probe_ms, .. }
+                if now_ms() + policy::PROBE_SLACK_MS < next_probe_ms =>
+            {
+                // An older timer: the next probe is later.
+                self.outbox
+                    .probe_timer(org, id, next_probe_ms, now_ms())
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Endpoint::Failing { .. } => self
+                .parking
+                .release_oldest(org, id)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            // Recovered: anything still parked goes now.
+            _ => self
+                .parking
+                .release_all(org, id)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        };
+        finish(result)
+    }
+
+    /// Logs every delivery parked for a disabled or deleted webhook as
+    /// failed with `webhook_disabled`, so that `recover` finds it.
+    async fn drain_disabled(&self, org: &str, webhook_id: &str) -> Result<(), String> {
+        let n = self
+            .parking
+            .drain(org, webhook_id, |job| async move {
+                let mut attempt = self.record(&job);
+                attempt.set_status(proto::AttemptStatus::Failed);
+                attempt.failure_reason = FailureReason::WebhookDisabled.code().into();
+                attempt.error =
+                    "the webhook was disabled while the delivery waited; not sent".into();
+                self.count("failed");
+                self.outbox.attempt(&attempt).await
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        if n > 0 {
+            tracing::info!(
+                webhook_id,
+                deliveries = n,
+                "waiting deliveries of a disabled webhook logged as failed"
+            );
+        }
+        Ok(())
+    }
+
+    /// Carries out the policy's notices: system events, disabling, and
+    /// releasing or draining what waited.
+    async fn announce(
+        self: &Arc<Self>,
+        webhook: &proto::Webhook,
+        notices: &[Notice],
+        job: &proto::DeliveryJob,
+        states: Option<(&Endpoint, &Endpoint)>,
+    ) -> Result<(), String> {
+        let now = now_ms();
+        for notice in notices {
+            match notice {
+                Notice::Failing => {
+                    let (since, next) = match states.map(|(_, after)| after) {
+                        Some(Endpoint::Failing {
+                            since_ms,
+                            next_probe_ms,
+                            ..
+                        }) => (*since_ms, *next_probe_ms),
+                        _ => (now, now),
+                    };
+                    self.system_event(webhook, "webhook.failing", since.to_string(), vec![], serde_json::json!({"url": webhook.url, "name": webhook.name, "error": job_error(states)}), now).await?;
+                    // No probe is ever due when the same failure disables
+                    // it (disable_after 0): no timer.
+                    if next != i64::MAX {
+                        self.outbox
+                            .probe_timer(&webhook.organization_id, &webhook.id, next, now)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                }
+                Notice::Recovered => {
+                    let since = match states.map(|(before, _)| before) {
+                        Some(Endpoint::Failing { since_ms, .. }) => *since_ms,
+                        _ => now,
+                    };
+                    self.system_event(
+                        webhook,
+                        "webhook.recovered",
+                        since.to_string(),
+                        vec![],
+                        serde_json::json!({"url": webhook.url, "name": webhook.name}),
+                        now,
+                    )
+                    .await?;
+                    let (this, org, id) = (
+                        self.clone(),
+                        webhook.organization_id.clone(),
+                        webhook.id.clone(),
+                    );
+                    tokio::spawn(async move {
+                        match this.parking.release_all(&org, &id).await {
+                            Ok(n) if n > 0 => {
+                                tracing::info!(webhook_id = %id, deliveries = n, "webhook recovered; waiting deliveries released")
+                            }
+                            Ok(_) => {}
+                            // The next probe timer releases what is left.
+                            Err(error) => {
+                                tracing::warn!(%error, webhook_id = %id, "cannot release waiting deliveries")
+                            }
+                        }
+                    });
+                }
+                Notice::Disable(reason) => {
+                    self.disable(webhook, reason).await?;
+                    let (this, org, id) = (
+                        self.clone(),
+                        webhook.organization_id.clone(),
+                        webhook.id.clone(),
+                    );
+                    tokio::spawn(async move {
+                        if let Err(error) = this.drain_disabled(&org, &id).await {
+                            tracing::warn!(%error, webhook_id = %id, "cannot log the waiting deliveries of a disabled webhook yet");
+                        }
+                    });
+                }
+                Notice::Exhausted => {
+                    let event_id = job.event.as_ref().map(|e| e.id.clone()).unwrap_or_default();
+                    self.system_event(
+                        webhook,
+                        "delivery.exhausted",
+                        job.delivery_id.clone(),
+                        vec![("event", event_id.clone())],
+                        serde_json::json!({"delivery_id": job.delivery_id, "event_id": event_id, "attempts": job.attempt}),
+                        now,
+                    )
+                    .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn system_event(
+        &self,
+        webhook: &proto::Webhook,
+        r#type: &'static str,
+        dedupe: String,
+        mut attributes: Vec<(&'static str, String)>,
+        data: serde_json::Value,
+        now: i64,
+    ) -> Result<(), String> {
+        attributes.push(("webhook", webhook.id.clone()));
+        self.outbox
+            .system_event(SystemEvent {
+                r#type,
+                webhook,
+                dedupe,
+                attributes,
+                data,
+                now_ms: now,
+            })
+            .await
+            .map_err(|e| format!("cannot publish {type}: {e}", type = r#type))
+    }
+
+    /// Disables the webhook and announces `webhook.disabled`, once.
+    async fn disable(&self, webhook: &proto::Webhook, reason: &str) -> Result<(), String> {
+        let now = now_ms();
+        let mut changed = false;
+        let stored = self
+            .webhooks
+            .store()
+            .modify(&webhook.organization_id, &webhook.id, |w| {
+                changed = w.enabled;
+                if w.enabled {
+                    w.enabled = false;
+                    w.disabled_reason = reason.to_owned();
+                    w.updated_at_ms = now;
+                }
+                changed
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(w) = stored else {
+            return Ok(());
+        };
+        // Jobs already queued are skipped from now on, without waiting for
+        // the bucket's change feed.
+        self.webhooks.remember(w.clone());
+        if changed {
+            self.metrics.disabled.inc();
+            tracing::warn!(webhook_id = %w.id, org = %w.organization_id, reason, "webhook disabled");
+        }
+        // Announced with an id of this disabling (its time), so a job
+        // decided again after a crash announces it once.
+        self.system_event(
+            &w,
+            "webhook.disabled",
+            w.updated_at_ms.to_string(),
+            vec![("reason", reason.to_owned())],
+            serde_json::json!({"reason": w.disabled_reason, "url": w.url, "name": w.name}),
+            now,
+        )
+        .await
+    }
+
+    fn signing_keys(
+        &self,
+        webhook: &proto::Webhook,
+        now_ms: i64,
+    ) -> Result<Vec<SigningKey>, herald_core::secret::DecryptError> {
+        let aad = names::webhook_key(&webhook.organization_id, &webhook.id);
+        webhook
+            .secrets
+            .iter()
+            .filter(|s| s.expires_at_ms == 0 || s.expires_at_ms > now_ms)
+            .map(|s| {
+                self.config
+                    .keyring
+                    .decrypt(s, &aad)
+                    .map(|plain| SigningKey::new(&plain))
+            })
+            .collect()
+    }
+
+    fn count(&self, outcome: &'static str) {
+        self.metrics
+            .deliveries
+            .get_or_create(&crate::metrics::OutcomeLabel { outcome })
+            .inc();
+    }
+}
+
+fn job_error(states: Option<(&Endpoint, &Endpoint)>) -> String {
+    match states.map(|(_, after)| after) {
+        Some(Endpoint::Failing { last_error, .. }) => last_error.clone(),
+        _ => String::new(),
+    }
+}
+
+/// How the policy sees an attempt's outcome.
+fn classify(outcome: &Outcome) -> Class {
+    if outcome.succeeded() {
+        Class::Success
+    } else if outcome.throttled {
+        Class::Throttled {
+            retry_after_ms: outcome.retry_after.map(|d| d.as_millis() as i64),
+        }
+    } else if outcome.endpoint_failure {
+        Class::Endpoint {
+            gone: outcome.gone,
+            error: outcome.error.clone(),
+        }
+    } else {
+        Class::Herald
+    }
+}
+
+/// The request as logged: secret-looking headers and URL query values
+/// masked, the body cut at `limit` bytes.
+fn logged_request(
+    request: &::http::Request<http_body_util::Full<Bytes>>,
+    body: &Bytes,
+    limit: usize,
+) -> proto::HttpRequest {
+    let headers = request
+        .headers()
+        .iter()
+        .map(|(name, value)| {
+            let n = name.as_str();
+            let value = if masking::secret_name(n) {
+                masking::MASK.to_owned()
+            } else {
+                String::from_utf8_lossy(value.as_bytes()).into_owned()
+            };
+            proto::Header {
+                name: n.to_owned(),
+                value,
+            }
+        })
+        .collect();
+    proto::HttpRequest {
+        method: "POST".into(),
+        url: masking::mask_url(&request.uri().to_string()),
+        headers,
+        body: body.slice(..body.len().min(limit)),
+        body_truncated: body.len() > limit,
+        body_size: body.len() as u64,
+    }
+}
+
+/// `(Arrival, Option<Endpoint>)` as `update` wants it: state first.
+trait Swap {
+    fn swap(self) -> (Option<Endpoint>, Arrival);
+}
+
+impl Swap for (Arrival, Option<Endpoint>) {
+    fn swap(self) -> (Option<Endpoint>, Arrival) {
+        (self.1, self.0)
+    }
+}

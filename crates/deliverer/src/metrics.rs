@@ -1,0 +1,74 @@
+//! The deliverer's metrics, registered on its `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub deliveries: Family<OutcomeLabel, Counter>,
+    pub disabled: Counter,
+    pub herald_failures: Counter,
+    pub dead_letters: Counter,
+    pub attempt_duration: Histogram,
+    /// The webhooks bucket's revision this deliverer's definitions are
+    /// current to.
+    pub webhooks_revision: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            deliveries: Family::default(),
+            disabled: Counter::default(),
+            herald_failures: Counter::default(),
+            dead_letters: Counter::default(),
+            attempt_duration: herald_platform::metrics::attempt_duration(),
+            webhooks_revision: Gauge::default(),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn register(&self, health: &herald_platform::health::Health) {
+        health.register(|r| {
+            r.register(
+                "deliveries",
+                "Delivery jobs handled, by outcome (succeeded, retrying, throttled, waiting, parked, deferred, failed, skipped, herald_failure)",
+                self.deliveries.clone(),
+            );
+            r.register(
+                "webhooks_disabled",
+                "Webhooks disabled by the deliverer",
+                self.disabled.clone(),
+            );
+            r.register(
+                "herald_failures",
+                "Deliveries that waited or were handed back for Herald's own failure (resolver, secret, NATS, Redis); never counted against a webhook",
+                self.herald_failures.clone(),
+            );
+            r.register(
+                "dead_letters",
+                "Delivery jobs moved to HERALD_DEAD because Herald cannot process them",
+                self.dead_letters.clone(),
+            );
+            r.register(
+                "delivery_attempt_duration_seconds",
+                "How long customer endpoints took to answer an attempt",
+                self.attempt_duration.clone(),
+            );
+            r.register(
+                "webhooks_revision",
+                "The webhooks bucket's revision (stream sequence) whose changes this deliverer has applied; behind the bucket's last sequence while a change is on its way",
+                self.webhooks_revision.clone(),
+            );
+        });
+    }
+}

@@ -1,0 +1,274 @@
+//! The console (PRODUCT.md, "The console"), served by admin and used in a
+//! real browser: Debian's Chromium, driven by playwright-core from
+//! `tests/console/console.mjs`, against the whole stack (real NATS, Redis
+//! and all five services). The driver asks this test, over a line protocol
+//! on its stdin and stdout, to publish events to NATS and to say what the
+//! receiver got; it finds every element by its accessible name, runs
+//! axe-core on each screen, writes a screenshot of each under
+//! `target/console-screenshots/`, and runs the receiver samples the console
+//! shows against a real delivery.
+//!
+//! Under `CI=true` a missing Chromium or `tests/console/node_modules` fails
+//! the test; elsewhere a missing Chromium skips it, loudly (`make deps`
+//! installs both).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use herald_e2e::{API_KEY, Options, Receiver, Stack, TENANT_KEY};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+/// May use `acme` (its default) and `initech`: the picker's case.
+const CONSOLE_KEY: &str = "console-test-key";
+/// May use `globex` only.
+const OTHER_KEY: &str = "console-other-key";
+/// The whole browser scenario, at most.
+const DRIVER_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn driver_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("console")
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
+/// Whether the browser test can run here; what is missing when not.
+fn missing_tools() -> Option<String> {
+    let mut missing = Vec::new();
+    if !Path::new(CHROMIUM).exists() {
+        missing.push(format!("{CHROMIUM} (apt-get install chromium)"));
+    }
+    if !driver_dir().join("node_modules/playwright-core").exists() {
+        missing.push("tests/console/node_modules (npm ci in tests/console)".to_owned());
+    }
+    if std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        missing.push("node".to_owned());
+    }
+    (!missing.is_empty()).then(|| missing.join(", "))
+}
+
+fn keys_file(dir: &Path) -> PathBuf {
+    let hash = herald_admin::auth::hash_key;
+    let keys = json!({"keys": [
+        {"key_sha256": hash(CONSOLE_KEY), "organizations": ["acme", "initech"], "default_organization": "acme"},
+        {"key_sha256": hash(OTHER_KEY), "organizations": ["globex"], "default_organization": "globex"},
+        {"key_sha256": hash(API_KEY), "organizations": ["*"], "default_organization": "acme"},
+    ]});
+    let path = dir.join("console-keys.json");
+    std::fs::write(&path, keys.to_string()).expect("write keys");
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_console_in_a_real_browser() {
+    if let Some(missing) = missing_tools() {
+        // Only a machine without Chromium, outside CI, may skip.
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+        assert!(
+            !ci && !Path::new(CHROMIUM).exists(),
+            "the console test needs {missing}: run `make deps`"
+        );
+        eprintln!(
+            "\n\n!!!!!!!! SKIPPED the console browser test: {missing} missing. \
+             `make deps` installs it. !!!!!!!!\n\n"
+        );
+        return;
+    }
+    let dir = tempdir();
+    let keys = keys_file(&dir.0);
+    let stack = Stack::start_with(
+        Options::default()
+            .env("HERALD_API_KEYS_FILE", &keys.display().to_string())
+            // The console shows the per-workflow limit's refusal.
+            .env("HERALD_MAX_WEBHOOKS_PER_WORKFLOW", "1"),
+    )
+    .await;
+    let receiver = Receiver::start().await;
+    let shots = target_dir().join("console-screenshots");
+    let _ = std::fs::remove_dir_all(&shots);
+
+    let started = std::time::Instant::now();
+    let mut child = tokio::process::Command::new("node")
+        .arg("console.mjs")
+        .current_dir(driver_dir())
+        .env("HERALD_ADMIN_URL", &stack.admin_url)
+        .env("HERALD_CONSOLE_KEY", CONSOLE_KEY)
+        .env("HERALD_OTHER_KEY", OTHER_KEY)
+        .env("HERALD_RECEIVER_URL", receiver.url(""))
+        .env("HERALD_SCREENSHOTS", &shots)
+        .env("CHROMIUM", CHROMIUM)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run node");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+
+    let run = async {
+        while let Some(line) = lines.next_line().await.expect("driver output") {
+            let Some(request) = line.strip_prefix("@@herald ") else {
+                eprintln!("console: {line}");
+                continue;
+            };
+            let request: Value = serde_json::from_str(request).expect("driver request");
+            let mut answer = match answer(&stack, &receiver, &request).await {
+                Ok(answer) => answer,
+                Err(error) => json!({"ok": false, "error": error}),
+            };
+            answer["id"] = request["id"].clone();
+            let mut text = answer.to_string();
+            text.push('\n');
+            // The driver may have exited after a failure; its status tells.
+            let _ = stdin.write_all(text.as_bytes()).await;
+        }
+        child.wait().await.expect("driver exit")
+    };
+    let status = tokio::time::timeout(DRIVER_TIMEOUT, run)
+        .await
+        .expect("the console scenarios finish in time");
+    assert!(status.success(), "the console scenarios failed: {status}");
+    eprintln!(
+        "console: screenshots in {} ({:.1} s)",
+        shots.display(),
+        started.elapsed().as_secs_f64()
+    );
+    stack.stop().await;
+}
+
+/// One request of the driver: publish an event, or what the receiver got.
+async fn answer(stack: &Stack, receiver: &Receiver, request: &Value) -> Result<Value, String> {
+    let text = |name: &str| {
+        request[name]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| format!("{name} missing in {request}"))
+    };
+    let bodies = |got: Vec<herald_e2e::Received>| -> Value {
+        got.iter()
+            .map(|r| Value::String(String::from_utf8_lossy(&r.body).into_owned()))
+            .collect()
+    };
+    match request["op"].as_str() {
+        Some("publish") => {
+            stack
+                .publish(&text("org")?, &text("type")?, request["event"].clone())
+                .await;
+            Ok(json!({"ok": true}))
+        }
+        Some("received") => {
+            Ok(json!({"ok": true, "bodies": bodies(receiver.received(&text("path")?))}))
+        }
+        Some("wait_received") => {
+            let n = request["n"].as_u64().unwrap_or(1) as usize;
+            let timeout = Duration::from_millis(request["timeout_ms"].as_u64().unwrap_or(20_000));
+            let got = receiver.wait_for(&text("path")?, n, timeout).await;
+            Ok(
+                json!({"ok": got.len() >= n, "bodies": bodies(got), "error": "not received in time"}),
+            )
+        }
+        _ => Err(format!("unknown request {request}")),
+    }
+}
+
+#[tokio::test]
+async fn the_console_is_served_with_strict_headers_and_api_answers_are_not_stored() {
+    let stack = Stack::start().await;
+    for path in [
+        "/console",
+        "/console/",
+        "/console/app.js",
+        "/console/views/form.js",
+    ] {
+        let (status, headers, body) = stack.send("GET", path, &[], "").await;
+        assert_eq!(status, 200, "{path} needs no key");
+        let header = |name: &str| headers[name].to_str().unwrap().to_owned();
+        let csp = header("content-security-policy");
+        for directive in [
+            "default-src 'self'",
+            "script-src 'self'",
+            "style-src 'self'",
+            "frame-ancestors 'none'",
+            "object-src 'none'",
+        ] {
+            assert!(csp.contains(directive), "{path}: {csp}");
+        }
+        assert!(!csp.contains("unsafe"), "{path}: nothing inline: {csp}");
+        assert_eq!(header("x-frame-options"), "DENY");
+        assert_eq!(header("x-content-type-options"), "nosniff");
+        assert_eq!(header("referrer-policy"), "no-referrer");
+        if path.ends_with(".js") {
+            assert!(header("content-type").starts_with("text/javascript"));
+        } else {
+            assert!(header("content-type").starts_with("text/html"));
+            let html = String::from_utf8_lossy(&body);
+            assert!(html.contains(r#"<script type="module" src="/console/app.js">"#));
+        }
+    }
+    let (status, headers, _) = stack.send("GET", "/console/nothing.js", &[], "").await;
+    assert_eq!(status, 404);
+    assert!(headers.contains_key("content-security-policy"));
+
+    // API answers, errors included, are never stored.
+    let auth = format!("Bearer {API_KEY}");
+    for (path, key, want) in [
+        ("/webhooks", Some(auth.as_str()), 200),
+        ("/webhooks", None, 401),
+        ("/me", Some(auth.as_str()), 200),
+    ] {
+        let headers: Vec<(&str, &str)> = key.map(|k| ("authorization", k)).into_iter().collect();
+        let (status, headers, _) = stack.send("GET", path, &headers, "").await;
+        assert_eq!(status, want, "{path}");
+        assert_eq!(headers["cache-control"], "no-store", "{path}");
+    }
+
+    // GET /me: what the picker offers.
+    let (status, me) = stack.api("GET", "/me", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        me,
+        json!({"organizations": ["*"], "any_organization": true,
+               "default_organization": "acme", "organization": "acme"})
+    );
+    let (_, me) = stack
+        .api_as(API_KEY, Some("initech"), "GET", "/me", None)
+        .await;
+    assert_eq!(me["organization"], "initech");
+    let (_, me) = stack.api_as(TENANT_KEY, None, "GET", "/me", None).await;
+    assert_eq!(me["organizations"], json!(["globex"]));
+    assert_eq!(me["any_organization"], false);
+    let (status, _) = stack
+        .api_as(TENANT_KEY, Some("acme"), "GET", "/me", None)
+        .await;
+    assert_eq!(status, 404, "another organization is not found");
+    stack.stop().await;
+}
+
+/// A directory removed on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir() -> TempDir {
+    let dir = std::env::temp_dir().join(format!(
+        "herald-console-{}",
+        herald_test_support::free_port()
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    TempDir(dir)
+}

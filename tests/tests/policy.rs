@@ -1,0 +1,492 @@
+//! The delivery policy end to end (PRODUCT.md, "Deliveries out"): a
+//! receiver that throttles gets everything at the pace it asks for; one that
+//! blips gets everything once it is back, after a few probes, not hundreds
+//! of requests; one that is dead is disabled after exactly
+//! `HERALD_DISABLE_AFTER`+1 failed probes, with `webhook.disabled` delivered
+//! to another webhook of the organization and the waiting deliveries logged
+//! failed `webhook_disabled`. Herald's own failures (a resolver that hangs
+//! or fails) spend nothing; what cannot be processed goes to the dead
+//! letters, never loops, and can be redriven.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use herald_core::{names, proto};
+use herald_e2e::{Options, Receiver, Stack};
+use prost::Message;
+use serde_json::{Value, json};
+
+async fn create(stack: &Stack, url: &str, event_types: &[&str]) -> String {
+    let webhook = stack
+        .create_webhook(json!({"name": "hook", "url": url, "event_types": event_types}))
+        .await;
+    webhook["id"].as_str().unwrap().to_owned()
+}
+
+async fn burst(stack: &Stack, prefix: &str, n: usize) {
+    for i in 0..n {
+        stack
+            .publish(
+                "acme",
+                "workflow.completed",
+                json!({"id": format!("{prefix}_{i}"), "data": {"i": i}}),
+            )
+            .await;
+    }
+}
+
+/// The distinct event ids `path` received.
+fn distinct(receiver: &Receiver, path: &str) -> HashSet<String> {
+    receiver
+        .received(path)
+        .iter()
+        .filter(|r| r.header("webhook-id").is_some())
+        .map(|r| {
+            serde_json::from_slice::<Value>(&r.body).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
+async fn all_arrive(stack: &Stack, receiver: &Receiver, path: &str, n: usize, within: Duration) {
+    stack
+        .eventually(within, "every event delivered", || async {
+            (distinct(receiver, path).len() == n).then_some(())
+        })
+        .await;
+}
+
+/// Every attempt published for `webhook_id`, in order.
+async fn attempts(stack: &Stack, webhook_id: &str) -> Vec<proto::AttemptResult> {
+    use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+    let stream = stack.js.get_stream(names::ATTEMPTS_STREAM).await.unwrap();
+    let subject = names::attempt_subject("acme", webhook_id);
+    let consumer = stream
+        .create_consumer(OrderedConfig {
+            filter_subject: subject,
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let total = consumer.cached_info().num_pending as usize;
+    let mut messages = consumer.messages().await.unwrap().take(total);
+    let mut out = Vec::new();
+    while let Some(message) = messages.try_next().await.unwrap() {
+        out.push(proto::AttemptResult::decode(message.payload.clone()).unwrap());
+    }
+    out
+}
+
+async fn webhook_json(stack: &Stack, id: &str) -> Value {
+    let (status, json) = stack.api("GET", &format!("/webhooks/{id}"), None).await;
+    assert_eq!(status, 200, "{json}");
+    json
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rate_limited_receiver_gets_every_event_at_its_pace_and_stays_enabled() {
+    let stack = Stack::start().await;
+    let receiver = Receiver::start().await;
+    receiver.rate_limit("/limited", 10.0);
+    let id = create(&stack, &receiver.url("/limited"), &["workflow.completed"]).await;
+
+    burst(&stack, "evt_burst", 60).await;
+    all_arrive(&stack, &receiver, "/limited", 60, Duration::from_secs(60)).await;
+
+    let webhook = webhook_json(&stack, &id).await;
+    assert_eq!(webhook["enabled"], true, "{webhook}");
+    let ok = receiver.answered("/limited", 200);
+    let throttled = receiver.answered("/limited", 429);
+    eprintln!("60 events to a 10/s receiver: {ok} accepted, {throttled} throttled");
+    // The first burst overshoots (32 in flight at once); afterwards the
+    // paused, halved in-flight limit keeps most requests within the limit.
+    assert!(
+        throttled < 60,
+        "{throttled} throttled answers for 60 events"
+    );
+    stack
+        .eventually(
+            Duration::from_secs(10),
+            "every throttled answer in the log",
+            || async {
+                let logged = attempts(&stack, &id)
+                    .await
+                    .iter()
+                    .filter(|a| a.status() == proto::AttemptStatus::Throttled)
+                    .count();
+                if logged != throttled {
+                    eprintln!("{logged} throttled attempts logged, {throttled} answered");
+                }
+                (logged == throttled).then_some(())
+            },
+        )
+        .await;
+    // Throttling spends no attempt: every delivery succeeded on attempt 1.
+    assert!(
+        attempts(&stack, &id)
+            .await
+            .iter()
+            .filter(|a| a.status() == proto::AttemptStatus::Succeeded)
+            .all(|a| a.attempt == 1)
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_receiver_failing_for_seconds_gets_the_whole_burst_after_a_few_probes() {
+    // A 10 s blip; the schedule's first three steps span 14 s, so the URL is
+    // back within them.
+    let stack =
+        Stack::start_with(Options::default().env("HERALD_RETRY_SCHEDULE", "2s,4s,8s,16s")).await;
+    let receiver = Receiver::start().await;
+    receiver.fail_for("/blip", 500, Duration::from_secs(10));
+    let id = create(&stack, &receiver.url("/blip"), &["workflow.completed"]).await;
+
+    burst(&stack, "evt_blip", 300).await;
+    all_arrive(&stack, &receiver, "/blip", 300, Duration::from_secs(60)).await;
+
+    let webhook = webhook_json(&stack, &id).await;
+    assert_eq!(webhook["enabled"], true, "{webhook}");
+    let failed = receiver.answered("/blip", 500);
+    eprintln!("300 events to a URL failing for 10 s: {failed} failed requests");
+    assert!(
+        failed <= 40,
+        "{failed} failed requests: the breaker should have held them"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_receiver_is_disabled_after_its_probes_and_nothing_is_thrown_away() {
+    let stack = Stack::start_with(
+        Options::default()
+            // Probes two seconds apart: the 20 deliveries published once
+            // it is failing have seconds to park before it is disabled,
+            // however loaded the machine.
+            .env("HERALD_RETRY_SCHEDULE", "2s,2s,2s,2s,2s,2s")
+            .env("HERALD_DISABLE_AFTER", "2"),
+    )
+    .await;
+    let receiver = Receiver::start().await;
+    receiver.fail_for("/dead", 500, Duration::from_secs(3600));
+    let dead = create(&stack, &receiver.url("/dead"), &["workflow.completed"]).await;
+    // Another webhook of the organization subscribes to Herald's own events.
+    let ops = create(&stack, &receiver.url("/ops"), &["webhook.*"]).await;
+
+    // One event first: its attempts are the probes.
+    burst(&stack, "evt_first", 1).await;
+    stack
+        .eventually(Duration::from_secs(20), "the webhook failing", || async {
+            (webhook_json(&stack, &dead).await["state"] == "failing").then_some(())
+        })
+        .await;
+    // Then more, which wait parked behind it.
+    burst(&stack, "evt_waiting", 20).await;
+    stack
+        .eventually(Duration::from_secs(10), "20 deliveries parked", || async {
+            let stream = stack.js.get_stream(names::PARKED_STREAM).await.unwrap();
+            let mut stream = stream;
+            let n = stream
+                .info()
+                .await
+                .map(|i| i.state.messages)
+                .unwrap_or_default();
+            (n >= 20).then_some(())
+        })
+        .await;
+    stack
+        .eventually(Duration::from_secs(30), "the webhook disabled", || async {
+            (webhook_json(&stack, &dead).await["enabled"] == false).then_some(())
+        })
+        .await;
+    // HERALD_DISABLE_AFTER 2: the third failed probe disables it (the first
+    // failure counting as the first probe).
+    assert_eq!(receiver.answered("/dead", 500), 3);
+    let webhook = webhook_json(&stack, &dead).await;
+    assert_eq!(webhook["state"], "disabled");
+    assert!(
+        webhook["disabled_reason"]
+            .as_str()
+            .unwrap()
+            .contains("3 consecutive failed attempts"),
+        "{webhook}"
+    );
+
+    // The ops webhook got webhook.failing and webhook.disabled about it;
+    // the webhook itself got no system event about itself.
+    stack
+        .eventually(
+            Duration::from_secs(20),
+            "system events delivered",
+            || async {
+                let types: HashSet<String> = receiver
+                    .received("/ops")
+                    .iter()
+                    .map(|r| {
+                        serde_json::from_slice::<Value>(&r.body).unwrap()["type"]
+                            .as_str()
+                            .unwrap()
+                            .to_owned()
+                    })
+                    .collect();
+                (types.contains("webhook.failing") && types.contains("webhook.disabled"))
+                    .then_some(types)
+            },
+        )
+        .await;
+    for r in receiver.received("/ops") {
+        let body: Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["attributes"]["webhook"], dead.as_str(), "{body}");
+    }
+    assert!(
+        receiver
+            .received("/dead")
+            .iter()
+            .all(
+                |r| !serde_json::from_slice::<Value>(&r.body).unwrap()["type"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("webhook.")
+            ),
+        "no system event about itself"
+    );
+
+    // Nothing is thrown away: every event is in the log as failed
+    // `webhook_disabled`, where recover finds it.
+    stack
+        .eventually(
+            Duration::from_secs(20),
+            "waiting deliveries logged",
+            || async {
+                let ended: HashSet<_> = attempts(&stack, &dead)
+                    .await
+                    .into_iter()
+                    .filter(|a| {
+                        (a.status() == proto::AttemptStatus::Failed
+                            && a.failure_reason == "webhook_disabled")
+                            || a.status() == proto::AttemptStatus::Skipped
+                    })
+                    .map(|a| a.event_id)
+                    .collect();
+                (ended.len() == 21).then_some(())
+            },
+        )
+        .await;
+    let disabled_logged = attempts(&stack, &dead)
+        .await
+        .iter()
+        .filter(|a| a.failure_reason == "webhook_disabled")
+        .count();
+    assert!(
+        disabled_logged >= 1,
+        "the probe that disabled it and those parked"
+    );
+    let _ = ops;
+    stack.stop().await;
+}
+
+/// A resolver that hangs on the first lookup, fails (SERVFAIL-like) on the
+/// second and answers loopback after that.
+struct FlakyResolver {
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl herald_deliverer::guard::Lookup for FlakyResolver {
+    fn lookup(&self, _host: &str) -> herald_deliverer::guard::LookupFuture {
+        let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move {
+            match call {
+                0 => std::future::pending().await,
+                1 => Err(std::io::Error::other(
+                    "Temporary failure in name resolution",
+                )),
+                _ => Ok(vec![std::net::Ipv4Addr::LOCALHOST.into()]),
+            }
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resolver_that_hangs_or_fails_is_heralds_failure_and_spends_nothing() {
+    // With HERALD_DISABLE_AFTER=0 any failure counted against the webhook
+    // would disable it, and a one-step schedule leaves no attempt to spend.
+    let stack = Stack::start_with(
+        Options::default()
+            .env("HERALD_DISABLE_AFTER", "0")
+            .env("HERALD_RETRY_SCHEDULE", "200ms")
+            .resolver(FlakyResolver {
+                calls: Default::default(),
+            }),
+    )
+    .await;
+    let receiver = Receiver::start().await;
+    let url = format!("http://hook.example:{}/dns", receiver.addr().port());
+    let id = create(&stack, &url, &["workflow.completed"]).await;
+
+    burst(&stack, "evt_dns", 1).await;
+    all_arrive(&stack, &receiver, "/dns", 1, Duration::from_secs(30)).await;
+
+    let webhook = webhook_json(&stack, &id).await;
+    assert_eq!(webhook["enabled"], true, "{webhook}");
+    assert_eq!(webhook["state"], "healthy", "{webhook}");
+    let got = stack
+        .eventually(Duration::from_secs(10), "the success logged", || async {
+            let got = attempts(&stack, &id).await;
+            got.iter()
+                .any(|a| a.status() == proto::AttemptStatus::Succeeded)
+                .then_some(got)
+        })
+        .await;
+    let success = got
+        .iter()
+        .find(|a| a.status() == proto::AttemptStatus::Succeeded)
+        .unwrap();
+    assert_eq!(
+        success.attempt, 1,
+        "no attempt of the schedule spent: {got:?}"
+    );
+    let (_, metrics) = stack
+        .get(&stack.health_url("HERALD_DELIVERER_HEALTH_ADDR", "/metrics"))
+        .await
+        .unwrap();
+    let herald_failures: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("herald_herald_failures_total"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("herald_failures metric in {metrics}"));
+    assert!(
+        herald_failures >= 2,
+        "both resolver failures counted: {metrics}"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_too_large_to_log_in_full_is_posted_once_and_logged() {
+    let stack = Stack::start().await;
+    let receiver = Receiver::start().await;
+    let webhook = stack
+        .create_webhook(json!({"name": "xml", "url": receiver.url("/xml"),
+            "event_types": ["workflow.completed"], "format": "xml"}))
+        .await;
+    let id = webhook["id"].as_str().unwrap().to_owned();
+    // ~240 KB of zeros: its XML rendering is about 7× that, over what NATS
+    // accepts in one message.
+    let zeros = vec![0; 120_000];
+    stack
+        .publish(
+            "acme",
+            "workflow.completed",
+            json!({"id": "evt_big", "data": {"zeros": zeros}}),
+        )
+        .await;
+    receiver.wait_for("/xml", 1, Duration::from_secs(20)).await;
+    let got = stack
+        .eventually(Duration::from_secs(20), "the attempt logged", || async {
+            let got = attempts(&stack, &id).await;
+            (!got.is_empty()).then_some(got)
+        })
+        .await;
+    // Long enough for a loop to show (the old one re-POSTed every second).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(receiver.received("/xml").len(), 1, "posted once");
+    let logged = &got[0];
+    assert_eq!(logged.status(), proto::AttemptStatus::Succeeded);
+    let request = logged.request.as_ref().expect("request recorded");
+    assert!(request.body_truncated, "body cut to the log limit");
+    assert!(request.body_size > 1_000_000, "{}", request.body_size);
+    assert!(request.body.len() <= 64 * 1024, "{}", request.body.len());
+    assert_eq!(attempts(&stack, &id).await.len(), 1);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn what_cannot_be_processed_is_dead_lettered_listed_and_redriven() {
+    let stack = Stack::start().await;
+    let receiver = Receiver::start().await;
+    create(&stack, &receiver.url("/dead"), &["workflow.completed"]).await;
+    let src = stack.env.clone();
+    let tool = |args: &[&str]| {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let src = src.clone();
+        async move { herald_admin::dead_letters::run(&args, &src).await }
+    };
+
+    // Garbage where the matcher reads accepted events: dead-lettered, once.
+    let ack = stack
+        .js
+        .publish(
+            names::accepted_subject("acme"),
+            "not protobuf \u{1}\u{2}".into(),
+        )
+        .await
+        .unwrap();
+    ack.await.unwrap();
+    let listed = stack
+        .eventually(Duration::from_secs(10), "a dead letter", || async {
+            let out = tool(&["list"]).await.unwrap();
+            (!out.is_empty()).then_some(out)
+        })
+        .await;
+    let letter: Value = serde_json::from_str(listed.lines().next().unwrap()).unwrap();
+    assert_eq!(letter["stream"], names::ACCEPTED_STREAM, "{letter}");
+    assert_eq!(
+        letter["subject"],
+        names::accepted_subject("acme"),
+        "{letter}"
+    );
+    assert!(
+        letter["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("undecodable accepted event"),
+        "{letter}"
+    );
+    let seq = letter["seq"].as_u64().unwrap().to_string();
+    assert_eq!(
+        tool(&["discard", &seq]).await.unwrap(),
+        format!("discarded {seq}\n")
+    );
+    assert_eq!(tool(&["list"]).await.unwrap(), "");
+    assert!(
+        tool(&["discard", &seq])
+            .await
+            .unwrap_err()
+            .contains("no dead letter")
+    );
+    assert!(tool(&["frobnicate"]).await.unwrap_err().contains("usage"));
+
+    // A good event that had been dead-lettered is delivered once redriven.
+    let event = proto::Event {
+        id: "evt_redriven".into(),
+        organization_id: "acme".into(),
+        r#type: "workflow.completed".into(),
+        occurred_at_ms: 1,
+        received_at_ms: 1,
+        data_json: b"{}".as_slice().into(),
+        ..Default::default()
+    };
+    herald_platform::dead_letters::send(
+        &stack.js,
+        names::ACCEPTED_STREAM,
+        &names::accepted_subject("acme"),
+        event.encode_to_vec().into(),
+        "test",
+    )
+    .await
+    .unwrap();
+    let out = tool(&["redrive", "all"]).await.unwrap();
+    assert!(out.starts_with("redriven "), "{out}");
+    let got = receiver.wait_for("/dead", 1, Duration::from_secs(10)).await;
+    assert_eq!(
+        serde_json::from_slice::<Value>(&got[0].body).unwrap()["id"],
+        "evt_redriven"
+    );
+    assert_eq!(tool(&["list"]).await.unwrap(), "");
+    stack.stop().await;
+}
