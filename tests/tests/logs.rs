@@ -1238,3 +1238,67 @@ async fn a_full_index_redis_loses_nothing_and_counters_keep_working() {
     drop(small);
     stack.stop().await;
 }
+
+/// Bytes a stream holds now.
+async fn stream_bytes(stack: &Stack, name: &str) -> (u64, u64) {
+    let mut stream = stack.js.get_stream(name).await.unwrap();
+    let state = &stream.info().await.unwrap().state;
+    (state.bytes, state.messages)
+}
+
+/// What a delivery leaves in NATS once it is done: the attempt record, a
+/// little more than the body sent (no second copy of the event, headers
+/// capped), and nothing in the work-queue stream of deliveries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_done_delivery_leaves_its_attempt_and_no_work_behind() {
+    const N: usize = 100;
+    let stack = Stack::start().await;
+    let receiver = Receiver::start().await;
+    stack
+        .create_webhook(json!({
+            "name": "sizes", "url": receiver.url("/sizes"), "event_types": ["workflow.completed"],
+        }))
+        .await;
+    let mut delivered = 0;
+    for size in [1024, 16 * 1024] {
+        let (before, _) = stream_bytes(&stack, names::ATTEMPTS_STREAM).await;
+        let data = "x".repeat(size);
+        for i in 0..N {
+            stack
+                .publish(
+                    "acme",
+                    "workflow.completed",
+                    json!({"id": format!("evt_{size}_{i}"), "data": data}),
+                )
+                .await;
+        }
+        delivered += N;
+        let got = receiver.wait_for("/sizes", delivered, WAIT).await;
+        let sent = got[delivered - N..]
+            .iter()
+            .map(|r| r.body.len())
+            .sum::<usize>() as u64;
+        let (after, _) = stack
+            .eventually(WAIT, "every attempt stored", || async {
+                let (bytes, messages) = stream_bytes(&stack, names::ATTEMPTS_STREAM).await;
+                (messages >= delivered as u64).then_some((bytes, messages))
+            })
+            .await;
+        let per_attempt = (after - before) / N as u64;
+        let body = sent / N as u64;
+        eprintln!(
+            "{size} B of data: {body} B sent, {per_attempt} B of HERALD_ATTEMPTS per attempt"
+        );
+        assert!(
+            per_attempt * 10 <= body * 12 + 10 * 1024,
+            "{per_attempt} B per attempt for a {body} B body"
+        );
+    }
+    stack
+        .eventually(WAIT, "the deliveries stream empty", || async {
+            let (bytes, messages) = stream_bytes(&stack, names::DELIVERIES_STREAM).await;
+            (messages == 0).then_some(bytes)
+        })
+        .await;
+    stack.stop().await;
+}
