@@ -87,6 +87,16 @@ impl Outbox {
                 .unwrap_or_default(),
         );
         schedule_headers(&mut headers, job, job.not_before_ms);
+        // A patient publish may send it again after an ack that came late;
+        // without an id, that second copy could land after the first had
+        // already fired (a 1 s pause is shorter than a slow ack) and fire
+        // again: the same attempt twice. The id names this very schedule,
+        // its time included, so a later reschedule of the same job is new.
+        let id = format!(
+            "{}.{}.t{}.d{}@{}",
+            job.delivery_id, job.attempt, job.throttles, job.deferrals, job.not_before_ms
+        );
+        headers.insert("Nats-Msg-Id", id.as_str());
         nats::publish_patiently(
             &self.js,
             names::schedule_subject(&job.delivery_id),
