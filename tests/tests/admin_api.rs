@@ -1140,3 +1140,56 @@ async fn lists_are_paged_an_organization_has_a_limit_and_manual_sends_a_rate() {
     assert!(ready.contains(" 200 OK"), "{ready}");
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_api_key_has_a_request_rate_and_is_told_when_to_come_back() {
+    // 60 a minute, in bursts of 10.
+    let stack =
+        Stack::start_with(Options::default().env("HERALD_API_REQUESTS_PER_MINUTE", "60")).await;
+    for i in 0..10 {
+        let (status, answer) = stack.api("GET", "/webhooks", None).await;
+        assert_eq!(status, 200, "request {i}: {answer}");
+    }
+    let addr = stack.env["HERALD_ADMIN_ADDR"].clone();
+    let answer = raw_http(
+        &addr,
+        format!(
+            "GET /webhooks HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {API_KEY}\r\n\r\n"
+        ),
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.0 429") || answer.starts_with("HTTP/1.1 429"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains("HERALD_API_REQUESTS_PER_MINUTE"),
+        "{answer}"
+    );
+    let retry_after: u64 = answer
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("retry-after: ")
+                .map(str::to_owned)
+        })
+        .expect("Retry-After")
+        .trim()
+        .parse()
+        .expect("Retry-After in seconds");
+    assert!((1..=2).contains(&retry_after), "Retry-After: {retry_after}");
+    // Another key is not held back by this one; a wrong key is still a 401.
+    let (status, answer) = stack
+        .api_as(TENANT_KEY, None, "GET", "/webhooks", None)
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, _) = stack
+        .api_as("not-a-key", None, "GET", "/webhooks", None)
+        .await;
+    assert_eq!(status, 401);
+    // Once the bucket has refilled, the key is served again.
+    tokio::time::sleep(Duration::from_secs(retry_after)).await;
+    let (status, answer) = stack.api("GET", "/webhooks", None).await;
+    assert_eq!(status, 200, "{answer}");
+    stack.stop().await;
+}

@@ -18,6 +18,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
+use crate::limits::Limiter;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -96,7 +97,7 @@ pub struct Caller {
 
 impl<S> FromRequestParts<S> for Caller
 where
-    S: Send + Sync + AsRef<Keys>,
+    S: Send + Sync + AsRef<Keys> + AsRef<Limiter>,
 {
     type Rejection = ApiError;
 
@@ -110,10 +111,10 @@ where
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, key)| key.trim())
             .ok_or_else(ApiError::unauthorized)?;
-        let entry = state
-            .as_ref()
-            .find(key)
-            .ok_or_else(ApiError::unauthorized)?;
+        let keys: &Keys = state.as_ref();
+        let entry = keys.find(key).ok_or_else(ApiError::unauthorized)?;
+        let limiter: &Limiter = state.as_ref();
+        limiter.take(&entry.key_sha256, crate::now_ms())?;
         let org = match parts.headers.get("x-organization-id") {
             None => entry.default_organization.clone(),
             Some(value) => {

@@ -51,6 +51,7 @@ pub const ALLOW_HTTP: &str = "HERALD_ALLOW_HTTP";
 pub const MAX_WEBHOOKS_PER_WORKFLOW: &str = "HERALD_MAX_WEBHOOKS_PER_WORKFLOW";
 pub const MAX_WEBHOOKS_PER_ORG: &str = "HERALD_MAX_WEBHOOKS_PER_ORG";
 pub const MANUAL_SENDS_PER_MINUTE: &str = "HERALD_MANUAL_SENDS_PER_MINUTE";
+pub const API_REQUESTS_PER_MINUTE: &str = "HERALD_API_REQUESTS_PER_MINUTE";
 pub const EXTRA_EVENT_TYPES: &str = "HERALD_EXTRA_EVENT_TYPES";
 pub const LOG_RETENTION: &str = "HERALD_LOG_RETENTION";
 
@@ -72,6 +73,7 @@ pub struct Config {
     pub max_webhooks_per_workflow: usize,
     pub max_webhooks_per_org: usize,
     pub manual_sends_per_minute: u32,
+    pub api_requests_per_minute: u32,
     pub catalogue: Catalogue,
     pub log_retention: Duration,
 }
@@ -111,6 +113,12 @@ impl Config {
             )?,
             max_webhooks_per_org: config::number(src, MAX_WEBHOOKS_PER_ORG, 1_000, 1..=100_000)?,
             manual_sends_per_minute: config::number(src, MANUAL_SENDS_PER_MINUTE, 60, 1..=60_000)?,
+            api_requests_per_minute: config::number(
+                src,
+                API_REQUESTS_PER_MINUTE,
+                6_000,
+                1..=10_000_000,
+            )?,
             catalogue: Catalogue::with_extra(&extra)
                 .map_err(|e| ConfigError::new(EXTRA_EVENT_TYPES, e.to_string()))?,
             log_retention: config::duration(src, LOG_RETENTION, Duration::from_secs(7 * 86_400))?,
@@ -155,7 +163,8 @@ pub struct Inner {
     /// Recover and replay jobs (`jobs`).
     pub jobs: async_nats::jetstream::kv::Store,
     /// Test events and manual retries, per organization.
-    pub manual_sends: limits::ManualSends,
+    pub manual_sends: limits::Limiter,
+    pub api_requests: limits::Limiter,
 }
 
 impl std::ops::Deref for AppState {
@@ -168,6 +177,13 @@ impl std::ops::Deref for AppState {
 impl AsRef<Keys> for AppState {
     fn as_ref(&self) -> &Keys {
         &self.inner.config.keys
+    }
+}
+
+impl AsRef<limits::Limiter> for AppState {
+    /// The per-key limit every authenticated request takes from.
+    fn as_ref(&self) -> &limits::Limiter {
+        &self.inner.api_requests
     }
 }
 
@@ -221,10 +237,12 @@ pub async fn serve(
         Redis::new(&config.log_redis_url, Duration::from_millis(500))?
     };
     let logs = LogIndex::new(log_redis, config.log_retention);
-    let manual_sends = limits::ManualSends::new(config.manual_sends_per_minute);
+    let manual_sends = limits::Limiter::manual_sends(config.manual_sends_per_minute);
+    let api_requests = limits::Limiter::api_requests(config.api_requests_per_minute);
     let state = AppState {
         inner: Arc::new(Inner {
             manual_sends,
+            api_requests,
             config,
             store,
             logs,

@@ -10,7 +10,7 @@
 //! 201 and one 400. The organization's own limit of webhooks
 //! (`HERALD_MAX_WEBHOOKS_PER_ORG`) is counted under the same lock.
 //!
-//! Manual sends are rate-limited per organization ([`ManualSends`]).
+//! Manual sends are rate-limited per organization, and API requests per key ([`Limiter`]).
 
 use std::time::Duration;
 
@@ -165,49 +165,70 @@ pub async fn check_workflow_limit(
     Ok(())
 }
 
-/// Manual sends (`POST /webhooks/{id}/test` and `.../retry`) per
-/// organization, counted in this admin replica: a token bucket of
-/// `HERALD_MANUAL_SENDS_PER_MINUTE`, so a key holder cannot use Herald as an
-/// HTTP relay. An organization over it gets 429 with `Retry-After`.
-pub struct ManualSends {
+/// A token bucket per caller, counted in this admin replica; a caller over
+/// it gets 429 with `Retry-After`. Two are used: manual sends
+/// (`POST /webhooks/{id}/test` and `.../retry`) per organization
+/// (`HERALD_MANUAL_SENDS_PER_MINUTE`), so a key holder cannot use Herald as
+/// an HTTP relay; and every authenticated request per API key
+/// (`HERALD_API_REQUESTS_PER_MINUTE`), so one key cannot take the API from
+/// the others. Herald sends what it asks receivers to honour.
+pub struct Limiter {
     rate: Rate,
+    /// What is limited, for the refusal: "… a minute per …".
+    what: &'static str,
     buckets: std::sync::Mutex<std::collections::HashMap<String, Bucket>>,
 }
 
-/// Organizations remembered before full buckets are forgotten.
+/// Callers remembered before full buckets are forgotten.
 const MAX_TRACKED: usize = 10_000;
 
-impl ManualSends {
-    pub fn new(per_minute: u32) -> Self {
+impl Limiter {
+    pub fn new(per_minute: u32, burst: u32, what: &'static str) -> Self {
         Self {
             rate: Rate {
                 per_minute,
-                burst: per_minute.clamp(1, 20),
+                burst: burst.max(1),
             },
+            what,
             buckets: Default::default(),
         }
     }
 
-    pub fn take(&self, org: &str, now_ms: i64) -> Result<(), ApiError> {
+    /// Manual sends: bursts of up to 20.
+    pub fn manual_sends(per_minute: u32) -> Self {
+        Self::new(
+            per_minute,
+            per_minute.clamp(1, 20),
+            "test events and manual retries a minute per organization \
+             (HERALD_MANUAL_SENDS_PER_MINUTE)",
+        )
+    }
+
+    /// API requests per key: bursts of up to a tenth of the minute's rate.
+    pub fn api_requests(per_minute: u32) -> Self {
+        Self::new(
+            per_minute,
+            (per_minute / 10).max(10),
+            "API requests a minute per API key (HERALD_API_REQUESTS_PER_MINUTE)",
+        )
+    }
+
+    pub fn take(&self, who: &str, now_ms: i64) -> Result<(), ApiError> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         if buckets.len() >= MAX_TRACKED {
             buckets.retain(|_, b| !self.rate.refilled(b, now_ms));
         }
         let bucket = buckets
-            .get(org)
+            .get(who)
             .copied()
             .unwrap_or_else(|| self.rate.full(now_ms));
         match self.rate.take(bucket, now_ms) {
             Ok(after) => {
-                buckets.insert(org.to_owned(), after);
+                buckets.insert(who.to_owned(), after);
                 Ok(())
             }
             Err(wait_ms) => Err(ApiError::rate_limited(
-                format!(
-                    "at most {} test events and manual retries a minute per organization \
-                     (HERALD_MANUAL_SENDS_PER_MINUTE)",
-                    self.rate.per_minute
-                ),
+                format!("at most {} {}", self.rate.per_minute, self.what),
                 wait_ms,
             )),
         }
