@@ -34,7 +34,7 @@ use serde::Serialize;
 
 use crate::load::{Publisher, now_us};
 use crate::receiver::Receiver;
-use crate::stack::{Backing, Stack};
+use crate::stack::{Backing, CONSUMERS, Stack};
 
 const EVENT_TYPE: &str = "workflow.step.completed";
 
@@ -395,30 +395,9 @@ impl Chaos<'_> {
 
     /// Waits (up to 60 s) until every Herald consumer has nothing pending.
     async fn settle(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        'wait: while Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            for (stream, consumer) in CONSUMERS {
-                let Ok(stream) = self.js.get_stream(stream).await else {
-                    continue 'wait;
-                };
-                match stream.consumer_info(consumer).await {
-                    Ok(info) if info.num_pending == 0 && info.num_ack_pending == 0 => {}
-                    _ => continue 'wait,
-                }
-            }
-            return;
-        }
-        eprintln!("  consumers still busy after 60s; going on");
+        crate::stack::settle(&self.js, Duration::from_millis(200)).await;
     }
 }
-
-const CONSUMERS: [(&str, &str); 4] = [
-    (names::EVENTS_STREAM, names::INGEST_CONSUMER),
-    (names::ACCEPTED_STREAM, names::MATCHER_CONSUMER),
-    (names::DELIVERIES_STREAM, names::DELIVERER_CONSUMER),
-    (names::ATTEMPTS_STREAM, names::LOG_WRITER_CONSUMER),
-];
 
 /// The table docs/benchmarks.md shows.
 pub fn table(report: &Report) -> String {

@@ -22,7 +22,6 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use herald_core::names;
 use serde::Serialize;
 
 use crate::load::Publisher;
@@ -427,27 +426,7 @@ impl Bench {
 
     /// Waits (up to 60 s) until every Herald consumer has nothing pending.
     async fn settle(&self) {
-        let consumers = [
-            (names::EVENTS_STREAM, names::INGEST_CONSUMER),
-            (names::ACCEPTED_STREAM, names::MATCHER_CONSUMER),
-            (names::DELIVERIES_STREAM, names::DELIVERER_CONSUMER),
-            (names::ATTEMPTS_STREAM, names::LOG_WRITER_CONSUMER),
-        ];
-        let deadline = Instant::now() + Duration::from_secs(60);
-        'wait: while Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            for (stream, consumer) in consumers {
-                let Ok(stream) = self.js.get_stream(stream).await else {
-                    continue 'wait;
-                };
-                match stream.consumer_info(consumer).await {
-                    Ok(info) if info.num_pending == 0 && info.num_ack_pending == 0 => {}
-                    _ => continue 'wait,
-                }
-            }
-            return;
-        }
-        eprintln!("  consumers still busy after 60s; going on");
+        stack::settle(&self.js, Duration::from_millis(100)).await;
     }
 }
 

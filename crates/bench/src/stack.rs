@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
+use herald_core::names;
 use herald_test_support::{NatsServer, RedisServer, free_port};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -394,6 +395,34 @@ fn clock_ticks() -> f64 {
             .and_then(|s| s.trim().parse().ok())
             .unwrap_or(100.0)
     })
+}
+
+/// Herald's durable consumers, by stream.
+pub const CONSUMERS: [(&str, &str); 4] = [
+    (names::EVENTS_STREAM, names::INGEST_CONSUMER),
+    (names::ACCEPTED_STREAM, names::MATCHER_CONSUMER),
+    (names::DELIVERIES_STREAM, names::DELIVERER_CONSUMER),
+    (names::ATTEMPTS_STREAM, names::LOG_WRITER_CONSUMER),
+];
+
+/// Waits (up to 60 s, looking every `poll`) until every Herald consumer has
+/// nothing pending.
+pub async fn settle(js: &async_nats::jetstream::Context, poll: Duration) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    'wait: while std::time::Instant::now() < deadline {
+        tokio::time::sleep(poll).await;
+        for (stream, consumer) in CONSUMERS {
+            let Ok(stream) = js.get_stream(stream).await else {
+                continue 'wait;
+            };
+            match stream.consumer_info(consumer).await {
+                Ok(info) if info.num_pending == 0 && info.num_ack_pending == 0 => {}
+                _ => continue 'wait,
+            }
+        }
+        return;
+    }
+    eprintln!("  consumers still busy after 60s; going on");
 }
 
 /// utime + stime of a process, in seconds.
