@@ -108,9 +108,13 @@ async fn a_rate_limited_receiver_gets_every_event_at_its_pace_and_stays_enabled(
         throttled < 60,
         "{throttled} throttled answers for 60 events"
     );
+    // Longer than the deliverer's ack wait (60 s): a job whose claim was
+    // lost mid-attempt comes back and is logged then. Under a loaded test
+    // machine one in a few runs waits here (docs/benchmarks.md has no
+    // figure for it yet; the closing note of 2026-12-02 says so).
     stack
         .eventually(
-            Duration::from_secs(10),
+            Duration::from_secs(75),
             "every throttled answer in the log",
             || async {
                 let logged = attempts(&stack, &id)
