@@ -182,8 +182,12 @@ impl State {
                         })
                         .await
                     {
-                        Some((arrival, _, _)) => arrival,
-                        None => return Done::HandBack("endpoint state kept changing".into()),
+                        // Nothing is sent yet: decide again later rather
+                        // than probe without the claim.
+                        (_, _, Source::Contended) => {
+                            return Done::HandBack("endpoint state kept changing".into());
+                        }
+                        (arrival, _, _) => arrival,
                     }
                 }
                 (arrival, _) => arrival,
@@ -352,11 +356,12 @@ impl State {
                 (d.endpoint.clone(), (d, state.clone()))
             })
             .await;
-        let Some(((mut decision, before), after, source_of_state)) = decided else {
-            return Done::HandBack("endpoint state kept changing".into());
-        };
-        if source_of_state == Source::Local {
-            // Redis cannot say: nothing is disabled on one replica's view.
+        // The request is sent: whatever Redis says, the attempt is concluded
+        // here, never handed back to be sent again.
+        let ((mut decision, before), after, source_of_state) = decided;
+        if source_of_state != Source::Shared {
+            // Redis cannot say (or kept changing): nothing is disabled on
+            // one replica's unwritten view.
             let disabling = decision
                 .notices
                 .iter()

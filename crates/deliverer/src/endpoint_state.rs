@@ -23,9 +23,11 @@ pub const FRESH: Duration = Duration::from_millis(250);
 /// How long a state key outlives its last change (longer than any
 /// schedule, so a failing webhook is never forgotten).
 const KEEP: Duration = Duration::from_secs(8 * 86_400);
-/// Compare-and-set attempts before a change gives up (and the job is
-/// handed back to be decided again).
-const CAS_TRIES: usize = 8;
+/// Compare-and-set attempts before a change gives up and the decision is
+/// taken on the latest state read, unwritten ([`Source::Contended`]). A
+/// throttled endpoint's answers all change its state at once (dozens in
+/// flight), so the tries back off a little, with jitter, between them.
+const CAS_TRIES: u32 = 12;
 
 /// Where a state came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +36,11 @@ pub enum Source {
     Shared,
     /// This replica's own view, while Redis is unreachable.
     Local,
+    /// Redis kept changing under the compare-and-set: the decision was
+    /// taken on the latest state read and not written. Like [`Source::Local`],
+    /// nothing may be disabled on it; unlike a hand-back, a request already
+    /// sent is not sent again.
+    Contended,
 }
 
 /// Sets KEYS[1] to ARGV[2] (or deletes it when ARGV[2] is empty) only if it
@@ -127,28 +134,29 @@ impl EndpointStates {
 
     /// Applies `decide` to the current state: it answers the new state
     /// (`None`: unchanged) and a result. Retried on a concurrent change;
-    /// `None` when Redis kept changing under it (the caller hands the job
-    /// back).
+    /// when Redis keeps changing under it, decided once more on the latest
+    /// state read, unwritten, and answered as [`Source::Contended`].
     pub async fn update<R>(
         &self,
         webhook: &str,
         mut decide: impl FnMut(&Endpoint) -> (Option<Endpoint>, R),
-    ) -> Option<(R, Endpoint, Source)> {
+    ) -> (R, Endpoint, Source) {
         let key = names::endpoint_key(webhook);
-        for _ in 0..CAS_TRIES {
+        let mut latest = None;
+        for tries in 0..CAS_TRIES {
+            if tries > 0 {
+                let cap = 1u64 << tries.min(5);
+                let pause = (cap as f64 * rand::random::<f64>()) as u64;
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
             let Some(raw) = self.read_raw(webhook).await else {
-                // Redis is down: this replica's own view.
-                let current = self.cached(webhook, false).unwrap_or_default();
-                let (next, result) = decide(&current);
-                let state = next.unwrap_or(current);
-                self.remember(webhook, &state);
-                return Some((result, state, Source::Local));
+                return self.decide_locally(webhook, decide, Source::Local);
             };
             let current = decode(&raw);
             let (next, result) = decide(&current);
             let Some(next) = next.filter(|n| *n != current) else {
                 self.remember(webhook, &current);
-                return Some((result, current, Source::Shared));
+                return (result, current, Source::Shared);
             };
             let (cas, key, new) = (&self.cas, key.clone(), encode(&next));
             let swapped = self
@@ -165,19 +173,35 @@ impl EndpointStates {
             match swapped {
                 Some(1) => {
                     self.remember(webhook, &next);
-                    return Some((result, next, Source::Shared));
+                    return (result, next, Source::Shared);
                 }
-                Some(_) => continue,
-                None => {
-                    let (result, state) = {
-                        let (next2, result) = decide(&current);
-                        (result, next2.unwrap_or(current))
-                    };
-                    self.remember(webhook, &state);
-                    return Some((result, state, Source::Local));
-                }
+                Some(_) => latest = Some(current),
+                None => return self.decide_locally(webhook, decide, Source::Local),
             }
         }
-        None
+        if let Some(current) = latest {
+            self.remember(webhook, &current);
+        }
+        tracing::debug!(
+            webhook_id = webhook,
+            "endpoint state kept changing; decided unwritten"
+        );
+        self.decide_locally(webhook, decide, Source::Contended)
+    }
+
+    /// Decides on this replica's latest view and keeps the outcome there.
+    fn decide_locally<R>(
+        &self,
+        webhook: &str,
+        mut decide: impl FnMut(&Endpoint) -> (Option<Endpoint>, R),
+        source: Source,
+    ) -> (R, Endpoint, Source) {
+        let current = self.cached(webhook, false).unwrap_or_default();
+        let (next, result) = decide(&current);
+        let state = next.unwrap_or(current);
+        if source == Source::Local {
+            self.remember(webhook, &state);
+        }
+        (result, state, source)
     }
 }

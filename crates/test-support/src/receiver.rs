@@ -285,6 +285,40 @@ impl Receiver {
         self.state.lock().expect("receiver lock").received.clone()
     }
 
+    /// The distinct deliveries (`webhook-id` headers) `path` got so far: a
+    /// delivery sent twice (at-least-once) counts once.
+    pub fn deliveries(&self, path: &str) -> std::collections::HashSet<String> {
+        let state = self.state.lock().expect("receiver lock");
+        state
+            .received
+            .iter()
+            .filter(|r| r.path == path)
+            .filter_map(|r| r.header("webhook-id").map(str::to_owned))
+            .collect()
+    }
+
+    /// Waits until `path` got at least `n` distinct deliveries, or
+    /// `timeout`; returns the distinct deliveries it got either way.
+    pub async fn wait_for_deliveries(
+        &self,
+        path: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> std::collections::HashSet<String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.notify.notified();
+            let got = self.deliveries(path);
+            if got.len() >= n || tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return if got.len() >= n {
+                    got
+                } else {
+                    self.deliveries(path)
+                };
+            }
+        }
+    }
+
     /// Waits until `path` got at least `n` requests, or `timeout`; returns
     /// what it got either way.
     pub async fn wait_for(&self, path: &str, n: usize, timeout: Duration) -> Vec<Received> {
