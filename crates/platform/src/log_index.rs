@@ -3,23 +3,27 @@
 //! The index holds what lists and filters need, never bodies: the attempt
 //! in full (request, response, error) stays in the attempts stream, and the
 //! index keeps its stream sequence so admin reads it back by direct get.
-//! Per attempt it costs about 250–300 bytes whatever the event's size.
+//! Per attempt it costs about 250 bytes whatever the event's size (see
+//! `docs/benchmarks.md`): Herald's own ids are stored as 16 bytes, not 32
+//! hex digits, and numbers as varints, so that a member fits a 96- or
+//! 112-byte allocation.
 //!
 //! Every key of an organization carries the hash tag `{<org>}`, so on a
 //! Redis Cluster one organization's logs live in one slot and every script
 //! touches only keys of that slot, all passed to it as `KEYS`:
 //!
-//! - `herald:logs:{<org>}:w:<webhook>`: a sorted set of the webhook's
-//!   attempts scored by attempt time (ms); each member *is* the attempt's
+//! - `herald:logs:{<org>}:w2:<webhook>` (`2`: the member layout's version;
+//!   an index of another layout is rebuilt beside it, and the old one
+//!   expires): a sorted set of the webhook's attempts scored by attempt time (ms); each member *is* the attempt's
 //!   summary (a compact binary record, [`encode_member`]), so a page is one
 //!   range read. Members start with the log id, which orders attempts of
 //!   the same millisecond and makes a member easy to recognize.
-//! - `…:w:<webhook>:s:<status>`: the same, only for the statuses that are
+//! - `…:w2:<webhook>:s:<status>`: the same, only for the statuses that are
 //!   not `succeeded` (the rare ones users filter on); a succeeded attempt
 //!   is in one sorted set, a failed one in two.
-//! - `herald:logs:{<org>}:h:<webhook>`: a hash from 8 bytes of SHA-1 of a
-//!   delivery id to the times of its attempts (8 bytes each), which finds a
-//!   delivery's attempts (and one attempt by log id) without a scan; and
+//! - `herald:logs:{<org>}:h2:<webhook>`: a hash from 8 bytes of SHA-1 of a
+//!   (packed) delivery id to the times of its attempts (8 bytes each),
+//!   which finds a delivery's attempts (and one attempt by log id) without a scan; and
 //!   from `e:<event id>` to the deliveries of that event whose id is not
 //!   the one derived from (organization, event, webhook).
 //! - `herald:logs:{<org>}:webhooks`: the webhooks that have logs, which an
@@ -94,7 +98,7 @@ pub const STATUSES: &[&str] = &["succeeded", "failed", "retrying", "throttled", 
 
 /// Set once the index holds everything of the attempts stream it should;
 /// missing after a Redis loss, which makes log-writer rebuild.
-pub const BUILT_MARKER: &str = "herald:logs:{meta}:built";
+pub const BUILT_MARKER: &str = "herald:logs:{meta}:built2";
 
 /// Held (with a token) by the log-writer replica that rebuilds the index; it
 /// vanishes with everything else when Redis loses its data, which is how a
@@ -113,7 +117,7 @@ pub const SCAN_BUDGET: usize = 10_000;
 pub const LOOKUP_LIMIT: usize = 10_000;
 
 fn webhook_key(org: &str, webhook_id: &str) -> String {
-    format!("herald:logs:{{{org}}}:w:{webhook_id}")
+    format!("herald:logs:{{{org}}}:w2:{webhook_id}")
 }
 
 fn status_key(org: &str, webhook_id: &str, status: &str) -> String {
@@ -121,7 +125,7 @@ fn status_key(org: &str, webhook_id: &str, status: &str) -> String {
 }
 
 fn lookup_key(org: &str, webhook_id: &str) -> String {
-    format!("herald:logs:{{{org}}}:h:{webhook_id}")
+    format!("herald:logs:{{{org}}}:h2:{webhook_id}")
 }
 
 fn webhooks_key(org: &str) -> String {
@@ -143,38 +147,109 @@ const FLAG_RESPONSE: u8 = 1;
 const FLAG_ERROR_CUT: u8 = 2;
 const FLAG_EVENT_MAPPED: u8 = 4;
 
+/// An id as the index stores it. Herald's own ids (`msg_`, `evt_`, `job_`
+/// followed by 32 hex digits, then anything) take 16 bytes for the digits:
+/// `0x00`, the prefix's length, the prefix, the 16 bytes, the rest. Any
+/// other id is kept as is (behind `0x01` if it starts with a byte below
+/// `0x02`, so that it cannot be read as packed). About 15 bytes saved per
+/// id is what keeps a member in a smaller allocation.
+pub fn pack_id(id: &str) -> Vec<u8> {
+    let b = id.as_bytes();
+    if let Some(us) = b.iter().take(9).position(|&c| c == b'_')
+        && us > 0
+        && b[..us].iter().all(u8::is_ascii_alphanumeric)
+        && b.len() >= us + 33
+        && b[us + 1..us + 33]
+            .iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+    {
+        let mut out = Vec::with_capacity(b.len() - 15);
+        out.extend_from_slice(&[0, us as u8]);
+        out.extend_from_slice(&b[..us]);
+        let digits = hex::decode(&b[us + 1..us + 33]).expect("hex digits");
+        out.extend_from_slice(&digits);
+        out.extend_from_slice(&b[us + 33..]);
+        return out;
+    }
+    match b.first() {
+        Some(0 | 1) => [&[1u8][..], b].concat(),
+        _ => b.to_vec(),
+    }
+}
+
+/// Reads [`pack_id`] back.
+pub fn unpack_id(packed: &[u8]) -> Option<String> {
+    match packed.first() {
+        Some(0) => {
+            let n = *packed.get(1)? as usize;
+            let prefix = std::str::from_utf8(packed.get(2..2 + n)?).ok()?;
+            let digits = hex::encode(packed.get(2 + n..18 + n)?);
+            let rest = std::str::from_utf8(&packed[18 + n..]).ok()?;
+            Some(format!("{prefix}_{digits}{rest}"))
+        }
+        Some(1) => String::from_utf8(packed[1..].to_vec()).ok(),
+        _ => String::from_utf8(packed.to_vec()).ok(),
+    }
+}
+
+/// A length as the member stores it: one byte under 128, else two (the
+/// first with its top bit set). Lua reads it with `len()`.
+fn put_len(out: &mut Vec<u8>, n: usize) {
+    if n < 0x80 {
+        out.push(n as u8);
+    } else {
+        out.extend_from_slice(&((n as u16) | 0x8000).to_be_bytes());
+    }
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    put_len(out, b.len());
+    out.extend_from_slice(b);
+}
+
+/// Puts `s` cut at `max` bytes (on a char boundary); true when cut.
 fn put_str(out: &mut Vec<u8>, s: &str, max: usize) -> bool {
-    let mut end = s.len().min(max).min(u16::MAX as usize);
+    let mut end = s.len().min(max).min(0x7fff);
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    out.extend_from_slice(&(end as u16).to_be_bytes());
-    out.extend_from_slice(&s.as_bytes()[..end]);
+    put_bytes(out, &s.as_bytes()[..end]);
     end < s.len()
+}
+
+/// An id packed, and cut at `max` bytes when it is not one of Herald's.
+fn put_id(out: &mut Vec<u8>, id: &str, max: usize) {
+    let packed = pack_id(id);
+    if packed.len() <= max {
+        put_bytes(out, &packed);
+    } else {
+        let mut end = max.min(id.len());
+        while !id.is_char_boundary(end) {
+            end -= 1;
+        }
+        put_bytes(out, &pack_id(&id[..end]));
+    }
 }
 
 /// An attempt's summary as stored in the index: what a list shows, and
 /// the attempt's place in the attempts stream (`seq`). `None` for a log id
-/// that cannot be an index member (over 255 bytes).
+/// that cannot be an index member (over 255 bytes packed).
+///
+/// Layout (version 2, the `2` of the key names): the packed log id behind
+/// its length (one byte), status, flags, then the length-prefixed packed
+/// event id, event type and packed delivery id (empty when the log id
+/// names it) — all that the Lua scripts read, at fixed places — then kind,
+/// attempt, HTTP status, duration, next attempt time and stream sequence
+/// as varints, and the error (cut), failure reason and packed job id.
 pub fn encode_member(a: &proto::AttemptResult, seq: u64, event_mapped: bool) -> Option<Vec<u8>> {
-    let log_id = a.log_id.as_bytes();
-    if log_id.is_empty() || log_id.len() > 255 {
+    let log_id = pack_id(&a.log_id);
+    if a.log_id.is_empty() || log_id.len() > 255 {
         return None;
     }
-    let mut out = Vec::with_capacity(96 + a.event_id.len() + a.event_type.len());
+    let mut out = Vec::with_capacity(64 + a.event_id.len() + a.event_type.len());
     out.push(log_id.len() as u8);
-    out.extend_from_slice(log_id);
+    out.extend_from_slice(&log_id);
     out.push(a.status as u8);
-    out.push(a.kind as u8);
-    out.extend_from_slice(&(a.attempt.min(u16::MAX as u32) as u16).to_be_bytes());
-    let status = a
-        .response
-        .as_ref()
-        .map_or(0, |r| r.status.min(u16::MAX as u32));
-    out.extend_from_slice(&(status as u16).to_be_bytes());
-    out.extend_from_slice(&(a.duration_ms.min(u32::MAX as u64) as u32).to_be_bytes());
-    out.extend_from_slice(&a.next_attempt_at_ms.to_be_bytes());
-    out.extend_from_slice(&seq.to_be_bytes());
     let flags_at = out.len();
     out.push(0);
     let mut flags = 0;
@@ -184,19 +259,30 @@ pub fn encode_member(a: &proto::AttemptResult, seq: u64, event_mapped: bool) -> 
     if event_mapped {
         flags |= FLAG_EVENT_MAPPED;
     }
-    put_str(&mut out, &a.event_id, 1024);
+    put_id(&mut out, &a.event_id, 1024);
     put_str(&mut out, &a.event_type, 1024);
     let delivery = if delivery_of(&a.log_id) == a.delivery_id {
         ""
     } else {
         &a.delivery_id
     };
-    put_str(&mut out, delivery, 1024);
+    put_id(&mut out, delivery, 1024);
+    out.push(a.kind as u8);
+    let status = a.response.as_ref().map_or(0, |r| r.status);
+    for n in [
+        u64::from(a.attempt),
+        u64::from(status),
+        a.duration_ms,
+        a.next_attempt_at_ms.max(0) as u64,
+        seq,
+    ] {
+        prost::encoding::encode_varint(n, &mut out);
+    }
     if put_str(&mut out, &a.error, SUMMARY_ERROR_BYTES) {
         flags |= FLAG_ERROR_CUT;
     }
     put_str(&mut out, &a.failure_reason, 256);
-    put_str(&mut out, &a.job_id, 256);
+    put_id(&mut out, &a.job_id, 256);
     out[flags_at] = flags;
     Some(out)
 }
@@ -226,20 +312,23 @@ impl<'a> Reader<'a> {
     fn u8(&mut self) -> Option<u8> {
         self.take(1).map(|b| b[0])
     }
-    fn u16(&mut self) -> Option<u16> {
-        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+    fn varint(&mut self) -> Option<u64> {
+        prost::encoding::decode_varint(&mut self.0).ok()
     }
-    fn u32(&mut self) -> Option<u32> {
-        self.take(4)
-            .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")))
-    }
-    fn u64(&mut self) -> Option<u64> {
-        self.take(8)
-            .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let a = self.u8()? as usize;
+        let n = if a < 0x80 {
+            a
+        } else {
+            ((a & 0x7f) << 8) | self.u8()? as usize
+        };
+        self.take(n)
     }
     fn str(&mut self) -> Option<String> {
-        let n = self.u16()? as usize;
-        String::from_utf8(self.take(n)?.to_vec()).ok()
+        String::from_utf8(self.bytes()?.to_vec()).ok()
+    }
+    fn id(&mut self) -> Option<String> {
+        unpack_id(self.bytes()?)
     }
 }
 
@@ -247,21 +336,21 @@ impl<'a> Reader<'a> {
 pub fn decode_member(member: &[u8], score: i64) -> Option<Entry> {
     let mut r = Reader(member);
     let n = r.u8()? as usize;
-    let log_id = String::from_utf8(r.take(n)?.to_vec()).ok()?;
+    let log_id = unpack_id(r.take(n)?)?;
     let status = r.u8()? as i32;
-    let kind = r.u8()? as i32;
-    let attempt = r.u16()? as u32;
-    let response_status = r.u16()? as u32;
-    let duration_ms = r.u32()? as u64;
-    let next_attempt_at_ms = r.u64()? as i64;
-    let seq = r.u64()?;
     let flags = r.u8()?;
-    let event_id = r.str()?;
+    let event_id = r.id()?;
     let event_type = r.str()?;
-    let delivery = r.str()?;
+    let delivery = r.id()?;
+    let kind = r.u8()? as i32;
+    let attempt = u32::try_from(r.varint()?).ok()?;
+    let response_status = u32::try_from(r.varint()?).ok()?;
+    let duration_ms = r.varint()?;
+    let next_attempt_at_ms = i64::try_from(r.varint()?).ok()?;
+    let seq = r.varint()?;
     let error = r.str()?;
     let failure_reason = r.str()?;
-    let job_id = r.str()?;
+    let job_id = r.id()?;
     let delivery_id = if delivery.is_empty() {
         delivery_of(&log_id).to_owned()
     } else {
@@ -372,22 +461,35 @@ pub struct Page {
 /// Shared Lua helpers: the member layout of [`encode_member`] and the
 /// lookup fields.
 const LUA_HELPERS: &str = r"
-local function u16(m, p) local a, b = m:byte(p, p + 1) return a * 256 + b end
+local function len(m, p)
+  local a = m:byte(p)
+  if a < 128 then return a, p + 1 end
+  return (a - 128) * 256 + m:byte(p + 1), p + 2
+end
 local function prefix(m) return m:sub(1, 1 + m:byte(1)) end
-local function derive(log_id)
-  local d = (log_id:gsub('%-t%d+$', ''))
+local function strip(s)
+  local d = (s:gsub('%-t%d+$', ''))
   return (d:gsub('%-%d+$', ''))
 end
--- log id, status, flags, event id, event type, delivery id
+-- the packed delivery id a packed log id names (pack_id, delivery_of)
+local function derive(log_id)
+  if log_id:byte(1) == 0 then
+    local head = 18 + log_id:byte(2)
+    return log_id:sub(1, head) .. strip(log_id:sub(head + 1))
+  end
+  return strip(log_id)
+end
+-- packed log id, status, flags, packed event id, event type, packed
+-- delivery id
 local function fields(m)
   local n = m:byte(1)
   local log_id = m:sub(2, 1 + n)
-  local p = n + 29
-  local el = u16(m, p) local event_id = m:sub(p + 2, p + 1 + el) p = p + 2 + el
-  local tl = u16(m, p) local etype = m:sub(p + 2, p + 1 + tl) p = p + 2 + tl
-  local dl = u16(m, p) local delivery = m:sub(p + 2, p + 1 + dl)
+  local p = n + 4
+  local el el, p = len(m, p) local event_id = m:sub(p, p + el - 1) p = p + el
+  local tl tl, p = len(m, p) local etype = m:sub(p, p + tl - 1) p = p + tl
+  local dl dl, p = len(m, p) local delivery = m:sub(p, p + dl - 1)
   if dl == 0 then delivery = derive(log_id) end
-  return log_id, m:byte(2 + n), m:byte(28 + n), event_id, etype, delivery
+  return log_id, m:byte(2 + n), m:byte(3 + n), event_id, etype, delivery
 end
 local function field(s)
   local h = redis.sha1hex(s)
@@ -409,7 +511,8 @@ end
 /// KEYS: the organization's webhooks set, then the keys of the batch (all
 /// of one organization). ARGV: cutoff (ms), ttl (s), then per attempt: W,
 /// S (0: none) and H key indexes, score, member, delivery id, event id (or
-/// empty when the delivery id is the derived one), webhook id.
+/// empty when the delivery id is the derived one), webhook id; ids packed
+/// ([`pack_id`]), as in the member.
 const WRITE_BODY: &str = r"
 local cutoff, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
 local touched, stored = {}, 0
@@ -568,7 +671,7 @@ return out
 
 /// KEYS: pairs of W and H keys. ARGV: `d` and a delivery id, or `e` and an
 /// event id, then the most to answer, then (for `e`) each webhook's
-/// derived delivery id for it. Answers score, member and pair number of
+/// derived delivery id for it; ids packed ([`pack_id`]). Answers score, member and pair number of
 /// every attempt found.
 const LOOKUP_BODY: &str = r"
 local out, limit = {}, tonumber(ARGV[3])
@@ -742,9 +845,9 @@ impl LogIndex {
                     h.to_string().into_bytes(),
                     a.attempted_at_ms.to_string().into_bytes(),
                     member,
-                    a.delivery_id.clone().into_bytes(),
+                    pack_id(&a.delivery_id),
                     if mapped {
-                        a.event_id.clone().into_bytes()
+                        pack_id(&a.event_id)
                     } else {
                         Vec::new()
                     },
@@ -892,12 +995,12 @@ impl LogIndex {
             }
             match (&q.delivery_id, &q.event_id) {
                 (Some(d), _) => {
-                    invocation.arg("d").arg(d).arg(LOOKUP_LIMIT);
+                    invocation.arg("d").arg(pack_id(d)).arg(LOOKUP_LIMIT);
                 }
                 (None, Some(e)) => {
-                    invocation.arg("e").arg(e).arg(LOOKUP_LIMIT);
+                    invocation.arg("e").arg(pack_id(e)).arg(LOOKUP_LIMIT);
                     for w in &webhooks {
-                        invocation.arg(herald_core::ids::delivery_id(&q.org, e, w));
+                        invocation.arg(pack_id(&herald_core::ids::delivery_id(&q.org, e, w)));
                     }
                 }
                 (None, None) => unreachable!("a lookup names an event or a delivery"),
@@ -1083,6 +1186,50 @@ mod tests {
             "msg_other"
         );
         assert!(encode_member(&proto::AttemptResult::default(), 1, false).is_none());
+    }
+
+    #[test]
+    fn herald_ids_pack_into_16_bytes_and_others_stay_as_they_are() {
+        let hex = "0123456789abcdef0123456789abcdef";
+        for (id, packed_len) in [
+            (format!("msg_{hex}"), 2 + 3 + 16),
+            (format!("msg_{hex}-3-t2"), 2 + 3 + 16 + 5),
+            (format!("evt_{hex}"), 2 + 3 + 16),
+            // Not Herald's: upper-case digits, too few, no prefix, a NUL.
+            (format!("msg_{}", hex.to_uppercase()), 36),
+            ("msg_0123-1".to_owned(), 10),
+            (format!("_{hex}"), 33),
+            ("evt_1700000000000.5".to_owned(), 19),
+            ("\u{0}odd".to_owned(), 5),
+            (String::new(), 0),
+        ] {
+            let packed = pack_id(&id);
+            assert_eq!(packed.len(), packed_len, "{id:?}");
+            assert_eq!(unpack_id(&packed).as_deref(), Some(id.as_str()), "{id:?}");
+        }
+    }
+
+    #[test]
+    fn a_member_of_herald_ids_fits_a_small_allocation() {
+        let hex = "0123456789abcdef0123456789abcdef";
+        let mut a = proto::AttemptResult {
+            log_id: format!("msg_{hex}-1"),
+            delivery_id: format!("msg_{hex}"),
+            event_id: format!("evt_{hex}"),
+            event_type: "workflow.execution.completed".into(),
+            attempt: 1,
+            response: Some(proto::HttpResponse {
+                status: 200,
+                ..Default::default()
+            }),
+            duration_ms: 3,
+            ..Default::default()
+        };
+        a.set_status(proto::AttemptStatus::Succeeded);
+        let member = encode_member(&a, 123_456_789, false).unwrap();
+        // With Redis's sds header and NUL: jemalloc's 96-byte class.
+        assert!(member.len() + 4 <= 96, "{} bytes", member.len());
+        assert_eq!(decode_member(&member, 0).unwrap().attempt.log_id, a.log_id);
     }
 
     #[test]
