@@ -1118,6 +1118,37 @@ async fn lists_are_paged_an_organization_has_a_limit_and_manual_sends_a_rate() {
         .unwrap();
     assert!((1..=60).contains(&retry_after), "{retry_after}");
     assert!(answer.contains("\"rate_limited\""), "{answer}");
+    // Starting a recover spends from the same key's budget…
+    let (status, answer) = stack
+        .api(
+            "POST",
+            &format!("/webhooks/{id}/recover"),
+            Some(json!({"since": "2026-01-01T00:00:00Z"})),
+        )
+        .await;
+    assert_eq!(error_of(status, 429, &answer).0, "rate_limited");
+    // …and another key has a budget of its own.
+    let (status, created) = stack
+        .api_as(
+            TENANT_KEY,
+            None,
+            "POST",
+            "/webhooks",
+            Some(minimal(&receiver.url("/tenant"))),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let tenant_hook = created["id"].as_str().unwrap().to_owned();
+    let (status, answer) = stack
+        .api_as(
+            TENANT_KEY,
+            None,
+            "POST",
+            &format!("/webhooks/{tenant_hook}/test"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 202, "{answer}");
     receiver.wait_for("/hook", 2, Duration::from_secs(10)).await;
 
     // Metrics are on the admin's health port, not on the public API port.

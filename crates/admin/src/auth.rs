@@ -93,6 +93,9 @@ impl KeyEntry {
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub org: String,
+    /// The SHA-256 of the API key it authenticated with: what per-key
+    /// limits count by.
+    pub key: String,
 }
 
 impl<S> FromRequestParts<S> for Caller
@@ -132,6 +135,9 @@ where
                 org.to_owned()
             }
         };
-        Ok(Caller { org })
+        Ok(Caller {
+            org,
+            key: entry.key_sha256.clone(),
+        })
     }
 }

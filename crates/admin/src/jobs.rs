@@ -224,6 +224,8 @@ async fn start(
             "the webhook is disabled; enable it before recovering or replaying",
         ));
     }
+    // A job sends again what was sent: it counts as a manual send.
+    state.manual_sends.take(&caller.key, now)?;
     let job = Job {
         id: format!("job_{}", &ids::new_event_id()[4..]),
         kind: kind.into(),

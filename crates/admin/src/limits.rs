@@ -10,7 +10,7 @@
 //! 201 and one 400. The organization's own limit of webhooks
 //! (`HERALD_MAX_WEBHOOKS_PER_ORG`) is counted under the same lock.
 //!
-//! Manual sends are rate-limited per organization, and API requests per key ([`Limiter`]).
+//! Manual sends and API requests are rate-limited per API key ([`Limiter`]).
 
 use std::time::Duration;
 
@@ -167,9 +167,9 @@ pub async fn check_workflow_limit(
 
 /// A token bucket per caller, counted in this admin replica; a caller over
 /// it gets 429 with `Retry-After`. Two are used: manual sends
-/// (`POST /webhooks/{id}/test` and `.../retry`) per organization
-/// (`HERALD_MANUAL_SENDS_PER_MINUTE`), so a key holder cannot use Herald as
-/// an HTTP relay; and every authenticated request per API key
+/// (`POST /webhooks/{id}/test`, `.../retry`, and starting `recover` or
+/// `replay`) per API key (`HERALD_MANUAL_SENDS_PER_MINUTE`), so a key
+/// holder cannot use Herald as an HTTP relay; and every authenticated request per API key
 /// (`HERALD_API_REQUESTS_PER_MINUTE`), so one key cannot take the API from
 /// the others. Herald sends what it asks receivers to honour.
 pub struct Limiter {
@@ -199,7 +199,7 @@ impl Limiter {
         Self::new(
             per_minute,
             per_minute.clamp(1, 20),
-            "test events and manual retries a minute per organization \
+            "test events, manual retries, recovers and replays a minute per API key \
              (HERALD_MANUAL_SENDS_PER_MINUTE)",
         )
     }
