@@ -169,6 +169,37 @@ async fn a_token_or_a_password_in_the_url_is_sent() {
 }
 
 #[tokio::test]
+async fn an_nkey_seed_signs_the_servers_challenge() {
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().unwrap();
+    let dir = std::env::temp_dir().join(format!("herald-nats-nkey-{}", free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("nkey.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "authorization {{ users = [ {{ nkey: {} }} ] }}\n",
+            user.public_key()
+        ),
+    )
+    .unwrap();
+    let server = NatsServer::start_with(&["-c", &conf.display().to_string()]);
+    let url = server.url();
+    let client = connect(&[("HERALD_NATS_URL", &url), ("HERALD_NATS_NKEY", &seed)])
+        .await
+        .expect("the seed's signature accepted");
+    client.flush().await.expect("flush");
+    let stranger = nkeys::KeyPair::new_user().seed().unwrap();
+    connect(&[("HERALD_NATS_URL", &url), ("HERALD_NATS_NKEY", &stranger)])
+        .await
+        .expect_err("another key's seed is refused");
+    connect(&[("HERALD_NATS_URL", &url)])
+        .await
+        .expect_err("no key, no connection");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
 async fn tls_with_a_private_ca_connects() {
     let dir = std::env::temp_dir().join(format!("herald-nats-tls-{}", free_port()));
     std::fs::create_dir_all(&dir).unwrap();
