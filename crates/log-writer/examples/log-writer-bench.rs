@@ -9,8 +9,10 @@
 //!    backlog), then N more published while it runs (live);
 //! 3. rebuild: Redis flushed, timed until log-writer has replayed the stream.
 //!
-//! `cargo run --release -p herald-log-writer --example log-writer-bench -- [attempts]`
-//! (default 100000). Prints a Markdown table.
+//! `cargo run --release -p herald-log-writer --example log-writer-bench -- [stored] [through]`:
+//! `stored` attempts in the index for the memory and query figures (default
+//! 100000), `through` attempts for the throughput runs (default: `stored`,
+//! at most 200000). Prints a Markdown table.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -42,10 +44,13 @@ fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
-/// A realistic attempt: a ~600-byte JSON body, signed headers, a short
-/// response, and the event it delivered.
+/// A realistic attempt: ids as Herald makes them (a UUIDv7-based event id,
+/// the delivery id derived from it), a ~600-byte JSON body, signed headers,
+/// a short response; the event itself is in the events stream (the record
+/// names its sequence), as the deliverer logs it.
 fn attempt(org: &str, webhook_id: &str, n: u64, at_ms: i64) -> proto::AttemptResult {
-    let delivery_id = format!("msg_{webhook_id}_{n:08}");
+    let event_id = format!("evt_{:012x}7{:019x}", at_ms, n);
+    let delivery_id = ids::delivery_id(org, &event_id, webhook_id);
     let event_type = TYPES[(n % TYPES.len() as u64) as usize];
     let body = format!(
         r#"{{"id":"evt_{n}","type":"{event_type}","timestamp":"2026-11-22T10:00:00.000Z","organization_id":"{org}","webhook_id":"{webhook_id}","attributes":{{"execution":"ex-{n}","status":"succeeded","workflow":"invoice-approval"}},"data":{{"invoice":"INV-{n}","amount":4200,"currency":"EUR","lines":[{{"sku":"A-1","qty":3}},{{"sku":"B-2","qty":1}}],"customer":{{"id":"cus_{n}","name":"Example Customer Ltd","email":"billing@example.com"}}}},"metadata":{{"source":"bench"}}}}"#
@@ -59,7 +64,7 @@ fn attempt(org: &str, webhook_id: &str, n: u64, at_ms: i64) -> proto::AttemptRes
         delivery_id: delivery_id.clone(),
         organization_id: org.into(),
         webhook_id: webhook_id.into(),
-        event_id: format!("evt_{n}"),
+        event_id: event_id.clone(),
         event_type: event_type.into(),
         attempt: 1,
         request: Some(proto::HttpRequest {
@@ -84,27 +89,7 @@ fn attempt(org: &str, webhook_id: &str, n: u64, at_ms: i64) -> proto::AttemptRes
         }),
         duration_ms: 40 + n % 50,
         attempted_at_ms: at_ms,
-        // The deliverer logs the event too, so that it can be sent again.
-        event: Some(proto::Event {
-            id: format!("evt_{n}"),
-            organization_id: org.into(),
-            r#type: event_type.into(),
-            occurred_at_ms: at_ms,
-            attributes: [
-                ("workflow", "invoice-approval"),
-                ("execution", "ex-1"),
-                ("status", "succeeded"),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect(),
-            data_json: Bytes::from(format!(
-                r#"{{"invoice":"INV-{n}","amount":4200,"currency":"EUR","lines":[{{"sku":"A-1","qty":3}},{{"sku":"B-2","qty":1}}],"customer":{{"id":"cus_{n}","name":"Example Customer Ltd","email":"billing@example.com"}}}}"#
-            )),
-            metadata_json: Bytes::from_static(br#"{"source":"bench"}"#),
-            received_at_ms: at_ms,
-            traceparent: String::new(),
-        }),
+        event_seq: n + 1,
         ..Default::default()
     };
     a.set_status(if n.is_multiple_of(10) {
@@ -213,6 +198,10 @@ async fn main() {
         .nth(1)
         .map(|a| a.parse().expect("attempts: a number"))
         .unwrap_or(100_000);
+    let through: u64 = std::env::args()
+        .nth(2)
+        .map(|a| a.parse().expect("throughput attempts: a number"))
+        .unwrap_or(n.min(200_000));
     let queries = 200;
     let nats = NatsServer::start();
     let redis_server = RedisServer::start();
@@ -446,7 +435,7 @@ async fn main() {
     }
 
     // 2. Throughput: a backlog, then live.
-    let backlog: Vec<_> = (0..n)
+    let backlog: Vec<_> = (0..through)
         .map(|i| attempt("tp", "wh_backlog", i, now_ms()))
         .collect();
     let t = Instant::now();
@@ -472,23 +461,23 @@ async fn main() {
     let t = Instant::now();
     tokio::spawn(herald_log_writer::run(writer_config, shutdown.clone()));
     wait_until("backlog stored", Duration::from_secs(600), || async {
-        org_total("tp").await >= n
+        org_total("tp").await >= through
     })
     .await;
     let backlog_time = t.elapsed();
 
-    let live: Vec<_> = (0..n)
+    let live: Vec<_> = (0..through)
         .map(|i| attempt("live", "wh_live", i, now_ms()))
         .collect();
     let t = Instant::now();
     publish_all(&js, &live).await;
     wait_until("live stored", Duration::from_secs(600), || async {
-        org_total("live").await >= n
+        org_total("live").await >= through
     })
     .await;
     let live_time = t.elapsed();
 
-    // 3. Rebuild after FLUSHALL (the 2n attempts that went through NATS).
+    // 3. Rebuild after FLUSHALL: everything in the stream (n + 2 through).
     let flush = redis::Client::open(redis_server.url()).unwrap();
     let mut conn = flush.get_multiplexed_async_connection().await.unwrap();
     let t = Instant::now();
@@ -497,9 +486,9 @@ async fn main() {
         .query_async::<()>(&mut conn)
         .await
         .unwrap();
-    wait_until("rebuilt", Duration::from_secs(600), || async {
-        org_total("tp").await >= n
-            && org_total("live").await >= n
+    wait_until("rebuilt", Duration::from_secs(3_600), || async {
+        org_total("tp").await >= through
+            && org_total("live").await >= through
             && index.is_built().await.unwrap_or(false)
     })
     .await;
@@ -511,25 +500,25 @@ async fn main() {
     );
     println!("| --- | --- | --- | --- |");
     println!(
-        "| publish only (JetStream, acked, windows of 2000) | {n} | {:.1} | {:.0} |",
+        "| publish only (JetStream, acked, windows of 2000) | {through} | {:.1} | {:.0} |",
         published.as_secs_f64(),
-        rate(n, published)
+        rate(through, published)
     );
     println!(
-        "| backlog: log-writer started after the publish | {n} | {:.1} | {:.0} |",
+        "| backlog: log-writer started after the publish | {through} | {:.1} | {:.0} |",
         backlog_time.as_secs_f64(),
-        rate(n, backlog_time)
+        rate(through, backlog_time)
     );
     println!(
-        "| live: published while log-writer runs, until all stored | {n} | {:.1} | {:.0} |",
+        "| live: published while log-writer runs, until all stored | {through} | {:.1} | {:.0} |",
         live_time.as_secs_f64(),
-        rate(n, live_time)
+        rate(through, live_time)
     );
     println!(
         "| rebuild after FLUSHALL (replay of the stream) | {} | {:.1} | {:.0} |",
-        3 * n,
+        n + 2 * through,
         rebuild_time.as_secs_f64(),
-        rate(3 * n, rebuild_time)
+        rate(n + 2 * through, rebuild_time)
     );
     shutdown.cancel();
     tokio::time::sleep(Duration::from_millis(200)).await;
