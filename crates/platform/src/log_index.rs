@@ -21,11 +21,14 @@
 //! - `…:w2:<webhook>:s:<status>`: the same, only for the statuses that are
 //!   not `succeeded` (the rare ones users filter on); a succeeded attempt
 //!   is in one sorted set, a failed one in two.
-//! - `herald:logs:{<org>}:h2:<webhook>`: a hash from 8 bytes of SHA-1 of a
-//!   (packed) delivery id to the times of its attempts (8 bytes each),
-//!   which finds a delivery's attempts (and one attempt by log id) without a scan; and
+//! - `herald:logs:{<org>}:h2:<webhook>`: a hash from 6 bytes of SHA-1 of a
+//!   (packed) delivery id to the times of its attempts (6 bytes each),
+//!   which finds a delivery's attempts (and one attempt by log id) without
+//!   a scan; and
 //!   from `e:<event id>` to the deliveries of that event whose id is not
-//!   the one derived from (organization, event, webhook).
+//!   the one derived from (organization, event, webhook). Two deliveries
+//!   whose 6 bytes collide share a field: a lookup then reads the other's
+//!   members too and keeps only the delivery asked for.
 //! - `herald:logs:{<org>}:webhooks`: the webhooks that have logs, which an
 //!   organization-wide list merges.
 //!
@@ -491,19 +494,22 @@ local function fields(m)
   if dl == 0 then delivery = derive(log_id) end
   return log_id, m:byte(2 + n), m:byte(3 + n), event_id, etype, delivery
 end
+-- Lookup fields and times take 6 bytes each: an 8-byte string would take a
+-- 16-byte allocation, a 6-byte one takes 8 (with its header and NUL).
 local function field(s)
   local h = redis.sha1hex(s)
   local out = {}
-  for i = 1, 16, 2 do out[#out + 1] = string.char(tonumber(h:sub(i, i + 1), 16)) end
+  for i = 1, 12, 2 do out[#out + 1] = string.char(tonumber(h:sub(i, i + 1), 16)) end
   return table.concat(out)
 end
-local function has8(s, x)
-  for i = 1, #s, 8 do if s:sub(i, i + 7) == x then return true end end
+local function t6(score) return struct.pack('>I6', score) end
+local function has6(s, x)
+  for i = 1, #s, 6 do if s:sub(i, i + 5) == x then return true end end
   return false
 end
-local function drop8(s, x)
+local function drop6(s, x)
   local out = {}
-  for i = 1, #s, 8 do local c = s:sub(i, i + 7) if c ~= x then out[#out + 1] = c end end
+  for i = 1, #s, 6 do local c = s:sub(i, i + 5) if c ~= x then out[#out + 1] = c end end
   return table.concat(out)
 end
 ";
@@ -534,13 +540,13 @@ for i = 3, #ARGV, 8 do
         redis.call('ZREMRANGEBYSCORE', s, '-inf', '(' .. ARGV[1])
         redis.call('EXPIRE', s, ttl)
       end
-      local df, t = field(ARGV[i + 5]), struct.pack('>d', score)
+      local df, t = field(ARGV[i + 5]), t6(score)
       local cur = redis.call('HGET', h, df) or ''
-      if not has8(cur, t) then redis.call('HSET', h, df, cur .. t) end
+      if not has6(cur, t) then redis.call('HSET', h, df, cur .. t) end
       if ARGV[i + 6] ~= '' then
         local ef = field('e:' .. ARGV[i + 6])
         local ev = redis.call('HGET', h, ef) or ''
-        if not has8(ev, df) then redis.call('HSET', h, ef, ev .. df) end
+        if not has6(ev, df) then redis.call('HSET', h, ef, ev .. df) end
       end
       redis.call('SADD', KEYS[1], ARGV[i + 7])
       stored = stored + 1
@@ -553,12 +559,12 @@ for w, h in pairs(touched) do
     local m, score = old[j], tonumber(old[j + 1])
     local _, _, flags, event_id, _, delivery = fields(m)
     local df = field(delivery)
-    local rest = drop8(redis.call('HGET', h, df) or '', struct.pack('>d', score))
+    local rest = drop6(redis.call('HGET', h, df) or '', t6(score))
     if rest == '' then
       redis.call('HDEL', h, df)
       if bit.band(flags, 4) ~= 0 then
         local ef = field('e:' .. event_id)
-        local ev = drop8(redis.call('HGET', h, ef) or '', df)
+        local ev = drop6(redis.call('HGET', h, ef) or '', df)
         if ev == '' then redis.call('HDEL', h, ef) else redis.call('HSET', h, ef, ev) end
       end
     else
@@ -684,12 +690,12 @@ for i = 1, #KEYS, 2 do
     local derived = ARGV[3 + (i + 1) / 2]
     if derived ~= '' then wanted[field(derived)] = true end
     local mapped = redis.call('HGET', h, field('e:' .. ARGV[2])) or ''
-    for j = 1, #mapped, 8 do wanted[mapped:sub(j, j + 7)] = true end
+    for j = 1, #mapped, 6 do wanted[mapped:sub(j, j + 5)] = true end
   end
   for df, _ in pairs(wanted) do
     local times = redis.call('HGET', h, df) or ''
-    for j = 1, #times, 8 do
-      local t = struct.unpack('>d', times:sub(j, j + 7))
+    for j = 1, #times, 6 do
+      local t = struct.unpack('>I6', times:sub(j, j + 5))
       local ts = string.format('%d', t)
       for _, m in ipairs(redis.call('ZRANGEBYSCORE', w, ts, ts)) do
         local _, _, _, event_id, _, delivery = fields(m)
