@@ -199,6 +199,104 @@ async fn an_nkey_seed_signs_the_servers_challenge() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A NATS JWT (`nats-io/jwt` v2 form) of `claims` about `subject`, issued and
+/// signed by `issuer`.
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header = b64.encode(r#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = json!({
+        "jti": format!("{:032X}", free_port()),
+        "iat": 1_700_000_000,
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let body = format!("{header}.{}", b64.encode(claims.to_string()));
+    let signature = issuer.sign(body.as_bytes()).unwrap();
+    format!("{body}.{}", b64.encode(signature))
+}
+
+#[tokio::test]
+async fn a_credentials_file_authenticates_in_operator_mode() {
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    // JetStream needs a system account in operator mode.
+    let system = nkeys::KeyPair::new_account();
+    let system_jwt = jwt(
+        &operator,
+        &system.public_key(),
+        "SYS",
+        json!({"type": "account", "version": 2}),
+    );
+    let operator_jwt = jwt(
+        &operator,
+        &operator.public_key(),
+        "herald-op",
+        json!({"type": "operator", "version": 2}),
+    );
+    let account_jwt = jwt(
+        &operator,
+        &account.public_key(),
+        "herald",
+        json!({"type": "account", "version": 2,
+               "limits": {"subs": -1, "data": -1, "payload": -1, "imports": -1,
+                          "exports": -1, "wildcards": true, "conn": -1, "leaf": -1}}),
+    );
+    let user_jwt = jwt(
+        &account,
+        &user.public_key(),
+        "herald-user",
+        json!({"type": "user", "version": 2, "pub": {}, "sub": {},
+               "subs": -1, "data": -1, "payload": -1}),
+    );
+    let dir = std::env::temp_dir().join(format!("herald-nats-creds-{}", free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("operator.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "operator: {operator_jwt}\nsystem_account: {sys}\nresolver: MEMORY\n\
+             resolver_preload: {{\n  {sys}: {system_jwt}\n  {}: {account_jwt}\n}}\n",
+            account.public_key(),
+            sys = system.public_key(),
+        ),
+    )
+    .unwrap();
+    let creds = |seed: &str| {
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+        )
+    };
+    let good = dir.join("herald.creds");
+    std::fs::write(&good, creds(&user.seed().unwrap())).unwrap();
+    // The right JWT with another key's seed cannot answer the challenge.
+    let forged = dir.join("forged.creds");
+    std::fs::write(&forged, creds(&nkeys::KeyPair::new_user().seed().unwrap())).unwrap();
+    let server = NatsServer::start_with(&["-c", &conf.display().to_string()]);
+    let url = server.url();
+    let client = connect(&[
+        ("HERALD_NATS_URL", &url),
+        ("HERALD_NATS_CREDS", &good.display().to_string()),
+    ])
+    .await
+    .expect("the credentials file accepted");
+    client.flush().await.expect("flush");
+    connect(&[
+        ("HERALD_NATS_URL", &url),
+        ("HERALD_NATS_CREDS", &forged.display().to_string()),
+    ])
+    .await
+    .expect_err("a seed that does not match the JWT is refused");
+    connect(&[("HERALD_NATS_URL", &url)])
+        .await
+        .expect_err("no credentials, no connection");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn tls_with_a_private_ca_connects() {
     let dir = std::env::temp_dir().join(format!("herald-nats-tls-{}", free_port()));

@@ -4,9 +4,11 @@
 //! 1. query latency with N attempts stored for one webhook (written straight
 //!    into the index with `LogIndex::write`), through the index and through
 //!    the admin API over HTTP;
-//! 2. log-writer throughput: N attempts published to `herald.attempts.>`,
-//!    then log-writer started and timed until every one is stored (a
-//!    backlog), then N more published while it runs (live);
+//! 2. log-writer throughput: `through` attempts published to
+//!    `herald.attempts.>`, then log-writer started and timed until every one
+//!    is stored (a backlog: the index has no built marker, so log-writer
+//!    first replays the whole stream, the N of step 1 included), then
+//!    `through` more published while it runs (live);
 //! 3. rebuild: Redis flushed, timed until log-writer has replayed the stream.
 //!
 //! `cargo run --release -p herald-log-writer --example log-writer-bench -- [stored] [through]`:
@@ -505,9 +507,10 @@ async fn main() {
         rate(through, published)
     );
     println!(
-        "| backlog: log-writer started after the publish | {through} | {:.1} | {:.0} |",
+        "| backlog: log-writer started after the publish, through the whole stream | {} | {:.1} | {:.0} |",
+        n + through,
         backlog_time.as_secs_f64(),
-        rate(through, backlog_time)
+        rate(n + through, backlog_time)
     );
     println!(
         "| live: published while log-writer runs, until all stored | {through} | {:.1} | {:.0} |",
