@@ -172,18 +172,14 @@ async fn a_token_or_a_password_in_the_url_is_sent() {
 async fn an_nkey_seed_signs_the_servers_challenge() {
     let user = nkeys::KeyPair::new_user();
     let seed = user.seed().unwrap();
-    let dir = std::env::temp_dir().join(format!("herald-nats-nkey-{}", free_port()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let conf = dir.join("nkey.conf");
-    std::fs::write(
-        &conf,
-        format!(
+    let dir = scratch_dir("nkey");
+    let server = configured_server(
+        &dir,
+        &format!(
             "authorization {{ users = [ {{ nkey: {} }} ] }}\n",
             user.public_key()
         ),
-    )
-    .unwrap();
-    let server = NatsServer::start_with(&["-c", &conf.display().to_string()]);
+    );
     let url = server.url();
     let client = connect(&[("HERALD_NATS_URL", &url), ("HERALD_NATS_NKEY", &seed)])
         .await
@@ -197,6 +193,20 @@ async fn an_nkey_seed_signs_the_servers_challenge() {
         .await
         .expect_err("no key, no connection");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A directory of its own for one test's files.
+fn scratch_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("herald-nats-{name}-{}", free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A nats-server started with `config` (written into `dir`).
+fn configured_server(dir: &std::path::Path, config: &str) -> NatsServer {
+    let conf = dir.join("nats.conf");
+    std::fs::write(&conf, config).unwrap();
+    NatsServer::start_with(&["-c", &conf.display().to_string()])
 }
 
 /// A NATS JWT (`nats-io/jwt` v2 form) of `claims` about `subject`, issued and
@@ -252,19 +262,7 @@ async fn a_credentials_file_authenticates_in_operator_mode() {
         json!({"type": "user", "version": 2, "pub": {}, "sub": {},
                "subs": -1, "data": -1, "payload": -1}),
     );
-    let dir = std::env::temp_dir().join(format!("herald-nats-creds-{}", free_port()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let conf = dir.join("operator.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "operator: {operator_jwt}\nsystem_account: {sys}\nresolver: MEMORY\n\
-             resolver_preload: {{\n  {sys}: {system_jwt}\n  {}: {account_jwt}\n}}\n",
-            account.public_key(),
-            sys = system.public_key(),
-        ),
-    )
-    .unwrap();
+    let dir = scratch_dir("creds");
     let creds = |seed: &str| {
         format!(
             "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
@@ -276,7 +274,15 @@ async fn a_credentials_file_authenticates_in_operator_mode() {
     // The right JWT with another key's seed cannot answer the challenge.
     let forged = dir.join("forged.creds");
     std::fs::write(&forged, creds(&nkeys::KeyPair::new_user().seed().unwrap())).unwrap();
-    let server = NatsServer::start_with(&["-c", &conf.display().to_string()]);
+    let server = configured_server(
+        &dir,
+        &format!(
+            "operator: {operator_jwt}\nsystem_account: {sys}\nresolver: MEMORY\n\
+             resolver_preload: {{\n  {sys}: {system_jwt}\n  {}: {account_jwt}\n}}\n",
+            account.public_key(),
+            sys = system.public_key(),
+        ),
+    );
     let url = server.url();
     let client = connect(&[
         ("HERALD_NATS_URL", &url),
@@ -299,8 +305,7 @@ async fn a_credentials_file_authenticates_in_operator_mode() {
 
 #[tokio::test]
 async fn tls_with_a_private_ca_connects() {
-    let dir = std::env::temp_dir().join(format!("herald-nats-tls-{}", free_port()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("tls");
     let path = |name: &str| dir.join(name).display().to_string();
     let openssl = |args: &[&str]| {
         let out = std::process::Command::new("openssl")

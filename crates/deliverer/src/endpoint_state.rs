@@ -142,7 +142,7 @@ impl EndpointStates {
         mut decide: impl FnMut(&Endpoint) -> (Option<Endpoint>, R),
     ) -> (R, Endpoint, Source) {
         let key = names::endpoint_key(webhook);
-        let mut latest = None;
+        let mut latest = Endpoint::Healthy;
         for tries in 0..CAS_TRIES {
             if tries > 0 {
                 let cap = 1u64 << tries.min(5);
@@ -150,7 +150,9 @@ impl EndpointStates {
                 tokio::time::sleep(Duration::from_millis(pause)).await;
             }
             let Some(raw) = self.read_raw(webhook).await else {
-                return self.decide_locally(webhook, decide, Source::Local);
+                // Redis is down: this replica's own view.
+                let current = self.cached(webhook, false).unwrap_or_default();
+                return self.decide_unwritten(webhook, current, decide, Source::Local);
             };
             let current = decode(&raw);
             let (next, result) = decide(&current);
@@ -175,28 +177,28 @@ impl EndpointStates {
                     self.remember(webhook, &next);
                     return (result, next, Source::Shared);
                 }
-                Some(_) => latest = Some(current),
-                None => return self.decide_locally(webhook, decide, Source::Local),
+                Some(_) => latest = current,
+                None => return self.decide_unwritten(webhook, current, decide, Source::Local),
             }
-        }
-        if let Some(current) = latest {
-            self.remember(webhook, &current);
         }
         tracing::debug!(
             webhook_id = webhook,
             "endpoint state kept changing; decided unwritten"
         );
-        self.decide_locally(webhook, decide, Source::Contended)
+        self.remember(webhook, &latest);
+        self.decide_unwritten(webhook, latest, decide, Source::Contended)
     }
 
-    /// Decides on this replica's latest view and keeps the outcome there.
-    fn decide_locally<R>(
+    /// Decides on `current` without writing to Redis. A local view keeps
+    /// the outcome as this replica's state; a contended one only keeps what
+    /// Redis said last.
+    fn decide_unwritten<R>(
         &self,
         webhook: &str,
+        current: Endpoint,
         mut decide: impl FnMut(&Endpoint) -> (Option<Endpoint>, R),
         source: Source,
     ) -> (R, Endpoint, Source) {
-        let current = self.cached(webhook, false).unwrap_or_default();
         let (next, result) = decide(&current);
         let state = next.unwrap_or(current);
         if source == Source::Local {

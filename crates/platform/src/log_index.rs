@@ -3,8 +3,8 @@
 //! The index holds what lists and filters need, never bodies: the attempt
 //! in full (request, response, error) stays in the attempts stream, and the
 //! index keeps its stream sequence so admin reads it back by direct get.
-//! Per attempt it costs about 250 bytes whatever the event's size (see
-//! `docs/benchmarks.md`): Herald's own ids are stored as 16 bytes, not 32
+//! Per attempt it costs about 235–290 bytes whatever the event's size (see
+//! `docs/benchmarks.md`, Log-writer): Herald's own ids are stored as 16 bytes, not 32
 //! hex digits, and numbers as varints, so that a member fits a 96- or
 //! 112-byte allocation.
 //!
@@ -14,9 +14,9 @@
 //!
 //! - `herald:logs:{<org>}:w2:<webhook>` (`2`: the member layout's version;
 //!   an index of another layout is rebuilt beside it, and the old one
-//!   expires): a sorted set of the webhook's attempts scored by attempt time (ms); each member *is* the attempt's
-//!   summary (a compact binary record, [`encode_member`]), so a page is one
-//!   range read. Members start with the log id, which orders attempts of
+//!   expires): a sorted set of the webhook's attempts scored by attempt
+//!   time (ms); each member *is* the attempt's summary (a compact binary
+//!   record, [`encode_member`]), so a page is one range read. Members start with the log id, which orders attempts of
 //!   the same millisecond and makes a member easy to recognize.
 //! - `…:w2:<webhook>:s:<status>`: the same, only for the statuses that are
 //!   not `succeeded` (the rare ones users filter on); a succeeded attempt
@@ -24,8 +24,7 @@
 //! - `herald:logs:{<org>}:h2:<webhook>`: a hash from 6 bytes of SHA-1 of a
 //!   (packed) delivery id to the times of its attempts (6 bytes each),
 //!   which finds a delivery's attempts (and one attempt by log id) without
-//!   a scan; and
-//!   from `e:<event id>` to the deliveries of that event whose id is not
+//!   a scan; and from `e:<event id>` to the deliveries of that event whose id is not
 //!   the one derived from (organization, event, webhook). Two deliveries
 //!   whose 6 bytes collide share a field: a lookup then reads the other's
 //!   members too and keeps only the delivery asked for.
@@ -210,14 +209,20 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
-/// Puts `s` cut at `max` bytes (on a char boundary); true when cut.
-fn put_str(out: &mut Vec<u8>, s: &str, max: usize) -> bool {
-    let mut end = s.len().min(max).min(0x7fff);
+/// `s` cut at `max` bytes, on a char boundary.
+fn cut(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    put_bytes(out, &s.as_bytes()[..end]);
-    end < s.len()
+    &s[..end]
+}
+
+/// Puts `s` cut at `max` bytes; true when cut.
+fn put_str(out: &mut Vec<u8>, s: &str, max: usize) -> bool {
+    let kept = cut(s, max.min(0x7fff));
+    put_bytes(out, kept.as_bytes());
+    kept.len() < s.len()
 }
 
 /// An id packed, and cut at `max` bytes when it is not one of Herald's.
@@ -226,11 +231,7 @@ fn put_id(out: &mut Vec<u8>, id: &str, max: usize) {
     if packed.len() <= max {
         put_bytes(out, &packed);
     } else {
-        let mut end = max.min(id.len());
-        while !id.is_char_boundary(end) {
-            end -= 1;
-        }
-        put_bytes(out, &pack_id(&id[..end]));
+        put_bytes(out, &pack_id(cut(id, max)));
     }
 }
 

@@ -305,32 +305,34 @@ impl Receiver {
         n: usize,
         timeout: Duration,
     ) -> std::collections::HashSet<String> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let notified = self.notify.notified();
-            let got = self.deliveries(path);
-            if got.len() >= n || tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return if got.len() >= n {
-                    got
-                } else {
-                    self.deliveries(path)
-                };
-            }
-        }
+        self.wait_until(timeout, || self.deliveries(path), |got| got.len() >= n)
+            .await
     }
 
     /// Waits until `path` got at least `n` requests, or `timeout`; returns
     /// what it got either way.
     pub async fn wait_for(&self, path: &str, n: usize, timeout: Duration) -> Vec<Received> {
+        self.wait_until(timeout, || self.received(path), |got| got.len() >= n)
+            .await
+    }
+
+    /// Reads `what` after every request until `enough` says so, or
+    /// `timeout`; answers the last reading either way.
+    async fn wait_until<T>(
+        &self,
+        timeout: Duration,
+        what: impl Fn() -> T,
+        enough: impl Fn(&T) -> bool,
+    ) -> T {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.notify.notified();
-            let got = self.received(path);
-            if got.len() >= n {
+            let got = what();
+            if enough(&got) {
                 return got;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return self.received(path);
+                return what();
             }
         }
     }
