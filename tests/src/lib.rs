@@ -242,7 +242,9 @@ impl Stack {
             "HERALD_LOG_WRITER_HEALTH_ADDR",
             "HERALD_ADMIN_ADDR",
         ];
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        // A just-formed 3-node cluster on a loaded machine can take most of
+        // a minute to answer its first JetStream requests.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         for var in ports {
             let url = format!("http://{}/ready", self.env[var]);
             loop {
@@ -251,7 +253,7 @@ impl Stack {
                 }
                 assert!(
                     tokio::time::Instant::now() < deadline,
-                    "{var} not ready in 30s"
+                    "{var} not ready in 60s"
                 );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

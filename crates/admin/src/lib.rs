@@ -221,11 +221,12 @@ pub async fn serve(
     health.watch_nats(client.clone(), shutdown.clone());
     let js = herald_platform::nats::jetstream(client.clone());
     nats::ensure_streams(&js, config.nats.replicas, &config.nats.streams, &shutdown).await?;
-    let store = WebhookStore::open(&js, config.nats.replicas).await?;
-    let locks = limits::open_locks(&js, config.nats.replicas)
+    let replicas = config.nats.replicas;
+    let store = nats::retry(&shutdown, || WebhookStore::open(&js, replicas)).await?;
+    let locks = nats::retry(&shutdown, || limits::open_locks(&js, replicas))
         .await
         .map_err(|e| Error::Store(herald_platform::webhooks::StoreError::Unavailable(e)))?;
-    let jobs = jobs::open_bucket(&js, config.nats.replicas)
+    let jobs = nats::retry(&shutdown, || jobs::open_bucket(&js, replicas))
         .await
         .map_err(|e| Error::Store(herald_platform::webhooks::StoreError::Unavailable(e)))?;
     health.set("store", true);

@@ -166,7 +166,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 
     let js = herald_platform::nats::jetstream(client.clone());
     nats::ensure_streams(&js, config.nats.replicas, &config.nats.streams, &shutdown).await?;
-    let store = WebhookStore::open(&js, config.nats.replicas).await?;
+    let store = nats::retry(&shutdown, || WebhookStore::open(&js, config.nats.replicas)).await?;
     let redis = Redis::new(&config.redis_url, Duration::from_millis(250))?;
     health.watch_redis_degradable(redis.clone(), shutdown.clone());
     herald_platform::metrics::watch_retries(&health, js.clone(), shutdown.clone());

@@ -128,7 +128,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .timeout(nats::REQUEST_TIMEOUT)
         .build(client.clone());
     nats::ensure_streams(&js, config.nats.replicas, &config.nats.streams, &shutdown).await?;
-    let store = WebhookStore::open(&js, config.nats.replicas).await?;
+    let store = nats::retry(&shutdown, || WebhookStore::open(&js, config.nats.replicas)).await?;
     let redis = Redis::new(&config.redis_url, Duration::from_millis(250))?;
     health.watch_redis_degradable(redis.clone(), shutdown.clone());
     let cache = Cache::new(store, redis, config.cache_ttl);

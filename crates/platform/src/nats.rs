@@ -520,7 +520,10 @@ impl futures::Stream for Pull {
 
 /// Retries `f` with backoff while it fails, until it succeeds or `shutdown`;
 /// the last error is returned on shutdown.
-async fn retry<T, E, F, Fut>(shutdown: &CancellationToken, mut f: F) -> Result<T, E>
+/// Runs `f` until it succeeds, backing off from 100 ms to 5 s, while NATS
+/// is not ready (a cluster still electing its leaders answers requests
+/// late or not at all); gives up only at shutdown. For a service's start.
+pub async fn retry<T, E, F, Fut>(shutdown: &CancellationToken, mut f: F) -> Result<T, E>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
