@@ -324,3 +324,296 @@ async fn a_replay_survives_its_admin_stopping_and_sends_each_event_once() {
     assert_eq!(received, n as usize, "each event sent once");
     stack.stop().await;
 }
+
+/// Polls a job until `ready` says it is what the caller waits for.
+async fn job_until(
+    stack: &Stack,
+    webhook: &str,
+    job: &Value,
+    what: &str,
+    timeout: Duration,
+    ready: impl Fn(&Value) -> bool,
+) -> Value {
+    let path = format!("/webhooks/{webhook}/jobs/{}", job["id"].as_str().unwrap());
+    stack
+        .eventually(timeout, what, || async {
+            let (status, job) = stack.api("GET", &path, None).await;
+            assert_eq!(status, 200, "{job}");
+            ready(&job).then_some(job)
+        })
+        .await
+}
+
+/// Publishes `n` events before the webhook exists (matched to nothing), so
+/// a replay alone sends them; the webhook, to `path` of `receiver`.
+async fn webhook_with_a_backlog(
+    stack: &Stack,
+    receiver: &Receiver,
+    path: &str,
+    n: usize,
+) -> String {
+    for i in 0..n {
+        stack
+            .publish(
+                "acme",
+                "workflow.completed",
+                json!({"id": format!("evt_backlog_{i}")}),
+            )
+            .await;
+    }
+    stack.wait_matched().await;
+    let webhook = stack
+        .create_webhook(json!({"name": "backlog", "url": receiver.url(path),
+            "event_types": ["workflow.completed"]}))
+        .await;
+    webhook["id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_running_job_shows_its_progress_and_is_cancelled_and_its_webhook_is_free_again() {
+    let stack = Stack::start().await;
+    let since = payload::rfc3339_ms(herald_platform::now_ms() - 1_000);
+    let receiver = Receiver::start().await;
+    // One second a reply: the job runs for a while.
+    receiver.script(
+        "/slow",
+        vec![herald_e2e::Reply::status(200).delay(Duration::from_secs(1)); 400],
+    );
+    let n = 300;
+    let id = webhook_with_a_backlog(&stack, &receiver, "/slow", n).await;
+    let (status, job) = stack
+        .api(
+            "POST",
+            &format!("/webhooks/{id}/replay"),
+            Some(json!({"since": since})),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let job_path = format!("/webhooks/{id}/jobs/{}", job["id"].as_str().unwrap());
+
+    // Progress is visible while it runs: outcomes are counted as they come.
+    let mid = job_until(
+        &stack,
+        &id,
+        &job,
+        "deliveries counted while the job runs",
+        Duration::from_secs(30),
+        |j| j["status"] == "running" && j["delivered"].as_u64().unwrap_or(0) >= 5,
+    )
+    .await;
+    assert!(mid["queued"].as_u64().unwrap() >= 5, "{mid}");
+
+    // Another organization cannot see it, nor cancel it; an unknown job is 404.
+    let cancel = format!("{job_path}/cancel");
+    let (status, _) = stack.api_as(TENANT_KEY, None, "POST", &cancel, None).await;
+    assert_eq!(status, 404);
+    let (status, error) = stack
+        .api(
+            "POST",
+            &format!("/webhooks/{id}/jobs/job_nothing/cancel"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 404, "{error}");
+
+    let (status, cancelled) = stack.api("POST", &cancel, None).await;
+    assert_eq!(status, 200, "{cancelled}");
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+    assert!(cancelled["finished_at"].is_string(), "{cancelled}");
+
+    // The runner stops: what reaches the receiver settles far short of the
+    // backlog (what was queued before the cancel is still delivered).
+    let mut last = receiver.received("/slow").len();
+    let mut stable = 0;
+    stack
+        .eventually(Duration::from_secs(40), "deliveries to settle", || {
+            let now = receiver.received("/slow").len();
+            stable = if now == last { stable + 1 } else { 0 };
+            last = now;
+            async move {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                (stable >= 8).then_some(())
+            }
+        })
+        .await;
+    let settled = receiver.received("/slow").len();
+    let queued_at_cancel = cancelled["queued"].as_u64().unwrap() as usize;
+    assert!(
+        settled < n / 2 && settled <= queued_at_cancel + 2 * herald_admin::jobs::PACE as usize,
+        "{settled} delivered of {n} after a cancel at {cancelled}"
+    );
+    // Its runner did not overwrite the cancel.
+    let (_, after) = stack.api("GET", &job_path, None).await;
+    assert_eq!(after["status"], "cancelled", "{after}");
+
+    // Cancelling it again is a conflict that says why.
+    let (status, error) = stack.api("POST", &cancel, None).await;
+    assert_eq!(
+        (status, error["error"]["code"].clone()),
+        (409, json!("job_finished")),
+        "{error}"
+    );
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cancelled"),
+        "{error}"
+    );
+
+    // The webhook is free for a new job at once.
+    let (status, next) = stack
+        .api(
+            "POST",
+            &format!("/webhooks/{id}/recover"),
+            Some(json!({"since": since})),
+        )
+        .await;
+    assert_eq!(status, 202, "{next}");
+    let next = job_done(&stack, &id, &next).await;
+    assert_eq!(next["status"], "done", "{next}");
+    // A finished job cannot be cancelled either.
+    let (status, _) = stack
+        .api(
+            "POST",
+            &format!(
+                "/webhooks/{id}/jobs/{}/cancel",
+                next["id"].as_str().unwrap()
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(status, 409);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_that_cannot_count_its_outcomes_fails_with_the_reason() {
+    let stack = Stack::start().await;
+    let since = payload::rfc3339_ms(herald_platform::now_ms() - 1_000);
+    let receiver = Receiver::start().await;
+    receiver.script(
+        "/slow",
+        vec![herald_e2e::Reply::status(200).delay(Duration::from_secs(5)); 10],
+    );
+    let id = webhook_with_a_backlog(&stack, &receiver, "/slow", 3).await;
+    let (status, job) = stack
+        .api(
+            "POST",
+            &format!("/webhooks/{id}/replay"),
+            Some(json!({"since": since})),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    job_until(
+        &stack,
+        &id,
+        &job,
+        "every delivery queued",
+        Duration::from_secs(30),
+        |j| j["queued"] == 3,
+    )
+    .await;
+
+    // The attempts stream goes away under the job: its outcomes can no
+    // longer be counted.
+    stack
+        .js
+        .delete_stream(herald_core::names::ATTEMPTS_STREAM)
+        .await
+        .expect("delete the attempts stream");
+    let ended = job_until(
+        &stack,
+        &id,
+        &job,
+        "the job to end",
+        Duration::from_secs(60),
+        |j| j["status"] != "running",
+    )
+    .await;
+    assert_eq!(ended["status"], "failed", "{ended}");
+    let reason = ended["error"].as_str().unwrap_or_default();
+    assert!(reason.contains("count"), "the reason: {ended}");
+
+    // Put it back; the webhook takes a new job at once.
+    let nats = herald_platform::config::Nats::from_source(&stack.env).unwrap();
+    herald_platform::nats::ensure_streams(
+        &stack.js,
+        1,
+        &nats.streams,
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .expect("streams back");
+    let (status, next) = stack
+        .api(
+            "POST",
+            &format!("/webhooks/{id}/recover"),
+            Some(json!({"since": since})),
+        )
+        .await;
+    assert_eq!(status, 202, "{next}");
+    assert_eq!(job_done(&stack, &id, &next).await["status"], "done");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_job_runner_reads_no_job_records() {
+    let stack = Stack::start().await;
+    let since = payload::rfc3339_ms(herald_platform::now_ms() - 1_000);
+    let receiver = Receiver::start().await;
+    let webhook = stack
+        .create_webhook(json!({"name": "quiet", "url": receiver.url("/q"),
+            "event_types": ["workflow.completed"]}))
+        .await;
+    let id = webhook["id"].as_str().unwrap().to_owned();
+    // A week's worth of finished jobs, in miniature.
+    for _ in 0..5 {
+        let (status, job) = stack
+            .api(
+                "POST",
+                &format!("/webhooks/{id}/recover"),
+                Some(json!({"since": since})),
+            )
+            .await;
+        assert_eq!(status, 202, "{job}");
+        assert_eq!(job_done(&stack, &id, &job).await["status"], "done");
+    }
+    // Every JetStream API request about the jobs bucket (listing keys makes
+    // a consumer, reading a record is a direct get), for five idle seconds.
+    let mut requests = stack
+        .client
+        .subscribe("$JS.API.>")
+        .await
+        .expect("subscribe");
+    stack.client.flush().await.unwrap();
+    let mut seen = Vec::new();
+    let window = tokio::time::sleep(Duration::from_secs(5));
+    tokio::pin!(window);
+    loop {
+        tokio::select! {
+            _ = &mut window => break,
+            Some(request) = futures::StreamExt::next(&mut requests) => {
+                if request.subject.contains("herald-jobs") {
+                    seen.push(request.subject.to_string());
+                }
+            }
+        }
+    }
+    assert!(
+        seen.is_empty(),
+        "an idle runner touches the jobs bucket: {seen:?}"
+    );
+
+    // It still picks up a new job at once, through its watch.
+    let (status, job) = stack
+        .api(
+            "POST",
+            &format!("/webhooks/{id}/recover"),
+            Some(json!({"since": since})),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    assert_eq!(job_done(&stack, &id, &job).await["status"], "done");
+    stack.stop().await;
+}

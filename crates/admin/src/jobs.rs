@@ -4,12 +4,19 @@
 //! A job is a JSON record in the `herald-jobs` KV bucket
 //! (`<org>.<webhook>.<job>`), and `<org>.<webhook>.running` names the one
 //! running job of a webhook (created atomically: a second job is a 409).
-//! Every admin replica runs a [`Runner`]: it claims a running job whose lease
-//! has lapsed (compare-and-set on the record), queues its deliveries to
-//! `HERALD_DELIVERIES` a few at a time — never more than [`PACE`] waiting for
-//! their outcome, so a job of 100,000 deliveries never crowds out live
-//! traffic — and saves its progress (a stream sequence) with the lease, so
-//! a crashed replica's job is resumed by another from where it was.
+//! Every admin replica runs a [`Runner`]: it watches the `.running` markers
+//! (work in proportion to jobs started and ended, not to the jobs kept),
+//! claims a running job whose lease has lapsed (compare-and-set on the
+//! record), queues its deliveries to `HERALD_DELIVERIES` a few at a time —
+//! never more than [`PACE`] waiting for their outcome, so a job of 100,000
+//! deliveries never crowds out live traffic — and saves its progress (a
+//! stream sequence, the counts) with the lease, so a crashed replica's job
+//! is resumed by another from where it was.
+//!
+//! A job ends `done`, `failed` with the reason (it never stays `running`
+//! because something broke), or `cancelled`: the cancel marks the record and
+//! releases the marker; the replica working it sees the marker go (or its
+//! next renewal fail) and stops. What it already queued stays queued.
 //!
 //! - **recover** reads the webhook's attempts (`HERALD_ATTEMPTS`, from
 //!   `since`), picks with `core::recovery` the deliveries whose last attempt
@@ -25,7 +32,7 @@
 //! `delivered` and `failed` are counted from the attempts the deliverer logs
 //! for the job (`job_id` on each attempt).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,7 +41,7 @@ use async_nats::jetstream::{self, kv};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use herald_core::matching::Subscription;
 use herald_core::recovery::Recovery;
 use herald_core::{ids, matching, names, payload, proto};
@@ -55,8 +62,20 @@ pub const PACE: u64 = 16;
 const LEASE_MS: i64 = 15_000;
 /// How often a running job saves its progress.
 const SAVE_EVERY_MS: i64 = 1_000;
-/// How often a runner looks for jobs to claim.
-const SCAN_EVERY: Duration = Duration::from_secs(1);
+/// How often a runner looks at the leases of the running jobs it knows of.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How often a runner reads every running job's record again, whatever it
+/// believes of its lease (a safety net under the watch).
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// The keys a runner watches: one marker per webhook with a running job.
+const MARKERS: &str = "*.*.running";
+/// Consecutive failures to follow the attempts stream before a job gives
+/// up counting its outcomes, and fails.
+const COUNT_TRIES: u32 = 5;
+/// A read that has waited this long for a message asks whether its stream
+/// is still there: an ordered consumer retries its own recreation forever
+/// and would wait silently on a stream that is gone.
+const PROBE_AFTER: Duration = Duration::from_secs(5);
 /// Finished jobs are kept this long.
 const KEEP_FINISHED: Duration = Duration::from_secs(7 * 86_400);
 
@@ -70,7 +89,7 @@ pub struct Job {
     pub until_ms: i64,
     #[serde(default)]
     pub event_types: Vec<String>,
-    /// `running`, `done` or `failed`.
+    /// `running`, `done`, `failed` (with `error`) or `cancelled`.
     pub status: String,
     pub queued: u64,
     pub delivered: u64,
@@ -149,6 +168,7 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/webhooks/{id}/recover", post(recover))
         .route("/webhooks/{id}/replay", post(replay))
         .route("/webhooks/{id}/jobs/{job_id}", get(get_job))
+        .route("/webhooks/{id}/jobs/{job_id}/cancel", post(cancel_job))
 }
 
 fn unavailable(error: &dyn std::fmt::Display) -> ApiError {
@@ -246,45 +266,70 @@ async fn start(
         lease_owner: String::new(),
         lease_until_ms: 0,
     };
+    // The record first, then the marker: a marker always names a record.
+    let encoded = serde_json::to_vec(&job).expect("a job serializes");
+    state
+        .jobs
+        .put(job.key(), encoded.into())
+        .await
+        .map_err(|e| unavailable(&e))?;
     let running = running_key(&caller.org, &webhook.id);
     // At most one running job per webhook: the marker is created atomically.
-    loop {
+    let refused = loop {
         match state.jobs.create(&running, job.id.clone().into()).await {
-            Ok(_) => break,
+            Ok(_) => break None,
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                let holder = state
-                    .jobs
-                    .get(&running)
-                    .await
-                    .map_err(|e| unavailable(&e))?;
-                let Some(holder) = holder else { continue };
-                let holder = String::from_utf8_lossy(&holder).into_owned();
-                let other = read(state, &caller.org, &webhook.id, &holder).await?;
-                match other {
-                    Some(other) if other.status == "running" => {
-                        return Err(ApiError::new(
+                let holder = match state.jobs.entry(&running).await {
+                    Ok(Some(holder)) if holder.operation == kv::Operation::Put => holder,
+                    Ok(_) => continue,
+                    Err(e) => break Some(unavailable(&e)),
+                };
+                let holder_id = String::from_utf8_lossy(&holder.value).into_owned();
+                match read(state, &caller.org, &webhook.id, &holder_id).await {
+                    Ok(Some(other)) if other.status == "running" => {
+                        break Some(ApiError::new(
                             StatusCode::CONFLICT,
                             "job_running",
                             format!(
-                                "job {holder} is running for this webhook; wait for it to finish"
+                                "job {holder_id} is running for this webhook; wait for it to finish or cancel it"
                             ),
                         ));
                     }
-                    // A marker its job outlived: clear it and try again.
-                    _ => {
-                        let _ = state.jobs.delete(&running).await;
+                    // A marker its job outlived: clear it (unless it just
+                    // changed hands) and try again.
+                    Ok(_) => {
+                        let _ = state
+                            .jobs
+                            .delete_expect_revision(&running, Some(holder.revision))
+                            .await;
                     }
+                    Err(e) => break Some(e),
                 }
             }
-            Err(e) => return Err(unavailable(&e)),
+            Err(e) => break Some(unavailable(&e)),
         }
-    }
-    let encoded = serde_json::to_vec(&job).expect("a job serializes");
-    if let Err(e) = state.jobs.put(job.key(), encoded.into()).await {
-        let _ = state.jobs.delete(&running).await;
-        return Err(unavailable(&e));
+    };
+    if let Some(refused) = refused {
+        // Never started: no marker names it, no runner will see it.
+        let _ = state.jobs.delete(job.key()).await;
+        return Err(refused);
     }
     Ok((StatusCode::ACCEPTED, Json(job.to_json())))
+}
+
+/// Deletes the webhook's `.running` marker if it still names `job_id` (a
+/// newer job's marker is left alone).
+async fn release_marker(jobs: &kv::Store, org: &str, webhook: &str, job_id: &str) {
+    let marker = running_key(org, webhook);
+    if let Ok(Some(entry)) = jobs.entry(&marker).await
+        && entry.operation == kv::Operation::Put
+        && entry.value == job_id.as_bytes()
+        && let Err(error) = jobs
+            .delete_expect_revision(&marker, Some(entry.revision))
+            .await
+    {
+        tracing::warn!(%error, job_id, "cannot release a job's running marker");
+    }
 }
 
 async fn read(
@@ -336,6 +381,59 @@ pub async fn get_job(
         .ok_or_else(|| ApiError::not_found("job"))
 }
 
+/// `POST /webhooks/{id}/jobs/{job_id}/cancel`: marks a running job
+/// `cancelled` and releases its webhook for a new job. The replica working
+/// it stops when it sees the marker go, or at its next renewal at the
+/// latest; what it queued before stays queued.
+pub async fn cancel_job(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((id, job_id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    if !names::valid_id(&id) || !names::valid_id(&job_id) {
+        return Err(ApiError::not_found("job"));
+    }
+    let key = job_key(&caller.org, &id, &job_id);
+    let job = loop {
+        let entry = state
+            .jobs
+            .entry(&key)
+            .await
+            .map_err(|e| unavailable(&e))?
+            .filter(|e| e.operation == kv::Operation::Put)
+            .ok_or_else(|| ApiError::not_found("job"))?;
+        let mut job: Job =
+            serde_json::from_slice(&entry.value).map_err(|_| ApiError::not_found("job"))?;
+        if job.status != "running" {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "job_finished",
+                format!(
+                    "job {job_id} has already ended ({}); only a running job can be cancelled",
+                    job.status
+                ),
+            ));
+        }
+        job.status = "cancelled".into();
+        job.finished_at_ms = now_ms();
+        job.lease_until_ms = 0;
+        let encoded = serde_json::to_vec(&job).expect("a job serializes");
+        match state
+            .jobs
+            .update(&key, encoded.into(), entry.revision)
+            .await
+        {
+            Ok(_) => break job,
+            // Its runner saved progress meanwhile (or finished it): look again.
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+            Err(e) => return Err(unavailable(&e)),
+        }
+    };
+    release_marker(&state.jobs, &caller.org, &id, &job_id).await;
+    tracing::info!(job_id = %job.id, kind = %job.kind, queued = job.queued, "recover/replay job cancelled");
+    Ok(Json(job.to_json()))
+}
+
 /// Claims and runs jobs on this replica until `shutdown`.
 pub struct Runner {
     pub js: jetstream::Context,
@@ -344,55 +442,181 @@ pub struct Runner {
     pub owner: String,
 }
 
+/// A running job this replica knows of, by its webhook's marker.
+struct Tracked {
+    job_key: String,
+    /// Its lease as last read: nothing to try before then.
+    lease_until_ms: i64,
+    /// Set while this replica works it: cancelling it stops the work.
+    held: Option<CancellationToken>,
+}
+
+/// What a claim found.
+enum Claim {
+    Ours(Box<Job>, u64),
+    /// Another replica holds it until then.
+    Leased(i64),
+    /// Not running any more (or gone).
+    Ended,
+    /// Cannot tell now.
+    Unknown,
+}
+
+/// Tells the runner a job's work on this replica is over, even if it panicked.
+struct Done {
+    tx: tokio::sync::mpsc::UnboundedSender<(String, String)>,
+    marker: String,
+    job_key: String,
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        let _ = self.tx.send((
+            std::mem::take(&mut self.marker),
+            std::mem::take(&mut self.job_key),
+        ));
+    }
+}
+
 impl Runner {
+    /// Follows the `.running` markers with one watch and keeps the running
+    /// jobs in memory: a new marker is a job to claim, a marker gone is a
+    /// job ended or cancelled (stopped here if this replica works it), a
+    /// marker touched is a lease released. Each second it claims the jobs
+    /// whose known lease lapsed; every [`SWEEP_EVERY`] it reads them all again.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut held: HashSet<String> = HashSet::new();
-        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let mut running: HashMap<String, Tracked> = HashMap::new();
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
+        let mut watch: Option<kv::Watch> = None;
+        let mut check = tokio::time::interval(CHECK_EVERY);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            if watch.is_none() {
+                match self.jobs.watch_with_history(MARKERS).await {
+                    Ok(opened) => {
+                        // The watch replays the markers as they are now;
+                        // what changed while none ran is forgotten.
+                        running.retain(|_, t| t.held.is_some());
+                        watch = Some(opened);
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot watch the running jobs; trying again");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        }
+                    }
+                }
+            }
+            let markers = watch.as_mut().expect("opened above");
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(SCAN_EVERY) => {}
+                entry = markers.next() => match entry {
+                    Some(Ok(entry)) => marker_changed(&entry, &mut running),
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, "the running jobs' watch failed; watching again");
+                        watch = None;
+                    }
+                    None => watch = None,
+                },
+                Some((marker, job_key)) = done_rx.recv() => {
+                    if let Some(t) = running.get_mut(&marker)
+                        && t.job_key == job_key
+                    {
+                        // Finished, lost or stopped here: see what it is now.
+                        t.held = None;
+                        t.lease_until_ms = 0;
+                    }
+                }
+                _ = check.tick() => self.claim_lapsed(&mut running, &shutdown, &done_tx).await,
+                _ = sweep.tick() => {
+                    for t in running.values_mut().filter(|t| t.held.is_none()) {
+                        t.lease_until_ms = 0;
+                    }
+                }
             }
-            while let Ok(key) = done_rx.try_recv() {
-                held.remove(&key);
-            }
-            let Ok(keys) = self.jobs.keys().await else {
+        }
+    }
+
+    /// Claims the known running jobs whose lease lapsed, and starts them.
+    async fn claim_lapsed(
+        self: &Arc<Self>,
+        running: &mut HashMap<String, Tracked>,
+        shutdown: &CancellationToken,
+        done: &tokio::sync::mpsc::UnboundedSender<(String, String)>,
+    ) {
+        let now = now_ms();
+        let due: Vec<(String, String)> = running
+            .iter()
+            .filter(|(_, t)| t.held.is_none() && t.lease_until_ms <= now)
+            .map(|(marker, t)| (marker.clone(), t.job_key.clone()))
+            .collect();
+        for (marker, job_key) in due {
+            let claim = self.claim(&job_key).await;
+            let Some(tracked) = running.get_mut(&marker) else {
                 continue;
             };
-            let keys: Vec<String> = keys.try_collect().await.unwrap_or_default();
-            for key in keys.into_iter().filter(|k| !k.ends_with(".running")) {
-                if held.contains(&key) {
-                    continue;
+            match claim {
+                Claim::Ours(job, revision) => {
+                    let stop = shutdown.child_token();
+                    tracked.held = Some(stop.clone());
+                    let (this, shutdown) = (self.clone(), shutdown.clone());
+                    let done = Done {
+                        tx: done.clone(),
+                        marker,
+                        job_key,
+                    };
+                    tokio::spawn(async move {
+                        let _done = done;
+                        this.drive(*job, revision, shutdown, stop).await;
+                    });
                 }
-                let Some((job, revision)) = self.claim(&key).await else {
-                    continue;
-                };
-                held.insert(key.clone());
-                let (this, token, done) = (self.clone(), shutdown.clone(), done_tx.clone());
-                tokio::spawn(async move {
-                    this.drive(job, revision, token).await;
-                    let _ = done.send(key);
-                });
+                Claim::Leased(until) => tracked.lease_until_ms = until,
+                Claim::Ended => {
+                    // Its runner ended it but could not release the marker.
+                    let (org, webhook) = marker_webhook(&marker);
+                    let job_id = job_key.rsplit('.').next().unwrap_or_default();
+                    release_marker(&self.jobs, org, webhook, job_id).await;
+                    running.remove(&marker);
+                }
+                Claim::Unknown => tracked.lease_until_ms = now + CHECK_EVERY.as_millis() as i64,
             }
         }
     }
 
     /// The job at `key` if it is running and its lease lapsed, now ours.
-    async fn claim(&self, key: &str) -> Option<(Job, u64)> {
-        let entry = self.jobs.entry(key).await.ok()??;
-        let mut job: Job = serde_json::from_slice(&entry.value).ok()?;
+    async fn claim(&self, key: &str) -> Claim {
+        let entry = match self.jobs.entry(key).await {
+            Ok(Some(entry)) if entry.operation == kv::Operation::Put => entry,
+            Ok(_) => return Claim::Ended,
+            Err(error) => {
+                tracing::debug!(%error, key, "cannot read a job");
+                return Claim::Unknown;
+            }
+        };
+        let Ok(mut job) = serde_json::from_slice::<Job>(&entry.value) else {
+            return Claim::Ended;
+        };
         let now = now_ms();
-        if job.status != "running" || job.lease_until_ms > now {
-            return None;
+        if job.status != "running" {
+            return Claim::Ended;
+        }
+        if job.lease_until_ms > now {
+            return Claim::Leased(job.lease_until_ms);
         }
         job.lease_owner = self.owner.clone();
         job.lease_until_ms = now + LEASE_MS;
-        let revision = self
-            .jobs
-            .update(key, serde_json::to_vec(&job).ok()?.into(), entry.revision)
-            .await
-            .ok()?;
-        Some((job, revision))
+        let encoded = serde_json::to_vec(&job).expect("a job serializes");
+        match self.jobs.update(key, encoded.into(), entry.revision).await {
+            Ok(revision) => Claim::Ours(Box::new(job), revision),
+            // Another replica was first: its lease runs from about now.
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                Claim::Leased(now + LEASE_MS)
+            }
+            Err(_) => Claim::Unknown,
+        }
     }
 
     /// Saves `job` if it is still ours; the new revision.
@@ -405,18 +629,36 @@ impl Runner {
             .ok()
     }
 
-    async fn drive(&self, mut job: Job, mut revision: u64, shutdown: CancellationToken) {
+    /// Saves progress and renews the lease about once a second.
+    async fn renew(&self, job: &mut Job, revision: &mut u64, counts: &Counts) -> Result<(), Stop> {
+        counts.read_into(job)?;
+        // `save` sets the lease to LEASE_MS from then.
+        if now_ms() > job.lease_until_ms - LEASE_MS + SAVE_EVERY_MS {
+            *revision = self.save(job, *revision).await.ok_or(Stop::Lost)?;
+        }
+        Ok(())
+    }
+
+    /// Works `job` until it ends, this replica stops (`shutdown`: the lease
+    /// is released for another replica) or `stop` (the job was cancelled).
+    async fn drive(
+        &self,
+        mut job: Job,
+        mut revision: u64,
+        shutdown: CancellationToken,
+        stop: CancellationToken,
+    ) {
         let counts = Arc::new(Counts::default());
         let counting = tokio::spawn(count_outcomes(self.js.clone(), job.clone(), counts.clone()));
         let result = async {
             if !job.queued_all {
                 match job.kind.as_str() {
                     "replay" => {
-                        self.queue_replay(&mut job, &mut revision, &counts, &shutdown)
+                        self.queue_replay(&mut job, &mut revision, &counts, &stop)
                             .await?
                     }
                     _ => {
-                        self.queue_recover(&mut job, &mut revision, &counts, &shutdown)
+                        self.queue_recover(&mut job, &mut revision, &counts, &stop)
                             .await?
                     }
                 }
@@ -424,14 +666,13 @@ impl Runner {
             }
             // Wait for the outcomes of what was queued.
             loop {
-                counts.read_into(&mut job);
+                self.renew(&mut job, &mut revision, &counts).await?;
                 if job.delivered + job.failed >= job.queued {
                     return Ok(());
                 }
-                revision = self.save(&mut job, revision).await.ok_or(Stop::Lost)?;
                 tokio::select! {
-                    _ = shutdown.cancelled() => return Err(Stop::Shutdown),
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = stop.cancelled() => return Err(Stop::Stopped),
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                 }
             }
         }
@@ -444,28 +685,39 @@ impl Runner {
                 job.status = "failed".into();
                 job.error = error;
             }
-            // Another replica has it, or it resumes after a restart.
-            Err(Stop::Lost) | Err(Stop::Shutdown) => {
-                if matches!(result, Err(Stop::Shutdown)) {
-                    job.lease_until_ms = 0;
-                    let _ = self
-                        .jobs
-                        .update(
-                            job.key(),
-                            serde_json::to_vec(&job).unwrap_or_default().into(),
-                            revision,
-                        )
-                        .await;
+            // Another replica has it.
+            Err(Stop::Lost) => return,
+            Err(Stop::Stopped) if shutdown.is_cancelled() => {
+                // This replica stops: hand the job over now rather than
+                // after its lease, and touch its marker so that the other
+                // replicas look at it at once.
+                job.lease_until_ms = 0;
+                let encoded = serde_json::to_vec(&job).expect("a job serializes");
+                if self
+                    .jobs
+                    .update(job.key(), encoded.into(), revision)
+                    .await
+                    .is_ok()
+                {
+                    let marker = running_key(&job.organization_id, &job.webhook_id);
+                    if let Ok(Some(entry)) = self.jobs.entry(&marker).await
+                        && entry.operation == kv::Operation::Put
+                        && entry.value == job.id.as_bytes()
+                    {
+                        let _ = self.jobs.update(&marker, entry.value, entry.revision).await;
+                    }
                 }
+                return;
+            }
+            // Cancelled: the record already says so.
+            Err(Stop::Stopped) => {
+                tracing::info!(job_id = %job.id, queued = job.queued, "recover/replay job stopped: cancelled");
                 return;
             }
         }
         job.finished_at_ms = now_ms();
         if self.save(&mut job, revision).await.is_some() {
-            let _ = self
-                .jobs
-                .delete(running_key(&job.organization_id, &job.webhook_id))
-                .await;
+            release_marker(&self.jobs, &job.organization_id, &job.webhook_id, &job.id).await;
             tracing::info!(job_id = %job.id, kind = %job.kind, status = %job.status, queued = job.queued, delivered = job.delivered, failed = job.failed, "recover/replay job finished");
         }
     }
@@ -477,20 +729,15 @@ impl Runner {
         job: &mut Job,
         revision: &mut u64,
         counts: &Counts,
-        shutdown: &CancellationToken,
+        stop: &CancellationToken,
     ) -> Result<(), Stop> {
         loop {
-            counts.read_into(job);
-            // Progress is saved (and the lease renewed) about once a second:
-            // `save` sets the lease to LEASE_MS from then.
-            if now_ms() > job.lease_until_ms - LEASE_MS + SAVE_EVERY_MS {
-                *revision = self.save(job, *revision).await.ok_or(Stop::Lost)?;
-            }
+            self.renew(job, revision, counts).await?;
             if job.queued < job.delivered + job.failed + PACE {
                 return Ok(());
             }
             tokio::select! {
-                _ = shutdown.cancelled() => return Err(Stop::Shutdown),
+                _ = stop.cancelled() => return Err(Stop::Stopped),
                 _ = tokio::time::sleep(Duration::from_millis(20)) => {}
             }
         }
@@ -593,11 +840,25 @@ impl Runner {
         // attempts are the latest of each, so one that this job already
         // delivered is no candidate any more.
         let mut own = HashSet::new();
-        for a in attempts_since(&self.js, job, job.since_ms, shutdown).await? {
-            if a.job_id == job.id {
-                own.insert(a.delivery_id.clone());
+        // All of the window or an error: a partial read would take a
+        // delivery that later succeeded for a failed one.
+        let mut attempts = ToNow::open(
+            &self.js,
+            names::ATTEMPTS_STREAM,
+            names::attempt_subject(&job.organization_id, &job.webhook_id),
+            since(job.since_ms)?,
+            "attempts",
+        )
+        .await?;
+        while let Some(message) = attempts.next(shutdown).await? {
+            if let Ok(a) = proto::AttemptResult::decode(message.payload.clone()) {
+                if a.job_id == job.id {
+                    own.insert(a.delivery_id.clone());
+                }
+                recovery.observe(&a);
             }
-            recovery.observe(&a);
+            // A long window keeps its lease while it is read.
+            self.renew(job, revision, counts).await?;
         }
         let candidates = recovery.candidates();
         let again: HashSet<&str> = candidates.iter().map(|c| c.delivery_id.as_str()).collect();
@@ -659,25 +920,75 @@ impl Runner {
     }
 }
 
+/// Why a job's work on this replica ended before the job did.
 enum Stop {
+    /// The job cannot go on: it ends `failed` with this reason.
     Failed(String),
+    /// Its record changed under this replica (another replica claimed it
+    /// after a lapsed lease, or it was cancelled).
     Lost,
-    Shutdown,
+    /// This replica stops, or the job was cancelled.
+    Stopped,
 }
 
-/// Outcomes counted from the attempts stream.
+/// Outcomes counted from the attempts stream, or why they cannot be.
 #[derive(Default)]
 struct Counts {
     delivered: std::sync::atomic::AtomicU64,
     failed: std::sync::atomic::AtomicU64,
+    error: std::sync::OnceLock<String>,
 }
 
 impl Counts {
-    fn read_into(&self, job: &mut Job) {
+    fn read_into(&self, job: &mut Job) -> Result<(), Stop> {
         use std::sync::atomic::Ordering::Relaxed;
         job.delivered = self.delivered.load(Relaxed);
         job.failed = self.failed.load(Relaxed);
+        match self.error.get() {
+            Some(error) => Err(Stop::Failed(error.clone())),
+            None => Ok(()),
+        }
     }
+}
+
+/// A change to a `.running` marker, applied to the running jobs known.
+fn marker_changed(entry: &kv::Entry, running: &mut HashMap<String, Tracked>) {
+    match entry.operation {
+        kv::Operation::Put => {
+            let (org, webhook) = marker_webhook(&entry.key);
+            let job_id = String::from_utf8_lossy(&entry.value);
+            let job_key = job_key(org, webhook, &job_id);
+            let tracked = running.entry(entry.key.clone()).or_insert(Tracked {
+                job_key: job_key.clone(),
+                lease_until_ms: 0,
+                held: None,
+            });
+            if tracked.job_key != job_key {
+                // Its job was ended by someone else and a new one started.
+                if let Some(stop) = tracked.held.take() {
+                    stop.cancel();
+                }
+                tracked.job_key = job_key;
+            }
+            // New, or touched by a replica that let its lease go: look now.
+            tracked.lease_until_ms = 0;
+        }
+        // The job ended or was cancelled: stop it if it is worked here.
+        kv::Operation::Delete | kv::Operation::Purge => {
+            if let Some(stop) = running.remove(&entry.key).and_then(|t| t.held) {
+                stop.cancel();
+            }
+        }
+    }
+}
+
+/// The organization and webhook of a marker key `<org>.<webhook>.running`.
+fn marker_webhook(marker: &str) -> (&str, &str) {
+    let mut parts = marker.splitn(3, '.');
+    (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    )
 }
 
 fn since(ms: i64) -> Result<DeliverPolicy, Stop> {
@@ -691,6 +1002,7 @@ fn since(ms: i64) -> Result<DeliverPolicy, Stop> {
 /// window must see all of it.
 struct ToNow {
     messages: jetstream::consumer::pull::Ordered,
+    stream: jetstream::stream::Stream,
     pending: u64,
     what: &'static str,
 }
@@ -717,6 +1029,7 @@ impl ToNow {
         let messages = consumer.messages().await.map_err(|e| failed(&e))?;
         Ok(Self {
             messages,
+            stream,
             pending,
             what,
         })
@@ -732,14 +1045,21 @@ impl ToNow {
         if self.pending == 0 {
             return Ok(None);
         }
-        let message = tokio::select! {
-            _ = shutdown.cancelled() => return Err(Stop::Shutdown),
-            message = self.messages.next() => message,
-        };
         let what = self.what;
+        let message = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Err(Stop::Stopped),
+                message = self.messages.next() => break message,
+                _ = tokio::time::sleep(PROBE_AFTER) => {
+                    if let Err(e) = self.stream.info().await {
+                        return Err(Stop::Failed(format!("reading {what}: {e}")));
+                    }
+                }
+            }
+        };
         let message = match message {
             Some(Ok(message)) => message,
-            _ if shutdown.is_cancelled() => return Err(Stop::Shutdown),
+            _ if shutdown.is_cancelled() => return Err(Stop::Stopped),
             Some(Err(e)) => return Err(Stop::Failed(format!("reading {what}: {e}"))),
             None => return Err(Stop::Failed(format!("the {what} stream ended early"))),
         };
@@ -748,57 +1068,87 @@ impl ToNow {
     }
 }
 
-/// The webhook's attempts from `since_ms` to the end of the stream as it is
-/// now, decoded, in order; all of them or an error (a partial read would
-/// take a delivery that later succeeded for a failed one).
-async fn attempts_since(
-    js: &jetstream::Context,
-    job: &Job,
-    since_ms: i64,
-    shutdown: &CancellationToken,
-) -> Result<Vec<proto::AttemptResult>, Stop> {
-    let mut attempts = ToNow::open(
-        js,
-        names::ATTEMPTS_STREAM,
-        names::attempt_subject(&job.organization_id, &job.webhook_id),
-        since(since_ms)?,
-        "attempts",
-    )
-    .await?;
-    let mut out = Vec::new();
-    while let Some(message) = attempts.next(shutdown).await? {
-        if let Ok(a) = proto::AttemptResult::decode(message.payload.clone()) {
-            out.push(a);
+/// Follows the webhook's attempts from the job's creation and counts the
+/// concluded deliveries of this job, once each. A broken read is resumed
+/// where it stopped; after [`COUNT_TRIES`] failures in a row the job fails
+/// with the reason instead of waiting for outcomes it can no longer see.
+async fn count_outcomes(js: jetstream::Context, job: Job, counts: Arc<Counts>) {
+    let mut seen = HashSet::new();
+    let mut next_seq = 0;
+    let mut failures = 0;
+    let error = loop {
+        let from = if next_seq > 0 {
+            Ok(DeliverPolicy::ByStartSequence {
+                start_sequence: next_seq,
+            })
+        } else {
+            since(job.created_at_ms)
+        };
+        let Ok(from) = from else {
+            break "the job's creation time is out of range".to_owned();
+        };
+        let before = next_seq;
+        let error = follow_outcomes(&js, &job, from, &mut seen, &mut next_seq, &counts).await;
+        if next_seq != before {
+            failures = 0;
         }
-    }
-    Ok(out)
+        failures += 1;
+        if failures >= COUNT_TRIES {
+            break error;
+        }
+        tracing::warn!(%error, job_id = %job.id, "counting a job's outcomes failed; resuming");
+        tokio::time::sleep(Duration::from_millis(500 << failures)).await;
+    };
+    let _ = counts
+        .error
+        .set(format!("cannot count the job's outcomes: {error}"));
 }
 
-/// Follows the webhook's attempts from the job's creation and counts the
-/// concluded deliveries of this job, once each.
-async fn count_outcomes(js: jetstream::Context, job: Job, counts: Arc<Counts>) {
+/// One read of [`count_outcomes`], until it fails; why.
+async fn follow_outcomes(
+    js: &jetstream::Context,
+    job: &Job,
+    from: DeliverPolicy,
+    seen: &mut HashSet<String>,
+    next_seq: &mut u64,
+    counts: &Counts,
+) -> String {
     use std::sync::atomic::Ordering::Relaxed;
-    let Ok(stream) = js.get_stream(names::ATTEMPTS_STREAM).await else {
-        return;
+    let stream = match js.get_stream(names::ATTEMPTS_STREAM).await {
+        Ok(stream) => stream,
+        Err(e) => return format!("reading attempts: {e}"),
     };
-    let Ok(from) = since(job.created_at_ms) else {
-        return;
-    };
-    let Ok(consumer) = stream
+    let consumer = stream
         .create_consumer(OrderedConfig {
             filter_subject: names::attempt_subject(&job.organization_id, &job.webhook_id),
             deliver_policy: from,
             ..Default::default()
         })
-        .await
-    else {
-        return;
+        .await;
+    let mut messages = match consumer {
+        Ok(consumer) => match consumer.messages().await {
+            Ok(messages) => messages,
+            Err(e) => return format!("reading attempts: {e}"),
+        },
+        Err(e) => return format!("reading attempts: {e}"),
     };
-    let Ok(mut messages) = consumer.messages().await else {
-        return;
-    };
-    let mut seen = HashSet::new();
-    while let Some(Ok(message)) = messages.next().await {
+    let mut stream = stream;
+    loop {
+        let next = tokio::select! {
+            next = messages.next() => next,
+            _ = tokio::time::sleep(PROBE_AFTER) => match stream.info().await {
+                Ok(_) => continue,
+                Err(e) => return format!("reading attempts: {e}"),
+            },
+        };
+        let message = match next {
+            Some(Ok(message)) => message,
+            Some(Err(e)) => return format!("reading attempts: {e}"),
+            None => return "the attempts stream ended".to_owned(),
+        };
+        if let Ok(info) = message.info() {
+            *next_seq = info.stream_sequence + 1;
+        }
         let Ok(a) = proto::AttemptResult::decode(message.payload.clone()) else {
             continue;
         };
