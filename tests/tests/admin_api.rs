@@ -1224,3 +1224,189 @@ async fn each_api_key_has_a_request_rate_and_is_told_when_to_come_back() {
     assert_eq!(status, 200, "{answer}");
     stack.stop().await;
 }
+
+/// About a thousand lists and creates within seconds once exhausted the
+/// server's ephemeral consumers (one per call) and every later call
+/// answered 503. Admin answers them from its view of the bucket now; a
+/// create is in the next list of the same replica, and the limit checks see
+/// every write. `HERALD_TEST_API_CALLS` runs more (the figure in
+/// docs/benchmarks.md is 100,000).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_lists_and_creates_across_organizations_all_succeed() {
+    let calls: usize = std::env::var("HERALD_TEST_API_CALLS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2_400);
+    let stack = std::sync::Arc::new(
+        Stack::start_with(
+            Options::default()
+                .env("HERALD_API_REQUESTS_PER_MINUTE", "10000000")
+                .env("HERALD_MAX_WEBHOOKS_PER_ORG", "100000"),
+        )
+        .await,
+    );
+    const ORGS: usize = 40;
+    const WORKERS: usize = 8;
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..WORKERS {
+        let stack = stack.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut created = 0usize;
+            for i in (worker..calls).step_by(WORKERS) {
+                let org = format!("org-{}", i % ORGS);
+                let t = std::time::Instant::now();
+                if i % 4 == 0 {
+                    let body = minimal("https://example.com/hook");
+                    let (status, answer) = stack
+                        .api_as(API_KEY, Some(&org), "POST", "/webhooks", Some(body))
+                        .await;
+                    assert_eq!(status, 201, "create {i} in {org}: {answer}");
+                    created += 1;
+                    // The same replica's next list shows it.
+                    let id = answer["id"].as_str().unwrap().to_owned();
+                    let (status, page) = stack
+                        .api_as(API_KEY, Some(&org), "GET", &format!("/webhooks/{id}"), None)
+                        .await;
+                    assert_eq!(status, 200, "{page}");
+                    let (status, list) = stack
+                        .api_as(API_KEY, Some(&org), "GET", "/webhooks?limit=100", None)
+                        .await;
+                    assert_eq!(status, 200, "list after create {i}: {list}");
+                    let total = list["total"].as_u64().unwrap() as usize;
+                    let listed = list["data"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|w| w["id"] == id.as_str());
+                    assert!(
+                        listed || total > 100,
+                        "a create is in the same replica's next list"
+                    );
+                } else {
+                    let (status, answer) = stack
+                        .api_as(API_KEY, Some(&org), "GET", "/webhooks", None)
+                        .await;
+                    assert_eq!(status, 200, "list {i} in {org}: {answer}");
+                }
+                latencies.push(t.elapsed());
+            }
+            (latencies, created)
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut created = 0;
+    for task in tasks {
+        let (l, c) = task.await.expect("worker");
+        latencies.extend(l);
+        created += c;
+    }
+    latencies.sort();
+    let p = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+    eprintln!(
+        "{calls} calls ({created} creates) in {:?}: p50 {:?}, p99 {:?}, max {:?}",
+        started.elapsed(),
+        p(0.5),
+        p(0.99),
+        latencies.last().unwrap()
+    );
+    // Every create is counted, in every organization.
+    let mut total = 0;
+    for org in 0..ORGS {
+        let (status, list) = stack
+            .api_as(
+                API_KEY,
+                Some(&format!("org-{org}")),
+                "GET",
+                "/webhooks?limit=1",
+                None,
+            )
+            .await;
+        assert_eq!(status, 200);
+        total += list["total"].as_u64().unwrap() as usize;
+    }
+    assert_eq!(total, created);
+    // A deletion leaves the next list.
+    let (_, list) = stack
+        .api_as(API_KEY, Some("org-0"), "GET", "/webhooks?limit=1", None)
+        .await;
+    let id = list["data"][0]["id"].as_str().unwrap().to_owned();
+    let (status, _) = stack
+        .api_as(
+            API_KEY,
+            Some("org-0"),
+            "DELETE",
+            &format!("/webhooks/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    let (_, after) = stack
+        .api_as(API_KEY, Some("org-0"), "GET", "/webhooks?limit=500", None)
+        .await;
+    assert_eq!(
+        after["total"].as_u64().unwrap() + 1,
+        list["total"].as_u64().unwrap()
+    );
+    assert!(
+        !after["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["id"] == id.as_str())
+    );
+}
+
+/// Webhooks live in NATS: with Redis gone admin stays ready (so Kubernetes
+/// keeps it in its Service) and serves webhooks, tests, rotations and the
+/// catalogue; only the log routes answer 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admin_serves_webhooks_while_redis_is_down() {
+    let mut stack = Stack::start().await;
+    let created = accepted(&stack, minimal("https://example.com/before")).await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    stack.redis.stop();
+    let ready = format!("{}/ready", stack.admin_url);
+    // Long enough for the health watch to have seen Redis go.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (status, body) = stack.get(&ready).await.expect("ready answers");
+    assert_eq!(status, 200, "admin stays ready without Redis: {body}");
+    assert!(body.contains("\"redis\":false"), "{body}");
+
+    let other = accepted(&stack, minimal("https://example.com/during")).await;
+    let (status, list) = stack.api("GET", "/webhooks", None).await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["total"], 2);
+    let (status, one) = stack.api("GET", &format!("/webhooks/{id}"), None).await;
+    assert_eq!(status, 200, "{one}");
+    let (status, changed) = stack
+        .api(
+            "PATCH",
+            &format!("/webhooks/{id}"),
+            Some(json!({"name": "renamed"})),
+        )
+        .await;
+    assert_eq!((status, changed["name"].clone()), (200, json!("renamed")));
+    let (status, rotated) = stack
+        .api("POST", &format!("/webhooks/{id}/rotate-secret"), None)
+        .await;
+    assert_eq!(status, 200, "{rotated}");
+    let (status, sent) = stack
+        .api("POST", &format!("/webhooks/{id}/test"), None)
+        .await;
+    assert_eq!(status, 202, "{sent}");
+    let (status, types) = stack.api("GET", "/event-types", None).await;
+    assert_eq!(status, 200, "{types}");
+    let (status, logs) = stack
+        .api("GET", &format!("/webhooks/{id}/logs"), None)
+        .await;
+    assert_eq!(status, 503, "{logs}");
+    assert!(logs["error"]["message"].is_string(), "{logs}");
+    let other_id = other["id"].as_str().unwrap();
+    let (status, _) = stack
+        .api("DELETE", &format!("/webhooks/{other_id}"), None)
+        .await;
+    assert_eq!(status, 204);
+    stack.stop().await;
+}

@@ -35,6 +35,7 @@ use herald_platform::health::Health;
 use herald_platform::log_index::LogIndex;
 use herald_platform::nats;
 use herald_platform::redis::Redis;
+use herald_platform::webhook_view::WebhookView;
 use herald_platform::webhooks::WebhookStore;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -151,7 +152,8 @@ pub struct AppState {
 
 pub struct Inner {
     pub config: Config,
-    pub store: WebhookStore,
+    /// The webhooks bucket, listed from this replica's view of it.
+    pub store: WebhookView,
     pub logs: LogIndex,
     /// Everything in Redis but the log index: the deliverer's endpoint
     /// states, shown as a webhook's `state` and reset on re-enable.
@@ -229,9 +231,22 @@ pub async fn serve(
     let jobs = nats::retry(&shutdown, || jobs::open_bucket(&js, replicas))
         .await
         .map_err(|e| Error::Store(herald_platform::webhooks::StoreError::Unavailable(e)))?;
-    health.set("store", true);
+    let store = WebhookView::new(store, shutdown.clone());
+    // Ready once the view has loaded: lists answer from it.
+    tokio::spawn({
+        let (store, health) = (store.clone(), health.clone());
+        async move {
+            while !store.is_loaded() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            health.set("store", true);
+        }
+    });
     let redis = Redis::new(&config.redis_url, Duration::from_millis(500))?;
-    health.watch_redis(redis.clone(), shutdown.clone());
+    // Webhooks, tests, rotations, jobs and the catalogue are served without
+    // Redis; only the log routes need it (and answer 503 meanwhile), so a
+    // Redis outage must not take every admin replica out of its Service.
+    health.watch_redis_degradable(redis.clone(), shutdown.clone());
     let log_redis = if config.log_redis_url == config.redis_url {
         redis.clone()
     } else {
@@ -258,7 +273,7 @@ pub async fn serve(
     let runner = Arc::new(jobs::Runner {
         js: state.js.clone(),
         jobs,
-        store: state.store.clone(),
+        store: state.store.store().clone(),
         owner: herald_core::ids::new_event_id().replacen("evt_", "admin_", 1),
     });
     tokio::spawn(runner.run(shutdown.clone()));

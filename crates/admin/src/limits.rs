@@ -145,6 +145,7 @@ pub async fn check_workflow_limit(
         return Ok(());
     }
     let max = state.config.max_webhooks_per_workflow;
+    state.store.caught_up().await?;
     let existing = state.store.list(&webhook.organization_id).await?;
     for workflow in mine {
         let count = existing
@@ -240,7 +241,8 @@ impl Limiter {
 /// [`OrgLock`].
 pub async fn check_org_limit(state: &AppState, org: &str) -> Result<(), ApiError> {
     let max = state.config.max_webhooks_per_org;
-    let count = state.store.list(org).await?.len();
+    state.store.caught_up().await?;
+    let count = state.store.count(org).await?;
     if count >= max {
         return Err(ApiError::new(
             axum::http::StatusCode::CONFLICT,

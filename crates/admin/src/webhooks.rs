@@ -196,14 +196,7 @@ pub async fn list(
     Query(query): Query<std::collections::HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let (limit, after) = list_page(&query)?;
-    let mut webhooks = state.store.list(&caller.org).await?;
-    let total = webhooks.len();
-    // Ids are UUIDv7: in creation order.
-    webhooks.sort_by(|a, b| a.id.cmp(&b.id));
-    let start = after.map_or(0, |after| {
-        webhooks.partition_point(|w| w.id.as_str() <= after)
-    });
-    let mut page: Vec<proto::Webhook> = webhooks.into_iter().skip(start).take(limit + 1).collect();
+    let (mut page, total) = state.store.page(&caller.org, after, limit + 1).await?;
     let next_cursor = (page.len() > limit).then(|| {
         page.truncate(limit);
         page.last().map(|w| w.id.clone())

@@ -16,6 +16,7 @@ pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 pub mod trace;
+pub mod webhook_view;
 pub mod webhooks;
 
 pub use tokio_util::sync::CancellationToken;

@@ -213,28 +213,52 @@ impl WebhookStore {
         Err(StoreError::Conflict)
     }
 
-    /// Every change from now on (or the whole bucket first, with history).
+    /// Every change from now on.
     pub async fn watch(
         &self,
     ) -> Result<impl futures::Stream<Item = Result<Change, StoreError>> + use<>, StoreError> {
         let watch = self.kv.watch_all().await.map_err(unavailable)?;
-        Ok(watch.map(|entry| {
-            let entry = entry.map_err(unavailable)?;
-            let (org, id) =
-                names::parse_webhook_key(&entry.key).ok_or_else(|| StoreError::Corrupt {
-                    key: entry.key.clone(),
-                    message: "bad key".into(),
-                })?;
-            let webhook = match entry.operation {
-                kv::Operation::Put => Some(Self::decode(&entry.key, &entry.value)?),
-                _ => None,
-            };
-            Ok(Change {
-                org: org.to_owned(),
-                webhook_id: id.to_owned(),
-                webhook,
-                revision: entry.revision,
-            })
-        }))
+        Ok(watch.map(|entry| Ok(Self::change(entry.map_err(unavailable)?)?.0)))
+    }
+
+    /// Every key's last change, then every change from then on; each with
+    /// whether the feed has reached what the bucket held when it began.
+    pub async fn watch_with_history(
+        &self,
+    ) -> Result<impl futures::Stream<Item = Result<(Change, bool), StoreError>> + use<>, StoreError>
+    {
+        let watch = self.kv.watch_with_history(">").await.map_err(unavailable)?;
+        Ok(watch.map(|entry| Self::change(entry.map_err(unavailable)?)))
+    }
+
+    fn change(entry: kv::Entry) -> Result<(Change, bool), StoreError> {
+        let (org, id) =
+            names::parse_webhook_key(&entry.key).ok_or_else(|| StoreError::Corrupt {
+                key: entry.key.clone(),
+                message: "bad key".into(),
+            })?;
+        let webhook = match entry.operation {
+            kv::Operation::Put => Some(Self::decode(&entry.key, &entry.value)?),
+            _ => None,
+        };
+        let change = Change {
+            org: org.to_owned(),
+            webhook_id: id.to_owned(),
+            webhook,
+            revision: entry.revision,
+        };
+        Ok((change, entry.seen_current))
+    }
+
+    /// The bucket's last revision: every change up to it has been stored.
+    pub async fn last_revision(&self) -> Result<u64, StoreError> {
+        let stream_name = format!("KV_{}", names::WEBHOOKS_BUCKET);
+        // Getting the stream is one info request; its answer is the state.
+        let stream = self
+            .js
+            .get_stream(&stream_name)
+            .await
+            .map_err(unavailable)?;
+        Ok(stream.cached_info().state.last_sequence)
     }
 }
