@@ -1304,3 +1304,99 @@ async fn a_done_delivery_leaves_its_attempt_and_no_work_behind() {
         .await;
     stack.stop().await;
 }
+
+/// An index Redis that refuses writes for longer than the consumer's
+/// delivery budget (25 deliveries, a second apart when handed back) keeps
+/// its data, so no rebuild would cover a dropped attempt: log-writer holds
+/// the batch for as long as it takes, says so in health and metrics, and
+/// indexes every attempt once Redis writes again. Meanwhile admin stays
+/// ready and serves webhooks; only the log routes fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_index_redis_failing_longer_than_the_delivery_budget_loses_nothing() {
+    let index_redis = RedisServer::start();
+    let stack =
+        Stack::start_with(Options::default().env("HERALD_LOG_REDIS_URL", &index_redis.url())).await;
+    let (id, _) = webhook(
+        &stack,
+        "http://127.0.0.1:9/failing",
+        json!({"filters": {"workflow": ["only-these-logs"]}}),
+    )
+    .await;
+    let base = now_ms();
+    for n in 0..10 {
+        let a = attempt(
+            "acme",
+            &id,
+            n,
+            proto::AttemptStatus::Succeeded,
+            "workflow.completed",
+            base,
+        );
+        publish_attempt(&stack, &a, &a.log_id).await;
+    }
+    wait_total(&stack, &format!("/webhooks/{id}/logs"), 10).await;
+
+    // Writes refused (reads still answer, the index's marker stays).
+    let client = redis::Client::open(index_redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("default")
+        .arg("-@write")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    for n in 10..30 {
+        let a = attempt(
+            "acme",
+            &id,
+            n,
+            proto::AttemptStatus::Failed,
+            "workflow.completed",
+            base,
+        );
+        publish_attempt(&stack, &a, &a.log_id).await;
+    }
+    let ready = stack.health_url("HERALD_LOG_WRITER_HEALTH_ADDR", "/ready");
+    stack
+        .eventually(WAIT, "log-writer says the index is failing", || async {
+            let (status, body) = stack.get(&ready).await.ok()?;
+            (status == 503 && body.contains("\"log_index\":false")).then_some(())
+        })
+        .await;
+    let metrics = stack.health_url("HERALD_LOG_WRITER_HEALTH_ADDR", "/metrics");
+    let (_, text) = stack.get(&metrics).await.unwrap();
+    assert!(text.contains("herald_log_index_waiting 1"), "{text}");
+    // Longer than 25 hand-backs a second apart.
+    tokio::time::sleep(Duration::from_secs(32)).await;
+    let (_, text) = stack.get(&metrics).await.unwrap();
+    assert!(text.contains("herald_log_index_waiting 1"), "{text}");
+    assert!(
+        !text.contains("herald_log_index_write_errors_total 0\n"),
+        "errors counted: {text}"
+    );
+
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("default")
+        .arg("+@all")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    stack
+        .eventually(Duration::from_secs(30), "every attempt indexed", || async {
+            let (status, body) = stack
+                .api("GET", &format!("/webhooks/{id}/logs"), None)
+                .await;
+            (status == 200 && body["total"] == 30).then_some(())
+        })
+        .await;
+    stack
+        .eventually(WAIT, "log-writer ready again", || async {
+            let (status, _) = stack.get(&ready).await.ok()?;
+            (status == 200).then_some(())
+        })
+        .await;
+    drop(index_redis);
+    stack.stop().await;
+}

@@ -41,8 +41,9 @@ const BATCH: usize = 500;
 /// Bytes of attempt records pulled from NATS at once: a batch is bounded in
 /// bytes as well as in count, whatever the bodies' size.
 const PULL_BYTES: usize = 8 * 1024 * 1024;
-/// Longest wait between two tries to store a batch while Redis is full.
-const FULL_BACKOFF: Duration = Duration::from_secs(30);
+/// Longest wait between two tries to store a batch while Redis is full or
+/// failing; well inside the consumer's ack wait, which each wait extends.
+const FULL_BACKOFF: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -108,6 +109,9 @@ struct Metrics {
     replayed: Counter,
     rebuilds: Counter,
     full: Gauge,
+    /// 1 while a batch waits for Redis (full, unreachable or failing).
+    waiting: Gauge,
+    write_errors: Counter,
 }
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
@@ -139,6 +143,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             "log_index_full",
             "1 while the log index's Redis is full (attempts wait in the stream)",
             metrics.full.clone(),
+        );
+        r.register(
+            "log_index_waiting",
+            "1 while attempts wait in the stream for the log index's Redis (full, unreachable or failing)",
+            metrics.waiting.clone(),
+        );
+        r.register(
+            "log_index_write_errors",
+            "Failed writes to the log index (each is tried again; no attempt is dropped)",
+            metrics.write_errors.clone(),
         );
     });
 
@@ -215,11 +229,14 @@ async fn dead_letter(js: &jetstream::Context, message: &jetstream::Message, reas
     }
 }
 
-/// Writes one batch of attempts, then acks it. While Redis is full the
-/// batch is kept (its ack deadline extended) and tried again with a growing
-/// pause, so a full Redis costs a try every few seconds, not a busy loop;
-/// the attempts stay in the stream meanwhile. Any other failure hands the
-/// batch back.
+/// Writes one batch of attempts, then acks it. While Redis is full,
+/// unreachable or failing, the batch is kept (its ack deadline extended)
+/// and tried again with a growing pause, for as long as it takes: a full
+/// Redis costs a try every few seconds, not a busy loop, and no attempt is
+/// dropped (a hand-back would spend the consumer's deliveries, and past its
+/// `max_deliver` the attempt would never be indexed). The attempts stay in
+/// the stream meanwhile; health says `log_index: false` and the
+/// `log_index_waiting` gauge is 1.
 async fn store_batch(
     js: &jetstream::Context,
     index: &LogIndex,
@@ -256,10 +273,11 @@ async fn store_batch(
     }
     let mut pause = Duration::from_secs(1);
     loop {
-        match index.write(&attempts).await {
+        let error = match index.write(&attempts).await {
             Ok(_) => {
-                if metrics.full.get() != 0 {
+                if metrics.waiting.get() != 0 {
                     metrics.full.set(0);
+                    metrics.waiting.set(0);
                     health.set("log_index", true);
                     tracing::info!("log index has room again, catching up");
                 }
@@ -269,39 +287,40 @@ async fn store_batch(
                 }
                 return;
             }
-            Err(IndexError::Full) => {
-                if metrics.full.get() == 0 {
-                    metrics.full.set(1);
-                    health.set("log_index", false);
-                    tracing::error!(
-                        batch = attempts.len(),
-                        "log index redis is full (maxmemory): attempts wait in the stream until it has room"
-                    );
-                }
-                for message in &messages {
-                    let _ = message.ack_with(AckKind::Progress).await;
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => {
-                        for message in messages {
-                            let _ = message.ack_with(AckKind::Nak(None)).await;
-                        }
-                        return;
-                    }
-                    _ = tokio::time::sleep(pause) => {}
-                }
-                pause = (pause * 2).min(FULL_BACKOFF);
+            Err(error) => error,
+        };
+        metrics.write_errors.inc();
+        let full = matches!(error, IndexError::Full);
+        metrics.full.set(i64::from(full));
+        if metrics.waiting.get() == 0 {
+            metrics.waiting.set(1);
+            health.set("log_index", false);
+            if full {
+                tracing::error!(
+                    batch = attempts.len(),
+                    "log index redis is full (maxmemory): attempts wait in the stream until it has room"
+                );
+            } else {
+                tracing::error!(
+                    %error,
+                    batch = attempts.len(),
+                    "cannot write the log index: attempts wait in the stream until it can"
+                );
             }
-            Err(error) => {
-                tracing::warn!(%error, batch = attempts.len(), "cannot store attempts, handed back");
+        }
+        for message in &messages {
+            let _ = message.ack_with(AckKind::Progress).await;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => {
                 for message in messages {
-                    let _ = message
-                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                        .await;
+                    let _ = message.ack_with(AckKind::Nak(None)).await;
                 }
                 return;
             }
+            _ = tokio::time::sleep(pause) => {}
         }
+        pause = (pause * 2).min(FULL_BACKOFF);
     }
 }
 
