@@ -792,3 +792,71 @@ async fn many_large_fan_outs_at_once_complete() {
     token.cancel();
     let _ = task.await;
 }
+
+/// One event to 10,000 webhooks takes longer than the matcher's ack wait
+/// here (300 ms): progress acks keep the event its matcher's, so it is never
+/// redelivered and fanned out twice meanwhile, and every webhook gets
+/// exactly one job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fan_out_longer_than_the_ack_wait_is_done_once() {
+    const WEBHOOKS: usize = 10_000;
+    let mut harness = Harness::start().await;
+    harness
+        .env
+        .insert(herald_matcher::ACK_WAIT.into(), "300ms".into());
+    herald_platform::nats::ensure_streams(&harness.js, 1, &Default::default(), &harness.shutdown)
+        .await
+        .expect("streams");
+    let store = WebhookStore::open(&harness.js, 1).await.expect("store");
+    let creates: Vec<proto::Webhook> = (0..WEBHOOKS)
+        .map(|_| webhook(&harness.env, "http://127.0.0.1:9/", &["workflow.>"], &[]))
+        .collect();
+    for chunk in creates.chunks(500) {
+        futures::future::try_join_all(chunk.iter().map(|w| store.create(w)))
+            .await
+            .expect("create");
+    }
+    let event = proto::Event {
+        id: "evt_wide".into(),
+        organization_id: ORG.into(),
+        r#type: "workflow.completed".into(),
+        ..Default::default()
+    };
+    harness
+        .js
+        .publish(names::accepted_subject(ORG), event.encode_to_vec().into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    let started = Instant::now();
+    let (token, task) = harness.matcher();
+    until(Duration::from_secs(90), "every job", || async {
+        job_count(&harness.js).await >= WEBHOOKS as u64 && matcher_idle(&harness.js).await
+    })
+    .await;
+    eprintln!(
+        "one event to {WEBHOOKS} webhooks: {WEBHOOKS} jobs in {:?}",
+        started.elapsed()
+    );
+    let info = harness
+        .js
+        .get_stream(names::ACCEPTED_STREAM)
+        .await
+        .expect("stream")
+        .get_consumer::<jetstream::consumer::pull::Config>(names::MATCHER_CONSUMER)
+        .await
+        .expect("consumer")
+        .info()
+        .await
+        .expect("info")
+        .clone();
+    assert_eq!(info.num_redelivered, 0, "the event was fanned out once");
+    assert_eq!(
+        info.delivered.consumer_sequence, 1,
+        "delivered to a matcher once"
+    );
+    assert_eq!(job_count(&harness.js).await, WEBHOOKS as u64);
+    token.cancel();
+    let _ = task.await;
+}

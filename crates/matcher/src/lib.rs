@@ -108,6 +108,10 @@ struct State {
     js: jetstream::Context,
     cache: Cache,
     metrics: Metrics,
+    /// How often a long fan-out tells the server it is still working on
+    /// its event (a third of the ack wait), so a fan-out to thousands of
+    /// webhooks is never redelivered and done twice meanwhile.
+    progress_every: Duration,
 }
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
@@ -220,7 +224,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .map_err(|e| Error::Consumer(e.to_string()))?;
     health.set("consumer", true);
 
-    let state = Arc::new(State { js, cache, metrics });
+    let state = Arc::new(State {
+        js,
+        cache,
+        metrics,
+        progress_every: config.ack_wait / 3,
+    });
     let mut in_flight = FuturesUnordered::new();
     loop {
         tokio::select! {
@@ -272,7 +281,8 @@ impl State {
             self.dead_letter(&message, &reason).await;
             return;
         }
-        match self.fan_out(&event, seq).await {
+        let fan_out = self.fan_out(&event, seq);
+        match nats::keep_claimed(&message, self.progress_every, fan_out).await {
             Ok(()) => {
                 self.metrics.events.inc();
                 let _ = message.ack().await;

@@ -648,3 +648,27 @@ pub async fn publish_patiently(
 pub fn header<'a>(headers: Option<&'a async_nats::HeaderMap>, name: &str) -> Option<&'a str> {
     headers?.get(name).map(|v| v.as_str())
 }
+
+/// Runs `work` on `message` while telling the server, every `every`, that
+/// the message is still being worked on (a progress ack), so long work
+/// (a fan-out to thousands of webhooks, a wait for an endpoint) keeps its
+/// claim instead of being redelivered to another replica and done twice.
+/// `every` should be well inside the consumer's ack wait (a third of it).
+pub async fn keep_claimed<F: std::future::Future>(
+    message: &jetstream::Message,
+    every: std::time::Duration,
+    work: F,
+) -> F::Output {
+    tokio::pin!(work);
+    let start = tokio::time::Instant::now() + every;
+    let mut progress = tokio::time::interval_at(start, every);
+    progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = progress.tick() => {
+                let _ = message.ack_with(jetstream::AckKind::Progress).await;
+            }
+        }
+    }
+}
