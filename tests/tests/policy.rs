@@ -500,3 +500,94 @@ async fn what_cannot_be_processed_is_dead_lettered_listed_and_redriven() {
     assert_eq!(tool(&["list"]).await.unwrap(), "");
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn logging_a_throttled_answer_costs_the_same_whatever_the_deliverys_history() {
+    use herald_platform::log_index::{LogIndex, Query, Stored};
+    let server = herald_test_support::RedisServer::start();
+    let redis = herald_platform::redis::Redis::new(&server.url(), Duration::from_secs(2)).unwrap();
+    let index = LogIndex::new(redis, Duration::from_secs(30));
+    let mut conn = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let lookup = "herald:logs:{acme}:h2:wh_1";
+    let delivery = herald_core::ids::delivery_id("acme", "evt_1", "wh_1");
+    let now = herald_platform::now_ms();
+    let throttled = |n: u32, at: i64| Stored {
+        attempt: proto::AttemptResult {
+            log_id: herald_core::ids::throttled_log_id(&delivery, 1, n),
+            delivery_id: delivery.clone(),
+            organization_id: "acme".into(),
+            webhook_id: "wh_1".into(),
+            event_id: "evt_1".into(),
+            event_type: "workflow.completed".into(),
+            attempt: 1,
+            attempted_at_ms: at,
+            status: proto::AttemptStatus::Throttled as i32,
+            ..Default::default()
+        },
+        seq: n.into(),
+    };
+    let count = |q: Query| {
+        let index = &index;
+        async move { index.page(&q).await.unwrap().total.unwrap() }
+    };
+    let by_delivery = || Query {
+        org: "acme".into(),
+        webhook_id: Some("wh_1".into()),
+        delivery_id: Some(delivery.clone()),
+        limit: 10,
+        ..Default::default()
+    };
+    // 300 throttled answers to one delivery, one write each (as a quiet
+    // log-writer makes them); the first 200 about to leave the retention.
+    for n in 1..=300u32 {
+        let at = if n <= 200 {
+            now - 25_000 + i64::from(n)
+        } else {
+            now + i64::from(n)
+        };
+        index.write(&[throttled(n, at)]).await.unwrap();
+    }
+    // What a write rewrites is bounded: no field of the lookup hash grows
+    // with the delivery's history (it held 6 bytes per answer, each write
+    // reading and rewriting them all).
+    let fields: Vec<(Vec<u8>, Vec<u8>)> = redis::cmd("HGETALL")
+        .arg(lookup)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let longest = fields.iter().map(|(_, v)| v.len()).max().unwrap();
+    assert!(longest <= 64 * 6, "a field of {longest} bytes");
+    // And every answer is still found by its delivery, and by its log id.
+    assert_eq!(count(by_delivery()).await, 300);
+    let first = index
+        .get(
+            "acme",
+            "wh_1",
+            &herald_core::ids::throttled_log_id(&delivery, 1, 1),
+        )
+        .await
+        .unwrap();
+    assert!(first.is_some(), "the first throttled answer by its log id");
+
+    // Once the first 200 are out of the retention, the next write trims
+    // them and the chunks that held them: nothing is left behind.
+    let wait = now + 5_500 - herald_platform::now_ms();
+    tokio::time::sleep(Duration::from_millis(wait.max(0) as u64)).await;
+    index
+        .write(&[throttled(301, herald_platform::now_ms())])
+        .await
+        .unwrap();
+    assert_eq!(count(by_delivery()).await, 101);
+    let fields: usize = redis::cmd("HLEN")
+        .arg(lookup)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // 201–255 in the chunk of 192–255, 256–301 in the next, and the
+    // delivery's highest chunk.
+    assert_eq!(fields, 3);
+}

@@ -24,7 +24,10 @@
 //! - `herald:logs:{<org>}:h2:<webhook>`: a hash from 6 bytes of SHA-1 of a
 //!   (packed) delivery id to the times of its attempts (6 bytes each),
 //!   which finds a delivery's attempts (and one attempt by log id) without
-//!   a scan; and from `e:<event id>` to the deliveries of that event whose id is not
+//!   a scan. Throttled answers, which a delivery may get thousands of, are
+//!   kept apart in chunks of 64 (fields `<that>#<n>`, the highest `n` in
+//!   `<that>#`), so logging one costs the same whatever the delivery's
+//!   history; and from `e:<event id>` to the deliveries of that event whose id is not
 //!   the one derived from (organization, event, webhook). Two deliveries
 //!   whose 6 bytes collide share a field: a lookup then reads the other's
 //!   members too and keeps only the delivery asked for.
@@ -513,6 +516,25 @@ local function drop6(s, x)
   for i = 1, #s, 6 do local c = s:sub(i, i + 5) if c ~= x then out[#out + 1] = c end end
   return table.concat(out)
 end
+-- A throttled answer's time goes to a chunk of its delivery's, 64 answers
+-- each (by the n of its log id's `-t<n>`), and the highest chunk to one
+-- more field: logging one costs the same however many came before it.
+-- The chunk of an attempt, nil for any but a throttled answer (status 5).
+local function chunk(log_id, status)
+  if status ~= 5 then return nil end
+  local n = log_id:match('%-t(%d+)$')
+  if not n then return nil end
+  return math.floor(tonumber(n) / 64)
+end
+local function chunk_field(df, c) return field(df .. '#' .. c) end
+local function top_field(df) return field(df .. '#') end
+-- every time of the delivery whose field is df
+local function times_of(h, df)
+  local out = {redis.call('HGET', h, df) or ''}
+  local top = tonumber(redis.call('HGET', h, top_field(df)) or '-1')
+  for c = 0, top do out[#out + 1] = redis.call('HGET', h, chunk_field(df, c)) or '' end
+  return table.concat(out)
+end
 ";
 
 /// KEYS: the organization's webhooks set, then the keys of the batch (all
@@ -541,9 +563,16 @@ for i = 3, #ARGV, 8 do
         redis.call('ZREMRANGEBYSCORE', s, '-inf', '(' .. ARGV[1])
         redis.call('EXPIRE', s, ttl)
       end
+      local log_id, status = fields(member)
       local df, t = field(ARGV[i + 5]), t6(score)
-      local cur = redis.call('HGET', h, df) or ''
-      if not has6(cur, t) then redis.call('HSET', h, df, cur .. t) end
+      local c, tf = chunk(log_id, status), df
+      if c then
+        tf = chunk_field(df, c)
+        local top = top_field(df)
+        if c > tonumber(redis.call('HGET', h, top) or '-1') then redis.call('HSET', h, top, c) end
+      end
+      local cur = redis.call('HGET', h, tf) or ''
+      if not has6(cur, t) then redis.call('HSET', h, tf, cur .. t) end
       if ARGV[i + 6] ~= '' then
         local ef = field('e:' .. ARGV[i + 6])
         local ev = redis.call('HGET', h, ef) or ''
@@ -558,18 +587,35 @@ for w, h in pairs(touched) do
   local old = redis.call('ZRANGEBYSCORE', w, '-inf', '(' .. ARGV[1], 'WITHSCORES', 'LIMIT', 0, 256)
   for j = 1, #old, 2 do
     local m, score = old[j], tonumber(old[j + 1])
-    local _, _, flags, event_id, _, delivery = fields(m)
-    local df = field(delivery)
-    local rest = drop6(redis.call('HGET', h, df) or '', t6(score))
+    local log_id, status, flags, event_id, _, delivery = fields(m)
+    local df, t = field(delivery), t6(score)
+    local c, tf = chunk(log_id, status), df
+    if c then tf = chunk_field(df, c) end
+    local cur = redis.call('HGET', h, tf) or ''
+    -- (a throttled answer indexed before chunks has its time in df)
+    if c and not has6(cur, t) then
+      tf, c = df, nil
+      cur = redis.call('HGET', h, df) or ''
+    end
+    local rest = drop6(cur, t)
     if rest == '' then
-      redis.call('HDEL', h, df)
-      if bit.band(flags, 4) ~= 0 then
+      redis.call('HDEL', h, tf)
+      local top = top_field(df)
+      if c then
+        local left = false
+        for k = 0, tonumber(redis.call('HGET', h, top) or '-1') do
+          if redis.call('HEXISTS', h, chunk_field(df, k)) == 1 then left = true break end
+        end
+        if not left then redis.call('HDEL', h, top) end
+      end
+      if bit.band(flags, 4) ~= 0 and redis.call('HEXISTS', h, df) == 0
+          and redis.call('HEXISTS', h, top) == 0 then
         local ef = field('e:' .. event_id)
         local ev = drop6(redis.call('HGET', h, ef) or '', df)
         if ev == '' then redis.call('HDEL', h, ef) else redis.call('HSET', h, ef, ev) end
       end
     else
-      redis.call('HSET', h, df, rest)
+      redis.call('HSET', h, tf, rest)
     end
     redis.call('ZREM', w, m)
   end
@@ -694,7 +740,7 @@ for i = 1, #KEYS, 2 do
     for j = 1, #mapped, 6 do wanted[mapped:sub(j, j + 5)] = true end
   end
   for df, _ in pairs(wanted) do
-    local times = redis.call('HGET', h, df) or ''
+    local times = times_of(h, df)
     for j = 1, #times, 6 do
       local t = struct.unpack('>I6', times:sub(j, j + 5))
       local ts = string.format('%d', t)
