@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 use herald_core::{names, proto};
-use herald_e2e::{Options, Receiver, Stack};
+use herald_e2e::{Options, Receiver, Reply, Stack};
 use prost::Message;
 use serde_json::{Value, json};
 
@@ -143,6 +143,51 @@ async fn a_rate_limited_receiver_gets_every_event_at_its_pace_and_stays_enabled(
             .filter(|a| a.status() == proto::AttemptStatus::Succeeded)
             .all(|a| a.attempt == 1)
     );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_receiver_asking_for_no_pause_gets_a_request_a_second_at_most_and_stays_enabled() {
+    let stack = Stack::start().await;
+    let receiver = Receiver::start().await;
+    // `Retry-After: 0` to every request, forever (a date in the past parses
+    // the same): once, this was a hot loop of some 40 requests a second.
+    receiver.script("/zero", vec![Reply::status(429).header("retry-after", "0")]);
+    let id = create(&stack, &receiver.url("/zero"), &["workflow.completed"]).await;
+
+    const EVENTS: usize = 10;
+    burst(&stack, "evt_zero", EVENTS).await;
+    let first = receiver.wait_for("/zero", 1, Duration::from_secs(20)).await[0].at;
+    // Watch it for 7 s after the first request.
+    const WATCH: Duration = Duration::from_secs(7);
+    tokio::time::sleep_until((first + WATCH).into()).await;
+    let times: Vec<_> = receiver
+        .received("/zero")
+        .iter()
+        .map(|r| r.at.duration_since(first))
+        .filter(|at| *at <= WATCH)
+        .collect();
+    let burst = times
+        .iter()
+        .filter(|at| **at < Duration::from_secs(1))
+        .count();
+    let after = times.len() - burst;
+    eprintln!(
+        "{EVENTS} events to a `429 Retry-After: 0` receiver: {burst} requests in the first second, {after} in the next 6 s"
+    );
+    // The first second is the burst already in flight (at most one per
+    // event); after it, at most one and a half a second on average, on a
+    // loaded machine (the floor and backoff make it 1 s, 2 s, 4 s apart,
+    // a round being the first request after a pause and whatever left with
+    // it before its answer came back).
+    assert!(burst <= EVENTS, "{burst} requests in the first second");
+    assert!(
+        after <= 9,
+        "{after} requests in the 6 s after the first second: a hot loop"
+    );
+    let webhook = webhook_json(&stack, &id).await;
+    assert_eq!(webhook["enabled"], true, "{webhook}");
+    assert_eq!(webhook["state"], "throttled", "{webhook}");
     stack.stop().await;
 }
 
@@ -373,6 +418,112 @@ async fn a_resolver_that_hangs_or_fails_is_heralds_failure_and_spends_nothing() 
         herald_failures >= 2,
         "both resolver failures counted: {metrics}"
     );
+    stack.stop().await;
+}
+
+/// A resolver that fails (SERVFAIL-like) until it is mended, noting when
+/// it was asked.
+#[derive(Clone, Default)]
+struct BrokenResolver {
+    asked: std::sync::Arc<std::sync::Mutex<Vec<std::time::Instant>>>,
+    mended: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl herald_deliverer::guard::Lookup for BrokenResolver {
+    fn lookup(&self, _host: &str) -> herald_deliverer::guard::LookupFuture {
+        self.asked.lock().unwrap().push(std::time::Instant::now());
+        let mended = self.mended.load(std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move {
+            if mended {
+                Ok(vec![std::net::Ipv4Addr::LOCALHOST.into()])
+            } else {
+                Err(std::io::Error::other(
+                    "Temporary failure in name resolution",
+                ))
+            }
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn heralds_own_failures_back_off_unlogged_and_go_to_the_dead_letters_after_the_give_up_time()
+{
+    let resolver = BrokenResolver::default();
+    // Given up after 3 s of trying: the waits are 1.5–2.5 s, then 3–5 s,
+    // so the third failure (4.5–7.5 s after the first) is the last.
+    let stack = Stack::start_with(
+        Options::default()
+            .env("HERALD_OWN_FAILURE_GIVE_UP", "3s")
+            .resolver(resolver.clone()),
+    )
+    .await;
+    let receiver = Receiver::start().await;
+    let url = format!("http://hook.example:{}/own", receiver.addr().port());
+    let id = create(&stack, &url, &["workflow.completed"]).await;
+
+    burst(&stack, "evt_own", 1).await;
+    let letter = stack
+        .eventually(Duration::from_secs(30), "a dead letter", || async {
+            // (Listing an empty stream is an error.)
+            herald_platform::dead_letters::list(&stack.js, 0, 10)
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .next()
+        })
+        .await;
+    assert_eq!(letter.stream, names::DELIVERIES_STREAM, "{letter:?}");
+    assert!(
+        letter.reason.starts_with("herald's own failure for ")
+            && letter.reason.contains("resolver"),
+        "{letter:?}"
+    );
+    // It backed off: each wait at least the lower end of its step (a
+    // fixed 2–5 s retry, as before, would not give up for the delivery's
+    // whole deadline, some 51 hours).
+    let asked = resolver.asked.lock().unwrap().clone();
+    let gaps: Vec<_> = asked.windows(2).map(|w| w[1] - w[0]).collect();
+    eprintln!("resolver asked {} times, {gaps:?} apart", asked.len());
+    assert!(
+        (2..=4).contains(&asked.len()),
+        "asked {} times before giving up",
+        asked.len()
+    );
+    assert!(gaps[0] >= Duration::from_millis(1_400), "{gaps:?}");
+    assert!(
+        asked[asked.len() - 1] - asked[0] >= Duration::from_secs(3),
+        "{gaps:?}"
+    );
+    // Not the receiver's attempts: nothing logged, nothing counted against
+    // the webhook.
+    assert!(attempts(&stack, &id).await.is_empty());
+    let webhook = webhook_json(&stack, &id).await;
+    assert_eq!(webhook["enabled"], true, "{webhook}");
+    assert_eq!(webhook["state"], "healthy", "{webhook}");
+    let failures = stack
+        .metric(
+            "HERALD_DELIVERER_HEALTH_ADDR",
+            "herald_herald_failures_total",
+        )
+        .await
+        .unwrap_or_default();
+    assert!(failures >= asked.len() as f64, "{failures}");
+
+    // Redriven once Herald is well again, it is delivered, as a new start
+    // (the failures it carried are forgotten).
+    resolver
+        .mended
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    herald_platform::dead_letters::redrive(&stack.js, letter.seq)
+        .await
+        .unwrap();
+    receiver.wait_for("/own", 1, Duration::from_secs(20)).await;
+    stack
+        .eventually(Duration::from_secs(10), "the success logged", || async {
+            let got = attempts(&stack, &id).await;
+            (got.len() == 1 && got[0].status() == proto::AttemptStatus::Succeeded).then_some(())
+        })
+        .await;
     stack.stop().await;
 }
 

@@ -6,6 +6,8 @@
 //! - **healthy**: deliveries are sent.
 //! - **throttled until T** (a 429, or a 503 with `Retry-After`): deliveries
 //!   wait until T without spending an attempt; the in-flight limit halves.
+//!   A pause is never below a second, and throttles in a row back off from
+//!   there: `Retry-After` is a lower bound, never an invitation to a loop.
 //! - **failing** (an endpoint-attributable failure): nothing is sent but one
 //!   *probe* at each step of the retry schedule; everything else is parked
 //!   and released in arrival order when a probe succeeds. Failures of
@@ -13,7 +15,8 @@
 //!   More than `disable_after` consecutive failed probes (the first failure
 //!   counting as the first) disable the webhook.
 //! - Herald's own failures (resolver, secret, NATS) change nothing and spend
-//!   nothing: the work waits with backoff.
+//!   nothing: the work waits, backing off from seconds to minutes, and goes
+//!   to the dead letters only after `own_failure_give_up` of trying.
 //!
 //! Every delivery keeps a deadline: the retry schedule's whole span after its
 //! first attempt. Past it, a delivery that is still waiting has failed.
@@ -32,10 +35,18 @@ pub const PROBE_LEASE_MS: i64 = 45_000;
 pub const PROBE_SLACK_MS: i64 = 200;
 /// Room past a schedule's span before a waiting delivery is given up.
 pub const DEADLINE_SLACK_MS: i64 = 60_000;
-/// The longest a throttled webhook is paused when it asked for no time.
+/// The shortest pause of a throttled webhook, whatever it asked for.
+pub const MIN_THROTTLE_MS: i64 = 1_000;
+/// The longest a throttled webhook is paused by the backoff alone (a longer
+/// `Retry-After` is honoured up to [`MAX_THROTTLE_MS`]).
 pub const MAX_THROTTLE_BACKOFF_MS: i64 = 60_000;
 /// The longest pause honoured from `Retry-After` (a longer ask waits this).
 pub const MAX_THROTTLE_MS: i64 = 3_600_000;
+/// The wait after Herald's own failure stops a job; it doubles with each
+/// one in a row…
+pub const OWN_FAILURE_FIRST_MS: i64 = 2_000;
+/// …up to this (each wait is then spread by ±25%).
+pub const OWN_FAILURE_MAX_MS: i64 = 300_000;
 
 /// A webhook's endpoint state, shared by every deliverer replica.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,8 +57,9 @@ pub enum Endpoint {
     /// Asked to slow down: nothing is sent before `until_ms`.
     Throttled {
         until_ms: i64,
-        /// Consecutive throttled answers, for the backoff when the endpoint
-        /// names no time.
+        /// Throttled rounds in a row (requests sent after the last pause
+        /// ended), for the backoff; a success resets it.
+        #[serde(default)]
         throttles: u32,
     },
     /// Failing since `since_ms`: only probes are sent.
@@ -85,6 +97,10 @@ pub struct Job {
     /// Retried on the schedule (events); tests, manual retries, recover and
     /// replay get one attempt.
     pub scheduled: bool,
+    /// Herald's own failures in a row that stopped this job so far.
+    pub own_failures: u32,
+    /// When the first of them happened; 0 when none did.
+    pub own_failure_since_ms: i64,
 }
 
 /// An attempt that has ended: whether it was the endpoint's probe, when it
@@ -167,8 +183,8 @@ pub enum Action {
     Retry { at_ms: i64 },
     /// Failed for good.
     Fail(FailureReason),
-    /// Herald's own failure outlasted the delivery's deadline: the job goes
-    /// to the dead-letter stream for an operator.
+    /// Herald's own failures went on for the give-up time: the job goes to
+    /// the dead-letter stream for an operator.
     DeadLetter,
 }
 
@@ -200,6 +216,9 @@ pub struct Policy {
     pub schedule: RetrySchedule,
     /// Consecutive failed probes tolerated; one more disables.
     pub disable_after: u32,
+    /// How long a job is tried again for Herald's own failures before it
+    /// goes to the dead letters.
+    pub own_failure_give_up_ms: i64,
 }
 
 impl Policy {
@@ -301,30 +320,30 @@ impl Policy {
                     },
                 }
             }
-            Class::Herald => {
-                // Back off from a few seconds; the deadline still holds.
-                let at_ms = now_ms + 2_000 + (3_000.0 * jitter) as i64;
-                if self.expired(&job, at_ms) {
-                    return Decision {
-                        endpoint: None,
-                        action: Action::DeadLetter,
-                        notices: vec![],
-                    };
-                }
-                Decision {
-                    endpoint: None,
-                    action: Action::Retry { at_ms },
-                    notices: vec![],
-                }
-            }
+            Class::Herald => Decision {
+                endpoint: None,
+                action: self.on_own_failure(&job, now_ms, jitter),
+                notices: vec![],
+            },
             Class::Throttled { retry_after_ms } => {
+                // A round of throttling is the requests sent after the last
+                // pause ended: answers to requests already in flight (or
+                // sent on a replica's stale view) during a pause extend it
+                // but do not count again, so a burst backs off once.
                 let throttles = match state {
-                    Endpoint::Throttled { throttles, .. } => throttles + 1,
+                    Endpoint::Throttled {
+                        until_ms,
+                        throttles,
+                    } if started_ms >= *until_ms => throttles.saturating_add(1),
+                    Endpoint::Throttled { throttles, .. } => (*throttles).max(1),
                     _ => 1,
                 };
+                // At least the backoff (never below a second), at least what
+                // the endpoint asked for: a `Retry-After: 0`, or a date in
+                // the past, is a floor, not a loop.
                 let pause = retry_after_ms
-                    .map(|ms| ms.clamp(0, MAX_THROTTLE_MS))
-                    .unwrap_or_else(|| throttle_backoff_ms(throttles));
+                    .map_or(0, |ms| ms.clamp(0, MAX_THROTTLE_MS))
+                    .max(throttle_backoff_ms(throttles));
                 let mut until_ms = now_ms + pause;
                 if let Endpoint::Throttled { until_ms: u, .. } = state {
                     until_ms = until_ms.max(*u);
@@ -464,6 +483,26 @@ impl Policy {
         }
     }
 
+    /// Herald's own failure (its resolver, a secret it cannot decrypt, NATS,
+    /// the webhook store) stopped `job` at `now_ms`: try again after a wait
+    /// that doubles with each failure in a row ([`own_failure_delay_ms`]),
+    /// or, once they have gone on for the give-up time, dead-letter it.
+    /// Nothing is spent and the delivery's deadline does not apply: the
+    /// receiver had no part in it.
+    pub fn on_own_failure(&self, job: &Job, now_ms: i64, jitter: f64) -> Action {
+        let since = if job.own_failure_since_ms > 0 {
+            job.own_failure_since_ms
+        } else {
+            now_ms
+        };
+        if now_ms - since >= self.own_failure_give_up_ms {
+            return Action::DeadLetter;
+        }
+        Action::Retry {
+            at_ms: now_ms + own_failure_delay_ms(job.own_failures.saturating_add(1), jitter),
+        }
+    }
+
     fn fail(
         &self,
         endpoint: Option<Endpoint>,
@@ -478,10 +517,19 @@ impl Policy {
     }
 }
 
-/// The pause after `throttles` consecutive throttled answers that named no
-/// time: 1 s doubling, at most [`MAX_THROTTLE_BACKOFF_MS`].
+/// The least pause after `throttles` throttled rounds in a row:
+/// [`MIN_THROTTLE_MS`] doubling, at most [`MAX_THROTTLE_BACKOFF_MS`].
 pub fn throttle_backoff_ms(throttles: u32) -> i64 {
-    (1_000i64 << throttles.saturating_sub(1).min(10)).min(MAX_THROTTLE_BACKOFF_MS)
+    (MIN_THROTTLE_MS << throttles.saturating_sub(1).min(10)).min(MAX_THROTTLE_BACKOFF_MS)
+}
+
+/// The wait after the `failures`-th of Herald's own failures in a row:
+/// [`OWN_FAILURE_FIRST_MS`] doubling up to [`OWN_FAILURE_MAX_MS`], spread
+/// by `jitter` in `[0, 1)` over ±25% so that the jobs one outage stopped
+/// do not all come back at once.
+pub fn own_failure_delay_ms(failures: u32, jitter: f64) -> i64 {
+    let base = (OWN_FAILURE_FIRST_MS << failures.saturating_sub(1).min(20)).min(OWN_FAILURE_MAX_MS);
+    base * 3 / 4 + (base as f64 / 2.0 * jitter.clamp(0.0, 1.0)) as i64
 }
 
 /// The in-flight limit to one endpoint, additive increase and
@@ -504,6 +552,7 @@ mod tests {
             // 4 attempts: 1 s, 10 s, 100 s apart; span 111 s.
             schedule: RetrySchedule::parse("1s,10s,100s").unwrap(),
             disable_after: 2,
+            own_failure_give_up_ms: 3_600_000,
         }
     }
 
@@ -512,6 +561,8 @@ mod tests {
             attempt,
             first_attempt_at_ms: first,
             scheduled: true,
+            own_failures: 0,
+            own_failure_since_ms: 0,
         }
     }
 
@@ -926,7 +977,9 @@ mod tests {
                 },
                 vec![],
             ),
-            // A pause in force is never shortened.
+            // A pause in force is never shortened; a request sent before
+            // it ended (in flight, or on a stale view) does not count as
+            // another round.
             (
                 throttled(t + 9_000, 1),
                 job(1, 0),
@@ -934,7 +987,7 @@ mod tests {
                 t,
                 th(Some(1_000)),
                 t,
-                Some(throttled(t + 9_000, 2)),
+                Some(throttled(t + 9_000, 1)),
                 Action::Wait {
                     until_ms: t + 9_000,
                 },
@@ -946,10 +999,12 @@ mod tests {
                 job(4, t - 1_000),
                 false,
                 t,
-                th(Some(0)),
+                th(Some(1_000)),
                 t,
-                Some(throttled(t, 1)),
-                Action::Wait { until_ms: t },
+                Some(throttled(t + 1_000, 1)),
+                Action::Wait {
+                    until_ms: t + 1_000,
+                },
                 vec![],
             ),
             // A throttled probe: the endpoint is alive, only busy.
@@ -1000,6 +1055,77 @@ mod tests {
     }
 
     #[test]
+    fn a_throttle_pause_has_a_floor_and_backs_off_in_a_row() {
+        let t = 1_000_000;
+        let th = |ms: Option<i64>| Class::Throttled { retry_after_ms: ms };
+        // (state, started, Retry-After) → (paused until, throttled rounds)
+        let cases: Vec<(Endpoint, i64, Option<i64>, i64, u32)> = vec![
+            // `Retry-After: 0` (or a date in the past, parsed as 0): a
+            // second, never a loop.
+            (Endpoint::Healthy, t, Some(0), t + 1_000, 1),
+            (Endpoint::Healthy, t, None, t + 1_000, 1),
+            // Sent after the pause ended: another round, twice the pause.
+            (throttled(t - 5, 1), t - 2, Some(0), t + 2_000, 2),
+            (throttled(t - 5, 3), t - 2, Some(0), t + 8_000, 4),
+            (throttled(t - 5, 6), t - 2, Some(0), t + 60_000, 7),
+            // The backoff stops at a minute, however long it goes on.
+            (throttled(t - 5, 40), t - 2, Some(0), t + 60_000, 41),
+            (
+                throttled(t - 5, u32::MAX),
+                t - 2,
+                None,
+                t + 60_000,
+                u32::MAX,
+            ),
+            // What the endpoint asks for is a lower bound: a longer ask
+            // wins over the backoff, a shorter one does not.
+            (throttled(t - 5, 1), t - 2, Some(30_000), t + 30_000, 2),
+            (throttled(t - 5, 4), t - 2, Some(3_000), t + 16_000, 5),
+            // Sent before the pause ended (the rest of a burst in flight):
+            // the same round, so the pause is not doubled again, only held.
+            (throttled(t + 500, 2), t - 100, Some(0), t + 2_000, 2),
+            (throttled(t + 5_000, 2), t - 100, Some(0), t + 5_000, 2),
+            // A state written before the count existed counts as one.
+            (throttled(t + 500, 0), t - 100, Some(0), t + 1_000, 1),
+            // A throttled probe of a failing webhook starts from one.
+            (failing(t - 9, t, 2, t + 40_000), t, Some(0), t + 1_000, 1),
+        ];
+        for (state, started, retry_after, until, rounds) in cases {
+            let d = policy().on_outcome(
+                &state,
+                &job(1, t - 10_000),
+                Attempted {
+                    probe: false,
+                    started_ms: started,
+                    class: &th(retry_after),
+                },
+                t,
+                0.0,
+            );
+            let what = format!("{state:?} started {started} Retry-After {retry_after:?}");
+            assert_eq!(d.endpoint, Some(throttled(until, rounds)), "{what}");
+            assert_eq!(d.action, Action::Wait { until_ms: until }, "{what}");
+        }
+        // An answer right after a success (a fresh round) starts over.
+        let d = policy().on_outcome(
+            &Endpoint::Healthy,
+            &job(1, 0),
+            Attempted {
+                probe: false,
+                started_ms: t,
+                class: &th(Some(0)),
+            },
+            t,
+            0.99,
+        );
+        // Spread over at most a second past the pause, never below it.
+        assert!(
+            matches!(d.action, Action::Wait { until_ms } if (t + 1_000..t + 2_000).contains(&until_ms)),
+            "{d:?}"
+        );
+    }
+
+    #[test]
     fn heralds_own_failures_change_nothing_and_spend_nothing() {
         let t = 1_000_000;
         for state in [
@@ -1022,12 +1148,14 @@ mod tests {
                 d,
                 Decision {
                     endpoint: None,
-                    action: Action::Retry { at_ms: t + 2_000 },
+                    action: Action::Retry { at_ms: t + 1_500 },
                     notices: vec![]
                 },
                 "{state:?}"
             );
         }
+        // Past the delivery's deadline it is still tried: the deadline is
+        // the receiver's schedule, and the receiver had no part in this.
         let d = policy().on_outcome(
             &Endpoint::Healthy,
             &job(3, t - 197_000),
@@ -1037,9 +1165,57 @@ mod tests {
                 class: &Class::Herald,
             },
             t,
-            0.0,
+            0.5,
         );
-        assert_eq!(d.action, Action::DeadLetter);
+        assert_eq!(d.action, Action::Retry { at_ms: t + 2_000 });
+    }
+
+    #[test]
+    fn heralds_own_failures_back_off_and_give_up_after_the_time_set() {
+        let t = 1_700_000_000_000;
+        let hour = 3_600_000;
+        // (failures so far, since, jitter) → action
+        let cases: Vec<(u32, i64, f64, Action)> = vec![
+            // The first: 2 s, spread over ±25%.
+            (0, 0, 0.5, Action::Retry { at_ms: t + 2_000 }),
+            (0, 0, 0.0, Action::Retry { at_ms: t + 1_500 }),
+            (0, 0, 0.999_999, Action::Retry { at_ms: t + 2_499 }),
+            // Doubling with each in a row…
+            (1, t - 2_000, 0.5, Action::Retry { at_ms: t + 4_000 }),
+            (2, t - 6_000, 0.5, Action::Retry { at_ms: t + 8_000 }),
+            (7, t - 500_000, 0.5, Action::Retry { at_ms: t + 256_000 }),
+            // …up to 5 minutes.
+            (8, t - 800_000, 0.5, Action::Retry { at_ms: t + 300_000 }),
+            (8, t - 800_000, 0.0, Action::Retry { at_ms: t + 225_000 }),
+            (500, t - 800_000, 0.5, Action::Retry { at_ms: t + 300_000 }),
+            // Tried for just under the give-up time: once more.
+            (12, t - hour + 1, 0.5, Action::Retry { at_ms: t + 300_000 }),
+            // For the give-up time: the dead letters.
+            (12, t - hour, 0.5, Action::DeadLetter),
+            (3, t - 5 * hour, 0.5, Action::DeadLetter),
+        ];
+        for (failures, since, jitter, expected) in cases {
+            let j = Job {
+                own_failures: failures,
+                own_failure_since_ms: since,
+                ..job(2, t - 50_000)
+            };
+            assert_eq!(
+                policy().on_own_failure(&j, t, jitter),
+                expected,
+                "{failures} failures since {since}"
+            );
+        }
+        // Giving up at once is a setting like any other.
+        let now = Policy {
+            own_failure_give_up_ms: 0,
+            ..policy()
+        };
+        assert_eq!(now.on_own_failure(&job(1, 0), t, 0.5), Action::DeadLetter);
+        // Waits grow: 1.5–2.5 s, 3–5 s, 6–10 s, … never more than 6.25 min.
+        let waits: Vec<_> = (1..=12).map(|n| own_failure_delay_ms(n, 0.5)).collect();
+        assert!(waits.windows(2).all(|w| w[0] <= w[1]), "{waits:?}");
+        assert!(own_failure_delay_ms(u32::MAX, 1.0) <= OWN_FAILURE_MAX_MS * 5 / 4);
     }
 
     #[test]
@@ -1052,7 +1228,7 @@ mod tests {
         );
         let none = Policy {
             schedule: RetrySchedule::parse("").unwrap(),
-            disable_after: 3,
+            ..policy()
         };
         assert_eq!(none.probe_delay(1, 0.0), Duration::from_secs(5));
     }
@@ -1066,6 +1242,14 @@ mod tests {
         assert_eq!(throttle_backoff_ms(1), 1_000);
         assert_eq!(throttle_backoff_ms(3), 4_000);
         assert_eq!(throttle_backoff_ms(100), MAX_THROTTLE_BACKOFF_MS);
+    }
+
+    #[test]
+    fn a_throttled_state_written_without_its_count_still_reads() {
+        assert_eq!(
+            serde_json::from_str::<Endpoint>(r#"{"state":"throttled","until_ms":5}"#).unwrap(),
+            throttled(5, 0)
+        );
     }
 
     #[test]

@@ -2,9 +2,17 @@
 //! send it, ask the policy what follows, and carry that out (publish the
 //! attempt, park, wait, disable, announce). The decisions are all
 //! `core::policy`'s; this module only does what they say.
+//!
+//! Herald's own trouble (its resolver, a secret it cannot decrypt, NATS,
+//! the webhook store) ends a job in [`Done::HandBack`]: it is not the
+//! receiver's attempt, so nothing is logged for it; the job is put back as
+//! a message schedule after a wait that backs off
+//! (`Policy::on_own_failure`), and goes to the dead letters once the trouble
+//! has lasted `HERALD_OWN_FAILURE_GIVE_UP`.
 
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
@@ -26,13 +34,50 @@ use crate::outcome::{self, Outcome};
 use herald_platform::dead_letters::MAX_HAND_BACKS;
 /// How often a job in hand says it is still being worked on.
 const PROGRESS_EVERY: Duration = Duration::from_secs(20);
+/// At most one warning per this long about Herald's own failures (an outage
+/// stops every job at once); the metric counts each.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// What becomes of the job in hand.
 pub enum Done {
     /// Finished (sent, parked, waiting, skipped): ack it.
     Ack,
-    /// Herald's own trouble (NATS, the webhook store): hand it back as is.
+    /// Herald's own trouble (its resolver, a secret, NATS, the webhook
+    /// store), with nothing of it sent to the receiver or the send to be
+    /// made again: the job waits, backing off, and is tried again as it is.
     HandBack(String),
+}
+
+/// Rate-limited warnings: the first at once, then at most one per
+/// [`WARN_EVERY`], saying how many were held back meanwhile.
+#[derive(Default)]
+pub struct Warnings {
+    last: Mutex<Option<Instant>>,
+    held: AtomicU64,
+}
+
+impl Warnings {
+    /// `Some(n)` when this one is to be logged, `n` being how many were
+    /// not since the last.
+    fn take(&self) -> Option<u64> {
+        let mut last = self.last.lock().expect("warnings");
+        if last.is_some_and(|at| at.elapsed() < WARN_EVERY) {
+            self.held.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(Instant::now());
+        Some(self.held.swap(0, Ordering::Relaxed))
+    }
+}
+
+/// The job as it goes on after Herald's own trouble ended for it: the next
+/// trouble starts a new count.
+fn got_on(job: &proto::DeliveryJob) -> proto::DeliveryJob {
+    proto::DeliveryJob {
+        own_failures: 0,
+        own_failure_since_ms: 0,
+        ..job.clone()
+    }
 }
 
 fn finish<E: std::fmt::Display>(result: Result<(), E>) -> Done {
@@ -62,6 +107,10 @@ impl State {
                 return;
             }
         };
+        // Naks are the last resort, when not even a schedule could be
+        // published; their delays back off like schedules, so this many
+        // span about the default give-up time. The consumer's max_deliver is
+        // a little higher: the deliverer always sees the message first.
         if delivered > MAX_HAND_BACKS {
             let reason = format!(
                 "handed back {} times for Herald's own trouble",
@@ -91,11 +140,104 @@ impl State {
             Done::Ack => {
                 let _ = message.ack().await;
             }
-            Done::HandBack(error) => {
-                tracing::warn!(%error, delivery_id = %job.delivery_id, attempt = job.attempt, "delivery handed back");
-                self.metrics.herald_failures.inc();
-                let delay = (!hard_stop.is_cancelled()).then_some(Duration::from_secs(1));
-                let _ = message.ack_with(AckKind::Nak(delay)).await;
+            // The grace period is over: another replica takes it now.
+            Done::HandBack(_) if hard_stop.is_cancelled() => {
+                let _ = message.ack_with(AckKind::Nak(None)).await;
+            }
+            Done::HandBack(error) => self.own_failure(&message, &job, &error).await,
+        }
+    }
+
+    /// Herald's own failure stopped `job`: put it back after a wait that
+    /// backs off, or dead-letter it once the trouble has lasted the give-up
+    /// time. It is not the receiver's attempt: no attempt record, only the
+    /// metric and a rate-limited warning.
+    async fn own_failure(
+        &self,
+        message: &jetstream::Message,
+        job: &proto::DeliveryJob,
+        error: &str,
+    ) {
+        self.metrics.herald_failures.inc();
+        self.count("herald_failure");
+        let now = now_ms();
+        let since = if job.own_failure_since_ms > 0 {
+            job.own_failure_since_ms
+        } else {
+            now
+        };
+        match self
+            .policy
+            .on_own_failure(&self.job_view(job), now, rand::random::<f64>())
+        {
+            Action::Retry { at_ms } => {
+                if let Some(held) = self.own_failure_warnings.take() {
+                    tracing::warn!(
+                        %error,
+                        delivery_id = %job.delivery_id,
+                        webhook_id = %job.webhook_id,
+                        failures = job.own_failures + 1,
+                        retry_in_ms = at_ms - now,
+                        others_since_last_warning = held,
+                        "herald's own failure; the delivery waits"
+                    );
+                }
+                let next = proto::DeliveryJob {
+                    own_failures: job.own_failures.saturating_add(1),
+                    own_failure_since_ms: since,
+                    not_before_ms: at_ms,
+                    ..job.clone()
+                };
+                let scheduled = if job.kind == proto::DeliveryKind::Probe as i32 {
+                    self.outbox.probe_schedule(&next).await
+                } else {
+                    self.outbox.schedule(&next).await
+                };
+                match scheduled {
+                    Ok(()) => {
+                        let _ = message.ack().await;
+                    }
+                    // Not even a schedule can be published: hand the
+                    // message back to the stream for as long.
+                    Err(publish) => {
+                        tracing::debug!(error = %publish, "cannot schedule the wait; handed back");
+                        let delay = Duration::from_millis((at_ms - now).max(0) as u64);
+                        let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+                    }
+                }
+            }
+            _ => {
+                let lasted = herald_core::duration::format_duration(Duration::from_millis(
+                    (now - since).max(0) as u64,
+                ));
+                let reason = format!("herald's own failure for {lasted}: {error}");
+                tracing::warn!(delivery_id = %job.delivery_id, webhook_id = %job.webhook_id, %reason, "delivery moved to the dead letters");
+                // Sent back by a redrive, it starts a new count.
+                let payload = proto::DeliveryJob {
+                    not_before_ms: 0,
+                    ..got_on(job)
+                };
+                match self
+                    .outbox
+                    .dead_letter(
+                        names::DELIVERIES_STREAM,
+                        &message.subject,
+                        payload.encode_to_vec().into(),
+                        &reason,
+                    )
+                    .await
+                {
+                    Ok(()) => {
+                        self.metrics.dead_letters.inc();
+                        let _ = message.ack_with(AckKind::Term).await;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot dead-letter a delivery job; handed back");
+                        let _ = message
+                            .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
+                            .await;
+                    }
+                }
             }
         }
     }
@@ -112,6 +254,8 @@ impl State {
             attempt: job.attempt.max(1),
             first_attempt_at_ms: job.first_attempt_at_ms,
             scheduled: job.kind == proto::DeliveryKind::Event as i32,
+            own_failures: job.own_failures,
+            own_failure_since_ms: job.own_failure_since_ms,
         }
     }
 
@@ -152,6 +296,9 @@ impl State {
             Ok(webhook) => webhook,
             Err(error) => return Done::HandBack(error.to_string()),
         };
+        // Whatever follows is published from here (a trouble from here on
+        // hands back the job as it came, its count going on).
+        let job = &got_on(job);
         // Test and manual deliveries go to a disabled webhook too: that is
         // how a tenant checks it before re-enabling it.
         let one_off = matches!(
@@ -251,6 +398,9 @@ impl State {
         match class {
             Class::Success => self.inflight.adapt(&key, false),
             Class::Throttled { .. } => self.inflight.adapt(&key, true),
+            // Nothing reached the receiver (its name did not resolve on
+            // Herald's side, its secret cannot be read): not its attempt.
+            Class::Herald => return Done::HandBack(outcome.error),
             _ => {}
         }
         self.conclude(job, &webhook, attempt, outcome, class, probe, source)
@@ -388,15 +538,10 @@ impl State {
                 attempt.set_status(proto::AttemptStatus::Succeeded);
                 self.count("succeeded");
             }
-            Action::Wait { until_ms } | Action::Retry { at_ms: until_ms } => {
-                let throttled = matches!(decision.action, Action::Wait { .. });
+            Action::Wait { until_ms } => {
                 attempt.log_id =
                     ids::throttled_log_id(&job.delivery_id, job.attempt, job.throttles + 1);
-                attempt.set_status(if throttled {
-                    proto::AttemptStatus::Throttled
-                } else {
-                    proto::AttemptStatus::Retrying
-                });
+                attempt.set_status(proto::AttemptStatus::Throttled);
                 attempt.next_attempt_at_ms = *until_ms;
                 let next = proto::DeliveryJob {
                     throttles: job.throttles + 1,
@@ -404,15 +549,7 @@ impl State {
                     first_attempt_at_ms: first,
                     ..job.clone()
                 };
-                if !throttled {
-                    self.metrics.herald_failures.inc();
-                    tracing::warn!(webhook_id = %webhook.id, delivery_id = %job.delivery_id, error = %outcome.error, "herald's own failure; the delivery waits");
-                }
-                self.count(if throttled {
-                    "throttled"
-                } else {
-                    "herald_failure"
-                });
+                self.count("throttled");
                 if let Err(error) = self.outbox.schedule(&next).await {
                     return Done::HandBack(error.to_string());
                 }
@@ -441,27 +578,10 @@ impl State {
                 }
                 self.count("failed");
             }
-            Action::DeadLetter => {
-                attempt.set_status(proto::AttemptStatus::Failed);
-                attempt.failure_reason = "undeliverable".into();
-                self.count("failed");
-                let reason = format!(
-                    "herald's own failure outlasted the delivery's deadline: {}",
-                    outcome.error
-                );
-                if let Err(error) = self
-                    .outbox
-                    .dead_letter(
-                        names::DELIVERIES_STREAM,
-                        &names::delivery_subject(&job.organization_id, &job.webhook_id),
-                        job.encode_to_vec().into(),
-                        &reason,
-                    )
-                    .await
-                {
-                    return Done::HandBack(error.to_string());
-                }
-                self.metrics.dead_letters.inc();
+            // Herald's own failures never get here (they are handed back
+            // before), but if the policy said so, it is the same.
+            Action::Retry { .. } | Action::DeadLetter => {
+                return Done::HandBack(outcome.error);
             }
         }
         if !matches!(decision.action, Action::Done) {

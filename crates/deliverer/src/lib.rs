@@ -62,6 +62,7 @@ pub const SECRET_KEY_PREVIOUS: &str = "HERALD_SECRET_KEY_PREVIOUS";
 pub const DELIVERY_CONCURRENCY: &str = "HERALD_DELIVERY_CONCURRENCY";
 pub const ENDPOINT_CONCURRENCY: &str = "HERALD_ENDPOINT_CONCURRENCY";
 pub const LOG_BODY_LIMIT: &str = "HERALD_LOG_BODY_LIMIT";
+pub const OWN_FAILURE_GIVE_UP: &str = "HERALD_OWN_FAILURE_GIVE_UP";
 
 /// The consumer's ack wait (a job in hand says it is still being worked
 /// on every 20 s).
@@ -85,6 +86,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Bytes of the request body kept in an attempt record.
     pub log_body_limit: usize,
+    /// How long a job stopped by Herald's own failures is tried again
+    /// (backing off) before it goes to the dead letters.
+    pub own_failure_give_up: Duration,
     /// How webhook host names are resolved (the system resolver; not
     /// configurable by environment, tests put in another).
     pub resolver: guard::Resolver,
@@ -118,6 +122,11 @@ impl Config {
             endpoint_concurrency: config::number(src, ENDPOINT_CONCURRENCY, 32, 1..=4096)?,
             shutdown_grace: config::shutdown_grace(src)?,
             log_body_limit: config::number(src, LOG_BODY_LIMIT, 64 * 1024, 0..=1024 * 1024)?,
+            own_failure_give_up: config::duration(
+                src,
+                OWN_FAILURE_GIVE_UP,
+                Duration::from_secs(3_600),
+            )?,
             resolver: guard::Resolver::default(),
         })
     }
@@ -146,6 +155,7 @@ struct State {
     config: Config,
     metrics: metrics::Metrics,
     inflight: inflight::InFlight,
+    own_failure_warnings: delivery::Warnings,
 }
 
 /// The most jobs one pull asks for.
@@ -218,8 +228,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         policy: Policy {
             schedule: config.retry.clone(),
             disable_after: config.disable_after,
+            own_failure_give_up_ms: config.own_failure_give_up.as_millis() as i64,
         },
         inflight: inflight::InFlight::new(config.endpoint_concurrency),
+        own_failure_warnings: delivery::Warnings::default(),
         config,
         metrics,
     });

@@ -1,6 +1,7 @@
 //! Everything the deliverer publishes: attempt records, delayed jobs
-//! (retries, throttled waits, deferrals) as JetStream message schedules,
-//! the probe timer of a failing webhook, system events, and dead letters.
+//! (waits after Herald's own failures, throttled waits, deferrals) as
+//! JetStream message schedules, the probe timer of a failing webhook,
+//! system events, and dead letters.
 //! Every publish waits for JetStream's acknowledgement
 //! (`platform::nats::publish`), so a job is acked only after what it
 //! produced is stored.
@@ -124,11 +125,17 @@ impl Outbox {
             not_before_ms: at_ms.max(now_ms + 100),
             ..Default::default()
         };
+        self.probe_schedule(&job).await
+    }
+
+    /// Publishes a probe timer `job` (kind probe) as its webhook's one timer,
+    /// firing at `job.not_before_ms`.
+    pub async fn probe_schedule(&self, job: &proto::DeliveryJob) -> Result<(), PublishError> {
         let mut headers = async_nats::HeaderMap::new();
-        schedule_headers(&mut headers, &job, job.not_before_ms);
+        schedule_headers(&mut headers, job, job.not_before_ms);
         nats::publish(
             &self.js,
-            names::probe_schedule_subject(org, webhook_id),
+            names::probe_schedule_subject(&job.organization_id, &job.webhook_id),
             headers,
             job.encode_to_vec().into(),
         )
