@@ -24,6 +24,7 @@ try {
   await deliveredAndShown(hook);
   await editWithAConflict(hook);
   await rotateAndRecover(hook);
+  await cancelAReplay();
   await workflowLimitIsPlain();
   await orgLogs();
   await disableStopsDeliveries(hook);
@@ -209,6 +210,37 @@ async function rotateAndRecover(hook) {
   await recover.getByRole('button', { name: 'Start recovering' }).click();
   // Nothing failed: the job finds nothing to send again.
   await page.getByText(/^Done: 0 queued, 0 delivered, 0 failed/).waitFor({ timeout: 20000 });
+}
+
+/// A replay to a slow receiver, stopped from its progress panel.
+async function cancelAReplay() {
+  // Every reply takes 3 s: the replay of the events published so far runs
+  // long enough to be cancelled.
+  await rust('slow', { path: '/console-slow', delay_ms: 3000, n: 50 });
+  const created = await api(KEY, 'POST', '/webhooks', {
+    name: 'slow backfill', url: `${RECEIVER}/console-slow`, event_types: ['workflow.completed'],
+  });
+  assert(created.status === 201, `a webhook to replay to: ${JSON.stringify(created.data)}`);
+  const id = created.data.id;
+  await page.goto(`${ADMIN}/console#/webhooks/${encodeURIComponent(id)}`);
+  await page.getByRole('heading', { name: 'slow backfill' }).waitFor();
+  await page.getByRole('button', { name: 'Replay events' }).click();
+  const replay = page.getByRole('dialog', { name: 'Replay events to “slow backfill”' });
+  await replay.getByRole('button', { name: 'Start replaying' }).click();
+  await page.getByText(/^Running: \d+ queued/).waitFor({ timeout: 10000 });
+  await screen(page, 'replay-running');
+  await page.getByRole('button', { name: 'Cancel the replay' }).click();
+  await page.getByText(/^Cancelled: \d+ queued/).waitFor({ timeout: 10000 });
+  assert(!(await page.getByRole('button', { name: 'Cancel the replay' }).isVisible()), 'no cancel button once cancelled');
+  // Free for a new job at once.
+  const again = await api(KEY, 'POST', `/webhooks/${id}/replay`, { since: new Date(Date.now() - 60000).toISOString() });
+  assert(again.status === 202, `a new replay starts after the cancel: ${again.status} ${JSON.stringify(again.data)}`);
+  const cancelled = await api(KEY, 'POST', `/webhooks/${id}/jobs/${again.data.id}/cancel`);
+  assert(cancelled.status === 200 && cancelled.data.status === 'cancelled', `cancelled over the API: ${JSON.stringify(cancelled.data)}`);
+  const removed = await api(KEY, 'DELETE', `/webhooks/${id}`);
+  assert(removed.status === 204, `the slow webhook removed: ${removed.status}`);
+  await page.goto(`${ADMIN}/console#/webhooks`);
+  await page.getByRole('heading', { name: 'Webhooks' }).waitFor();
 }
 
 /// The per-workflow limit's refusal, beside the filters.

@@ -147,7 +147,8 @@ async fn the_console_in_a_real_browser() {
     stack.stop().await;
 }
 
-/// One request of the driver: publish an event, or what the receiver got.
+/// One request of the driver: publish an event, what the receiver got, or
+/// make the receiver answer a path slowly.
 async fn answer(stack: &Stack, receiver: &Receiver, request: &Value) -> Result<Value, String> {
     let text = |name: &str| {
         request[name]
@@ -177,6 +178,15 @@ async fn answer(stack: &Stack, receiver: &Receiver, request: &Value) -> Result<V
             Ok(
                 json!({"ok": got.len() >= n, "bodies": bodies(got), "error": "not received in time"}),
             )
+        }
+        Some("slow") => {
+            let n = request["n"].as_u64().unwrap_or(1) as usize;
+            let delay = Duration::from_millis(request["delay_ms"].as_u64().unwrap_or(1_000));
+            receiver.script(
+                &text("path")?,
+                vec![herald_e2e::Reply::status(200).delay(delay); n],
+            );
+            Ok(json!({"ok": true}))
         }
         _ => Err(format!("unknown request {request}")),
     }

@@ -132,19 +132,46 @@ export async function webhookDetail({ id }) {
     });
   }
 
+  // A job's progress, polled each second while it runs, with a button that
+  // stops it (what it already sent stays sent).
   function follow(job) {
     const line = h('p', {});
     const titleId = uid('job');
+    const noun = job.kind === 'replay' ? 'replay' : 'recovery';
+    const problem = h('div', {});
+    let timer = null;
+    const cancel = h('button', {
+      type: 'button',
+      class: 'danger',
+      onclick: async () => {
+        cancel.disabled = true;
+        say(problem, '');
+        try {
+          const { data } = await api('POST', `${path}/jobs/${encodeURIComponent(job.id)}/cancel`);
+          clearTimeout(timer);
+          show(data);
+          logs.refresh();
+        } catch (e) {
+          cancel.disabled = false;
+          say(problem, `Could not cancel the ${noun}: ${e.message}`, 'error');
+          // It may have ended meanwhile: show how.
+          clearTimeout(timer);
+          poll();
+        }
+      },
+    }, `Cancel the ${noun}`);
     const panel = h('section', { class: 'card job', 'aria-labelledby': titleId },
-      h('h2', { id: titleId }, job.kind === 'replay' ? 'Replay' : 'Recovery'), line);
-    const region = h('div', { role: 'status', 'aria-live': 'polite' }, panel);
-    jobSlot.replaceChildren(region);
+      h('h2', { id: titleId }, job.kind === 'replay' ? 'Replay' : 'Recovery'),
+      h('div', { role: 'status', 'aria-live': 'polite' }, line),
+      cancel, problem);
+    jobSlot.replaceChildren(panel);
+    const STATUS = { running: 'Running', done: 'Done', failed: 'Failed', cancelled: 'Cancelled' };
     const show = (j) => {
-      const what = j.status === 'running' ? 'Running' : j.status === 'done' ? 'Done' : 'Failed';
+      const what = STATUS[j.status] || j.status;
       line.textContent = `${what}: ${j.queued} queued, ${j.delivered} delivered, ${j.failed} failed${j.error ? ` — ${j.error}` : ''}.`;
+      if (j.status !== 'running') cancel.remove();
     };
     show(job);
-    let timer = null;
     onLeave(() => clearTimeout(timer));
     const poll = async () => {
       try {
