@@ -7,6 +7,13 @@
 //! after its outcome is durably published, so nothing is lost; the accepted
 //! publish carries `Nats-Msg-Id: <org>:<event id>`, so a redelivery is not a
 //! duplicate.
+//!
+//! What ingest holds is bounded: each pull asks for at most 1,000 messages
+//! and [`PULL_MAX_BYTES`] bytes. An event delivered more than
+//! [`MAX_DELIVERIES`] times without being concluded (ingest stopped or kept
+//! failing while it held it) is not processed again: it is set aside to the
+//! dead letters, whole, and a rejection `redelivered` says so on
+//! `herald.rejected.<org>`, instead of looping until JetStream drops it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,6 +38,19 @@ use tracing::Instrument;
 pub const HEALTH_ADDR: &str = "HERALD_INGEST_HEALTH_ADDR";
 pub const MAX_EVENT_BYTES: &str = "HERALD_MAX_EVENT_BYTES";
 pub const EXTRA_EVENT_TYPES: &str = "HERALD_EXTRA_EVENT_TYPES";
+/// The most bytes one pull asks for (with at most [`PULL_BATCH`] messages).
+pub const PULL_MAX_BYTES: &str = "HERALD_INGEST_PULL_MAX_BYTES";
+/// Deliveries of one event, at most, before it is set aside.
+pub const MAX_DELIVERIES: &str = "HERALD_INGEST_MAX_DELIVERIES";
+
+/// The rejection reason of an event set aside after too many deliveries.
+pub const REDELIVERED: &str = "redelivered";
+
+/// Messages one pull asks for, at most.
+const PULL_BATCH: usize = 1_000;
+/// Room above the server's `max_payload` for a message's subject and
+/// headers: a pull capped below the largest message would never get it.
+const PULL_BYTES_MARGIN: usize = 64 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -40,6 +60,11 @@ pub struct Config {
     pub catalogue: Catalogue,
     /// How many events are processed at once.
     pub concurrency: usize,
+    /// Bytes one pull asks for, at most (raised to the server's largest
+    /// message if it is below).
+    pub pull_max_bytes: usize,
+    /// Deliveries of one event before it is set aside.
+    pub max_deliveries: i64,
 }
 
 impl Config {
@@ -60,6 +85,22 @@ impl Config {
             catalogue: Catalogue::with_extra(&extra)
                 .map_err(|e| ConfigError::new(EXTRA_EVENT_TYPES, e.to_string()))?,
             concurrency: 256,
+            pull_max_bytes: match config::bytes(src, PULL_MAX_BYTES)? {
+                0 => 8 << 20,
+                n if (64 << 10..=1 << 30).contains(&n) => n as usize,
+                _ => {
+                    return Err(ConfigError::new(
+                        PULL_MAX_BYTES,
+                        "must be between 64KiB and 1GiB",
+                    ));
+                }
+            },
+            max_deliveries: config::number(
+                src,
+                MAX_DELIVERIES,
+                5,
+                1..=dead_letters::MAX_HAND_BACKS,
+            )?,
         })
     }
 }
@@ -84,6 +125,7 @@ struct Metrics {
     ingested: Counter,
     rejected: Family<ReasonLabel, Counter>,
     dead_letters: Counter,
+    set_aside: Counter,
 }
 
 struct State {
@@ -118,8 +160,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             "Events refused, by reason",
             metrics.rejected.clone(),
         );
+        r.register(
+            "events_set_aside",
+            "Events delivered too many times without being concluded, moved to HERALD_DEAD",
+            metrics.set_aside.clone(),
+        );
     });
-    for code in Rejection::CODES {
+    for code in Rejection::CODES.iter().chain([&REDELIVERED]) {
         let _ = metrics
             .rejected
             .get_or_create(&ReasonLabel { reason: code });
@@ -142,11 +189,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     )
     .await?;
     metrics::watch_consumer(&health, &consumer, names::INGEST_CONSUMER, shutdown.clone());
-    let mut messages = nats::Pull::new(consumer, 1_000, 0)
+    // A pull capped below the largest message the server takes would
+    // never be answered with it.
+    let largest = client.server_info().max_payload + PULL_BYTES_MARGIN;
+    let pull_max_bytes = config.pull_max_bytes.max(largest);
+    let mut messages = nats::Pull::new(consumer, PULL_BATCH, pull_max_bytes)
         .await
         .map_err(|e| Error::Consumer(e.to_string()))?;
     health.set("consumer", true);
-    tracing::info!("ingest consuming {}", names::EVENTS_SUBJECTS);
+    tracing::info!(
+        pull_max_bytes,
+        "ingest consuming {}",
+        names::EVENTS_SUBJECTS
+    );
 
     let concurrency = config.concurrency;
     let state = Arc::new(State {
@@ -180,8 +235,36 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     Ok(())
 }
 
+/// What to do with a message, by how many times it was delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Process,
+    /// Delivered past the limit without being concluded: whatever made
+    /// ingest stop or fail on it may do so again.
+    SetAside,
+}
+
+fn verdict(delivered: i64, max_deliveries: i64) -> Verdict {
+    if delivered > max_deliveries {
+        Verdict::SetAside
+    } else {
+        Verdict::Process
+    }
+}
+
+/// How long an event handed back for Herald's own trouble waits before it
+/// is delivered again: 1 s, doubling to 16 s, so the deliveries before it
+/// is set aside span a short outage rather than a second or two.
+fn hand_back_delay(delivered: i64) -> Duration {
+    Duration::from_secs(1 << (delivered.clamp(1, 5) - 1))
+}
+
 impl State {
     async fn handle(&self, message: jetstream::Message) {
+        let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+        if verdict(delivered, self.config.max_deliveries) == Verdict::SetAside {
+            return self.set_aside(&message, delivered).await;
+        }
         let headers = message.headers.as_ref();
         let envelope = Envelope {
             subject: message.subject.as_str(),
@@ -204,7 +287,10 @@ impl State {
         );
         let published = match &outcome {
             Ok(event) => self.accept(event).await,
-            Err(rejection) => self.reject(&message, rejection).await,
+            Err(rejection) => {
+                self.reject(&message, rejection.code(), &rejection.to_string())
+                    .await
+            }
         };
         match published {
             Ok(()) => {
@@ -223,7 +309,6 @@ impl State {
                 }
             }
             Err(error) => {
-                let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
                 if error.is_permanent() || delivered > dead_letters::MAX_HAND_BACKS {
                     // It will never publish: set it aside rather than loop.
                     let reason = format!("cannot publish the outcome: {error}");
@@ -240,10 +325,50 @@ impl State {
                 // Herald's own failure: hand the event back for a later try.
                 tracing::warn!(%error, subject = %message.subject, "cannot publish, event handed back");
                 let _ = message
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .ack_with(AckKind::Nak(Some(hand_back_delay(delivered))))
                     .await;
             }
         }
+    }
+
+    /// Moves an event delivered too many times to the dead letters, whole
+    /// (an operator redrives it once the cause is fixed), and files a
+    /// rejection `redelivered` for its organization saying so.
+    async fn set_aside(&self, message: &jetstream::Message, delivered: i64) {
+        let reason = format!(
+            "delivered {delivered} times without being concluded (ingest stopped or failed while \
+             handling it); set aside to the dead letters"
+        );
+        tracing::error!(subject = %message.subject, delivered, "event set aside after too many deliveries");
+        // The dead letter first: once it is there the event is safe, and the
+        // rejection only tells.
+        if let Err(error) = dead_letters::send(
+            &self.js,
+            names::EVENTS_STREAM,
+            &message.subject,
+            message.payload.clone(),
+            &reason,
+        )
+        .await
+        {
+            tracing::warn!(%error, "cannot set an event aside; handed back");
+            let _ = message
+                .ack_with(AckKind::Nak(Some(hand_back_delay(delivered))))
+                .await;
+            return;
+        }
+        self.metrics.set_aside.inc();
+        if let Err(error) = self.reject(message, REDELIVERED, &reason).await {
+            tracing::warn!(%error, "cannot file the rejection of an event set aside (it is in the dead letters)");
+        } else {
+            self.metrics
+                .rejected
+                .get_or_create(&ReasonLabel {
+                    reason: REDELIVERED,
+                })
+                .inc();
+        }
+        let _ = message.ack_with(AckKind::Term).await;
     }
 
     async fn accept(&self, event: &herald_core::proto::Event) -> Result<(), PublishError> {
@@ -263,10 +388,13 @@ impl State {
         .map(|_| ())
     }
 
+    /// Files `message` on `herald.rejected.<org>` with its reason: `code`
+    /// (a [`Rejection`] code, or [`REDELIVERED`]) and `text`.
     async fn reject(
         &self,
         message: &jetstream::Message,
-        rejection: &Rejection,
+        code: &'static str,
+        text: &str,
     ) -> Result<(), PublishError> {
         let org = names::parse_event_subject(&message.subject)
             .map(|(org, _)| org)
@@ -281,16 +409,16 @@ impl State {
                 }
             })
             .unwrap_or(names::REJECTED_UNKNOWN_ORG);
-        tracing::info!(subject = %message.subject, reason = rejection.code(), error = %rejection, "event rejected");
+        tracing::info!(subject = %message.subject, reason = code, error = text, "event rejected");
         let record = serde_json::json!({
-            "reason": rejection.code(),
-            "message": rejection.to_string(),
+            "reason": code,
+            "message": text,
             "subject": message.subject.as_str(),
             "body": String::from_utf8_lossy(&message.payload[..message.payload.len().min(64 * 1024)]),
             "rejected_at": herald_core::payload::rfc3339_ms(now_ms()),
         });
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Herald-Reject-Reason", rejection.code());
+        headers.insert("Herald-Reject-Reason", code);
         if let Ok(info) = message.info() {
             headers.insert(
                 "Nats-Msg-Id",
@@ -305,5 +433,51 @@ impl State {
         )
         .await
         .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_is_set_aside_past_its_deliveries() {
+        let check = |delivered, max| verdict(delivered, max);
+        assert_eq!(check(1, 5), Verdict::Process);
+        assert_eq!(check(5, 5), Verdict::Process);
+        assert_eq!(check(6, 5), Verdict::SetAside);
+        assert_eq!(check(2, 1), Verdict::SetAside);
+        // Set aside before JetStream's own backstop would drop it silently.
+        let most = Config::from_source(&[(MAX_DELIVERIES, "20")])
+            .unwrap()
+            .max_deliveries;
+        assert_eq!(check(dead_letters::MAX_DELIVER, most), Verdict::SetAside);
+    }
+
+    #[test]
+    fn hand_backs_wait_longer_each_time() {
+        let delays: Vec<u64> = (1..=7).map(|d| hand_back_delay(d).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 16, 16]);
+        assert_eq!(hand_back_delay(0).as_secs(), 1);
+    }
+
+    #[test]
+    fn configuration() {
+        let config = Config::from_source(&[("UNUSED", "")]).unwrap();
+        assert_eq!((config.pull_max_bytes, config.max_deliveries), (8 << 20, 5));
+        let config = Config::from_source(&[(PULL_MAX_BYTES, "2MiB")]).unwrap();
+        assert_eq!(config.pull_max_bytes, 2 << 20);
+        for (var, value) in [
+            (PULL_MAX_BYTES, "1KiB"),
+            (PULL_MAX_BYTES, "lots"),
+            (MAX_DELIVERIES, "0"),
+            (MAX_DELIVERIES, "21"),
+        ] {
+            assert_eq!(
+                Config::from_source(&[(var, value)]).unwrap_err().var,
+                var,
+                "{var}={value}"
+            );
+        }
     }
 }

@@ -1,0 +1,151 @@
+//! Ingest's bounds (PRODUCT.md, "Events in"): what one pull may hold, and
+//! an event that ingest cannot conclude however often it is delivered.
+
+use std::time::Duration;
+
+use herald_core::names;
+use herald_e2e::{Options, Stack};
+use serde_json::{Value, json};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_pull_is_capped_by_bytes_as_well_as_by_count() {
+    let stack =
+        Stack::start_with(Options::default().env("HERALD_INGEST_PULL_MAX_BYTES", "2MiB")).await;
+    // Ingest's pull requests, as the server gets them (a pull expires after
+    // 5 s, so another comes soon).
+    let mut pulls = stack
+        .client
+        .subscribe(format!(
+            "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
+            names::EVENTS_STREAM,
+            names::INGEST_CONSUMER
+        ))
+        .await
+        .expect("subscribe");
+    let pull = tokio::time::timeout(
+        Duration::from_secs(15),
+        futures::StreamExt::next(&mut pulls),
+    )
+    .await
+    .expect("a pull request within 15 s")
+    .expect("subscription open");
+    let pull: Value = serde_json::from_slice(&pull.payload).expect("a JSON pull request");
+    assert_eq!(pull["batch"], 1_000, "{pull}");
+    assert_eq!(pull["max_bytes"], 2 << 20, "{pull}");
+    stack.stop().await;
+
+    // Below the largest message the server takes, the cap is raised to it:
+    // a pull smaller than a message would never be answered with it.
+    let stack =
+        Stack::start_with(Options::default().env("HERALD_INGEST_PULL_MAX_BYTES", "64KiB")).await;
+    let largest = stack.client.server_info().max_payload + 64 * 1024;
+    let mut pulls = stack
+        .client
+        .subscribe(format!(
+            "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
+            names::EVENTS_STREAM,
+            names::INGEST_CONSUMER
+        ))
+        .await
+        .expect("subscribe");
+    let pull = tokio::time::timeout(
+        Duration::from_secs(15),
+        futures::StreamExt::next(&mut pulls),
+    )
+    .await
+    .expect("a pull request within 15 s")
+    .expect("subscription open");
+    let pull: Value = serde_json::from_slice(&pull.payload).expect("a JSON pull request");
+    assert_eq!(pull["max_bytes"], largest, "{pull}");
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_ingest_keeps_failing_on_is_set_aside_and_rejected_with_the_reason() {
+    // HERALD_ACCEPTED refuses everything (a 64-byte limit, discard new):
+    // ingest cannot conclude any event, and hands each back again and again.
+    let stack = Stack::start_with(
+        Options::default()
+            .env("HERALD_ACCEPTED_MAX_BYTES", "64")
+            .env("HERALD_INGEST_MAX_DELIVERIES", "2"),
+    )
+    .await;
+    let event = json!({"id": "evt_stuck", "attributes": {"workflow": "billing"}});
+    stack
+        .publish("acme", "workflow.completed", event.clone())
+        .await;
+
+    // Its third delivery is past the limit: it is filed as rejected, with
+    // the reason, for its organization...
+    let rejected = stack
+        .js
+        .get_stream(names::REJECTED_STREAM)
+        .await
+        .expect("rejected stream");
+    let record = stack
+        .eventually(Duration::from_secs(20), "the rejection", || {
+            let rejected = rejected.clone();
+            async move {
+                rejected
+                    .get_last_raw_message_by_subject(&names::rejected_subject("acme"))
+                    .await
+                    .ok()
+            }
+        })
+        .await;
+    let rejection: Value = serde_json::from_slice(&record.payload).unwrap();
+    assert_eq!(rejection["reason"], "redelivered", "{rejection}");
+    let text = rejection["message"].as_str().unwrap();
+    assert!(text.contains("delivered 3 times"), "{rejection}");
+    assert!(text.contains("dead letters"), "{rejection}");
+    assert!(
+        rejection["body"].as_str().unwrap().contains("evt_stuck"),
+        "{rejection}"
+    );
+    assert_eq!(
+        record
+            .headers
+            .get("Herald-Reject-Reason")
+            .map(|v| v.as_str()),
+        Some("redelivered")
+    );
+
+    // ...and set aside whole in the dead letters, where it can be redriven.
+    let dead = stack.js.get_stream(names::DEAD_STREAM).await.unwrap();
+    let letter = dead
+        .get_last_raw_message_by_subject(&names::dead_subject(names::EVENTS_STREAM))
+        .await
+        .expect("the event in the dead letters");
+    let body: Value = serde_json::from_slice(&letter.payload).unwrap();
+    assert_eq!(body, event);
+    assert_eq!(
+        letter
+            .headers
+            .get("Herald-Dead-Subject")
+            .map(|v| v.as_str()),
+        Some("herald.events.acme.workflow.completed")
+    );
+
+    // Ingest holds nothing of it any more: it is not looping.
+    let consumer: async_nats::jetstream::consumer::PullConsumer = stack
+        .js
+        .get_consumer_from_stream(names::INGEST_CONSUMER, names::EVENTS_STREAM)
+        .await
+        .unwrap();
+    stack
+        .eventually(Duration::from_secs(10), "ingest's consumer idle", || {
+            let mut consumer = consumer.clone();
+            async move {
+                let info = consumer.info().await.ok()?;
+                (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+            }
+        })
+        .await;
+    assert_eq!(
+        stack
+            .metric("HERALD_INGEST_HEALTH_ADDR", "herald_events_set_aside_total")
+            .await,
+        Some(1.0)
+    );
+    stack.stop().await;
+}
