@@ -777,6 +777,9 @@ impl Runner {
         )
         .await?;
         while let Some(message) = events.next(shutdown).await? {
+            // A window of events the webhook does not match keeps the lease
+            // (and saves the cursor) while it is read.
+            self.renew(job, revision, counts).await?;
             let Ok(info) = message.info() else { continue };
             let (seq, stored_ms) = (
                 info.stream_sequence,
