@@ -9,6 +9,15 @@
 //! Redis down the state is kept per replica instead ([`Source::Local`]):
 //! deliveries go on, throttling and probing still work on each replica, and
 //! nothing is ever disabled on such a view.
+//!
+//! A Redis that answers reads but refuses writes (full, with `noeviction`)
+//! is the same as a down one for the webhook whose change it refused: from
+//! the failed write on, that webhook's state is this replica's own view,
+//! and Redis is not read for it (what Redis holds is older than what this
+//! replica has decided since: a breaker acting on it would send a failing
+//! URL a burst every time the cache expired). At most every
+//! [`WRITE_RETRY`] a change tries to write the local view back; once a
+//! write succeeds, Redis is the webhook's state again.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -28,13 +37,17 @@ const KEEP: Duration = Duration::from_secs(8 * 86_400);
 /// throttled endpoint's answers all change its state at once (dozens in
 /// flight), so the tries back off a little, with jitter, between them.
 const CAS_TRIES: u32 = 12;
+/// How often a webhook whose state this replica keeps on its own (a write
+/// failed) tries to write it back to Redis.
+const WRITE_RETRY: Duration = Duration::from_secs(1);
 
 /// Where a state came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     /// Redis: every replica sees the same.
     Shared,
-    /// This replica's own view, while Redis is unreachable.
+    /// This replica's own view, while Redis is unreachable or refuses to
+    /// store the webhook's state.
     Local,
     /// Redis kept changing under the compare-and-set: the decision was
     /// taken on the latest state read and not written. Like [`Source::Local`],
@@ -58,6 +71,9 @@ pub struct EndpointStates {
     /// (state, when read) by webhook id; also the fallback while Redis is
     /// down.
     cache: Mutex<HashMap<String, (Endpoint, Instant)>>,
+    /// Webhooks whose state is this replica's own (a write to Redis
+    /// failed), with when to try writing it back.
+    local: Mutex<HashMap<String, Instant>>,
 }
 
 fn encode(state: &Endpoint) -> String {
@@ -83,7 +99,33 @@ impl EndpointStates {
             redis,
             cas: redis::Script::new(CAS),
             cache: Mutex::default(),
+            local: Mutex::default(),
         }
+    }
+
+    /// `Some(due)` while the webhook's state is this replica's own, `due`
+    /// saying whether it is time to try writing it back.
+    fn local_view(&self, webhook: &str) -> Option<bool> {
+        let local = self.local.lock().expect("endpoint local views");
+        local
+            .get(webhook)
+            .map(|retry_at| *retry_at <= Instant::now())
+    }
+
+    /// A write failed (or Redis did not answer): the webhook's state is this
+    /// replica's own until a write succeeds.
+    fn go_local(&self, webhook: &str) {
+        let mut local = self.local.lock().expect("endpoint local views");
+        if local.len() < 100_000 || local.contains_key(webhook) {
+            local.insert(webhook.to_owned(), Instant::now() + WRITE_RETRY);
+        }
+    }
+
+    fn go_shared(&self, webhook: &str) {
+        self.local
+            .lock()
+            .expect("endpoint local views")
+            .remove(webhook);
     }
 
     fn cached(&self, webhook: &str, fresh_only: bool) -> Option<Endpoint> {
@@ -116,6 +158,12 @@ impl EndpointStates {
 
     /// The webhook's state, from the cache when fresh.
     pub async fn get(&self, webhook: &str) -> (Endpoint, Source) {
+        if self.local_view(webhook).is_some() {
+            return (
+                self.cached(webhook, false).unwrap_or_default(),
+                Source::Local,
+            );
+        }
         if let Some(state) = self.cached(webhook, true) {
             return (state, Source::Shared);
         }
@@ -142,6 +190,18 @@ impl EndpointStates {
         mut decide: impl FnMut(&Endpoint) -> (Option<Endpoint>, R),
     ) -> (R, Endpoint, Source) {
         let key = names::endpoint_key(webhook);
+        match self.local_view(webhook) {
+            Some(false) => {
+                let current = self.cached(webhook, false).unwrap_or_default();
+                return self.decide_unwritten(webhook, current, decide, Source::Local);
+            }
+            Some(true) => {
+                if let Some(done) = self.write_back(webhook, &key, &mut decide).await {
+                    return done;
+                }
+            }
+            None => {}
+        }
         let mut latest = Endpoint::Healthy;
         for tries in 0..CAS_TRIES {
             if tries > 0 {
@@ -151,6 +211,7 @@ impl EndpointStates {
             }
             let Some(raw) = self.read_raw(webhook).await else {
                 // Redis is down: this replica's own view.
+                self.go_local(webhook);
                 let current = self.cached(webhook, false).unwrap_or_default();
                 return self.decide_unwritten(webhook, current, decide, Source::Local);
             };
@@ -178,7 +239,18 @@ impl EndpointStates {
                     return (result, next, Source::Shared);
                 }
                 Some(_) => latest = current,
-                None => return self.decide_unwritten(webhook, current, decide, Source::Local),
+                // Refused (full) or unanswered: from here on this replica
+                // decides for the webhook on its own view, starting from
+                // what Redis said, and Redis's copy is not read again until
+                // a write succeeds.
+                None => {
+                    tracing::debug!(
+                        webhook_id = webhook,
+                        "endpoint state not stored; deciding on this replica's view"
+                    );
+                    self.go_local(webhook);
+                    return self.decide_unwritten(webhook, current, decide, Source::Local);
+                }
             }
         }
         tracing::debug!(
@@ -187,6 +259,65 @@ impl EndpointStates {
         );
         self.remember(webhook, &latest);
         self.decide_unwritten(webhook, latest, decide, Source::Contended)
+    }
+
+    /// The webhook's state is this replica's own and it is time to try
+    /// writing it back: decides on the local view and stores the result in
+    /// Redis. `None` when another replica changed Redis meanwhile (Redis
+    /// takes writes again: decide on its state as usual).
+    async fn write_back<R>(
+        &self,
+        webhook: &str,
+        key: &str,
+        decide: &mut impl FnMut(&Endpoint) -> (Option<Endpoint>, R),
+    ) -> Option<(R, Endpoint, Source)> {
+        let current = self.cached(webhook, false).unwrap_or_default();
+        let (next, result) = decide(&current);
+        let state = next.unwrap_or(current);
+        let Some(raw) = self.read_raw(webhook).await else {
+            self.go_local(webhook);
+            self.remember(webhook, &state);
+            return Some((result, state, Source::Local));
+        };
+        let new = encode(&state);
+        if raw == new {
+            // Redis holds what this replica decided: nothing to write.
+            self.go_shared(webhook);
+            self.remember(webhook, &state);
+            return Some((result, state, Source::Shared));
+        }
+        let (cas, key) = (&self.cas, key.to_owned());
+        let swapped = self
+            .redis
+            .run("write back endpoint state", |mut conn| async move {
+                cas.key(&key)
+                    .arg(&raw)
+                    .arg(&new)
+                    .arg(KEEP.as_secs())
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+            })
+            .await;
+        match swapped {
+            Some(1) => {
+                tracing::debug!(
+                    webhook_id = webhook,
+                    "endpoint state stored again; shared from here on"
+                );
+                self.go_shared(webhook);
+                self.remember(webhook, &state);
+                Some((result, state, Source::Shared))
+            }
+            Some(_) => {
+                self.go_shared(webhook);
+                None
+            }
+            None => {
+                self.go_local(webhook);
+                self.remember(webhook, &state);
+                Some((result, state, Source::Local))
+            }
+        }
     }
 
     /// Decides on `current` without writing to Redis. A local view keeps
