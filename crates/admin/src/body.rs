@@ -104,6 +104,11 @@ impl Fields {
         }
     }
 
+    /// The names of the fields given (what the audit trail records).
+    pub fn names(&self) -> Vec<String> {
+        self.0.keys().cloned().collect()
+    }
+
     /// `None` when absent, `Some(None)` when null, `Some(Some(v))` otherwise.
     pub fn nullable<T: DeserializeOwned>(
         &mut self,

@@ -5,13 +5,16 @@
 //! any other client.
 //!
 //! Every console answer carries a strict Content-Security-Policy (scripts,
-//! styles and connections from this origin only, nothing inline, no
-//! framing), so a string that reaches the page from the API can never run
-//! as code. API answers carry `Cache-Control: no-store` ([`api_headers`]):
+//! styles and connections from this origin only, nothing inline), so a
+//! string that reaches the page from the API can never run as code. It may
+//! be framed only by the origins the operator lists
+//! (`HERALD_CONSOLE_FRAME_ANCESTORS`, CSP `frame-ancestors`; none by
+//! default, then also `X-Frame-Options: DENY`), so a platform can embed it
+//! in its own pages and nobody else can. API answers carry `Cache-Control: no-store` ([`api_headers`]):
 //! a browser must not keep webhook definitions or logs on disk.
 
 use axum::Router;
-use axum::extract::Path;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -61,10 +64,61 @@ const ASSETS: &[Asset] = &[
 ];
 
 /// The policy of every console page: nothing but this origin, nothing
-/// inline, never framed, no forms posted elsewhere.
+/// inline, no forms posted elsewhere; framed by nobody unless the operator
+/// lists origins ([`content_security_policy`]).
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; \
     style-src 'self'; img-src 'self'; connect-src 'self'; font-src 'self'; \
     object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+
+/// The policy with `frame-ancestors` set to `ancestors` ('none' when empty).
+pub fn content_security_policy(ancestors: &[String]) -> String {
+    if ancestors.is_empty() {
+        return CONTENT_SECURITY_POLICY.to_owned();
+    }
+    CONTENT_SECURITY_POLICY.replace(
+        "frame-ancestors 'none'",
+        &format!("frame-ancestors {}", ancestors.join(" ")),
+    )
+}
+
+/// `HERALD_CONSOLE_FRAME_ANCESTORS`: space-separated origins like
+/// `https://app.example.com` (a scheme and a host, an optional port and
+/// `*.` wildcard; nothing else, so the value can never widen the policy
+/// beyond origins).
+pub fn parse_frame_ancestors(text: &str) -> Result<Vec<String>, String> {
+    let mut origins = Vec::new();
+    for origin in text.split_whitespace() {
+        let (scheme, rest) = origin
+            .split_once("://")
+            .ok_or_else(|| format!("{origin:?} is not an origin like https://app.example.com"))?;
+        let host_ok = !rest.is_empty()
+            && rest
+                .trim_start_matches("*.")
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
+        if !matches!(scheme, "https" | "http") || !host_ok {
+            return Err(format!(
+                "{origin:?} is not an origin like https://app.example.com (scheme, host, optional port)"
+            ));
+        }
+        origins.push(origin.trim_end_matches('/').to_owned());
+    }
+    Ok(origins)
+}
+
+/// `HERALD_CONSOLE_URL`: where console links point, e.g.
+/// `https://herald.example.com` (the console is at `/console` under it).
+pub fn parse_console_url(text: &str) -> Result<String, String> {
+    let url = url::Url::parse(text.trim())
+        .map_err(|e| format!("{text:?} is not a URL like https://herald.example.com: {e}"))?;
+    if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
+        return Err(format!("{text:?} must be an http(s) URL with a host"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!("{text:?} must have no query or fragment"));
+    }
+    Ok(url.as_str().trim_end_matches('/').to_owned())
+}
 
 /// `/console`, `/console/` and `/console/<file>`.
 pub fn routes() -> Router<AppState> {
@@ -74,17 +128,24 @@ pub fn routes() -> Router<AppState> {
         .route("/console/{*path}", get(file))
 }
 
-async fn index(headers: HeaderMap) -> Response {
-    serve("index.html", &headers)
+async fn index(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    serve("index.html", &headers, &state.config.frame_ancestors)
 }
 
-async fn file(Path(path): Path<String>, headers: HeaderMap) -> Response {
-    serve(&path, &headers)
+async fn file(
+    State(state): State<AppState>,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    serve(&path, &headers, &state.config.frame_ancestors)
 }
 
-fn serve(path: &str, request: &HeaderMap) -> Response {
+fn serve(path: &str, request: &HeaderMap, ancestors: &[String]) -> Response {
     let Some(asset) = ASSETS.iter().find(|a| a.path == path) else {
-        return secure((StatusCode::NOT_FOUND, "not found").into_response());
+        return secure(
+            (StatusCode::NOT_FOUND, "not found").into_response(),
+            ancestors,
+        );
     };
     // A changed binary serves changed files: the ETag is the content's hash.
     let etag = format!(
@@ -106,14 +167,20 @@ fn serve(path: &str, request: &HeaderMap) -> Response {
     }
     // Revalidated on every load, so an upgrade is seen at once.
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    secure(response)
+    secure(response, ancestors)
 }
 
-fn secure(mut response: Response) -> Response {
+fn secure(mut response: Response, ancestors: &[String]) -> Response {
     let headers = response.headers_mut();
+    if let Ok(policy) = HeaderValue::from_str(&content_security_policy(ancestors)) {
+        headers.insert("content-security-policy", policy);
+    }
+    // X-Frame-Options cannot name origins (ALLOW-FROM is dead): it is sent
+    // only when nobody may frame the console, for browsers without CSP.
+    if ancestors.is_empty() {
+        headers.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    }
     for (name, value) in [
-        ("content-security-policy", CONTENT_SECURITY_POLICY),
-        ("x-frame-options", "DENY"),
         ("x-content-type-options", "nosniff"),
         ("referrer-policy", "no-referrer"),
         ("cross-origin-opener-policy", "same-origin"),
@@ -205,17 +272,56 @@ mod tests {
 
     #[test]
     fn unknown_files_are_404_with_the_same_headers() {
-        let response = serve("../lib.rs", &HeaderMap::new());
+        let response = serve("../lib.rs", &HeaderMap::new(), &[]);
         assert_eq!(response.status(), StatusCode::NOT_FOUND);
         assert!(response.headers().contains_key("content-security-policy"));
-        let response = serve("index.html", &HeaderMap::new());
+        let response = serve("index.html", &HeaderMap::new(), &[]);
         assert_eq!(response.status(), StatusCode::OK);
         let etag = response.headers()[header::ETAG].clone();
         let mut again = HeaderMap::new();
         again.insert(header::IF_NONE_MATCH, etag);
         assert_eq!(
-            serve("index.html", &again).status(),
+            serve("index.html", &again, &[]).status(),
             StatusCode::NOT_MODIFIED
         );
+    }
+
+    #[test]
+    fn frame_ancestors_are_the_operators_origins_only() {
+        let none = serve("index.html", &HeaderMap::new(), &[]);
+        assert_eq!(none.headers()["x-frame-options"], "DENY");
+        assert!(
+            none.headers()["content-security-policy"]
+                .to_str()
+                .unwrap()
+                .ends_with("frame-ancestors 'none'")
+        );
+        let origins =
+            parse_frame_ancestors(" https://app.example.com  http://localhost:3000 ").unwrap();
+        let framed = serve("index.html", &HeaderMap::new(), &origins);
+        assert!(framed.headers().get("x-frame-options").is_none());
+        let csp = framed.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            csp.ends_with("frame-ancestors https://app.example.com http://localhost:3000"),
+            "{csp}"
+        );
+        assert!(csp.contains("default-src 'self'"));
+        for bad in [
+            "app.example.com",
+            "https://a.com; script-src *",
+            "javascript://x",
+            "'self'",
+        ] {
+            assert!(parse_frame_ancestors(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_frame_ancestors("").unwrap(), Vec::<String>::new());
+        assert_eq!(
+            parse_console_url("https://h.example.com/").unwrap(),
+            "https://h.example.com"
+        );
+        assert!(parse_console_url("ftp://x").is_err());
     }
 }

@@ -1,5 +1,6 @@
 //! API errors: `{"error": {"code", "message", "field"}}` with 400 for bad
-//! input, 401 without a valid key, 404 for what the caller cannot see, 409
+//! input, 401 without a valid key, 403 for what the key's scope does not
+//! allow (`read_only`, `operator_only`, `restricted`), 404 for what the caller cannot see, 409
 //! for a conflicting concurrent change, 413 for an oversize body, 415 for a
 //! body that is not declared JSON, 429 (with `Retry-After`) for a caller
 //! over a rate limit. Every error the API answers has this
@@ -50,6 +51,12 @@ impl ApiError {
             "unauthorized",
             "a valid `Authorization: Bearer <api key>` is required",
         )
+    }
+
+    /// The caller is known but may not do this (a read-only key that
+    /// writes, a tenant key on an operator route).
+    pub fn forbidden(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, code, message)
     }
 
     pub fn not_found(what: &str) -> Self {
@@ -129,6 +136,7 @@ fn code_for(status: StatusCode) -> &'static str {
     match status.as_u16() {
         400 | 422 => "bad_request",
         401 => "unauthorized",
+        403 => "forbidden",
         404 => "not_found",
         405 => "method_not_allowed",
         408 => "request_timeout",

@@ -245,7 +245,7 @@ async fn start(
         ));
     }
     // A job sends again what was sent: it counts as a manual send.
-    state.manual_sends.take(&caller.key, now)?;
+    state.manual_sends.take(caller).await?;
     let job = Job {
         id: format!("job_{}", &ids::new_event_id()[4..]),
         kind: kind.into(),

@@ -7,14 +7,19 @@
 //! service's, and `/live` and `/ready` on the API port too, for a load
 //! balancer; the metrics are not public.
 
+pub mod api_keys;
+pub mod audit;
 pub mod auth;
 mod body;
 mod console;
+pub mod console_links;
 pub mod dead_letters;
 pub mod error;
 pub mod jobs;
+pub mod kv_map;
 pub mod limits;
 mod logs;
+pub mod organizations;
 mod validate;
 mod webhooks;
 
@@ -40,7 +45,7 @@ use herald_platform::webhooks::WebhookStore;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Keys;
+use crate::auth::{FileKeys, HashKey, Keys};
 use crate::error::ApiError;
 
 pub const ADMIN_ADDR: &str = "HERALD_ADMIN_ADDR";
@@ -55,6 +60,9 @@ pub const MANUAL_SENDS_PER_MINUTE: &str = "HERALD_MANUAL_SENDS_PER_MINUTE";
 pub const API_REQUESTS_PER_MINUTE: &str = "HERALD_API_REQUESTS_PER_MINUTE";
 pub const EXTRA_EVENT_TYPES: &str = "HERALD_EXTRA_EVENT_TYPES";
 pub const LOG_RETENTION: &str = "HERALD_LOG_RETENTION";
+pub const API_KEY_HASH_KEY: &str = "HERALD_API_KEY_HASH_KEY";
+pub const CONSOLE_URL: &str = "HERALD_CONSOLE_URL";
+pub const CONSOLE_FRAME_ANCESTORS: &str = "HERALD_CONSOLE_FRAME_ANCESTORS";
 
 /// Largest request body accepted; more is a 413.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -68,7 +76,17 @@ pub struct Config {
     pub addr: SocketAddr,
     /// `/live`, `/ready` and `/metrics`.
     pub health_addr: SocketAddr,
+    /// The bootstrap keys as read at start, and their file (re-read when
+    /// it changes).
     pub keys: Keys,
+    pub keys_path: std::path::PathBuf,
+    /// What API keys and console tokens are hashed with.
+    pub hash_key: HashKey,
+    /// Where console links point (`HERALD_CONSOLE_URL`; else the request's
+    /// host).
+    pub console_url: Option<String>,
+    /// Origins allowed to frame the console (`HERALD_CONSOLE_FRAME_ANCESTORS`).
+    pub frame_ancestors: Vec<String>,
     pub keyring: Keyring,
     pub allow_http: bool,
     pub max_webhooks_per_workflow: usize,
@@ -97,6 +115,24 @@ impl Config {
             ConfigError::new(var, e.to_string())
         })?;
         let extra = config::string(src, EXTRA_EVENT_TYPES, "");
+        let hash_key = match config::optional(src, API_KEY_HASH_KEY) {
+            Some(text) if text.trim().len() >= 32 => HashKey::new(text.trim().as_bytes()),
+            Some(_) => {
+                return Err(ConfigError::new(
+                    API_KEY_HASH_KEY,
+                    "must be at least 32 characters (e.g. `openssl rand -base64 32`)",
+                ));
+            }
+            // Stable as long as HERALD_SECRET_KEY is (docs/configuration.md).
+            None => HashKey::derive(current.trim()),
+        };
+        let console_url = config::optional(src, CONSOLE_URL)
+            .map(|text| console::parse_console_url(&text))
+            .transpose()
+            .map_err(|e| ConfigError::new(CONSOLE_URL, e))?;
+        let frame_ancestors =
+            console::parse_frame_ancestors(&config::string(src, CONSOLE_FRAME_ANCESTORS, ""))
+                .map_err(|e| ConfigError::new(CONSOLE_FRAME_ANCESTORS, e))?;
         Ok(Self {
             nats: config::Nats::from_source(src)?,
             redis_url: config::redis_url(src)?,
@@ -104,6 +140,10 @@ impl Config {
             addr: config::addr(src, ADMIN_ADDR, "127.0.0.1:8080")?,
             health_addr: config::addr(src, HEALTH_ADDR, "127.0.0.1:9105")?,
             keys,
+            keys_path: keys_path.into(),
+            hash_key,
+            console_url,
+            frame_ancestors,
             keyring,
             allow_http: config::boolean(src, ALLOW_HTTP, false)?,
             max_webhooks_per_workflow: config::number(
@@ -167,25 +207,21 @@ pub struct Inner {
     /// Test events and manual retries, per organization.
     pub manual_sends: limits::Limiter,
     pub api_requests: limits::Limiter,
+    /// Organizations, API keys and console links, as this replica follows
+    /// their buckets.
+    pub orgs: kv_map::KvMap<organizations::Organization>,
+    pub api_keys: kv_map::KvMap<api_keys::ApiKey>,
+    pub links: kv_map::KvMap<console_links::ConsoleLink>,
+    /// The keys file, as last read.
+    pub file_keys: Arc<FileKeys>,
+    /// Failed authentications per source address.
+    pub auth_failures: auth::Failures,
 }
 
 impl std::ops::Deref for AppState {
     type Target = Inner;
     fn deref(&self) -> &Inner {
         &self.inner
-    }
-}
-
-impl AsRef<Keys> for AppState {
-    fn as_ref(&self) -> &Keys {
-        &self.inner.config.keys
-    }
-}
-
-impl AsRef<limits::Limiter> for AppState {
-    /// The per-key limit every authenticated request takes from.
-    fn as_ref(&self) -> &limits::Limiter {
-        &self.inner.api_requests
     }
 }
 
@@ -231,12 +267,43 @@ pub async fn serve(
     let jobs = nats::retry(&shutdown, || jobs::open_bucket(&js, replicas))
         .await
         .map_err(|e| Error::Store(herald_platform::webhooks::StoreError::Unavailable(e)))?;
+    let orgs = follow(
+        &js,
+        (organizations::BUCKET, "Herald admin: organizations"),
+        Duration::ZERO,
+        replicas,
+        &shutdown,
+    )
+    .await?;
+    let api_keys = follow(
+        &js,
+        (api_keys::BUCKET, "Herald admin: API keys"),
+        Duration::ZERO,
+        replicas,
+        &shutdown,
+    )
+    .await?;
+    let links = follow(
+        &js,
+        (console_links::BUCKET, "Herald admin: console links"),
+        console_links::KEEP,
+        replicas,
+        &shutdown,
+    )
+    .await?;
+    let file_keys = FileKeys::new(config.keys_path.clone(), config.keys.clone());
+    file_keys.clone().watch(shutdown.clone());
     let store = WebhookView::new(store, shutdown.clone());
     // Ready once the view has loaded: lists answer from it.
     tokio::spawn({
         let (store, health) = (store.clone(), health.clone());
+        let (orgs, api_keys, links) = (orgs.clone(), api_keys.clone(), links.clone());
         async move {
-            while !store.is_loaded() {
+            while !(store.is_loaded()
+                && orgs.is_loaded()
+                && api_keys.is_loaded()
+                && links.is_loaded())
+            {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             health.set("store", true);
@@ -253,12 +320,19 @@ pub async fn serve(
         Redis::new(&config.log_redis_url, Duration::from_millis(500))?
     };
     let logs = LogIndex::new(log_redis, config.log_retention);
-    let manual_sends = limits::Limiter::manual_sends(config.manual_sends_per_minute);
-    let api_requests = limits::Limiter::api_requests(config.api_requests_per_minute);
+    let manual_sends =
+        limits::Limiter::manual_sends(config.manual_sends_per_minute, redis.clone(), orgs.clone());
+    let api_requests =
+        limits::Limiter::api_requests(config.api_requests_per_minute, redis.clone(), orgs.clone());
     let state = AppState {
         inner: Arc::new(Inner {
             manual_sends,
             api_requests,
+            orgs,
+            api_keys,
+            links,
+            file_keys,
+            auth_failures: auth::Failures::default(),
             config,
             store,
             logs,
@@ -288,6 +362,25 @@ pub async fn serve(
     Ok(())
 }
 
+/// Opens a bucket (with the start-up retry) and follows it.
+async fn follow<T>(
+    js: &jetstream::Context,
+    (bucket, description): (&'static str, &'static str),
+    max_age: Duration,
+    replicas: usize,
+    shutdown: &CancellationToken,
+) -> Result<kv_map::KvMap<T>, Error>
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    let kv = nats::retry(shutdown, || {
+        kv_map::open(js, bucket, description, max_age, replicas)
+    })
+    .await
+    .map_err(|e| Error::Store(herald_platform::webhooks::StoreError::Unavailable(e)))?;
+    Ok(kv_map::KvMap::new(kv, bucket, shutdown.clone()))
+}
+
 /// The OpenAPI 3.1 description of this API, served at `/openapi.json`.
 pub const OPENAPI: &str = include_str!("openapi.json");
 
@@ -296,6 +389,10 @@ pub fn router(state: AppState) -> Router {
         .merge(webhooks::routes())
         .merge(logs::routes())
         .merge(jobs::routes())
+        .merge(organizations::routes())
+        .merge(api_keys::routes())
+        .merge(console_links::routes())
+        .merge(audit::routes())
         .route("/event-types", get(event_types))
         .route("/me", get(me))
         .route("/openapi.json", get(openapi))
@@ -330,32 +427,23 @@ async fn event_types(
 }
 
 /// `GET /me`: what the caller's key may use — its organizations (`["*"]`
-/// for an operator key, which may use any), its default, and the one this
-/// request acts for. The console's organization picker reads it.
-async fn me(
-    State(state): State<AppState>,
-    caller: auth::Caller,
-    headers: axum::http::HeaderMap,
-) -> Result<axum::Json<serde_json::Value>, ApiError> {
-    let key = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().split_once(' '))
-        .map(|(_, key)| key.trim())
-        .unwrap_or_default();
-    // The extractor has found this key already; absent only in a race with
-    // nothing (keys do not change while the service runs).
-    let entry = state
-        .config
-        .keys
-        .find(key)
-        .ok_or_else(ApiError::unauthorized)?;
-    Ok(axum::Json(serde_json::json!({
-        "organizations": entry.organizations,
-        "any_organization": entry.organizations.iter().any(|o| o == "*"),
-        "default_organization": entry.default_organization,
+/// for a key of every organization), its default, the one this request
+/// acts for, its scope and, for a console link's session, the webhooks it
+/// is limited to. The console's organization picker reads it.
+async fn me(caller: auth::Caller) -> axum::Json<serde_json::Value> {
+    let p = &caller.principal;
+    axum::Json(serde_json::json!({
+        "organizations": p.organizations,
+        "any_organization": p.any_organization(),
+        "default_organization": p.default_organization,
         "organization": caller.org,
-    })))
+        "key_id": p.id,
+        "name": p.name,
+        "scope": p.scope.name(),
+        "session": p.kind == auth::Kind::Session,
+        "webhook_ids": p.webhook_ids,
+        "expires_at": p.expires_at_ms.map(herald_core::payload::rfc3339_ms),
+    }))
 }
 
 async fn health(State(state): State<AppState>, uri: axum::http::Uri) -> Response {
@@ -385,6 +473,14 @@ mod tests {
             "/event-types",
             "/me",
             "/openapi.json",
+            "/organizations",
+            "/organizations/{org}",
+            "/organizations/{org}/console-links",
+            "/organizations/{org}/console-links/{id}",
+            "/console-sessions",
+            "/api-keys",
+            "/api-keys/{id}",
+            "/audit",
         ] {
             assert!(doc["paths"].get(path).is_some(), "{path} not described");
         }

@@ -517,7 +517,7 @@ pub async fn test(
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let webhook = webhook(&state, &caller, &id).await?;
-    state.manual_sends.take(&caller.key, crate::now_ms())?;
+    state.manual_sends.take(&caller).await?;
     let event = test_event(&caller.org, crate::now_ms());
     publish_job(&state, &webhook, event, proto::DeliveryKind::Test).await
 }
@@ -532,7 +532,7 @@ pub async fn retry(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let webhook = webhook(&state, &caller, &id).await?;
     let attempt = attempt(&state, &webhook, &log_id).await?;
-    state.manual_sends.take(&caller.key, crate::now_ms())?;
+    state.manual_sends.take(&caller).await?;
     let event = match attempt.event {
         Some(event) => event,
         None => accepted_event(&state, attempt.event_seq, &attempt.event_id).await?,

@@ -20,6 +20,7 @@ use herald_platform::webhooks::{StoreError, Versioned};
 use serde_json::{Value, json};
 
 use crate::AppState;
+use crate::audit;
 use crate::auth::Caller;
 use crate::body::{Fields, JsonBody};
 use crate::error::ApiError;
@@ -49,11 +50,59 @@ const FIELDS: &[&str] = &[
     "enabled",
 ];
 
-/// The JSON form of a webhook; secrets are never part of it.
-pub fn to_json(w: &proto::Webhook) -> Value {
+/// How a header value is shown: its last four characters (nothing of a
+/// value shorter than 8).
+pub const HEADER_MASK: &str = "••••";
+
+pub fn mask_header(value: &str) -> String {
+    let n = value.chars().count();
+    if n < 8 {
+        return HEADER_MASK.to_owned();
+    }
+    let last: String = value.chars().skip(n - 4).collect();
+    format!("{HEADER_MASK}{last}")
+}
+
+/// A webhook's custom headers with their values, decrypted.
+fn header_values(keyring: &secret::Keyring, w: &proto::Webhook) -> BTreeMap<String, String> {
+    let mut headers: BTreeMap<String, String> = w.headers.clone().into_iter().collect();
+    for (name, sealed) in &w.encrypted_headers {
+        let aad = secret::header_aad(&w.organization_id, &w.id, name);
+        let value = keyring.decrypt(sealed, &aad).unwrap_or_else(|error| {
+            tracing::warn!(%error, webhook_id = %w.id, header = %name, "cannot decrypt header value");
+            String::new()
+        });
+        headers.insert(name.clone(), value);
+    }
+    headers
+}
+
+/// Custom header values encrypted for storage.
+fn seal_headers(
+    keyring: &secret::Keyring,
+    w: &proto::Webhook,
+    headers: BTreeMap<String, String>,
+    now: i64,
+) -> std::collections::HashMap<String, proto::EncryptedSecret> {
+    headers
+        .into_iter()
+        .map(|(name, value)| {
+            let aad = secret::header_aad(&w.organization_id, &w.id, &name);
+            let sealed = keyring.encrypt(&value, &aad, now);
+            (name, sealed)
+        })
+        .collect()
+}
+
+/// The JSON form of a webhook; secrets are never part of it, header values
+/// are masked.
+pub fn to_json(keyring: &secret::Keyring, w: &proto::Webhook) -> Value {
     let filters: BTreeMap<&String, &Vec<String>> =
         w.filters.iter().map(|(k, v)| (k, &v.values)).collect();
-    let headers: BTreeMap<&String, &String> = w.headers.iter().collect();
+    let headers: BTreeMap<String, String> = header_values(keyring, w)
+        .into_iter()
+        .map(|(name, value)| (name, mask_header(&value)))
+        .collect();
     json!({
         "id": w.id,
         "name": w.name,
@@ -125,6 +174,7 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let mut req = required_body(body)?;
     req.only(FIELDS)?;
+    let fields = req.names();
     let name: String = req.required("name")?;
     validate_name(&name)?;
     let url: String = req.required("url")?;
@@ -153,7 +203,7 @@ pub async fn create(
     let now = crate::now_ms();
     let id = ids::new_webhook_id();
     let aad = names::webhook_key(&caller.org, &id);
-    let webhook = proto::Webhook {
+    let mut webhook = proto::Webhook {
         id,
         organization_id: caller.org.clone(),
         name,
@@ -162,14 +212,15 @@ pub async fn create(
         event_types,
         filters: filters_to_proto(filters),
         format: format as i32,
-        headers: headers.into_iter().collect(),
         secrets: vec![state.config.keyring.encrypt(&secret, &aad, now)],
         timeout_ms,
         enabled,
         disabled_reason: String::new(),
         created_at_ms: now,
         updated_at_ms: now,
+        ..Default::default()
     };
+    webhook.encrypted_headers = seal_headers(&state.config.keyring, &webhook, headers, now);
     // The limits are checked and the webhook stored under the
     // organization's lock, so two creates cannot both take the last place.
     let revision = OrgLock::holding(&state, &caller.org, true, async {
@@ -178,8 +229,21 @@ pub async fn create(
         Ok::<_, ApiError>(state.store.create(&webhook).await?)
     })
     .await?;
+    audit::record(
+        &state,
+        &caller,
+        Some(&caller.org),
+        "webhook.created",
+        ("webhook", &webhook.id),
+        fields,
+    )
+    .await;
     // A new webhook has no endpoint state yet: healthy.
-    let mut body = with_state(to_json(&webhook), &webhook, Some(Endpoint::Healthy));
+    let mut body = with_state(
+        to_json(&state.config.keyring, &webhook),
+        &webhook,
+        Some(Endpoint::Healthy),
+    );
     body["secret"] = Value::String(secret);
     let mut response = answer(StatusCode::CREATED, body, revision);
     if let Ok(location) = HeaderValue::from_str(&format!("/webhooks/{}", webhook.id)) {
@@ -196,7 +260,13 @@ pub async fn list(
     Query(query): Query<std::collections::HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let (limit, after) = list_page(&query)?;
-    let (mut page, total) = state.store.page(&caller.org, after, limit + 1).await?;
+    let (mut page, mut total) = state.store.page(&caller.org, after, limit + 1).await?;
+    if caller.principal.webhook_ids.is_some() {
+        // A console link limited to some webhooks: those, on one page.
+        page = state.store.list(&caller.org).await?;
+        page.retain(|w| caller.sees_webhook(&w.id));
+        total = page.len();
+    }
     let next_cursor = (page.len() > limit).then(|| {
         page.truncate(limit);
         page.last().map(|w| w.id.clone())
@@ -205,7 +275,7 @@ pub async fn list(
     let data: Vec<Value> = page
         .iter()
         .zip(states)
-        .map(|(w, endpoint)| with_state(to_json(w), w, endpoint))
+        .map(|(w, endpoint)| with_state(to_json(&state.config.keyring, w), w, endpoint))
         .collect();
     Ok(Json(
         json!({"data": data, "total": total, "next_cursor": next_cursor.flatten()}),
@@ -302,7 +372,7 @@ async fn shown(state: &AppState, w: &proto::Webhook) -> Value {
         .await
         .pop()
         .flatten();
-    with_state(to_json(w), w, endpoint)
+    with_state(to_json(&state.config.keyring, w), w, endpoint)
 }
 
 /// A validated PATCH: `None` leaves a field as it is.
@@ -318,6 +388,8 @@ struct Patch {
     secret: Option<String>,
     timeout_ms: Option<u32>,
     enabled: Option<bool>,
+    /// The names of the fields given, for the audit trail.
+    fields: Vec<String>,
 }
 
 impl Patch {
@@ -325,7 +397,9 @@ impl Patch {
     /// `secret`/`enabled` cannot be null.
     fn parse(state: &AppState, mut req: Fields) -> Result<Self, ApiError> {
         req.only(FIELDS)?;
+        let fields = req.names();
         let patch = Self {
+            fields,
             name: req.not_null("name")?,
             url: req.not_null("url")?,
             description: req
@@ -360,7 +434,17 @@ impl Patch {
             validate_filters(filters)?;
         }
         if let Some(headers) = &patch.headers {
-            validate_headers(headers)?;
+            // A masked value as answered stands for the value it masks
+            // (checked against the webhook in `keep_masked`).
+            let given: BTreeMap<String, String> = headers
+                .iter()
+                .filter(|(_, v)| !v.starts_with(HEADER_MASK))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            validate_headers(&given)?;
+            let masked: BTreeMap<String, String> =
+                headers.keys().map(|k| (k.clone(), "x".into())).collect();
+            validate_headers(&masked)?;
         }
         if let Some(secret) = &patch.secret {
             validate_secret(secret)?;
@@ -398,7 +482,19 @@ impl Patch {
             w.format = v as i32;
         }
         if let Some(v) = &self.headers {
-            w.headers = v.clone().into_iter().collect();
+            // A masked value keeps the value it masks.
+            let current = header_values(&state.config.keyring, w);
+            let values: BTreeMap<String, String> = v
+                .iter()
+                .map(|(name, value)| {
+                    let kept = current
+                        .get(name)
+                        .filter(|old| value.starts_with(HEADER_MASK) && mask_header(old) == *value);
+                    (name.clone(), kept.cloned().unwrap_or_else(|| value.clone()))
+                })
+                .collect();
+            w.headers.clear();
+            w.encrypted_headers = seal_headers(&state.config.keyring, w, values, now);
         }
         if let Some(secret) = &self.secret {
             // A secret set by PATCH replaces every other at once; a rotation
@@ -419,6 +515,31 @@ impl Patch {
         }
         w.updated_at_ms = now;
     }
+}
+
+/// Refuses a masked header value that is not the mask of the webhook's
+/// current value of that header (a typo, or a stale copy).
+fn keep_masked(state: &AppState, w: &proto::Webhook, patch: &Patch) -> Result<(), ApiError> {
+    let Some(headers) = &patch.headers else {
+        return Ok(());
+    };
+    let current = header_values(&state.config.keyring, w);
+    for (name, value) in headers {
+        if value.starts_with(HEADER_MASK)
+            && current
+                .get(name)
+                .is_none_or(|old| mask_header(old) != *value)
+        {
+            return Err(ApiError::validation(
+                "headers",
+                format!(
+                    "the value of header {name:?} is masked but is not the mask of its current value; \
+                     send the value itself"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Forgets a webhook's endpoint state (failing, its failed probes): the
@@ -504,7 +625,8 @@ pub async fn patch(
     let patch = Patch::parse(&state, required_body(body)?)?;
     // Found before anything else happens, so another organization's id is a
     // 404 whatever the body says.
-    find(&state, &caller.org, &id).await?;
+    let current = find(&state, &caller.org, &id).await?.webhook;
+    keep_masked(&state, &current, &patch)?;
     if patch.enabled == Some(true) {
         reset_endpoint_state(&state, &id).await?;
     }
@@ -526,6 +648,15 @@ pub async fn patch(
         // Failures of attempts already in flight while it was re-enabled.
         let _ = reset_endpoint_state(&state, &id).await;
     }
+    audit::record(
+        &state,
+        &caller,
+        Some(&caller.org),
+        "webhook.updated",
+        ("webhook", &id),
+        patch.fields.clone(),
+    )
+    .await;
     Ok(answer(
         StatusCode::OK,
         shown(&state, &webhook).await,
@@ -547,6 +678,15 @@ pub async fn delete_one(
     })
     .await?;
     let _ = reset_endpoint_state(&state, &id).await;
+    audit::record(
+        &state,
+        &caller,
+        Some(&caller.org),
+        "webhook.deleted",
+        ("webhook", &id),
+        Vec::new(),
+    )
+    .await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -598,6 +738,15 @@ pub async fn rotate_secret(
         w.updated_at_ms = now;
     })
     .await?;
+    audit::record(
+        &state,
+        &caller,
+        Some(&caller.org),
+        "webhook.secret_rotated",
+        ("webhook", &id),
+        vec!["secret".into()],
+    )
+    .await;
     let mut body = shown(&state, &webhook).await;
     body["secret"] = Value::String(secret);
     Ok(answer(StatusCode::OK, body, revision))
@@ -638,6 +787,19 @@ mod tests {
         assert_eq!(got.len(), MAX_LIVE_SECRETS);
         assert_eq!(got[0].created_at_ms, 200);
         assert_eq!(got[1].created_at_ms, 100);
+    }
+
+    #[test]
+    fn header_values_show_their_last_four_characters_from_eight_on() {
+        for (value, shown) in [
+            ("", "••••"),
+            ("t1", "••••"),
+            ("1234567", "••••"),
+            ("12345678", "••••5678"),
+            ("Bearer abcdé", "••••bcdé"),
+        ] {
+            assert_eq!(mask_header(value), shown, "{value}");
+        }
     }
 
     #[test]

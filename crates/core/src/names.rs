@@ -50,6 +50,13 @@ pub const PARKED_SUBJECTS: &str = "herald.parked.>";
 pub const DEAD_STREAM: &str = "HERALD_DEAD";
 pub const DEAD_SUBJECTS: &str = "herald.dead.>";
 
+/// The audit trail (admin): every change to organizations, API keys,
+/// console links and webhooks, `herald.audit.<org>`; a change that concerns
+/// every organization (an operator key) goes to `herald.audit` itself.
+pub const AUDIT_STREAM: &str = "HERALD_AUDIT";
+pub const AUDIT_PLATFORM_SUBJECT: &str = "herald.audit";
+pub const AUDIT_SUBJECTS: &str = "herald.audit.>";
+
 /// Webhook definitions, key `<org>.<webhook id>`.
 pub const WEBHOOKS_BUCKET: &str = "herald-webhooks";
 
@@ -94,6 +101,10 @@ pub fn attempt_subject(org: &str, webhook_id: &str) -> String {
 
 pub fn system_subject(org: &str, event_type: &str) -> String {
     format!("herald.system.{org}.{event_type}")
+}
+
+pub fn audit_subject(org: &str) -> String {
+    format!("herald.audit.{org}")
 }
 
 pub fn webhook_key(org: &str, webhook_id: &str) -> String {

@@ -11,6 +11,12 @@ use rand::RngCore;
 
 use crate::proto;
 
+/// The associated data a webhook's custom header value is encrypted with:
+/// it binds the value to its webhook and its header name.
+pub fn header_aad(org: &str, webhook_id: &str, header: &str) -> String {
+    format!("{org}.{webhook_id}/header/{}", header.to_ascii_lowercase())
+}
+
 /// A new `whsec_` secret: 32 random bytes, base64.
 pub fn generate() -> String {
     let mut bytes = [0u8; 32];

@@ -450,6 +450,19 @@ impl State {
         for (name, value) in &webhook.headers {
             builder = builder.header(name, value);
         }
+        // Header values stored encrypted (often the receiver's credentials);
+        // one that does not decrypt is Herald's own configuration, like a
+        // secret: no attempt is spent.
+        for (name, sealed) in &webhook.encrypted_headers {
+            let aad =
+                herald_core::secret::header_aad(&webhook.organization_id, &webhook.id, name);
+            match self.config.keyring.decrypt(sealed, &aad) {
+                Ok(value) => builder = builder.header(name, value),
+                Err(error) => {
+                    return Outcome::herald(format!("cannot decrypt header {name}: {error}"));
+                }
+            }
+        }
         let request = match builder.body(http_body_util::Full::new(body.clone())) {
             Ok(request) => request,
             Err(error) => return Outcome::endpoint(format!("invalid request: {error}")),

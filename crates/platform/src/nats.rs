@@ -312,6 +312,17 @@ pub fn streams(replicas: usize, retention: &Retention) -> Vec<stream::Config> {
             replicas,
             max.dead,
         ),
+        // Who changed what (admin's `GET /audit`), kept as long as events.
+        stream_config(
+            names::AUDIT_STREAM,
+            vec![
+                names::AUDIT_PLATFORM_SUBJECT.into(),
+                names::AUDIT_SUBJECTS.into(),
+            ],
+            retention.events,
+            replicas,
+            0,
+        ),
     ]
 }
 

@@ -17,6 +17,11 @@ use tokio_util::task::TaskTracker;
 /// How long a client may take to send a request's line and headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The address a request's connection came from, in its extensions (the
+/// admin API counts failed sign-ins by it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer(pub std::net::SocketAddr);
+
 /// Serves `service` on `listener` until `shutdown`, then drains.
 pub async fn serve<S, B>(listener: TcpListener, service: S, shutdown: CancellationToken)
 where
@@ -31,10 +36,10 @@ where
 {
     let connections = TaskTracker::new();
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(error) => {
                     // Out of file descriptors and the like: wait, go on.
                     tracing::warn!(%error, "accept failed");
@@ -44,6 +49,11 @@ where
             },
         };
         let (service, shutdown) = (service.clone(), shutdown.clone());
+        // Each request carries the address it came from ([`Peer`]).
+        let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            request.extensions_mut().insert(Peer(peer));
+            service.call(request)
+        });
         connections.spawn(async move {
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

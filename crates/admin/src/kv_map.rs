@@ -1,0 +1,292 @@
+//! A JetStream KV bucket of JSON records, held in memory by every admin
+//! replica: organizations, API keys, console links. Each replica loads the
+//! bucket once at start (one watch with history) and follows its change
+//! feed, so authenticating a request costs no JetStream request, and a
+//! change made on one replica (a key revoked) is applied by every other
+//! within milliseconds of the write — the feed is pushed, never polled.
+//!
+//! Writes go to the bucket (compare-and-set where it matters) and are
+//! applied to this replica's map at once. Every key keeps the revision of
+//! its last change, deletions included, so the feed's older news never
+//! undoes a newer write (as in `platform::webhook_view`).
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use futures::StreamExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::ApiError;
+
+/// Why a write did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    /// The key exists (create), or changed since it was read (update).
+    #[error("changed concurrently")]
+    Conflict,
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<KvError> for ApiError {
+    fn from(error: KvError) -> Self {
+        match error {
+            KvError::Conflict => ApiError::new(
+                axum::http::StatusCode::CONFLICT,
+                "conflict",
+                "changed concurrently; read it again and retry",
+            ),
+            KvError::Unavailable(message) => {
+                tracing::error!(%message, "admin bucket");
+                ApiError::unavailable("store unavailable, try again")
+            }
+        }
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> KvError {
+    KvError::Unavailable(e.to_string())
+}
+
+/// Opens `bucket`, creating it when missing (for `nats::retry` at start).
+pub async fn open(
+    js: &jetstream::Context,
+    bucket: &str,
+    description: &str,
+    max_age: Duration,
+    replicas: usize,
+) -> Result<kv::Store, String> {
+    match js.get_key_value(bucket).await {
+        Ok(kv) => Ok(kv),
+        Err(_) => js
+            .create_key_value(kv::Config {
+                bucket: bucket.into(),
+                description: description.into(),
+                history: 1,
+                max_age,
+                num_replicas: replicas,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string()),
+    }
+}
+
+/// A key's last known change and, unless deleted, its record.
+struct Slot<T> {
+    revision: u64,
+    value: Option<Arc<T>>,
+}
+
+pub struct KvMap<T> {
+    kv: kv::Store,
+    bucket: String,
+    slots: Arc<RwLock<BTreeMap<String, Slot<T>>>>,
+    /// Whether the first load is complete.
+    loaded: watch::Sender<bool>,
+}
+
+impl<T> Clone for KvMap<T> {
+    fn clone(&self) -> Self {
+        Self {
+            kv: self.kv.clone(),
+            bucket: self.bucket.clone(),
+            slots: self.slots.clone(),
+            loaded: self.loaded.clone(),
+        }
+    }
+}
+
+impl<T> KvMap<T>
+where
+    T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    /// Starts following `kv`; [`KvMap::is_loaded`] once it has loaded.
+    pub fn new(kv: kv::Store, bucket: &str, shutdown: CancellationToken) -> Self {
+        let (loaded, _) = watch::channel(false);
+        let this = Self {
+            kv,
+            bucket: bucket.to_owned(),
+            slots: Arc::default(),
+            loaded,
+        };
+        tokio::spawn(this.clone().follow(shutdown));
+        this
+    }
+
+    pub fn is_loaded(&self) -> bool {
+        *self.loaded.borrow()
+    }
+
+    /// Waits (a few seconds at most) for the first load.
+    pub async fn wait_loaded(&self) -> Result<(), ApiError> {
+        let mut rx = self.loaded.subscribe();
+        match tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|l| *l)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(ApiError::unavailable("still loading, try again")),
+        }
+    }
+
+    /// The record under `key`, as this replica knows it.
+    pub fn get(&self, key: &str) -> Option<Arc<T>> {
+        let slots = self.slots.read().expect("kv map lock");
+        slots.get(key).and_then(|s| s.value.clone())
+    }
+
+    /// Every record, by key.
+    pub fn values(&self) -> Vec<Arc<T>> {
+        let slots = self.slots.read().expect("kv map lock");
+        slots.values().filter_map(|s| s.value.clone()).collect()
+    }
+
+    /// The record under `key` read from the bucket itself, with its
+    /// revision (what a compare-and-set compares against).
+    pub async fn fetch(&self, key: &str) -> Result<Option<(T, u64)>, KvError> {
+        let Some(entry) = self.kv.entry(key).await.map_err(unavailable)? else {
+            return Ok(None);
+        };
+        if entry.operation != kv::Operation::Put {
+            return Ok(None);
+        }
+        let value: T = serde_json::from_slice(&entry.value)
+            .map_err(|e| unavailable(format!("corrupt record {key:?}: {e}")))?;
+        self.apply(key, Some(Arc::new(value.clone())), entry.revision, false);
+        Ok(Some((value, entry.revision)))
+    }
+
+    /// Stores a new record; [`KvError::Conflict`] when `key` exists.
+    pub async fn create(&self, key: &str, value: T) -> Result<u64, KvError> {
+        let bytes = serde_json::to_vec(&value).map_err(unavailable)?;
+        let revision = match self.kv.create(key, bytes.into()).await {
+            Ok(revision) => revision,
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                return Err(KvError::Conflict);
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
+        self.apply(key, Some(Arc::new(value)), revision, false);
+        Ok(revision)
+    }
+
+    /// Replaces the record read at `revision`; [`KvError::Conflict`] when it
+    /// changed (or was deleted) since.
+    pub async fn update(&self, key: &str, value: T, revision: u64) -> Result<u64, KvError> {
+        let bytes = serde_json::to_vec(&value).map_err(unavailable)?;
+        let revision = match self.kv.update(key, bytes.into(), revision).await {
+            Ok(revision) => revision,
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                return Err(KvError::Conflict);
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
+        self.apply(key, Some(Arc::new(value)), revision, false);
+        Ok(revision)
+    }
+
+    /// Deletes `key` (a no-op when it is not there).
+    pub async fn delete(&self, key: &str) -> Result<(), KvError> {
+        let known = {
+            let slots = self.slots.read().expect("kv map lock");
+            slots.get(key).map_or(0, |s| s.revision)
+        };
+        self.kv.delete(key).await.map_err(unavailable)?;
+        // The deletion's own revision is not answered; held at the one
+        // known, so older puts from the feed are ignored until the feed
+        // reports the deletion.
+        let mut slots = self.slots.write().expect("kv map lock");
+        let slot = slots.entry(key.to_owned()).or_insert(Slot {
+            revision: known,
+            value: None,
+        });
+        if slot.revision <= known {
+            slot.value = None;
+        }
+        Ok(())
+    }
+
+    fn apply(&self, key: &str, value: Option<Arc<T>>, revision: u64, from_feed: bool) {
+        let mut slots = self.slots.write().expect("kv map lock");
+        if slots.get(key).is_some_and(|s| s.revision >= revision) {
+            return;
+        }
+        if from_feed && value.is_none() {
+            slots.remove(key);
+        } else {
+            slots.insert(key.to_owned(), Slot { revision, value });
+        }
+    }
+
+    async fn follow(self, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            match self.load_and_follow(&shutdown).await {
+                Ok(()) => return,
+                Err(error) => {
+                    tracing::warn!(%error, bucket = %self.bucket, "change feed lost; reloading")
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Reads every key, then follows the changes; `Ok` only at shutdown.
+    async fn load_and_follow(&self, shutdown: &CancellationToken) -> Result<(), KvError> {
+        let mut info = self.kv.stream.clone();
+        let last = info.info().await.map_err(unavailable)?.state.last_sequence;
+        let mut changes = self.kv.watch_with_history(">").await.map_err(unavailable)?;
+        let mut seen = HashSet::new();
+        let mut loading = last > 0;
+        if !loading {
+            self.loaded(&seen, last);
+        }
+        loop {
+            let entry = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                entry = changes.next() => entry,
+            };
+            let entry = match entry {
+                Some(Ok(entry)) => entry,
+                Some(Err(error)) => return Err(unavailable(error)),
+                None => return Err(unavailable("change feed ended")),
+            };
+            let value = match entry.operation {
+                kv::Operation::Put => match serde_json::from_slice::<T>(&entry.value) {
+                    Ok(value) => Some(Arc::new(value)),
+                    Err(error) => {
+                        tracing::warn!(%error, key = %entry.key, bucket = %self.bucket, "skipping a corrupt record");
+                        continue;
+                    }
+                },
+                _ => None,
+            };
+            if loading {
+                seen.insert(entry.key.clone());
+            }
+            self.apply(&entry.key, value, entry.revision, true);
+            if loading && (entry.seen_current || entry.revision >= last) {
+                self.loaded(&seen, last);
+                seen = HashSet::new();
+                loading = false;
+            }
+        }
+    }
+
+    /// After a (re)load: forgets keys the load did not report and that were
+    /// not changed since it began (deleted while the feed was lost).
+    fn loaded(&self, seen: &HashSet<String>, before: u64) {
+        let mut slots = self.slots.write().expect("kv map lock");
+        slots.retain(|key, slot| slot.revision > before || seen.contains(key));
+        drop(slots);
+        self.loaded.send_replace(true);
+    }
+}
