@@ -779,3 +779,99 @@ async fn header_values_are_encrypted_at_rest_masked_in_answers_and_sent_in_full(
     assert_eq!(got[0].header("x-new"), Some("fresh-value-1234"));
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sample_nats_config_keeps_a_producer_to_its_events_and_its_own_inbox() {
+    use futures::StreamExt;
+    // The `accounts` block of deploy/nats-server.conf as it is, its
+    // passwords filled in.
+    let sample = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/nats-server.conf"
+    ))
+    .unwrap();
+    let start = sample.find("\naccounts {").expect("an accounts block");
+    let end = sample.find("system_account: SYS").expect("system account") + 19;
+    let config = sample[start..end]
+        .replace("$NATS_HERALD_PASSWORD", "heraldpw")
+        .replace("$NATS_PRODUCER_ACME_PASSWORD", "producerpw")
+        .replace("$NATS_SYS_PASSWORD", "syspw");
+    let dir = std::env::temp_dir().join(format!(
+        "herald-nats-conf-{}",
+        herald_test_support::free_port()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("nats.conf");
+    std::fs::write(&conf, config).unwrap();
+    let server = herald_test_support::NatsServer::start_with(&["-c", &conf.display().to_string()]);
+
+    let herald =
+        async_nats::ConnectOptions::with_user_and_password("herald".into(), "heraldpw".into())
+            .connect(server.url())
+            .await
+            .expect("herald's user connects");
+    let js = async_nats::jetstream::new(herald.clone());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "HERALD_EVENTS".into(),
+        subjects: vec!["herald.events.>".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("herald's user manages streams");
+    let producer = async_nats::ConnectOptions::with_user_and_password(
+        "producer-acme".into(),
+        "producerpw".into(),
+    )
+    .custom_inbox_prefix("_INBOX_acme")
+    .connect(server.url())
+    .await
+    .expect("the producer connects");
+    let pjs = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(1))
+        .build(producer.clone());
+
+    // Its own organization's events: published and acknowledged.
+    pjs.publish("herald.events.acme.workflow.completed", "{}".into())
+        .await
+        .unwrap()
+        .await
+        .expect("acked on the producer's own inbox");
+    // Another organization's, or the JetStream API: refused.
+    let other = match pjs
+        .publish("herald.events.globex.workflow.completed", "{}".into())
+        .await
+    {
+        Ok(ack) => ack.await.is_ok(),
+        Err(_) => false,
+    };
+    assert!(!other, "a producer published for another organization");
+    assert!(
+        pjs.get_stream("HERALD_EVENTS").await.is_err(),
+        "a producer used the JetStream API"
+    );
+    let mut stream = js.get_stream("HERALD_EVENTS").await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 1);
+
+    // Herald's inboxes stay Herald's: a producer's `_INBOX.>` hears nothing,
+    // its own prefix does.
+    let mut spy = producer.subscribe("_INBOX.>").await.unwrap();
+    let mut own = producer.subscribe("_INBOX_acme.probe").await.unwrap();
+    producer.flush().await.unwrap();
+    herald
+        .publish("_INBOX.reply.1", "meant for herald".into())
+        .await
+        .unwrap();
+    herald
+        .publish("_INBOX_acme.probe", "for the producer".into())
+        .await
+        .unwrap();
+    herald.flush().await.unwrap();
+    let heard = tokio::time::timeout(Duration::from_secs(2), own.next()).await;
+    assert!(matches!(heard, Ok(Some(_))), "the producer's own inbox");
+    let spied = tokio::time::timeout(Duration::from_millis(500), spy.next()).await;
+    assert!(
+        !matches!(spied, Ok(Some(_))),
+        "a producer read a reply meant for Herald"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
