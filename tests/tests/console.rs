@@ -249,8 +249,11 @@ async fn the_console_is_served_with_strict_headers_and_api_answers_are_not_store
     assert_eq!(
         me,
         json!({"organizations": ["*"], "any_organization": true,
-               "default_organization": "acme", "organization": "acme"})
+               "default_organization": "acme", "organization": "acme",
+               "key_id": me["key_id"], "name": "", "scope": "operator",
+               "session": false, "webhook_ids": null, "expires_at": null})
     );
+    assert!(me["key_id"].as_str().unwrap().starts_with("file:"));
     let (_, me) = stack
         .api_as(API_KEY, Some("initech"), "GET", "/me", None)
         .await;
