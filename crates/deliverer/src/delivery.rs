@@ -454,8 +454,7 @@ impl State {
         // one that does not decrypt is Herald's own configuration, like a
         // secret: no attempt is spent.
         for (name, sealed) in &webhook.encrypted_headers {
-            let aad =
-                herald_core::secret::header_aad(&webhook.organization_id, &webhook.id, name);
+            let aad = herald_core::secret::header_aad(&webhook.organization_id, &webhook.id, name);
             match self.config.keyring.decrypt(sealed, &aad) {
                 Ok(value) => builder = builder.header(name, value),
                 Err(error) => {
