@@ -11,10 +11,12 @@
 //!    `through` more published while it runs (live);
 //! 3. rebuild: Redis flushed, timed until log-writer has replayed the stream.
 //!
-//! `cargo run --release -p herald-log-writer --example log-writer-bench -- [stored] [through]`:
+//! `cargo run --release -p herald-log-writer --example log-writer-bench -- [stored] [through] [webhooks]`:
 //! `stored` attempts in the index for the memory and query figures (default
 //! 100000), `through` attempts for the throughput runs (default: `stored`,
-//! at most 200000). Prints a Markdown table.
+//! at most 200000), `webhooks` the stored attempts are spread over, round
+//! robin (default 1; the organization-wide rows then read all of them).
+//! Prints a Markdown table.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -204,6 +206,11 @@ async fn main() {
         .nth(2)
         .map(|a| a.parse().expect("throughput attempts: a number"))
         .unwrap_or(n.min(200_000));
+    let webhooks: u64 = std::env::args()
+        .nth(3)
+        .map(|a| a.parse().expect("webhooks: a number"))
+        .unwrap_or(1)
+        .max(1);
     let queries = 200;
     let nats = NatsServer::start();
     let redis_server = RedisServer::start();
@@ -261,9 +268,15 @@ async fn main() {
     assert_eq!(status, 201, "{}", String::from_utf8_lossy(&created));
     let created: serde_json::Value = serde_json::from_slice(&created).unwrap();
     let webhook_id = created["id"].as_str().unwrap().to_owned();
+    // Attempt i belongs to webhook i % webhooks; the first is the one made
+    // through the API (the HTTP rows read it), the others only have logs.
+    let webhook_ids: Vec<String> = std::iter::once(webhook_id.clone())
+        .chain((1..webhooks).map(|w| format!("wh_{w:032x}")))
+        .collect();
+    let owner = |i: u64| webhook_ids[(i % webhooks) as usize].as_str();
 
     println!(
-        "## Log-writer benchmark: {n} attempts, {} CPUs\n",
+        "## Log-writer benchmark: {n} attempts over {webhooks} webhooks, {} CPUs\n",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
@@ -281,7 +294,7 @@ async fn main() {
     let t = Instant::now();
     for chunk_start in (0..n).step_by(10_000) {
         let batch: Vec<_> = (chunk_start..(chunk_start + 10_000).min(n))
-            .map(|i| attempt("acme", &webhook_id, i, base - (n - i) as i64))
+            .map(|i| attempt("acme", owner(i), i, base - (n - i) as i64))
             .collect();
         publish_all(&js, &batch).await;
     }
@@ -299,11 +312,17 @@ async fn main() {
     for chunk_start in (0..n).step_by(1_000) {
         let batch: Vec<_> = (chunk_start..(chunk_start + 1_000).min(n))
             .map(|i| Stored {
-                attempt: attempt("acme", &webhook_id, i, base - (n - i) as i64),
+                attempt: attempt("acme", owner(i), i, base - (n - i) as i64),
                 seq: i + 1,
             })
             .collect();
-        last_log_id = batch.last().unwrap().attempt.log_id.clone();
+        if let Some(last) = batch
+            .iter()
+            .rev()
+            .find(|s| s.attempt.webhook_id == webhook_id)
+        {
+            last_log_id = last.attempt.log_id.clone();
+        }
         index.write(&batch).await.unwrap();
     }
     let direct = started.elapsed();
@@ -325,7 +344,20 @@ async fn main() {
         limit: 50,
         ..Default::default()
     };
-    let deep = (n as usize).saturating_sub(100);
+    let deep = ((n / webhooks) as usize).saturating_sub(100);
+    let org_deep = (n as usize).saturating_sub(100);
+    let organization = Query {
+        webhook_id: None,
+        ..webhook(None)
+    };
+    let org_deep_cursor = index
+        .page(&Query {
+            offset: org_deep.saturating_sub(50),
+            ..organization.clone()
+        })
+        .await
+        .unwrap()
+        .next_cursor;
     // A cursor deep in the list: the one after the page at `deep`.
     let deep_cursor = index
         .page(&Query {
@@ -336,6 +368,24 @@ async fn main() {
         .unwrap()
         .next_cursor;
     let index_cases: Vec<(String, Query)> = vec![
+        (
+            "organization, limit 50, first page".into(),
+            organization.clone(),
+        ),
+        (
+            format!("organization, limit 50, cursor at {org_deep}"),
+            Query {
+                cursor: org_deep_cursor,
+                ..organization.clone()
+            },
+        ),
+        (
+            "organization, status=retrying, limit 50".into(),
+            Query {
+                status: Some("retrying".into()),
+                ..organization.clone()
+            },
+        ),
         ("webhook, limit 50, first page".into(), webhook(None)),
         (
             format!("webhook, limit 50, offset {deep}"),
@@ -393,7 +443,9 @@ async fn main() {
             let t = Instant::now();
             let page = index.page(query).await.unwrap();
             lat.0.push(t.elapsed());
-            assert!(!page.items.is_empty(), "{what}");
+            // (Spread over many webhooks, the first holds only every
+            // webhooks-th attempt, all of one event type.)
+            assert!(!page.items.is_empty() || webhooks > 1, "{what}");
         }
         println!("{}", lat.row(what));
     }

@@ -6,7 +6,7 @@
 //!
 //! The attempts stream keeps attempts for the log retention. When the index
 //! is lost — Redis restarted empty, flushed, or a new Redis — the
-//! `herald:logs:{meta}:built2` marker is missing; log-writer checks for it at start
+//! `herald:logs:{meta}:built3` marker is missing; log-writer checks for it at start
 //! and every `HERALD_LOG_INDEX_CHECK` while it runs, and replays the stream
 //! into the index when it is gone (see [`rebuild`]). `herald-log-writer
 //! rebuild` does the same replay on demand.

@@ -1,6 +1,6 @@
 //! Rebuilding the log index from the attempts stream.
 //!
-//! The `herald:logs:{meta}:built2` marker says the index is complete. When it is
+//! The `herald:logs:{meta}:built3` marker says the index is complete. When it is
 //! missing, one log-writer replica takes the rebuild lock, notes the
 //! stream's last sequence, and replays the attempts of the retention up to
 //! it with an ordered consumer; the live consumer keeps storing newer

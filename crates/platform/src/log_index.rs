@@ -3,7 +3,7 @@
 //! The index holds what lists and filters need, never bodies: the attempt
 //! in full (request, response, error) stays in the attempts stream, and the
 //! index keeps its stream sequence so admin reads it back by direct get.
-//! Per attempt it costs about 235–290 bytes whatever the event's size (see
+//! Per attempt it costs about 370 bytes whatever the event's size (see
 //! `docs/benchmarks.md`, Log-writer): Herald's own ids are stored as 16 bytes, not 32
 //! hex digits, and numbers as varints, so that a member fits a 96- or
 //! 112-byte allocation.
@@ -14,7 +14,7 @@
 //!
 //! - `herald:logs:{<org>}:w2:<webhook>` (`2`: the member layout's version;
 //!   an index of another layout is rebuilt beside it, and the old one
-//!   expires): a sorted set of the webhook's attempts scored by attempt
+//!   expires; the marker's `3` says the organization-wide lists are built): a sorted set of the webhook's attempts scored by attempt
 //!   time (ms); each member *is* the attempt's summary (a compact binary
 //!   record, [`encode_member`]), so a page is one range read. Members start with the log id, which orders attempts of
 //!   the same millisecond and makes a member easy to recognize.
@@ -31,8 +31,15 @@
 //!   the one derived from (organization, event, webhook). Two deliveries
 //!   whose 6 bytes collide share a field: a lookup then reads the other's
 //!   members too and keeps only the delivery asked for.
+//! - `herald:logs:{<org>}:o2` (and `…:o2:s:<status>` for the statuses that
+//!   are not `succeeded`): the organization-wide lists, sorted sets scored
+//!   by attempt time whose members are references — the summary's log-id
+//!   prefix, then the packed webhook id — so an organization's page is one
+//!   range read plus one read per row in the webhooks' lists, whatever the
+//!   number of webhooks (about 135 bytes per attempt).
 //! - `herald:logs:{<org>}:webhooks`: the webhooks that have logs, which an
-//!   organization-wide list merges.
+//!   organization-wide list filtered by event type or by `succeeded` merges,
+//!   as do event lookups.
 //!
 //! Retention is by time only, for every webhook however busy: writes drop
 //! what fell out of it (a bounded number per write), reads ignore it, and
@@ -103,7 +110,7 @@ pub const STATUSES: &[&str] = &["succeeded", "failed", "retrying", "throttled", 
 
 /// Set once the index holds everything of the attempts stream it should;
 /// missing after a Redis loss, which makes log-writer rebuild.
-pub const BUILT_MARKER: &str = "herald:logs:{meta}:built2";
+pub const BUILT_MARKER: &str = "herald:logs:{meta}:built3";
 
 /// Held (with a token) by the log-writer replica that rebuilds the index; it
 /// vanishes with everything else when Redis loses its data, which is how a
@@ -135,6 +142,17 @@ fn lookup_key(org: &str, webhook_id: &str) -> String {
 
 fn webhooks_key(org: &str) -> String {
     format!("herald:logs:{{{org}}}:webhooks")
+}
+
+/// The organization-wide list: every attempt of the organization, scored by
+/// time, each member a reference (the summary's log-id prefix, then the
+/// packed webhook id) that the webhook's own list resolves to the summary.
+fn org_key(org: &str) -> String {
+    format!("herald:logs:{{{org}}}:o2")
+}
+
+fn org_status_key(org: &str, status: &str) -> String {
+    format!("{}:s:{status}", org_key(org))
 }
 
 /// The delivery an attempt's log id belongs to: `<delivery>-<attempt>` or
@@ -537,21 +555,32 @@ local function times_of(h, df)
 end
 ";
 
-/// KEYS: the organization's webhooks set, then the keys of the batch (all
-/// of one organization). ARGV: cutoff (ms), ttl (s), then per attempt: W,
-/// S (0: none) and H key indexes, score, member, delivery id, event id (or
-/// empty when the delivery id is the derived one), webhook id; ids packed
-/// ([`pack_id`]), as in the member.
+/// KEYS: the organization's webhooks set, its organization-wide list, then
+/// the keys of the batch (all of one organization). ARGV: cutoff (ms), ttl
+/// (s), then per attempt: W, S (0: none) and H key indexes, score, member,
+/// delivery id, event id (or empty when the delivery id is the derived
+/// one), webhook id, packed webhook id, and the organization's status list
+/// key index (0: none); ids packed ([`pack_id`]), as in the member.
 const WRITE_BODY: &str = r"
 local cutoff, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
-local touched, stored = {}, 0
-for i = 3, #ARGV, 8 do
+local touched, org_touched, stored = {}, {}, 0
+for i = 3, #ARGV, 10 do
   local w, si, h = KEYS[tonumber(ARGV[i])], tonumber(ARGV[i + 1]), KEYS[tonumber(ARGV[i + 2])]
   local score_s, member = ARGV[i + 3], ARGV[i + 4]
   local score = tonumber(score_s)
   touched[w] = h
   if score >= cutoff then
     local p, seen = prefix(member), false
+    -- The organization's list: added even when the webhook's has it (a
+    -- rebuild of an index from before the organization's list).
+    local ref = p .. ARGV[i + 8]
+    local o, os = KEYS[2], tonumber(ARGV[i + 9])
+    redis.call('ZADD', o, score_s, ref)
+    org_touched[o] = true
+    if os > 0 then
+      redis.call('ZADD', KEYS[os], score_s, ref)
+      org_touched[KEYS[os]] = true
+    end
     for _, m in ipairs(redis.call('ZRANGEBYSCORE', w, score_s, score_s)) do
       if m:sub(1, #p) == p then seen = true break end
     end
@@ -622,8 +651,56 @@ for w, h in pairs(touched) do
   redis.call('EXPIRE', w, ttl)
   redis.call('EXPIRE', h, ttl)
 end
+for o, _ in pairs(org_touched) do
+  redis.call('ZREMRANGEBYSCORE', o, '-inf', '(' .. ARGV[1])
+  redis.call('EXPIRE', o, ttl)
+end
 redis.call('EXPIRE', KEYS[1], ttl)
 return stored
+";
+
+/// KEYS: an organization-wide list. ARGV: min score (inclusive), until
+/// (exclusive, or +inf), cursor score (or empty) and prefix, how many.
+/// Answers score and reference of up to that many entries after the
+/// cursor, newest first.
+const REFS_BODY: &str = r"
+local k, min, untl = KEYS[1], tonumber(ARGV[1]), ARGV[2]
+local cs, cp, want = nil, ARGV[4], tonumber(ARGV[5])
+if ARGV[3] ~= '' then cs = tonumber(ARGV[3]) end
+local pos = 0
+if cs then pos = redis.call('ZCOUNT', k, '(' .. ARGV[3], '+inf')
+elseif untl ~= '+inf' then pos = redis.call('ZCOUNT', k, untl, '+inf') end
+local out = {}
+while #out < want * 2 do
+  local chunk = redis.call('ZREVRANGE', k, pos, pos + 255, 'WITHSCORES')
+  if #chunk == 0 then break end
+  pos = pos + #chunk / 2
+  for j = 1, #chunk, 2 do
+    local m, sc = chunk[j], tonumber(chunk[j + 1])
+    if sc < min then return out end
+    if not (cs and sc == cs and prefix(m) >= cp) then
+      out[#out + 1] = chunk[j + 1]
+      out[#out + 1] = m
+      if #out >= want * 2 then break end
+    end
+  end
+end
+return out
+";
+
+/// KEYS: the webhooks' lists a page's references name, in order. ARGV:
+/// per reference its score and its log-id prefix. Answers each summary (or
+/// an empty string when the webhook's list no longer holds it).
+const RESOLVE_BODY: &str = r"
+local out = {}
+for i = 1, #KEYS do
+  local score_s, p, found = ARGV[2 * i - 1], ARGV[2 * i], ''
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[i], score_s, score_s)) do
+    if prefix(m) == p then found = m break end
+  end
+  out[#out + 1] = found
+end
+return out
 ";
 
 /// KEYS: sorted sets of summaries to merge. ARGV: min score (inclusive),
@@ -789,6 +866,14 @@ end
 return 0
 ";
 
+/// What the page script answers, before members become entries: the
+/// members with their score and the number of the key they came from.
+struct RawPage {
+    total: Option<u64>,
+    items: Vec<(i64, Vec<u8>, usize)>,
+    next_cursor: Option<Cursor>,
+}
+
 /// An attempt to store and its sequence in the attempts stream.
 #[derive(Debug, Clone)]
 pub struct Stored {
@@ -803,6 +888,8 @@ pub struct LogIndex {
     write: std::sync::Arc<redis::Script>,
     page: std::sync::Arc<redis::Script>,
     lookup: std::sync::Arc<redis::Script>,
+    resolve: std::sync::Arc<redis::Script>,
+    refs: std::sync::Arc<redis::Script>,
 }
 
 impl LogIndex {
@@ -815,6 +902,8 @@ impl LogIndex {
             write: script(WRITE_BODY),
             page: script(PAGE_BODY),
             lookup: script(LOOKUP_BODY),
+            resolve: script(RESOLVE_BODY),
+            refs: script(REFS_BODY),
         }
     }
 
@@ -865,7 +954,7 @@ impl LogIndex {
         }
         let mut stored = 0;
         for (org, batch) in by_org {
-            let mut keys: Vec<String> = vec![webhooks_key(org)];
+            let mut keys: Vec<String> = vec![webhooks_key(org), org_key(org)];
             let index_of = |key: String, keys: &mut Vec<String>| -> usize {
                 match keys.iter().position(|k| *k == key) {
                     Some(i) => i + 1,
@@ -892,6 +981,11 @@ impl LogIndex {
                     index_of(status_key(org, &a.webhook_id, status), &mut keys)
                 };
                 let h = index_of(lookup_key(org, &a.webhook_id), &mut keys);
+                let os = if a.status() == proto::AttemptStatus::Succeeded {
+                    0
+                } else {
+                    index_of(org_status_key(org, status), &mut keys)
+                };
                 args.extend([
                     w.to_string().into_bytes(),
                     si.to_string().into_bytes(),
@@ -905,12 +999,14 @@ impl LogIndex {
                         Vec::new()
                     },
                     a.webhook_id.clone().into_bytes(),
+                    pack_id(&a.webhook_id),
+                    os.to_string().into_bytes(),
                 ]);
             }
             if args.len() == 2 {
                 continue;
             }
-            let count = (args.len() - 2) / 8;
+            let count = (args.len() - 2) / 10;
             let mut invocation = self.write.prepare_invoke();
             for key in &keys {
                 invocation.key(key);
@@ -935,22 +1031,22 @@ impl LogIndex {
             return self.lookup_page(q, min).await;
         }
         let mut conn = self.conn().await?;
-        let webhooks = match &q.webhook_id {
-            Some(id) => vec![id.clone()],
-            None => {
-                let cmd = redis::cmd("SMEMBERS").arg(webhooks_key(&q.org)).clone();
-                let mut ids: Vec<String> = self.bounded(1, cmd.query_async(&mut conn)).await?;
-                ids.sort();
-                ids
-            }
+        // The organization's own lists answer every organization-wide page
+        // but those filtered by event type or by `succeeded` (a filter the
+        // references cannot apply), whatever the number of webhooks.
+        let org_list = match (&q.webhook_id, q.status.as_deref(), &q.event_type) {
+            (None, None, None) => Some(org_key(&q.org)),
+            (None, Some(s), None) if s != "succeeded" => Some(org_status_key(&q.org, s)),
+            _ => None,
         };
-        if webhooks.is_empty() {
-            return Ok(Page {
-                total: Some(0),
-                items: Vec::new(),
-                next_cursor: None,
-            });
+        if let Some(key) = org_list {
+            let raw = self.run_page(&mut conn, &[key], q, min, 0).await?;
+            return self.resolve(&mut conn, q, raw).await;
         }
+        let Some(webhook) = &q.webhook_id else {
+            return self.org_scan(&mut conn, q, min).await;
+        };
+        let webhooks = [webhook.clone()];
         // A status other than succeeded has lists of its own; a succeeded
         // or event-type filter is read from the webhook's list.
         let mut want_status = 0;
@@ -965,8 +1061,35 @@ impl LogIndex {
                 webhooks.iter().map(|w| webhook_key(&q.org, w)).collect()
             }
         };
+        let raw = self.run_page(&mut conn, &keys, q, min, want_status).await?;
+        let items = raw
+            .items
+            .into_iter()
+            .filter_map(|(score, member, k)| {
+                let mut entry = decode_member(&member, score)?;
+                entry.attempt.organization_id = q.org.clone();
+                entry.attempt.webhook_id = webhooks.get(k.wrapping_sub(1)).cloned()?;
+                Some(entry)
+            })
+            .collect();
+        Ok(Page {
+            total: raw.total,
+            items,
+            next_cursor: raw.next_cursor,
+        })
+    }
+
+    /// Runs the page script over `keys` (merged, newest first).
+    async fn run_page(
+        &self,
+        conn: &mut Conn,
+        keys: &[String],
+        q: &Query,
+        min: i64,
+        want_status: i32,
+    ) -> Result<RawPage, IndexError> {
         let mut invocation = self.page.prepare_invoke();
-        for key in &keys {
+        for key in keys {
             invocation.key(key);
         }
         let (cursor_score, cursor_prefix) = match &q.cursor {
@@ -983,7 +1106,7 @@ impl LogIndex {
             .arg(want_status)
             .arg(q.event_type.as_deref().unwrap_or(""))
             .arg(SCAN_BUDGET);
-        let answer: Vec<redis::Value> = self.bounded(8, invocation.invoke_async(&mut conn)).await?;
+        let answer: Vec<redis::Value> = self.bounded(8, invocation.invoke_async(conn)).await?;
         let mut answer = answer.into_iter();
         let total = match answer.next() {
             Some(redis::Value::Int(n)) => u64::try_from(n).ok(),
@@ -993,11 +1116,14 @@ impl LogIndex {
             Some(redis::Value::BulkString(b)) => Some(b),
             _ => None,
         };
+        let score_of = |b: &[u8]| {
+            std::str::from_utf8(b)
+                .ok()
+                .and_then(|s| s.parse::<i64>().ok())
+        };
         let next_score = bytes(answer.next()).unwrap_or_default();
         let next_prefix = bytes(answer.next()).unwrap_or_default();
-        let next_cursor = std::str::from_utf8(&next_score)
-            .ok()
-            .and_then(|s| s.parse::<i64>().ok())
+        let next_cursor = score_of(&next_score)
             .filter(|_| !next_prefix.is_empty())
             .map(|score| Cursor {
                 score,
@@ -1007,22 +1133,150 @@ impl LogIndex {
         while let (Some(score), Some(member), Some(redis::Value::Int(k))) =
             (bytes(answer.next()), bytes(answer.next()), answer.next())
         {
-            let score = std::str::from_utf8(&score)
-                .ok()
-                .and_then(|s| s.parse::<i64>().ok())
-                .unwrap_or_default();
-            if let Some(mut entry) = decode_member(&member, score) {
-                entry.attempt.organization_id = q.org.clone();
-                entry.attempt.webhook_id = webhooks
-                    .get((k as usize).wrapping_sub(1))
-                    .cloned()
-                    .unwrap_or_default();
-                items.push(entry);
-            }
+            items.push((score_of(&score).unwrap_or_default(), member, k as usize));
         }
-        Ok(Page {
+        Ok(RawPage {
             total,
             items,
+            next_cursor,
+        })
+    }
+
+    /// Reads the summaries a page of the organization's list refers to from
+    /// the webhooks' lists, in one round trip.
+    async fn resolve(&self, conn: &mut Conn, q: &Query, raw: RawPage) -> Result<Page, IndexError> {
+        let refs: Vec<(i64, Vec<u8>)> = raw.items.into_iter().map(|(s, r, _)| (s, r)).collect();
+        let items = self
+            .resolve_refs(conn, &q.org, &refs)
+            .await?
+            .into_iter()
+            .map(|(_, entry)| entry)
+            .collect();
+        Ok(Page {
+            total: raw.total,
+            items,
+            next_cursor: raw.next_cursor,
+        })
+    }
+
+    /// The summaries that references of the organization's list name, each
+    /// with its place (score and prefix); references whose summary the
+    /// webhook's list no longer holds are left out.
+    async fn resolve_refs(
+        &self,
+        conn: &mut Conn,
+        org: &str,
+        refs: &[(i64, Vec<u8>)],
+    ) -> Result<Vec<(Cursor, Entry)>, IndexError> {
+        let refs: Vec<(i64, &[u8], String)> = refs
+            .iter()
+            .filter_map(|(score, reference)| {
+                let p = member_prefix(reference);
+                let webhook = unpack_id(reference.get(p.len()..)?)?;
+                Some((*score, p, webhook))
+            })
+            .collect();
+        let mut found = Vec::with_capacity(refs.len());
+        if refs.is_empty() {
+            return Ok(found);
+        }
+        let mut invocation = self.resolve.prepare_invoke();
+        for (score, p, webhook) in &refs {
+            invocation
+                .key(webhook_key(org, webhook))
+                .arg(score.to_string())
+                .arg(*p);
+        }
+        let members: Vec<Vec<u8>> = self.bounded(2, invocation.invoke_async(conn)).await?;
+        for ((score, p, webhook), member) in refs.iter().zip(members) {
+            if let Some(mut entry) = decode_member(&member, *score) {
+                entry.attempt.organization_id = org.to_owned();
+                entry.attempt.webhook_id = webhook.clone();
+                let place = Cursor {
+                    score: *score,
+                    prefix: p.to_vec(),
+                };
+                found.push((place, entry));
+            }
+        }
+        Ok(found)
+    }
+
+    /// An organization-wide list filtered by what references do not carry
+    /// (event type, `succeeded`): the organization's list read in chunks,
+    /// each resolved and filtered, until the page is full or
+    /// [`SCAN_BUDGET`] entries were read — whatever the number of webhooks.
+    async fn org_scan(&self, conn: &mut Conn, q: &Query, min: i64) -> Result<Page, IndexError> {
+        const CHUNK: usize = 500;
+        let key = org_key(&q.org);
+        let want_status = q.status.as_deref().map(status_by_name);
+        let need = q.offset + q.limit + 1;
+        let mut matched: Vec<(Cursor, Entry)> = Vec::new();
+        let mut cursor = q.cursor.clone();
+        let mut scanned = 0;
+        let mut exhausted = false;
+        while matched.len() < need && scanned < SCAN_BUDGET {
+            let (cursor_score, cursor_prefix) = match &cursor {
+                Some(c) => (c.score.to_string(), c.prefix.clone()),
+                None => (String::new(), Vec::new()),
+            };
+            let mut invocation = self.refs.prepare_invoke();
+            invocation
+                .key(&key)
+                .arg(min)
+                .arg(q.until_ms.map_or("+inf".to_owned(), |u| u.to_string()))
+                .arg(cursor_score)
+                .arg(cursor_prefix)
+                .arg(CHUNK);
+            let answer: Vec<Vec<u8>> = self.bounded(2, invocation.invoke_async(conn)).await?;
+            let refs: Vec<(i64, Vec<u8>)> = answer
+                .chunks(2)
+                .filter_map(|pair| {
+                    let score = std::str::from_utf8(pair.first()?).ok()?.parse().ok()?;
+                    Some((score, pair.get(1)?.clone()))
+                })
+                .collect();
+            let Some((last_score, last_ref)) = refs.last() else {
+                exhausted = true;
+                break;
+            };
+            cursor = Cursor::of(*last_score, last_ref);
+            scanned += refs.len();
+            let short = refs.len() < CHUNK;
+            for (place, entry) in self.resolve_refs(conn, &q.org, &refs).await? {
+                let status_ok = match want_status {
+                    None => true,
+                    Some(Some(s)) => entry.attempt.status() == s,
+                    Some(None) => false,
+                };
+                let type_ok = q
+                    .event_type
+                    .as_ref()
+                    .is_none_or(|t| entry.attempt.event_type == *t);
+                if status_ok && type_ok {
+                    matched.push((place, entry));
+                }
+            }
+            if short {
+                exhausted = true;
+                break;
+            }
+        }
+        let more = matched.len() > q.offset + q.limit;
+        let total = (exhausted && q.cursor.is_none()).then_some(matched.len() as u64);
+        let page: Vec<(Cursor, Entry)> = matched.into_iter().skip(q.offset).take(q.limit).collect();
+        // Past the page: the last shown, or (the budget spent before the
+        // page filled) the last read, to go on from.
+        let next_cursor = if more || (!exhausted && page.len() == q.limit) {
+            page.last().map(|(c, _)| c.clone())
+        } else if !exhausted {
+            cursor
+        } else {
+            None
+        };
+        Ok(Page {
+            total,
+            items: page.into_iter().map(|(_, e)| e).collect(),
             next_cursor,
         })
     }
