@@ -158,6 +158,104 @@ pub const NATS_TLS_CERT: &str = "HERALD_NATS_TLS_CERT";
 pub const NATS_TLS_KEY: &str = "HERALD_NATS_TLS_KEY";
 pub const NATS_TLS_REQUIRED: &str = "HERALD_NATS_TLS_REQUIRED";
 
+/// How a service proves who it is to NATS (one way at a time).
+#[derive(Clone, PartialEq, Eq, Default)]
+pub enum Auth {
+    #[default]
+    None,
+    /// `nats://user:password@host`.
+    UserPassword { user: String, password: String },
+    /// `HERALD_NATS_TOKEN`, or `nats://token@host`.
+    Token(String),
+    /// `HERALD_NATS_NKEY`: a user NKey seed.
+    Nkey(String),
+    /// `HERALD_NATS_CREDS`: a credentials file (user JWT and NKey seed).
+    Creds(std::path::PathBuf),
+}
+
+/// Secrets never appear in a `Debug` (configurations are logged).
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Auth::None => f.write_str("None"),
+            Auth::UserPassword { user, .. } => write!(f, "UserPassword({user}, ***)"),
+            Auth::Token(_) => f.write_str("Token(***)"),
+            Auth::Nkey(_) => f.write_str("Nkey(***)"),
+            Auth::Creds(path) => write!(f, "Creds({})", path.display()),
+        }
+    }
+}
+
+/// TLS to NATS: a `tls://` URL, a server that requires it, or
+/// `HERALD_NATS_TLS_REQUIRED` turn it on; the system roots are trusted
+/// unless a CA file is given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tls {
+    /// `HERALD_NATS_TLS_CA`: PEM roots to trust.
+    pub ca: Option<std::path::PathBuf>,
+    /// `HERALD_NATS_TLS_CERT` and `HERALD_NATS_TLS_KEY`: a client
+    /// certificate, for servers that verify clients.
+    pub client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// `HERALD_NATS_TLS_REQUIRED`: refuse a server that does not speak TLS.
+    pub required: bool,
+}
+
+/// The largest size, in bytes, of each stream (0: no limit). A stream at
+/// its limit refuses new messages (JetStream `discard: new`): whoever
+/// publishes gets an error and keeps the work, nothing stored is dropped.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MaxBytes {
+    pub events: i64,
+    pub accepted: i64,
+    pub rejected: i64,
+    pub deliveries: i64,
+    pub attempts: i64,
+    pub system: i64,
+    pub parked: i64,
+    pub dead: i64,
+}
+
+/// Stream retention Herald uses.
+#[derive(Debug, Clone)]
+pub struct Retention {
+    /// Producers' events and delivery jobs: long enough to outlive the
+    /// longest retry delay.
+    pub work: Duration,
+    /// Accepted events, which replay and manual retry read back
+    /// (`HERALD_EVENT_RETENTION`).
+    pub events: Duration,
+    /// Attempt results: the log retention, so the index can be rebuilt.
+    pub attempts: Duration,
+    /// Whether this service owns the attempts stream's retention (only
+    /// log-writer, which reads `HERALD_LOG_RETENTION`): others create the
+    /// stream when it is missing but never change an existing one's.
+    pub owns_attempts: bool,
+    pub max_bytes: MaxBytes,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            work: Duration::from_secs(3 * 86_400),
+            events: Duration::from_secs(7 * 86_400),
+            attempts: Duration::from_secs(7 * 86_400),
+            owns_attempts: false,
+            max_bytes: MaxBytes::default(),
+        }
+    }
+}
+
+impl Retention {
+    /// The retention settings every service reads from its environment.
+    pub fn from_source(src: &dyn Source) -> Result<Self, ConfigError> {
+        Ok(Self {
+            events: event_retention(src)?,
+            max_bytes: stream_max_bytes(src)?,
+            ..Self::default()
+        })
+    }
+}
+
 /// Settings every service that talks to NATS shares.
 #[derive(Debug, Clone)]
 pub struct Nats {
@@ -165,13 +263,13 @@ pub struct Nats {
     /// without credentials (those are in `auth`). The client learns the
     /// rest of a cluster from the first one it reaches.
     pub servers: Vec<async_nats::ServerAddr>,
-    pub auth: crate::nats::Auth,
-    pub tls: crate::nats::Tls,
+    pub auth: Auth,
+    pub tls: Tls,
     /// Replicas of the streams and bucket a service creates (3 on a cluster).
     pub replicas: usize,
     /// Retention and size limits of the streams (give every service the
     /// same values: each creates and updates the streams it uses).
-    pub streams: crate::nats::Retention,
+    pub streams: Retention,
 }
 
 impl Nats {
@@ -182,7 +280,7 @@ impl Nats {
             auth: nats_auth(src, url_auth)?,
             tls: nats_tls(src)?,
             replicas: number(src, STREAM_REPLICAS, 1usize, 1..=5)?,
-            streams: crate::nats::Retention::from_source(src)?,
+            streams: Retention::from_source(src)?,
         })
     }
 
@@ -197,12 +295,10 @@ impl Nats {
 /// `user:password@` (or `token@`) they carry: async-nats ignores credentials
 /// in a URL, so they become the connection's `Auth`. Every server that
 /// carries credentials must carry the same.
-fn nats_servers(
-    text: &str,
-) -> Result<(Vec<async_nats::ServerAddr>, Option<crate::nats::Auth>), ConfigError> {
+fn nats_servers(text: &str) -> Result<(Vec<async_nats::ServerAddr>, Option<Auth>), ConfigError> {
     let bad = |message: String| ConfigError::new(NATS_URL, message);
     let mut servers = Vec::new();
-    let mut auth: Option<crate::nats::Auth> = None;
+    let mut auth: Option<Auth> = None;
     for part in text.split(',').map(str::trim) {
         if part.is_empty() {
             return Err(bad(format!("{text:?} has an empty server in its list")));
@@ -230,8 +326,8 @@ fn nats_servers(
         let user = percent_decode(url.username());
         let here = match (user.is_empty(), url.password()) {
             (true, _) => None,
-            (false, None) => Some(crate::nats::Auth::Token(user)),
-            (false, Some(password)) => Some(crate::nats::Auth::UserPassword {
+            (false, None) => Some(Auth::Token(user)),
+            (false, Some(password)) => Some(Auth::UserPassword {
                 user,
                 password: percent_decode(password),
             }),
@@ -287,11 +383,7 @@ fn percent_decode(text: &str) -> String {
 
 /// One way to authenticate: credentials in the URL, `HERALD_NATS_TOKEN`,
 /// `HERALD_NATS_NKEY` or `HERALD_NATS_CREDS`; two at once is an error.
-fn nats_auth(
-    src: &dyn Source,
-    from_url: Option<crate::nats::Auth>,
-) -> Result<crate::nats::Auth, ConfigError> {
-    use crate::nats::Auth;
+fn nats_auth(src: &dyn Source, from_url: Option<Auth>) -> Result<Auth, ConfigError> {
     let mut chosen: Vec<(&str, Auth)> = Vec::new();
     if let Some(auth) = from_url {
         chosen.push((NATS_URL, auth));
@@ -347,7 +439,7 @@ fn readable_file(src: &dyn Source, var: &str) -> Result<Option<std::path::PathBu
     Ok(Some(path))
 }
 
-fn nats_tls(src: &dyn Source) -> Result<crate::nats::Tls, ConfigError> {
+fn nats_tls(src: &dyn Source) -> Result<Tls, ConfigError> {
     let ca = readable_file(src, NATS_TLS_CA)?;
     let client_cert = match (
         readable_file(src, NATS_TLS_CERT)?,
@@ -368,7 +460,7 @@ fn nats_tls(src: &dyn Source) -> Result<crate::nats::Tls, ConfigError> {
             ));
         }
     };
-    Ok(crate::nats::Tls {
+    Ok(Tls {
         ca,
         client_cert,
         required: boolean(src, NATS_TLS_REQUIRED, false)?,
@@ -430,8 +522,8 @@ pub fn bytes(src: &dyn Source, var: &str) -> Result<i64, ConfigError> {
 }
 
 /// The `HERALD_<STREAM>_MAX_BYTES` settings.
-pub fn stream_max_bytes(src: &dyn Source) -> Result<crate::nats::MaxBytes, ConfigError> {
-    Ok(crate::nats::MaxBytes {
+pub fn stream_max_bytes(src: &dyn Source) -> Result<MaxBytes, ConfigError> {
+    Ok(MaxBytes {
         events: bytes(src, "HERALD_EVENTS_MAX_BYTES")?,
         accepted: bytes(src, "HERALD_ACCEPTED_MAX_BYTES")?,
         rejected: bytes(src, "HERALD_REJECTED_MAX_BYTES")?,
@@ -609,7 +701,7 @@ mod tests {
         ])
         .unwrap();
         assert!(got.required && got.ca.is_some() && got.client_cert.is_some());
-        assert_eq!(tls(&[]).unwrap(), crate::nats::Tls::default());
+        assert_eq!(tls(&[]).unwrap(), Tls::default());
         for (vars, var) in [
             (vec![(NATS_TLS_CA, "/nonexistent/ca.pem")], NATS_TLS_CA),
             (vec![(NATS_TLS_CERT, pem.as_str())], NATS_TLS_KEY),

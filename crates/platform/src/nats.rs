@@ -1,7 +1,8 @@
 //! NATS: the connection, and the JetStream streams and consumers every
 //! service creates idempotently at start (so services may start in any
 //! order). Their names live in `herald_core::names`; what each holds is in
-//! docs/ARCHITECTURE.md.
+//! docs/ARCHITECTURE.md. The settings (`Auth`, `Tls`, `Retention`) are read
+//! and owned by `config`, and re-exported here: this module only uses them.
 
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use herald_core::names;
 use tokio_util::sync::CancellationToken;
 
 use crate::config;
+pub use crate::config::{Auth, MaxBytes, Retention, Tls};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -29,48 +31,6 @@ pub enum Error {
     Consumer { consumer: String, message: String },
     #[error("shutting down")]
     Shutdown,
-}
-
-/// How a service proves who it is to NATS (one way at a time).
-#[derive(Clone, PartialEq, Eq, Default)]
-pub enum Auth {
-    #[default]
-    None,
-    /// `nats://user:password@host`.
-    UserPassword { user: String, password: String },
-    /// `HERALD_NATS_TOKEN`, or `nats://token@host`.
-    Token(String),
-    /// `HERALD_NATS_NKEY`: a user NKey seed.
-    Nkey(String),
-    /// `HERALD_NATS_CREDS`: a credentials file (user JWT and NKey seed).
-    Creds(std::path::PathBuf),
-}
-
-/// Secrets never appear in a `Debug` (configurations are logged).
-impl std::fmt::Debug for Auth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Auth::None => f.write_str("None"),
-            Auth::UserPassword { user, .. } => write!(f, "UserPassword({user}, ***)"),
-            Auth::Token(_) => f.write_str("Token(***)"),
-            Auth::Nkey(_) => f.write_str("Nkey(***)"),
-            Auth::Creds(path) => write!(f, "Creds({})", path.display()),
-        }
-    }
-}
-
-/// TLS to NATS: a `tls://` URL, a server that requires it, or
-/// `HERALD_NATS_TLS_REQUIRED` turn it on; the system roots are trusted
-/// unless a CA file is given.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Tls {
-    /// `HERALD_NATS_TLS_CA`: PEM roots to trust.
-    pub ca: Option<std::path::PathBuf>,
-    /// `HERALD_NATS_TLS_CERT` and `HERALD_NATS_TLS_KEY`: a client
-    /// certificate, for servers that verify clients.
-    pub client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
-    /// `HERALD_NATS_TLS_REQUIRED`: refuse a server that does not speak TLS.
-    pub required: bool,
 }
 
 /// The client options `config` describes: name, credentials, TLS.
@@ -143,62 +103,6 @@ pub async fn connect_once(config: &config::Nats, name: &str) -> Result<async_nat
         .connect(config.servers.clone())
         .await?;
     Ok(client)
-}
-
-/// The largest size, in bytes, of each stream (0: no limit). A stream at
-/// its limit refuses new messages (JetStream `discard: new`): whoever
-/// publishes gets an error and keeps the work, nothing stored is dropped.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct MaxBytes {
-    pub events: i64,
-    pub accepted: i64,
-    pub rejected: i64,
-    pub deliveries: i64,
-    pub attempts: i64,
-    pub system: i64,
-    pub parked: i64,
-    pub dead: i64,
-}
-
-/// Stream retention Herald uses.
-#[derive(Debug, Clone)]
-pub struct Retention {
-    /// Producers' events and delivery jobs: long enough to outlive the
-    /// longest retry delay.
-    pub work: Duration,
-    /// Accepted events, which replay and manual retry read back
-    /// (`HERALD_EVENT_RETENTION`).
-    pub events: Duration,
-    /// Attempt results: the log retention, so the index can be rebuilt.
-    pub attempts: Duration,
-    /// Whether this service owns the attempts stream's retention (only
-    /// log-writer, which reads `HERALD_LOG_RETENTION`): others create the
-    /// stream when it is missing but never change an existing one's.
-    pub owns_attempts: bool,
-    pub max_bytes: MaxBytes,
-}
-
-impl Default for Retention {
-    fn default() -> Self {
-        Self {
-            work: Duration::from_secs(3 * 86_400),
-            events: Duration::from_secs(7 * 86_400),
-            attempts: Duration::from_secs(7 * 86_400),
-            owns_attempts: false,
-            max_bytes: MaxBytes::default(),
-        }
-    }
-}
-
-impl Retention {
-    /// The retention settings every service reads from its environment.
-    pub fn from_source(src: &dyn config::Source) -> Result<Self, config::ConfigError> {
-        Ok(Self {
-            events: config::event_retention(src)?,
-            max_bytes: config::stream_max_bytes(src)?,
-            ..Self::default()
-        })
-    }
 }
 
 fn stream_config(
