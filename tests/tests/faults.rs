@@ -7,8 +7,11 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use futures::StreamExt;
+use herald_core::{names, proto};
 use herald_e2e::{Options, Receiver, Stack};
 use herald_test_support::RedisServer;
+use prost::Message;
 use serde_json::{Value, json};
 
 async fn create(stack: &Stack, url: &str) -> String {
@@ -121,4 +124,411 @@ async fn a_full_redis_holds_the_breaker_as_a_healthy_one_does() {
         failed <= FEW_FAILURES,
         "{failed} failed requests with a full Redis: the breaker acted on a stale state"
     );
+}
+
+/// Parks `n` deliveries for `webhook_id` as the deliverer does (the
+/// webhook's subject of HERALD_PARKED), `prefix` naming their events.
+async fn park(stack: &Stack, webhook_id: &str, prefix: &str, n: usize) {
+    let mut acks = Vec::new();
+    for i in 0..n {
+        let job = proto::DeliveryJob {
+            delivery_id: format!("dlv_{prefix}_{i}"),
+            organization_id: "acme".into(),
+            webhook_id: webhook_id.into(),
+            event: Some(proto::Event {
+                id: format!("{prefix}_{i}"),
+                organization_id: "acme".into(),
+                r#type: "workflow.completed".into(),
+                data_json: format!("{{\"i\":{i}}}").into_bytes().into(),
+                ..Default::default()
+            }),
+            attempt: 1,
+            ..Default::default()
+        };
+        acks.push(
+            stack
+                .js
+                .publish(
+                    names::parked_subject("acme", webhook_id),
+                    job.encode_to_vec().into(),
+                )
+                .await
+                .unwrap(),
+        );
+        if acks.len() == 256 {
+            for ack in acks.drain(..) {
+                ack.await.unwrap();
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+}
+
+/// How many deliveries are parked for `webhook_id`.
+async fn parked(stack: &Stack, webhook_id: &str) -> u64 {
+    let stream = stack.js.get_stream(names::PARKED_STREAM).await.unwrap();
+    let subject = names::parked_subject("acme", webhook_id);
+    match stream.info_with_subjects(&subject).await {
+        Ok(mut subjects) => {
+            let mut n = 0;
+            while let Some(Ok((_, count))) = subjects.next().await {
+                n += count as u64;
+            }
+            n
+        }
+        Err(_) => 0,
+    }
+}
+
+/// The last sequence HERALD_PARKED has stored: how many parkings there
+/// ever were.
+async fn parkings(stack: &Stack) -> u64 {
+    let mut stream = stack.js.get_stream(names::PARKED_STREAM).await.unwrap();
+    stream.info().await.unwrap().state.last_sequence
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn what_a_dead_deliverer_left_parked_is_delivered_by_the_next_one() {
+    // Probes an hour apart: no timer fires during the test unless the
+    // deliverer sets one.
+    let mut stack = Stack::start_with(
+        Options::default()
+            .env("HERALD_RETRY_SCHEDULE", "1h,1h")
+            .env("HERALD_DISABLE_AFTER", "100"),
+    )
+    .await;
+    let receiver = Receiver::start().await;
+    receiver.fail_for("/down", 500, Duration::from_secs(3_600));
+    let id = create(&stack, &receiver.url("/down")).await;
+    stack
+        .publish("acme", "workflow.completed", json!({"id": "evt_first"}))
+        .await;
+    stack
+        .eventually(Duration::from_secs(20), "the webhook failing", || async {
+            (webhook_json(&stack, &id).await["state"] == "failing").then_some(())
+        })
+        .await;
+    for i in 0..30 {
+        stack
+            .publish(
+                "acme",
+                "workflow.completed",
+                json!({"id": format!("evt_{i}")}),
+            )
+            .await;
+    }
+    stack
+        .eventually(Duration::from_secs(20), "31 deliveries parked", || async {
+            (parked(&stack, &id).await == 31).then_some(())
+        })
+        .await;
+
+    // The deliverer dies in the middle of releasing them: the probe had
+    // succeeded (the state says healthy), the release had not finished,
+    // and no timer is left (the next probe's was replaced by nothing).
+    stack
+        .stop_service("deliverer", Duration::from_secs(30))
+        .await;
+    receiver.fail_for("/down", 500, Duration::ZERO);
+    let client = redis::Client::open(stack.redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("DEL")
+        .arg(names::endpoint_key(&id))
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let deliveries = stack.js.get_stream(names::DELIVERIES_STREAM).await.unwrap();
+    deliveries
+        .purge()
+        .filter(names::probe_schedule_subject("acme", &id))
+        .await
+        .unwrap();
+
+    // A new deliverer finds them and delivers every one.
+    stack.start_service("deliverer");
+    stack
+        .eventually(Duration::from_secs(30), "every parked delivery", || async {
+            (distinct(&receiver, "/down").len() == 31).then_some(())
+        })
+        .await;
+    stack
+        .eventually(Duration::from_secs(10), "nothing parked", || async {
+            (parked(&stack, &id).await == 0).then_some(())
+        })
+        .await;
+    stack.stop().await;
+}
+
+/// Resolves every name to an address where nothing listens (the
+/// endpoint's failure: connection refused), then fails as a resolver does
+/// (Herald's own failure), then to the receiver.
+#[derive(Clone, Default)]
+struct SwitchedResolver {
+    mode: std::sync::Arc<std::sync::atomic::AtomicU8>,
+}
+
+const REFUSED: u8 = 0;
+const BROKEN: u8 = 1;
+const MENDED: u8 = 2;
+
+impl SwitchedResolver {
+    fn set(&self, mode: u8) {
+        self.mode.store(mode, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl herald_deliverer::guard::Lookup for SwitchedResolver {
+    fn lookup(&self, _host: &str) -> herald_deliverer::guard::LookupFuture {
+        let mode = self.mode.load(std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move {
+            match mode {
+                REFUSED => Ok(vec![std::net::Ipv4Addr::new(127, 0, 0, 2).into()]),
+                BROKEN => Err(std::io::Error::other(
+                    "Temporary failure in name resolution",
+                )),
+                _ => Ok(vec![std::net::Ipv4Addr::LOCALHOST.into()]),
+            }
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_probe_stopped_by_heralds_own_failure_does_not_spin() {
+    let resolver = SwitchedResolver::default();
+    let stack = Stack::start_with(
+        Options::default()
+            .env("HERALD_RETRY_SCHEDULE", "1s,1h")
+            .env("HERALD_DISABLE_AFTER", "100")
+            .resolver(resolver.clone()),
+    )
+    .await;
+    let receiver = Receiver::start().await;
+    let url = format!("http://hook.example:{}/spin", receiver.addr().port());
+    let id = create(&stack, &url).await;
+    stack
+        .publish("acme", "workflow.completed", json!({"id": "evt_first"}))
+        .await;
+    stack
+        .eventually(Duration::from_secs(20), "the webhook failing", || async {
+            (webhook_json(&stack, &id).await["state"] == "failing").then_some(())
+        })
+        .await;
+    // The probe, a second later, cannot resolve the name: Herald's own
+    // failure, with the probe claimed.
+    resolver.set(BROKEN);
+    for i in 0..5 {
+        stack
+            .publish(
+                "acme",
+                "workflow.completed",
+                json!({"id": format!("evt_{i}")}),
+            )
+            .await;
+    }
+    stack
+        .eventually(Duration::from_secs(20), "6 deliveries parked", || async {
+            (parked(&stack, &id).await >= 5).then_some(())
+        })
+        .await;
+    let before = parkings(&stack).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let during = parkings(&stack).await - before;
+    eprintln!("8 s of a probe failing for Herald's own reason: {during} parkings");
+    // Each parking was a delivery taken out and parked again behind a
+    // claimed probe, its timer set for a time already past: once, ten a
+    // second until the 45 s claim lapsed.
+    assert!(during <= 4, "{during} parkings in 8 s: a loop");
+
+    // Mended, the probe goes out (its wait has grown to 8 s at most
+    // meanwhile) and everything follows.
+    resolver.set(MENDED);
+    stack
+        .eventually(Duration::from_secs(30), "every delivery", || async {
+            (distinct(&receiver, "/spin").len() == 6).then_some(())
+        })
+        .await;
+    stack.stop().await;
+}
+
+/// Messages and bytes the attempts stream holds for `webhook_id`, and in all.
+async fn attempts_logged(stack: &Stack, webhook_id: &str) -> u64 {
+    let stream = stack.js.get_stream(names::ATTEMPTS_STREAM).await.unwrap();
+    let subject = names::attempt_subject("acme", webhook_id);
+    match stream.info_with_subjects(&subject).await {
+        Ok(mut subjects) => {
+            let mut n = 0;
+            while let Some(Ok((_, count))) = subjects.next().await {
+                n += count as u64;
+            }
+            n
+        }
+        Err(_) => 0,
+    }
+}
+
+async fn set_attempts_max_bytes(stack: &Stack, max_bytes: i64) {
+    let mut stream = stack.js.get_stream(names::ATTEMPTS_STREAM).await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    config.max_bytes = max_bytes;
+    stack.js.update_stream(config).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_disable_concludes_its_backlog_at_stream_speed_and_a_reenable_delivers_what_waits() {
+    let stack = Stack::start_with(
+        Options::default()
+            .env("HERALD_RETRY_SCHEDULE", "1s,1h")
+            .env("HERALD_DISABLE_AFTER", "1"),
+    )
+    .await;
+    let receiver = Receiver::start().await;
+    receiver.fail_for("/dead", 500, Duration::from_secs(3_600));
+    let dead = stack
+        .create_webhook(json!({"name": "dead", "url": receiver.url("/dead"), "event_types": ["workflow.completed"]}))
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    const BACKLOG: usize = 3_000;
+    park(&stack, &dead, "evt_old", BACKLOG).await;
+    // Its first failure, then its probe (the oldest parked) disables it.
+    stack
+        .publish("acme", "workflow.completed", json!({"id": "evt_new"}))
+        .await;
+    stack
+        .eventually(Duration::from_secs(30), "the webhook disabled", || async {
+            (webhook_json(&stack, &dead).await["enabled"] == false).then_some(())
+        })
+        .await;
+    stack
+        .eventually(Duration::from_secs(30), "the backlog concluded", || async {
+            (parked(&stack, &dead).await == 0).then_some(())
+        })
+        .await;
+    // Every one is in the log, failed `webhook_disabled`; how fast, as the
+    // stream stored their records (once 21–85 a second, one by one).
+    let drained = stack
+        .eventually(Duration::from_secs(30), "every delivery logged", || async {
+            let drained: Vec<_> = attempts_of(&stack, &dead)
+                .await
+                .into_iter()
+                .filter(|(a, _)| a.failure_reason == "webhook_disabled" && a.request.is_none())
+                .map(|(_, at)| at)
+                .collect();
+            (drained.len() == BACKLOG).then_some(drained)
+        })
+        .await;
+    let took = Duration::from_nanos(
+        (*drained.iter().max().unwrap() - *drained.iter().min().unwrap()) as u64,
+    );
+    let rate = BACKLOG as f64 / took.as_secs_f64().max(0.001);
+    eprintln!(
+        "a disabled webhook's {BACKLOG} parked deliveries logged failed in {took:?}: {rate:.0} a second"
+    );
+    assert!(rate >= 2_000.0, "{rate:.0} deliveries concluded a second");
+
+    // Another webhook's backlog, its conclusion stalled midway (the
+    // attempts stream is full after about a third of it): re-enabled
+    // meanwhile, what still waits is delivered, not marked failed.
+    let again = stack
+        .create_webhook(json!({"name": "again", "url": receiver.url("/again"), "event_types": ["workflow.failed"]}))
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    receiver.fail_for("/again", 500, Duration::from_secs(3_600));
+    park(&stack, &again, "evt_again", BACKLOG).await;
+    let mut attempts = stack.js.get_stream(names::ATTEMPTS_STREAM).await.unwrap();
+    let state = attempts.info().await.unwrap().state.clone();
+    let per_record = state.bytes / state.messages.max(1);
+    set_attempts_max_bytes(&stack, (state.bytes + per_record * 1_000) as i64).await;
+    stack
+        .publish("acme", "workflow.failed", json!({"id": "evt_again_new"}))
+        .await;
+    stack
+        .eventually(Duration::from_secs(30), "the webhook disabled", || async {
+            (webhook_json(&stack, &again).await["enabled"] == false).then_some(())
+        })
+        .await;
+    // Concluding has stalled: nothing moves for 2 s.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut last = u64::MAX;
+    loop {
+        let now = parked(&stack, &again).await;
+        if now == last && now < BACKLOG as u64 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never stalled: {now} parked"
+        );
+        last = now;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    receiver.fail_for("/again", 500, Duration::ZERO);
+    let (status, body) = stack
+        .api(
+            "PATCH",
+            &format!("/webhooks/{again}"),
+            Some(json!({"enabled": true})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    set_attempts_max_bytes(&stack, -1).await;
+    // Each delivery is either delivered or logged failed (recover finds
+    // those): none is left waiting, and what still waited at the re-enable
+    // was delivered, not marked failed afterwards.
+    stack
+        .eventually(
+            Duration::from_secs(40),
+            "every delivery concluded",
+            || async {
+                let failed = attempts_of(&stack, &again)
+                    .await
+                    .iter()
+                    .filter(|(a, _)| a.failure_reason == "webhook_disabled" && a.request.is_none())
+                    .count();
+                let delivered = distinct(&receiver, "/again").len();
+                // (`delivered` counts the probe's failed request too.)
+                (failed + delivered == BACKLOG + 1 && parked(&stack, &again).await == 0)
+                    .then_some((failed, delivered))
+            },
+        )
+        .await;
+    let failed = BACKLOG + 1 - distinct(&receiver, "/again").len();
+    eprintln!("re-enabled midway: {failed} of {BACKLOG} logged failed, the rest delivered");
+    assert!(
+        failed < BACKLOG / 2,
+        "{failed} of {BACKLOG} marked failed after the re-enable"
+    );
+    stack.stop().await;
+}
+
+/// Every attempt logged for `webhook_id`, with when the stream stored it
+/// (unix nanoseconds).
+async fn attempts_of(stack: &Stack, webhook_id: &str) -> Vec<(proto::AttemptResult, i128)> {
+    use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+    use futures::TryStreamExt;
+    let stream = stack.js.get_stream(names::ATTEMPTS_STREAM).await.unwrap();
+    let consumer = stream
+        .create_consumer(OrderedConfig {
+            filter_subject: names::attempt_subject("acme", webhook_id),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let total = consumer.cached_info().num_pending as usize;
+    let mut messages = consumer.messages().await.unwrap().take(total);
+    let mut out = Vec::new();
+    while let Some(message) = messages.try_next().await.unwrap() {
+        let stored = message.info().unwrap().published.unix_timestamp_nanos();
+        out.push((
+            proto::AttemptResult::decode(message.payload.clone()).unwrap(),
+            stored,
+        ));
+    }
+    out
 }

@@ -85,6 +85,47 @@ impl Endpoint {
             Endpoint::Failing { .. } => "failing",
         }
     }
+
+    /// When a failing webhook's probe timer should fire: its next probe
+    /// time, or, while a probe is claimed, when that claim lapses (a timer
+    /// that fired earlier would find the probe taken, and come back at
+    /// once: a loop). `None` unless failing; `i64::MAX` while disabled.
+    pub fn probe_timer_ms(&self) -> Option<i64> {
+        match self {
+            Endpoint::Failing {
+                next_probe_ms,
+                probe_until_ms,
+                ..
+            } => Some((*next_probe_ms).max(*probe_until_ms)),
+            _ => None,
+        }
+    }
+
+    /// The probe claimed at arrival could not be made for Herald's own
+    /// failure (nothing reached the receiver): its claim is given back, so
+    /// the next delivery due (or this one, after its wait) probes instead
+    /// of everything waiting out the claim. `None` when there is no claim
+    /// to give back (disabled, or not failing).
+    pub fn release_probe(&self, now_ms: i64) -> Option<Endpoint> {
+        match self {
+            Endpoint::Failing {
+                since_ms,
+                next_probe_ms,
+                failed_probes,
+                probe_until_ms,
+                last_error,
+            } if *probe_until_ms > now_ms && *probe_until_ms != i64::MAX => {
+                Some(Endpoint::Failing {
+                    since_ms: *since_ms,
+                    next_probe_ms: *next_probe_ms,
+                    failed_probes: *failed_probes,
+                    probe_until_ms: 0,
+                    last_error: last_error.clone(),
+                })
+            }
+            _ => None,
+        }
+    }
 }
 
 /// What the policy needs to know of the job in hand.
@@ -681,6 +722,38 @@ mod tests {
             if let Some(Endpoint::Failing { probe_until_ms, .. }) = next {
                 assert_eq!(probe_until_ms, now + PROBE_LEASE_MS);
             }
+        }
+    }
+
+    #[test]
+    fn probe_timers_wait_for_a_claim_and_a_claim_is_given_back() {
+        let t = 1_000_000;
+        // (state, timer at, state after the probe's own failure)
+        let cases: Vec<(Endpoint, Option<i64>, Option<Endpoint>)> = vec![
+            (Endpoint::Healthy, None, None),
+            (throttled(t + 5, 1), None, None),
+            // Not claimed: the next probe time, nothing to give back.
+            (failing(t - 100, t + 5_000, 1, 0), Some(t + 5_000), None),
+            (failing(t - 100, t - 3, 1, 0), Some(t - 3), None),
+            // Claimed: the timer waits out the claim (it once fired every
+            // 100 ms meanwhile); the claim is given back.
+            (
+                failing(t - 100, t - 3, 1, t + PROBE_LEASE_MS),
+                Some(t + PROBE_LEASE_MS),
+                Some(failing(t - 100, t - 3, 1, 0)),
+            ),
+            // A lapsed claim is nothing to give back.
+            (failing(t - 100, t - 3, 1, t - 1), Some(t - 1), None),
+            // Disabled: no probe, ever.
+            (
+                failing(t - 100, i64::MAX, 3, i64::MAX),
+                Some(i64::MAX),
+                None,
+            ),
+        ];
+        for (state, timer, released) in cases {
+            assert_eq!(state.probe_timer_ms(), timer, "{state:?}");
+            assert_eq!(state.release_probe(t), released, "{state:?}");
         }
     }
 

@@ -32,6 +32,9 @@ use crate::outbox::SystemEvent;
 use crate::outcome::{self, Outcome};
 
 use herald_platform::dead_letters::MAX_HAND_BACKS;
+
+/// How soon a probe timer fires again after a release or a drain failed.
+const REARM_AFTER_ERROR: Duration = Duration::from_secs(5);
 /// How often a job in hand says it is still being worked on.
 const PROGRESS_EVERY: Duration = Duration::from_secs(20);
 /// At most one warning per this long about Herald's own failures (an outage
@@ -400,7 +403,18 @@ impl State {
             Class::Throttled { .. } => self.inflight.adapt(&key, true),
             // Nothing reached the receiver (its name did not resolve on
             // Herald's side, its secret cannot be read): not its attempt.
-            Class::Herald => return Done::HandBack(outcome.error),
+            // A probe gives its claim back: the job waits (backing off) and
+            // the next delivery due probes, rather than everything parking
+            // behind a claim nobody is using.
+            Class::Herald => {
+                if probe {
+                    let now = now_ms();
+                    self.states
+                        .update(&webhook.id, |s| (s.release_probe(now), ()))
+                        .await;
+                }
+                return Done::HandBack(outcome.error);
+            }
             _ => {}
         }
         self.conclude(job, &webhook, attempt, outcome, class, probe, source)
@@ -643,15 +657,16 @@ impl State {
             .await
             .map_err(|e| e.to_string())?;
         let (state, _) = self.states.get(&webhook.id).await;
-        let at = match state {
+        let at = match state.probe_timer_ms() {
             // Being disabled: the timer drains what is parked, soon.
-            Endpoint::Failing {
-                next_probe_ms: i64::MAX,
-                ..
-            } => now_ms() + 1_000,
-            Endpoint::Failing { next_probe_ms, .. } => next_probe_ms,
+            Some(i64::MAX) => now_ms() + 1_000,
+            // The next probe, or the end of the claim of the probe under
+            // way (a job parked behind a claimed probe once set a timer
+            // for a probe time already past: a timer every 100 ms until
+            // the claim lapsed).
+            Some(at) => at,
             // Recovered meanwhile: release at once.
-            _ => now_ms(),
+            None => now_ms(),
         };
         self.outbox
             .probe_timer(&webhook.organization_id, &webhook.id, at, now_ms())
@@ -671,17 +686,23 @@ impl State {
             return finish(self.drain_disabled(org, id).await);
         };
         let (state, _) = self.states.get(&webhook.id).await;
-        let result = match state {
-            Endpoint::Failing { next_probe_ms, .. }
-                if now_ms() + policy::PROBE_SLACK_MS < next_probe_ms =>
-            {
-                // An older timer: the next probe is later.
+        let result = match state.probe_timer_ms() {
+            // Being disabled: the timer drains what is parked once the
+            // disable is seen.
+            Some(i64::MAX) => self
+                .outbox
+                .probe_timer(org, id, now_ms() + 1_000, now_ms())
+                .await
+                .map_err(|e| e.to_string()),
+            Some(at) if now_ms() + policy::PROBE_SLACK_MS < at => {
+                // An older timer, or a probe under way: come back when the
+                // next may be sent.
                 self.outbox
-                    .probe_timer(org, id, next_probe_ms, now_ms())
+                    .probe_timer(org, id, at, now_ms())
                     .await
                     .map_err(|e| e.to_string())
             }
-            Endpoint::Failing { .. } => self
+            Some(_) => self
                 .parking
                 .release_oldest(org, id)
                 .await
@@ -699,21 +720,49 @@ impl State {
     }
 
     /// Logs every delivery parked for a disabled or deleted webhook as
-    /// failed with `webhook_disabled`, so that `recover` finds it.
+    /// failed with `webhook_disabled`, so that `recover` finds it: a batch
+    /// at a time, its attempt records in flight together. Before each
+    /// batch the webhook is looked at again: re-enabled meanwhile, what is
+    /// still parked is released (by its probe timer, set for now) instead.
     async fn drain_disabled(&self, org: &str, webhook_id: &str) -> Result<(), String> {
-        let n = self
+        let mut batches = self
             .parking
-            .drain(org, webhook_id, |job| async move {
-                let mut attempt = self.record(&job);
+            .batches(org, webhook_id)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut n = 0;
+        let mut reenabled = false;
+        while let Some(batch) = batches.next().await.map_err(|e| e.to_string())? {
+            let webhook = self
+                .webhooks
+                .get(org, webhook_id)
+                .await
+                .map_err(|e| e.to_string())?;
+            if webhook.is_some_and(|w| w.enabled) {
+                reenabled = true;
+                break;
+            }
+            let mut attempts = Vec::with_capacity(batch.parked.len());
+            for parked in &batch.parked {
+                let mut attempt = self.record(&parked.job);
                 attempt.set_status(proto::AttemptStatus::Failed);
                 attempt.failure_reason = FailureReason::WebhookDisabled.code().into();
                 attempt.error =
                     "the webhook was disabled while the delivery waited; not sent".into();
-                self.count("failed");
-                self.outbox.attempt(&attempt).await
-            })
-            .await
-            .map_err(|e| e.to_string())?;
+                attempts.push(attempt);
+            }
+            // The batch's records all in flight, their acks awaited together.
+            let publishes: Vec<_> = attempts.iter().map(|a| self.outbox.attempt(a)).collect();
+            futures::future::try_join_all(publishes)
+                .await
+                .map_err(|e| e.to_string())?;
+            batches.remove(&batch).await.map_err(|e| e.to_string())?;
+            self.metrics
+                .deliveries
+                .get_or_create(&crate::metrics::OutcomeLabel { outcome: "failed" })
+                .inc_by(batch.parked.len() as u64);
+            n += batch.parked.len();
+        }
         if n > 0 {
             tracing::info!(
                 webhook_id,
@@ -721,7 +770,27 @@ impl State {
                 "waiting deliveries of a disabled webhook logged as failed"
             );
         }
+        if reenabled {
+            tracing::info!(
+                webhook_id,
+                "webhook enabled again; what still waits is released"
+            );
+            self.outbox
+                .probe_timer(org, webhook_id, now_ms(), now_ms())
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         Ok(())
+    }
+
+    /// Sets the webhook's probe timer a few seconds ahead after a release
+    /// or drain failed, so what is still parked is not stranded.
+    async fn rearm_after_error(&self, org: &str, webhook_id: &str) {
+        let at = now_ms() + REARM_AFTER_ERROR.as_millis() as i64;
+        if let Err(error) = self.outbox.probe_timer(org, webhook_id, at, now_ms()).await {
+            // The periodic sweep of parked webhooks sets it later.
+            tracing::warn!(%error, webhook_id, "cannot set the probe timer again");
+        }
     }
 
     /// Carries out the policy's notices: system events, disabling, and
@@ -780,9 +849,10 @@ impl State {
                                 tracing::info!(webhook_id = %id, deliveries = n, "webhook recovered; waiting deliveries released")
                             }
                             Ok(_) => {}
-                            // The next probe timer releases what is left.
+                            // The probe timer, set again, releases what is left.
                             Err(error) => {
-                                tracing::warn!(%error, webhook_id = %id, "cannot release waiting deliveries")
+                                tracing::warn!(%error, webhook_id = %id, "cannot release waiting deliveries");
+                                this.rearm_after_error(&org, &id).await;
                             }
                         }
                     });
@@ -797,6 +867,7 @@ impl State {
                     tokio::spawn(async move {
                         if let Err(error) = this.drain_disabled(&org, &id).await {
                             tracing::warn!(%error, webhook_id = %id, "cannot log the waiting deliveries of a disabled webhook yet");
+                            this.rearm_after_error(&org, &id).await;
                         }
                     });
                 }

@@ -158,6 +158,44 @@ struct State {
     own_failure_warnings: delivery::Warnings,
 }
 
+/// How often every webhook with parked deliveries has its probe timer set
+/// again (and once at start): a deliverer that died between parking and
+/// setting the timer, or in the middle of a release, leaves nothing parked
+/// for good.
+const REARM_PARKED_EVERY: Duration = Duration::from_secs(300);
+
+/// Sets the probe timer of every webhook with parked deliveries a few
+/// seconds ahead, at start and every [`REARM_PARKED_EVERY`]. A timer that
+/// fires early sets itself again for the webhook's next probe; one for a
+/// recovered webhook releases what waits; one for a disabled or deleted
+/// webhook logs it.
+async fn rearm_parked(state: Arc<State>, shutdown: CancellationToken) {
+    loop {
+        match state.parking.parked_webhooks().await {
+            Ok(webhooks) => {
+                if !webhooks.is_empty() {
+                    tracing::debug!(
+                        webhooks = webhooks.len(),
+                        "probe timers set for parked deliveries"
+                    );
+                }
+                for (org, id) in webhooks {
+                    let now = herald_platform::now_ms();
+                    let at = now + 1_000 + (4_000.0 * rand::random::<f64>()) as i64;
+                    if let Err(error) = state.outbox.probe_timer(&org, &id, at, now).await {
+                        tracing::warn!(%error, webhook_id = %id, "cannot set the probe timer of parked deliveries");
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot list the webhooks with parked deliveries"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(REARM_PARKED_EVERY) => {}
+        }
+    }
+}
+
 /// The most jobs one pull asks for.
 const PULL_BATCH: usize = 500;
 /// How long one pull waits for jobs before the next is made.
@@ -235,6 +273,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         config,
         metrics,
     });
+    tokio::spawn(rearm_parked(state.clone(), shutdown.clone()));
     // Each job is its own task (signing and TLS spread over every core),
     // at most `concurrency` at once. Jobs are pulled in batches no larger
     // than the free slots, one short-lived pull request at a time, so on

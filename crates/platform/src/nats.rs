@@ -156,11 +156,13 @@ pub fn streams(replicas: usize, retention: &Retention) -> Vec<stream::Config> {
     // HERALD_DELIVERIES_MAX_BYTES is best left unset (docs/configuration.md).
     deliveries.discard = stream::DiscardPolicy::Old;
     // Parked deliveries are read by direct get (oldest first) and deleted
-    // once released; a week outlives any delivery's deadline.
+    // once released or logged. No age limit: one would delete a delivery
+    // waiting for its webhook unlogged; each leaves by a release (a delivery
+    // past its deadline is then logged failed) or a drain (logged failed).
     let mut parked = stream_config(
         names::PARKED_STREAM,
         vec![names::PARKED_SUBJECTS.into()],
-        week,
+        Duration::ZERO,
         replicas,
         max.parked,
     );
