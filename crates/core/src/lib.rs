@@ -5,7 +5,9 @@
 
 pub mod catalogue;
 pub mod duration;
+pub mod egress;
 pub mod event;
+pub mod fairness;
 pub mod ids;
 pub mod masking;
 pub mod matching;

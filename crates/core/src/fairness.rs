@@ -1,0 +1,609 @@
+//! Fair shares of the deliverer between organizations, as a pure state
+//! machine (sans-IO, like `policy`: time is an argument, tests are tables).
+//!
+//! The deliverer has `slots` requests in flight at most. While only one
+//! organization has work, it may use all of them but a small `reserve`,
+//! kept free so that the deliverer keeps pulling jobs and finds another
+//! organization's work at once. While several organizations have work, the
+//! slots are shared max-min fairly: each gets an equal share, and what an
+//! organization does not use (it has fewer requests to make) is shared by
+//! the others. An organization may also be capped by its own limits
+//! (requests in flight, deliveries a second).
+//!
+//! A job that arrives for an organization at its share, at its limit, or
+//! with older jobs of its own still held back, is *held*: the deliverer
+//! stores it aside (holding no slot) and keeps pulling others' work. Held
+//! jobs are *released*, oldest first, as the organization's requests
+//! complete ([`Scheduler::releases`], a round over the organizations with
+//! held jobs, one slot each per turn, so free slots are dealt out evenly).
+//!
+//! The scheduler counts one deliverer's requests; every replica has its own,
+//! so the shares hold per replica (replicas pull from one stream, so each
+//! sees every organization's work in proportion).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::rate::{Bucket, Rate};
+
+/// How long an organization with nothing in flight or held is still shown
+/// (its metrics), so that a short lull does not make its series vanish.
+pub const SHOWN_FOR_MS: i64 = 5 * 60 * 1000;
+
+/// The slots never given to one organization while it is alone: about one
+/// in sixteen, at least one (none when there is a single slot).
+pub fn reserve(slots: usize) -> usize {
+    (slots / 16).clamp(1, 64).min(slots.saturating_sub(1))
+}
+
+/// An organization's delivery limits; `None` is no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Requests in flight at once.
+    pub in_flight: Option<u32>,
+    /// Deliveries started a second.
+    pub per_second: Option<u32>,
+}
+
+impl Limits {
+    /// `self`, with the defaults where it sets nothing.
+    pub fn or(self, defaults: Limits) -> Limits {
+        Limits {
+            in_flight: self.in_flight.or(defaults.in_flight),
+            per_second: self.per_second.or(defaults.per_second),
+        }
+    }
+}
+
+/// What to do with a job that arrives for an organization.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Send it: it is counted in flight until [`Scheduler::done`].
+    Send,
+    /// Hold it back, for this reason.
+    Hold(Why),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Why {
+    /// Older jobs of the organization are held: it waits behind them.
+    Behind,
+    /// The organization holds its fair share while others have work.
+    Share,
+    /// The organization's own in-flight limit.
+    InFlightLimit,
+    /// The organization's own rate.
+    Rate,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Org {
+    in_flight: usize,
+    /// Jobs held back (as far as this deliverer knows).
+    held: u64,
+    /// When the jobs this deliverer held were queued, oldest first.
+    held_since: VecDeque<i64>,
+    /// When held jobs were first seen by a sweep rather than held here.
+    seen_held_ms: Option<i64>,
+    bucket: Option<Bucket>,
+    last_active_ms: i64,
+}
+
+/// An organization as the metrics show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrgView {
+    pub org: String,
+    pub in_flight: usize,
+    pub held: u64,
+    /// When its oldest held job was queued.
+    pub oldest_held_ms: Option<i64>,
+    /// The share it would get now.
+    pub share: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Scheduler {
+    /// Requests in flight at most (`HERALD_DELIVERY_CONCURRENCY`).
+    slots: usize,
+    reserve: usize,
+    defaults: Limits,
+    limits: BTreeMap<String, Limits>,
+    orgs: BTreeMap<String, Org>,
+    /// Where the last round of releases stopped, so the next starts after.
+    cursor: Option<String>,
+}
+
+impl Scheduler {
+    pub fn new(slots: usize, defaults: Limits) -> Self {
+        Self {
+            slots,
+            reserve: reserve(slots),
+            defaults,
+            limits: BTreeMap::new(),
+            orgs: BTreeMap::new(),
+            cursor: None,
+        }
+    }
+
+    /// The organization's own limits (from its record); `None` forgets them.
+    pub fn set_limits(&mut self, org: &str, limits: Option<Limits>) {
+        match limits {
+            Some(l) => {
+                self.limits.insert(org.to_owned(), l);
+            }
+            None => {
+                self.limits.remove(org);
+            }
+        }
+    }
+
+    fn limits(&self, org: &str) -> Limits {
+        self.limits
+            .get(org)
+            .copied()
+            .unwrap_or_default()
+            .or(self.defaults)
+    }
+
+    fn rate(limits: Limits) -> Option<Rate> {
+        limits.per_second.map(|n| Rate {
+            per_minute: n.saturating_mul(60),
+            burst: n.max(1),
+        })
+    }
+
+    /// The slots shared between organizations.
+    fn shared(&self) -> usize {
+        self.slots - self.reserve
+    }
+
+    /// The requests `org` may have in flight now: max-min fair over the
+    /// organizations with work, `org` counted as wanting more. Another
+    /// organization wants what it has in flight and holds, up to its limit.
+    pub fn share(&self, org: &str) -> usize {
+        let mut wants: Vec<usize> = self
+            .orgs
+            .iter()
+            .filter(|(name, o)| name.as_str() != org && (o.in_flight > 0 || o.held > 0))
+            .map(|(name, o)| {
+                let want = o
+                    .in_flight
+                    .saturating_add(o.held.min(usize::MAX as u64) as usize);
+                match self.limits(name).in_flight {
+                    Some(cap) => want.min(cap as usize),
+                    None => want,
+                }
+            })
+            .collect();
+        wants.sort_unstable();
+        let mut left = self.shared();
+        let mut sharing = wants.len() + 1;
+        for want in wants {
+            let level = left / sharing;
+            if want >= level {
+                break;
+            }
+            left -= want;
+            sharing -= 1;
+        }
+        (left / sharing).max(1)
+    }
+
+    fn org(&mut self, org: &str, now_ms: i64) -> &mut Org {
+        let o = self.orgs.entry(org.to_owned()).or_default();
+        o.last_active_ms = now_ms;
+        o
+    }
+
+    /// Whether one more request of `org` fits its limits and share now
+    /// (taking a token of its rate when it does).
+    fn fits(&mut self, org: &str, now_ms: i64) -> Result<(), Why> {
+        let limits = self.limits(org);
+        let share = self.share(org);
+        let o = self.orgs.get(org).cloned().unwrap_or_default();
+        if let Some(cap) = limits.in_flight
+            && o.in_flight >= cap as usize
+        {
+            return Err(Why::InFlightLimit);
+        }
+        if o.in_flight >= share {
+            return Err(Why::Share);
+        }
+        if let Some(rate) = Self::rate(limits) {
+            let bucket = o.bucket.unwrap_or_else(|| rate.full(now_ms));
+            let taken = rate.take(bucket, now_ms).map_err(|_| Why::Rate)?;
+            self.org(org, now_ms).bucket = Some(taken);
+        }
+        Ok(())
+    }
+
+    /// A job of `org`, queued at `queued_ms`, arrives.
+    pub fn arrive(&mut self, org: &str, queued_ms: i64, now_ms: i64) -> Decision {
+        let held = self.orgs.get(org).is_some_and(|o| o.held > 0);
+        let decision = if held {
+            Decision::Hold(Why::Behind)
+        } else {
+            match self.fits(org, now_ms) {
+                Ok(()) => Decision::Send,
+                Err(why) => Decision::Hold(why),
+            }
+        };
+        let o = self.org(org, now_ms);
+        match decision {
+            Decision::Send => o.in_flight += 1,
+            Decision::Hold(_) => {
+                o.held += 1;
+                o.held_since.push_back(queued_ms);
+            }
+        }
+        decision
+    }
+
+    /// A request of `org` (sent, or released) is over.
+    pub fn done(&mut self, org: &str, now_ms: i64) {
+        let o = self.org(org, now_ms);
+        o.in_flight = o.in_flight.saturating_sub(1);
+    }
+
+    /// How many held jobs of each organization to release now, with `free`
+    /// slots free: a round over the organizations with held jobs, one each
+    /// per turn, starting after where the last round stopped. What is
+    /// released counts in flight at once (until [`Scheduler::done`], or
+    /// [`Scheduler::released`] says fewer came).
+    pub fn releases(&mut self, free: usize, now_ms: i64) -> Vec<(String, usize)> {
+        let mut free = free.saturating_sub(self.reserve);
+        let mut order: Vec<String> = self
+            .orgs
+            .iter()
+            .filter(|(_, o)| o.held > 0)
+            .map(|(name, _)| name.clone())
+            .collect();
+        if let Some(cursor) = &self.cursor {
+            let at = order.partition_point(|name| name <= cursor);
+            order.rotate_left(at);
+        }
+        let mut out: Vec<(String, usize)> = Vec::new();
+        let mut moving = true;
+        while free > 0 && moving {
+            moving = false;
+            for name in &order {
+                if free == 0 {
+                    break;
+                }
+                if self.orgs.get(name).is_none_or(|o| o.held == 0)
+                    || self.fits(name, now_ms).is_err()
+                {
+                    continue;
+                }
+                let o = self.org(name, now_ms);
+                o.held -= 1;
+                o.held_since.pop_front();
+                o.in_flight += 1;
+                free -= 1;
+                moving = true;
+                self.cursor = Some(name.clone());
+                match out.iter_mut().find(|(n, _)| n == name) {
+                    Some((_, n)) => *n += 1,
+                    None => out.push((name.clone(), 1)),
+                }
+            }
+        }
+        out
+    }
+
+    /// Of `asked` jobs of `org` released, `got` could be read: the others
+    /// are not in flight, and none are left held (another deliverer took
+    /// them, or they were fewer than counted).
+    pub fn released(&mut self, org: &str, asked: usize, got: usize, now_ms: i64) {
+        let o = self.org(org, now_ms);
+        o.in_flight = o.in_flight.saturating_sub(asked.saturating_sub(got));
+        if got < asked {
+            o.held = 0;
+            o.held_since.clear();
+            o.seen_held_ms = None;
+        }
+    }
+
+    /// What is stored held for each organization (read from the stream by
+    /// every deliverer now and then): held jobs this deliverer did not hold
+    /// itself (another replica, or before a restart) get released too.
+    pub fn seen_held(&mut self, held: &BTreeMap<String, u64>, now_ms: i64) {
+        for (org, &n) in held {
+            let o = self.org(org, now_ms);
+            if n > o.held {
+                o.held = n;
+                o.seen_held_ms.get_or_insert(now_ms);
+            }
+        }
+        // Forget organizations with nothing for a while.
+        self.orgs.retain(|_, o| {
+            o.in_flight > 0 || o.held > 0 || now_ms - o.last_active_ms < SHOWN_FOR_MS
+        });
+    }
+
+    /// Whether `org` has jobs held back now.
+    pub fn holding(&self, org: &str) -> bool {
+        self.orgs.get(org).is_some_and(|o| o.held > 0)
+    }
+
+    /// The organizations with work in the last [`SHOWN_FOR_MS`], at most
+    /// `max`, those holding the most first.
+    pub fn views(&self, max: usize, now_ms: i64) -> Vec<OrgView> {
+        let mut views: Vec<OrgView> = self
+            .orgs
+            .iter()
+            .filter(|(_, o)| {
+                o.in_flight > 0 || o.held > 0 || now_ms - o.last_active_ms < SHOWN_FOR_MS
+            })
+            .map(|(name, o)| OrgView {
+                org: name.clone(),
+                in_flight: o.in_flight,
+                held: o.held,
+                oldest_held_ms: if o.held == 0 {
+                    None
+                } else {
+                    o.held_since.front().copied().or(o.seen_held_ms)
+                },
+                share: self.share(name),
+            })
+            .collect();
+        views.sort_by(|a, b| (b.held, b.in_flight).cmp(&(a.held, a.in_flight)));
+        views.truncate(max);
+        views
+    }
+}
+
+/// The requests in flight an endpoint gets for its latency: `cap` up to a
+/// second per request; above, fewer in proportion (a 10 s endpoint gets a
+/// tenth), never below 2 (1 when `cap` is 1). A slow endpoint's requests
+/// hold slots a fast one would turn over thousands of times.
+pub fn endpoint_limit(cap: usize, latency_ms: u64) -> usize {
+    let cap = cap.max(1);
+    if latency_ms <= 1_000 {
+        return cap;
+    }
+    let scaled = (cap as u64).saturating_mul(1_000) / latency_ms;
+    (scaled as usize).clamp(2.min(cap), cap)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NONE: Limits = Limits {
+        in_flight: None,
+        per_second: None,
+    };
+
+    /// Runs `steps` on a scheduler of `slots`: `"a+"` a job of a arrives
+    /// (expected `S`end, or `H`old), `"a-"` a request of a is done,
+    /// `"r5"` releases with 5 free slots (expected `a1 b2` …).
+    fn check(slots: usize, limits: &[(&str, Limits)], steps: &[(&str, &str)]) {
+        let mut s = Scheduler::new(slots, NONE);
+        for (org, l) in limits {
+            s.set_limits(org, Some(*l));
+        }
+        for (i, (step, want)) in steps.iter().enumerate() {
+            let now = i as i64 * 10;
+            let got = if let Some(org) = step.strip_suffix('+') {
+                match s.arrive(org, now, now) {
+                    Decision::Send => "S".to_owned(),
+                    Decision::Hold(why) => format!("H {why:?}"),
+                }
+            } else if let Some(org) = step.strip_suffix('-') {
+                s.done(org, now);
+                String::new()
+            } else if let Some(free) = step.strip_prefix('r') {
+                s.releases(free.parse().unwrap(), now)
+                    .iter()
+                    .map(|(o, n)| format!("{o}{n}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            } else {
+                panic!("unknown step {step}")
+            };
+            // "H" is any hold.
+            if *want == "H" {
+                assert!(got.starts_with('H'), "step {i} ({step}): {got}");
+            } else {
+                assert_eq!(got, *want, "step {i} ({step})");
+            }
+        }
+    }
+
+    fn repeat(
+        step: &'static str,
+        want: &'static str,
+        n: usize,
+    ) -> Vec<(&'static str, &'static str)> {
+        vec![(step, want); n]
+    }
+
+    #[test]
+    fn the_reserve_is_small_and_never_everything() {
+        for (slots, want) in [(1, 0), (2, 1), (16, 1), (64, 4), (1024, 64), (65_536, 64)] {
+            assert_eq!(reserve(slots), want, "{slots} slots");
+        }
+    }
+
+    #[test]
+    fn an_organization_alone_uses_all_but_the_reserve() {
+        // 20 slots, reserve 1: 19 go, the 20th is held.
+        let mut steps = repeat("a+", "S", 19);
+        steps.push(("a+", "H"));
+        check(20, &[], &steps);
+    }
+
+    #[test]
+    fn another_organization_gets_in_at_once_and_the_first_is_cut_to_its_share() {
+        // a fills 15 of 16 (reserve 1); b arrives: its share is half.
+        let mut steps = repeat("a+", "S", 15);
+        steps.extend([("b+", "S"), ("b+", "S")]);
+        // a is over its share now (b wants more): a's next are held.
+        steps.push(("a+", "H Share"));
+        // and behind that one, whatever the share.
+        steps.extend([("a-", ""), ("a+", "H Behind")]);
+        check(16, &[], &steps);
+    }
+
+    #[test]
+    fn held_jobs_are_released_as_requests_complete_within_the_share() {
+        // 16 slots, 15 shared: a fills them, b gets half.
+        let mut steps = repeat("a+", "S", 15);
+        steps.extend(repeat("b+", "S", 7));
+        steps.extend([("b+", "H Share"), ("a+", "H Share")]);
+        // Both at or above their share: nothing released.
+        steps.push(("r10", ""));
+        // a's requests complete: a wants less, so both may have more.
+        steps.extend(repeat("a-", "", 10));
+        steps.push(("r10", "a1 b1"));
+        // Nothing held: a's next arrival is sent.
+        steps.push(("a+", "S"));
+        check(16, &[], &steps);
+    }
+
+    #[test]
+    fn releases_go_round_the_organizations_evenly() {
+        let mut s = Scheduler::new(100, NONE); // reserve 6
+        let held: BTreeMap<String, u64> = [
+            ("a".to_owned(), 50),
+            ("b".to_owned(), 50),
+            ("c".to_owned(), 1),
+        ]
+        .into();
+        s.seen_held(&held, 0);
+        // 6 free beyond the reserve: one each per turn.
+        assert_eq!(
+            s.releases(12, 1),
+            vec![("a".into(), 3), ("b".into(), 2), ("c".into(), 1)]
+        );
+        // The next round starts after the last released (a); c has none.
+        assert_eq!(s.releases(9, 2), vec![("b".into(), 2), ("a".into(), 1)]);
+    }
+
+    #[test]
+    fn fewer_read_than_released_means_none_are_left() {
+        let mut s = Scheduler::new(100, NONE);
+        s.seen_held(&[("a".to_owned(), 10)].into(), 0);
+        assert_eq!(s.releases(20, 1), vec![("a".into(), 10)]);
+        s.released("a", 10, 3, 2);
+        assert!(!s.holding("a"));
+        assert_eq!(s.views(10, 3)[0].in_flight, 3);
+    }
+
+    #[test]
+    fn an_organization_using_little_leaves_the_rest_to_others() {
+        let mut s = Scheduler::new(101, NONE); // reserve 6: 95 shared
+        for _ in 0..5 {
+            s.arrive("b", 0, 0);
+        }
+        // b wants 5: a may have the other 90.
+        assert_eq!(s.share("a"), 90);
+        // c has 100 waiting: a and c split what b leaves.
+        s.seen_held(&[("c".to_owned(), 100)].into(), 0);
+        assert_eq!(s.share("a"), 45);
+        // a has nothing: b and c halve it all.
+        assert_eq!(s.share("b"), 47);
+    }
+
+    #[test]
+    fn an_in_flight_limit_caps_an_organization_even_alone() {
+        let capped = Limits {
+            in_flight: Some(3),
+            per_second: None,
+        };
+        let mut steps = repeat("a+", "S", 3);
+        steps.push(("a+", "H InFlightLimit"));
+        steps.push(("a-", ""));
+        steps.push(("r50", "a1"));
+        steps.push(("r50", ""));
+        check(100, &[("a", capped)], &steps);
+    }
+
+    #[test]
+    fn a_rate_limit_holds_what_is_over_it_and_releases_it_as_tokens_come() {
+        let mut s = Scheduler::new(100, NONE);
+        s.set_limits(
+            "a",
+            Some(Limits {
+                in_flight: None,
+                per_second: Some(2),
+            }),
+        );
+        assert_eq!(s.arrive("a", 0, 0), Decision::Send);
+        assert_eq!(s.arrive("a", 0, 0), Decision::Send);
+        assert_eq!(s.arrive("a", 0, 0), Decision::Hold(Why::Rate));
+        assert_eq!(s.arrive("a", 0, 0), Decision::Hold(Why::Behind));
+        assert_eq!(s.releases(50, 100), vec![]);
+        // Half a second: one token.
+        assert_eq!(s.releases(50, 500), vec![("a".into(), 1)]);
+        assert_eq!(s.releases(50, 1_000), vec![("a".into(), 1)]);
+        assert!(!s.holding("a"));
+    }
+
+    #[test]
+    fn default_limits_apply_where_an_organization_sets_none() {
+        let mut s = Scheduler::new(
+            100,
+            Limits {
+                in_flight: Some(1),
+                per_second: None,
+            },
+        );
+        s.set_limits(
+            "big",
+            Some(Limits {
+                in_flight: Some(2),
+                per_second: None,
+            }),
+        );
+        assert_eq!(s.arrive("a", 0, 0), Decision::Send);
+        assert_eq!(s.arrive("a", 0, 0), Decision::Hold(Why::InFlightLimit));
+        assert_eq!(s.arrive("big", 0, 0), Decision::Send);
+        assert_eq!(s.arrive("big", 0, 0), Decision::Send);
+        assert_eq!(s.arrive("big", 0, 0), Decision::Hold(Why::InFlightLimit));
+    }
+
+    #[test]
+    fn views_show_recent_organizations_with_their_oldest_held_job() {
+        let mut s = Scheduler::new(2, NONE); // reserve 1: one shared slot
+        assert_eq!(s.arrive("a", 100, 100), Decision::Send);
+        assert!(matches!(s.arrive("a", 150, 200), Decision::Hold(_)));
+        assert!(matches!(s.arrive("a", 300, 300), Decision::Hold(_)));
+        let v = &s.views(10, 400)[0];
+        assert_eq!((v.in_flight, v.held, v.oldest_held_ms), (1, 2, Some(150)));
+        s.done("a", 500);
+        assert_eq!(s.releases(2, 500), vec![("a".into(), 1)]);
+        assert_eq!(s.views(10, 600)[0].oldest_held_ms, Some(300));
+        // Idle for longer than it is shown: gone.
+        s.done("a", 700);
+        assert_eq!(s.releases(2, 700), vec![("a".into(), 1)]);
+        s.done("a", 700);
+        s.arrive("b", 700, 700);
+        s.seen_held(&BTreeMap::new(), 700 + SHOWN_FOR_MS);
+        let shown: Vec<String> = s
+            .views(10, 700 + SHOWN_FOR_MS)
+            .into_iter()
+            .map(|v| v.org)
+            .collect();
+        assert_eq!(shown, vec!["b".to_owned()]);
+    }
+
+    #[test]
+    fn slow_endpoints_get_fewer_requests_in_flight() {
+        for (cap, latency_ms, want) in [
+            (32, 5, 32),
+            (32, 1_000, 32),
+            (32, 2_000, 16),
+            (32, 10_000, 3),
+            (32, 60_000, 2),
+            (1, 60_000, 1),
+            (4096, 10_000, 409),
+        ] {
+            assert_eq!(
+                endpoint_limit(cap, latency_ms),
+                want,
+                "{cap} at {latency_ms} ms"
+            );
+        }
+    }
+}
