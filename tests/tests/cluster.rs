@@ -74,7 +74,7 @@ async fn a_node_lost_mid_load_loses_no_event() {
 /// JetStream drops.
 async fn publish(stack: &Stack, i: usize) {
     let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Nats-Msg-Id", format!("cluster-{i}").as_str());
+    headers.insert(names::MSG_ID_HEADER, format!("cluster-{i}").as_str());
     let body = json!({"id": format!("evt-{i}"), "attributes": {"workflow": "w"}}).to_string();
     // A leader election takes a few seconds on a loaded machine.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

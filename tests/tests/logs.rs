@@ -63,7 +63,7 @@ fn attempt(
 
 async fn publish_attempt(stack: &Stack, a: &proto::AttemptResult, msg_id: &str) {
     let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Nats-Msg-Id", msg_id);
+    headers.insert(names::MSG_ID_HEADER, msg_id);
     stack
         .js
         .publish_with_headers(

@@ -72,7 +72,7 @@ fn matcher_job(headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> Optio
         return None;
     }
     let msg_id = headers
-        .and_then(|h| h.get("Nats-Msg-Id"))
+        .and_then(|h| h.get(names::MSG_ID_HEADER))
         .map(|v| v.as_str().to_owned())
         .unwrap_or_default();
     Some(Job {

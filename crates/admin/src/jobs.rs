@@ -822,7 +822,7 @@ impl Runner {
                 job_id: job.id.clone(),
                 ..Default::default()
             };
-            self.publish(&delivery, &ids::job_msg_id(&delivery_id, 1))
+            self.publish(&delivery, &ids::first_job_msg_id(&delivery_id))
                 .await?;
             job.queued += 1;
             job.cursor = seq;
@@ -896,12 +896,8 @@ impl Runner {
                 // Its deadline starts now: it is one attempt, made today.
                 ..Default::default()
             };
-            let msg_id = format!(
-                "{}.{}.{}",
-                candidate.delivery_id,
-                candidate.attempt + 1,
-                job.id
-            );
+            let msg_id =
+                ids::manual_job_msg_id(&candidate.delivery_id, candidate.attempt + 1, &job.id);
             self.publish(&delivery, &msg_id).await?;
             job.queued += 1;
         }
@@ -910,7 +906,7 @@ impl Runner {
 
     async fn publish(&self, delivery: &proto::DeliveryJob, msg_id: &str) -> Result<(), Stop> {
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", msg_id);
+        headers.insert(names::MSG_ID_HEADER, msg_id);
         herald_platform::nats::publish(
             &self.js,
             names::delivery_subject(&delivery.organization_id, &delivery.webhook_id),

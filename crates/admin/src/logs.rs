@@ -460,21 +460,21 @@ async fn publish_job(
         ..Default::default()
     };
     let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Nats-Msg-Id", format!("{delivery_id}.1").as_str());
-    let unavailable = |error: &dyn std::fmt::Display| {
+    headers.insert(
+        names::MSG_ID_HEADER,
+        ids::first_job_msg_id(&delivery_id).as_str(),
+    );
+    herald_platform::nats::publish(
+        &state.js,
+        names::delivery_subject(&webhook.organization_id, &webhook.id),
+        headers,
+        job.encode_to_vec().into(),
+    )
+    .await
+    .map_err(|error| {
         tracing::warn!(%error, webhook_id = %webhook.id, "cannot publish delivery job");
         ApiError::unavailable("cannot queue the delivery right now, try again")
-    };
-    let ack = state
-        .js
-        .publish_with_headers(
-            names::delivery_subject(&webhook.organization_id, &webhook.id),
-            headers,
-            job.encode_to_vec().into(),
-        )
-        .await
-        .map_err(|e| unavailable(&e))?;
-    ack.await.map_err(|e| unavailable(&e))?;
+    })?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({

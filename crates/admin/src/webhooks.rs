@@ -16,6 +16,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use herald_core::policy::Endpoint;
 use herald_core::{ids, names, payload, proto, secret};
+use herald_platform::endpoint_state;
 use herald_platform::webhooks::{StoreError, Versioned};
 use serde_json::{Value, json};
 
@@ -305,13 +306,7 @@ async fn endpoint_states(state: &AppState, ids: Vec<&str>) -> Vec<Option<Endpoin
     match found {
         Some(values) => values
             .into_iter()
-            .map(|v| {
-                Some(
-                    v.filter(|v| !v.is_empty())
-                        .and_then(|v| serde_json::from_str(&v).ok())
-                        .unwrap_or_default(),
-                )
-            })
+            .map(|v| Some(endpoint_state::decode(v.as_deref().unwrap_or_default())))
             .collect(),
         None => vec![None; n],
     }

@@ -38,20 +38,29 @@ pub const DEFAULT: &[(&str, &str)] = &[
     ("worker.disconnected", "A worker left"),
 ];
 
+/// A webhook became failing.
+pub const WEBHOOK_FAILING: &str = "webhook.failing";
+/// A failing webhook's probe succeeded.
+pub const WEBHOOK_RECOVERED: &str = "webhook.recovered";
+/// A webhook was disabled.
+pub const WEBHOOK_DISABLED: &str = "webhook.disabled";
+/// A delivery's retry schedule ran out.
+pub const DELIVERY_EXHAUSTED: &str = "delivery.exhausted";
+
 /// Herald's own events (PRODUCT.md, System events): in the catalogue so a
 /// tenant can subscribe to them, but only Herald publishes them.
 pub const SYSTEM: &[(&str, &str)] = &[
     (
-        "webhook.failing",
+        WEBHOOK_FAILING,
         "A webhook became failing: its endpoint failed and is being probed",
     ),
-    ("webhook.recovered", "A failing webhook's probe succeeded"),
+    (WEBHOOK_RECOVERED, "A failing webhook's probe succeeded"),
     (
-        "webhook.disabled",
+        WEBHOOK_DISABLED,
         "A webhook was disabled (failing probes, 410 Gone, or by a call)",
     ),
     (
-        "delivery.exhausted",
+        DELIVERY_EXHAUSTED,
         "A delivery's retry schedule ran out without success",
     ),
 ];

@@ -30,6 +30,19 @@ pub fn job_msg_id(delivery_id: &str, attempt: u32) -> String {
     format!("{delivery_id}.{attempt}")
 }
 
+/// The `Nats-Msg-Id` of a delivery's first job: what the matcher and the
+/// one-off sends publish.
+pub fn first_job_msg_id(delivery_id: &str) -> String {
+    job_msg_id(delivery_id, 1)
+}
+
+/// The `Nats-Msg-Id` of the job a recover or replay `job` publishes for
+/// attempt `attempt` of a delivery: a resumed job publishes it again, and
+/// it is stored once; another job's is a new message.
+pub fn manual_job_msg_id(delivery_id: &str, attempt: u32, job: &str) -> String {
+    format!("{delivery_id}.{attempt}.{job}")
+}
+
 /// A delivery id for a one-off delivery (test events).
 pub fn new_delivery_id() -> String {
     new_id("msg")

@@ -372,6 +372,25 @@ impl SubscriptionSet {
 mod tests {
     use super::*;
 
+    /// The table the console's pattern rule is tested against too
+    /// (tests/console/patterns.mjs, run by tests/tests/type_patterns.rs).
+    #[test]
+    fn type_patterns_follow_the_shared_table() {
+        let table: serde_json::Value =
+            serde_json::from_str(include_str!("../tests/type_patterns.json")).unwrap();
+        let cases = table["cases"].as_array().unwrap();
+        assert!(cases.len() > 10);
+        for case in cases {
+            let (pattern, event_type) = (case[0].as_str().unwrap(), case[1].as_str().unwrap());
+            assert!(valid_pattern(pattern), "{pattern}");
+            assert_eq!(
+                type_matches(pattern, event_type),
+                case[2].as_bool().unwrap(),
+                "{pattern} selects {event_type}"
+            );
+        }
+    }
+
     #[test]
     fn type_patterns() {
         let table = [

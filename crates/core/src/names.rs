@@ -59,6 +59,13 @@ pub const AUDIT_SUBJECTS: &str = "herald.audit.>";
 
 /// Webhook definitions, key `<org>.<webhook id>`.
 pub const WEBHOOKS_BUCKET: &str = "herald-webhooks";
+/// The stream that holds the webhooks bucket (JetStream names a bucket's
+/// stream `KV_<bucket>`).
+pub const WEBHOOKS_STREAM: &str = "KV_herald-webhooks";
+
+/// The NATS header that deduplicates a publish: JetStream stores a message
+/// once per id within the stream's duplicate window.
+pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 
 pub const INGEST_CONSUMER: &str = "ingest";
 pub const MATCHER_CONSUMER: &str = "matcher";
@@ -116,6 +123,22 @@ pub fn webhook_key(org: &str, webhook_id: &str) -> String {
 /// Cluster.
 pub fn endpoint_key(webhook_id: &str) -> String {
     format!("herald:endpoint:{{{webhook_id}}}")
+}
+
+/// The subject in [`WEBHOOKS_STREAM`] of the bucket keys `keys` names (a
+/// key, or a filter such as `acme.>`): JetStream stores key `k` of bucket
+/// `b` on `$KV.b.k`.
+pub fn webhooks_subject(keys: &str) -> String {
+    format!("$KV.{WEBHOOKS_BUCKET}.{keys}")
+}
+
+/// The organization and webhook id of a subject in [`WEBHOOKS_STREAM`].
+pub fn parse_webhooks_subject(subject: &str) -> Option<(&str, &str)> {
+    let key = subject
+        .strip_prefix("$KV.")?
+        .strip_prefix(WEBHOOKS_BUCKET)?
+        .strip_prefix('.')?;
+    parse_webhook_key(key)
 }
 
 /// Splits a webhooks-bucket key into organization and webhook id.
@@ -183,6 +206,17 @@ pub fn parse_event_subject(subject: &str) -> Result<(&str, &str), SubjectError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_webhooks_bucket_layout() {
+        assert_eq!(WEBHOOKS_STREAM, format!("KV_{WEBHOOKS_BUCKET}"));
+        let subject = webhooks_subject(&webhook_key("acme", "wh_1"));
+        assert_eq!(subject, "$KV.herald-webhooks.acme.wh_1");
+        assert_eq!(parse_webhooks_subject(&subject), Some(("acme", "wh_1")));
+        assert_eq!(parse_webhooks_subject("$KV.other.acme.wh_1"), None);
+        assert_eq!(parse_webhooks_subject("herald-webhooks.acme.wh_1"), None);
+        assert_eq!(webhooks_subject("acme.>"), "$KV.herald-webhooks.acme.>");
+    }
 
     fn check(subject: &str, expected: Result<(&str, &str), &str>) {
         let got = parse_event_subject(subject).map_err(|e| match e {

@@ -269,7 +269,7 @@ impl State {
         let envelope = Envelope {
             subject: message.subject.as_str(),
             content_type: nats::header(headers, "Content-Type"),
-            msg_id: nats::header(headers, "Nats-Msg-Id"),
+            msg_id: nats::header(headers, names::MSG_ID_HEADER),
             traceparent: nats::header(headers, "traceparent"),
             position: message.info().ok().map(|i| {
                 (
@@ -374,7 +374,7 @@ impl State {
     async fn accept(&self, event: &herald_core::proto::Event) -> Result<(), PublishError> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(
-            "Nats-Msg-Id",
+            names::MSG_ID_HEADER,
             format!("{}:{}", event.organization_id, event.id).as_str(),
         );
         trace::inject(&mut headers, &event.traceparent);
@@ -421,7 +421,7 @@ impl State {
         headers.insert("Herald-Reject-Reason", code);
         if let Ok(info) = message.info() {
             headers.insert(
-                "Nats-Msg-Id",
+                names::MSG_ID_HEADER,
                 format!("rejected:{}", info.stream_sequence).as_str(),
             );
         }

@@ -135,7 +135,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let store = nats::retry(&shutdown, || WebhookStore::open(&js, config.nats.replicas)).await?;
     let redis = Redis::new(&config.redis_url, Duration::from_millis(250))?;
     health.watch_redis_degradable(redis.clone(), shutdown.clone());
-    let cache = Cache::new(store, redis, config.cache_ttl);
+    let cache = Cache::new(store.clone(), redis, config.cache_ttl);
     health.register(|r| {
         r.register(
             "events_matched",
@@ -188,7 +188,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     // before a change made while no matcher ran is used.
     let (ready, caught_up) = tokio::sync::oneshot::channel();
     tokio::spawn(subscriptions::follow_changes(
-        js.clone(),
+        store,
         cache.clone(),
         config.cache_ttl + Duration::from_secs(30),
         ready,
@@ -361,7 +361,10 @@ impl State {
                 .expect("encoding into a Vec cannot fail");
             payload.extend_from_slice(&event_field);
             let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Msg-Id", ids::job_msg_id(&job.delivery_id, 1).as_str());
+            headers.insert(
+                names::MSG_ID_HEADER,
+                ids::first_job_msg_id(&job.delivery_id).as_str(),
+            );
             trace::inject(&mut headers, &event.traceparent);
             let subject = names::delivery_subject(&event.organization_id, &subscription.webhook_id);
             let ack = match self

@@ -21,10 +21,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, consumer};
+use async_nats::jetstream::consumer;
 use futures::StreamExt;
 use herald_core::matching::SubscriptionSet;
-use herald_core::{names, proto};
+use herald_core::proto;
 use herald_platform::redis::Redis;
 use herald_platform::webhooks::{StoreError, WebhookStore};
 use prometheus_client::metrics::counter::Counter;
@@ -361,15 +361,6 @@ fn decode_set(bytes: &[u8]) -> Option<(u64, Vec<proto::Webhook>)> {
     Some((generation, out))
 }
 
-/// The organization a change on the bucket's stream is about.
-fn org_of(subject: &str) -> Option<&str> {
-    let key = subject
-        .strip_prefix("$KV.")?
-        .strip_prefix(names::WEBHOOKS_BUCKET)?
-        .strip_prefix('.')?;
-    names::parse_webhook_key(key).map(|(org, _)| org)
-}
-
 /// Follows the webhooks bucket's changes and invalidates each changed
 /// organization, and retries what Redis missed.
 ///
@@ -379,7 +370,7 @@ fn org_of(subject: &str) -> Option<&str> {
 /// interruption it resumes where it stopped, having dropped the in-process
 /// copy.
 pub async fn follow_changes(
-    js: jetstream::Context,
+    store: WebhookStore,
     cache: Cache,
     lookback: Duration,
     ready: tokio::sync::oneshot::Sender<()>,
@@ -390,8 +381,9 @@ pub async fn follow_changes(
     let mut policy = consumer::DeliverPolicy::ByStartTime { start_time: start };
     let mut sync = tokio::time::interval(Duration::from_secs(1));
     loop {
-        match open_feed(&js, policy).await {
-            Ok((mut changes, backlog)) => {
+        match store.organizations_changed(policy).await {
+            Ok((changes, backlog)) => {
+                let mut changes = std::pin::pin!(changes);
                 if backlog == 0
                     && let Some(ready) = ready.take()
                 {
@@ -403,18 +395,16 @@ pub async fn follow_changes(
                         _ = sync.tick() => cache.sync_redis().await,
                         change = changes.next() => match change {
                             Some(Ok(change)) => {
-                                if let Some(org) = org_of(&change.subject) {
+                                if let Some(org) = &change.org {
                                     cache.invalidate(org).await;
                                 }
-                                if let Ok(info) = change.info() {
-                                    policy = consumer::DeliverPolicy::ByStartSequence {
-                                        start_sequence: info.stream_sequence + 1,
-                                    };
-                                    if info.pending == 0
-                                        && let Some(ready) = ready.take()
-                                    {
-                                        let _ = ready.send(());
-                                    }
+                                policy = consumer::DeliverPolicy::ByStartSequence {
+                                    start_sequence: change.revision + 1,
+                                };
+                                if change.pending == 0
+                                    && let Some(ready) = ready.take()
+                                {
+                                    let _ = ready.send(());
                                 }
                             }
                             Some(Err(error)) => {
@@ -436,31 +426,6 @@ pub async fn follow_changes(
     }
 }
 
-type Feed = consumer::push::Ordered;
-
-async fn open_feed(
-    js: &jetstream::Context,
-    deliver_policy: consumer::DeliverPolicy,
-) -> Result<(Feed, u64), String> {
-    let stream = js
-        .get_stream(format!("KV_{}", names::WEBHOOKS_BUCKET))
-        .await
-        .map_err(|e| e.to_string())?;
-    let consumer = stream
-        .create_consumer(consumer::push::OrderedConfig {
-            deliver_subject: js.client().new_inbox(),
-            filter_subject: format!("$KV.{}.>", names::WEBHOOKS_BUCKET),
-            deliver_policy,
-            headers_only: true,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    let backlog = consumer.cached_info().num_pending;
-    let feed = consumer.messages().await.map_err(|e| e.to_string())?;
-    Ok((feed, backlog))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -480,13 +445,6 @@ mod tests {
         assert_eq!(decode_set(b"\0\0\0\0\0\0\0\x01\xff"), None);
     }
 
-    #[test]
-    fn changes_name_their_organization() {
-        assert_eq!(org_of("$KV.herald-webhooks.acme.wh_1"), Some("acme"));
-        assert_eq!(org_of("$KV.other.acme.wh_1"), None);
-        assert_eq!(org_of("herald-webhooks.acme.wh_1"), None);
-    }
-
     /// Against real NATS and Redis: two caches stand for two replicas.
     mod redis_races {
         use super::*;
@@ -503,7 +461,7 @@ mod tests {
             let nats = NatsServer::start();
             let redis = RedisServer::start();
             let client = async_nats::connect(nats.url()).await.unwrap();
-            let store = WebhookStore::open(&jetstream::new(client), 1)
+            let store = WebhookStore::open(&async_nats::jetstream::new(client), 1)
                 .await
                 .unwrap();
             let redis_url = redis.url();

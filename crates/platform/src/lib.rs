@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod dead_letters;
+pub mod endpoint_state;
 pub mod health;
 pub mod log_index;
 pub mod metrics;

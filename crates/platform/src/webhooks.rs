@@ -44,6 +44,19 @@ pub struct Change {
     pub revision: u64,
 }
 
+/// A change seen on [`WebhookStore::organizations_changed`]: whose, and
+/// where in the feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Touch {
+    /// The organization whose webhook changed (`None`: a key that names
+    /// none, which Herald never writes).
+    pub org: Option<String>,
+    /// The bucket's revision of the change.
+    pub revision: u64,
+    /// Changes stored after it when it was sent.
+    pub pending: u64,
+}
+
 #[derive(Clone)]
 pub struct WebhookStore {
     kv: kv::Store,
@@ -102,16 +115,15 @@ impl WebhookStore {
         if !names::valid_org(org) {
             return Ok(Vec::new());
         }
-        let stream_name = format!("KV_{}", names::WEBHOOKS_BUCKET);
         let stream = self
             .js
-            .get_stream(&stream_name)
+            .get_stream(names::WEBHOOKS_STREAM)
             .await
             .map_err(unavailable)?;
         let consumer = stream
             .create_consumer(jetstream::consumer::push::OrderedConfig {
-                deliver_subject: self.js_client_inbox(),
-                filter_subject: format!("$KV.{}.{org}.>", names::WEBHOOKS_BUCKET),
+                deliver_subject: self.js.client().new_inbox(),
+                filter_subject: names::webhooks_subject(&format!("{org}.>")),
                 deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
                 replay_policy: jetstream::consumer::ReplayPolicy::Instant,
                 ..Default::default()
@@ -142,10 +154,6 @@ impl WebhookStore {
         }
         webhooks.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
         Ok(webhooks)
-    }
-
-    fn js_client_inbox(&self) -> String {
-        self.js.client().new_inbox()
     }
 
     /// Stores a new webhook; fails with `Conflict` when the id exists.
@@ -221,6 +229,49 @@ impl WebhookStore {
         Ok(watch.map(|entry| Ok(Self::change(entry.map_err(unavailable)?)?.0)))
     }
 
+    /// Which organizations' webhooks change, from `start` on: headers only
+    /// (no definitions are read), for a follower that only invalidates what
+    /// it holds per organization. Also answers how many changes were
+    /// already stored when it began (the backlog to catch up on).
+    pub async fn organizations_changed(
+        &self,
+        start: jetstream::consumer::DeliverPolicy,
+    ) -> Result<
+        (
+            impl futures::Stream<Item = Result<Touch, StoreError>> + use<>,
+            u64,
+        ),
+        StoreError,
+    > {
+        let stream = self
+            .js
+            .get_stream(names::WEBHOOKS_STREAM)
+            .await
+            .map_err(unavailable)?;
+        let consumer = stream
+            .create_consumer(jetstream::consumer::push::OrderedConfig {
+                deliver_subject: self.js.client().new_inbox(),
+                filter_subject: names::webhooks_subject(">"),
+                deliver_policy: start,
+                headers_only: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(unavailable)?;
+        let backlog = consumer.cached_info().num_pending;
+        let feed = consumer.messages().await.map_err(unavailable)?;
+        let touches = feed.map(|message| {
+            let message = message.map_err(unavailable)?;
+            let info = message.info().map_err(unavailable)?;
+            Ok(Touch {
+                org: names::parse_webhooks_subject(&message.subject).map(|(org, _)| org.to_owned()),
+                revision: info.stream_sequence,
+                pending: info.pending,
+            })
+        });
+        Ok((touches, backlog))
+    }
+
     /// Every key's last change, then every change from then on; each with
     /// whether the feed has reached what the bucket held when it began.
     pub async fn watch_with_history(
@@ -252,11 +303,10 @@ impl WebhookStore {
 
     /// The bucket's last revision: every change up to it has been stored.
     pub async fn last_revision(&self) -> Result<u64, StoreError> {
-        let stream_name = format!("KV_{}", names::WEBHOOKS_BUCKET);
         // Getting the stream is one info request; its answer is the state.
         let stream = self
             .js
-            .get_stream(&stream_name)
+            .get_stream(names::WEBHOOKS_STREAM)
             .await
             .map_err(unavailable)?;
         Ok(stream.cached_info().state.last_sequence)

@@ -47,7 +47,7 @@ async fn main() -> ExitCode {
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Content-Type", "application/json");
     if let Some(id) = msg_id {
-        headers.insert("Nats-Msg-Id", id.as_str());
+        headers.insert(herald_core::names::MSG_ID_HEADER, id.as_str());
     }
     let result = match js
         .publish_with_headers(subject.clone(), headers, body.clone().into())
