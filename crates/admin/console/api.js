@@ -14,6 +14,13 @@ export class ApiError extends Error {
   }
 }
 
+// What a 403 means, in the words of someone who clicked something.
+const REFUSED = {
+  read_only: 'This session is read-only: it can look at everything here but change nothing.',
+  operator_only: 'Only an operator key can do this.',
+  restricted: 'This console session is limited to some webhooks, so it cannot see or change the whole organization.',
+};
+
 // Called when the key stops working (401): the app signs out.
 let onUnauthorized = () => {};
 export function whenUnauthorized(f) { onUnauthorized = f; }
@@ -45,8 +52,8 @@ export async function api(method, path, options = {}) {
   if (!response.ok) {
     const e = (data && data.error) || {};
     const error = new ApiError(response.status, e.code || 'error',
-      e.message || `The API answered ${response.status}.`, e.field);
-    if (response.status === 401 && !options.key) onUnauthorized(error);
+      REFUSED[e.code] || e.message || `The API answered ${response.status}.`, e.field);
+    if (response.status === 401 && options.key === undefined) onUnauthorized(error);
     throw error;
   }
   return { status: response.status, data, etag: response.headers.get('ETag') };
@@ -89,11 +96,11 @@ export function forget() { catalogues.clear(); }
 
 // Every webhook of the organization, page after page (an organization has
 // at most HERALD_MAX_WEBHOOKS_PER_ORG).
-export async function allWebhooks() {
+export async function allWebhooks(org) {
   const webhooks = [];
   let cursor = '';
   do {
-    const { data } = await api('GET', `/webhooks?limit=500&cursor=${encodeURIComponent(cursor)}`);
+    const { data } = await api('GET', `/webhooks?limit=500&cursor=${encodeURIComponent(cursor)}`, { org });
     webhooks.push(...data.data);
     cursor = data.next_cursor || '';
   } while (cursor);

@@ -1,29 +1,39 @@
-// The console's shell: sign-in, the organization picker, sign-out, and a
-// router over the URL's fragment (#/webhooks, #/webhooks/<id>, …). The
-// fragment never carries the key or a secret.
+// The console's shell: sign-in (with a key, or through a console link's
+// `#link=<token>`), the organization picker, sign-out, the navigation the
+// session's scope allows, and a router over the URL's fragment
+// (#/webhooks, #/webhooks/<id>, …). The fragment never carries the key or
+// a secret: a link's token is taken out of it before anything else runs.
 
 import { api, forget, whenUnauthorized } from './api.js';
 import { h, say } from './dom.js';
 import { go, leave } from './nav.js';
-import { session } from './session.js';
+import { embedded, may, session } from './session.js';
 import { signIn } from './views/signin.js';
 import { webhookList } from './views/webhooks.js';
 import { webhookForm } from './views/form.js';
 import { webhookDetail } from './views/webhook.js';
 import { orgLogs } from './views/logs.js';
 import { attemptView } from './views/attempt.js';
+import { organizations } from './views/organizations.js';
+import { apiKeys } from './views/keys.js';
+import { auditTrail } from './views/audit.js';
 
+// [pattern, screen, who may open it]
 const ROUTES = [
   [/^#\/webhooks$/, () => webhookList()],
-  [/^#\/webhooks\/new$/, () => webhookForm({})],
-  [/^#\/webhooks\/([^/]+)\/edit$/, (m) => webhookForm({ id: m[1] })],
+  [/^#\/webhooks\/new$/, () => webhookForm({}), () => may.change && may.seeOrganization],
+  [/^#\/webhooks\/([^/]+)\/edit$/, (m) => webhookForm({ id: m[1] }), () => may.change],
   [/^#\/webhooks\/([^/]+)\/logs\/([^/]+)$/, (m) => attemptView({ id: m[1], logId: m[2] })],
   [/^#\/webhooks\/([^/]+)$/, (m) => webhookDetail({ id: m[1] })],
-  [/^#\/logs$/, () => orgLogs()],
+  [/^#\/logs$/, () => orgLogs(), () => may.seeOrganization],
+  [/^#\/audit$/, () => auditTrail(), () => may.readAudit],
+  [/^#\/organizations$/, () => organizations(), () => may.operate],
+  [/^#\/api-keys$/, () => apiKeys(), () => may.operate],
 ];
 
 const header = document.getElementById('header');
 const main = document.getElementById('main');
+if (embedded) document.documentElement.classList.add('embed');
 let rendering = 0;
 
 async function render(notice) {
@@ -39,7 +49,7 @@ async function render(notice) {
     try {
       session.me = (await api('GET', '/me')).data;
     } catch (e) {
-      if (e.status === 401 || e.status === 404) return signOut('Sign in again.');
+      if (e.status === 401 || e.status === 404) return signOut(ended());
       session.me = { organizations: [session.org], any_organization: false };
     }
   }
@@ -53,19 +63,32 @@ async function render(notice) {
   main.replaceChildren(loading);
   let view;
   try {
+    if (route[2] && !route[2]()) throw Object.assign(new Error(notAllowed()), { status: 403 });
     view = await route[1](location.hash.match(route[0]).map(decodeURIComponent));
   } catch (e) {
     if (e.status === 401) return undefined;
-    const region = h('div', { role: 'alert' });
-    say(region, e.status === 404 ? 'Not found: it was deleted, or this organization cannot see it.' : e.message, 'error');
-    view = h('section', {},
-      h('h1', { tabindex: '-1' }, e.status === 404 ? 'Not found' : 'Something went wrong'),
-      region,
-      h('p', {}, h('a', { href: '#/webhooks' }, 'Back to the webhooks')));
+    view = problem(e);
   }
   if (mine !== rendering) return undefined; // a newer navigation won
   show(view);
   return undefined;
+}
+
+// Why this session cannot open the screen asked for.
+function notAllowed() {
+  if (!may.change) return 'This session is read-only: it can look at everything here but change nothing.';
+  if (!may.seeOrganization) return 'This console session is limited to some webhooks: the organization-wide screens are not part of it.';
+  return 'Only an operator key can open this screen.';
+}
+
+function problem(e) {
+  const region = h('div', { role: 'alert' });
+  const title = { 403: 'Not allowed', 404: 'Not found' }[e.status] || 'Something went wrong';
+  say(region, e.status === 404 ? 'Not found: it was deleted, or this organization cannot see it.' : e.message, 'error');
+  return h('section', {},
+    h('h1', { tabindex: '-1' }, title),
+    region,
+    h('p', {}, h('a', { href: '#/webhooks' }, 'Back to the webhooks')));
 }
 
 function show(view) {
@@ -90,17 +113,29 @@ function signOut(notice) {
 }
 
 function renderHeader() {
-  const brand = h('a', { class: 'brand', href: '#/webhooks' }, 'Herald');
+  const brand = embedded ? null : h('a', { class: 'brand', href: '#/webhooks' }, 'Herald');
   if (!session.key) {
-    header.replaceChildren(h('div', { class: 'bar' }, brand));
+    header.replaceChildren(...(brand ? [h('div', { class: 'bar' }, brand)] : []));
+    header.hidden = embedded;
     return;
   }
+  header.hidden = false;
+  const links = [
+    ['#/webhooks', 'Webhooks'],
+    may.seeOrganization ? ['#/logs', 'Delivery logs'] : null,
+    may.readAudit ? ['#/audit', 'Audit trail'] : null,
+    may.operate ? ['#/organizations', 'Organizations'] : null,
+    may.operate ? ['#/api-keys', 'API keys'] : null,
+  ].filter(Boolean);
   const nav = h('nav', { 'aria-label': 'Console' },
-    h('ul', {},
-      h('li', {}, h('a', { href: '#/webhooks' }, 'Webhooks')),
-      h('li', {}, h('a', { href: '#/logs' }, 'Delivery logs'))));
-  const out = h('button', { type: 'button', class: 'quiet', onclick: () => signOut('You are signed out.') }, 'Sign out');
-  header.replaceChildren(h('div', { class: 'bar' }, brand, nav, orgPicker(), out));
+    h('ul', {}, links.map(([href, text]) => h('li', {}, h('a', { href }, text)))));
+  const out = embedded ? null
+    : h('button', { type: 'button', class: 'quiet', onclick: () => signOut({ text: 'You are signed out.' }) }, 'Sign out');
+  header.replaceChildren(h('div', { class: 'bar' }, brand, nav, orgPicker(), readOnlyBadge(), out));
+}
+
+function readOnlyBadge() {
+  return may.change ? null : h('p', { class: 'badge read-only' }, 'Read-only');
 }
 
 function orgPicker() {
@@ -117,7 +152,7 @@ function orgPicker() {
     // An operator key may use any organization: type its id.
     const input = h('input', {
       id: 'org-input', name: 'organization', value: current, size: 12,
-      autocomplete: 'off', spellcheck: 'false', pattern: '[a-z0-9_-]{1,64}',
+      autocomplete: 'off', spellcheck: 'false', pattern: '[a-z0-9_\\-]{1,64}',
     });
     return h('form', {
       class: 'org', onsubmit: (e) => { e.preventDefault(); switchTo(input.value.trim()); },
@@ -135,6 +170,41 @@ function orgPicker() {
   return h('p', { class: 'org' }, 'Organization ', h('strong', {}, current));
 }
 
-whenUnauthorized(() => signOut('Your API key is no longer accepted. Sign in again.'));
-window.addEventListener('hashchange', () => render());
-render();
+// A console link (`/console#link=<token>`): the token is exchanged, once,
+// for a session token kept like a signed-in key. It leaves the URL first,
+// so it is in no history entry, bookmark or screenshot of the address bar.
+async function arriveByLink() {
+  const match = /^#link=(.+)$/.exec(location.hash);
+  if (!match) return null;
+  const token = decodeURIComponent(match[1]);
+  history.replaceState(null, '', `${location.pathname}${location.search}#/webhooks`);
+  session.signOut();
+  forget();
+  try {
+    const { data } = await api('POST', '/console-sessions', { body: { token }, key: '', org: '' });
+    session.signIn(data.session, data.organization);
+    return null;
+  } catch (e) {
+    return {
+      kind: 'error',
+      text: e.status === 401
+        ? 'This console link cannot be used: it has expired, was revoked, or was already opened once. Ask for a new link.'
+        : `This console link could not be opened: ${e.message}`,
+    };
+  }
+}
+
+// Why the key stopped working: a console link's session (`hs_…`) ends with
+// its link.
+function ended() {
+  return session.key?.startsWith('hs_')
+    ? { kind: 'error', text: 'This console session has ended: its link expired or was revoked. Ask for a new link.' }
+    : { kind: 'error', text: 'Your API key is no longer accepted. Sign in again.' };
+}
+
+whenUnauthorized(() => signOut(ended()));
+window.addEventListener('hashchange', () => {
+  if (location.hash.startsWith('#link=')) arriveByLink().then((notice) => render(notice));
+  else render();
+});
+arriveByLink().then((notice) => render(notice));

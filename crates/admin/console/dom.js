@@ -113,3 +113,27 @@ export function ask({ title, body = [], confirm, danger = false, onConfirm = asy
     (form.querySelector('input, select, textarea') || no).focus();
   });
 }
+
+// A labelled control with an optional hint, for the forms in dialogs.
+export function labelled(label, control, hint) {
+  control.id = control.id || uid('field');
+  const hintEl = hint ? h('p', { class: 'hint', id: `${control.id}-hint` }, hint) : null;
+  if (hintEl) control.setAttribute('aria-describedby', hintEl.id);
+  return h('div', { class: 'field' }, h('label', { for: control.id }, label), hintEl, control);
+}
+
+// A value shown with a copy button in a titled card: a new API key (shown
+// once), a console link. Focus moves to its title, so it is announced.
+export function valuePanel({ title, label, value, copyLabel, warning, more = [] }) {
+  const titleId = uid('panel-title');
+  const valueEl = h('code', { class: 'secret-value', id: uid('value') }, value);
+  const copyButton = h('button', { type: 'button', onclick: () => copy(value, copyButton) }, copyLabel);
+  const heading = h('h2', { id: titleId, tabindex: '-1' }, title);
+  const panel = h('section', { class: 'secret card', 'aria-labelledby': titleId },
+    heading,
+    warning ? h('p', { class: 'message warning' }, h('strong', {}, warning)) : null,
+    h('div', { class: 'secret-row' }, h('span', { class: 'label' }, label), valueEl, copyButton),
+    more);
+  setTimeout(() => heading.focus());
+  return panel;
+}

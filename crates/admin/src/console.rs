@@ -61,6 +61,9 @@ const ASSETS: &[Asset] = &[
     asset!("views/secret.js", JS),
     asset!("views/logs.js", JS),
     asset!("views/attempt.js", JS),
+    asset!("views/organizations.js", JS),
+    asset!("views/keys.js", JS),
+    asset!("views/audit.js", JS),
 ];
 
 /// The policy of every console page: nothing but this origin, nothing

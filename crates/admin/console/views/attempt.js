@@ -1,11 +1,12 @@
 // One delivery attempt in full ("Show"): what was sent (headers, body
 // pretty-printed), what came back (status, headers, body), the error, the
 // duration, the attempt number and the next attempt's time; and a button
-// that delivers the event again.
+// that delivers the event again (not for a read-only session).
 
 import { api } from '../api.js';
 import { dl, h, liveRegion, say, time } from '../dom.js';
 import { pretty } from '../pretty.js';
+import { may } from '../session.js';
 
 export async function attemptView({ id, logId }) {
   const base = `/webhooks/${encodeURIComponent(id)}`;
@@ -54,7 +55,7 @@ export async function attemptView({ id, logId }) {
     h('p', { class: 'crumbs' }, h('a', { href: '#/webhooks' }, 'Webhooks'), ' / ',
       h('a', { href: `#/webhooks/${encodeURIComponent(id)}` }, w.name), ' / '),
     h('h1', { tabindex: '-1' }, `Attempt ${a.attempt} of ${a.event_type}`),
-    h('div', { class: 'toolbar' }, retry),
+    may.change ? h('div', { class: 'toolbar' }, retry) : null,
     status,
     dl([
       ['Status', h('span', { class: `badge ${a.status}` }, a.status)],

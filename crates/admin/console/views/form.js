@@ -2,7 +2,9 @@
 // catalogue grouped as the seed products group it, the filters that fit the
 // chosen types, format, custom headers, timeout. The API validates; its
 // error lands beside the field it names. An edit sends only what changed,
-// with If-Match, and a 409 says the webhook changed meanwhile.
+// with If-Match, and a 409 says the webhook changed meanwhile. Custom
+// header values come masked and go back unchanged when not edited: the API
+// keeps the value behind an unchanged mask.
 
 import { api, ApiError, eventTypes } from '../api.js';
 import { h, say, uid } from '../dom.js';
@@ -189,7 +191,9 @@ export async function webhookForm({ id }) {
       h('div', { class: 'inline' }, formats.map((r) => h('span', { class: 'check' }, r,
         h('label', { for: r.id }, r.value.toUpperCase()))))),
     group('headers', 'Custom headers (optional)',
-      'Sent with every request, e.g. an Authorization your endpoint expects.',
+      Object.keys(w.headers).length
+        ? 'Sent with every request. Saved values are shown masked (••••abcd, the last four characters): leave one as it is to keep it, or replace it all to change it.'
+        : 'Sent with every request, e.g. an Authorization your endpoint expects.',
       headerRows, addButton),
     field('timeout_ms', 'Timeout (milliseconds)', timeout, 'How long Herald waits for a 2xx answer: 1 to 30000, default 5000.'),
     h('div', { class: 'check field' }, enabled, h('label', { for: enabled.id }, 'Enabled: deliver events to it')),

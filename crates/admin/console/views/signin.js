@@ -1,5 +1,7 @@
 // Sign in with an API key. The key is checked with GET /me, which also
 // says which organizations it may use; it is kept in sessionStorage only.
+// `notice` ({kind, text}) says why the user is here: signed out, a session
+// that ended, a console link that was refused.
 
 import { api, ApiError } from '../api.js';
 import { h, uid } from '../dom.js';
@@ -54,6 +56,7 @@ export function signIn({ onSignedIn, notice }) {
 
   return h('section', { class: 'signin' },
     h('h1', { tabindex: '-1' }, 'Sign in to Herald'),
-    notice ? h('p', { class: 'message info', role: 'status' }, notice) : null,
+    notice ? h('div', { role: notice.kind === 'error' ? 'alert' : 'status' },
+      h('p', { class: `message ${notice.kind || 'info'}` }, notice.text)) : null,
     form);
 }

@@ -1,15 +1,15 @@
 // One webhook: its definition and state, the secret once after create or
 // rotate, the actions (edit, send a test event, rotate the secret, recover,
-// replay, delete) and its delivery log.
+// replay, delete) and its delivery log. A read-only session gets the same
+// page without the actions.
 
 import { api, routes } from '../api.js';
 import { ask, dl, h, hidden, liveRegion, say, time, uid } from '../dom.js';
 import { go, onLeave, takeFlash } from '../nav.js';
 import { logList } from './logs.js';
+import { may } from '../session.js';
 import { keepSecret, secretPanel, takeSecret } from './secret.js';
 import { confirmDelete, stateOf } from './webhooks.js';
-
-const SECRET_NAME = /auth|token|secret|key|cookie|passw|signature|session|credential/i;
 
 export async function webhookDetail({ id }) {
   const path = `/webhooks/${encodeURIComponent(id)}`;
@@ -195,11 +195,12 @@ export async function webhookDetail({ id }) {
     h('p', { class: 'crumbs' }, h('a', { href: '#/webhooks' }, 'Webhooks'), ' / '),
     h('div', { class: 'title' },
       h('h1', { tabindex: '-1' }, w.name),
-      h('label', { for: switchId, class: 'switch' }, toggle, ' Enabled')),
+      may.change ? h('label', { for: switchId, class: 'switch' }, toggle, ' Enabled')
+        : h('p', {}, w.enabled ? 'Enabled' : 'Not enabled')),
     stateEl,
-    h('div', { class: 'toolbar actions', role: 'group', 'aria-label': 'Actions' },
+    may.change ? h('div', { class: 'toolbar actions', role: 'group', 'aria-label': 'Actions' },
       h('a', { class: 'button', href: `#/webhooks/${encodeURIComponent(w.id)}/edit` }, 'Edit', hidden(` ${w.name}`)),
-      test, rotate, jobButtons, del),
+      test, rotate, jobButtons, del) : null,
     status,
     secretSlot,
     jobSlot,
@@ -213,7 +214,8 @@ export async function webhookDetail({ id }) {
           : h('ul', { class: 'plain' }, filters.map(([k, v]) => h('li', {}, h('code', {}, k), `: ${v.join(', ')}`)))],
         ['Format', w.format.toUpperCase()],
         ['Custom headers', headers.length === 0 ? 'None'
-          : h('ul', { class: 'plain' }, headers.map(([k, v]) => h('li', {}, h('code', {}, k), `: ${SECRET_NAME.test(k) ? '********' : v}`)))],
+          // Values come masked (••••abcd): the API never shows them again.
+          : h('ul', { class: 'plain' }, headers.map(([k, v]) => h('li', {}, h('code', {}, k), `: ${v}`)))],
         ['Timeout', `${w.timeout_ms} ms`],
         ['Created', time(w.created_at)],
         ['Updated', time(w.updated_at)],

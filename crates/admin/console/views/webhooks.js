@@ -1,37 +1,50 @@
 // The webhook list: name, URL, events, an enabled switch that PATCHes at
 // once, the state (healthy, throttled, failing, disabled with the reason),
 // Edit and Delete; and the delete confirmation the detail screen shares.
+// A read-only session sees the same list without a control that changes
+// anything.
 
 import { allWebhooks, api } from '../api.js';
 import { h, hidden, liveRegion, say, time, uid } from '../dom.js';
 import { go } from '../nav.js';
+import { may } from '../session.js';
 
 export async function webhookList() {
   const webhooks = await allWebhooks();
   const status = liveRegion();
   const body = webhooks.length === 0
-    ? h('p', { class: 'empty' }, 'No webhooks yet. Create one to have events delivered to your URL.')
+    ? h('p', { class: 'empty' }, may.change && may.seeOrganization
+      ? 'No webhooks yet. Create one to have events delivered to your URL.' : 'No webhooks yet.')
     : h('table', { class: 'list' },
       h('caption', { class: 'visually-hidden' }, 'Webhooks of this organization'),
       h('thead', {}, h('tr', {},
         ['Name', 'URL', 'Events', 'Enabled', 'State'].map((c) => h('th', { scope: 'col' }, c)),
-        h('th', { scope: 'col' }, h('span', { class: 'visually-hidden' }, 'Actions')))),
+        may.change ? h('th', { scope: 'col' }, h('span', { class: 'visually-hidden' }, 'Actions')) : null)),
       h('tbody', {}, webhooks.map((w) => row(w, status))));
   return h('section', {},
     h('div', { class: 'title' },
       h('h1', { tabindex: '-1' }, 'Webhooks'),
-      h('a', { class: 'button primary', href: '#/webhooks/new' }, 'Create a webhook')),
+      may.change && may.seeOrganization
+        ? h('a', { class: 'button primary', href: '#/webhooks/new' }, 'Create a webhook') : null),
     status,
     body);
 }
 
 function row(w, status) {
+  const stateCell = h('td', {}, stateOf(w));
+  if (!may.change) {
+    return h('tr', {},
+      h('th', { scope: 'row' }, h('a', { href: `#/webhooks/${encodeURIComponent(w.id)}` }, w.name)),
+      h('td', { class: 'url' }, w.url),
+      h('td', {}, h('ul', { class: 'tags' }, w.event_types.map((t) => h('li', {}, h('code', {}, t))))),
+      h('td', {}, w.enabled ? 'Yes' : 'No'),
+      stateCell);
+  }
   const switchId = uid('enabled');
   const toggle = h('input', {
     id: switchId, type: 'checkbox', role: 'switch', checked: w.enabled,
     onchange: () => setEnabled(w, toggle, stateCell, status),
   });
-  const stateCell = h('td', {}, stateOf(w));
   return h('tr', {},
     h('th', { scope: 'row' }, h('a', { href: `#/webhooks/${encodeURIComponent(w.id)}` }, w.name)),
     h('td', { class: 'url' }, w.url),
