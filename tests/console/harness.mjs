@@ -47,7 +47,9 @@ export function done() { lines.close(); }
 
 // ---- the browser ---------------------------------------------------------
 
-export async function browser() {
+/// `origins`: other origins the page may load from (a platform's page that
+/// frames the console); anything else is a problem.
+export async function browser({ origins = [] } = {}) {
   const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'herald-console-chromium-'));
   const context = await chromium.launchPersistentContext(userDataDir, {
     executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
@@ -60,10 +62,10 @@ export async function browser() {
   });
   context.setDefaultTimeout(15000);
   const problems = [];
-  const admin = new URL(env('HERALD_ADMIN_URL'));
+  const hosts = new Set([env('HERALD_ADMIN_URL'), ...origins].map((o) => new URL(o).host));
   await context.route('**/*', (route) => {
     const url = new URL(route.request().url());
-    if (url.host !== admin.host) {
+    if (!hosts.has(url.host)) {
       problems.push(`request to another origin: ${url.href}`);
       return route.abort();
     }
@@ -92,9 +94,9 @@ export async function browser() {
 
 const axeSource = fs.readFileSync(require.resolve('axe-core/axe.min.js'), 'utf8');
 
-/// axe-core on what the page shows now: no serious or critical violation.
-/// Injected with evaluate (DevTools protocol), so the page's CSP stays as
-/// it is and is not loosened for the test.
+/// axe-core on what the page (or one frame of it) shows now: no serious or
+/// critical violation. Injected with evaluate (DevTools protocol), so the
+/// page's CSP stays as it is and is not loosened for the test.
 export async function accessible(page, screen) {
   if (!(await page.evaluate(() => typeof window.axe !== 'undefined'))) {
     await page.evaluate(axeSource);
@@ -122,9 +124,10 @@ export async function screenshot(page, name) {
   return file;
 }
 
-/// Both checks, for a screen the user reaches.
-export async function screen(page, name) {
-  await accessible(page, name);
+/// Both checks, for a screen the user reaches; `target` may be a frame of
+/// `page` (the console inside a platform's page).
+export async function screen(page, name, target = page) {
+  await accessible(target, name);
   await screenshot(page, name);
   log(`screen ok: ${name}`);
 }

@@ -95,18 +95,54 @@ async fn the_console_in_a_real_browser() {
     .await;
     let receiver = Receiver::start().await;
     let shots = target_dir().join("console-screenshots");
-    let _ = std::fs::remove_dir_all(&shots);
+    clear_screenshots(&shots);
+    drive(
+        "console.mjs",
+        &[
+            ("HERALD_CONSOLE_KEY", CONSOLE_KEY.to_owned()),
+            ("HERALD_OTHER_KEY", OTHER_KEY.to_owned()),
+        ],
+        &stack,
+        &receiver,
+        &shots,
+        DRIVER_TIMEOUT,
+    )
+    .await;
+    stack.stop().await;
+}
 
+/// Screenshots of the last run of the main scenario (the files only: the
+/// tenants scenario keeps its own in a folder beside them).
+fn clear_screenshots(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.path().extension().is_some_and(|e| e == "png") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Runs a driver script to its end, answering its requests; panics when it
+/// fails or outlasts `timeout`.
+async fn drive(
+    script: &str,
+    envs: &[(&str, String)],
+    stack: &Stack,
+    receiver: &Receiver,
+    shots: &Path,
+    timeout: Duration,
+) {
     let started = std::time::Instant::now();
     let mut child = tokio::process::Command::new("node")
-        .arg("console.mjs")
+        .arg(script)
         .current_dir(driver_dir())
         .env("HERALD_ADMIN_URL", &stack.admin_url)
-        .env("HERALD_CONSOLE_KEY", CONSOLE_KEY)
-        .env("HERALD_OTHER_KEY", OTHER_KEY)
         .env("HERALD_RECEIVER_URL", receiver.url(""))
-        .env("HERALD_SCREENSHOTS", &shots)
+        .env("HERALD_SCREENSHOTS", shots)
         .env("CHROMIUM", CHROMIUM)
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -119,11 +155,11 @@ async fn the_console_in_a_real_browser() {
     let run = async {
         while let Some(line) = lines.next_line().await.expect("driver output") {
             let Some(request) = line.strip_prefix("@@herald ") else {
-                eprintln!("console: {line}");
+                eprintln!("{script}: {line}");
                 continue;
             };
             let request: Value = serde_json::from_str(request).expect("driver request");
-            let mut answer = match answer(&stack, &receiver, &request).await {
+            let mut answer = match answer(stack, receiver, &request).await {
                 Ok(answer) => answer,
                 Err(error) => json!({"ok": false, "error": error}),
             };
@@ -135,15 +171,129 @@ async fn the_console_in_a_real_browser() {
         }
         child.wait().await.expect("driver exit")
     };
-    let status = tokio::time::timeout(DRIVER_TIMEOUT, run)
+    let status = tokio::time::timeout(timeout, run)
         .await
-        .expect("the console scenarios finish in time");
-    assert!(status.success(), "the console scenarios failed: {status}");
+        .unwrap_or_else(|_| panic!("{script} finishes within {timeout:?}"));
+    assert!(status.success(), "{script} failed: {status}");
     eprintln!(
-        "console: screenshots in {} ({:.1} s)",
+        "{script}: screenshots in {} ({:.1} s)",
         shots.display(),
         started.elapsed().as_secs_f64()
     );
+}
+
+/// The tenants scenario, at most (it takes about 30 s on a quiet machine).
+const TENANTS_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A platform's page on another origin (`http://localhost:<port>`, another
+/// site than the console's `127.0.0.1`) that frames the console: the
+/// iframe's address is the page's fragment, as a platform's backend would
+/// fill it in with the console link it asked for.
+const PLATFORM_PAGE: &str = r#"<!doctype html>
+<html lang="en">
+<head><meta charset="utf-8"><title>Example Platform: webhooks</title></head>
+<body>
+<header><p><strong>Example Platform</strong>: Northwind Traders is signed in</p></header>
+<main>
+<h1>Your webhooks</h1>
+<iframe title="Webhooks (Herald console)" style="width: 100%; height: 900px; border: 0"></iframe>
+</main>
+<script>document.querySelector('iframe').src = decodeURIComponent(location.hash.slice(1));</script>
+</body>
+</html>
+"#;
+
+/// Serves [`PLATFORM_PAGE`] at `/platform` (any query) until dropped.
+async fn serve_platform_page(listener: tokio::net::TcpListener) {
+    use tokio::io::AsyncReadExt;
+    while let Ok((mut socket, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let mut request = Vec::new();
+            let mut buf = [0u8; 2048];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match socket.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+                if request.len() > 64 * 1024 {
+                    return;
+                }
+            }
+            let (status, body) = if request.starts_with(b"GET /platform") {
+                ("200 OK", PLATFORM_PAGE)
+            } else {
+                ("404 Not Found", "")
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/html; charset=utf-8\r\n\
+                 Content-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = socket.write_all(head.as_bytes()).await;
+            let _ = socket.write_all(body.as_bytes()).await;
+            let _ = socket.shutdown().await;
+        });
+    }
+}
+
+/// Issue 26's "done when", in a real browser: an operator onboards an
+/// organization and a read-only key over the API; a read-only console link
+/// for it opens inside a page of another origin that frames it (allowed by
+/// `HERALD_CONSOLE_FRAME_ANCESTORS`), shows that organization's webhooks and
+/// logs and none of another's, and offers no control that changes
+/// anything; once used, revoked or past its TTL, the same URL signs nobody
+/// in, and a revoked or expired link's session ends. Then the operator's
+/// own screens: organizations, API keys, console links and the audit
+/// trail (`tests/console/tenants.mjs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_console_link_framed_by_another_origin_follows_its_scope() {
+    if let Some(missing) = missing_tools() {
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+        assert!(
+            !ci && !Path::new(CHROMIUM).exists(),
+            "the console test needs {missing}: run `make deps`"
+        );
+        eprintln!(
+            "\n\n!!!!!!!! SKIPPED the console link browser test: {missing} missing !!!!!!!!\n\n"
+        );
+        return;
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the platform's page");
+    let platform = format!(
+        "http://localhost:{}",
+        listener.local_addr().expect("address").port()
+    );
+    let server = tokio::spawn(serve_platform_page(listener));
+    let stack =
+        Stack::start_with(Options::default().env("HERALD_CONSOLE_FRAME_ANCESTORS", &platform))
+            .await;
+    // Framed by the platform only: no X-Frame-Options, its origin in the CSP.
+    let (_, headers, _) = stack.send("GET", "/console", &[], "").await;
+    let csp = headers["content-security-policy"].to_str().unwrap();
+    assert!(
+        csp.contains(&format!("frame-ancestors {platform}")),
+        "{csp}"
+    );
+    assert!(!headers.contains_key("x-frame-options"));
+
+    let receiver = Receiver::start().await;
+    let shots = target_dir().join("console-screenshots").join("tenants");
+    let _ = std::fs::remove_dir_all(&shots);
+    drive(
+        "tenants.mjs",
+        &[
+            ("HERALD_OPERATOR_KEY", API_KEY.to_owned()),
+            ("HERALD_PLATFORM_URL", platform),
+        ],
+        &stack,
+        &receiver,
+        &shots,
+        TENANTS_TIMEOUT,
+    )
+    .await;
+    server.abort();
     stack.stop().await;
 }
 
@@ -169,7 +319,21 @@ async fn answer(stack: &Stack, receiver: &Receiver, request: &Value) -> Result<V
             Ok(json!({"ok": true}))
         }
         Some("received") => {
-            Ok(json!({"ok": true, "bodies": bodies(receiver.received(&text("path")?))}))
+            let got = receiver.received(&text("path")?);
+            // With `header`: that header's value in each request.
+            let values: Vec<Value> = match request["header"].as_str() {
+                Some(name) => got
+                    .iter()
+                    .map(|r| {
+                        r.headers
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .map_or(Value::Null, |v| Value::String(v.to_owned()))
+                    })
+                    .collect(),
+                None => Vec::new(),
+            };
+            Ok(json!({"ok": true, "bodies": bodies(got), "values": values}))
         }
         Some("wait_received") => {
             let n = request["n"].as_u64().unwrap_or(1) as usize;
