@@ -19,21 +19,20 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind, consumer};
-use futures::StreamExt;
+use async_nats::jetstream;
 use herald_core::catalogue::Catalogue;
 use herald_core::event::{self, Envelope, Limits, Rejection};
 use herald_core::names;
 use herald_platform::config::{self, ConfigError, Source};
 use herald_platform::nats::PublishError;
 use herald_platform::now_ms;
-use herald_platform::{dead_letters, metrics, nats, trace};
+use herald_platform::worker::{self, Disposition, Handler, Worker};
+use herald_platform::{dead_letters, nats, trace};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 pub const HEALTH_ADDR: &str = "HERALD_INGEST_HEALTH_ADDR";
 pub const MAX_EVENT_BYTES: &str = "HERALD_MAX_EVENT_BYTES";
@@ -111,8 +110,6 @@ pub enum Error {
     Nats(#[from] nats::Error),
     #[error(transparent)]
     Start(#[from] herald_platform::service::StartError),
-    #[error("consumer: {0}")]
-    Consumer(String),
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -174,29 +171,32 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 
     let js = herald_platform::nats::jetstream(client.clone());
     nats::ensure_streams(&js, config.nats.replicas, &config.nats.streams, &shutdown).await?;
-    let consumer = nats::durable_consumer(
-        &js,
-        names::EVENTS_STREAM,
-        consumer::pull::Config {
-            durable_name: Some(names::INGEST_CONSUMER.into()),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(30),
-            max_ack_pending: 20_000,
-            max_deliver: dead_letters::MAX_DELIVER,
-            ..Default::default()
-        },
-        &shutdown,
-    )
-    .await?;
-    metrics::watch_consumer(&health, &consumer, names::INGEST_CONSUMER, shutdown.clone());
     // A pull capped below the largest message the server takes would
     // never be answered with it.
     let largest = client.server_info().max_payload + PULL_BYTES_MARGIN;
     let pull_max_bytes = config.pull_max_bytes.max(largest);
-    let mut messages = nats::Pull::new(consumer, PULL_BATCH, pull_max_bytes)
-        .await
-        .map_err(|e| Error::Consumer(e.to_string()))?;
-    health.set("consumer", true);
+    let spec = worker::Spec {
+        stream: names::EVENTS_STREAM,
+        durable: names::INGEST_CONSUMER,
+        ack_wait: Duration::from_secs(30),
+        max_ack_pending: 20_000,
+        batch: PULL_BATCH,
+        max_bytes: pull_max_bytes,
+        // Delivered past the limit without being concluded: whatever made
+        // ingest stop or fail on it may do so again, so it is set aside
+        // (`Handler::exhausted`).
+        max_deliveries: config.max_deliveries,
+        progress_every: None,
+        operation: "ingest",
+    };
+    let worker = Worker::start(
+        &js,
+        &health,
+        spec,
+        Some(metrics.dead_letters.clone()),
+        &shutdown,
+    )
+    .await?;
     tracing::info!(
         pull_max_bytes,
         "ingest consuming {}",
@@ -209,47 +209,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         config,
         metrics,
     });
-    messages
-        .by_ref()
-        .take_until(shutdown.clone().cancelled_owned())
-        .for_each_concurrent(concurrency, |message| {
-            let state = state.clone();
-            async move {
-                match message {
-                    Ok(message) => {
-                        let span = trace::message_span(
-                            "ingest",
-                            &message.subject,
-                            message.headers.as_ref(),
-                            "",
-                        );
-                        state.handle(message).instrument(span).await
-                    }
-                    Err(error) => tracing::warn!(%error, "event consumer error"),
-                }
-            }
-        })
-        .await;
-    herald_platform::shutdown::hand_back(&mut messages).await;
-    nats::flush(&client).await;
+    worker.each(state, concurrency, &shutdown).await;
     Ok(())
-}
-
-/// What to do with a message, by how many times it was delivered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Verdict {
-    Process,
-    /// Delivered past the limit without being concluded: whatever made
-    /// ingest stop or fail on it may do so again.
-    SetAside,
-}
-
-fn verdict(delivered: i64, max_deliveries: i64) -> Verdict {
-    if delivered > max_deliveries {
-        Verdict::SetAside
-    } else {
-        Verdict::Process
-    }
 }
 
 /// How long an event handed back for Herald's own trouble waits before it
@@ -259,12 +220,9 @@ fn hand_back_delay(delivered: i64) -> Duration {
     Duration::from_secs(1 << (delivered.clamp(1, 5) - 1))
 }
 
-impl State {
-    async fn handle(&self, message: jetstream::Message) {
+impl Handler for State {
+    async fn handle(&self, message: &jetstream::Message) -> Disposition {
         let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
-        if verdict(delivered, self.config.max_deliveries) == Verdict::SetAside {
-            return self.set_aside(&message, delivered).await;
-        }
         let headers = message.headers.as_ref();
         let envelope = Envelope {
             subject: message.subject.as_str(),
@@ -288,7 +246,7 @@ impl State {
         let published = match &outcome {
             Ok(event) => self.accept(event).await,
             Err(rejection) => {
-                self.reject(&message, rejection.code(), &rejection.to_string())
+                self.reject(message, rejection.code(), &rejection.to_string())
                     .await
             }
         };
@@ -304,29 +262,17 @@ impl State {
                         })
                         .inc(),
                 };
-                if let Err(error) = message.ack().await {
-                    tracing::warn!(%error, "ack failed; the event will be redelivered and deduplicated");
-                }
+                Disposition::Ack
+            }
+            Err(error) if error.is_permanent() => {
+                // It will never publish: set it aside rather than loop.
+                tracing::error!(%error, subject = %message.subject, "event moved to the dead letters");
+                Disposition::DeadLetter(format!("cannot publish the outcome: {error}"))
             }
             Err(error) => {
-                if error.is_permanent() || delivered > dead_letters::MAX_HAND_BACKS {
-                    // It will never publish: set it aside rather than loop.
-                    let reason = format!("cannot publish the outcome: {error}");
-                    tracing::error!(%error, subject = %message.subject, "event moved to the dead letters");
-                    self.metrics.dead_letters.inc();
-                    if let Err(error) =
-                        dead_letters::terminate(&self.js, names::EVENTS_STREAM, &message, &reason)
-                            .await
-                    {
-                        tracing::warn!(%error, "cannot move an event to the dead letters; handed back");
-                    }
-                    return;
-                }
                 // Herald's own failure: hand the event back for a later try.
                 tracing::warn!(%error, subject = %message.subject, "cannot publish, event handed back");
-                let _ = message
-                    .ack_with(AckKind::Nak(Some(hand_back_delay(delivered))))
-                    .await;
+                Disposition::HandBack(hand_back_delay(delivered))
             }
         }
     }
@@ -334,7 +280,7 @@ impl State {
     /// Moves an event delivered too many times to the dead letters, whole
     /// (an operator redrives it once the cause is fixed), and files a
     /// rejection `redelivered` for its organization saying so.
-    async fn set_aside(&self, message: &jetstream::Message, delivered: i64) {
+    async fn exhausted(&self, message: &jetstream::Message, delivered: i64) -> Disposition {
         let reason = format!(
             "delivered {delivered} times without being concluded (ingest stopped or failed while \
              handling it); set aside to the dead letters"
@@ -352,10 +298,7 @@ impl State {
         .await
         {
             tracing::warn!(%error, "cannot set an event aside; handed back");
-            let _ = message
-                .ack_with(AckKind::Nak(Some(hand_back_delay(delivered))))
-                .await;
-            return;
+            return Disposition::HandBack(hand_back_delay(delivered));
         }
         self.metrics.set_aside.inc();
         if let Err(error) = self.reject(message, REDELIVERED, &reason).await {
@@ -368,9 +311,11 @@ impl State {
                 })
                 .inc();
         }
-        let _ = message.ack_with(AckKind::Term).await;
+        Disposition::Term
     }
+}
 
+impl State {
     async fn accept(&self, event: &herald_core::proto::Event) -> Result<(), PublishError> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(
@@ -441,17 +386,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_event_is_set_aside_past_its_deliveries() {
-        let check = |delivered, max| verdict(delivered, max);
-        assert_eq!(check(1, 5), Verdict::Process);
-        assert_eq!(check(5, 5), Verdict::Process);
-        assert_eq!(check(6, 5), Verdict::SetAside);
-        assert_eq!(check(2, 1), Verdict::SetAside);
-        // Set aside before JetStream's own backstop would drop it silently.
+    fn an_event_is_set_aside_before_jetstream_would_drop_it() {
+        // The worker sets aside what was delivered more than
+        // `max_deliveries` times; JetStream's own backstop drops it silently
+        // after `MAX_DELIVER`.
         let most = Config::from_source(&[(MAX_DELIVERIES, "20")])
             .unwrap()
             .max_deliveries;
-        assert_eq!(check(dead_letters::MAX_DELIVER, most), Verdict::SetAside);
+        assert!(most < dead_letters::MAX_DELIVER);
     }
 
     #[test]

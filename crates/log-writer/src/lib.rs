@@ -16,8 +16,7 @@ mod rebuild;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind, consumer};
-use futures::StreamExt;
+use async_nats::jetstream::{self, AckKind};
 use herald_core::{names, proto};
 use herald_platform::config::{self, ConfigError, Source};
 use herald_platform::health::Health;
@@ -25,6 +24,7 @@ use herald_platform::log_index::Stored;
 use herald_platform::log_index::{IndexError, LogIndex};
 use herald_platform::nats;
 use herald_platform::redis::Redis;
+use herald_platform::worker::{self, Disposition, Settle, Worker};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prost::Message;
@@ -91,8 +91,6 @@ pub enum Error {
     Redis(#[from] redis::RedisError),
     #[error("log index: {0}")]
     Index(#[from] IndexError),
-    #[error("consumer: {0}")]
-    Consumer(String),
     #[error("attempts stream: {0}")]
     Stream(String),
     #[error("another log-writer is rebuilding the index now; try again when it is done")]
@@ -176,100 +174,66 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         shutdown.clone(),
     ));
 
-    let consumer = nats::durable_consumer(
-        &js,
-        names::ATTEMPTS_STREAM,
-        consumer::pull::Config {
-            durable_name: Some(names::LOG_WRITER_CONSUMER.into()),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(30),
-            max_ack_pending: 20_000,
-            // A backstop: nothing here is handed back forever.
-            max_deliver: herald_platform::dead_letters::MAX_DELIVER,
-            ..Default::default()
-        },
-        &shutdown,
-    )
-    .await?;
-    herald_platform::metrics::watch_consumer(
-        &health,
-        &consumer,
-        names::LOG_WRITER_CONSUMER,
-        shutdown.clone(),
-    );
-    let mut messages = nats::Pull::new(consumer, 1_000, PULL_BYTES)
-        .await
-        .map_err(|e| Error::Consumer(e.to_string()))?;
-    health.set("consumer", true);
-
-    {
-        let mut batches = std::pin::pin!(
-            messages
-                .by_ref()
-                .ready_chunks(BATCH)
-                .take_until(shutdown.clone().cancelled_owned())
-        );
-        while let Some(batch) = batches.next().await {
-            store_batch(&js, &index, batch, &metrics, &health, &shutdown).await;
-        }
-    }
-    // What was pulled but not stored goes to another replica now rather
-    // than after the ack wait.
-    herald_platform::shutdown::hand_back(&mut messages).await;
+    let spec = worker::Spec {
+        stream: names::ATTEMPTS_STREAM,
+        durable: names::LOG_WRITER_CONSUMER,
+        ack_wait: Duration::from_secs(30),
+        max_ack_pending: 20_000,
+        batch: 1_000,
+        max_bytes: PULL_BYTES,
+        // A backstop: nothing here is handed back forever (a batch waits
+        // for Redis, with progress acks, instead).
+        max_deliveries: herald_platform::dead_letters::MAX_HAND_BACKS,
+        progress_every: None,
+        operation: "index",
+    };
+    let worker = Worker::start(&js, &health, spec, None, &shutdown).await?;
+    let settle = worker.settler();
+    worker
+        .batches(BATCH, &shutdown, |batch| {
+            store_batch(&settle, &index, batch, &metrics, &health, &shutdown)
+        })
+        .await;
     let _ = watcher.await;
-    nats::flush(&client).await;
     Ok(())
 }
 
-async fn dead_letter(js: &jetstream::Context, message: &jetstream::Message, reason: &str) {
-    if let Err(error) =
-        herald_platform::dead_letters::terminate(js, names::ATTEMPTS_STREAM, message, reason).await
-    {
-        tracing::warn!(%error, "cannot dead-letter an attempt; handed back");
-    }
-}
-
-/// Writes one batch of attempts, then acks it. While Redis is full,
+/// Writes one batch of attempts, and says to ack it. While Redis is full,
 /// unreachable or failing, the batch is kept (its ack deadline extended)
 /// and tried again with a growing pause, for as long as it takes: a full
 /// Redis costs a try every few seconds, not a busy loop, and no attempt is
 /// dropped (a hand-back would spend the consumer's deliveries, and past its
 /// `max_deliver` the attempt would never be indexed). The attempts stay in
 /// the stream meanwhile; health says `log_index: false` and the
-/// `log_index_waiting` gauge is 1.
+/// `log_index_waiting` gauge is 1. At shutdown a waiting batch is handed
+/// back. What cannot be indexed goes to the dead letters at once.
 async fn store_batch(
-    js: &jetstream::Context,
+    settle: &Settle,
     index: &LogIndex,
-    batch: Vec<Result<jetstream::Message, consumer::pull::MessagesError>>,
+    batch: Vec<jetstream::Message>,
     metrics: &Metrics,
     health: &Health,
     shutdown: &CancellationToken,
-) {
+) -> Vec<(jetstream::Message, Disposition)> {
     let mut messages = Vec::with_capacity(batch.len());
     let mut attempts = Vec::with_capacity(batch.len());
     for message in batch {
-        match message {
-            Ok(message) => {
-                let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
-                match proto::AttemptResult::decode(message.payload.clone()) {
-                    Ok(attempt) if seq > 0 => {
-                        attempts.push(Stored { attempt, seq });
-                        messages.push(message);
-                    }
-                    // It stays in HERALD_ATTEMPTS; the dead letters show an
-                    // operator what could not be indexed.
-                    Ok(_) => {
-                        tracing::error!(subject = %message.subject, "attempt without a stream sequence");
-                        dead_letter(js, &message, "attempt without a stream sequence").await;
-                    }
-                    Err(error) => {
-                        tracing::error!(%error, subject = %message.subject, "undecodable attempt");
-                        dead_letter(js, &message, &format!("undecodable attempt: {error}")).await;
-                    }
-                }
+        let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+        // What cannot be indexed stays in HERALD_ATTEMPTS; the dead letters
+        // show an operator what it was.
+        let reason = match proto::AttemptResult::decode(message.payload.clone()) {
+            Ok(attempt) if seq > 0 => {
+                attempts.push(Stored { attempt, seq });
+                messages.push(message);
+                continue;
             }
-            Err(error) => tracing::warn!(%error, "attempts consumer error"),
-        }
+            Ok(_) => "attempt without a stream sequence".to_owned(),
+            Err(error) => format!("undecodable attempt: {error}"),
+        };
+        tracing::error!(subject = %message.subject, reason, "attempt cannot be indexed");
+        settle
+            .settle(&message, Disposition::DeadLetter(reason))
+            .await;
     }
     let mut pause = Duration::from_secs(1);
     loop {
@@ -282,10 +246,7 @@ async fn store_batch(
                     tracing::info!("log index has room again, catching up");
                 }
                 metrics.stored.inc_by(attempts.len() as u64);
-                for message in messages {
-                    let _ = message.ack().await;
-                }
-                return;
+                return settled(messages, Disposition::Ack);
             }
             Err(error) => error,
         };
@@ -312,16 +273,21 @@ async fn store_batch(
             let _ = message.ack_with(AckKind::Progress).await;
         }
         tokio::select! {
-            _ = shutdown.cancelled() => {
-                for message in messages {
-                    let _ = message.ack_with(AckKind::Nak(None)).await;
-                }
-                return;
-            }
+            _ = shutdown.cancelled() => return settled(messages, Disposition::HandBack(Duration::ZERO)),
             _ = tokio::time::sleep(pause) => {}
         }
         pause = (pause * 2).min(FULL_BACKOFF);
     }
+}
+
+fn settled(
+    messages: Vec<jetstream::Message>,
+    disposition: Disposition,
+) -> Vec<(jetstream::Message, Disposition)> {
+    messages
+        .into_iter()
+        .map(|message| (message, disposition.clone()))
+        .collect()
 }
 
 /// `herald-log-writer rebuild`: replays the attempts stream into the index

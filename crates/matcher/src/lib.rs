@@ -16,18 +16,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, AckKind, consumer};
+use async_nats::jetstream;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use herald_core::{ids, names, proto};
 use herald_platform::config::{self, ConfigError, Source};
 use herald_platform::redis::Redis;
 use herald_platform::webhooks::WebhookStore;
-use herald_platform::{dead_letters, metrics, nats, trace};
+use herald_platform::worker::{self, Disposition, Handler, Worker};
+use herald_platform::{dead_letters, nats, trace};
 use prometheus_client::metrics::counter::Counter;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 pub use subscriptions::Cache;
 
@@ -76,8 +76,6 @@ pub enum Error {
     Redis(#[from] redis::RedisError),
     #[error("webhook store: {0}")]
     Store(#[from] herald_platform::webhooks::StoreError),
-    #[error("consumer: {0}")]
-    Consumer(String),
 }
 
 /// Why an event could not be fanned out; every case is Herald's own, so
@@ -108,10 +106,6 @@ struct State {
     js: jetstream::Context,
     cache: Cache,
     metrics: Metrics,
-    /// How often a long fan-out tells the server it is still working on
-    /// its event (a third of the ack wait), so a fan-out to thousands of
-    /// webhooks is never redelivered and done twice meanwhile.
-    progress_every: Duration,
 }
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
@@ -199,117 +193,57 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         _ = caught_up => {}
     }
 
-    let consumer = nats::durable_consumer(
-        &js,
-        names::ACCEPTED_STREAM,
-        consumer::pull::Config {
-            durable_name: Some(names::MATCHER_CONSUMER.into()),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: config.ack_wait,
-            max_ack_pending: 10_000,
-            max_deliver: dead_letters::MAX_DELIVER,
-            ..Default::default()
-        },
-        &shutdown,
-    )
-    .await?;
-    metrics::watch_consumer(
-        &health,
-        &consumer,
-        names::MATCHER_CONSUMER,
-        shutdown.clone(),
-    );
-    let mut messages = nats::Pull::new(consumer, PULL_BATCH, 0)
-        .await
-        .map_err(|e| Error::Consumer(e.to_string()))?;
-    health.set("consumer", true);
-
-    let state = Arc::new(State {
-        js,
-        cache,
-        metrics,
-        progress_every: config.ack_wait / 3,
-    });
-    let mut in_flight = FuturesUnordered::new();
-    loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
-            message = messages.next(), if in_flight.len() < config.concurrency => match message {
-                Some(Ok(message)) => {
-                    let state = state.clone();
-                    let span = trace::message_span("match", &message.subject, message.headers.as_ref(), "");
-                    in_flight.push(async move { state.handle(message).instrument(span).await });
-                }
-                Some(Err(error)) => tracing::warn!(%error, "accepted-events consumer error"),
-                None => break,
-            },
-        }
-    }
-    // Finish what was started, and hand back what was pulled but not
-    // started rather than leave it to wait out the ack deadline.
-    let hand_back = herald_platform::shutdown::hand_back(&mut messages);
-    futures::join!(in_flight.collect::<()>(), hand_back);
-    nats::flush(&client).await;
+    let spec = worker::Spec {
+        stream: names::ACCEPTED_STREAM,
+        durable: names::MATCHER_CONSUMER,
+        ack_wait: config.ack_wait,
+        max_ack_pending: 10_000,
+        batch: PULL_BATCH,
+        max_bytes: 0,
+        max_deliveries: dead_letters::MAX_HAND_BACKS,
+        // A fan-out to thousands of webhooks tells the server it is still
+        // working on its event, so it is never redelivered and done twice
+        // meanwhile.
+        progress_every: Some(config.ack_wait / 3),
+        operation: "match",
+    };
+    let dead = metrics.dead_letters.clone();
+    let worker = Worker::start(&js, &health, spec, Some(dead), &shutdown).await?;
+    let state = Arc::new(State { js, cache, metrics });
+    worker.each(state, config.concurrency, &shutdown).await;
     Ok(())
 }
 
-impl State {
-    async fn handle(&self, message: jetstream::Message) {
-        let info = message
-            .info()
-            .ok()
-            .map(|i| (i.stream_sequence, i.delivered));
+impl Handler for State {
+    async fn handle(&self, message: &jetstream::Message) -> Disposition {
         // The event's place in HERALD_ACCEPTED: jobs carry it so that retry,
         // recover and replay read the event back instead of copying it.
-        let (seq, delivered) = info.unwrap_or((0, 1));
+        let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
         let event = match proto::Event::decode(message.payload.clone()) {
             Ok(event) => event,
             Err(error) => {
                 tracing::error!(%error, subject = %message.subject, "undecodable accepted event");
-                self.dead_letter(&message, &format!("undecodable accepted event: {error}"))
-                    .await;
-                return;
+                return Disposition::DeadLetter(format!("undecodable accepted event: {error}"));
             }
         };
-        if delivered > dead_letters::MAX_HAND_BACKS {
-            let reason = format!(
-                "handed back {} times for Herald's own trouble",
-                delivered - 1
-            );
-            self.dead_letter(&message, &reason).await;
-            return;
-        }
-        let fan_out = self.fan_out(&event, seq);
-        match nats::keep_claimed(&message, self.progress_every, fan_out).await {
+        match self.fan_out(&event, seq).await {
             Ok(()) => {
                 self.metrics.events.inc();
-                let _ = message.ack().await;
+                Disposition::Ack
             }
             Err(error) if error.is_permanent() => {
                 tracing::error!(%error, event_id = %event.id, "a delivery job can never be published");
-                self.dead_letter(&message, &format!("fan-out: {error}"))
-                    .await;
+                Disposition::DeadLetter(format!("fan-out: {error}"))
             }
             Err(error) => {
                 tracing::warn!(%error, event_id = %event.id, org = %event.organization_id, "fan-out failed, event handed back");
-                let _ = message
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                    .await;
+                Disposition::HandBack(Duration::from_secs(1))
             }
         }
     }
+}
 
-    async fn dead_letter(&self, message: &jetstream::Message, reason: &str) {
-        self.metrics.dead_letters.inc();
-        if let Err(error) =
-            dead_letters::terminate(&self.js, names::ACCEPTED_STREAM, message, reason).await
-        {
-            tracing::warn!(%error, "cannot move an accepted event to the dead letters; handed back");
-        }
-    }
-
+impl State {
     async fn fan_out(&self, event: &proto::Event, event_seq: u64) -> Result<(), FanOutError> {
         let set = self.cache.get(&event.organization_id).await?;
         let mut matches = set.matching(&event.r#type, &event.attributes);

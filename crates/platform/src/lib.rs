@@ -19,6 +19,7 @@ pub mod telemetry;
 pub mod trace;
 pub mod webhook_view;
 pub mod webhooks;
+pub mod worker;
 
 pub use tokio_util::sync::CancellationToken;
 

@@ -1,0 +1,313 @@
+//! The worker loop every consuming service shares: its durable consumer
+//! created (retrying while NATS is not ready), pulled in bounded batches
+//! (messages and bytes) through [`nats::Pull`], each message processed and
+//! then settled by the [`Disposition`] its handler returns — ack, hand back
+//! after a delay, dead-letter with the reason — and, at shutdown, what is in
+//! hand finished while what was pulled but not started is handed back.
+//!
+//! A message delivered more than the consumer's `max_deliveries` times
+//! (handed back again and again, or held by replicas that died) is not
+//! processed again: [`Handler::exhausted`] decides what becomes of it (by
+//! default, the dead letters with the count). Long work keeps its claim with
+//! progress acks ([`Spec::progress_every`]), so it is not redelivered to
+//! another replica and done twice meanwhile.
+//!
+//! ingest and matcher process message by message ([`Worker::each`]),
+//! log-writer a batch at a time ([`Worker::batches`]).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, Message, consumer};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use prometheus_client::metrics::counter::Counter;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::health::Health;
+use crate::{dead_letters, metrics, nats, trace};
+
+/// What becomes of a message once it has been processed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disposition {
+    /// Done: everything it produced is stored.
+    Ack,
+    /// Herald's own passing trouble: deliver it again after the delay
+    /// (zero: as soon as the server will).
+    HandBack(Duration),
+    /// It can never be processed: to the dead letters with the reason.
+    DeadLetter(String),
+    /// Concluded by the handler itself (e.g. set aside whole): never
+    /// delivered again.
+    Term,
+}
+
+/// The consumer a worker reads, and how.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub stream: &'static str,
+    /// Durable name (shared by all replicas).
+    pub durable: &'static str,
+    pub ack_wait: Duration,
+    pub max_ack_pending: i64,
+    /// Messages one pull asks for, at most.
+    pub batch: usize,
+    /// Bytes one pull asks for, at most (0: no cap).
+    pub max_bytes: usize,
+    /// Deliveries of one message, at most, before [`Handler::exhausted`]
+    /// takes it instead of [`Handler::handle`]; at most
+    /// [`dead_letters::MAX_HAND_BACKS`].
+    pub max_deliveries: i64,
+    /// A progress ack this often while a message is processed (a third of
+    /// the ack wait), for work that may outlast the ack wait.
+    pub progress_every: Option<Duration>,
+    /// The span each message is processed in (`trace::message_span`).
+    pub operation: &'static str,
+}
+
+impl Spec {
+    /// The durable pull consumer this spec describes. Every consumer's
+    /// `max_deliver` is [`dead_letters::MAX_DELIVER`]: a backstop above
+    /// the hand-backs, so the worker always sees a message first.
+    fn consumer_config(&self) -> consumer::pull::Config {
+        consumer::pull::Config {
+            durable_name: Some(self.durable.into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: self.ack_wait,
+            max_ack_pending: self.max_ack_pending,
+            max_deliver: dead_letters::MAX_DELIVER,
+            ..Default::default()
+        }
+    }
+}
+
+/// What a service does with each message.
+pub trait Handler: Send + Sync + 'static {
+    /// Processes `message`; what it returns is carried out.
+    fn handle(&self, message: &Message) -> impl Future<Output = Disposition> + Send;
+
+    /// A message delivered `delivered` times, more than the consumer's
+    /// `max_deliveries`: by default, to the dead letters.
+    fn exhausted(
+        &self,
+        _message: &Message,
+        delivered: i64,
+    ) -> impl Future<Output = Disposition> + Send {
+        std::future::ready(Disposition::DeadLetter(format!(
+            "handed back {} times for Herald's own trouble",
+            delivered - 1
+        )))
+    }
+}
+
+/// Carries out dispositions for one consumer's messages; cloneable, for a
+/// handler that settles some messages of a batch early.
+#[derive(Clone)]
+pub struct Settle {
+    js: jetstream::Context,
+    stream: &'static str,
+    /// Counts the messages moved to the dead letters, when the service
+    /// exposes that.
+    dead_letters: Option<Counter>,
+}
+
+impl Settle {
+    pub async fn settle(&self, message: &Message, disposition: Disposition) {
+        match disposition {
+            Disposition::Ack => {
+                if let Err(error) = message.ack().await {
+                    tracing::warn!(%error, subject = %message.subject, "ack failed; the message will be redelivered");
+                }
+            }
+            Disposition::HandBack(delay) => {
+                let delay = (!delay.is_zero()).then_some(delay);
+                let _ = message.ack_with(AckKind::Nak(delay)).await;
+            }
+            Disposition::DeadLetter(reason) => {
+                if let Some(counter) = &self.dead_letters {
+                    counter.inc();
+                }
+                if let Err(error) =
+                    dead_letters::terminate(&self.js, self.stream, message, &reason).await
+                {
+                    tracing::warn!(%error, stream = self.stream, "cannot move a message to the dead letters; handed back");
+                }
+            }
+            Disposition::Term => {
+                let _ = message.ack_with(AckKind::Term).await;
+            }
+        }
+    }
+}
+
+/// A started consumer: its messages, and how to settle them.
+pub struct Worker {
+    spec: Spec,
+    messages: nats::Pull,
+    settle: Settle,
+    client: async_nats::Client,
+}
+
+impl Worker {
+    /// Creates (or updates) the durable consumer, retrying until NATS
+    /// answers or `shutdown`, follows its pending counts in the metrics,
+    /// starts pulling, and sets the `consumer` health check.
+    pub async fn start(
+        js: &jetstream::Context,
+        health: &Health,
+        spec: Spec,
+        dead_letters: Option<Counter>,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, nats::Error> {
+        let consumer =
+            nats::durable_consumer(js, spec.stream, spec.consumer_config(), shutdown).await?;
+        metrics::watch_consumer(health, &consumer, spec.durable, shutdown.clone());
+        let messages = nats::Pull::new(consumer, spec.batch, spec.max_bytes)
+            .await
+            .map_err(|e| nats::Error::Consumer {
+                consumer: spec.durable.to_owned(),
+                message: e.to_string(),
+            })?;
+        health.set("consumer", true);
+        Ok(Self {
+            settle: Settle {
+                js: js.clone(),
+                stream: spec.stream,
+                dead_letters,
+            },
+            client: js.client(),
+            spec,
+            messages,
+        })
+    }
+
+    /// The settling of this worker's messages, for a batch handler.
+    pub fn settler(&self) -> Settle {
+        self.settle.clone()
+    }
+
+    /// Processes messages one by one, up to `concurrency` at once, until
+    /// `shutdown`; then finishes those started and hands back the rest.
+    pub async fn each<H: Handler>(
+        mut self,
+        handler: Arc<H>,
+        concurrency: usize,
+        shutdown: &CancellationToken,
+    ) {
+        let mut in_flight = FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+                message = self.messages.next(), if in_flight.len() < concurrency => match message {
+                    Some(Ok(message)) => {
+                        let span = trace::message_span(
+                            self.spec.operation,
+                            &message.subject,
+                            message.headers.as_ref(),
+                            "",
+                        );
+                        let work = process(
+                            handler.clone(),
+                            self.settle.clone(),
+                            self.spec.max_deliveries,
+                            self.spec.progress_every,
+                            message,
+                        );
+                        in_flight.push(work.instrument(span));
+                    }
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, consumer = self.spec.durable, "consumer error");
+                    }
+                    None => break,
+                },
+            }
+        }
+        let hand_back = crate::shutdown::hand_back(&mut self.messages);
+        futures::join!(in_flight.collect::<()>(), hand_back);
+        nats::flush(&self.client).await;
+    }
+
+    /// Processes what each pull brought, up to `size` messages at a time,
+    /// until `shutdown`; `handle` returns each message with its
+    /// disposition (it may settle some itself first, through
+    /// [`Worker::settler`]). What was pulled but not started is handed back.
+    pub async fn batches<F, Fut>(mut self, size: usize, shutdown: &CancellationToken, mut handle: F)
+    where
+        F: FnMut(Vec<Message>) -> Fut,
+        Fut: Future<Output = Vec<(Message, Disposition)>>,
+    {
+        {
+            let mut batches = std::pin::pin!(
+                self.messages
+                    .by_ref()
+                    .ready_chunks(size)
+                    .take_until(shutdown.clone().cancelled_owned())
+            );
+            while let Some(batch) = batches.next().await {
+                let mut messages = Vec::with_capacity(batch.len());
+                for message in batch {
+                    match message {
+                        Ok(message) => messages.push(message),
+                        Err(error) => {
+                            tracing::warn!(%error, consumer = self.spec.durable, "consumer error")
+                        }
+                    }
+                }
+                for (message, disposition) in handle(messages).await {
+                    self.settle.settle(&message, disposition).await;
+                }
+            }
+        }
+        crate::shutdown::hand_back(&mut self.messages).await;
+        nats::flush(&self.client).await;
+    }
+}
+
+/// One message through a handler: exhausted or handled (keeping its claim
+/// while it runs, when asked), then settled.
+async fn process<H: Handler>(
+    handler: Arc<H>,
+    settle: Settle,
+    max_deliveries: i64,
+    progress_every: Option<Duration>,
+    message: Message,
+) {
+    let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+    let disposition = if delivered > max_deliveries {
+        handler.exhausted(&message, delivered).await
+    } else if let Some(every) = progress_every {
+        nats::keep_claimed(&message, every, handler.handle(&message)).await
+    } else {
+        handler.handle(&message).await
+    };
+    settle.settle(&message, disposition).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_consumer_has_the_dead_letter_backstop() {
+        let spec = Spec {
+            stream: "S",
+            durable: "d",
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 10,
+            batch: 5,
+            max_bytes: 0,
+            max_deliveries: dead_letters::MAX_HAND_BACKS,
+            progress_every: None,
+            operation: "test",
+        };
+        let config = spec.consumer_config();
+        assert_eq!(config.durable_name.as_deref(), Some("d"));
+        assert_eq!(config.max_deliver, dead_letters::MAX_DELIVER);
+        assert!(config.max_deliver > spec.max_deliveries);
+        assert_eq!(config.ack_policy, consumer::AckPolicy::Explicit);
+    }
+}
