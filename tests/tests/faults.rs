@@ -532,3 +532,161 @@ async fn attempts_of(stack: &Stack, webhook_id: &str) -> Vec<(proto::AttemptResu
     }
     out
 }
+
+/// Tenants' names: `*.hang.example` never answers, `gone.example` does not
+/// exist, every other name is this machine.
+struct TenantNames;
+
+impl herald_deliverer::guard::Lookup for TenantNames {
+    fn lookup(&self, host: &str) -> herald_deliverer::guard::LookupFuture {
+        let host = host.to_owned();
+        Box::pin(async move {
+            if host.ends_with("hang.example") {
+                std::future::pending().await
+            } else if host == "gone.example" {
+                Err(std::io::Error::other("Name or service not known"))
+            } else {
+                Ok(vec![std::net::Ipv4Addr::LOCALHOST.into()])
+            }
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenants_broken_dns_is_its_own_failure_and_starves_no_one() {
+    let stack = Stack::start_with(
+        Options::default()
+            .env("HERALD_RESOLVE_GRACE", "3s")
+            .env("HERALD_RETRY_SCHEDULE", "1s,1s,1s,1s,1s,1s,1s,1s")
+            .env("HERALD_DISABLE_AFTER", "100")
+            .resolver(TenantNames),
+    )
+    .await;
+    let receiver = Receiver::start().await;
+    // Each answer closes its connection: every delivery looks its name up.
+    receiver.script(
+        "/ok",
+        vec![herald_e2e::Reply::status(200).header("connection", "close")],
+    );
+    let port = receiver.addr().port();
+    let hang = create(&stack, &format!("http://www.hang.example:{port}/hang")).await;
+    let gone = create(&stack, &format!("http://gone.example:{port}/gone")).await;
+    create(&stack, &format!("http://ok.example:{port}/ok")).await;
+
+    // Events, four a second, for 12 s.
+    const EVENTS: usize = 48;
+    let start = tokio::time::Instant::now();
+    for i in 0..EVENTS {
+        stack
+            .publish(
+                "acme",
+                "workflow.completed",
+                json!({"id": format!("evt_{i}")}),
+            )
+            .await;
+        tokio::time::sleep_until(start + Duration::from_millis(250 * (i as u64 + 1))).await;
+        if i == 8 {
+            // A name that does not exist is the endpoint's failure at once.
+            let webhook = webhook_json(&stack, &gone).await;
+            assert_eq!(webhook["state"], "failing", "{webhook}");
+            // A name that hangs, within its grace: Herald's, nothing counted.
+            let webhook = webhook_json(&stack, &hang).await;
+            assert_eq!(webhook["state"], "healthy", "{webhook}");
+            assert!(attempts_of(&stack, &hang).await.is_empty());
+        }
+    }
+    // Past the grace, with other names resolving all along: its own.
+    let webhook = stack
+        .eventually(Duration::from_secs(20), "the hanging name failing", || async {
+            let webhook = webhook_json(&stack, &hang).await;
+            (webhook["state"] == "failing").then_some(webhook)
+        })
+        .await;
+    assert!(
+        webhook["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("while other names resolve"),
+        "{webhook}"
+    );
+    // Everyone else's lookups went on: every event arrived, each about when
+    // it was published.
+    stack
+        .eventually(Duration::from_secs(10), "every event delivered", || async {
+            (distinct(&receiver, "/ok").len() == EVENTS).then_some(())
+        })
+        .await;
+    let last = receiver.received("/ok").last().unwrap().at;
+    assert!(
+        last.duration_since(start.into_std()) < Duration::from_secs(16),
+        "the healthy webhook fell behind"
+    );
+    stack.stop().await;
+}
+
+/// Every name is an address of this machine where nothing listens
+/// (connection refused) until the network is back, then the receiver's.
+#[derive(Clone, Default)]
+struct Egress {
+    back: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl herald_deliverer::guard::Lookup for Egress {
+    fn lookup(&self, _host: &str) -> herald_deliverer::guard::LookupFuture {
+        let back = self.back.load(std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move {
+            Ok(vec![if back {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv4Addr::new(127, 0, 0, 2).into()
+            }])
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_endpoint_failing_at_once_is_heralds_network_and_disables_none() {
+    let egress = Egress::default();
+    let stack = Stack::start_with(
+        Options::default()
+            .env("HERALD_RETRY_SCHEDULE", "300ms,300ms,300ms,300ms,300ms,300ms")
+            .env("HERALD_DISABLE_AFTER", "2")
+            .resolver(egress.clone()),
+    )
+    .await;
+    let receiver = Receiver::start().await;
+    let port = receiver.addr().port();
+    const HOOKS: usize = 8;
+    let mut ids = Vec::new();
+    for i in 0..HOOKS {
+        ids.push(create(&stack, &format!("http://r{i}.example:{port}/r{i}")).await);
+    }
+    for i in 0..3 {
+        stack
+            .publish(
+                "acme",
+                "workflow.completed",
+                json!({"id": format!("evt_{i}")}),
+            )
+            .await;
+    }
+    // Three failed probes 300 ms apart would disable a webhook: 8 s of
+    // every connection failing disables none.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    for id in &ids {
+        let webhook = webhook_json(&stack, id).await;
+        assert_eq!(webhook["enabled"], true, "{webhook}");
+    }
+    // The network is back: everything arrives.
+    egress
+        .back
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    stack
+        .eventually(Duration::from_secs(40), "every delivery", || async {
+            (0..HOOKS)
+                .all(|i| distinct(&receiver, &format!("/r{i}")).len() == 3)
+                .then_some(())
+        })
+        .await;
+    stack.stop().await;
+}

@@ -6,6 +6,7 @@
 pub mod catalogue;
 pub mod duration;
 pub mod egress;
+pub mod egress;
 pub mod event;
 pub mod fairness;
 pub mod ids;

@@ -486,7 +486,42 @@ impl State {
         let (result, took) = self.client.send(request, timeout).await;
         attempt.duration_ms = took.as_millis() as u64;
         self.metrics.attempt_duration.observe(took.as_secs_f64());
-        outcome::classify(result, SystemTime::now())
+        // Every distinct host failing to connect at once, none answering:
+        // Herald's network is down, not every receiver.
+        let host = url.host_str().unwrap_or_default();
+        let outage = {
+            let mut connects = self.connects.lock().expect("connects");
+            let was = connects.outage_since_ms().is_some();
+            let now = now_ms();
+            let outage = match &result {
+                Ok(_) => {
+                    connects.succeeded(host, now);
+                    false
+                }
+                Err(crate::http::SendError::Connect(_) | crate::http::SendError::Network(_)) => {
+                    connects.failed(host, now)
+                }
+                Err(_) => false,
+            };
+            if outage != was {
+                if outage {
+                    tracing::warn!(
+                        "every endpoint is failing to connect: taken as Herald's own network being down; no webhook is counted against until one answers"
+                    );
+                } else {
+                    tracing::info!("an endpoint answered: Herald's network is back");
+                }
+            }
+            outage
+        };
+        let outcome = outcome::classify(result, SystemTime::now());
+        if outage && outcome.endpoint_failure {
+            return Outcome::herald(format!(
+                "{} (every endpoint failing to connect at once: Herald's own network; not counted against the webhook)",
+                outcome.error
+            ));
+        }
+        outcome
     }
 
     /// Asks the policy what follows the attempt and carries it out.

@@ -7,12 +7,29 @@
 //! to. An IP-literal host never reaches a resolver, so [`Guarded`] checks it
 //! before connecting. Both answer errors that [`crate::http`] recognizes in
 //! the error chain: [`Refused`] is the endpoint's failure, [`DnsError`] may be
-//! Herald's own.
+//! Herald's own, [`LocalNetwork`] is.
+//!
+//! Lookups run on bounded terms ([`Lookups`]): one lookup in flight per name
+//! (others asking for it share its answer), a few per domain, [`MAX_LOOKUPS`]
+//! in all, so a tenant whose name servers never answer holds a few of the
+//! system resolver's blocking threads, never all of them. A name whose
+//! lookups time out while other names resolve is the tenant's failure after
+//! a grace period (`herald_core::egress::Lookups`); before that, Herald's.
+//!
+//! A connection that fails because the local side has no network (no route
+//! to the address in Herald's own routing table, the network down, no usable
+//! source address) is Herald's failure ([`LocalNetwork`]), never the
+//! receiver's.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+
+use futures::FutureExt;
 
 use hyper_util::client::legacy::connect::dns::Name;
 use tower_service::Service;
@@ -147,9 +164,62 @@ pub struct Refused {
 pub struct DnsError {
     pub host: String,
     pub message: String,
-    /// The name does not exist (the endpoint's fault); otherwise Herald's
-    /// resolver failed and the webhook is not blamed.
-    pub not_found: bool,
+    /// The name's own fault: it does not exist, or its lookups have timed
+    /// out past the grace period while other names resolve. Otherwise
+    /// Herald's resolver failed and the webhook is not blamed.
+    pub endpoint: bool,
+}
+
+/// Connecting failed because Herald's own side has no network for the
+/// address: Herald's failure, not the receiver's.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("cannot connect to {host}: {message} (Herald's own network)")]
+pub struct LocalNetwork {
+    pub host: String,
+    pub message: String,
+}
+
+/// Whether a connect error of `kind` says the local side has no network:
+/// `Some(true)` it does (the network is down, no usable source address),
+/// `Some(false)` it does not, `None` when it depends on whether the local
+/// routing table has a route to the address ([`has_route`]): "unreachable"
+/// comes from the local stack when it has none, and from a router on the
+/// way (the receiver's side) when it has.
+pub fn local_network_failure(kind: ErrorKind) -> Option<bool> {
+    match kind {
+        ErrorKind::NetworkDown | ErrorKind::AddrNotAvailable => Some(true),
+        ErrorKind::NetworkUnreachable | ErrorKind::HostUnreachable => None,
+        _ => Some(false),
+    }
+}
+
+/// Whether this host's routing table has a route (and a source address) to
+/// `ip`: connecting a UDP socket sends nothing, it only looks the route up.
+pub fn has_route(ip: IpAddr) -> bool {
+    let unspecified: IpAddr = match ip {
+        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    match std::net::UdpSocket::bind(SocketAddr::new(unspecified, 0)) {
+        Ok(socket) => match socket.connect(SocketAddr::new(ip, 9)) {
+            Ok(()) => true,
+            Err(error) => local_network_failure(error.kind()) == Some(false),
+        },
+        // No socket of that family at all: no network for it here.
+        Err(_) => false,
+    }
+}
+
+/// The first `io::Error` in an error chain.
+fn io_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return Some(io);
+        }
+        source = e.source();
+    }
+    None
 }
 
 /// How long the system resolver may take before Herald gives up on it.
@@ -182,11 +252,11 @@ impl Lookup for SystemLookup {
 
 /// The resolver the deliverer's client uses (the system's by default).
 #[derive(Clone)]
-pub struct Resolver(pub std::sync::Arc<dyn Lookup>);
+pub struct Resolver(pub Arc<dyn Lookup>);
 
 impl Default for Resolver {
     fn default() -> Self {
-        Self(std::sync::Arc::new(SystemLookup))
+        Self(Arc::new(SystemLookup))
     }
 }
 
@@ -196,11 +266,176 @@ impl std::fmt::Debug for Resolver {
     }
 }
 
-/// Resolves with [`Resolver`] and drops refused addresses.
+/// Lookups in flight at once over all names (the system resolver holds a
+/// blocking thread for each, for as long as `getaddrinfo` takes, which may
+/// be far longer than [`RESOLVE_TIMEOUT`]).
+pub const MAX_LOOKUPS: usize = 64;
+/// Lookups in flight at once for the names of one domain (its last two
+/// labels): a tenant's broken zone holds no more.
+pub const MAX_LOOKUPS_PER_DOMAIN: usize = 4;
+
+/// A lookup's answer, shared by everyone who asked for the name meanwhile.
+type Answer = Result<Vec<IpAddr>, (ErrorKind, String)>;
+type SharedLookup = futures::future::Shared<Pin<Box<dyn Future<Output = Answer> + Send>>>;
+
+/// [`Resolver`] on bounded terms (see the module), with the record of
+/// which names time out while others resolve.
+#[derive(Clone)]
+pub struct Lookups(Arc<LookupsInner>);
+
+struct LookupsInner {
+    resolver: Resolver,
+    slots: Arc<tokio::sync::Semaphore>,
+    grace_ms: i64,
+    state: Mutex<LookupState>,
+}
+
+#[derive(Default)]
+struct LookupState {
+    /// Name → (which lookup, when it started, its answer to come).
+    in_flight: HashMap<String, (u64, std::time::Instant, SharedLookup)>,
+    started: u64,
+    per_domain: HashMap<String, usize>,
+    record: herald_core::egress::Lookups,
+}
+
+impl std::fmt::Debug for Lookups {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Lookups")
+    }
+}
+
+/// The domain a name's lookups are bounded under: its last two labels.
+fn domain_of(host: &str) -> String {
+    let host = host.trim_end_matches('.');
+    let mut labels = host.rsplitn(3, '.');
+    match (labels.next(), labels.next()) {
+        (Some(tld), Some(name)) => format!("{name}.{tld}"),
+        _ => host.to_owned(),
+    }
+}
+
+impl Lookups {
+    /// `grace`: how long a name's lookups may time out while others
+    /// resolve before it counts against the webhook.
+    pub fn new(resolver: Resolver, grace: std::time::Duration) -> Self {
+        Self(Arc::new(LookupsInner {
+            resolver,
+            slots: Arc::new(tokio::sync::Semaphore::new(MAX_LOOKUPS)),
+            grace_ms: grace.as_millis() as i64,
+            state: Mutex::default(),
+        }))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, LookupState> {
+        self.0.state.lock().expect("lookups")
+    }
+
+    /// The name's lookup in flight, started if none is (or if the one in
+    /// flight has outlived [`RESOLVE_TIMEOUT`]: its callers have given up
+    /// on it); `None` when its domain already has
+    /// [`MAX_LOOKUPS_PER_DOMAIN`] in flight.
+    fn start(&self, host: &str) -> Option<SharedLookup> {
+        let mut state = self.state();
+        if let Some((_, started, lookup)) = state.in_flight.get(host)
+            && started.elapsed() < RESOLVE_TIMEOUT
+        {
+            return Some(lookup.clone());
+        }
+        let domain = domain_of(host);
+        let n = state.per_domain.entry(domain.clone()).or_default();
+        if *n >= MAX_LOOKUPS_PER_DOMAIN {
+            return None;
+        }
+        *n += 1;
+        state.started += 1;
+        let id = state.started;
+        let this = self.clone();
+        let name = host.to_owned();
+        // A task of its own: it holds its slot until the resolver answers,
+        // however long after the callers gave up that is.
+        let task = tokio::spawn(async move {
+            let answer = match this.0.slots.clone().acquire_owned().await {
+                Ok(_slot) => this
+                    .0
+                    .resolver
+                    .0
+                    .lookup(&name)
+                    .await
+                    .map_err(|e| (e.kind(), e.to_string())),
+                Err(_) => Err((ErrorKind::Other, "resolver closed".to_owned())),
+            };
+            let mut state = this.state();
+            if state.in_flight.get(&name).is_some_and(|(i, _, _)| *i == id) {
+                state.in_flight.remove(&name);
+            }
+            if let Some(n) = state.per_domain.get_mut(&domain) {
+                *n -= 1;
+                if *n == 0 {
+                    state.per_domain.remove(&domain);
+                }
+            }
+            answer
+        });
+        let lookup: Pin<Box<dyn Future<Output = Answer> + Send>> = Box::pin(task.map(|joined| {
+            joined.unwrap_or_else(|e| Err((ErrorKind::Other, format!("lookup failed: {e}"))))
+        }));
+        let shared = lookup.shared();
+        state.in_flight.insert(
+            host.to_owned(),
+            (id, std::time::Instant::now(), shared.clone()),
+        );
+        Some(shared)
+    }
+
+    /// Resolves `host`, waiting at most [`RESOLVE_TIMEOUT`].
+    pub async fn resolve(&self, host: &str) -> Result<Vec<IpAddr>, DnsError> {
+        let answer = match self.start(host) {
+            Some(lookup) => tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await.ok(),
+            // Its domain's lookups are all hanging: as good as timed out.
+            None => None,
+        };
+        let now = herald_platform::now_ms();
+        match answer {
+            Some(Ok(addrs)) => {
+                self.state().record.answered(host, now);
+                Ok(addrs)
+            }
+            Some(Err((_, message))) => {
+                let error = dns_error(host, message);
+                if error.endpoint {
+                    // NXDOMAIN: the resolver works.
+                    self.state().record.answered(host, now);
+                }
+                Err(error)
+            }
+            None => {
+                let grace = self.0.grace_ms;
+                let endpoint = self.state().record.timed_out(host, now, grace);
+                Err(DnsError {
+                    host: host.to_owned(),
+                    message: if endpoint {
+                        format!(
+                            "no answer within {RESOLVE_TIMEOUT:?}, for more than {} while other names resolve",
+                            herald_core::duration::format_duration(
+                                std::time::Duration::from_millis(grace as u64)
+                            )
+                        )
+                    } else {
+                        format!("no answer within {RESOLVE_TIMEOUT:?}")
+                    },
+                    endpoint,
+                })
+            }
+        }
+    }
+}
+
+/// Resolves with [`Lookups`] and drops refused addresses.
 #[derive(Debug, Clone)]
 pub struct GuardedResolver {
     pub allow_private: bool,
-    pub resolver: Resolver,
+    pub lookups: Lookups,
 }
 
 impl Service<Name> for GuardedResolver {
@@ -214,26 +449,19 @@ impl Service<Name> for GuardedResolver {
 
     fn call(&mut self, name: Name) -> Self::Future {
         let allow_private = self.allow_private;
-        let resolver = self.resolver.0.clone();
+        let lookups = self.lookups.clone();
         Box::pin(async move {
             let host = name.as_str().to_owned();
-            // A resolver that hangs is Herald's failure, not the endpoint's:
-            // it must not surface as the webhook's timeout.
-            let lookup = tokio::time::timeout(RESOLVE_TIMEOUT, resolver.lookup(&host));
-            let addrs: Vec<SocketAddr> = match lookup.await {
-                Ok(found) => found
-                    .map_err(|e| dns_error(&host, &e))?
-                    .into_iter()
-                    .map(|ip| SocketAddr::new(ip, 0))
-                    .collect(),
-                Err(_) => {
-                    return Err(Box::new(DnsError {
-                        host,
-                        message: format!("no answer within {RESOLVE_TIMEOUT:?}"),
-                        not_found: false,
-                    }) as BoxError);
-                }
-            };
+            // A resolver that hangs is Herald's failure, not the endpoint's
+            // (until the grace says otherwise): it must not surface as the
+            // webhook's timeout.
+            let addrs: Vec<SocketAddr> = lookups
+                .resolve(&host)
+                .await
+                .map_err(|e| Box::new(e) as BoxError)?
+                .into_iter()
+                .map(|ip| SocketAddr::new(ip, 0))
+                .collect();
             if allow_private {
                 return Ok(addrs.into_iter());
             }
@@ -257,7 +485,7 @@ impl Service<Name> for GuardedResolver {
                     None => Box::new(DnsError {
                         host,
                         message: "no addresses".into(),
-                        not_found: true,
+                        endpoint: true,
                     }),
                 });
             }
@@ -268,8 +496,7 @@ impl Service<Name> for GuardedResolver {
 
 /// Classifies a `getaddrinfo` failure: a name that does not exist is the
 /// endpoint's fault; a resolver that cannot answer is Herald's.
-fn dns_error(host: &str, error: &std::io::Error) -> BoxError {
-    let message = error.to_string();
+fn dns_error(host: &str, message: String) -> DnsError {
     let not_found = [
         "Name or service not known",
         "No address associated with hostname",
@@ -277,19 +504,46 @@ fn dns_error(host: &str, error: &std::io::Error) -> BoxError {
     ]
     .iter()
     .any(|m| message.contains(m));
-    Box::new(DnsError {
+    DnsError {
         host: host.to_owned(),
         message,
-        not_found,
-    })
+        endpoint: not_found,
+    }
 }
 
 /// Wraps a connector: refuses IP-literal hosts that [`refused`] names, since
-/// those bypass the resolver.
+/// those bypass the resolver, and tells a connection that failed for want
+/// of Herald's own network ([`LocalNetwork`]) from the receiver's failure.
 #[derive(Debug, Clone)]
 pub struct Guarded<C> {
     pub inner: C,
     pub allow_private: bool,
+    pub lookups: Lookups,
+}
+
+/// Whether a failed connection to `host` says Herald's side has no
+/// network: the error's kind, and for "unreachable" whether the local
+/// routing table has a route to any of the host's addresses.
+async fn local_failure(lookups: &Lookups, host: &str, error: &BoxError) -> Option<LocalNetwork> {
+    let (kind, message) = {
+        let io = io_error(error.as_ref())?;
+        (io.kind(), io.to_string())
+    };
+    let local = match local_network_failure(kind) {
+        Some(local) => local,
+        None => {
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            let addrs = match bare.parse::<IpAddr>() {
+                Ok(ip) => vec![ip],
+                Err(_) => lookups.resolve(host).await.ok()?,
+            };
+            !addrs.is_empty() && !addrs.into_iter().any(has_route)
+        }
+    };
+    local.then(|| LocalNetwork {
+        host: host.to_owned(),
+        message,
+    })
 }
 
 impl<C> Service<http::Uri> for Guarded<C>
@@ -321,8 +575,19 @@ where
             };
             return Box::pin(async move { Err(Box::new(error) as BoxError) });
         }
-        let call = self.inner.call(uri);
-        Box::pin(async move { call.await.map_err(Into::into) })
+        let call = self.inner.call(uri.clone());
+        let lookups = self.lookups.clone();
+        Box::pin(async move {
+            let error: BoxError = match call.await {
+                Ok(connection) => return Ok(connection),
+                Err(error) => error.into(),
+            };
+            let host = uri.host().unwrap_or_default();
+            match local_failure(&lookups, host, &error).await {
+                Some(local) => Err(Box::new(local) as BoxError),
+                None => Err(error),
+            }
+        })
     }
 }
 
@@ -444,11 +709,85 @@ mod tests {
         );
     }
 
+    #[test]
+    fn which_connect_errors_are_heralds_network() {
+        for (kind, local) in [
+            (ErrorKind::NetworkDown, Some(true)),
+            (ErrorKind::AddrNotAvailable, Some(true)),
+            // Depends on whether the local routing table has a route.
+            (ErrorKind::NetworkUnreachable, None),
+            (ErrorKind::HostUnreachable, None),
+            (ErrorKind::ConnectionRefused, Some(false)),
+            (ErrorKind::ConnectionReset, Some(false)),
+            (ErrorKind::TimedOut, Some(false)),
+            (ErrorKind::Other, Some(false)),
+        ] {
+            assert_eq!(local_network_failure(kind), local, "{kind:?}");
+        }
+        assert!(has_route(Ipv4Addr::LOCALHOST.into()));
+    }
+
+    /// Hangs for names under `hang.test`, answers NXDOMAIN for `gone.test`,
+    /// loopback for the rest; counts the lookups it was asked for.
+    #[derive(Default)]
+    struct Names {
+        asked: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Lookup for Names {
+        fn lookup(&self, host: &str) -> LookupFuture {
+            self.asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let host = host.to_owned();
+            Box::pin(async move {
+                if host.ends_with("hang.test") {
+                    std::future::pending().await
+                } else if host == "gone.test" {
+                    Err(std::io::Error::other("Name or service not known"))
+                } else {
+                    Ok(vec![Ipv4Addr::LOCALHOST.into()])
+                }
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hanging_domain_holds_a_few_lookups_and_never_the_others() {
+        let names = Arc::new(Names::default());
+        let lookups = Lookups::new(Resolver(names.clone()), std::time::Duration::from_secs(30));
+        // A hundred lookups of one hanging name at once: one is made.
+        let many = (0..100).map(|_| lookups.resolve("a.hang.test"));
+        let answers = futures::future::join_all(many).await;
+        assert!(
+            answers
+                .iter()
+                .all(|a| a.as_ref().is_err_and(|e| !e.endpoint))
+        );
+        assert_eq!(names.asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Many names of the hanging domain: a few are looked up, the rest
+        // time out at once.
+        let many = (0..20).map(|i| {
+            let lookups = lookups.clone();
+            async move { lookups.resolve(&format!("n{i}.hang.test")).await }
+        });
+        futures::future::join_all(many).await;
+        assert!(
+            names.asked.load(std::sync::atomic::Ordering::SeqCst) <= MAX_LOOKUPS_PER_DOMAIN + 1
+        );
+        // Meanwhile other names resolve, and a name that does not exist is
+        // the endpoint's.
+        assert_eq!(
+            lookups.resolve("ok.test").await.unwrap(),
+            vec![IpAddr::from(Ipv4Addr::LOCALHOST)]
+        );
+        let gone = lookups.resolve("gone.test").await.unwrap_err();
+        assert!(gone.endpoint, "{gone}");
+    }
+
     #[tokio::test]
     async fn resolver_drops_refused_addresses() {
         let mut guarded = GuardedResolver {
             allow_private: false,
-            resolver: Resolver::default(),
+            lookups: Lookups::new(Resolver::default(), std::time::Duration::from_secs(30)),
         };
         let error = guarded
             .call("localhost".parse().unwrap())
@@ -462,7 +801,7 @@ mod tests {
 
         let mut open = GuardedResolver {
             allow_private: true,
-            resolver: Resolver::default(),
+            lookups: Lookups::new(Resolver::default(), std::time::Duration::from_secs(30)),
         };
         let addrs: Vec<_> = open
             .call("localhost".parse().unwrap())

@@ -14,7 +14,7 @@ use hyper_util::rt::TokioExecutor;
 /// Bytes of a response body kept for the log.
 pub const BODY_CAP: usize = 8 * 1024;
 
-use crate::guard::{DnsError, Guarded, GuardedResolver, Refused, Resolver};
+use crate::guard::{DnsError, Guarded, GuardedResolver, LocalNetwork, Lookups, Refused, Resolver};
 
 pub type Connector = hyper_rustls::HttpsConnector<Guarded<HttpConnector<GuardedResolver>>>;
 
@@ -39,7 +39,8 @@ pub struct Response {
 }
 
 /// Why no response came back. Every variant is the endpoint's failure
-/// (counted against the webhook) except `Resolver`, which is Herald's own.
+/// (counted against the webhook) except `Resolver` and `Network`, which are
+/// Herald's own.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SendError {
     #[error("timed out after {0:?}")]
@@ -52,6 +53,8 @@ pub enum SendError {
     Resolver(String),
     #[error("connection failed: {0}")]
     Connect(String),
+    #[error("{0}; not counted against the webhook")]
+    Network(String),
     #[error("request failed: {0}")]
     Request(String),
 }
@@ -59,7 +62,7 @@ pub enum SendError {
 impl SendError {
     /// Whether the endpoint is to blame (counts toward auto-disable).
     pub fn endpoint_failure(&self) -> bool {
-        !matches!(self, SendError::Resolver(_))
+        !matches!(self, SendError::Resolver(_) | SendError::Network(_))
     }
 
     fn from_hyper(error: &hyper_util::client::legacy::Error) -> Self {
@@ -68,8 +71,11 @@ impl SendError {
             if let Some(refused) = e.downcast_ref::<Refused>() {
                 return SendError::Refused(refused.to_string());
             }
+            if let Some(local) = e.downcast_ref::<LocalNetwork>() {
+                return SendError::Network(local.to_string());
+            }
             if let Some(dns) = e.downcast_ref::<DnsError>() {
-                return if dns.not_found {
+                return if dns.endpoint {
                     SendError::NotFound(dns.to_string())
                 } else {
                     SendError::Resolver(dns.to_string())
@@ -88,11 +94,13 @@ impl SendError {
 impl Client {
     /// A client that connects only to public addresses unless
     /// `allow_private` (HERALD_ALLOW_PRIVATE_TARGETS), resolving names with
-    /// `resolver`.
-    pub fn new(allow_private: bool, resolver: Resolver) -> Self {
+    /// `resolver`; a name whose lookups time out for longer than
+    /// `resolve_grace` while others resolve is the endpoint's failure.
+    pub fn new(allow_private: bool, resolver: Resolver, resolve_grace: Duration) -> Self {
+        let lookups = Lookups::new(resolver, resolve_grace);
         let mut http = HttpConnector::new_with_resolver(GuardedResolver {
             allow_private,
-            resolver,
+            lookups: lookups.clone(),
         });
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -114,6 +122,7 @@ impl Client {
             .wrap_connector(Guarded {
                 inner: http,
                 allow_private,
+                lookups,
             });
         let inner = HyperClient::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))

@@ -63,6 +63,7 @@ pub const DELIVERY_CONCURRENCY: &str = "HERALD_DELIVERY_CONCURRENCY";
 pub const ENDPOINT_CONCURRENCY: &str = "HERALD_ENDPOINT_CONCURRENCY";
 pub const LOG_BODY_LIMIT: &str = "HERALD_LOG_BODY_LIMIT";
 pub const OWN_FAILURE_GIVE_UP: &str = "HERALD_OWN_FAILURE_GIVE_UP";
+pub const RESOLVE_GRACE: &str = "HERALD_RESOLVE_GRACE";
 
 /// The consumer's ack wait (a job in hand says it is still being worked
 /// on every 20 s).
@@ -89,6 +90,10 @@ pub struct Config {
     /// How long a job stopped by Herald's own failures is tried again
     /// (backing off) before it goes to the dead letters.
     pub own_failure_give_up: Duration,
+    /// How long a webhook's name may fail to resolve in time, while other
+    /// names resolve, before that counts against the webhook (its DNS, not
+    /// Herald's resolver).
+    pub resolve_grace: Duration,
     /// How webhook host names are resolved (the system resolver; not
     /// configurable by environment, tests put in another).
     pub resolver: guard::Resolver,
@@ -127,6 +132,7 @@ impl Config {
                 OWN_FAILURE_GIVE_UP,
                 Duration::from_secs(3_600),
             )?,
+            resolve_grace: config::duration(src, RESOLVE_GRACE, Duration::from_secs(30))?,
             resolver: guard::Resolver::default(),
         })
     }
@@ -156,6 +162,9 @@ struct State {
     metrics: metrics::Metrics,
     inflight: inflight::InFlight,
     own_failure_warnings: delivery::Warnings,
+    /// Recent connection outcomes across hosts: whether Herald's own
+    /// network is down (`core::egress`).
+    connects: std::sync::Mutex<herald_core::egress::Connects>,
 }
 
 /// How often every webhook with parked deliveries has its probe timer set
@@ -262,7 +271,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         parking: parking::Parking::new(js),
         webhooks: cache::Webhooks::new(store, metrics.webhooks_revision.clone(), shutdown.clone()),
         states: endpoint_state::EndpointStates::new(redis),
-        client: Client::new(config.allow_private_targets, config.resolver.clone()),
+        client: Client::new(
+            config.allow_private_targets,
+            config.resolver.clone(),
+            config.resolve_grace,
+        ),
+        connects: std::sync::Mutex::default(),
         policy: Policy {
             schedule: config.retry.clone(),
             disable_after: config.disable_after,

@@ -219,9 +219,14 @@ mod tests {
             Err(SendError::NotFound("nxdomain".into())),
             (false, true, false, None),
         );
-        // Herald's own resolver failing is not the endpoint's fault.
+        // Herald's own resolver failing is not the endpoint's fault…
         check(
             Err(SendError::Resolver("servfail".into())),
+            (false, false, false, None),
+        );
+        // …nor is Herald's own network (no route, no source address).
+        check(
+            Err(SendError::Network("network is unreachable".into())),
             (false, false, false, None),
         );
         assert!(
