@@ -6,7 +6,6 @@
 pub mod catalogue;
 pub mod duration;
 pub mod egress;
-pub mod egress;
 pub mod event;
 pub mod fairness;
 pub mod ids;
