@@ -18,17 +18,25 @@ import { organizations } from './views/organizations.js';
 import { apiKeys } from './views/keys.js';
 import { auditTrail } from './views/audit.js';
 
-// [pattern, screen, who may open it]
+// Why this session may not open a screen; null when it may.
+const READ_ONLY = 'This session is read-only: it can look at everything here but change nothing.';
+const LIMITED = 'This console session is limited to some webhooks: the organization-wide screens are not part of it.';
+const OPERATORS = 'Only an operator key can open this screen.';
+const changes = () => (may.change ? null : READ_ONLY);
+const wholeOrganization = () => (may.seeOrganization ? null : LIMITED);
+const operators = () => (may.operate ? null : OPERATORS);
+
+// [pattern, screen, why not (optional)]
 const ROUTES = [
   [/^#\/webhooks$/, () => webhookList()],
-  [/^#\/webhooks\/new$/, () => webhookForm({}), () => may.change && may.seeOrganization],
-  [/^#\/webhooks\/([^/]+)\/edit$/, (m) => webhookForm({ id: m[1] }), () => may.change],
+  [/^#\/webhooks\/new$/, () => webhookForm({}), () => changes() || wholeOrganization()],
+  [/^#\/webhooks\/([^/]+)\/edit$/, (m) => webhookForm({ id: m[1] }), changes],
   [/^#\/webhooks\/([^/]+)\/logs\/([^/]+)$/, (m) => attemptView({ id: m[1], logId: m[2] })],
   [/^#\/webhooks\/([^/]+)$/, (m) => webhookDetail({ id: m[1] })],
-  [/^#\/logs$/, () => orgLogs(), () => may.seeOrganization],
-  [/^#\/audit$/, () => auditTrail(), () => may.readAudit],
-  [/^#\/organizations$/, () => organizations(), () => may.operate],
-  [/^#\/api-keys$/, () => apiKeys(), () => may.operate],
+  [/^#\/logs$/, () => orgLogs(), wholeOrganization],
+  [/^#\/audit$/, () => auditTrail(), wholeOrganization],
+  [/^#\/organizations$/, () => organizations(), operators],
+  [/^#\/api-keys$/, () => apiKeys(), operators],
 ];
 
 const header = document.getElementById('header');
@@ -63,7 +71,8 @@ async function render(notice) {
   main.replaceChildren(loading);
   let view;
   try {
-    if (route[2] && !route[2]()) throw Object.assign(new Error(notAllowed()), { status: 403 });
+    const refused = route[2] && route[2]();
+    if (refused) throw Object.assign(new Error(refused), { status: 403 });
     view = await route[1](location.hash.match(route[0]).map(decodeURIComponent));
   } catch (e) {
     if (e.status === 401) return undefined;
@@ -72,13 +81,6 @@ async function render(notice) {
   if (mine !== rendering) return undefined; // a newer navigation won
   show(view);
   return undefined;
-}
-
-// Why this session cannot open the screen asked for.
-function notAllowed() {
-  if (!may.change) return 'This session is read-only: it can look at everything here but change nothing.';
-  if (!may.seeOrganization) return 'This console session is limited to some webhooks: the organization-wide screens are not part of it.';
-  return 'Only an operator key can open this screen.';
 }
 
 function problem(e) {
