@@ -83,7 +83,11 @@ impl Stack {
     pub async fn start_with(options: Options) -> Self {
         let nats = NatsServer::start();
         let redis = RedisServer::start();
-        let dir = std::env::temp_dir().join(format!("herald-e2e-{}", free_port()));
+        let dir = std::env::temp_dir().join(format!(
+            "herald-e2e-{}-{}",
+            std::process::id(),
+            herald_core::ids::new_delivery_id()
+        ));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let keys_file = dir.join("keys.json");
         let keys = serde_json::json!({"keys": [
@@ -260,12 +264,31 @@ impl Stack {
         }
     }
 
-    /// Stops every service and waits for them to drain.
+    /// Stops every service and waits for them to drain; fails the test,
+    /// naming them, when a service failed, panicked, or was still draining
+    /// 30 s after the shutdown.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
-        for (_, (_, task)) in self.services.drain() {
-            let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
-        }
+        let stopping = self
+            .services
+            .drain()
+            .map(|(service, (_, task))| async move {
+                match tokio::time::timeout(Duration::from_secs(30), task).await {
+                    Ok(Ok(())) => None,
+                    Ok(Err(error)) => Some(format!("{service} failed or panicked: {error}")),
+                    Err(_) => Some(format!("{service} still draining 30s after shutdown")),
+                }
+            });
+        let failed: Vec<String> = futures::future::join_all(stopping)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "the stack did not stop cleanly: {}",
+            failed.join("; ")
+        );
     }
 
     async fn raw(

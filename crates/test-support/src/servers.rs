@@ -87,59 +87,112 @@ fn wait_listening(port: u16, child: &mut Child, what: &str) {
     panic!("{what} did not listen on {port} within 20s");
 }
 
-/// A server process on a fixed loopback port with its own temporary
-/// directory, killed on stop and on drop; what differs between servers is
-/// only how to run them.
+/// How a server's port is chosen and learnt.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Port {
+    /// Given on the command line and waited for (a cluster's nodes must
+    /// know each other's ports before they start).
+    Fixed,
+    /// nats-server `-p -1`: the kernel picks a free port as the server
+    /// binds it, and `--ports_file_dir` tells which. No race at all.
+    NatsPortsFile,
+    /// redis-server cannot bind port 0, so a port is drawn and the
+    /// server's own log says whether it bound it ("Ready to accept
+    /// connections"); a server that lost the port to another process
+    /// exits, and another port is drawn.
+    RedisLog,
+}
+
+type Args = Box<dyn Fn(u16, &Path) -> Vec<OsString> + Send + Sync>;
+
+/// A server process on a loopback port with its own temporary directory,
+/// killed on stop and on drop; what differs between servers is only how to
+/// run them. A restart keeps the port it first had.
 struct Server {
     name: &'static str,
     binary_var: &'static str,
-    args: Vec<OsString>,
+    args: Args,
+    how: Port,
     child: Option<Child>,
+    /// 0 until the first start has found it.
     port: u16,
     // Kept for the server's life: removed on drop.
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Server {
     fn start(
         name: &'static str,
         binary_var: &'static str,
-        args: fn(u16, &Path) -> Vec<OsString>,
+        how: Port,
+        args: impl Fn(u16, &Path) -> Vec<OsString> + Send + Sync + 'static,
     ) -> Self {
-        let port = free_port();
         let dir = tempfile::tempdir().expect("temp dir");
-        let args = args(port, dir.path());
-        Self::start_with(name, binary_var, port, dir, args)
+        let port = if how == Port::Fixed { free_port() } else { 0 };
+        Self::start_with(name, binary_var, how, port, dir, args)
     }
 
     fn start_with(
         name: &'static str,
         binary_var: &'static str,
+        how: Port,
         port: u16,
         dir: tempfile::TempDir,
-        args: Vec<OsString>,
+        args: impl Fn(u16, &Path) -> Vec<OsString> + Send + Sync + 'static,
     ) -> Self {
         let mut server = Self {
             name,
             binary_var,
-            args,
+            args: Box::new(args),
+            how,
             child: None,
             port,
-            _dir: dir,
+            dir,
         };
         server.spawn();
         server
     }
 
-    fn spawn(&mut self) {
-        let mut child = Command::new(find_binary(self.name, self.binary_var))
-            .args(&self.args)
+    fn command(&self, port: u16) -> Command {
+        let mut command = Command::new(find_binary(self.name, self.binary_var));
+        command
+            .args((self.args)(port, self.dir.path()))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", self.name));
-        wait_listening(self.port, &mut child, self.name);
-        self.child = Some(child);
+            .stderr(Stdio::null());
+        command
+    }
+
+    fn spawn(&mut self) {
+        let first = self.port == 0;
+        for _ in 0..20 {
+            let port = match self.how {
+                Port::RedisLog if first => free_port(),
+                _ => self.port,
+            };
+            let mut child = self
+                .command(port)
+                .spawn()
+                .unwrap_or_else(|e| panic!("start {}: {e}", self.name));
+            let listening = match self.how {
+                Port::Fixed => {
+                    wait_listening(port, &mut child, self.name);
+                    Some(port)
+                }
+                Port::NatsPortsFile => Some(wait_ports_file(self.dir.path(), &mut child)),
+                Port::RedisLog => wait_redis_ready(self.dir.path(), &mut child).then_some(port),
+            };
+            match listening {
+                Some(port) => {
+                    self.port = port;
+                    self.child = Some(child);
+                    return;
+                }
+                // Another process had the port: draw another.
+                None if first => continue,
+                None => panic!("{} cannot listen on {} again", self.name, self.port),
+            }
+        }
+        panic!("{} found no free port in 20 draws", self.name);
     }
 
     /// Kills the process (SIGKILL: no goodbye to its peers or clients).
@@ -166,8 +219,70 @@ impl Drop for Server {
     }
 }
 
+/// The client port a nats-server started with `-p -1 --ports_file_dir dir`
+/// bound, from the file it writes there once it listens.
+fn wait_ports_file(dir: &Path, child: &mut Child) -> u16 {
+    let file = dir.join(format!("nats-server_{}.ports", child.id()));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let port = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|ports| {
+                let url = ports["nats"][0].as_str()?.to_owned();
+                url.rsplit(':').next()?.parse::<u16>().ok()
+            });
+        if let Some(port) = port {
+            return port;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("nats-server exited early: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nats-server wrote no ports file within 20s");
+}
+
+/// Whether a redis-server logging to `dir/redis.log` bound its port (its
+/// log says it is ready), or exited (another process had it).
+fn wait_redis_ready(dir: &Path, child: &mut Child) -> bool {
+    let log = dir.join("redis.log");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("Ready to accept connections") {
+            // Only this start's lines count from now on.
+            let _ = std::fs::remove_file(&log);
+            return true;
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            let _ = std::fs::remove_file(&log);
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("redis-server not ready within 20s");
+}
+
 fn os(args: &[&str]) -> Vec<OsString> {
     args.iter().map(OsString::from).collect()
+}
+
+/// nats-server's arguments for a JetStream server on 127.0.0.1 whose port
+/// the kernel picks (`-p -1`) and `--ports_file_dir` reports; a restart
+/// asks for the port it had.
+fn nats_args(port: u16, dir: &Path, extra: &[String]) -> Vec<OsString> {
+    let port = if port == 0 {
+        "-1".to_owned()
+    } else {
+        port.to_string()
+    };
+    let mut args = os(&["-js", "-a", "127.0.0.1", "-p", &port, "-sd"]);
+    args.push(dir.join("js").into());
+    args.push("--ports_file_dir".into());
+    args.push(dir.into());
+    args.extend(extra.iter().map(OsString::from));
+    args
 }
 
 /// A real `nats-server` with JetStream, on 127.0.0.1.
@@ -175,30 +290,17 @@ pub struct NatsServer(Server);
 
 impl NatsServer {
     pub fn start() -> Self {
-        Self(Server::start(
-            "nats-server",
-            "NATS_SERVER_BIN",
-            |port, dir| {
-                let mut args = os(&["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"]);
-                args.push(dir.join("js").into());
-                args
-            },
-        ))
+        Self::start_with(&[])
     }
 
     /// A server with more arguments, e.g. `--auth <token>` or `--tls …`.
     pub fn start_with(extra: &[&str]) -> Self {
-        let port = free_port();
-        let dir = tempfile::tempdir().expect("temp dir");
-        let mut args = os(&["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"]);
-        args.push(dir.path().join("js").into());
-        args.extend(extra.iter().map(OsString::from));
-        Self(Server::start_with(
+        let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+        Self(Server::start(
             "nats-server",
             "NATS_SERVER_BIN",
-            port,
-            dir,
-            args,
+            Port::NatsPortsFile,
+            move |port, dir| nats_args(port, dir, &extra),
         ))
     }
 
@@ -273,7 +375,14 @@ impl NatsCluster {
                     "-sd",
                 ]);
                 args.push(dir.path().join("js").into());
-                Server::start_with("nats-server", "NATS_SERVER_BIN", client[i], dir, args)
+                Server::start_with(
+                    "nats-server",
+                    "NATS_SERVER_BIN",
+                    Port::Fixed,
+                    client[i],
+                    dir,
+                    move |_, _| args.clone(),
+                )
             })
             .collect();
         let cluster = Self {
@@ -409,30 +518,43 @@ fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// redis-server's arguments: 127.0.0.1:`port`, no persistence, logging to
+/// `dir/redis.log` (where [`Port::RedisLog`] reads that it bound the port),
+/// then `extra`.
+fn redis_args(port: u16, dir: &Path, extra: &[&str]) -> Vec<OsString> {
+    let mut args = os(&[
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--logfile",
+    ]);
+    args.push(dir.join("redis.log").into());
+    args.push("--dir".into());
+    args.push(dir.into());
+    args.extend(os(extra));
+    args
+}
+
+fn redis(extra: &'static [&'static str]) -> Server {
+    Server::start(
+        "redis-server",
+        "REDIS_SERVER_BIN",
+        Port::RedisLog,
+        move |port, dir| redis_args(port, dir, extra),
+    )
+}
+
 /// A real `redis-server`, on 127.0.0.1, without persistence.
 pub struct RedisServer(Server);
 
 impl RedisServer {
     pub fn start() -> Self {
-        Self(Server::start(
-            "redis-server",
-            "REDIS_SERVER_BIN",
-            |port, dir| {
-                let mut args = os(&[
-                    "--bind",
-                    "127.0.0.1",
-                    "--port",
-                    &port.to_string(),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                ]);
-                args.push(dir.into());
-                args
-            },
-        ))
+        Self(redis(&[]))
     }
 
     pub fn url(&self) -> String {
@@ -459,27 +581,27 @@ impl RedisCluster {
     pub fn start() -> Self {
         let nodes: Vec<Server> = (0..3)
             .map(|_| {
-                Server::start("redis-server", "REDIS_SERVER_BIN", |port, dir| {
-                    let mut args = os(&[
-                        "--bind",
-                        "127.0.0.1",
-                        "--port",
-                        &port.to_string(),
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-node-timeout",
-                        "2000",
-                        "--cluster-config-file",
-                    ]);
-                    args.push(dir.join("nodes.conf").into());
-                    args.push("--dir".into());
-                    args.push(dir.into());
-                    args
-                })
+                Server::start(
+                    "redis-server",
+                    "REDIS_SERVER_BIN",
+                    Port::RedisLog,
+                    |port, dir| {
+                        let config = dir.join("nodes.conf");
+                        let mut args = redis_args(
+                            port,
+                            dir,
+                            &[
+                                "--cluster-enabled",
+                                "yes",
+                                "--cluster-node-timeout",
+                                "2000",
+                                "--cluster-config-file",
+                            ],
+                        );
+                        args.push(config.into());
+                        args
+                    },
+                )
             })
             .collect();
         let cli = find_binary("redis-cli", "REDIS_CLI_BIN");
@@ -539,28 +661,11 @@ impl RedisServer {
     /// A server with `maxmemory 8mb` and `noeviction`: once full it refuses
     /// writes, as a production Redis does.
     pub fn start_small() -> Self {
-        Self(Server::start(
-            "redis-server",
-            "REDIS_SERVER_BIN",
-            |port, dir| {
-                let mut args = os(&[
-                    "--bind",
-                    "127.0.0.1",
-                    "--port",
-                    &port.to_string(),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--maxmemory",
-                    "8mb",
-                    "--maxmemory-policy",
-                    "noeviction",
-                    "--dir",
-                ]);
-                args.push(dir.into());
-                args
-            },
-        ))
+        Self(redis(&[
+            "--maxmemory",
+            "8mb",
+            "--maxmemory-policy",
+            "noeviction",
+        ]))
     }
 }
