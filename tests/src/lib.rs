@@ -401,6 +401,13 @@ impl Stack {
             .await
     }
 
+    /// Publishes each (organization, type, body), in order.
+    pub async fn publish_each<const N: usize>(&self, events: [(&str, &str, Value); N]) {
+        for (org, event_type, body) in events {
+            self.publish(org, event_type, body).await;
+        }
+    }
+
     pub async fn publish_with_headers(
         &self,
         org: &str,

@@ -34,35 +34,25 @@ async fn a_matching_event_is_delivered_signed_and_logged() {
 
     // Another type and another workflow are not delivered.
     stack
-        .publish(
-            "acme",
-            "workflow.failed",
-            json!({"attributes": {"workflow": "invoice-approval"}}),
-        )
-        .await;
-    stack
-        .publish(
-            "acme",
-            "workflow.completed",
-            json!({"attributes": {"workflow": "other"}}),
-        )
+        .publish_each([
+            (
+                "acme",
+                "workflow.failed",
+                json!({"attributes": {"workflow": "invoice-approval"}}),
+            ),
+            (
+                "acme",
+                "workflow.completed",
+                json!({"attributes": {"workflow": "other"}}),
+            ),
+        ])
         .await;
     // Another organization's identical event is not delivered either.
     stack
-        .publish(
-            "globex",
-            "workflow.completed",
-            json!({"attributes": {"workflow": "invoice-approval"}}),
-        )
-        .await;
-    stack
-        .publish(
-            "acme",
-            "workflow.completed",
-            json!({"id": "evt_123", "occurred_at": "2026-11-22T10:00:00Z",
-                   "attributes": {"workflow": "invoice-approval", "execution": "ex-42", "status": "succeeded"},
-                   "data": {"amount": 42}, "metadata": {"source": "test"}}),
-        )
+        .publish_each([
+            ("globex", "workflow.completed", json!({"attributes": {"workflow": "invoice-approval"}})),
+            ("acme", "workflow.completed", json!({"id": "evt_123", "occurred_at": "2026-11-22T10:00:00Z", "attributes": {"workflow": "invoice-approval", "execution": "ex-42", "status": "succeeded"}, "data": {"amount": 42}, "metadata": {"source": "test"}})),
+        ])
         .await;
 
     let got = receiver.wait_for("/hook", 1, Duration::from_secs(10)).await;

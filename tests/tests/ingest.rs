@@ -11,25 +11,7 @@ use serde_json::{Value, json};
 async fn each_pull_is_capped_by_bytes_as_well_as_by_count() {
     let stack =
         Stack::start_with(Options::default().env("HERALD_INGEST_PULL_MAX_BYTES", "2MiB")).await;
-    // Ingest's pull requests, as the server gets them (a pull expires after
-    // 5 s, so another comes soon).
-    let mut pulls = stack
-        .client
-        .subscribe(format!(
-            "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
-            names::EVENTS_STREAM,
-            names::INGEST_CONSUMER
-        ))
-        .await
-        .expect("subscribe");
-    let pull = tokio::time::timeout(
-        Duration::from_secs(15),
-        futures::StreamExt::next(&mut pulls),
-    )
-    .await
-    .expect("a pull request within 15 s")
-    .expect("subscription open");
-    let pull: Value = serde_json::from_slice(&pull.payload).expect("a JSON pull request");
+    let pull = next_pull(&stack).await;
     assert_eq!(pull["batch"], 1_000, "{pull}");
     assert_eq!(pull["max_bytes"], 2 << 20, "{pull}");
     stack.stop().await;
@@ -39,23 +21,7 @@ async fn each_pull_is_capped_by_bytes_as_well_as_by_count() {
     let stack =
         Stack::start_with(Options::default().env("HERALD_INGEST_PULL_MAX_BYTES", "64KiB")).await;
     let largest = stack.client.server_info().max_payload + 64 * 1024;
-    let mut pulls = stack
-        .client
-        .subscribe(format!(
-            "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
-            names::EVENTS_STREAM,
-            names::INGEST_CONSUMER
-        ))
-        .await
-        .expect("subscribe");
-    let pull = tokio::time::timeout(
-        Duration::from_secs(15),
-        futures::StreamExt::next(&mut pulls),
-    )
-    .await
-    .expect("a pull request within 15 s")
-    .expect("subscription open");
-    let pull: Value = serde_json::from_slice(&pull.payload).expect("a JSON pull request");
+    let pull = next_pull(&stack).await;
     assert_eq!(pull["max_bytes"], largest, "{pull}");
     stack.stop().await;
 }
@@ -148,4 +114,26 @@ async fn an_event_ingest_keeps_failing_on_is_set_aside_and_rejected_with_the_rea
         Some(1.0)
     );
     stack.stop().await;
+}
+
+/// Ingest's next pull request, as the server gets it (a pull expires after
+/// 5 s, so another comes soon).
+async fn next_pull(stack: &Stack) -> Value {
+    let mut pulls = stack
+        .client
+        .subscribe(format!(
+            "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
+            names::EVENTS_STREAM,
+            names::INGEST_CONSUMER
+        ))
+        .await
+        .expect("subscribe");
+    let pull = tokio::time::timeout(
+        Duration::from_secs(15),
+        futures::StreamExt::next(&mut pulls),
+    )
+    .await
+    .expect("a pull request within 15 s")
+    .expect("subscription open");
+    serde_json::from_slice(&pull.payload).expect("a JSON pull request")
 }

@@ -174,25 +174,23 @@ async fn replay_backfills_a_new_webhook_with_what_it_matches_now() {
             .await;
     }
     stack
-        .publish(
-            "acme",
-            "workflow.completed",
-            json!({"id": "evt_other", "attributes": {"workflow": "hr"}}),
-        )
-        .await;
-    stack
-        .publish(
-            "acme",
-            "workflow.failed",
-            json!({"id": "evt_failed", "attributes": {"workflow": "billing"}}),
-        )
-        .await;
-    stack
-        .publish(
-            "globex",
-            "workflow.completed",
-            json!({"id": "evt_globex", "attributes": {"workflow": "billing"}}),
-        )
+        .publish_each([
+            (
+                "acme",
+                "workflow.completed",
+                json!({"id": "evt_other", "attributes": {"workflow": "hr"}}),
+            ),
+            (
+                "acme",
+                "workflow.failed",
+                json!({"id": "evt_failed", "attributes": {"workflow": "billing"}}),
+            ),
+            (
+                "globex",
+                "workflow.completed",
+                json!({"id": "evt_globex", "attributes": {"workflow": "billing"}}),
+            ),
+        ])
         .await;
     // Matched (to nothing) before the webhook exists.
     stack.wait_matched().await;
