@@ -110,26 +110,39 @@ impl WebhookStore {
         }
     }
 
-    /// Every webhook of `org`, in creation order.
-    pub async fn list(&self, org: &str) -> Result<Vec<proto::Webhook>, StoreError> {
-        if !names::valid_org(org) {
-            return Ok(Vec::new());
-        }
+    /// An ordered consumer on the bucket's stream, delivered to a new inbox.
+    async fn ordered(
+        &self,
+        config: jetstream::consumer::push::OrderedConfig,
+    ) -> Result<jetstream::consumer::Consumer<jetstream::consumer::push::OrderedConfig>, StoreError>
+    {
         let stream = self
             .js
             .get_stream(names::WEBHOOKS_STREAM)
             .await
             .map_err(unavailable)?;
-        let consumer = stream
+        stream
             .create_consumer(jetstream::consumer::push::OrderedConfig {
                 deliver_subject: self.js.client().new_inbox(),
+                ..config
+            })
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Every webhook of `org`, in creation order.
+    pub async fn list(&self, org: &str) -> Result<Vec<proto::Webhook>, StoreError> {
+        if !names::valid_org(org) {
+            return Ok(Vec::new());
+        }
+        let consumer = self
+            .ordered(jetstream::consumer::push::OrderedConfig {
                 filter_subject: names::webhooks_subject(&format!("{org}.>")),
                 deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
                 replay_policy: jetstream::consumer::ReplayPolicy::Instant,
                 ..Default::default()
             })
-            .await
-            .map_err(unavailable)?;
+            .await?;
         let mut remaining = consumer.cached_info().num_pending;
         let mut webhooks = Vec::with_capacity(remaining as usize);
         if remaining == 0 {
@@ -243,21 +256,14 @@ impl WebhookStore {
         ),
         StoreError,
     > {
-        let stream = self
-            .js
-            .get_stream(names::WEBHOOKS_STREAM)
-            .await
-            .map_err(unavailable)?;
-        let consumer = stream
-            .create_consumer(jetstream::consumer::push::OrderedConfig {
-                deliver_subject: self.js.client().new_inbox(),
+        let consumer = self
+            .ordered(jetstream::consumer::push::OrderedConfig {
                 filter_subject: names::webhooks_subject(">"),
                 deliver_policy: start,
                 headers_only: true,
                 ..Default::default()
             })
-            .await
-            .map_err(unavailable)?;
+            .await?;
         let backlog = consumer.cached_info().num_pending;
         let feed = consumer.messages().await.map_err(unavailable)?;
         let touches = feed.map(|message| {
