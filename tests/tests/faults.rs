@@ -597,10 +597,14 @@ async fn a_tenants_broken_dns_is_its_own_failure_and_starves_no_one() {
     }
     // Past the grace, with other names resolving all along: its own.
     let webhook = stack
-        .eventually(Duration::from_secs(20), "the hanging name failing", || async {
-            let webhook = webhook_json(&stack, &hang).await;
-            (webhook["state"] == "failing").then_some(webhook)
-        })
+        .eventually(
+            Duration::from_secs(20),
+            "the hanging name failing",
+            || async {
+                let webhook = webhook_json(&stack, &hang).await;
+                (webhook["state"] == "failing").then_some(webhook)
+            },
+        )
         .await;
     assert!(
         webhook["last_error"]
@@ -649,7 +653,10 @@ async fn every_endpoint_failing_at_once_is_heralds_network_and_disables_none() {
     let egress = Egress::default();
     let stack = Stack::start_with(
         Options::default()
-            .env("HERALD_RETRY_SCHEDULE", "300ms,300ms,300ms,300ms,300ms,300ms")
+            .env(
+                "HERALD_RETRY_SCHEDULE",
+                "300ms,300ms,300ms,300ms,300ms,300ms",
+            )
             .env("HERALD_DISABLE_AFTER", "2")
             .resolver(egress.clone()),
     )
@@ -678,9 +685,7 @@ async fn every_endpoint_failing_at_once_is_heralds_network_and_disables_none() {
         assert_eq!(webhook["enabled"], true, "{webhook}");
     }
     // The network is back: everything arrives.
-    egress
-        .back
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    egress.back.store(true, std::sync::atomic::Ordering::SeqCst);
     stack
         .eventually(Duration::from_secs(40), "every delivery", || async {
             (0..HOOKS)
