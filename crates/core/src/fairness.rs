@@ -25,6 +25,16 @@ use std::collections::{BTreeMap, VecDeque};
 
 use crate::rate::{Bucket, Rate};
 
+/// The stream of held jobs, `herald.held.<org>.<webhook>`.
+pub const HELD_STREAM: &str = "HERALD_HELD";
+pub const HELD_PREFIX: &str = "herald.held";
+
+/// The Redis key that says an organization's deliveries are held back now
+/// (set by the deliverer with a short expiry; read for the webhook's page).
+pub fn held_key(org: &str) -> String {
+    format!("herald:held:{{{org}}}")
+}
+
 /// How long an organization with nothing in flight or held is still shown
 /// (its metrics), so that a short lull does not make its series vanish.
 pub const SHOWN_FOR_MS: i64 = 5 * 60 * 1000;
@@ -346,7 +356,7 @@ impl Scheduler {
                 share: self.share(name),
             })
             .collect();
-        views.sort_by(|a, b| (b.held, b.in_flight).cmp(&(a.held, a.in_flight)));
+        views.sort_by_key(|v| std::cmp::Reverse((v.held, v.in_flight)));
         views.truncate(max);
         views
     }

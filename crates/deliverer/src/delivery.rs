@@ -374,6 +374,19 @@ impl State {
         }
         let probe = arrival == Arrival::Probe;
         let key = (webhook.organization_id.clone(), webhook.id.clone());
+        // Its organization's share of the deliverer (`fair`): over it, the
+        // job is held back and others' work goes on.
+        let share = if probe || one_off {
+            None
+        } else {
+            match self.fair.admit(job) {
+                crate::fair::Admission::Send(ticket) => ticket,
+                crate::fair::Admission::Hold => {
+                    self.count("held");
+                    return finish(self.fair.hold(job, source).await);
+                }
+            }
+        };
         let permit = if probe || one_off {
             None
         } else {
@@ -396,7 +409,7 @@ impl State {
         };
         let mut attempt = self.record(job);
         let outcome = self.send(job, &webhook, &mut attempt).await;
-        drop(permit);
+        drop((permit, share));
         let class = classify(&outcome);
         match class {
             Class::Success => self.inflight.adapt(&key, false),

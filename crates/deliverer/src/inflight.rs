@@ -2,7 +2,11 @@
 //! in flight to one webhook, so a slow or dead URL can hold only that many
 //! of the deliverer's global slots. The limit adapts (additive increase,
 //! multiplicative decrease, `core::policy::next_limit`): halved when the
-//! endpoint throttles, one more per success.
+//! endpoint throttles, one more per success. It follows the endpoint's
+//! latency too (`core::fairness::endpoint_limit`, on an average of its
+//! recent requests): up to a second a request it may have the whole cap, a
+//! slower one fewer in proportion (a 10 s endpoint a tenth), so slow
+//! receivers cannot soak up slots that fast ones turn over many times.
 //!
 //! A job that finds its endpoint at the limit waits for a turn only while
 //! the endpoint is *moving*: a request to it finished within the last
@@ -15,7 +19,7 @@
 //! a turn without a time limit.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +39,32 @@ struct Endpoint {
     limit: AtomicUsize,
     /// When a request to it last finished (or when it was first seen).
     last_done: Mutex<Instant>,
+    /// How long its requests take, in ms: a moving average (0: none yet).
+    latency_ms: AtomicU64,
+}
+
+impl Endpoint {
+    /// The limit now: the adaptive one, lowered for a slow endpoint.
+    fn limit(&self, cap: usize) -> usize {
+        let latency = self.latency_ms.load(Ordering::Relaxed);
+        self.limit
+            .load(Ordering::Relaxed)
+            .min(herald_core::fairness::endpoint_limit(cap, latency))
+    }
+
+    /// Adds one request's time to the average (each new one weighs 1/4).
+    fn took(&self, took: Duration) {
+        let sample = took.as_millis().min(u64::MAX as u128) as u64;
+        let _ = self
+            .latency_ms
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |avg| {
+                Some(if avg == 0 {
+                    sample.max(1)
+                } else {
+                    ((avg * 3 + sample) / 4).max(1)
+                })
+            });
+    }
 }
 
 type Map = Arc<Mutex<HashMap<Key, Arc<Endpoint>>>>;
@@ -52,12 +82,15 @@ pub struct Permit {
     endpoint: Option<Arc<Endpoint>>,
     key: Key,
     map: Map,
+    /// When the turn was taken: the request's time, when it ends.
+    taken: Instant,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(endpoint) = self.endpoint.take() {
             *endpoint.last_done.lock().expect("endpoint lock") = Instant::now();
+            endpoint.took(self.taken.elapsed());
         }
         drop(self.permit.take());
         let mut map = self.map.lock().expect("endpoints lock");
@@ -89,6 +122,7 @@ impl InFlight {
                     semaphore: Arc::new(Semaphore::new(self.per_endpoint)),
                     limit: AtomicUsize::new(self.per_endpoint),
                     last_done: Mutex::new(Instant::now()),
+                    latency_ms: AtomicU64::new(0),
                 })
             })
             .clone()
@@ -100,6 +134,7 @@ impl InFlight {
             endpoint: Some(endpoint),
             key: key.clone(),
             map: self.map.clone(),
+            taken: Instant::now(),
         }
     }
 
@@ -116,7 +151,7 @@ impl InFlight {
     /// deferred).
     pub async fn acquire_if_moving(&self, key: &Key) -> Option<Permit> {
         let endpoint = self.endpoint(key);
-        let limit = endpoint.limit.load(Ordering::Relaxed);
+        let limit = endpoint.limit(self.per_endpoint);
         let in_flight = self.per_endpoint - endpoint.semaphore.available_permits();
         if in_flight >= limit && limit < self.per_endpoint {
             return None;
@@ -154,7 +189,7 @@ impl InFlight {
     #[cfg(test)]
     fn limit(&self, key: &Key) -> Option<usize> {
         let map = self.map.lock().expect("endpoints lock");
-        map.get(key).map(|e| e.limit.load(Ordering::Relaxed))
+        map.get(key).map(|e| e.limit(self.per_endpoint))
     }
 
     #[cfg(test)]
@@ -243,6 +278,27 @@ mod tests {
             .await
             .expect("one more allowed");
         drop((first, second, third));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_endpoint_gets_fewer_requests_in_flight() {
+        let limits = InFlight::new(32);
+        let (slow, fast) = (key("slow"), key("fast"));
+        let held = limits.try_acquire(&slow).expect("a turn");
+        let quick = limits.try_acquire(&fast).expect("a turn");
+        // Kept alive by another turn, so the endpoints are remembered.
+        let _slow_kept = limits.try_acquire(&slow).expect("a turn");
+        let _fast_kept = limits.try_acquire(&fast).expect("a turn");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        drop(quick);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        drop(held);
+        assert_eq!(limits.limit(&fast), Some(32));
+        assert_eq!(limits.limit(&slow), Some(3));
+        // At its lowered limit (3), a slow endpoint's next job is deferred.
+        let more: Vec<_> = (0..2).map(|_| limits.try_acquire(&slow)).collect();
+        assert!(limits.acquire_if_moving(&slow).await.is_none());
+        drop(more);
     }
 
     #[test]

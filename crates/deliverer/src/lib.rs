@@ -25,6 +25,7 @@
 mod cache;
 mod delivery;
 mod endpoint_state;
+mod fair;
 pub mod guard;
 mod http;
 mod inflight;
@@ -50,6 +51,7 @@ use herald_platform::{nats, trace};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+pub use crate::fair::Settings as FairShares;
 pub use crate::http::{BODY_CAP, Client, SendError};
 pub use crate::inflight::deferral_delay;
 
@@ -82,6 +84,8 @@ pub struct Config {
     pub concurrency: usize,
     /// Deliveries in flight at once to one webhook.
     pub endpoint_concurrency: usize,
+    /// Every organization's default delivery limits (`fair`).
+    pub fair: FairShares,
     /// How long in-flight deliveries may finish after shutdown is asked;
     /// the rest are handed back to the stream.
     pub shutdown_grace: Duration,
@@ -125,6 +129,7 @@ impl Config {
             keyring,
             concurrency: config::number(src, DELIVERY_CONCURRENCY, 1024, 1..=65_536)?,
             endpoint_concurrency: config::number(src, ENDPOINT_CONCURRENCY, 32, 1..=4096)?,
+            fair: FairShares::from_source(src)?,
             shutdown_grace: config::shutdown_grace(src)?,
             log_body_limit: config::number(src, LOG_BODY_LIMIT, 64 * 1024, 0..=1024 * 1024)?,
             own_failure_give_up: config::duration(
@@ -161,6 +166,7 @@ struct State {
     config: Config,
     metrics: metrics::Metrics,
     inflight: inflight::InFlight,
+    fair: fair::Fair,
     own_failure_warnings: delivery::Warnings,
     /// Recent connection outcomes across hosts: whether Herald's own
     /// network is down (`core::egress`).
@@ -266,11 +272,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             hard_stop.cancel();
         });
     }
+    let fair = nats::retry(&shutdown, || {
+        fair::Fair::open(
+            &js,
+            config.nats.replicas,
+            redis.clone(),
+            config.concurrency,
+            config.fair,
+            &health,
+        )
+    })
+    .await?;
     let state = Arc::new(State {
         outbox: outbox::Outbox::new(js.clone()),
         parking: parking::Parking::new(js),
         webhooks: cache::Webhooks::new(store, metrics.webhooks_revision.clone(), shutdown.clone()),
         states: endpoint_state::EndpointStates::new(redis),
+        fair,
         client: Client::new(
             config.allow_private_targets,
             config.resolver.clone(),
@@ -294,6 +312,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     // shutdown no pull request is left for nobody to read: every job pulled
     // is either started or handed back at once.
     let slots = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    // Held jobs (an organization over its share) are released beside it.
+    tokio::spawn(fair::run(
+        state.clone(),
+        slots.clone(),
+        hard_stop.clone(),
+        shutdown.clone(),
+    ));
     let mut tasks = tokio::task::JoinSet::new();
     while !shutdown.is_cancelled() {
         // Wait for a free slot without holding it.
@@ -365,6 +390,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         }
     }
     while tasks.join_next().await.is_some() {}
+    // Released jobs too hold a slot until they end.
+    let _ = slots.acquire_many(concurrency as u32).await;
     hard_stop.cancel();
     nats::flush(&client).await;
     Ok(())

@@ -41,7 +41,7 @@ impl Metrics {
         health.register(|r| {
             r.register(
                 "deliveries",
-                "Delivery jobs handled, by outcome (succeeded, retrying, throttled, waiting, parked, deferred, failed, skipped, herald_failure)",
+                "Delivery jobs handled, by outcome (succeeded, retrying, throttled, waiting, parked, deferred, held, failed, skipped, herald_failure)",
                 self.deliveries.clone(),
             );
             r.register(

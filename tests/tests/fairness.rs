@@ -1,0 +1,161 @@
+//! Tenant isolation (PRODUCT.md, "Deliveries out"): one organization's slow
+//! receivers never delay another organization's deliveries. Organization
+//! `slowco` has 16 webhooks whose receivers answer after 5 s and publishes a
+//! burst of 10 events (160 slow deliveries, enough to fill every one of the
+//! deliverer's 64 request slots for 15 s); organization `fastco` meanwhile
+//! sends 10 events a second to its own healthy webhook. fastco's deliveries
+//! keep arriving within 250 ms (p99) of their publish, slowco's are held
+//! back by its fair share (the webhook's answer says so) and all delivered.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use herald_e2e::{API_KEY, Options, Receiver, Reply, Stack};
+use serde_json::{Value, json};
+
+const SLOW_WEBHOOKS: usize = 16;
+const SLOW_EVENTS: usize = 10;
+const SLOW_REPLY: Duration = Duration::from_secs(5);
+const FAST_EVENTS: usize = 150;
+
+async fn create(stack: &Stack, org: &str, url: String, timeout: Duration) -> String {
+    let (status, webhook) = stack
+        .api_as(
+            API_KEY,
+            Some(org),
+            "POST",
+            "/webhooks",
+            Some(json!({
+                "name": "hook",
+                "url": url,
+                "event_types": ["workflow.completed"],
+                "timeout_ms": timeout.as_millis() as u64,
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "create webhook: {webhook}");
+    webhook["id"].as_str().unwrap().to_owned()
+}
+
+fn event_id(body: &[u8]) -> String {
+    serde_json::from_slice::<Value>(body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_organization_never_delays_another() {
+    let stack = Stack::start_with(
+        Options::default()
+            .env("HERALD_DELIVERY_CONCURRENCY", "64")
+            // Slow receivers are never timed out here.
+            .env("HERALD_ENDPOINT_CONCURRENCY", "32"),
+    )
+    .await;
+    let receiver = Receiver::start().await;
+    let mut slow = Vec::new();
+    for i in 0..SLOW_WEBHOOKS {
+        let path = format!("/slow/{i}");
+        receiver.script(&path, vec![Reply::status(200).delay(SLOW_REPLY)]);
+        slow.push(create(&stack, "slowco", receiver.url(&path), SLOW_REPLY * 3).await);
+    }
+    create(&stack, "fastco", receiver.url("/fast"), SLOW_REPLY).await;
+    stack.wait_deliverer_current().await;
+
+    // fastco: 10 events a second; slowco's burst a second in.
+    let published: HashMap<String, Instant> = {
+        let stack = &stack;
+        let fast = async move {
+            let mut published = HashMap::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            for i in 0..FAST_EVENTS {
+                tick.tick().await;
+                let id = format!("fast_{i}");
+                published.insert(id.clone(), Instant::now());
+                stack
+                    .publish(
+                        "fastco",
+                        "workflow.completed",
+                        json!({"id": id, "data": {"i": i}}),
+                    )
+                    .await;
+            }
+            published
+        };
+        let burst = async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            for i in 0..SLOW_EVENTS {
+                stack
+                    .publish(
+                        "slowco",
+                        "workflow.completed",
+                        json!({"id": format!("slow_{i}"), "data": {"i": i}}),
+                    )
+                    .await;
+            }
+            // While it waits for its share, its webhooks say so.
+            stack
+                .eventually(Duration::from_secs(10), "slowco held back", || async {
+                    let (_, webhook) = stack
+                        .api_as(
+                            API_KEY,
+                            Some("slowco"),
+                            "GET",
+                            &format!("/webhooks/{}", slow[0]),
+                            None,
+                        )
+                        .await;
+                    (webhook["held_back"] == json!(true)).then_some(())
+                })
+                .await;
+        };
+        let (published, ()) = tokio::join!(fast, burst);
+        published
+    };
+
+    receiver
+        .wait_for("/fast", FAST_EVENTS, Duration::from_secs(30))
+        .await;
+    // Each event's first receipt (at least once: a repeat is not a wait).
+    let mut first: HashMap<String, Instant> = HashMap::new();
+    for r in receiver.received("/fast") {
+        let at = first.entry(event_id(&r.body)).or_insert(r.at);
+        *at = (*at).min(r.at);
+    }
+    let mut waits: Vec<Duration> = first
+        .iter()
+        .map(|(id, at)| at.duration_since(published[id]))
+        .collect();
+    waits.sort();
+    let p50 = waits[waits.len() / 2];
+    let p99 = waits[(waits.len() * 99).div_ceil(100) - 1];
+    eprintln!(
+        "fastco beside slowco's burst: p50 {p50:?}, p99 {p99:?}, max {:?}",
+        waits.last().unwrap()
+    );
+    assert!(
+        p99 < Duration::from_millis(250),
+        "fastco's p99 {p99:?} (p50 {p50:?}) while slowco's slow receivers were busy"
+    );
+
+    // slowco gets every delivery, each once.
+    let total = SLOW_WEBHOOKS * SLOW_EVENTS;
+    stack
+        .eventually(Duration::from_secs(60), "every slowco delivery", || async {
+            let n: usize = (0..SLOW_WEBHOOKS)
+                .map(|i| receiver.answered(&format!("/slow/{i}"), 200))
+                .sum();
+            (n >= total).then_some(())
+        })
+        .await;
+    for i in 0..SLOW_WEBHOOKS {
+        let path = format!("/slow/{i}");
+        assert_eq!(
+            receiver.deliveries(&path).len(),
+            SLOW_EVENTS,
+            "{path} got each of its deliveries"
+        );
+    }
+    stack.stop().await;
+}
