@@ -3,7 +3,8 @@
 //! the `herald-organizations` KV bucket (key: the organization's id) holds
 //! its display name, free-form metadata and the limits that override the
 //! operator's defaults for it (webhooks, API requests and manual sends a
-//! minute); every admin replica follows the bucket ([`KvMap`]).
+//! minute, delivery requests in flight and a second); every admin replica
+//! follows the bucket ([`KvMap`]), and so does every deliverer.
 //!
 //! An organization without a record still works as it always has: its id
 //! is valid wherever a key allows it, and the defaults apply. Deleting one
@@ -56,12 +57,20 @@ pub struct Limits {
     /// Test events, manual retries, recovers and replays a minute per key.
     #[serde(default)]
     pub manual_sends_per_minute: Option<u32>,
+    /// Delivery requests in flight at once (read by the deliverer).
+    #[serde(default)]
+    pub max_deliveries_in_flight: Option<u32>,
+    /// Delivery requests started a second (read by the deliverer).
+    #[serde(default)]
+    pub deliveries_per_second: Option<u32>,
 }
 
 const LIMITS: &[(&str, u32, u32)] = &[
     ("max_webhooks", 1, 100_000),
     ("requests_per_minute", 1, 10_000_000),
     ("manual_sends_per_minute", 1, 60_000),
+    ("max_deliveries_in_flight", 1, 65_536),
+    ("deliveries_per_second", 1, 1_000_000),
 ];
 
 impl Limits {
@@ -69,6 +78,8 @@ impl Limits {
         match name {
             "max_webhooks" => &mut self.max_webhooks,
             "requests_per_minute" => &mut self.requests_per_minute,
+            "max_deliveries_in_flight" => &mut self.max_deliveries_in_flight,
+            "deliveries_per_second" => &mut self.deliveries_per_second,
             _ => &mut self.manual_sends_per_minute,
         }
     }
@@ -120,6 +131,8 @@ fn to_json(o: &Organization) -> Value {
             "max_webhooks": o.limits.max_webhooks,
             "requests_per_minute": o.limits.requests_per_minute,
             "manual_sends_per_minute": o.limits.manual_sends_per_minute,
+            "max_deliveries_in_flight": o.limits.max_deliveries_in_flight,
+            "deliveries_per_second": o.limits.deliveries_per_second,
         },
         "created_at": payload::rfc3339_ms(o.created_at_ms),
         "updated_at": payload::rfc3339_ms(o.updated_at_ms),

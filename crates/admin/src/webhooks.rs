@@ -367,7 +367,27 @@ async fn shown(state: &AppState, w: &proto::Webhook) -> Value {
         .await
         .pop()
         .flatten();
-    with_state(to_json(&state.config.keyring, w), w, endpoint)
+    let mut body = with_state(to_json(&state.config.keyring, w), w, endpoint);
+    // Its organization's deliveries held back by its fair share or limits:
+    // a marker the deliverers keep for a few seconds while they hold some.
+    if w.enabled && held_back(state, &w.organization_id).await {
+        body["held_back"] = json!(true);
+    }
+    body
+}
+
+async fn held_back(state: &AppState, org: &str) -> bool {
+    let key = herald_core::fairness::held_key(org);
+    state
+        .redis
+        .run("read the held marker", |mut conn| async move {
+            redis::cmd("EXISTS")
+                .arg(&key)
+                .query_async::<bool>(&mut conn)
+                .await
+        })
+        .await
+        .unwrap_or(false)
 }
 
 /// A validated PATCH: `None` leaves a field as it is.
