@@ -159,3 +159,103 @@ async fn a_slow_organization_never_delays_another() {
     }
     stack.stop().await;
 }
+
+/// p50 and p99 of `waits`.
+fn percentiles(mut waits: Vec<Duration>) -> (Duration, Duration) {
+    waits.sort();
+    let p99 = waits[(waits.len() * 99).div_ceil(100) - 1];
+    (waits[waits.len() / 2], p99)
+}
+
+/// A measurement, not a timed test (`--run-ignored only`): fastco's latency
+/// at 10 events/s alone, then beside a burst of 30,000 events from burstco
+/// to one fast webhook. Prints the figures for docs/benchmarks.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run it by hand"]
+async fn measure_a_burst_beside_another_organization() {
+    const BURST: usize = 30_000;
+    let stack = Stack::start().await;
+    let receiver = Receiver::start().await;
+    create(&stack, "burstco", receiver.url("/burst"), SLOW_REPLY).await;
+    create(&stack, "fastco", receiver.url("/fast"), SLOW_REPLY).await;
+    stack.wait_deliverer_current().await;
+    let published = std::sync::Mutex::new(HashMap::<String, Instant>::new());
+    let fast = |from: usize, to: usize| {
+        let (stack, published) = (&stack, &published);
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            for i in from..to {
+                tick.tick().await;
+                let id = format!("fast_{i}");
+                published.lock().unwrap().insert(id.clone(), Instant::now());
+                stack
+                    .publish("fastco", "workflow.completed", json!({"id": id}))
+                    .await;
+            }
+        }
+    };
+    let waits = |from: usize, to: usize| {
+        let published = published.lock().unwrap();
+        receiver
+            .received("/fast")
+            .iter()
+            .filter_map(|r| {
+                let id = event_id(&r.body);
+                let i: usize = id.strip_prefix("fast_")?.parse().ok()?;
+                (from..to)
+                    .contains(&i)
+                    .then(|| r.at.duration_since(published[&id]))
+            })
+            .collect::<Vec<_>>()
+    };
+    fast(0, 100).await;
+    receiver
+        .wait_for("/fast", 100, Duration::from_secs(30))
+        .await;
+    let alone = percentiles(waits(0, 100));
+    let started = Instant::now();
+    let burst = async {
+        let mut acks = Vec::new();
+        for i in 0..BURST {
+            let ack = stack
+                .js
+                .publish(
+                    "herald.events.burstco.workflow.completed",
+                    json!({"id": format!("burst_{i}")}).to_string().into(),
+                )
+                .await
+                .expect("publish");
+            acks.push(ack);
+            if acks.len() == 1_000 {
+                for ack in acks.drain(..) {
+                    ack.await.expect("ack");
+                }
+            }
+        }
+        for ack in acks {
+            ack.await.expect("ack");
+        }
+        let published = started.elapsed();
+        receiver
+            .wait_for("/burst", BURST, Duration::from_secs(600))
+            .await;
+        (published, started.elapsed())
+    };
+    // fastco goes on until the burst is delivered (300 events at most).
+    let during = async {
+        let (published, delivered) = burst.await;
+        (published, delivered)
+    };
+    let ((published, delivered), ()) = tokio::join!(during, fast(100, 400));
+    receiver
+        .wait_for("/fast", 400, Duration::from_secs(60))
+        .await;
+    let beside_n = ((delivered.as_millis() / 100) as usize).clamp(1, 300);
+    let beside = percentiles(waits(100, 100 + beside_n));
+    eprintln!(
+        "burst of {BURST}: published in {published:?}, delivered in {delivered:?}; \
+         fastco alone p50 {:?} p99 {:?}; during the burst ({beside_n} events) p50 {:?} p99 {:?}",
+        alone.0, alone.1, beside.0, beside.1
+    );
+    stack.stop().await;
+}
