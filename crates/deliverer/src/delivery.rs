@@ -374,19 +374,6 @@ impl State {
         }
         let probe = arrival == Arrival::Probe;
         let key = (webhook.organization_id.clone(), webhook.id.clone());
-        // Its organization's share of the deliverer (`fair`): over it, the
-        // job is held back and others' work goes on.
-        let share = if probe || one_off {
-            None
-        } else {
-            match self.fair.admit(job) {
-                crate::fair::Admission::Send(ticket) => ticket,
-                crate::fair::Admission::Hold => {
-                    self.count("held");
-                    return finish(self.fair.hold(job, source).await);
-                }
-            }
-        };
         let permit = if probe || one_off {
             None
         } else {
@@ -404,6 +391,22 @@ impl State {
                     };
                     self.count("deferred");
                     return finish(self.outbox.schedule(&next).await);
+                }
+            }
+        };
+        // Its organization's share of the deliverer (`fair`), asked once
+        // the endpoint has a turn for it, so that jobs waiting for a busy
+        // endpoint never count against their organization (a slow webhook
+        // would otherwise hold back its organization's healthy ones): over
+        // it, the job is held back and others' work goes on.
+        let share = if probe || one_off {
+            None
+        } else {
+            match self.fair.admit(job) {
+                crate::fair::Admission::Send(ticket) => ticket,
+                crate::fair::Admission::Hold => {
+                    self.count("held");
+                    return finish(self.fair.hold(job, source).await);
                 }
             }
         };
