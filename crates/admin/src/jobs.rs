@@ -43,7 +43,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use futures::StreamExt;
 use herald_core::matching::Subscription;
-use herald_core::recovery::Recovery;
+use herald_core::recovery::{DeliveryKey, Recovery, event_fingerprint};
 use herald_core::{ids, matching, names, payload, proto};
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -842,7 +842,7 @@ impl Runner {
         // Deliveries this job already queued (it is resuming): their own
         // attempts are the latest of each, so one that this job already
         // delivered is no candidate any more.
-        let mut own = HashSet::new();
+        let mut own: HashSet<DeliveryKey> = HashSet::new();
         // All of the window or an error: a partial read would take a
         // delivery that later succeeded for a failed one.
         let mut attempts = ToNow::open(
@@ -856,27 +856,29 @@ impl Runner {
         while let Some(message) = attempts.next(shutdown).await? {
             if let Ok(a) = proto::AttemptResult::decode(message.payload.clone()) {
                 if a.job_id == job.id {
-                    own.insert(a.delivery_id.clone());
+                    own.insert(DeliveryKey::of(&a.delivery_id));
                 }
                 recovery.observe(&a);
             }
             // A long window keeps its lease while it is read.
             self.renew(job, revision, counts).await?;
         }
-        let candidates = recovery.candidates();
-        let again: HashSet<&str> = candidates.iter().map(|c| c.delivery_id.as_str()).collect();
-        job.queued = own.iter().filter(|d| !again.contains(d.as_str())).count() as u64;
+        job.queued = own
+            .iter()
+            .filter(|d| !recovery.is_candidate(&d.id()))
+            .count() as u64;
+        drop(own);
         let accepted = self
             .js
             .get_stream(names::ACCEPTED_STREAM)
             .await
             .map_err(|e| Stop::Failed(e.to_string()))?;
-        for candidate in candidates {
+        for candidate in recovery.candidates() {
             let event = match &candidate.event {
                 Some(event) => event.clone(),
                 None => match accepted.get_raw_message(candidate.event_seq).await {
                     Ok(m) => match proto::Event::decode(m.payload.as_ref()) {
-                        Ok(e) if e.id == candidate.event_id => e,
+                        Ok(e) if event_fingerprint(&e.id) == candidate.event_fingerprint => e,
                         _ => continue,
                     },
                     // No longer retained: nothing to send.
@@ -1072,7 +1074,7 @@ impl ToNow {
 /// where it stopped; after [`COUNT_TRIES`] failures in a row the job fails
 /// with the reason instead of waiting for outcomes it can no longer see.
 async fn count_outcomes(js: jetstream::Context, job: Job, counts: Arc<Counts>) {
-    let mut seen = HashSet::new();
+    let mut seen: HashSet<DeliveryKey> = HashSet::new();
     let mut next_seq = 0;
     let mut failures = 0;
     let error = loop {
@@ -1108,7 +1110,7 @@ async fn follow_outcomes(
     js: &jetstream::Context,
     job: &Job,
     from: DeliverPolicy,
-    seen: &mut HashSet<String>,
+    seen: &mut HashSet<DeliveryKey>,
     next_seq: &mut u64,
     counts: &Counts,
 ) -> String {
@@ -1151,7 +1153,7 @@ async fn follow_outcomes(
         let Ok(a) = proto::AttemptResult::decode(message.payload.clone()) else {
             continue;
         };
-        if a.job_id != job.id || !seen.insert(a.delivery_id.clone()) {
+        if a.job_id != job.id || !seen.insert(DeliveryKey::of(&a.delivery_id)) {
             continue;
         }
         match a.status() {
@@ -1163,7 +1165,7 @@ async fn follow_outcomes(
             }
             // Not concluded: wait for the attempt that concludes it.
             _ => {
-                seen.remove(&a.delivery_id);
+                seen.remove(&DeliveryKey::of(&a.delivery_id));
             }
         }
     }

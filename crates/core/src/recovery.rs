@@ -2,10 +2,59 @@
 //! replay"): every delivery of the webhook with an attempt in the window
 //! whose last attempt — in the whole attempts stream, not only the window —
 //! failed or was skipped. Fed the webhook's attempts in stream order; no IO.
+//!
+//! A window can hold millions of deliveries, so what is kept of each is
+//! small: its id as 16 bytes ([`DeliveryKey`]), the event's place and a
+//! hash of its id, the last attempt and status — about 80 bytes a delivery
+//! with the map's own, where strings cost several times that.
 
 use std::collections::HashMap;
 
+use sha2::{Digest, Sha256};
+
 use crate::proto::{self, AttemptStatus, DeliveryKind};
+
+/// A delivery id in few bytes: Herald's own (`msg_` and 32 hex digits) as
+/// the 16 bytes the digits spell, any other as its text.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DeliveryKey {
+    Herald([u8; 16]),
+    Other(Box<str>),
+}
+
+impl DeliveryKey {
+    pub fn of(id: &str) -> Self {
+        let herald = id
+            .strip_prefix("msg_")
+            .filter(|hex| {
+                hex.len() == 32
+                    && hex
+                        .bytes()
+                        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            })
+            .and_then(|hex| hex::decode(hex).ok())
+            .and_then(|bytes| <[u8; 16]>::try_from(bytes).ok());
+        match herald {
+            Some(bytes) => Self::Herald(bytes),
+            None => Self::Other(id.into()),
+        }
+    }
+
+    /// The id as it was given.
+    pub fn id(&self) -> String {
+        match self {
+            Self::Herald(bytes) => format!("msg_{}", hex::encode(bytes)),
+            Self::Other(id) => id.to_string(),
+        }
+    }
+}
+
+/// A short fingerprint of an event id, to check that the event read back
+/// by its place is the one the delivery carried.
+pub fn event_fingerprint(event_id: &str) -> u64 {
+    let digest = Sha256::digest(event_id.as_bytes());
+    u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
+}
 
 /// What a recover needs of a delivery to send it again.
 #[derive(Debug, Clone, PartialEq)]
@@ -13,7 +62,8 @@ pub struct Candidate {
     pub delivery_id: String,
     /// The last attempt made; the recover's is the next.
     pub attempt: u32,
-    pub event_id: String,
+    /// [`event_fingerprint`] of the event's id.
+    pub event_fingerprint: u64,
     /// The event's place in `HERALD_ACCEPTED` (0: the event travels in
     /// `event`).
     pub event_seq: u64,
@@ -23,18 +73,24 @@ pub struct Candidate {
 
 #[derive(Debug, Clone)]
 struct Last {
-    candidate: Candidate,
+    /// When it was first seen, for the order of the candidates.
+    order: u32,
+    attempt: u32,
     status: AttemptStatus,
     in_window: bool,
+    event_seq: u64,
+    event_fingerprint: u64,
+    /// Only for a delivery whose event is not in the accepted stream.
+    event: Option<Box<proto::Event>>,
+    first_attempt_at_ms: i64,
 }
 
-/// The deliveries seen so far, by id, in the order first seen.
+/// The deliveries seen so far, by id.
 #[derive(Debug, Default)]
 pub struct Recovery {
     since_ms: i64,
     until_ms: i64,
-    deliveries: HashMap<String, Last>,
-    order: Vec<String>,
+    deliveries: HashMap<DeliveryKey, Last>,
 }
 
 impl Recovery {
@@ -54,45 +110,68 @@ impl Recovery {
             return;
         }
         let in_window = (self.since_ms..=self.until_ms).contains(&a.attempted_at_ms);
+        let order = u32::try_from(self.deliveries.len()).unwrap_or(u32::MAX);
         let entry = self
             .deliveries
-            .entry(a.delivery_id.clone())
-            .or_insert_with(|| {
-                self.order.push(a.delivery_id.clone());
-                Last {
-                    candidate: Candidate {
-                        delivery_id: a.delivery_id.clone(),
-                        attempt: 0,
-                        event_id: a.event_id.clone(),
-                        event_seq: a.event_seq,
-                        event: None,
-                        first_attempt_at_ms: a.attempted_at_ms,
-                    },
-                    status: AttemptStatus::Unspecified,
-                    in_window: false,
-                }
+            .entry(DeliveryKey::of(&a.delivery_id))
+            .or_insert_with(|| Last {
+                order,
+                attempt: 0,
+                status: AttemptStatus::Unspecified,
+                in_window: false,
+                event_seq: a.event_seq,
+                event_fingerprint: event_fingerprint(&a.event_id),
+                event: None,
+                first_attempt_at_ms: a.attempted_at_ms,
             });
         entry.in_window |= in_window;
         entry.status = a.status();
-        entry.candidate.attempt = entry.candidate.attempt.max(a.attempt);
+        entry.attempt = entry.attempt.max(a.attempt);
         if a.event_seq != 0 {
-            entry.candidate.event_seq = a.event_seq;
+            entry.event_seq = a.event_seq;
         }
-        if a.event.is_some() {
-            entry.candidate.event = a.event.clone();
+        if let Some(event) = &a.event {
+            entry.event = Some(Box::new(event.clone()));
         }
     }
 
-    /// The deliveries to send again, oldest first.
-    pub fn candidates(&self) -> Vec<&Candidate> {
-        self.order
+    /// How many deliveries it remembers.
+    pub fn len(&self) -> usize {
+        self.deliveries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.deliveries.is_empty()
+    }
+
+    /// The deliveries to send again, oldest first, each made when asked
+    /// for (so a million of them are never all strings at once).
+    pub fn candidates(&self) -> impl Iterator<Item = Candidate> + '_ {
+        let mut due: Vec<(&DeliveryKey, &Last)> = self
+            .deliveries
             .iter()
-            .filter_map(|id| self.deliveries.get(id))
-            .filter(|l| {
+            .filter(|(_, l)| {
                 l.in_window && matches!(l.status, AttemptStatus::Failed | AttemptStatus::Skipped)
             })
-            .map(|l| &l.candidate)
-            .collect()
+            .collect();
+        due.sort_unstable_by_key(|(_, l)| l.order);
+        due.into_iter().map(|(key, l)| Candidate {
+            delivery_id: key.id(),
+            attempt: l.attempt,
+            event_fingerprint: l.event_fingerprint,
+            event_seq: l.event_seq,
+            event: l.event.as_deref().cloned(),
+            first_attempt_at_ms: l.first_attempt_at_ms,
+        })
+    }
+
+    /// Whether `delivery_id` is among the candidates.
+    pub fn is_candidate(&self, delivery_id: &str) -> bool {
+        self.deliveries
+            .get(&DeliveryKey::of(delivery_id))
+            .is_some_and(|l| {
+                l.in_window && matches!(l.status, AttemptStatus::Failed | AttemptStatus::Skipped)
+            })
     }
 }
 
@@ -119,11 +198,9 @@ mod tests {
         for a in attempts {
             r.observe(a);
         }
-        let got: Vec<(&str, u32)> = r
-            .candidates()
-            .iter()
-            .map(|c| (c.delivery_id.as_str(), c.attempt))
-            .collect();
+        let got: Vec<(String, u32)> = r.candidates().map(|c| (c.delivery_id, c.attempt)).collect();
+        let expected: Vec<(String, u32)> =
+            expected.iter().map(|(d, n)| (d.to_string(), *n)).collect();
         assert_eq!(got, expected, "{attempts:?}");
     }
 
@@ -163,6 +240,29 @@ mod tests {
             &[attempt("a", 1, 190, Retrying), attempt("a", 2, 300, Failed)],
             &[("a", 2)],
         );
+    }
+
+    #[test]
+    fn delivery_keys_are_16_bytes_for_herald_ids_and_round_trip() {
+        let herald = "msg_0123456789abcdef0123456789abcdef";
+        assert!(matches!(DeliveryKey::of(herald), DeliveryKey::Herald(_)));
+        for id in [
+            herald,
+            "msg_short",
+            "msg_0123456789ABCDEF0123456789ABCDEF",
+            "other",
+            "",
+        ] {
+            assert_eq!(DeliveryKey::of(id).id(), id);
+        }
+        // Herald's ids keep their first-seen order among others.
+        let mut r = Recovery::new(0, 10);
+        for (i, d) in ["z", herald, "a"].iter().enumerate() {
+            r.observe(&attempt(d, 1, i as i64, AttemptStatus::Failed));
+        }
+        let got: Vec<String> = r.candidates().map(|c| c.delivery_id).collect();
+        assert_eq!(got, ["z", herald, "a"]);
+        assert!(r.is_candidate(herald) && !r.is_candidate("nope"));
     }
 
     #[test]
