@@ -35,6 +35,8 @@ pub struct Publisher {
     window: Arc<Semaphore>,
     size: u32,
     run: String,
+    /// Bytes of filler in each event's data, for events of a given size.
+    padding: Arc<String>,
     pub errors: Arc<AtomicU64>,
 }
 
@@ -45,7 +47,16 @@ impl Publisher {
             window: Arc::new(Semaphore::new(window)),
             size: window as u32,
             run: format!("{:x}", now_us()),
+            padding: Arc::default(),
             errors: Arc::default(),
+        }
+    }
+
+    /// The same publisher, its events carrying `bytes` of filler.
+    pub fn with_padding(&self, bytes: usize) -> Self {
+        Self {
+            padding: Arc::new("x".repeat(bytes)),
+            ..self.clone()
         }
     }
 
@@ -59,8 +70,9 @@ impl Publisher {
             .expect("window never closes");
         let id = format!("bench-{}-{phase}-{seq}", self.run);
         let body = format!(
-            r#"{{"id":"{id}","type":"{event_type}","attributes":{{"workflow":"bench","execution":"ex-{seq}","status":"succeeded"}},"data":{{"phase":{phase},"seq":{seq},"ts_us":{}}}}}"#,
-            now_us()
+            r#"{{"id":"{id}","type":"{event_type}","attributes":{{"workflow":"bench","execution":"ex-{seq}","status":"succeeded"}},"data":{{"phase":{phase},"seq":{seq},"ts_us":{},"pad":"{}"}}}}"#,
+            now_us(),
+            self.padding
         );
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", id.as_str());

@@ -12,6 +12,7 @@
 mod chaos;
 mod load;
 mod receiver;
+mod recover;
 mod replay;
 mod soak;
 mod stack;
@@ -47,6 +48,7 @@ usage: herald-bench [options]
   --soak-minutes N      instead: the soak (a 10 s webhook beside a healthy one, 10 events/s)
   --soak-p99-ms N       the soak fails when a minute's healthy p99 exceeds this (1000)
   --replay-events N     instead: replay N events to one webhook beside live traffic at 500/s
+  --recover-events N    instead: admin's memory while a recover sends N deliveries of 16 KiB events again
   --chaos               instead: the fault suite on a 3-node NATS cluster, two replicas per worker
                         (--rate defaults to 500); writes <target>/bench/chaos.json
   --chaos-down-secs N   how long a killed service replica stays down (3)
@@ -71,6 +73,7 @@ struct Args {
     soak_minutes: Option<usize>,
     soak_p99_ms: f64,
     replay_events: Option<u64>,
+    recover_events: Option<u64>,
     chaos: bool,
     rate_given: bool,
     chaos_down_secs: u64,
@@ -98,6 +101,7 @@ impl Args {
             soak_minutes: None,
             soak_p99_ms: 1_000.0,
             replay_events: None,
+            recover_events: None,
             chaos: false,
             rate_given: false,
             chaos_down_secs: 3,
@@ -140,6 +144,7 @@ impl Args {
                 "--soak-minutes" => args.soak_minutes = Some(num(&flag, &value)?),
                 "--soak-p99-ms" => args.soak_p99_ms = num(&flag, &value)?,
                 "--replay-events" => args.replay_events = Some(num(&flag, &value)?),
+                "--recover-events" => args.recover_events = Some(num(&flag, &value)?),
                 "--env" => {
                     let (k, v) = value
                         .split_once('=')
@@ -565,6 +570,24 @@ async fn bench(args: Args) -> anyhow::Result<bool> {
     let fanout_events = args.fanout_events.unwrap_or((args.events / 10).max(1));
 
     let publisher = Publisher::new(js.clone(), args.publish_window);
+    if let Some(events) = args.recover_events.filter(|n| *n > 0) {
+        let report = recover::run(&stack, &receiver, &publisher, &js, 0, events).await?;
+        let out = target.join("bench").join("recover.json");
+        if let Some(dir) = out.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&out, serde_json::to_vec_pretty(&report)?)?;
+        println!(
+            "recover: {} of {events} deliveries of 16 KiB events again in {:.1} s; admin peak {:.1} MiB before, {:.1} MiB after, {} ({})",
+            report.recovered,
+            report.recover_secs,
+            report.admin_peak_mib_before,
+            report.admin_peak_mib_after,
+            if report.passed { "passed" } else { "FAILED" },
+            out.display()
+        );
+        return Ok(report.passed);
+    }
     if let Some(events) = args.replay_events.filter(|n| *n > 0) {
         let report = replay::run(&stack, &receiver, &publisher, &js, 0, events).await?;
         let out = target.join("bench").join("replay.json");

@@ -154,6 +154,10 @@ fn now_us() -> u64 {
 impl State {
     async fn handle(&self, request: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
         let (parts, body) = request.into_parts();
+        if parts.uri.path().starts_with("/fail") {
+            let _ = body.collect().await;
+            return reply(500);
+        }
         if parts.uri.path().starts_with("/slow") {
             let _ = body.collect().await;
             tokio::time::sleep(SLOW_ANSWER).await;
