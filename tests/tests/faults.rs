@@ -352,22 +352,6 @@ async fn a_probe_stopped_by_heralds_own_failure_does_not_spin() {
     stack.stop().await;
 }
 
-/// Messages and bytes the attempts stream holds for `webhook_id`, and in all.
-async fn attempts_logged(stack: &Stack, webhook_id: &str) -> u64 {
-    let stream = stack.js.get_stream(names::ATTEMPTS_STREAM).await.unwrap();
-    let subject = names::attempt_subject("acme", webhook_id);
-    match stream.info_with_subjects(&subject).await {
-        Ok(mut subjects) => {
-            let mut n = 0;
-            while let Some(Ok((_, count))) = subjects.next().await {
-                n += count as u64;
-            }
-            n
-        }
-        Err(_) => 0,
-    }
-}
-
 async fn set_attempts_max_bytes(stack: &Stack, max_bytes: i64) {
     let mut stream = stack.js.get_stream(names::ATTEMPTS_STREAM).await.unwrap();
     let mut config = stream.info().await.unwrap().config.clone();
