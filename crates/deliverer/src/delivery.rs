@@ -22,6 +22,8 @@ use herald_core::policy::{
 };
 use herald_core::signing::{self, SigningKey};
 use herald_core::{ids, masking, names, proto};
+use herald_platform::nats::PublishError;
+use herald_platform::webhooks::StoreError;
 use herald_platform::{now_ms, trace};
 use prost::Message;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +32,7 @@ use crate::State;
 use crate::endpoint_state::Source;
 use crate::outbox::SystemEvent;
 use crate::outcome::{self, Outcome};
+use crate::parking::ParkingError;
 
 use herald_platform::dead_letters::MAX_HAND_BACKS;
 
@@ -47,8 +50,51 @@ pub enum Done {
     Ack,
     /// Herald's own trouble (its resolver, a secret, NATS, the webhook
     /// store), with nothing of it sent to the receiver or the send to be
-    /// made again: the job waits, backing off, and is tried again as it is.
-    HandBack(String),
+    /// made again: the job waits, backing off, and is tried again as it is
+    /// (or, when the trouble is permanent, goes to the dead letters).
+    HandBack(JobError),
+}
+
+/// Herald's own trouble that stopped a job: not the receiver's doing, so
+/// nothing is logged as its attempt. Transient trouble is waited out
+/// (`Policy::on_own_failure`); a permanent one (a message NATS will never
+/// take) goes to the dead letters at once, since trying again cannot help.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    #[error(transparent)]
+    Parking(#[from] ParkingError),
+    #[error("cannot publish {kind}: {source}")]
+    SystemEvent {
+        kind: &'static str,
+        source: PublishError,
+    },
+    /// The endpoint state kept changing under compare-and-set while a probe
+    /// was being claimed: nothing was sent.
+    #[error("endpoint state kept changing")]
+    Contended,
+    /// The grace period ended with the job in hand.
+    #[error("shutting down")]
+    ShuttingDown,
+    /// The attempt could not be made for Herald's own reason (its resolver,
+    /// a secret or header it cannot decrypt, its own network): the
+    /// classified outcome's error.
+    #[error("{0}")]
+    Attempt(String),
+}
+
+impl JobError {
+    /// Trying the same job again can never succeed.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            JobError::Publish(e) | JobError::SystemEvent { source: e, .. } => e.is_permanent(),
+            JobError::Parking(ParkingError::Publish(e)) => e.is_permanent(),
+            _ => false,
+        }
+    }
 }
 
 /// Rate-limited warnings: the first at once, then at most one per
@@ -83,10 +129,10 @@ fn got_on(job: &proto::DeliveryJob) -> proto::DeliveryJob {
     }
 }
 
-fn finish<E: std::fmt::Display>(result: Result<(), E>) -> Done {
+fn finish<E: Into<JobError>>(result: Result<(), E>) -> Done {
     match result {
         Ok(()) => Done::Ack,
-        Err(error) => Done::HandBack(error.to_string()),
+        Err(error) => Done::HandBack(error.into()),
     }
 }
 
@@ -133,7 +179,7 @@ impl State {
                 done = &mut deliver => break done,
                 // The grace period is over: another replica (or this one,
                 // restarted) will make the attempt.
-                _ = hard_stop.cancelled() => break Done::HandBack("shutting down".into()),
+                _ = hard_stop.cancelled() => break Done::HandBack(JobError::ShuttingDown),
                 _ = progress.tick() => {
                     let _ = message.ack_with(AckKind::Progress).await;
                 }
@@ -153,13 +199,14 @@ impl State {
 
     /// Herald's own failure stopped `job`: put it back after a wait that
     /// backs off, or dead-letter it once the trouble has lasted the give-up
-    /// time. It is not the receiver's attempt: no attempt record, only the
-    /// metric and a rate-limited warning.
+    /// time (at once when it is permanent). It is not the receiver's
+    /// attempt: no attempt record, only the metric and a rate-limited
+    /// warning.
     async fn own_failure(
         &self,
         message: &jetstream::Message,
         job: &proto::DeliveryJob,
-        error: &str,
+        error: &JobError,
     ) {
         self.metrics.herald_failures.inc();
         self.count("herald_failure");
@@ -169,6 +216,10 @@ impl State {
         } else {
             now
         };
+        if error.is_permanent() {
+            let reason = format!("herald's own failure, permanent: {error}");
+            return self.give_up(message, job, &reason).await;
+        }
         match self
             .policy
             .on_own_failure(&self.job_view(job), now, rand::random::<f64>())
@@ -214,33 +265,38 @@ impl State {
                     (now - since).max(0) as u64,
                 ));
                 let reason = format!("herald's own failure for {lasted}: {error}");
-                tracing::warn!(delivery_id = %job.delivery_id, webhook_id = %job.webhook_id, %reason, "delivery moved to the dead letters");
-                // Sent back by a redrive, it starts a new count.
-                let payload = proto::DeliveryJob {
-                    not_before_ms: 0,
-                    ..got_on(job)
-                };
-                match self
-                    .outbox
-                    .dead_letter(
-                        names::DELIVERIES_STREAM,
-                        &message.subject,
-                        payload.encode_to_vec().into(),
-                        &reason,
-                    )
-                    .await
-                {
-                    Ok(()) => {
-                        self.metrics.dead_letters.inc();
-                        let _ = message.ack_with(AckKind::Term).await;
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "cannot dead-letter a delivery job; handed back");
-                        let _ = message
-                            .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
-                            .await;
-                    }
-                }
+                self.give_up(message, job, &reason).await;
+            }
+        }
+    }
+
+    /// Moves `job` to the dead letters with `reason` for an operator.
+    async fn give_up(&self, message: &jetstream::Message, job: &proto::DeliveryJob, reason: &str) {
+        tracing::warn!(delivery_id = %job.delivery_id, webhook_id = %job.webhook_id, %reason, "delivery moved to the dead letters");
+        // Sent back by a redrive, it starts a new count.
+        let payload = proto::DeliveryJob {
+            not_before_ms: 0,
+            ..got_on(job)
+        };
+        match self
+            .outbox
+            .dead_letter(
+                names::DELIVERIES_STREAM,
+                &message.subject,
+                payload.encode_to_vec().into(),
+                reason,
+            )
+            .await
+        {
+            Ok(()) => {
+                self.metrics.dead_letters.inc();
+                let _ = message.ack_with(AckKind::Term).await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot dead-letter a delivery job; handed back");
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
+                    .await;
             }
         }
     }
@@ -297,7 +353,7 @@ impl State {
             .await
         {
             Ok(webhook) => webhook,
-            Err(error) => return Done::HandBack(error.to_string()),
+            Err(error) => return Done::HandBack(error.into()),
         };
         // Whatever follows is published from here (a trouble from here on
         // hands back the job as it came, its count going on).
@@ -335,7 +391,7 @@ impl State {
                         // Nothing is sent yet: decide again later rather
                         // than probe without the claim.
                         (_, _, Source::Contended) => {
-                            return Done::HandBack("endpoint state kept changing".into());
+                            return Done::HandBack(JobError::Contended);
                         }
                         (arrival, _, _) => arrival,
                     }
@@ -429,7 +485,7 @@ impl State {
                         .update(&webhook.id, |s| (s.release_probe(now), ()))
                         .await;
                 }
-                return Done::HandBack(outcome.error);
+                return Done::HandBack(JobError::Attempt(outcome.error));
             }
             _ => {}
         }
@@ -628,7 +684,7 @@ impl State {
                 };
                 self.count("throttled");
                 if let Err(error) = self.outbox.schedule(&next).await {
-                    return Done::HandBack(error.to_string());
+                    return Done::HandBack(error.into());
                 }
             }
             Action::Park => {
@@ -658,7 +714,7 @@ impl State {
             // Herald's own failures never get here (they are handed back
             // before), but if the policy said so, it is the same.
             Action::Retry { .. } | Action::DeadLetter => {
-                return Done::HandBack(outcome.error);
+                return Done::HandBack(JobError::Attempt(outcome.error));
             }
         }
         if !matches!(decision.action, Action::Done) {
@@ -684,7 +740,7 @@ impl State {
                 .probe_timer(&webhook.organization_id, &webhook.id, *next_probe_ms, now)
                 .await
         {
-            return Done::HandBack(error.to_string());
+            return Done::HandBack(error.into());
         }
         if let Err(error) = self
             .announce(webhook, &decision.notices, job, Some((&before, &after)))
@@ -702,11 +758,11 @@ impl State {
         job: &proto::DeliveryJob,
         webhook: &proto::Webhook,
         source: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), JobError> {
         self.parking
             .park(job, source)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(JobError::from)?;
         let (state, _) = self.states.get(&webhook.id).await;
         let at = match state.probe_timer_ms() {
             // Being disabled: the timer drains what is parked, soon.
@@ -722,7 +778,7 @@ impl State {
         self.outbox
             .probe_timer(&webhook.organization_id, &webhook.id, at, now_ms())
             .await
-            .map_err(|e| e.to_string())
+            .map_err(JobError::from)
     }
 
     /// A failing webhook's probe timer fired.
@@ -730,7 +786,7 @@ impl State {
         let (org, id) = (job.organization_id.as_str(), job.webhook_id.as_str());
         let webhook = match self.webhooks.get(org, id).await {
             Ok(webhook) => webhook,
-            Err(error) => return Done::HandBack(error.to_string()),
+            Err(error) => return Done::HandBack(error.into()),
         };
         let Some(webhook) = webhook.filter(|w| w.enabled) else {
             // Deleted or disabled: what waited is logged, not lost.
@@ -744,28 +800,28 @@ impl State {
                 .outbox
                 .probe_timer(org, id, now_ms() + 1_000, now_ms())
                 .await
-                .map_err(|e| e.to_string()),
+                .map_err(JobError::from),
             Some(at) if now_ms() + policy::PROBE_SLACK_MS < at => {
                 // An older timer, or a probe under way: come back when the
                 // next may be sent.
                 self.outbox
                     .probe_timer(org, id, at, now_ms())
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(JobError::from)
             }
             Some(_) => self
                 .parking
                 .release_oldest(org, id)
                 .await
                 .map(|_| ())
-                .map_err(|e| e.to_string()),
+                .map_err(JobError::from),
             // Recovered: anything still parked goes now.
             _ => self
                 .parking
                 .release_all(org, id)
                 .await
                 .map(|_| ())
-                .map_err(|e| e.to_string()),
+                .map_err(JobError::from),
         };
         finish(result)
     }
@@ -775,20 +831,20 @@ impl State {
     /// at a time, its attempt records in flight together. Before each
     /// batch the webhook is looked at again: re-enabled meanwhile, what is
     /// still parked is released (by its probe timer, set for now) instead.
-    async fn drain_disabled(&self, org: &str, webhook_id: &str) -> Result<(), String> {
+    async fn drain_disabled(&self, org: &str, webhook_id: &str) -> Result<(), JobError> {
         let mut batches = self
             .parking
             .batches(org, webhook_id)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(JobError::from)?;
         let mut n = 0;
         let mut reenabled = false;
-        while let Some(batch) = batches.next().await.map_err(|e| e.to_string())? {
+        while let Some(batch) = batches.next().await.map_err(JobError::from)? {
             let webhook = self
                 .webhooks
                 .get(org, webhook_id)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(JobError::from)?;
             if webhook.is_some_and(|w| w.enabled) {
                 reenabled = true;
                 break;
@@ -806,8 +862,8 @@ impl State {
             let publishes: Vec<_> = attempts.iter().map(|a| self.outbox.attempt(a)).collect();
             futures::future::try_join_all(publishes)
                 .await
-                .map_err(|e| e.to_string())?;
-            batches.remove(&batch).await.map_err(|e| e.to_string())?;
+                .map_err(JobError::from)?;
+            batches.remove(&batch).await.map_err(JobError::from)?;
             self.metrics
                 .deliveries
                 .get_or_create(&crate::metrics::OutcomeLabel { outcome: "failed" })
@@ -829,7 +885,7 @@ impl State {
             self.outbox
                 .probe_timer(org, webhook_id, now_ms(), now_ms())
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(JobError::from)?;
         }
         Ok(())
     }
@@ -852,7 +908,7 @@ impl State {
         notices: &[Notice],
         job: &proto::DeliveryJob,
         states: Option<(&Endpoint, &Endpoint)>,
-    ) -> Result<(), String> {
+    ) -> Result<(), JobError> {
         let now = now_ms();
         for notice in notices {
             match notice {
@@ -872,7 +928,7 @@ impl State {
                         self.outbox
                             .probe_timer(&webhook.organization_id, &webhook.id, next, now)
                             .await
-                            .map_err(|e| e.to_string())?;
+                            .map_err(JobError::from)?;
                     }
                 }
                 Notice::Recovered => {
@@ -947,7 +1003,7 @@ impl State {
         mut attributes: Vec<(&'static str, String)>,
         data: serde_json::Value,
         now: i64,
-    ) -> Result<(), String> {
+    ) -> Result<(), JobError> {
         attributes.push(("webhook", webhook.id.clone()));
         self.outbox
             .system_event(SystemEvent {
@@ -959,11 +1015,14 @@ impl State {
                 now_ms: now,
             })
             .await
-            .map_err(|e| format!("cannot publish {type}: {e}", type = r#type))
+            .map_err(|source| JobError::SystemEvent {
+                kind: r#type,
+                source,
+            })
     }
 
     /// Disables the webhook and announces `webhook.disabled`, once.
-    async fn disable(&self, webhook: &proto::Webhook, reason: &str) -> Result<(), String> {
+    async fn disable(&self, webhook: &proto::Webhook, reason: &str) -> Result<(), JobError> {
         let now = now_ms();
         let mut changed = false;
         let stored = self
@@ -979,7 +1038,7 @@ impl State {
                 changed
             })
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(JobError::from)?;
         let Some(w) = stored else {
             return Ok(());
         };

@@ -240,17 +240,21 @@ impl Fair {
         Ok(())
     }
 
-    async fn consumer(&self, org: &str) -> Result<consumer::PullConsumer, String> {
+    async fn consumer(&self, org: &str) -> Result<consumer::PullConsumer, nats::Error> {
         let mut consumers = self.inner.consumers.lock().await;
         if let Some(c) = consumers.get(org) {
             return Ok(c.clone());
         }
+        let failed = |message: String| nats::Error::Consumer {
+            consumer: format!("held_{org}"),
+            message,
+        };
         let stream = self
             .inner
             .js
             .get_stream(fairness::HELD_STREAM)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| failed(e.to_string()))?;
         let c = stream
             .get_or_create_consumer(
                 &format!("held_{org}"),
@@ -265,7 +269,7 @@ impl Fair {
                 },
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| failed(e.to_string()))?;
         consumers.insert(org.to_owned(), c.clone());
         Ok(c)
     }
@@ -288,7 +292,7 @@ impl Fair {
                 .messages()
                 .await
                 .map_err(|e| e.to_string()),
-            Err(error) => Err(error),
+            Err(error) => Err(error.to_string()),
         };
         match fetched {
             Ok(mut batch) => {
