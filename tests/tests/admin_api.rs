@@ -631,9 +631,9 @@ async fn patch_changes_only_the_fields_given() {
         .arg(
             serde_json::to_string(&herald_core::policy::Endpoint::Failing {
                 since_ms: 1,
-                next_probe_ms: i64::MAX,
+                next_probe_ms: None,
                 failed_probes: 4,
-                probe_until_ms: i64::MAX,
+                probe_until_ms: 0,
                 last_error: "HTTP 500".into(),
             })
             .unwrap(),

@@ -330,10 +330,9 @@ fn with_state(mut body: Value, w: &proto::Webhook, endpoint: Option<Endpoint>) -
     {
         body["failing_since"] = json!(payload::rfc3339_ms(*since_ms));
         // None is due while it is being disabled.
-        body["next_probe_at"] = if *next_probe_ms == i64::MAX {
-            Value::Null
-        } else {
-            json!(payload::rfc3339_ms(*next_probe_ms))
+        body["next_probe_at"] = match next_probe_ms {
+            Some(at) => json!(payload::rfc3339_ms(*at)),
+            None => Value::Null,
         };
         body["last_error"] = json!(last_error);
     }

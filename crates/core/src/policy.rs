@@ -65,8 +65,11 @@ pub enum Endpoint {
     /// Failing since `since_ms`: only probes are sent.
     Failing {
         since_ms: i64,
-        /// When the next probe may be sent.
-        next_probe_ms: i64,
+        /// When the next probe may be sent; `None`: none ever is, the
+        /// webhook is being disabled (a job racing the disable is parked,
+        /// never sent).
+        #[serde(default, deserialize_with = "next_probe")]
+        next_probe_ms: Option<i64>,
         /// Consecutive failed probes (the failure that began it is the first).
         failed_probes: u32,
         /// A probe is in flight until then (0: none).
@@ -74,6 +77,58 @@ pub enum Endpoint {
         /// The last failure's error, for the disabled reason.
         last_error: String,
     },
+}
+
+/// `next_probe_ms` as stored: a number, `null` while disabled, or, as
+/// written before it was an `Option`, `i64::MAX` while disabled.
+fn next_probe<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    Ok(Option::<i64>::deserialize(d)?.filter(|&at| at != i64::MAX))
+}
+
+/// When a webhook's probe timer should fire (`Endpoint::probe_timer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeTimer {
+    /// Not failing (recovered): what waits can go now.
+    NotFailing,
+    /// At this time.
+    At(i64),
+    /// Being disabled: no probe is ever due; what waits is drained once
+    /// the disable is seen.
+    Disabled,
+}
+
+/// Why a webhook was disabled; rendered as its stored `disabled_reason`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DisableReason {
+    /// The endpoint answered 410 Gone.
+    Gone,
+    /// More consecutive probes failed than `disable_after` allows.
+    FailedProbes { failed: u32, last_error: String },
+    /// A tenant's call disabled it (no reason is stored).
+    ByCall,
+}
+
+impl DisableReason {
+    /// Decided on the endpoint's own answer, not on a count kept in the
+    /// shared endpoint state: it stands on one replica's local view too.
+    pub fn stands_on_local_view(&self) -> bool {
+        matches!(self, DisableReason::Gone)
+    }
+}
+
+impl std::fmt::Display for DisableReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DisableReason::Gone => f.write_str("the endpoint answered 410 Gone"),
+            DisableReason::FailedProbes { failed, last_error } => {
+                write!(
+                    f,
+                    "{failed} consecutive failed attempts; last: {last_error}"
+                )
+            }
+            DisableReason::ByCall => Ok(()),
+        }
+    }
 }
 
 impl Endpoint {
@@ -89,16 +144,25 @@ impl Endpoint {
     /// When a failing webhook's probe timer should fire: its next probe
     /// time, or, while a probe is claimed, when that claim lapses (a timer
     /// that fired earlier would find the probe taken, and come back at
-    /// once: a loop). `None` unless failing; `i64::MAX` while disabled.
-    pub fn probe_timer_ms(&self) -> Option<i64> {
+    /// once: a loop).
+    pub fn probe_timer(&self) -> ProbeTimer {
         match self {
             Endpoint::Failing {
-                next_probe_ms,
+                next_probe_ms: Some(next),
                 probe_until_ms,
                 ..
-            } => Some((*next_probe_ms).max(*probe_until_ms)),
-            _ => None,
+            } => ProbeTimer::At((*next).max(*probe_until_ms)),
+            Endpoint::Failing {
+                next_probe_ms: None,
+                ..
+            } => ProbeTimer::Disabled,
+            _ => ProbeTimer::NotFailing,
         }
+    }
+
+    /// Being disabled: failing with no probe ever due.
+    pub fn disabled(&self) -> bool {
+        self.probe_timer() == ProbeTimer::Disabled
     }
 
     /// The probe claimed at arrival could not be made for Herald's own
@@ -114,15 +178,13 @@ impl Endpoint {
                 failed_probes,
                 probe_until_ms,
                 last_error,
-            } if *probe_until_ms > now_ms && *probe_until_ms != i64::MAX => {
-                Some(Endpoint::Failing {
-                    since_ms: *since_ms,
-                    next_probe_ms: *next_probe_ms,
-                    failed_probes: *failed_probes,
-                    probe_until_ms: 0,
-                    last_error: last_error.clone(),
-                })
-            }
+            } if next_probe_ms.is_some() && *probe_until_ms > now_ms => Some(Endpoint::Failing {
+                since_ms: *since_ms,
+                next_probe_ms: *next_probe_ms,
+                failed_probes: *failed_probes,
+                probe_until_ms: 0,
+                last_error: last_error.clone(),
+            }),
             _ => None,
         }
     }
@@ -237,7 +299,7 @@ pub enum Notice {
     /// `webhook.recovered`; parked deliveries are released.
     Recovered,
     /// `webhook.disabled`, with the reason.
-    Disable(String),
+    Disable(DisableReason),
     /// `delivery.exhausted`
     Exhausted,
 }
@@ -311,7 +373,8 @@ impl Policy {
                 probe_until_ms,
                 ..
             } => {
-                if now_ms + PROBE_SLACK_MS >= *next_probe_ms && *probe_until_ms <= now_ms {
+                let due = next_probe_ms.is_some_and(|next| now_ms + PROBE_SLACK_MS >= next);
+                if due && *probe_until_ms <= now_ms {
                     let mut claimed = state.clone();
                     if let Endpoint::Failing { probe_until_ms, .. } = &mut claimed {
                         *probe_until_ms = now_ms + PROBE_LEASE_MS;
@@ -418,7 +481,7 @@ impl Policy {
             Class::Endpoint { gone: true, .. } => Decision {
                 endpoint: None,
                 action: Action::Fail(FailureReason::Gone),
-                notices: vec![Notice::Disable("the endpoint answered 410 Gone".to_owned())],
+                notices: vec![Notice::Disable(DisableReason::Gone)],
             },
             Class::Endpoint { gone: false, error } => {
                 self.on_failure(state, &job, probe, started_ms, error, now_ms, jitter)
@@ -451,8 +514,9 @@ impl Policy {
                 (
                     Endpoint::Failing {
                         since_ms: *since_ms,
-                        next_probe_ms: now_ms
-                            + self.probe_delay(failed_probes, jitter).as_millis() as i64,
+                        next_probe_ms: Some(
+                            now_ms + self.probe_delay(failed_probes, jitter).as_millis() as i64,
+                        ),
                         failed_probes,
                         probe_until_ms: 0,
                         last_error: error.to_owned(),
@@ -464,7 +528,7 @@ impl Policy {
             Endpoint::Healthy | Endpoint::Throttled { .. } => (
                 Endpoint::Failing {
                     since_ms: now_ms,
-                    next_probe_ms: now_ms + self.probe_delay(1, jitter).as_millis() as i64,
+                    next_probe_ms: Some(now_ms + self.probe_delay(1, jitter).as_millis() as i64),
                     failed_probes: 1,
                     probe_until_ms: 0,
                     last_error: error.to_owned(),
@@ -481,9 +545,10 @@ impl Policy {
             && *failed_probes > self.disable_after
             && changed
         {
-            notices.push(Notice::Disable(format!(
-                "{failed_probes} consecutive failed attempts; last: {last_error}"
-            )));
+            notices.push(Notice::Disable(DisableReason::FailedProbes {
+                failed: *failed_probes,
+                last_error: last_error.clone(),
+            }));
             let reason = if job.scheduled {
                 FailureReason::WebhookDisabled
             } else {
@@ -500,9 +565,9 @@ impl Policy {
                     ..
                 } => Endpoint::Failing {
                     since_ms,
-                    next_probe_ms: i64::MAX,
+                    next_probe_ms: None,
                     failed_probes,
-                    probe_until_ms: i64::MAX,
+                    probe_until_ms: 0,
                     last_error,
                 },
                 other => other,
@@ -522,6 +587,30 @@ impl Policy {
             action: Action::Park,
             notices,
         }
+    }
+
+    /// `decision`, made by `on_outcome` on one replica's own view of the
+    /// endpoint state (Redis unreachable, refusing writes, or contended)
+    /// rather than the shared one: a disable that rests on the shared count
+    /// of failed probes is not made on it, and the delivery is parked (out
+    /// of attempts, it fails as exhausted) instead. A 410 stands: it is the
+    /// endpoint's own answer.
+    pub fn on_local_view(&self, mut decision: Decision, job: &Job) -> Decision {
+        let disabling = decision
+            .notices
+            .iter()
+            .any(|n| matches!(n, Notice::Disable(r) if !r.stands_on_local_view()));
+        if disabling {
+            decision
+                .notices
+                .retain(|n| !matches!(n, Notice::Disable(_)));
+            decision.action = if job.scheduled && job.attempt < self.schedule.max_attempts() {
+                Action::Park
+            } else {
+                Action::Fail(FailureReason::Exhausted)
+            };
+        }
+        decision
     }
 
     /// Herald's own failure (its resolver, a secret it cannot decrypt, NATS,
@@ -610,9 +699,20 @@ mod tests {
     fn failing(since: i64, next: i64, probes: u32, probe_until: i64) -> Endpoint {
         Endpoint::Failing {
             since_ms: since,
-            next_probe_ms: next,
+            next_probe_ms: Some(next),
             failed_probes: probes,
             probe_until_ms: probe_until,
+            last_error: "HTTP 500".into(),
+        }
+    }
+
+    /// Failing with no probe ever due: being disabled.
+    fn disabled(since: i64, probes: u32) -> Endpoint {
+        Endpoint::Failing {
+            since_ms: since,
+            next_probe_ms: None,
+            failed_probes: probes,
+            probe_until_ms: 0,
             last_error: "HTTP 500".into(),
         }
     }
@@ -729,30 +829,35 @@ mod tests {
     fn probe_timers_wait_for_a_claim_and_a_claim_is_given_back() {
         let t = 1_000_000;
         // (state, timer at, state after the probe's own failure)
-        let cases: Vec<(Endpoint, Option<i64>, Option<Endpoint>)> = vec![
-            (Endpoint::Healthy, None, None),
-            (throttled(t + 5, 1), None, None),
+        let cases: Vec<(Endpoint, ProbeTimer, Option<Endpoint>)> = vec![
+            (Endpoint::Healthy, ProbeTimer::NotFailing, None),
+            (throttled(t + 5, 1), ProbeTimer::NotFailing, None),
             // Not claimed: the next probe time, nothing to give back.
-            (failing(t - 100, t + 5_000, 1, 0), Some(t + 5_000), None),
-            (failing(t - 100, t - 3, 1, 0), Some(t - 3), None),
+            (
+                failing(t - 100, t + 5_000, 1, 0),
+                ProbeTimer::At(t + 5_000),
+                None,
+            ),
+            (failing(t - 100, t - 3, 1, 0), ProbeTimer::At(t - 3), None),
             // Claimed: the timer waits out the claim (it once fired every
             // 100 ms meanwhile); the claim is given back.
             (
                 failing(t - 100, t - 3, 1, t + PROBE_LEASE_MS),
-                Some(t + PROBE_LEASE_MS),
+                ProbeTimer::At(t + PROBE_LEASE_MS),
                 Some(failing(t - 100, t - 3, 1, 0)),
             ),
             // A lapsed claim is nothing to give back.
-            (failing(t - 100, t - 3, 1, t - 1), Some(t - 1), None),
-            // Disabled: no probe, ever.
             (
-                failing(t - 100, i64::MAX, 3, i64::MAX),
-                Some(i64::MAX),
+                failing(t - 100, t - 3, 1, t - 1),
+                ProbeTimer::At(t - 1),
                 None,
             ),
+            // Disabled: no probe, ever, and no claim.
+            (disabled(t - 100, 3), ProbeTimer::Disabled, None),
         ];
         for (state, timer, released) in cases {
-            assert_eq!(state.probe_timer_ms(), timer, "{state:?}");
+            assert_eq!(state.probe_timer(), timer, "{state:?}");
+            assert_eq!(state.disabled(), timer == ProbeTimer::Disabled);
             assert_eq!(state.release_probe(t), released, "{state:?}");
         }
     }
@@ -921,7 +1026,16 @@ mod tests {
     #[test]
     fn the_probe_after_the_limit_disables_and_waiting_work_fails_with_the_reason() {
         let t = 1_000_000;
-        let disabled = "3 consecutive failed attempts; last: HTTP 500".to_owned();
+        let reason = DisableReason::FailedProbes {
+            failed: 3,
+            last_error: "HTTP 500".into(),
+        };
+        assert_eq!(
+            reason.to_string(),
+            "3 consecutive failed attempts; last: HTTP 500"
+        );
+        assert!(!reason.stands_on_local_view());
+        assert!(DisableReason::Gone.stands_on_local_view());
         check(vec![
             (
                 failing(t, t + 11_000, 2, t + 46_000),
@@ -930,9 +1044,9 @@ mod tests {
                 t + 11_000,
                 endpoint_failure(),
                 t + 11_100,
-                Some(failing(t, i64::MAX, 3, i64::MAX)),
+                Some(disabled(t, 3)),
                 Action::Fail(FailureReason::WebhookDisabled),
-                vec![Notice::Disable(disabled)],
+                vec![Notice::Disable(reason)],
             ),
             // 410: disabled at once, whatever the state.
             (
@@ -947,7 +1061,7 @@ mod tests {
                 t,
                 None,
                 Action::Fail(FailureReason::Gone),
-                vec![Notice::Disable("the endpoint answered 410 Gone".into())],
+                vec![Notice::Disable(DisableReason::Gone)],
             ),
         ]);
         // disable_after 0: the first failure disables.
@@ -1326,8 +1440,73 @@ mod tests {
     }
 
     #[test]
+    fn on_a_local_view_only_a_410_disables() {
+        let p = policy();
+        let max = p.schedule.max_attempts();
+        let by_probes = Notice::Disable(DisableReason::FailedProbes {
+            failed: 3,
+            last_error: "HTTP 500".into(),
+        });
+        let disabling = |notices: Vec<Notice>| Decision {
+            endpoint: None,
+            action: Action::Fail(FailureReason::WebhookDisabled),
+            notices,
+        };
+        let one_off = Job {
+            scheduled: false,
+            ..job(1, 0)
+        };
+        // (decision on the local view, job, what is done instead)
+        let cases = vec![
+            (
+                disabling(vec![Notice::Failing, by_probes.clone()]),
+                job(2, 1),
+                Action::Park,
+                vec![Notice::Failing],
+            ),
+            (
+                disabling(vec![by_probes.clone()]),
+                job(max, 1),
+                Action::Fail(FailureReason::Exhausted),
+                vec![],
+            ),
+            (
+                disabling(vec![by_probes]),
+                one_off,
+                Action::Fail(FailureReason::Exhausted),
+                vec![],
+            ),
+            // The endpoint's own answer stands.
+            (
+                disabling(vec![Notice::Disable(DisableReason::Gone)]),
+                job(2, 1),
+                Action::Fail(FailureReason::WebhookDisabled),
+                vec![Notice::Disable(DisableReason::Gone)],
+            ),
+        ];
+        for (decision, job, action, notices) in cases {
+            let d = p.on_local_view(decision, &job);
+            assert_eq!((d.action, d.notices), (action, notices), "{job:?}");
+        }
+    }
+
+    #[test]
+    fn a_disabled_state_written_with_the_old_sentinel_still_reads_as_disabled() {
+        let old = r#"{"state":"failing","since_ms":1,"next_probe_ms":9223372036854775807,"failed_probes":3,"probe_until_ms":9223372036854775807,"last_error":"HTTP 500"}"#;
+        let state = serde_json::from_str::<Endpoint>(old).unwrap();
+        assert!(state.disabled(), "{state:?}");
+        assert_eq!(state.release_probe(2), None);
+        assert_eq!(policy().on_arrival(&state, &job(2, 1), 10).0, Arrival::Park);
+    }
+
+    #[test]
     fn state_round_trips_as_json() {
-        for state in [Endpoint::Healthy, throttled(5, 1), failing(1, 2, 3, 4)] {
+        for state in [
+            Endpoint::Healthy,
+            throttled(5, 1),
+            failing(1, 2, 3, 4),
+            disabled(1, 3),
+        ] {
             let text = serde_json::to_string(&state).unwrap();
             assert_eq!(
                 serde_json::from_str::<Endpoint>(&text).unwrap(),

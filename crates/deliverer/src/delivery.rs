@@ -18,7 +18,8 @@ use async_nats::jetstream::{self, AckKind};
 use bytes::Bytes;
 use herald_core::payload::{self, Format};
 use herald_core::policy::{
-    self, Action, Arrival, Attempted, Class, Endpoint, FailureReason, Notice,
+    self, Action, Arrival, Attempted, Class, DisableReason, Endpoint, FailureReason, Notice,
+    ProbeTimer,
 };
 use herald_core::signing::{self, SigningKey};
 use herald_core::{ids, masking, names, proto};
@@ -643,23 +644,8 @@ impl State {
         // here, never handed back to be sent again.
         let ((mut decision, before), after, source_of_state) = decided;
         if source_of_state != Source::Shared {
-            // Redis cannot say (or kept changing): nothing is disabled on
-            // one replica's unwritten view.
-            let disabling = decision
-                .notices
-                .iter()
-                .any(|n| matches!(n, Notice::Disable(r) if !r.contains("410")));
-            if disabling {
-                decision
-                    .notices
-                    .retain(|n| !matches!(n, Notice::Disable(_)));
-                decision.action =
-                    if view.scheduled && view.attempt < self.policy.schedule.max_attempts() {
-                        Action::Park
-                    } else {
-                        Action::Fail(FailureReason::Exhausted)
-                    };
-            }
+            // Redis cannot say (or kept changing).
+            decision = self.policy.on_local_view(decision, &view);
         }
         let first = if job.first_attempt_at_ms > 0 {
             job.first_attempt_at_ms
@@ -689,8 +675,12 @@ impl State {
             }
             Action::Park => {
                 attempt.set_status(proto::AttemptStatus::Retrying);
-                if let Endpoint::Failing { next_probe_ms, .. } = &after {
-                    attempt.next_attempt_at_ms = *next_probe_ms;
+                if let Endpoint::Failing {
+                    next_probe_ms: Some(at),
+                    ..
+                } = &after
+                {
+                    attempt.next_attempt_at_ms = *at;
                 }
                 let next = proto::DeliveryJob {
                     attempt: job.attempt + 1,
@@ -733,11 +723,13 @@ impl State {
         // since no park will.
         if probe
             && !matches!(decision.action, Action::Park)
-            && let Endpoint::Failing { next_probe_ms, .. } = &after
-            && *next_probe_ms != i64::MAX
+            && let Endpoint::Failing {
+                next_probe_ms: Some(next),
+                ..
+            } = &after
             && let Err(error) = self
                 .outbox
-                .probe_timer(&webhook.organization_id, &webhook.id, *next_probe_ms, now)
+                .probe_timer(&webhook.organization_id, &webhook.id, *next, now)
                 .await
         {
             return Done::HandBack(error.into());
@@ -764,16 +756,16 @@ impl State {
             .await
             .map_err(JobError::from)?;
         let (state, _) = self.states.get(&webhook.id).await;
-        let at = match state.probe_timer_ms() {
+        let at = match state.probe_timer() {
             // Being disabled: the timer drains what is parked, soon.
-            Some(i64::MAX) => now_ms() + 1_000,
+            ProbeTimer::Disabled => now_ms() + 1_000,
             // The next probe, or the end of the claim of the probe under
             // way (a job parked behind a claimed probe once set a timer
             // for a probe time already past: a timer every 100 ms until
             // the claim lapsed).
-            Some(at) => at,
+            ProbeTimer::At(at) => at,
             // Recovered meanwhile: release at once.
-            None => now_ms(),
+            ProbeTimer::NotFailing => now_ms(),
         };
         self.outbox
             .probe_timer(&webhook.organization_id, &webhook.id, at, now_ms())
@@ -793,15 +785,15 @@ impl State {
             return finish(self.drain_disabled(org, id).await);
         };
         let (state, _) = self.states.get(&webhook.id).await;
-        let result = match state.probe_timer_ms() {
-            // Being disabled: the timer drains what is parked once the
-            // disable is seen.
-            Some(i64::MAX) => self
+        let result = match state.probe_timer() {
+            // Being disabled: no probe is sent; the timer drains what is
+            // parked once the disable is seen.
+            ProbeTimer::Disabled => self
                 .outbox
                 .probe_timer(org, id, now_ms() + 1_000, now_ms())
                 .await
                 .map_err(JobError::from),
-            Some(at) if now_ms() + policy::PROBE_SLACK_MS < at => {
+            ProbeTimer::At(at) if now_ms() + policy::PROBE_SLACK_MS < at => {
                 // An older timer, or a probe under way: come back when the
                 // next may be sent.
                 self.outbox
@@ -809,14 +801,14 @@ impl State {
                     .await
                     .map_err(JobError::from)
             }
-            Some(_) => self
+            ProbeTimer::At(_) => self
                 .parking
                 .release_oldest(org, id)
                 .await
                 .map(|_| ())
                 .map_err(JobError::from),
             // Recovered: anything still parked goes now.
-            _ => self
+            ProbeTimer::NotFailing => self
                 .parking
                 .release_all(org, id)
                 .await
@@ -919,12 +911,12 @@ impl State {
                             next_probe_ms,
                             ..
                         }) => (*since_ms, *next_probe_ms),
-                        _ => (now, now),
+                        _ => (now, Some(now)),
                     };
                     self.system_event(webhook, "webhook.failing", since.to_string(), vec![], serde_json::json!({"url": webhook.url, "name": webhook.name, "error": job_error(states)}), now).await?;
                     // No probe is ever due when the same failure disables
                     // it (disable_after 0): no timer.
-                    if next != i64::MAX {
+                    if let Some(next) = next {
                         self.outbox
                             .probe_timer(&webhook.organization_id, &webhook.id, next, now)
                             .await
@@ -1022,7 +1014,12 @@ impl State {
     }
 
     /// Disables the webhook and announces `webhook.disabled`, once.
-    async fn disable(&self, webhook: &proto::Webhook, reason: &str) -> Result<(), JobError> {
+    async fn disable(
+        &self,
+        webhook: &proto::Webhook,
+        reason: &DisableReason,
+    ) -> Result<(), JobError> {
+        let reason = reason.to_string();
         let now = now_ms();
         let mut changed = false;
         let stored = self
@@ -1032,7 +1029,7 @@ impl State {
                 changed = w.enabled;
                 if w.enabled {
                     w.enabled = false;
-                    w.disabled_reason = reason.to_owned();
+                    w.disabled_reason = reason.clone();
                     w.updated_at_ms = now;
                 }
                 changed
@@ -1047,7 +1044,7 @@ impl State {
         self.webhooks.remember(w.clone());
         if changed {
             self.metrics.disabled.inc();
-            tracing::warn!(webhook_id = %w.id, org = %w.organization_id, reason, "webhook disabled");
+            tracing::warn!(webhook_id = %w.id, org = %w.organization_id, %reason, "webhook disabled");
         }
         // Announced with an id of this disabling (its time), so a job
         // decided again after a crash announces it once.
@@ -1055,7 +1052,7 @@ impl State {
             &w,
             "webhook.disabled",
             w.updated_at_ms.to_string(),
-            vec![("reason", reason.to_owned())],
+            vec![("reason", reason)],
             serde_json::json!({"reason": w.disabled_reason, "url": w.url, "name": w.name}),
             now,
         )

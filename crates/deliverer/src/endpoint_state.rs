@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use herald_core::names;
 use herald_core::policy::Endpoint;
+use herald_platform::endpoint_state::{decode, encode};
 use herald_platform::redis::Redis;
 
 /// How long a read state is trusted before Redis is asked again.
@@ -74,23 +75,6 @@ pub struct EndpointStates {
     /// Webhooks whose state is this replica's own (a write to Redis
     /// failed), with when to try writing it back.
     local: Mutex<HashMap<String, Instant>>,
-}
-
-fn encode(state: &Endpoint) -> String {
-    match state {
-        Endpoint::Healthy => String::new(),
-        other => serde_json::to_string(other).expect("endpoint state encodes"),
-    }
-}
-
-fn decode(text: &str) -> Endpoint {
-    if text.is_empty() {
-        return Endpoint::Healthy;
-    }
-    serde_json::from_str(text).unwrap_or_else(|error| {
-        tracing::warn!(%error, "unreadable endpoint state, taken as healthy");
-        Endpoint::Healthy
-    })
 }
 
 impl EndpointStates {
