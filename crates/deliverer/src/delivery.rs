@@ -22,7 +22,7 @@ use herald_core::policy::{
     ProbeTimer,
 };
 use herald_core::signing::{self, SigningKey};
-use herald_core::{ids, masking, names, proto};
+use herald_core::{catalogue, ids, masking, names, proto};
 use herald_platform::nats::PublishError;
 use herald_platform::webhooks::StoreError;
 use herald_platform::{now_ms, trace};
@@ -361,10 +361,7 @@ impl State {
         let job = &got_on(job);
         // Test and manual deliveries go to a disabled webhook too: that is
         // how a tenant checks it before re-enabling it.
-        let one_off = matches!(
-            proto::DeliveryKind::try_from(job.kind),
-            Ok(proto::DeliveryKind::Test | proto::DeliveryKind::ManualRetry)
-        );
+        let one_off = one_off(job);
         let Some(webhook) = webhook.filter(|w| w.enabled || one_off) else {
             let mut attempt = self.record(job);
             attempt.set_status(proto::AttemptStatus::Skipped);
@@ -620,9 +617,7 @@ impl State {
         let started = attempt.attempted_at_ms;
         let now = now_ms();
         let jitter = rand::random::<f64>();
-        let one_off = !view.scheduled
-            && job.kind != proto::DeliveryKind::Recover as i32
-            && job.kind != proto::DeliveryKind::Replay as i32;
+        let one_off = one_off(job);
         let decided = self
             .states
             .update(&webhook.id, |state| {
@@ -913,7 +908,7 @@ impl State {
                         }) => (*since_ms, *next_probe_ms),
                         _ => (now, Some(now)),
                     };
-                    self.system_event(webhook, "webhook.failing", since.to_string(), vec![], serde_json::json!({"url": webhook.url, "name": webhook.name, "error": job_error(states)}), now).await?;
+                    self.system_event(webhook, catalogue::WEBHOOK_FAILING, since.to_string(), vec![], serde_json::json!({"url": webhook.url, "name": webhook.name, "error": job_error(states)}), now).await?;
                     // No probe is ever due when the same failure disables
                     // it (disable_after 0): no timer.
                     if let Some(next) = next {
@@ -930,7 +925,7 @@ impl State {
                     };
                     self.system_event(
                         webhook,
-                        "webhook.recovered",
+                        catalogue::WEBHOOK_RECOVERED,
                         since.to_string(),
                         vec![],
                         serde_json::json!({"url": webhook.url, "name": webhook.name}),
@@ -974,7 +969,7 @@ impl State {
                     let event_id = job.event.as_ref().map(|e| e.id.clone()).unwrap_or_default();
                     self.system_event(
                         webhook,
-                        "delivery.exhausted",
+                        catalogue::DELIVERY_EXHAUSTED,
                         job.delivery_id.clone(),
                         vec![("event", event_id.clone())],
                         serde_json::json!({"delivery_id": job.delivery_id, "event_id": event_id, "attempts": job.attempt}),
@@ -1050,7 +1045,7 @@ impl State {
         // decided again after a crash announces it once.
         self.system_event(
             &w,
-            "webhook.disabled",
+            catalogue::WEBHOOK_DISABLED,
             w.updated_at_ms.to_string(),
             vec![("reason", reason)],
             serde_json::json!({"reason": w.disabled_reason, "url": w.url, "name": w.name}),
@@ -1084,6 +1079,16 @@ impl State {
             .get_or_create(&crate::metrics::OutcomeLabel { outcome })
             .inc();
     }
+}
+
+/// A one-off job — a test or a manual retry, sent by a tenant's call: it
+/// goes to a disabled webhook too and whatever its endpoint's state (no
+/// probe, no parking, no limits), and its failure has no reason code.
+fn one_off(job: &proto::DeliveryJob) -> bool {
+    matches!(
+        proto::DeliveryKind::try_from(job.kind),
+        Ok(proto::DeliveryKind::Test | proto::DeliveryKind::ManualRetry)
+    )
 }
 
 fn job_error(states: Option<(&Endpoint, &Endpoint)>) -> String {

@@ -29,7 +29,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, kv, stream};
 use futures::StreamExt;
 use herald_core::fairness::{self, Decision, Limits, Scheduler};
-use herald_core::proto;
+use herald_core::{names, proto};
 use herald_platform::config::{self, ConfigError, Source};
 use herald_platform::nats::{self, PublishError};
 use herald_platform::now_ms;
@@ -229,7 +229,7 @@ impl Fair {
     /// makes a redelivered job held once.
     pub async fn hold(&self, job: &proto::DeliveryJob, source: u64) -> Result<(), PublishError> {
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", format!("held.{source}").as_str());
+        headers.insert(names::MSG_ID_HEADER, format!("held.{source}").as_str());
         nats::publish(
             &self.inner.js,
             held_subject(&job.organization_id, &job.webhook_id),

@@ -52,7 +52,7 @@ impl Outbox {
         let subject = names::attempt_subject(&attempt.organization_id, &attempt.webhook_id);
         let publish = |payload: Vec<u8>| {
             let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Msg-Id", attempt.log_id.as_str());
+            headers.insert(names::MSG_ID_HEADER, attempt.log_id.as_str());
             nats::publish_patiently(&self.js, subject.clone(), headers, payload.into(), PATIENCE)
         };
         match publish(attempt.encode_to_vec()).await {
@@ -97,7 +97,7 @@ impl Outbox {
             "{}.{}.t{}.d{}@{}",
             job.delivery_id, job.attempt, job.throttles, job.deferrals, job.not_before_ms
         );
-        headers.insert("Nats-Msg-Id", id.as_str());
+        headers.insert(names::MSG_ID_HEADER, id.as_str());
         nats::publish_patiently(
             &self.js,
             names::schedule_subject(&job.delivery_id),
@@ -161,7 +161,7 @@ impl Outbox {
         });
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Content-Type", "application/json");
-        headers.insert("Nats-Msg-Id", id.as_str());
+        headers.insert(names::MSG_ID_HEADER, id.as_str());
         nats::publish(
             &self.js,
             names::system_subject(&w.organization_id, event.r#type),
@@ -185,7 +185,7 @@ impl Outbox {
         };
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(
-            "Nats-Msg-Id",
+            names::MSG_ID_HEADER,
             format!("{}:{}", w.organization_id, id).as_str(),
         );
         nats::publish(

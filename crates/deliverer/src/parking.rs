@@ -79,7 +79,7 @@ impl Parking {
     /// redelivered job park once.
     pub async fn park(&self, job: &proto::DeliveryJob, source: u64) -> Result<(), ParkingError> {
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", format!("park.{source}").as_str());
+        headers.insert(names::MSG_ID_HEADER, format!("park.{source}").as_str());
         nats::publish(
             &self.js,
             names::parked_subject(&job.organization_id, &job.webhook_id),
@@ -152,7 +152,10 @@ impl Parking {
     pub async fn release(&self, parked: &Parked) -> Result<(), ParkingError> {
         let job = &parked.job;
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", format!("unpark.{}", parked.seq).as_str());
+        headers.insert(
+            names::MSG_ID_HEADER,
+            format!("unpark.{}", parked.seq).as_str(),
+        );
         nats::publish(
             &self.js,
             names::delivery_subject(&job.organization_id, &job.webhook_id),
@@ -195,7 +198,10 @@ impl Parking {
     async fn republish(&self, parked: &Parked) -> Result<(), ParkingError> {
         let job = &parked.job;
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", format!("unpark.{}", parked.seq).as_str());
+        headers.insert(
+            names::MSG_ID_HEADER,
+            format!("unpark.{}", parked.seq).as_str(),
+        );
         nats::publish(
             &self.js,
             names::delivery_subject(&job.organization_id, &job.webhook_id),
