@@ -866,7 +866,7 @@ async fn the_sample_nats_config_keeps_a_producer_to_its_events_and_its_own_inbox
         .await
         .unwrap();
     herald.flush().await.unwrap();
-    let heard = tokio::time::timeout(Duration::from_secs(2), own.next()).await;
+    let heard = tokio::time::timeout(Duration::from_secs(10), own.next()).await;
     assert!(matches!(heard, Ok(Some(_))), "the producer's own inbox");
     let spied = tokio::time::timeout(Duration::from_millis(500), spy.next()).await;
     assert!(
