@@ -81,6 +81,7 @@ HERALD_API_KEYS_FILE="$DIR/keys.json" \
 HERALD_SECRET_KEY="k1:$(head -c 32 /dev/urandom | base64)" \
 HERALD_ALLOW_HTTP=true \
 HERALD_API_REQUESTS_PER_MINUTE=10000000 \
+HERALD_AUTH_FAILURES_PER_MINUTE=10000000 \
 RUST_LOG=${RUST_LOG:-warn} \
   "$BIN" >"$DIR/admin.log" 2>&1 &
 pids+=($!)

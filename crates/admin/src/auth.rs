@@ -293,7 +293,8 @@ impl FileKeys {
     }
 }
 
-/// Failed authentications allowed per source address and minute.
+/// Failed authentications allowed per source address and minute, by
+/// default (`HERALD_AUTH_FAILURES_PER_MINUTE`).
 pub const MAX_FAILURES: u32 = 20;
 const FAILURE_WINDOW_MS: i64 = 60_000;
 /// Sources remembered before finished windows are forgotten.
@@ -301,17 +302,34 @@ const MAX_SOURCES: usize = 10_000;
 
 /// Failed authentications per source address, in this replica: fixed
 /// windows of a minute.
-#[derive(Default)]
 pub struct Failures {
     by_source: Mutex<HashMap<IpAddr, (i64, u32)>>,
+    max: u32,
+}
+
+impl Default for Failures {
+    fn default() -> Self {
+        Self::new(MAX_FAILURES)
+    }
 }
 
 impl Failures {
+    pub fn new(max: u32) -> Self {
+        Self {
+            by_source: Mutex::default(),
+            max: max.max(1),
+        }
+    }
+
+    pub fn max(&self) -> u32 {
+        self.max
+    }
+
     /// `Some(wait_ms)` when `source` is over the limit.
     pub fn blocked(&self, source: IpAddr, now_ms: i64) -> Option<u64> {
         let map = self.by_source.lock().unwrap_or_else(|e| e.into_inner());
         match map.get(&source) {
-            Some(&(start, n)) if n >= MAX_FAILURES && now_ms - start < FAILURE_WINDOW_MS => {
+            Some(&(start, n)) if n >= self.max && now_ms - start < FAILURE_WINDOW_MS => {
                 Some((start + FAILURE_WINDOW_MS - now_ms) as u64)
             }
             _ => None,
@@ -356,7 +374,9 @@ pub fn check_source(state: &AppState, source: IpAddr) -> Result<(), ApiError> {
     match state.auth_failures.blocked(source, crate::now_ms()) {
         Some(wait_ms) => Err(ApiError::rate_limited(
             format!(
-                "too many failed authentications from this address; at most {MAX_FAILURES} a minute"
+                "too many failed authentications from this address; at most {} a minute \
+                 (HERALD_AUTH_FAILURES_PER_MINUTE)",
+                state.auth_failures.max()
             ),
             wait_ms,
         )),
@@ -440,7 +460,6 @@ impl FromRequestParts<AppState> for Caller {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         let source = source(parts);
-        check_source(state, source)?;
         let token = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
@@ -454,6 +473,9 @@ impl FromRequestParts<AppState> for Caller {
         let token = token
             .filter(|t| !t.is_empty())
             .ok_or_else(ApiError::unauthorized)?;
+        // (So a request without a token is told to authenticate, 401, even
+        // from a source that is blocked for the tokens it tried.)
+        check_source(state, source)?;
         let principal = if token.len() <= 512 {
             authenticate(state, token).await
         } else {

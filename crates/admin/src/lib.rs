@@ -57,6 +57,7 @@ pub const ALLOW_HTTP: &str = "HERALD_ALLOW_HTTP";
 pub const MAX_WEBHOOKS_PER_WORKFLOW: &str = "HERALD_MAX_WEBHOOKS_PER_WORKFLOW";
 pub const MAX_WEBHOOKS_PER_ORG: &str = "HERALD_MAX_WEBHOOKS_PER_ORG";
 pub const MANUAL_SENDS_PER_MINUTE: &str = "HERALD_MANUAL_SENDS_PER_MINUTE";
+pub const AUTH_FAILURES_PER_MINUTE: &str = "HERALD_AUTH_FAILURES_PER_MINUTE";
 pub const API_REQUESTS_PER_MINUTE: &str = "HERALD_API_REQUESTS_PER_MINUTE";
 pub const EXTRA_EVENT_TYPES: &str = "HERALD_EXTRA_EVENT_TYPES";
 pub const LOG_RETENTION: &str = "HERALD_LOG_RETENTION";
@@ -92,6 +93,8 @@ pub struct Config {
     pub max_webhooks_per_workflow: usize,
     pub max_webhooks_per_org: usize,
     pub manual_sends_per_minute: u32,
+    /// Failed authentications allowed per source address and minute.
+    pub auth_failures_per_minute: u32,
     pub api_requests_per_minute: u32,
     pub catalogue: Catalogue,
     pub log_retention: Duration,
@@ -154,6 +157,12 @@ impl Config {
             )?,
             max_webhooks_per_org: config::number(src, MAX_WEBHOOKS_PER_ORG, 1_000, 1..=100_000)?,
             manual_sends_per_minute: config::number(src, MANUAL_SENDS_PER_MINUTE, 60, 1..=60_000)?,
+            auth_failures_per_minute: config::number(
+                src,
+                AUTH_FAILURES_PER_MINUTE,
+                auth::MAX_FAILURES,
+                1..=10_000_000,
+            )?,
             api_requests_per_minute: config::number(
                 src,
                 API_REQUESTS_PER_MINUTE,
@@ -332,7 +341,7 @@ pub async fn serve(
             api_keys,
             links,
             file_keys,
-            auth_failures: auth::Failures::default(),
+            auth_failures: auth::Failures::new(config.auth_failures_per_minute),
             config,
             store,
             logs,
