@@ -118,7 +118,11 @@ async fn list(
             .parse::<u64>()
             .map_err(|_| ApiError::validation("cursor", "cursor must be a next_cursor answered"))?,
     };
-    let all = query.get("all").is_some_and(|v| v == "true");
+    let all = match query.get("all").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return Err(ApiError::validation("all", "all must be true or false")),
+    };
     if all && !caller.is_operator() {
         return Err(ApiError::forbidden(
             "operator_only",

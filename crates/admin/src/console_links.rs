@@ -247,6 +247,9 @@ async fn list(
     caller: Caller,
     Path(org): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    if !names::valid_org(&org) {
+        return Err(ApiError::not_found("organization"));
+    }
     may_manage(&caller, &org)?;
     state.links.wait_loaded().await?;
     let now = crate::now_ms();

@@ -54,6 +54,17 @@ fn unavailable(e: impl std::fmt::Display) -> KvError {
 }
 
 /// Opens `bucket`, creating it when missing (for `nats::retry` at start).
+/// Whether the bucket can hold `key`: 1–255 of `[-_=a-zA-Z0-9/.]`, not
+/// starting or ending with a dot.
+pub fn valid_key(key: &str) -> bool {
+    (1..=255).contains(&key.len())
+        && !key.starts_with('.')
+        && !key.ends_with('.')
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'=' | b'/' | b'.'))
+}
+
 pub async fn open(
     js: &jetstream::Context,
     bucket: &str,
@@ -148,6 +159,10 @@ where
     /// The record under `key` read from the bucket itself, with its
     /// revision (what a compare-and-set compares against).
     pub async fn fetch(&self, key: &str) -> Result<Option<(T, u64)>, KvError> {
+        // A key the bucket cannot hold (from a URL, say) names nothing.
+        if !valid_key(key) {
+            return Ok(None);
+        }
         let Some(entry) = self.kv.entry(key).await.map_err(unavailable)? else {
             return Ok(None);
         };
