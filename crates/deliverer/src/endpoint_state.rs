@@ -140,6 +140,23 @@ impl EndpointStates {
             .map(Option::unwrap_or_default)
     }
 
+    /// Compare-and-set of the state stored at `key`: `new` replaces `raw`
+    /// when Redis still holds `raw`. Answers the script's result (1 when it
+    /// swapped), or `None` when Redis refused or did not answer.
+    async fn swap(&self, what: &str, key: &str, raw: &str, new: &str) -> Option<i64> {
+        let cas = &self.cas;
+        self.redis
+            .run(what, |mut conn| async move {
+                cas.key(key)
+                    .arg(raw)
+                    .arg(new)
+                    .arg(KEEP.as_secs())
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+            })
+            .await
+    }
+
     /// The webhook's state, from the cache when fresh.
     pub async fn get(&self, webhook: &str) -> (Endpoint, Source) {
         if self.local_view(webhook).is_some() {
@@ -205,17 +222,8 @@ impl EndpointStates {
                 self.remember(webhook, &current);
                 return (result, current, Source::Shared);
             };
-            let (cas, key, new) = (&self.cas, key.clone(), encode(&next));
             let swapped = self
-                .redis
-                .run("change endpoint state", |mut conn| async move {
-                    cas.key(&key)
-                        .arg(&raw)
-                        .arg(&new)
-                        .arg(KEEP.as_secs())
-                        .invoke_async::<i64>(&mut conn)
-                        .await
-                })
+                .swap("change endpoint state", &key, &raw, &encode(&next))
                 .await;
             match swapped {
                 Some(1) => {
@@ -270,17 +278,8 @@ impl EndpointStates {
             self.remember(webhook, &state);
             return Some((result, state, Source::Shared));
         }
-        let (cas, key) = (&self.cas, key.to_owned());
         let swapped = self
-            .redis
-            .run("write back endpoint state", |mut conn| async move {
-                cas.key(&key)
-                    .arg(&raw)
-                    .arg(&new)
-                    .arg(KEEP.as_secs())
-                    .invoke_async::<i64>(&mut conn)
-                    .await
-            })
+            .swap("write back endpoint state", key, &raw, &new)
             .await;
         match swapped {
             Some(1) => {

@@ -150,19 +150,7 @@ impl Parking {
 
     /// Moves `parked` back to its delivery subject, then forgets it.
     pub async fn release(&self, parked: &Parked) -> Result<(), ParkingError> {
-        let job = &parked.job;
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(
-            names::MSG_ID_HEADER,
-            format!("unpark.{}", parked.seq).as_str(),
-        );
-        nats::publish(
-            &self.js,
-            names::delivery_subject(&job.organization_id, &job.webhook_id),
-            headers,
-            parked.payload.clone(),
-        )
-        .await?;
+        self.republish(parked).await?;
         self.remove(parked.seq).await
     }
 
