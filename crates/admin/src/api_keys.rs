@@ -22,10 +22,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use herald_core::{names, payload};
-use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -35,6 +32,7 @@ use crate::auth::{Caller, Kind, Principal, Scope};
 use crate::body::JsonBody;
 use crate::error::ApiError;
 use crate::kv_map::KvError;
+use crate::random;
 
 pub const BUCKET: &str = "herald-api-keys";
 /// Every API key starts with this.
@@ -91,23 +89,6 @@ fn to_json(k: &ApiKey) -> Value {
         "expires_at": k.expires_at_ms.map(payload::rfc3339_ms),
         "created_by": k.created_by,
     })
-}
-
-fn random_text(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    rand::rng().fill_bytes(&mut buf);
-    B64.encode(buf)
-}
-
-/// A new id: 16 lowercase letters and digits (no `_`: the token splits on
-/// it).
-fn new_id() -> String {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut buf = [0u8; 16];
-    rand::rng().fill_bytes(&mut buf);
-    buf.iter()
-        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
-        .collect()
 }
 
 pub fn routes() -> axum::Router<AppState> {
@@ -276,9 +257,9 @@ async fn create(
         }
         (None, None) => None,
     };
-    let short = new_id();
+    let short = random::id();
     let id = format!("key_{short}");
-    let token = format!("{PREFIX}{short}_{}", random_text(32));
+    let token = format!("{PREFIX}{short}_{}", random::text(32));
     let record = ApiKey {
         id: id.clone(),
         name,

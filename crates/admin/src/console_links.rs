@@ -30,10 +30,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use herald_core::{names, payload};
-use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -43,6 +40,7 @@ use crate::auth::{Caller, Kind, Principal, Scope};
 use crate::body::JsonBody;
 use crate::error::ApiError;
 use crate::kv_map::KvError;
+use crate::random;
 
 pub const BUCKET: &str = "herald-console-links";
 /// The longest a link (and its sessions) may live.
@@ -84,21 +82,9 @@ fn to_json(link: &ConsoleLink) -> Value {
     })
 }
 
-fn random_text(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    rand::rng().fill_bytes(&mut buf);
-    B64.encode(buf)
-}
-
+/// A new link id: `cl` and 16 lowercase letters and digits.
 fn new_id() -> String {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut buf = [0u8; 16];
-    rand::rng().fill_bytes(&mut buf);
-    let id: String = buf
-        .iter()
-        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
-        .collect();
-    format!("cl{id}")
+    format!("cl{}", random::id())
 }
 
 fn valid_link_id(id: &str) -> bool {
@@ -214,7 +200,7 @@ async fn create(
     let base = console_base(&state, &headers)?;
     let now = crate::now_ms();
     let id = new_id();
-    let token = format!("{LINK_PREFIX}{id}_{}", random_text(32));
+    let token = format!("{LINK_PREFIX}{id}_{}", random::text(32));
     let link = ConsoleLink {
         id: id.clone(),
         organization: org.clone(),
@@ -379,7 +365,7 @@ async fn exchange_token(state: &AppState, token: &str) -> Result<Option<Value>, 
 }
 
 fn session_token(state: &AppState, link_id: &str) -> String {
-    let body = format!("{link_id}.{}", random_text(16));
+    let body = format!("{link_id}.{}", random::text(16));
     let mac = state.config.hash_key.hash(&format!("session:{body}"));
     format!("{SESSION_PREFIX}{body}.{mac}")
 }

@@ -20,6 +20,7 @@ pub mod kv_map;
 pub mod limits;
 mod logs;
 pub mod organizations;
+mod random;
 mod validate;
 mod webhooks;
 
