@@ -57,6 +57,25 @@ fn missing_tools() -> Option<String> {
     (!missing.is_empty()).then(|| missing.join(", "))
 }
 
+/// Whether `test` cannot run here for want of its tools (and says so).
+/// Only a machine without Chromium, outside CI, may skip: anywhere else a
+/// missing tool fails the test.
+fn skipped_without_browser(test: &str) -> bool {
+    let Some(missing) = missing_tools() else {
+        return false;
+    };
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    assert!(
+        !ci && !Path::new(CHROMIUM).exists(),
+        "the console test needs {missing}: run `make deps`"
+    );
+    eprintln!(
+        "\n\n!!!!!!!! SKIPPED the {test}: {missing} missing. \
+         `make deps` installs it. !!!!!!!!\n\n"
+    );
+    true
+}
+
 fn keys_file(dir: &Path) -> PathBuf {
     let hash = herald_admin::auth::hash_key;
     let keys = json!({"keys": [
@@ -71,17 +90,7 @@ fn keys_file(dir: &Path) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_console_in_a_real_browser() {
-    if let Some(missing) = missing_tools() {
-        // Only a machine without Chromium, outside CI, may skip.
-        let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-        assert!(
-            !ci && !Path::new(CHROMIUM).exists(),
-            "the console test needs {missing}: run `make deps`"
-        );
-        eprintln!(
-            "\n\n!!!!!!!! SKIPPED the console browser test: {missing} missing. \
-             `make deps` installs it. !!!!!!!!\n\n"
-        );
+    if skipped_without_browser("console browser test") {
         return;
     }
     let dir = tempdir();
@@ -247,15 +256,7 @@ async fn serve_platform_page(listener: tokio::net::TcpListener) {
 /// trail (`tests/console/tenants.mjs`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_console_link_framed_by_another_origin_follows_its_scope() {
-    if let Some(missing) = missing_tools() {
-        let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-        assert!(
-            !ci && !Path::new(CHROMIUM).exists(),
-            "the console test needs {missing}: run `make deps`"
-        );
-        eprintln!(
-            "\n\n!!!!!!!! SKIPPED the console link browser test: {missing} missing !!!!!!!!\n\n"
-        );
+    if skipped_without_browser("console link browser test") {
         return;
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
