@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use async_nats::jetstream::{self, AckKind};
+use async_nats::jetstream;
 use bytes::Bytes;
 use herald_core::payload::{self, Format};
 use herald_core::policy::{
@@ -25,9 +25,9 @@ use herald_core::signing::{self, SigningKey};
 use herald_core::{catalogue, ids, masking, names, proto};
 use herald_platform::nats::PublishError;
 use herald_platform::webhooks::StoreError;
+use herald_platform::worker::Disposition;
 use herald_platform::{now_ms, trace};
 use prost::Message;
-use tokio_util::sync::CancellationToken;
 
 use crate::State;
 use crate::endpoint_state::Source;
@@ -35,12 +35,8 @@ use crate::outbox::SystemEvent;
 use crate::outcome::{self, Outcome};
 use crate::parking::ParkingError;
 
-use herald_platform::dead_letters::MAX_HAND_BACKS;
-
 /// How soon a probe timer fires again after a release or a drain failed.
 const REARM_AFTER_ERROR: Duration = Duration::from_secs(5);
-/// How often a job in hand says it is still being worked on.
-const PROGRESS_EVERY: Duration = Duration::from_secs(20);
 /// At most one warning per this long about Herald's own failures (an outage
 /// stops every job at once); the metric counts each.
 const WARN_EVERY: Duration = Duration::from_secs(10);
@@ -138,63 +134,29 @@ fn finish<E: Into<JobError>>(result: Result<(), E>) -> Done {
 }
 
 impl State {
-    pub(crate) async fn handle(
-        self: &Arc<Self>,
-        message: jetstream::Message,
-        hard_stop: &CancellationToken,
-    ) {
-        let info = message
-            .info()
-            .ok()
-            .map(|i| (i.stream_sequence, i.delivered));
-        let (source, delivered) = info.unwrap_or((0, 1));
+    /// Carries `message`'s job through and says what becomes of the
+    /// message (the worker loop settles it). A job still in hand when the
+    /// grace period after shutdown ends is handed back at once: another
+    /// replica (or this one, restarted) makes the attempt.
+    pub(crate) async fn handle(self: &Arc<Self>, message: &jetstream::Message) -> Disposition {
+        let source = message.info().map(|i| i.stream_sequence).unwrap_or(0);
         let job = match proto::DeliveryJob::decode(message.payload.clone()) {
             Ok(job) => job,
             Err(error) => {
                 tracing::error!(%error, subject = %message.subject, "undecodable delivery job");
-                self.dead_letter(&message, &format!("undecodable delivery job: {error}"))
-                    .await;
-                return;
+                return Disposition::DeadLetter(format!("undecodable delivery job: {error}"));
             }
         };
-        // Naks are the last resort, when not even a schedule could be
-        // published; their delays back off like schedules, so this many
-        // span about the default give-up time. The consumer's max_deliver is
-        // a little higher: the deliverer always sees the message first.
-        if delivered > MAX_HAND_BACKS {
-            let reason = format!(
-                "handed back {} times for Herald's own trouble",
-                delivered - 1
-            );
-            self.dead_letter(&message, &reason).await;
-            return;
-        }
-        let deliver = self.deliver(&job, source);
-        tokio::pin!(deliver);
-        // A job that waits long for its endpoint keeps its claim rather
-        // than being redelivered to another replica meanwhile.
-        let mut progress =
-            tokio::time::interval_at(tokio::time::Instant::now() + PROGRESS_EVERY, PROGRESS_EVERY);
-        let done = loop {
-            tokio::select! {
-                done = &mut deliver => break done,
-                // The grace period is over: another replica (or this one,
-                // restarted) will make the attempt.
-                _ = hard_stop.cancelled() => break Done::HandBack(JobError::ShuttingDown),
-                _ = progress.tick() => {
-                    let _ = message.ack_with(AckKind::Progress).await;
-                }
-            }
+        let done = tokio::select! {
+            done = self.deliver(&job, source) => done,
+            _ = self.hard_stop.cancelled() => Done::HandBack(JobError::ShuttingDown),
         };
         match done {
-            Done::Ack => {
-                let _ = message.ack().await;
+            Done::Ack => Disposition::Ack,
+            Done::HandBack(_) if self.hard_stop.is_cancelled() => {
+                Disposition::HandBack(Duration::ZERO)
             }
-            // The grace period is over: another replica takes it now.
-            Done::HandBack(_) if hard_stop.is_cancelled() => {
-                let _ = message.ack_with(AckKind::Nak(None)).await;
-            }
-            Done::HandBack(error) => self.own_failure(&message, &job, &error).await,
+            Done::HandBack(error) => self.own_failure(message, &job, &error).await,
         }
     }
 
@@ -208,7 +170,7 @@ impl State {
         message: &jetstream::Message,
         job: &proto::DeliveryJob,
         error: &JobError,
-    ) {
+    ) -> Disposition {
         self.metrics.herald_failures.inc();
         self.count("herald_failure");
         let now = now_ms();
@@ -249,15 +211,12 @@ impl State {
                     self.outbox.schedule(&next).await
                 };
                 match scheduled {
-                    Ok(()) => {
-                        let _ = message.ack().await;
-                    }
+                    Ok(()) => Disposition::Ack,
                     // Not even a schedule can be published: hand the
                     // message back to the stream for as long.
                     Err(publish) => {
                         tracing::debug!(error = %publish, "cannot schedule the wait; handed back");
-                        let delay = Duration::from_millis((at_ms - now).max(0) as u64);
-                        let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+                        Disposition::HandBack(Duration::from_millis((at_ms - now).max(0) as u64))
                     }
                 }
             }
@@ -266,23 +225,32 @@ impl State {
                     (now - since).max(0) as u64,
                 ));
                 let reason = format!("herald's own failure for {lasted}: {error}");
-                self.give_up(message, job, &reason).await;
+                self.give_up(message, job, &reason).await
             }
         }
     }
 
-    /// Moves `job` to the dead letters with `reason` for an operator.
-    async fn give_up(&self, message: &jetstream::Message, job: &proto::DeliveryJob, reason: &str) {
+    /// Moves `job` to the dead letters with `reason` for an operator, its
+    /// own-failure count cleared so that a redrive starts a new one.
+    async fn give_up(
+        &self,
+        message: &jetstream::Message,
+        job: &proto::DeliveryJob,
+        reason: &str,
+    ) -> Disposition {
         tracing::warn!(delivery_id = %job.delivery_id, webhook_id = %job.webhook_id, %reason, "delivery moved to the dead letters");
-        // Sent back by a redrive, it starts a new count.
         let payload = proto::DeliveryJob {
             not_before_ms: 0,
             ..got_on(job)
         };
+        let stream = message
+            .info()
+            .map(|i| i.stream)
+            .unwrap_or(names::DELIVERIES_STREAM);
         match self
             .outbox
             .dead_letter(
-                names::DELIVERIES_STREAM,
+                stream,
                 &message.subject,
                 payload.encode_to_vec().into(),
                 reason,
@@ -291,21 +259,12 @@ impl State {
         {
             Ok(()) => {
                 self.metrics.dead_letters.inc();
-                let _ = message.ack_with(AckKind::Term).await;
+                Disposition::Term
             }
             Err(error) => {
                 tracing::warn!(%error, "cannot dead-letter a delivery job; handed back");
-                let _ = message
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
-                    .await;
+                Disposition::HandBack(Duration::from_secs(5))
             }
-        }
-    }
-
-    async fn dead_letter(&self, message: &jetstream::Message, reason: &str) {
-        self.metrics.dead_letters.inc();
-        if let Err(error) = self.outbox.terminate(message, reason).await {
-            tracing::warn!(%error, "cannot dead-letter a delivery job; handed back");
         }
     }
 

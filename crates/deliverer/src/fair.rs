@@ -276,14 +276,7 @@ impl Fair {
 
     /// Reads up to `n` held jobs of `org` (counted in flight already) and
     /// starts each, with a global slot, as a released job.
-    async fn release(
-        &self,
-        state: &Arc<State>,
-        org: &str,
-        n: usize,
-        slots: &Arc<Semaphore>,
-        hard_stop: &CancellationToken,
-    ) {
+    async fn release(&self, state: &Arc<State>, org: &str, n: usize, slots: &Arc<Semaphore>) {
         let mut got = 0;
         let fetched = match self.consumer(org).await {
             Ok(c) => c
@@ -316,7 +309,7 @@ impl Fair {
                         .acquire_owned()
                         .await
                         .expect("slots are never closed");
-                    let (state, hard_stop) = (state.clone(), hard_stop.clone());
+                    let state = state.clone();
                     let span = herald_platform::trace::message_span(
                         "deliver",
                         &message.subject,
@@ -326,7 +319,10 @@ impl Fair {
                     tokio::spawn(
                         RELEASED
                             .scope((), async move {
-                                state.handle(message, &hard_stop).await;
+                                let (spec, settle) = &state.held;
+                                let jobs = crate::Jobs(state.clone());
+                                herald_platform::worker::process(&jobs, settle, spec, message)
+                                    .await;
                                 drop(ticket);
                                 drop(slot);
                             })
@@ -491,12 +487,7 @@ fn limits_of(record: &[u8]) -> Limits {
 
 /// Releases held jobs as requests complete, until shutdown; sweeps the held
 /// stream, sets the metrics and follows the organizations' limits.
-pub async fn run(
-    state: Arc<State>,
-    slots: Arc<Semaphore>,
-    hard_stop: CancellationToken,
-    shutdown: CancellationToken,
-) {
+pub async fn run(state: Arc<State>, slots: Arc<Semaphore>, shutdown: CancellationToken) {
     let fair = state.fair.clone();
     tokio::spawn(fair.clone().follow_limits(shutdown.clone()));
     let start = tokio::time::Instant::now();
@@ -519,7 +510,7 @@ pub async fn run(
             .expect("scheduler lock")
             .releases(slots.available_permits(), now_ms());
         for (org, n) in releases {
-            fair.release(&state, &org, n, &slots, &hard_stop).await;
+            fair.release(&state, &org, n, &slots).await;
         }
     }
 }

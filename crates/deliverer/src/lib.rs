@@ -38,8 +38,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{AckKind, consumer};
-use futures::StreamExt;
 use herald_core::names;
 use herald_core::policy::Policy;
 use herald_core::retry::RetrySchedule;
@@ -47,9 +45,8 @@ use herald_core::secret::Keyring;
 use herald_platform::config::{self, ConfigError, Source};
 use herald_platform::redis::Redis;
 use herald_platform::webhooks::WebhookStore;
-use herald_platform::{nats, trace};
+use herald_platform::{nats, worker};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 pub use crate::fair::Settings as FairShares;
 pub use crate::http::{BODY_CAP, Client, SendError};
@@ -168,6 +165,12 @@ struct State {
     inflight: inflight::InFlight,
     fair: fair::Fair,
     own_failure_warnings: delivery::Warnings,
+    /// Cancelled when the grace period after shutdown ends: jobs still in
+    /// hand are handed back.
+    hard_stop: CancellationToken,
+    /// How held jobs released from HERALD_HELD are processed and settled:
+    /// as the deliveries consumer's are, on their own stream.
+    held: (worker::Spec, worker::Settle),
     /// Recent connection outcomes across hosts: whether Herald's own
     /// network is down (`core::egress`).
     connects: std::sync::Mutex<herald_core::egress::Connects>,
@@ -213,8 +216,45 @@ async fn rearm_parked(state: Arc<State>, shutdown: CancellationToken) {
 
 /// The most jobs one pull asks for.
 const PULL_BATCH: usize = 500;
-/// How long one pull waits for jobs before the next is made.
-const PULL_EXPIRES: Duration = Duration::from_millis(500);
+/// The most bytes one pull asks for (a job carries its event).
+const PULL_MAX_BYTES: usize = 16 * 1024 * 1024;
+/// How often a job in hand says it is still being worked on (a third of
+/// the ack wait): one waiting long for its endpoint keeps its claim rather
+/// than being redelivered to another replica meanwhile.
+const PROGRESS_EVERY: Duration = Duration::from_secs(20);
+
+/// The deliverer's consumer of the deliveries stream. Jobs waiting for a
+/// retry or a deferral are server-side schedules, not unacked messages, so
+/// `max_ack_pending` bounds only work in hand.
+fn spec(concurrency: usize) -> worker::Spec {
+    worker::Spec {
+        stream: names::DELIVERIES_STREAM,
+        durable: names::DELIVERER_CONSUMER,
+        filter: names::DELIVERIES_SUBJECTS,
+        ack_wait: ACK_WAIT,
+        max_ack_pending: (concurrency * 2) as i64,
+        batch: PULL_BATCH.min(concurrency),
+        max_bytes: PULL_MAX_BYTES,
+        // Naks are the last resort, when not even a schedule could be
+        // published; their delays back off like schedules, so this many
+        // span about the default give-up time.
+        max_deliveries: herald_platform::dead_letters::MAX_HAND_BACKS,
+        progress_every: Some(PROGRESS_EVERY),
+        operation: "deliver",
+    }
+}
+
+/// The worker loop's handler: each job through [`State::handle`].
+struct Jobs(Arc<State>);
+
+impl worker::Handler for Jobs {
+    fn handle(
+        &self,
+        message: &async_nats::jetstream::Message,
+    ) -> impl std::future::Future<Output = worker::Disposition> + Send {
+        self.0.handle(message)
+    }
+}
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let (health, client) = herald_platform::service::start_worker(
@@ -234,32 +274,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     health.watch_redis_degradable(redis.clone(), shutdown.clone());
     herald_platform::metrics::watch_retries(&health, js.clone(), shutdown.clone());
 
-    // Jobs waiting for a retry or a deferral are server-side schedules, not
-    // unacked messages, so max_ack_pending bounds only work in hand.
-    let consumer = nats::durable_consumer(
+    let spec = spec(config.concurrency);
+    let worker = worker::Worker::start(
         &js,
-        names::DELIVERIES_STREAM,
-        consumer::pull::Config {
-            durable_name: Some(names::DELIVERER_CONSUMER.into()),
-            filter_subject: names::DELIVERIES_SUBJECTS.into(),
-            ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: ACK_WAIT,
-            max_ack_pending: (config.concurrency * 2) as i64,
-            // The deliverer dead-letters a job handed back this often
-            // (`dead_letters::MAX_HAND_BACKS`); the server's limit is a backstop.
-            max_deliver: herald_platform::dead_letters::MAX_DELIVER,
-            ..Default::default()
-        },
+        &health,
+        spec.clone(),
+        Some(metrics.dead_letters.clone()),
         &shutdown,
     )
     .await?;
-    herald_platform::metrics::watch_consumer(
-        &health,
-        &consumer,
-        names::DELIVERER_CONSUMER,
-        shutdown.clone(),
-    );
-    health.set("consumer", true);
 
     let concurrency = config.concurrency;
     let grace = config.shutdown_grace;
@@ -285,7 +308,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     .await?;
     let state = Arc::new(State {
         outbox: outbox::Outbox::new(js.clone()),
-        parking: parking::Parking::new(js),
+        parking: parking::Parking::new(js.clone()),
         webhooks: cache::Webhooks::new(store, metrics.webhooks_revision.clone(), shutdown.clone()),
         states: endpoint_state::EndpointStates::new(redis),
         fair,
@@ -302,94 +325,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         },
         inflight: inflight::InFlight::new(config.endpoint_concurrency),
         own_failure_warnings: delivery::Warnings::default(),
+        hard_stop: hard_stop.clone(),
+        held: (
+            spec,
+            worker::Settle::new(
+                js.clone(),
+                herald_core::fairness::HELD_STREAM,
+                Some(metrics.dead_letters.clone()),
+            ),
+        ),
         config,
         metrics,
     });
     tokio::spawn(rearm_parked(state.clone(), shutdown.clone()));
     // Each job is its own task (signing and TLS spread over every core),
-    // at most `concurrency` at once. Jobs are pulled in batches no larger
-    // than the free slots, one short-lived pull request at a time, so on
-    // shutdown no pull request is left for nobody to read: every job pulled
-    // is either started or handed back at once.
+    // at most `concurrency` at once, held jobs released beside them
+    // (an organization over its share) included.
     let slots = Arc::new(tokio::sync::Semaphore::new(concurrency));
-    // Held jobs (an organization over its share) are released beside it.
-    tokio::spawn(fair::run(
-        state.clone(),
-        slots.clone(),
-        hard_stop.clone(),
-        shutdown.clone(),
-    ));
-    let mut tasks = tokio::task::JoinSet::new();
-    while !shutdown.is_cancelled() {
-        // Wait for a free slot without holding it.
-        let free = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            slot = slots.clone().acquire_owned() => {
-                drop(slot.expect("slots are never closed"));
-                slots.available_permits()
-            }
-        };
-        let batch = consumer
-            .batch()
-            .max_messages(free.min(PULL_BATCH))
-            .expires(PULL_EXPIRES)
-            .messages()
-            .await;
-        let mut batch = match batch {
-            Ok(batch) => batch,
-            Err(error) => {
-                tracing::warn!(%error, "cannot pull delivery jobs");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
-                }
-            }
-        };
-        // A pull request dies with its consumer's leader (a NATS node lost)
-        // and nothing says so; async-nats gives up on it only 5 s after its
-        // expiry. Give up 1 s after, and pull again from the new leader.
-        let give_up = tokio::time::Instant::now() + PULL_EXPIRES + Duration::from_secs(1);
-        loop {
-            let message = match tokio::time::timeout_at(give_up, batch.next()).await {
-                Ok(Some(message)) => message,
-                Ok(None) => break,
-                Err(_) => {
-                    tracing::warn!("pull request unanswered past its expiry; pulling again");
-                    break;
-                }
-            };
-            let message = match message {
-                Ok(message) => message,
-                Err(error) => {
-                    tracing::warn!(%error, "delivery consumer error");
-                    continue;
-                }
-            };
-            if shutdown.is_cancelled() {
-                // Pulled but not started: another replica takes it now.
-                let _ = message.ack_with(AckKind::Nak(None)).await;
-                continue;
-            }
-            // Never more jobs were asked for than slots were free.
-            let slot = slots
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("slots are never closed");
-            let (state, hard_stop) = (state.clone(), hard_stop.clone());
-            let span =
-                trace::message_span("deliver", &message.subject, message.headers.as_ref(), "");
-            tasks.spawn(
-                async move {
-                    state.handle(message, &hard_stop).await;
-                    drop(slot);
-                }
-                .instrument(span),
-            );
-            while tasks.try_join_next().is_some() {}
-        }
-    }
-    while tasks.join_next().await.is_some() {}
+    tokio::spawn(fair::run(state.clone(), slots.clone(), shutdown.clone()));
+    worker
+        .each_within(Arc::new(Jobs(state)), slots.clone(), &shutdown)
+        .await;
     // Released jobs too hold a slot until they end.
     let _ = slots.acquire_many(concurrency as u32).await;
     hard_stop.cancel();

@@ -198,22 +198,6 @@ impl Outbox {
         .map(|_| ())
     }
 
-    /// Moves a message this consumer cannot process to the dead letters and
-    /// terminates it (hands it back when even that fails).
-    pub async fn terminate(
-        &self,
-        message: &jetstream::Message,
-        reason: &str,
-    ) -> Result<(), PublishError> {
-        herald_platform::dead_letters::terminate(
-            &self.js,
-            names::DELIVERIES_STREAM,
-            message,
-            reason,
-        )
-        .await
-    }
-
     /// Moves a message Herald cannot process to the dead letters
     /// (`herald_platform::dead_letters`).
     pub async fn dead_letter(

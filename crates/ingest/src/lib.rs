@@ -178,6 +178,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let spec = worker::Spec {
         stream: names::EVENTS_STREAM,
         durable: names::INGEST_CONSUMER,
+        filter: "",
         ack_wait: Duration::from_secs(30),
         max_ack_pending: 20_000,
         batch: PULL_BATCH,

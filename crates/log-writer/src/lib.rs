@@ -177,6 +177,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let spec = worker::Spec {
         stream: names::ATTEMPTS_STREAM,
         durable: names::LOG_WRITER_CONSUMER,
+        filter: "",
         ack_wait: Duration::from_secs(30),
         max_ack_pending: 20_000,
         batch: 1_000,

@@ -196,6 +196,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let spec = worker::Spec {
         stream: names::ACCEPTED_STREAM,
         durable: names::MATCHER_CONSUMER,
+        filter: "",
         ack_wait: config.ack_wait,
         max_ack_pending: 10_000,
         batch: PULL_BATCH,

@@ -12,8 +12,12 @@
 //! progress acks ([`Spec::progress_every`]), so it is not redelivered to
 //! another replica and done twice meanwhile.
 //!
-//! ingest and matcher process message by message ([`Worker::each`]),
-//! log-writer a batch at a time ([`Worker::batches`]).
+//! ingest, matcher and deliverer process message by message, each in its
+//! own task so that the work spreads over every core ([`Worker::each`];
+//! the deliverer shares its slots with the held jobs it releases:
+//! [`Worker::each_within`]), log-writer a batch at a time
+//! ([`Worker::batches`]). A message read from elsewhere (the deliverer's
+//! held jobs) goes the same way through [`process`].
 
 use std::future::Future;
 use std::sync::Arc;
@@ -21,8 +25,9 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, Message, consumer};
 use futures::StreamExt;
-use futures::stream::FuturesUnordered;
 use prometheus_client::metrics::counter::Counter;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -50,6 +55,8 @@ pub struct Spec {
     pub stream: &'static str,
     /// Durable name (shared by all replicas).
     pub durable: &'static str,
+    /// The subjects of the stream it reads ("": all of them).
+    pub filter: &'static str,
     pub ack_wait: Duration,
     pub max_ack_pending: i64,
     /// Messages one pull asks for, at most.
@@ -74,6 +81,7 @@ impl Spec {
     fn consumer_config(&self) -> consumer::pull::Config {
         consumer::pull::Config {
             durable_name: Some(self.durable.into()),
+            filter_subject: self.filter.into(),
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: self.ack_wait,
             max_ack_pending: self.max_ack_pending,
@@ -114,6 +122,20 @@ pub struct Settle {
 }
 
 impl Settle {
+    /// Settles messages of `stream`, counting those moved to the dead
+    /// letters in `dead_letters`.
+    pub fn new(
+        js: jetstream::Context,
+        stream: &'static str,
+        dead_letters: Option<Counter>,
+    ) -> Self {
+        Self {
+            js,
+            stream,
+            dead_letters,
+        }
+    }
+
     pub async fn settle(&self, message: &Message, disposition: Disposition) {
         match disposition {
             Disposition::Ack => {
@@ -172,11 +194,7 @@ impl Worker {
             })?;
         health.set("consumer", true);
         Ok(Self {
-            settle: Settle {
-                js: js.clone(),
-                stream: spec.stream,
-                dead_letters,
-            },
+            settle: Settle::new(js.clone(), spec.stream, dead_letters),
             client: js.client(),
             spec,
             messages,
@@ -188,46 +206,77 @@ impl Worker {
         self.settle.clone()
     }
 
-    /// Processes messages one by one, up to `concurrency` at once, until
-    /// `shutdown`; then finishes those started and hands back the rest.
+    /// Processes messages one by one, each in its own task, up to
+    /// `concurrency` at once, until `shutdown`; then finishes those started
+    /// and hands back the rest.
     pub async fn each<H: Handler>(
-        mut self,
+        self,
         handler: Arc<H>,
         concurrency: usize,
         shutdown: &CancellationToken,
     ) {
-        let mut in_flight = FuturesUnordered::new();
+        self.each_within(handler, Arc::new(Semaphore::new(concurrency)), shutdown)
+            .await
+    }
+
+    /// [`Worker::each`] with a message in hand for each permit of `slots`,
+    /// which others may hold too (the deliverer's released jobs): a
+    /// message is taken from the pull only once a slot is free. At
+    /// `shutdown` what was pulled but not started is handed back at once,
+    /// and this returns when every message it started is settled (the
+    /// handler decides how long that may take).
+    pub async fn each_within<H: Handler>(
+        mut self,
+        handler: Arc<H>,
+        slots: Arc<Semaphore>,
+        shutdown: &CancellationToken,
+    ) {
+        let mut tasks = JoinSet::new();
         loop {
-            tokio::select! {
+            let slot = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
-                message = self.messages.next(), if in_flight.len() < concurrency => match message {
-                    Some(Ok(message)) => {
-                        let span = trace::message_span(
-                            self.spec.operation,
-                            &message.subject,
-                            message.headers.as_ref(),
-                            "",
-                        );
-                        let work = process(
-                            handler.clone(),
-                            self.settle.clone(),
-                            self.spec.max_deliveries,
-                            self.spec.progress_every,
-                            message,
-                        );
-                        in_flight.push(work.instrument(span));
-                    }
-                    Some(Err(error)) => {
-                        tracing::warn!(%error, consumer = self.spec.durable, "consumer error");
-                    }
-                    None => break,
-                },
+                slot = slots.clone().acquire_owned() => slot.expect("slots are never closed"),
+            };
+            let message = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                message = self.messages.next() => message,
+            };
+            match message {
+                Some(Ok(message)) => {
+                    let span = trace::message_span(
+                        self.spec.operation,
+                        &message.subject,
+                        message.headers.as_ref(),
+                        "",
+                    );
+                    let (handler, settle, spec) =
+                        (handler.clone(), self.settle.clone(), self.spec.clone());
+                    tasks.spawn(
+                        async move {
+                            process(&*handler, &settle, &spec, message).await;
+                            drop(slot);
+                        }
+                        .instrument(span),
+                    );
+                }
+                Some(Err(error)) => {
+                    tracing::warn!(%error, consumer = self.spec.durable, "consumer error");
+                }
+                None => break,
+            }
+            while let Some(done) = tasks.try_join_next() {
+                report_panic(done, self.spec.durable);
             }
         }
         let hand_back = crate::shutdown::hand_back(&mut self.messages);
-        futures::join!(in_flight.collect::<()>(), hand_back);
+        let finish = async {
+            while let Some(done) = tasks.join_next().await {
+                report_panic(done, self.spec.durable);
+            }
+        };
+        futures::join!(finish, hand_back);
         nats::flush(&self.client).await;
     }
 
@@ -267,19 +316,23 @@ impl Worker {
     }
 }
 
-/// One message through a handler: exhausted or handled (keeping its claim
-/// while it runs, when asked), then settled.
-async fn process<H: Handler>(
-    handler: Arc<H>,
-    settle: Settle,
-    max_deliveries: i64,
-    progress_every: Option<Duration>,
-    message: Message,
-) {
+/// A task that panicked left its message unsettled: the server
+/// redelivers it after the ack wait (and dead-letters it once it has done
+/// so too often). Said, so that it is seen.
+fn report_panic(done: Result<(), tokio::task::JoinError>, consumer: &str) {
+    if let Err(error) = done {
+        tracing::error!(%error, consumer, "a message's task failed; it is redelivered after the ack wait");
+    }
+}
+
+/// One message through a handler: exhausted (delivered more than
+/// `spec.max_deliveries` times) or handled, keeping its claim with progress
+/// acks while it runs when `spec.progress_every` says so; then settled.
+pub async fn process<H: Handler>(handler: &H, settle: &Settle, spec: &Spec, message: Message) {
     let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
-    let disposition = if delivered > max_deliveries {
+    let disposition = if delivered > spec.max_deliveries {
         handler.exhausted(&message, delivered).await
-    } else if let Some(every) = progress_every {
+    } else if let Some(every) = spec.progress_every {
         nats::keep_claimed(&message, every, handler.handle(&message)).await
     } else {
         handler.handle(&message).await
@@ -296,6 +349,7 @@ mod tests {
         let spec = Spec {
             stream: "S",
             durable: "d",
+            filter: "s.>",
             ack_wait: Duration::from_secs(30),
             max_ack_pending: 10,
             batch: 5,
@@ -306,6 +360,7 @@ mod tests {
         };
         let config = spec.consumer_config();
         assert_eq!(config.durable_name.as_deref(), Some("d"));
+        assert_eq!(config.filter_subject, "s.>");
         assert_eq!(config.max_deliver, dead_letters::MAX_DELIVER);
         assert!(config.max_deliver > spec.max_deliveries);
         assert_eq!(config.ack_policy, consumer::AckPolicy::Explicit);
