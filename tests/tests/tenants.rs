@@ -98,6 +98,13 @@ impl Admin {
         (status, json)
     }
 
+    /// Exchanges a console link's token for a session (no key needed).
+    async fn exchange(&self, token: &str) -> (u16, Value) {
+        let body = json!({"token": token});
+        self.call("", None, "POST", "/console-sessions", Some(body))
+            .await
+    }
+
     /// With the stack's operator key (from the keys file).
     async fn op(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         self.call(herald_e2e::API_KEY, None, method, path, body)
@@ -481,28 +488,12 @@ async fn a_console_link_is_exchanged_once_and_ends_with_revocation_or_expiry() {
     let link_id = link["id"].as_str().unwrap().to_owned();
 
     // Exchanged once, on any replica.
-    let (status, session) = two
-        .call(
-            "",
-            None,
-            "POST",
-            "/console-sessions",
-            Some(json!({"token": token})),
-        )
-        .await;
+    let (status, session) = two.exchange(token).await;
     assert_eq!(status, 201, "{session}");
     assert_eq!(session["organization"], "hooli");
     assert_eq!(session["scope"], "read");
     let session = session["session"].as_str().unwrap().to_owned();
-    let (status, again) = one
-        .call(
-            "",
-            None,
-            "POST",
-            "/console-sessions",
-            Some(json!({"token": token})),
-        )
-        .await;
+    let (status, again) = one.exchange(token).await;
     assert_eq!(code(status, 401, &again), "invalid_link");
 
     // The session sees that organization's one webhook, read-only.
@@ -596,15 +587,7 @@ async fn a_console_link_is_exchanged_once_and_ends_with_revocation_or_expiry() {
             .1
             .to_owned()
     };
-    let (status, exchanged) = one
-        .call(
-            "",
-            None,
-            "POST",
-            "/console-sessions",
-            Some(json!({"token": token_of(&short)})),
-        )
-        .await;
+    let (status, exchanged) = one.exchange(&token_of(&short)).await;
     assert_eq!(status, 201);
     let admin_session = exchanged["session"].as_str().unwrap().to_owned();
     let (status, list) = one
@@ -617,15 +600,7 @@ async fn a_console_link_is_exchanged_once_and_ends_with_revocation_or_expiry() {
         .call(&admin_session, None, "GET", "/webhooks", None)
         .await;
     assert_eq!(status, 401);
-    let (status, _) = one
-        .call(
-            "",
-            None,
-            "POST",
-            "/console-sessions",
-            Some(json!({"token": token_of(&unused)})),
-        )
-        .await;
+    let (status, _) = one.exchange(&token_of(&unused)).await;
     assert_eq!(status, 401);
     // A forged session token is nobody.
     let forged = format!("hs_{link_id}.AAAA.{}", "0".repeat(64));
