@@ -77,13 +77,69 @@ async fn publish_attempt(stack: &Stack, a: &proto::AttemptResult, msg_id: &str) 
         .expect("attempt ack");
 }
 
+/// Publishes attempts `ns` of `webhook_id` (organization `acme`), each
+/// with its log id as the message id.
+async fn publish_attempts(
+    stack: &Stack,
+    webhook_id: &str,
+    ns: std::ops::Range<u32>,
+    status: proto::AttemptStatus,
+    event_type: &str,
+    base_ms: i64,
+) {
+    for n in ns {
+        let a = attempt("acme", webhook_id, n, status, event_type, base_ms);
+        publish_attempt(stack, &a, &a.log_id).await;
+    }
+}
+
 async fn wait_total(stack: &Stack, path: &str, total: u64) -> Value {
+    wait_total_within(stack, path, total, WAIT).await
+}
+
+/// Waits up to `timeout` until the log list at `path` counts `total`.
+async fn wait_total_within(stack: &Stack, path: &str, total: u64, timeout: Duration) -> Value {
     stack
-        .eventually(WAIT, &format!("{path} total {total}"), || async {
+        .eventually(timeout, &format!("{path} total {total}"), || async {
             let (status, body) = stack.api("GET", path, None).await;
             (status == 200 && body["total"] == total).then_some(body)
         })
         .await
+}
+
+/// Waits until log-writer's `/ready` answers 200 (`ready`), or 503 for
+/// its log index (not `ready`).
+async fn wait_log_writer_ready(stack: &Stack, ready: bool) {
+    let url = stack.health_url("HERALD_LOG_WRITER_HEALTH_ADDR", "/ready");
+    let what = format!("log-writer ready: {ready}");
+    stack
+        .eventually(WAIT, &what, || async {
+            let (status, body) = stack.get(&url).await.ok()?;
+            let seen = if ready {
+                status == 200
+            } else {
+                status == 503 && body.contains("\"log_index\":false")
+            };
+            seen.then_some(())
+        })
+        .await;
+}
+
+/// log-writer's `/metrics` text.
+async fn log_writer_metrics(stack: &Stack) -> String {
+    let url = stack.health_url("HERALD_LOG_WRITER_HEALTH_ADDR", "/metrics");
+    stack.get(&url).await.expect("log-writer metrics").1
+}
+
+/// Sets the ACL rule of a Redis's default user (`-@write`: reads only).
+async fn set_default_user(conn: &mut redis::aio::MultiplexedConnection, rule: &str) {
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("default")
+        .arg(rule)
+        .query_async::<()>(conn)
+        .await
+        .unwrap();
 }
 
 async fn webhook(stack: &Stack, url: &str, extra: Value) -> (String, String) {
@@ -583,17 +639,15 @@ async fn the_index_is_rebuilt_after_redis_loses_it() {
         Stack::start_with(Options::default().env("HERALD_LOG_INDEX_CHECK", "200ms")).await;
     let (id, _) = webhook(&stack, "http://127.0.0.1:9/a", json!({})).await;
     let base = now_ms();
-    for n in 0..30 {
-        let a = attempt(
-            "acme",
-            &id,
-            n,
-            proto::AttemptStatus::Succeeded,
-            "workflow.completed",
-            base,
-        );
-        publish_attempt(&stack, &a, &a.log_id).await;
-    }
+    publish_attempts(
+        &stack,
+        &id,
+        0..30,
+        proto::AttemptStatus::Succeeded,
+        "workflow.completed",
+        base,
+    )
+    .await;
     let path = format!("/webhooks/{id}/logs?limit=500");
     let before = wait_total(&stack, &path, 30).await;
 
@@ -616,17 +670,15 @@ async fn the_rebuild_command_restores_the_index() {
     let stack = Stack::start_with(Options::default().env("HERALD_LOG_INDEX_CHECK", "1h")).await;
     let (id, _) = webhook(&stack, "http://127.0.0.1:9/a", json!({})).await;
     let base = now_ms();
-    for n in 0..12 {
-        let a = attempt(
-            "acme",
-            &id,
-            n,
-            proto::AttemptStatus::Failed,
-            "workflow.failed",
-            base,
-        );
-        publish_attempt(&stack, &a, &a.log_id).await;
-    }
+    publish_attempts(
+        &stack,
+        &id,
+        0..12,
+        proto::AttemptStatus::Failed,
+        "workflow.failed",
+        base,
+    )
+    .await;
     let path = format!("/webhooks/{id}/logs");
     wait_total(&stack, &path, 12).await;
     flushall(&stack).await;
@@ -1066,17 +1118,15 @@ async fn the_index_works_on_a_redis_cluster() {
     let receiver = Receiver::start().await;
     let (id, _) = webhook(&stack, &receiver.url("/c"), json!({})).await;
     let base = now_ms();
-    for n in 0..40 {
-        let a = attempt(
-            "acme",
-            &id,
-            n,
-            proto::AttemptStatus::Succeeded,
-            "workflow.completed",
-            base,
-        );
-        publish_attempt(&stack, &a, &a.log_id).await;
-    }
+    publish_attempts(
+        &stack,
+        &id,
+        0..40,
+        proto::AttemptStatus::Succeeded,
+        "workflow.completed",
+        base,
+    )
+    .await;
     // A real delivery too, for the detail read back from the stream.
     stack
         .publish(
@@ -1172,27 +1222,18 @@ async fn a_full_index_redis_loses_nothing_and_counters_keep_working() {
     )
     .await;
     let base = now_ms();
-    for n in 0..50 {
-        let a = attempt(
-            "acme",
-            &id,
-            n,
-            proto::AttemptStatus::Succeeded,
-            "workflow.completed",
-            base,
-        );
-        publish_attempt(&stack, &a, &a.log_id).await;
-    }
+    publish_attempts(
+        &stack,
+        &id,
+        0..50,
+        proto::AttemptStatus::Succeeded,
+        "workflow.completed",
+        base,
+    )
+    .await;
     // log-writer says so, and keeps the attempts in the stream.
-    let ready = stack.health_url("HERALD_LOG_WRITER_HEALTH_ADDR", "/ready");
-    stack
-        .eventually(WAIT, "log-writer not ready: index full", || async {
-            let (status, body) = stack.get(&ready).await.ok()?;
-            (status == 503 && body.contains("\"log_index\":false")).then_some(())
-        })
-        .await;
-    let metrics = stack.health_url("HERALD_LOG_WRITER_HEALTH_ADDR", "/metrics");
-    let (_, text) = stack.get(&metrics).await.unwrap();
+    wait_log_writer_ready(&stack, false).await;
+    let text = log_writer_metrics(&stack).await;
     assert!(text.contains("herald_log_index_full 1"), "{text}");
     let mut stream = stack.js.get_stream(names::ATTEMPTS_STREAM).await.unwrap();
     assert_eq!(stream.info().await.unwrap().state.messages, 50);
@@ -1223,20 +1264,15 @@ async fn a_full_index_redis_loses_nothing_and_counters_keep_working() {
         .query_async::<()>(&mut conn)
         .await
         .unwrap();
-    stack
-        .eventually(Duration::from_secs(60), "index caught up", || async {
-            let (status, body) = stack
-                .api("GET", &format!("/webhooks/{id}/logs"), None)
-                .await;
-            (status == 200 && body["total"] == 50).then_some(())
-        })
-        .await;
-    stack
-        .eventually(WAIT, "log-writer ready again", || async {
-            let (status, _) = stack.get(&ready).await.ok()?;
-            (status == 200).then_some(())
-        })
-        .await;
+    // Catching up may take a while.
+    wait_total_within(
+        &stack,
+        &format!("/webhooks/{id}/logs"),
+        50,
+        Duration::from_secs(60),
+    )
+    .await;
+    wait_log_writer_ready(&stack, true).await;
     stack.redis.stop();
     drop(small);
     stack.stop().await;
@@ -1324,80 +1360,51 @@ async fn an_index_redis_failing_longer_than_the_delivery_budget_loses_nothing() 
     )
     .await;
     let base = now_ms();
-    for n in 0..10 {
-        let a = attempt(
-            "acme",
-            &id,
-            n,
-            proto::AttemptStatus::Succeeded,
-            "workflow.completed",
-            base,
-        );
-        publish_attempt(&stack, &a, &a.log_id).await;
-    }
+    publish_attempts(
+        &stack,
+        &id,
+        0..10,
+        proto::AttemptStatus::Succeeded,
+        "workflow.completed",
+        base,
+    )
+    .await;
     wait_total(&stack, &format!("/webhooks/{id}/logs"), 10).await;
 
     // Writes refused (reads still answer, the index's marker stays).
     let client = redis::Client::open(index_redis.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg("default")
-        .arg("-@write")
-        .query_async::<()>(&mut conn)
-        .await
-        .unwrap();
-    for n in 10..30 {
-        let a = attempt(
-            "acme",
-            &id,
-            n,
-            proto::AttemptStatus::Failed,
-            "workflow.completed",
-            base,
-        );
-        publish_attempt(&stack, &a, &a.log_id).await;
-    }
-    let ready = stack.health_url("HERALD_LOG_WRITER_HEALTH_ADDR", "/ready");
-    stack
-        .eventually(WAIT, "log-writer says the index is failing", || async {
-            let (status, body) = stack.get(&ready).await.ok()?;
-            (status == 503 && body.contains("\"log_index\":false")).then_some(())
-        })
-        .await;
-    let metrics = stack.health_url("HERALD_LOG_WRITER_HEALTH_ADDR", "/metrics");
-    let (_, text) = stack.get(&metrics).await.unwrap();
+    set_default_user(&mut conn, "-@write").await;
+    publish_attempts(
+        &stack,
+        &id,
+        10..30,
+        proto::AttemptStatus::Failed,
+        "workflow.completed",
+        base,
+    )
+    .await;
+    wait_log_writer_ready(&stack, false).await;
+    let text = log_writer_metrics(&stack).await;
     assert!(text.contains("herald_log_index_waiting 1"), "{text}");
     // Longer than 25 hand-backs a second apart.
     tokio::time::sleep(Duration::from_secs(32)).await;
-    let (_, text) = stack.get(&metrics).await.unwrap();
+    let text = log_writer_metrics(&stack).await;
     assert!(text.contains("herald_log_index_waiting 1"), "{text}");
     assert!(
         !text.contains("herald_log_index_write_errors_total 0\n"),
         "errors counted: {text}"
     );
 
-    redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg("default")
-        .arg("+@all")
-        .query_async::<()>(&mut conn)
-        .await
-        .unwrap();
-    stack
-        .eventually(Duration::from_secs(30), "every attempt indexed", || async {
-            let (status, body) = stack
-                .api("GET", &format!("/webhooks/{id}/logs"), None)
-                .await;
-            (status == 200 && body["total"] == 30).then_some(())
-        })
-        .await;
-    stack
-        .eventually(WAIT, "log-writer ready again", || async {
-            let (status, _) = stack.get(&ready).await.ok()?;
-            (status == 200).then_some(())
-        })
-        .await;
+    set_default_user(&mut conn, "+@all").await;
+    wait_total_within(
+        &stack,
+        &format!("/webhooks/{id}/logs"),
+        30,
+        Duration::from_secs(30),
+    )
+    .await;
+    wait_log_writer_ready(&stack, true).await;
     drop(index_redis);
     stack.stop().await;
 }
