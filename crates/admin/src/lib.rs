@@ -75,9 +75,9 @@ pub struct Config {
     pub redis_url: String,
     /// The Redis of the log index (`HERALD_LOG_REDIS_URL`, else the same).
     pub log_redis_url: String,
-    pub addr: SocketAddr,
+    pub addr: config::Listen,
     /// `/live`, `/ready` and `/metrics`.
-    pub health_addr: SocketAddr,
+    pub health_addr: config::Listen,
     /// The bootstrap keys as read at start, and their file (re-read when
     /// it changes).
     pub keys: Keys,
@@ -141,8 +141,8 @@ impl Config {
             nats: config::Nats::from_source(src)?,
             redis_url: config::redis_url(src)?,
             log_redis_url: config::log_redis_url(src)?,
-            addr: config::addr(src, ADMIN_ADDR, "127.0.0.1:8080")?,
-            health_addr: config::addr(src, HEALTH_ADDR, "127.0.0.1:9105")?,
+            addr: config::listen(src, ADMIN_ADDR, "127.0.0.1:8080")?,
+            health_addr: config::listen(src, HEALTH_ADDR, "127.0.0.1:9105")?,
             keys,
             keys_path: keys_path.into(),
             hash_key,
@@ -239,10 +239,12 @@ pub(crate) use herald_platform::now_ms;
 
 /// Binds `config.addr` and serves until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    let listener = TcpListener::bind(config.addr)
+    let listener = config
+        .addr
+        .listener()
         .await
         .map_err(|source| Error::Listen {
-            addr: config.addr,
+            addr: config.addr.addr(),
             source,
         })?;
     serve(config, listener, shutdown).await
@@ -259,10 +261,10 @@ pub async fn serve(
     health.set("store", false);
     health
         .clone()
-        .serve(config.health_addr, shutdown.clone())
+        .serve(&config.health_addr, shutdown.clone())
         .await
         .map_err(|source| Error::Listen {
-            addr: config.health_addr,
+            addr: config.health_addr.addr(),
             source,
         })?;
     let client = nats::connect(&config.nats, "admin").await?;

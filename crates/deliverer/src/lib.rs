@@ -34,7 +34,6 @@ mod outbox;
 pub mod outcome;
 mod parking;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -72,7 +71,7 @@ const ACK_WAIT: Duration = Duration::from_secs(60);
 pub struct Config {
     pub nats: config::Nats,
     pub redis_url: String,
-    pub health_addr: SocketAddr,
+    pub health_addr: config::Listen,
     pub retry: RetrySchedule,
     pub disable_after: u32,
     pub allow_private_targets: bool,
@@ -119,7 +118,7 @@ impl Config {
         Ok(Self {
             nats: config::Nats::from_source(src)?,
             redis_url: config::redis_url(src)?,
-            health_addr: config::addr(src, HEALTH_ADDR, "127.0.0.1:9103")?,
+            health_addr: config::listen(src, HEALTH_ADDR, "127.0.0.1:9103")?,
             retry,
             disable_after: config::number(src, DISABLE_AFTER, 3, 0..=1_000_000)?,
             allow_private_targets: config::boolean(src, ALLOW_PRIVATE_TARGETS, false)?,
@@ -259,7 +258,7 @@ impl worker::Handler for Jobs {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let (health, client) = herald_platform::service::start_worker(
         "deliverer",
-        config.health_addr,
+        &config.health_addr,
         &config.nats,
         &shutdown,
     )

@@ -15,7 +15,6 @@
 //! dead letters, whole, and a rejection `redelivered` says so on
 //! `herald.rejected.<org>`, instead of looping until JetStream drops it.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,7 +53,7 @@ const PULL_BYTES_MARGIN: usize = 64 * 1024;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub nats: config::Nats,
-    pub health_addr: SocketAddr,
+    pub health_addr: config::Listen,
     pub limits: Limits,
     pub catalogue: Catalogue,
     /// How many events are processed at once.
@@ -71,7 +70,7 @@ impl Config {
         let extra = config::string(src, EXTRA_EVENT_TYPES, "");
         Ok(Self {
             nats: config::Nats::from_source(src)?,
-            health_addr: config::addr(src, HEALTH_ADDR, "127.0.0.1:9101")?,
+            health_addr: config::listen(src, HEALTH_ADDR, "127.0.0.1:9101")?,
             limits: Limits {
                 max_event_bytes: config::number(
                     src,
@@ -135,7 +134,7 @@ struct State {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let (health, client) = herald_platform::service::start_worker(
         "ingest",
-        config.health_addr,
+        &config.health_addr,
         &config.nats,
         &shutdown,
     )

@@ -13,7 +13,6 @@
 
 mod rebuild;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
@@ -51,7 +50,7 @@ pub struct Config {
     /// The Redis of the log index (`HERALD_LOG_REDIS_URL`, else
     /// `HERALD_REDIS_URL`).
     pub redis_url: String,
-    pub health_addr: SocketAddr,
+    pub health_addr: config::Listen,
     /// How long attempts are kept (index and attempts stream).
     pub retention: Duration,
     /// How often the index is checked for loss (and rebuilt).
@@ -74,7 +73,7 @@ impl Config {
         Ok(Self {
             nats: config::Nats::from_source(src)?,
             redis_url: config::log_redis_url(src)?,
-            health_addr: config::addr(src, HEALTH_ADDR, "127.0.0.1:9104")?,
+            health_addr: config::listen(src, HEALTH_ADDR, "127.0.0.1:9104")?,
             retention,
             index_check,
         })
@@ -115,7 +114,7 @@ struct Metrics {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let (health, client) = herald_platform::service::start_worker(
         "log-writer",
-        config.health_addr,
+        &config.health_addr,
         &config.nats,
         &shutdown,
     )

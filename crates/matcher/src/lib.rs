@@ -12,7 +12,6 @@
 
 mod subscriptions;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,7 +45,7 @@ const ACK_WINDOW: usize = 128;
 pub struct Config {
     pub nats: config::Nats,
     pub redis_url: String,
-    pub health_addr: SocketAddr,
+    pub health_addr: config::Listen,
     /// How long Redis keeps an organization's subscription set.
     pub cache_ttl: Duration,
     pub ack_wait: Duration,
@@ -58,7 +57,7 @@ impl Config {
         Ok(Self {
             nats: config::Nats::from_source(src)?,
             redis_url: config::redis_url(src)?,
-            health_addr: config::addr(src, HEALTH_ADDR, "127.0.0.1:9102")?,
+            health_addr: config::listen(src, HEALTH_ADDR, "127.0.0.1:9102")?,
             cache_ttl: config::duration(src, CACHE_TTL, Duration::from_secs(60))?,
             ack_wait: config::duration(src, ACK_WAIT, Duration::from_secs(30))?,
             concurrency: 128,
@@ -111,7 +110,7 @@ struct State {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let (health, client) = herald_platform::service::start_worker(
         "matcher",
-        config.health_addr,
+        &config.health_addr,
         &config.nats,
         &shutdown,
     )

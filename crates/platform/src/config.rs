@@ -140,6 +140,62 @@ pub fn duration(src: &dyn Source, var: &str, default: Duration) -> Result<Durati
 }
 
 /// Parses a socket address like `127.0.0.1:8080`.
+/// Where a server listens: an address to bind (port 0: any free one), or
+/// a socket bound already. A test binds port 0 itself and keeps the socket
+/// for as long as its stack lives, so it knows the port before the service
+/// starts, a restarted service listens on the same one, and no other
+/// process can take it in between (a "free port" looked up and bound later
+/// could be).
+#[derive(Debug, Clone)]
+pub enum Listen {
+    Addr(SocketAddr),
+    Bound(std::sync::Arc<std::net::TcpListener>),
+}
+
+impl Listen {
+    /// Binds a socket on `addr` to be handed to services: `127.0.0.1:0` for
+    /// a port of the system's choosing.
+    pub fn bound(addr: SocketAddr) -> std::io::Result<Self> {
+        Ok(Self::Bound(std::sync::Arc::new(
+            std::net::TcpListener::bind(addr)?,
+        )))
+    }
+
+    /// The address it listens on (for a bound socket, the port it got).
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            Listen::Addr(addr) => *addr,
+            Listen::Bound(listener) => listener
+                .local_addr()
+                .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0))),
+        }
+    }
+
+    /// A listener for the server to accept on: bound now, or the bound
+    /// socket shared (each call a handle of its own on the same socket).
+    pub async fn listener(&self) -> std::io::Result<tokio::net::TcpListener> {
+        match self {
+            Listen::Addr(addr) => tokio::net::TcpListener::bind(addr).await,
+            Listen::Bound(listener) => {
+                let listener = listener.try_clone()?;
+                listener.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(listener)
+            }
+        }
+    }
+}
+
+impl From<SocketAddr> for Listen {
+    fn from(addr: SocketAddr) -> Self {
+        Listen::Addr(addr)
+    }
+}
+
+/// A server's address from `var` (`default` when unset).
+pub fn listen(src: &dyn Source, var: &str, default: &str) -> Result<Listen, ConfigError> {
+    addr(src, var, default).map(Listen::Addr)
+}
+
 pub fn addr(src: &dyn Source, var: &str, default: &str) -> Result<SocketAddr, ConfigError> {
     let text = string(src, var, default);
     text.parse().map_err(|_| {
@@ -543,6 +599,28 @@ pub fn shutdown_grace(src: &dyn Source) -> Result<Duration, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_bound_socket_keeps_its_port_for_each_server_started_on_it() {
+        let at = Listen::bound("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = at.addr().port();
+        assert_ne!(port, 0);
+        for _ in 0..2 {
+            // A server started, then stopped (its listener dropped): the
+            // next one listens on the same port.
+            let listener = at.listener().await.unwrap();
+            assert_eq!(listener.local_addr().unwrap().port(), port);
+            let connect = tokio::net::TcpStream::connect(at.addr());
+            let (accepted, connected) = tokio::join!(listener.accept(), connect);
+            accepted.unwrap();
+            connected.unwrap();
+        }
+        let env: HashMap<String, String> = [("A".to_owned(), "127.0.0.1:0".to_owned())].into();
+        let Listen::Addr(addr) = listen(&env, "A", "127.0.0.1:1").unwrap() else {
+            panic!("an address from the environment is bound by the server");
+        };
+        assert_eq!(addr.port(), 0);
+    }
 
     #[test]
     fn parsing_names_the_variable() {

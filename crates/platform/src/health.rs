@@ -9,7 +9,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -124,9 +123,13 @@ impl Health {
         }
     }
 
-    /// Serves the health endpoints on `addr` until `shutdown`.
-    pub async fn serve(self, addr: SocketAddr, shutdown: CancellationToken) -> std::io::Result<()> {
-        let listener = TcpListener::bind(addr).await?;
+    /// Serves the health endpoints on `at` until `shutdown`.
+    pub async fn serve(
+        self,
+        at: &crate::config::Listen,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        let listener = at.listener().await?;
         tokio::spawn(self.serve_on(listener, shutdown));
         Ok(())
     }

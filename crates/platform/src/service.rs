@@ -99,7 +99,7 @@ pub enum StartError {
 /// then on. The service registers its metrics and sets `consumer` itself.
 pub async fn start_worker(
     service: &'static str,
-    health_addr: std::net::SocketAddr,
+    health_addr: &crate::config::Listen,
     nats: &crate::config::Nats,
     shutdown: &CancellationToken,
 ) -> Result<(crate::health::Health, async_nats::Client), StartError> {
