@@ -395,6 +395,23 @@ impl Stack {
         json
     }
 
+    /// A webhook's JSON (operator key, organization `acme`); it must exist.
+    pub async fn webhook(&self, id: &str) -> Value {
+        let (status, json) = self.api("GET", &format!("/webhooks/{id}"), None).await;
+        assert_eq!(status, 200, "{json}");
+        json
+    }
+
+    /// Waits up to `timeout` until webhook `id`'s `field` is `value` (its
+    /// `state` `"failing"`, `enabled` `false`, …).
+    pub async fn wait_webhook(&self, id: &str, field: &str, value: Value, timeout: Duration) {
+        let what = format!("webhook {id}'s {field} {value}");
+        self.eventually(timeout, &what, || async {
+            (self.webhook(id).await[field] == value).then_some(())
+        })
+        .await;
+    }
+
     /// Publishes a JSON event with a JetStream publish and waits for the ack.
     pub async fn publish(&self, org: &str, event_type: &str, body: Value) {
         self.publish_with_headers(org, event_type, body, async_nats::HeaderMap::new())
@@ -404,6 +421,15 @@ impl Stack {
     /// Publishes each (organization, type, body), in order.
     pub async fn publish_each<const N: usize>(&self, events: [(&str, &str, Value); N]) {
         for (org, event_type, body) in events {
+            self.publish(org, event_type, body).await;
+        }
+    }
+
+    /// Publishes `n` events of `event_type` for `org`, in order, with ids
+    /// `{prefix}_0` to `{prefix}_{n-1}` and no other field.
+    pub async fn publish_numbered(&self, org: &str, event_type: &str, prefix: &str, n: usize) {
+        for i in 0..n {
+            let body = serde_json::json!({"id": format!("{prefix}_{i}")});
             self.publish(org, event_type, body).await;
         }
     }

@@ -94,12 +94,6 @@ async fn deliverer_consumer(stack: &Stack) -> async_nats::jetstream::consumer::I
     consumer.info().await.expect("consumer info").clone()
 }
 
-async fn webhook_json(stack: &Stack, id: &str) -> Value {
-    let (status, json) = stack.api("GET", &format!("/webhooks/{id}"), None).await;
-    assert_eq!(status, 200, "{json}");
-    json
-}
-
 async fn create(stack: &Stack, url: &str, event_type: &str) -> (String, String) {
     let webhook = stack
         .create_webhook(json!({"name": "hook", "url": url, "event_types": [event_type]}))
@@ -195,7 +189,7 @@ async fn a_flaky_endpoint_is_retried_to_success_with_one_webhook_id() {
     assert_eq!(request.body, got[0].body);
 
     // Success reset the count: the webhook stays enabled.
-    assert_eq!(webhook_json(&stack, &id).await["enabled"], true);
+    assert_eq!(stack.webhook(&id).await["enabled"], true);
     stack.stop().await;
 }
 
@@ -226,7 +220,7 @@ async fn an_always_failing_webhook_is_disabled_after_its_fourth_failed_attempt()
     assert_eq!(attempts[3].next_attempt_at_ms, 0, "no fifth attempt");
     assert_eq!(receiver.received("/down").len(), 4);
 
-    let webhook = webhook_json(&stack, &id).await;
+    let webhook = stack.webhook(&id).await;
     assert_eq!(webhook["enabled"], false);
     let reason = webhook["disabled_reason"].as_str().unwrap();
     assert!(reason.contains("4 consecutive failed attempts"), "{reason}");
@@ -310,7 +304,7 @@ async fn gone_disables_at_once() {
     let attempts = attempts_until(&stack, &id, "the 410 attempt", |a| !a.is_empty()).await;
     assert_eq!(attempts[0].status(), proto::AttemptStatus::Failed);
     assert_eq!(attempts[0].next_attempt_at_ms, 0);
-    let webhook = webhook_json(&stack, &id).await;
+    let webhook = stack.webhook(&id).await;
     assert_eq!(webhook["enabled"], false);
     assert!(
         webhook["disabled_reason"].as_str().unwrap().contains("410"),
@@ -666,7 +660,7 @@ async fn private_targets_are_refused_without_a_connection() {
         // the first one disables.
         let webhook = stack
             .eventually(WAIT, "disabled", || async {
-                let w = webhook_json(&stack, id).await;
+                let w = stack.webhook(id).await;
                 (w["enabled"] == false).then_some(w)
             })
             .await;
@@ -721,7 +715,7 @@ async fn without_redis_deliveries_go_on_and_nothing_is_disabled() {
     .await;
     assert_eq!(attempts.len(), 4);
     assert_eq!(receiver.received("/down").len(), 4);
-    assert_eq!(webhook_json(&stack, &failing).await["enabled"], true);
+    assert_eq!(stack.webhook(&failing).await["enabled"], true);
     stack.stop().await;
 }
 

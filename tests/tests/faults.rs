@@ -21,10 +21,15 @@ async fn create(stack: &Stack, url: &str) -> String {
     webhook["id"].as_str().unwrap().to_owned()
 }
 
-async fn webhook_json(stack: &Stack, id: &str) -> Value {
-    let (status, json) = stack.api("GET", &format!("/webhooks/{id}"), None).await;
-    assert_eq!(status, 200, "{json}");
-    json
+/// Publishes a first event (`evt_first`) and waits until its failed
+/// delivery has made webhook `id` failing.
+async fn first_event_fails(stack: &Stack, id: &str) {
+    stack
+        .publish("acme", "workflow.completed", json!({"id": "evt_first"}))
+        .await;
+    stack
+        .wait_webhook(id, "state", json!("failing"), Duration::from_secs(20))
+        .await;
 }
 
 /// Distinct event ids `path` received.
@@ -95,7 +100,7 @@ async fn a_url_failing_under_load(full_redis: bool) -> usize {
         })
         .await;
     let failed = receiver.answered("/flaky", 500);
-    let webhook = webhook_json(&stack, &id).await;
+    let webhook = stack.webhook(&id).await;
     assert_eq!(webhook["enabled"], true, "{webhook}");
     eprintln!(
         "{EVENTS} events over 8 s to a URL failing for 6 s, Redis {}: {failed} failed requests",
@@ -202,23 +207,10 @@ async fn what_a_dead_deliverer_left_parked_is_delivered_by_the_next_one() {
     let receiver = Receiver::start().await;
     receiver.fail_for("/down", 500, Duration::from_secs(3_600));
     let id = create(&stack, &receiver.url("/down")).await;
+    first_event_fails(&stack, &id).await;
     stack
-        .publish("acme", "workflow.completed", json!({"id": "evt_first"}))
+        .publish_numbered("acme", "workflow.completed", "evt", 30)
         .await;
-    stack
-        .eventually(Duration::from_secs(20), "the webhook failing", || async {
-            (webhook_json(&stack, &id).await["state"] == "failing").then_some(())
-        })
-        .await;
-    for i in 0..30 {
-        stack
-            .publish(
-                "acme",
-                "workflow.completed",
-                json!({"id": format!("evt_{i}")}),
-            )
-            .await;
-    }
     stack
         .eventually(Duration::from_secs(20), "31 deliveries parked", || async {
             (parked(&stack, &id).await == 31).then_some(())
@@ -307,26 +299,13 @@ async fn a_probe_stopped_by_heralds_own_failure_does_not_spin() {
     let receiver = Receiver::start().await;
     let url = format!("http://hook.example:{}/spin", receiver.addr().port());
     let id = create(&stack, &url).await;
-    stack
-        .publish("acme", "workflow.completed", json!({"id": "evt_first"}))
-        .await;
-    stack
-        .eventually(Duration::from_secs(20), "the webhook failing", || async {
-            (webhook_json(&stack, &id).await["state"] == "failing").then_some(())
-        })
-        .await;
+    first_event_fails(&stack, &id).await;
     // The probe, a second later, cannot resolve the name: Herald's own
     // failure, with the probe claimed.
     resolver.set(BROKEN);
-    for i in 0..5 {
-        stack
-            .publish(
-                "acme",
-                "workflow.completed",
-                json!({"id": format!("evt_{i}")}),
-            )
-            .await;
-    }
+    stack
+        .publish_numbered("acme", "workflow.completed", "evt", 5)
+        .await;
     stack
         .eventually(Duration::from_secs(20), "6 deliveries parked", || async {
             (parked(&stack, &id).await >= 5).then_some(())
@@ -382,9 +361,7 @@ async fn a_disable_concludes_its_backlog_at_stream_speed_and_a_reenable_delivers
         .publish("acme", "workflow.completed", json!({"id": "evt_new"}))
         .await;
     stack
-        .eventually(Duration::from_secs(30), "the webhook disabled", || async {
-            (webhook_json(&stack, &dead).await["enabled"] == false).then_some(())
-        })
+        .wait_webhook(&dead, "enabled", json!(false), Duration::from_secs(30))
         .await;
     stack
         .eventually(Duration::from_secs(30), "the backlog concluded", || async {
@@ -432,9 +409,7 @@ async fn a_disable_concludes_its_backlog_at_stream_speed_and_a_reenable_delivers
         .publish("acme", "workflow.failed", json!({"id": "evt_again_new"}))
         .await;
     stack
-        .eventually(Duration::from_secs(30), "the webhook disabled", || async {
-            (webhook_json(&stack, &again).await["enabled"] == false).then_some(())
-        })
+        .wait_webhook(&again, "enabled", json!(false), Duration::from_secs(30))
         .await;
     // Concluding has stalled: nothing moves for 2 s.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -571,10 +546,10 @@ async fn a_tenants_broken_dns_is_its_own_failure_and_starves_no_one() {
         tokio::time::sleep_until(start + Duration::from_millis(250 * (i as u64 + 1))).await;
         if i == 8 {
             // A name that does not exist is the endpoint's failure at once.
-            let webhook = webhook_json(&stack, &gone).await;
+            let webhook = stack.webhook(&gone).await;
             assert_eq!(webhook["state"], "failing", "{webhook}");
             // A name that hangs, within its grace: Herald's, nothing counted.
-            let webhook = webhook_json(&stack, &hang).await;
+            let webhook = stack.webhook(&hang).await;
             assert_eq!(webhook["state"], "healthy", "{webhook}");
             assert!(attempts_of(&stack, &hang).await.is_empty());
         }
@@ -585,7 +560,7 @@ async fn a_tenants_broken_dns_is_its_own_failure_and_starves_no_one() {
             Duration::from_secs(20),
             "the hanging name failing",
             || async {
-                let webhook = webhook_json(&stack, &hang).await;
+                let webhook = stack.webhook(&hang).await;
                 (webhook["state"] == "failing").then_some(webhook)
             },
         )
@@ -652,20 +627,14 @@ async fn every_endpoint_failing_at_once_is_heralds_network_and_disables_none() {
     for i in 0..HOOKS {
         ids.push(create(&stack, &format!("http://r{i}.example:{port}/r{i}")).await);
     }
-    for i in 0..3 {
-        stack
-            .publish(
-                "acme",
-                "workflow.completed",
-                json!({"id": format!("evt_{i}")}),
-            )
-            .await;
-    }
+    stack
+        .publish_numbered("acme", "workflow.completed", "evt", 3)
+        .await;
     // Three failed probes 300 ms apart would disable a webhook: 8 s of
     // every connection failing disables none.
     tokio::time::sleep(Duration::from_secs(8)).await;
     for id in &ids {
-        let webhook = webhook_json(&stack, id).await;
+        let webhook = stack.webhook(id).await;
         assert_eq!(webhook["enabled"], true, "{webhook}");
     }
     // The network is back: everything arrives.

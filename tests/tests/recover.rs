@@ -53,15 +53,9 @@ async fn recover_sends_what_an_outage_lost_with_its_webhook_ids_once() {
             "event_types": ["workflow.completed"]}))
         .await;
     let id = webhook["id"].as_str().unwrap().to_owned();
-    for i in 0..5 {
-        stack
-            .publish(
-                "acme",
-                "workflow.completed",
-                json!({"id": format!("evt_lost_{i}")}),
-            )
-            .await;
-    }
+    stack
+        .publish_numbered("acme", "workflow.completed", "evt_lost", 5)
+        .await;
     stack
         .eventually(Duration::from_secs(30), "every delivery failed", || async {
             let (_, logs) = stack
@@ -266,16 +260,10 @@ async fn a_replay_survives_its_admin_stopping_and_sends_each_event_once() {
         "/slow",
         vec![herald_e2e::Reply::status(200).delay(Duration::from_millis(500)); 400],
     );
-    let n = 300;
-    for i in 0..n {
-        stack
-            .publish(
-                "acme",
-                "workflow.completed",
-                json!({"id": format!("evt_bulk_{i}")}),
-            )
-            .await;
-    }
+    let n: usize = 300;
+    stack
+        .publish_numbered("acme", "workflow.completed", "evt_bulk", n)
+        .await;
     // All matched (to nothing) before the webhook exists: the replay alone
     // sends them.
     stack.wait_matched().await;
@@ -301,7 +289,7 @@ async fn a_replay_survives_its_admin_stopping_and_sends_each_event_once() {
         .await;
     // Paced: never far ahead of what the receiver has taken.
     let (_, mid) = stack.api("GET", &job_path, None).await;
-    assert!(mid["queued"].as_u64().unwrap() < n, "{mid}");
+    assert!(mid["queued"].as_u64().unwrap() < n as u64, "{mid}");
     stack.stop_service("admin", Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stack.start_service("admin");
@@ -317,9 +305,9 @@ async fn a_replay_survives_its_admin_stopping_and_sends_each_event_once() {
         "{done}"
     );
     let got = ids_by_event(&receiver, "/slow");
-    assert_eq!(got.len(), n as usize);
+    assert_eq!(got.len(), n);
     let received = receiver.received("/slow").len();
-    assert_eq!(received, n as usize, "each event sent once");
+    assert_eq!(received, n, "each event sent once");
     stack.stop().await;
 }
 
@@ -350,15 +338,9 @@ async fn webhook_with_a_backlog(
     path: &str,
     n: usize,
 ) -> String {
-    for i in 0..n {
-        stack
-            .publish(
-                "acme",
-                "workflow.completed",
-                json!({"id": format!("evt_backlog_{i}")}),
-            )
-            .await;
-    }
+    stack
+        .publish_numbered("acme", "workflow.completed", "evt_backlog", n)
+        .await;
     stack.wait_matched().await;
     let webhook = stack
         .create_webhook(json!({"name": "backlog", "url": receiver.url(path),
