@@ -37,6 +37,7 @@ use axum::extract::FromRequestParts;
 use axum::http::Method;
 use axum::http::request::Parts;
 use herald_core::names;
+use herald_platform::config::Invalid;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -101,23 +102,27 @@ pub fn hash_key(key: &str) -> String {
 }
 
 impl Keys {
-    pub fn parse(json: &str) -> Result<Self, String> {
+    pub fn parse(json: &str) -> Result<Self, Invalid> {
         let file: KeysFile =
-            serde_json::from_str(json).map_err(|e| format!("not a keys file: {e}"))?;
+            serde_json::from_str(json).map_err(|e| Invalid(format!("not a keys file: {e}")))?;
         if file.keys.is_empty() {
-            return Err("no keys: the admin API refuses to start without keys".into());
+            return Err(Invalid(
+                "no keys: the admin API refuses to start without keys".into(),
+            ));
         }
         let mut by_hash = HashMap::new();
         for (i, entry) in file.keys.into_iter().enumerate() {
             let hash = entry.key_sha256.to_ascii_lowercase();
             if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(format!("keys[{i}].key_sha256 is not 64 hex digits"));
+                return Err(Invalid(format!(
+                    "keys[{i}].key_sha256 is not 64 hex digits"
+                )));
             }
             for org in &entry.organizations {
                 if org != "*" && !names::valid_org(org) {
-                    return Err(format!(
+                    return Err(Invalid(format!(
                         "keys[{i}].organizations: {org:?} is not 1-64 of [a-z0-9_-]"
-                    ));
+                    )));
                 }
             }
             let any = entry.organizations.iter().any(|o| o == "*");
@@ -135,16 +140,16 @@ impl Keys {
                 expires_at_ms: None,
             };
             if principal.scope == Scope::Operator && !any {
-                return Err(format!(
+                return Err(Invalid(format!(
                     "keys[{i}]: an operator key must have \"organizations\": [\"*\"]"
-                ));
+                )));
             }
             if !names::valid_org(&principal.default_organization)
                 || !principal.allows(&principal.default_organization)
             {
-                return Err(format!(
+                return Err(Invalid(format!(
                     "keys[{i}].default_organization must be one of its organizations"
-                ));
+                )));
             }
             by_hash.insert(hash, Arc::new(principal));
         }
@@ -275,7 +280,7 @@ impl FileKeys {
                 }
                 seen = now;
                 match std::fs::read_to_string(&self.path)
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| Invalid(e.to_string()))
                     .and_then(|json| Keys::parse(&json))
                 {
                     Ok(keys) => {

@@ -18,6 +18,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use herald_platform::config::Invalid;
 use sha2::{Digest, Sha256};
 
 use crate::AppState;
@@ -88,21 +89,23 @@ pub fn content_security_policy(ancestors: &[String]) -> String {
 /// `https://app.example.com` (a scheme and a host, an optional port and
 /// `*.` wildcard; nothing else, so the value can never widen the policy
 /// beyond origins).
-pub fn parse_frame_ancestors(text: &str) -> Result<Vec<String>, String> {
+pub fn parse_frame_ancestors(text: &str) -> Result<Vec<String>, Invalid> {
     let mut origins = Vec::new();
     for origin in text.split_whitespace() {
-        let (scheme, rest) = origin
-            .split_once("://")
-            .ok_or_else(|| format!("{origin:?} is not an origin like https://app.example.com"))?;
+        let (scheme, rest) = origin.split_once("://").ok_or_else(|| {
+            Invalid(format!(
+                "{origin:?} is not an origin like https://app.example.com"
+            ))
+        })?;
         let host_ok = !rest.is_empty()
             && rest
                 .trim_start_matches("*.")
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
         if !matches!(scheme, "https" | "http") || !host_ok {
-            return Err(format!(
+            return Err(Invalid(format!(
                 "{origin:?} is not an origin like https://app.example.com (scheme, host, optional port)"
-            ));
+            )));
         }
         origins.push(origin.trim_end_matches('/').to_owned());
     }
@@ -111,14 +114,19 @@ pub fn parse_frame_ancestors(text: &str) -> Result<Vec<String>, String> {
 
 /// `HERALD_CONSOLE_URL`: where console links point, e.g.
 /// `https://herald.example.com` (the console is at `/console` under it).
-pub fn parse_console_url(text: &str) -> Result<String, String> {
-    let url = url::Url::parse(text.trim())
-        .map_err(|e| format!("{text:?} is not a URL like https://herald.example.com: {e}"))?;
+pub fn parse_console_url(text: &str) -> Result<String, Invalid> {
+    let url = url::Url::parse(text.trim()).map_err(|e| {
+        Invalid(format!(
+            "{text:?} is not a URL like https://herald.example.com: {e}"
+        ))
+    })?;
     if !matches!(url.scheme(), "https" | "http") || url.host_str().is_none() {
-        return Err(format!("{text:?} must be an http(s) URL with a host"));
+        return Err(Invalid(format!(
+            "{text:?} must be an http(s) URL with a host"
+        )));
     }
     if url.query().is_some() || url.fragment().is_some() {
-        return Err(format!("{text:?} must have no query or fragment"));
+        return Err(Invalid(format!("{text:?} must have no query or fragment")));
     }
     Ok(url.as_str().trim_end_matches('/').to_owned())
 }

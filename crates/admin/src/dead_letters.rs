@@ -11,21 +11,47 @@
 
 use std::fmt::Write as _;
 
-use herald_platform::config::{Nats, Source};
+use herald_platform::config::{ConfigError, Nats, Source};
 use herald_platform::dead_letters;
 
 pub const USAGE: &str = "usage: herald-admin dead-letters list [--from SEQ] [--limit N]
        herald-admin dead-letters redrive SEQ...|all
        herald-admin dead-letters discard SEQ...";
 
+/// Why a command did nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// Not a command: what to type instead.
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{source} (at {urls})")]
+    Connect {
+        urls: String,
+        source: herald_platform::nats::Error,
+    },
+    #[error(transparent)]
+    DeadLetters(#[from] dead_letters::Error),
+}
+
+impl CommandError {
+    fn usage() -> Self {
+        CommandError::Usage(USAGE.into())
+    }
+}
+
 /// Runs the subcommand with `args` (after `dead-letters`); what it prints,
 /// or the error to print before exiting non-zero.
-pub async fn run(args: &[String], src: &dyn Source) -> Result<String, String> {
-    let nats = Nats::from_source(src).map_err(|e| e.to_string())?;
-    let (command, rest) = args.split_first().ok_or(USAGE)?;
+pub async fn run(args: &[String], src: &dyn Source) -> Result<String, CommandError> {
+    let nats = Nats::from_source(src)?;
+    let (command, rest) = args.split_first().ok_or_else(CommandError::usage)?;
     let client = herald_platform::nats::connect_once(&nats, "herald-admin-dead-letters")
         .await
-        .map_err(|e| format!("{e} (at {})", nats.urls()))?;
+        .map_err(|source| CommandError::Connect {
+            urls: nats.urls(),
+            source,
+        })?;
     let js = herald_platform::nats::jetstream(client);
     let mut out = String::new();
     match command.as_str() {
@@ -33,25 +59,22 @@ pub async fn run(args: &[String], src: &dyn Source) -> Result<String, String> {
             let (mut from, mut limit) = (0u64, 100usize);
             let mut it = rest.iter();
             while let Some(flag) = it.next() {
-                let value = it.next().ok_or(USAGE)?;
+                let value = it.next().ok_or_else(CommandError::usage)?;
                 match flag.as_str() {
                     "--from" => {
-                        from = value
-                            .parse()
-                            .map_err(|_| format!("--from {value:?} is not a sequence"))?
+                        from = value.parse().map_err(|_| {
+                            CommandError::Usage(format!("--from {value:?} is not a sequence"))
+                        })?
                     }
                     "--limit" => {
-                        limit = value
-                            .parse()
-                            .map_err(|_| format!("--limit {value:?} is not a number"))?
+                        limit = value.parse().map_err(|_| {
+                            CommandError::Usage(format!("--limit {value:?} is not a number"))
+                        })?
                     }
-                    _ => return Err(USAGE.into()),
+                    _ => return Err(CommandError::usage()),
                 }
             }
-            for letter in dead_letters::list(&js, from, limit)
-                .await
-                .map_err(|e| e.to_string())?
-            {
+            for letter in dead_letters::list(&js, from, limit).await? {
                 let _ = writeln!(
                     out,
                     "{}",
@@ -62,8 +85,7 @@ pub async fn run(args: &[String], src: &dyn Source) -> Result<String, String> {
         "redrive" => {
             let seqs = if rest.len() == 1 && rest[0] == "all" {
                 dead_letters::list(&js, 0, usize::MAX)
-                    .await
-                    .map_err(|e| e.to_string())?
+                    .await?
                     .into_iter()
                     .map(|l| l.seq)
                     .collect()
@@ -71,33 +93,29 @@ pub async fn run(args: &[String], src: &dyn Source) -> Result<String, String> {
                 sequences(rest)?
             };
             for seq in seqs {
-                let letter = dead_letters::redrive(&js, seq)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let letter = dead_letters::redrive(&js, seq).await?;
                 let _ = writeln!(out, "redriven {seq} to {}", letter.subject);
             }
         }
         "discard" => {
             for seq in sequences(rest)? {
-                dead_letters::discard(&js, seq)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                dead_letters::discard(&js, seq).await?;
                 let _ = writeln!(out, "discarded {seq}");
             }
         }
-        _ => return Err(USAGE.into()),
+        _ => return Err(CommandError::usage()),
     }
     Ok(out)
 }
 
-fn sequences(args: &[String]) -> Result<Vec<u64>, String> {
+fn sequences(args: &[String]) -> Result<Vec<u64>, CommandError> {
     if args.is_empty() {
-        return Err(USAGE.into());
+        return Err(CommandError::usage());
     }
     args.iter()
         .map(|a| {
             a.parse()
-                .map_err(|_| format!("{a:?} is not a dead letter's sequence"))
+                .map_err(|_| CommandError::Usage(format!("{a:?} is not a dead letter's sequence")))
         })
         .collect()
 }

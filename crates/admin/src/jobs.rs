@@ -144,22 +144,12 @@ fn running_key(org: &str, webhook: &str) -> String {
     format!("{org}.{webhook}.running")
 }
 
-pub async fn open_bucket(js: &jetstream::Context, replicas: usize) -> Result<kv::Store, String> {
-    match js.get_key_value(JOBS_BUCKET).await {
-        Ok(kv) => Ok(kv),
-        Err(_) => js
-            .create_key_value(kv::Config {
-                bucket: JOBS_BUCKET.into(),
-                description: "Herald: recover and replay jobs".into(),
-                history: 1,
-                max_age: KEEP_FINISHED,
-                num_replicas: replicas,
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string()),
-    }
+pub async fn open_bucket(
+    js: &jetstream::Context,
+    replicas: usize,
+) -> Result<kv::Store, crate::kv_map::OpenError> {
+    let description = "Herald: recover and replay jobs";
+    crate::kv_map::open(js, JOBS_BUCKET, description, KEEP_FINISHED, replicas).await
 }
 
 pub fn routes() -> axum::Router<AppState> {

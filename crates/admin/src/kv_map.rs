@@ -65,17 +65,21 @@ pub fn valid_key(key: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'=' | b'/' | b'.'))
 }
 
+/// Why a bucket could not be opened or made.
+pub type OpenError = jetstream::context::CreateKeyValueError;
+
+/// Opens `bucket`, making it (one value per key, on file) when missing.
 pub async fn open(
     js: &jetstream::Context,
     bucket: &str,
     description: &str,
     max_age: Duration,
     replicas: usize,
-) -> Result<kv::Store, String> {
+) -> Result<kv::Store, OpenError> {
     match js.get_key_value(bucket).await {
         Ok(kv) => Ok(kv),
-        Err(_) => js
-            .create_key_value(kv::Config {
+        Err(_) => {
+            js.create_key_value(kv::Config {
                 bucket: bucket.into(),
                 description: description.into(),
                 history: 1,
@@ -85,7 +89,7 @@ pub async fn open(
                 ..Default::default()
             })
             .await
-            .map_err(|e| e.to_string()),
+        }
     }
 }
 

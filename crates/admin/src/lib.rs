@@ -107,7 +107,7 @@ impl Config {
         let keys_json = std::fs::read_to_string(&keys_path).map_err(|e| {
             ConfigError::new(API_KEYS_FILE, format!("cannot read {keys_path:?}: {e}"))
         })?;
-        let keys = Keys::parse(&keys_json).map_err(|e| ConfigError::new(API_KEYS_FILE, e))?;
+        let keys = Keys::parse(&keys_json).map_err(|e| e.of(API_KEYS_FILE))?;
         let current = config::required(src, SECRET_KEY)?;
         let previous = config::string(src, SECRET_KEY_PREVIOUS, "");
         let keyring = Keyring::parse(&current, &previous).map_err(|e| {
@@ -133,10 +133,10 @@ impl Config {
         let console_url = config::optional(src, CONSOLE_URL)
             .map(|text| console::parse_console_url(&text))
             .transpose()
-            .map_err(|e| ConfigError::new(CONSOLE_URL, e))?;
+            .map_err(|e| e.of(CONSOLE_URL))?;
         let frame_ancestors =
             console::parse_frame_ancestors(&config::string(src, CONSOLE_FRAME_ANCESTORS, ""))
-                .map_err(|e| ConfigError::new(CONSOLE_FRAME_ANCESTORS, e))?;
+                .map_err(|e| e.of(CONSOLE_FRAME_ANCESTORS))?;
         Ok(Self {
             nats: config::Nats::from_source(src)?,
             redis_url: config::redis_url(src)?,
@@ -275,10 +275,10 @@ pub async fn serve(
     let store = nats::retry(&shutdown, || WebhookStore::open(&js, replicas)).await?;
     let locks = nats::retry(&shutdown, || limits::open_locks(&js, replicas))
         .await
-        .map_err(|e| Error::Store(herald_platform::webhooks::StoreError::Unavailable(e)))?;
+        .map_err(unavailable)?;
     let jobs = nats::retry(&shutdown, || jobs::open_bucket(&js, replicas))
         .await
-        .map_err(|e| Error::Store(herald_platform::webhooks::StoreError::Unavailable(e)))?;
+        .map_err(unavailable)?;
     let orgs = follow(
         &js,
         (organizations::BUCKET, "Herald admin: organizations"),
@@ -389,8 +389,15 @@ where
         kv_map::open(js, bucket, description, max_age, replicas)
     })
     .await
-    .map_err(|e| Error::Store(herald_platform::webhooks::StoreError::Unavailable(e)))?;
+    .map_err(unavailable)?;
     Ok(kv_map::KvMap::new(kv, bucket, shutdown.clone()))
+}
+
+/// A bucket admin needs could not be opened.
+fn unavailable(error: kv_map::OpenError) -> Error {
+    Error::Store(herald_platform::webhooks::StoreError::Unavailable(
+        error.to_string(),
+    ))
 }
 
 /// The OpenAPI 3.1 description of this API, served at `/openapi.json`.

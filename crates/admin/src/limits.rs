@@ -32,22 +32,13 @@ pub const LEASE: Duration = Duration::from_secs(10);
 /// How long a write waits for the lock before answering 409.
 const WAIT: Duration = Duration::from_secs(5);
 
-pub async fn open_locks(js: &jetstream::Context, replicas: usize) -> Result<kv::Store, String> {
-    match js.get_key_value(LOCKS_BUCKET).await {
-        Ok(kv) => Ok(kv),
-        Err(_) => js
-            .create_key_value(kv::Config {
-                bucket: LOCKS_BUCKET.into(),
-                description: "Herald admin: short-lived per-organization locks".into(),
-                history: 1,
-                max_age: Duration::from_secs(3600),
-                num_replicas: replicas,
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string()),
-    }
+pub async fn open_locks(
+    js: &jetstream::Context,
+    replicas: usize,
+) -> Result<kv::Store, crate::kv_map::OpenError> {
+    let description = "Herald admin: short-lived per-organization locks";
+    let max_age = Duration::from_secs(3600);
+    crate::kv_map::open(js, LOCKS_BUCKET, description, max_age, replicas).await
 }
 
 /// A held organization lock. Taken and released around one piece of work by

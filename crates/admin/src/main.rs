@@ -20,7 +20,10 @@ fn main() -> ExitCode {
             }
             Err(error) => {
                 eprintln!("herald-admin dead-letters: {error}");
-                ExitCode::from(1)
+                match error {
+                    herald_admin::dead_letters::CommandError::Usage(_) => ExitCode::from(2),
+                    _ => ExitCode::from(1),
+                }
             }
         };
     }

@@ -63,6 +63,19 @@ impl ConfigError {
     }
 }
 
+/// A value that cannot be taken, and why, before it is known which setting
+/// it came from ([`Invalid::of`] names it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+impl Invalid {
+    /// The error of setting `var` to this value.
+    pub fn of(self, var: &str) -> ConfigError {
+        ConfigError::new(var, self.0)
+    }
+}
+
 pub const NATS_URL: &str = "HERALD_NATS_URL";
 pub const REDIS_URL: &str = "HERALD_REDIS_URL";
 pub const LOG_REDIS_URL: &str = "HERALD_LOG_REDIS_URL";
@@ -526,7 +539,7 @@ fn nats_tls(src: &dyn Source) -> Result<Tls, ConfigError> {
 /// The Redis URL (one server, or a cluster's nodes), checked for form.
 pub fn redis_url(src: &dyn Source) -> Result<String, ConfigError> {
     let url = string(src, REDIS_URL, "redis://127.0.0.1:6379");
-    crate::redis::parse_url(&url).map_err(|e| ConfigError::new(REDIS_URL, e))?;
+    crate::redis::parse_url(&url).map_err(|e| e.of(REDIS_URL))?;
     Ok(url)
 }
 
@@ -536,7 +549,7 @@ pub fn log_redis_url(src: &dyn Source) -> Result<String, ConfigError> {
     match optional(src, LOG_REDIS_URL) {
         None => redis_url(src),
         Some(url) => {
-            crate::redis::parse_url(&url).map_err(|e| ConfigError::new(LOG_REDIS_URL, e))?;
+            crate::redis::parse_url(&url).map_err(|e| e.of(LOG_REDIS_URL))?;
             Ok(url.trim().to_owned())
         }
     }

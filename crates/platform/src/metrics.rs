@@ -124,18 +124,12 @@ pub fn watch_retries(health: &Health, js: jetstream::Context, shutdown: Cancella
     });
 }
 
-async fn count_schedules(js: &jetstream::Context) -> Result<usize, String> {
-    let stream = js
-        .get_stream(names::DELIVERIES_STREAM)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut subjects = stream
-        .info_with_subjects(names::SCHEDULES_SUBJECTS)
-        .await
-        .map_err(|e| e.to_string())?;
+async fn count_schedules(js: &jetstream::Context) -> Result<usize, async_nats::Error> {
+    let stream = js.get_stream(names::DELIVERIES_STREAM).await?;
+    let mut subjects = stream.info_with_subjects(names::SCHEDULES_SUBJECTS).await?;
     let mut total = 0;
     while let Some(entry) = subjects.next().await {
-        total += entry.map_err(|e| e.to_string())?.1;
+        total += entry?.1;
     }
     Ok(total)
 }

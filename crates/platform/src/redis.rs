@@ -16,6 +16,8 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use tokio::sync::Mutex;
 
+use crate::config::Invalid;
+
 /// A connection to one server or to a cluster; cheap to clone.
 #[derive(Clone)]
 pub enum Conn {
@@ -63,7 +65,7 @@ enum Client {
 /// The node URLs of a Redis URL setting, and whether it names a cluster.
 /// `rediss://` (and `rediss+cluster://`) is Redis over TLS, checked
 /// against the system's root certificates.
-pub fn parse_url(url: &str) -> Result<(Vec<String>, bool), String> {
+pub fn parse_url(url: &str) -> Result<(Vec<String>, bool), Invalid> {
     let url = url.trim();
     let cluster_form = ["redis+cluster://", "rediss+cluster://"]
         .iter()
@@ -92,10 +94,10 @@ pub fn parse_url(url: &str) -> Result<(Vec<String>, bool), String> {
         .iter()
         .any(|n| n.is_empty() || n.ends_with("://") || n.ends_with("@"))
     {
-        return Err("an empty node in the list".into());
+        return Err(Invalid("an empty node in the list".into()));
     }
     for node in &nodes {
-        redis::Client::open(node.as_str()).map_err(|e| format!("{node:?}: {e}"))?;
+        redis::Client::open(node.as_str()).map_err(|e| Invalid(format!("{node:?}: {e}")))?;
     }
     Ok((nodes, cluster))
 }
@@ -122,11 +124,11 @@ impl Redis {
     /// `timeout` bounds every command; a slow Redis counts as a down one.
     /// `url` is one server's URL, or a cluster's nodes (see the module).
     pub fn new(url: &str, timeout: Duration) -> redis::RedisResult<Self> {
-        let (nodes, cluster) = parse_url(url).map_err(|message| {
+        let (nodes, cluster) = parse_url(url).map_err(|invalid| {
             redis::RedisError::from((
                 redis::ErrorKind::InvalidClientConfig,
                 "bad redis url",
-                message,
+                invalid.0,
             ))
         })?;
         let client = if cluster {
