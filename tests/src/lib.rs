@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use herald_platform::config::Source;
-use herald_test_support::{NatsServer, RedisServer, free_port};
+use herald_platform::config::{Listen, Source};
+use herald_test_support::{NatsServer, RedisServer};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -32,9 +32,23 @@ pub struct Stack {
     pub js: async_nats::jetstream::Context,
     http: Client<HttpConnector, Full<Bytes>>,
     _dir: tempfile_dir::Dir,
+    /// The sockets the services listen on, by the variable that names their
+    /// address: bound (port 0) when the stack starts and kept until it
+    /// stops, so a restarted service listens where it did.
+    listeners: HashMap<&'static str, Listen>,
     /// Each running service: its own token (a child of `shutdown`) and task.
     services: HashMap<&'static str, (CancellationToken, tokio::task::JoinHandle<()>)>,
 }
+
+/// The variables naming the addresses the stack's services listen on.
+const LISTENS: [&str; 6] = [
+    herald_admin::ADMIN_ADDR,
+    herald_admin::HEALTH_ADDR,
+    herald_ingest::HEALTH_ADDR,
+    herald_matcher::HEALTH_ADDR,
+    herald_deliverer::HEALTH_ADDR,
+    herald_log_writer::HEALTH_ADDR,
+];
 
 /// The services, by the names [`Stack::stop_service`] takes.
 pub use herald_core::names::SERVICES;
@@ -95,11 +109,16 @@ impl Stack {
             {"key_sha256": hash(TENANT_KEY), "organizations": ["globex"], "default_organization": "globex"},
         ]});
         std::fs::write(&keys_file, keys.to_string()).expect("write keys");
-        let admin_port = free_port();
+        let listeners: HashMap<&'static str, Listen> = LISTENS
+            .iter()
+            .map(|&var| {
+                let at = Listen::bound(([127, 0, 0, 1], 0).into()).expect("bind port 0");
+                (var, at)
+            })
+            .collect();
         let mut env: HashMap<String, String> = [
             ("HERALD_NATS_URL", nats.url()),
             ("HERALD_REDIS_URL", redis.url()),
-            ("HERALD_ADMIN_ADDR", format!("127.0.0.1:{admin_port}")),
             ("HERALD_API_KEYS_FILE", keys_file.display().to_string()),
             (
                 "HERALD_SECRET_KEY",
@@ -108,31 +127,19 @@ impl Stack {
             ("HERALD_ALLOW_HTTP", "true".into()),
             ("HERALD_ALLOW_PRIVATE_TARGETS", "true".into()),
             ("HERALD_RETRY_SCHEDULE", "200ms,400ms,800ms".into()),
-            (
-                "HERALD_INGEST_HEALTH_ADDR",
-                format!("127.0.0.1:{}", free_port()),
-            ),
-            (
-                "HERALD_MATCHER_HEALTH_ADDR",
-                format!("127.0.0.1:{}", free_port()),
-            ),
-            (
-                "HERALD_DELIVERER_HEALTH_ADDR",
-                format!("127.0.0.1:{}", free_port()),
-            ),
-            (
-                "HERALD_LOG_WRITER_HEALTH_ADDR",
-                format!("127.0.0.1:{}", free_port()),
-            ),
-            (
-                "HERALD_ADMIN_HEALTH_ADDR",
-                format!("127.0.0.1:{}", free_port()),
-            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
+        .chain(
+            listeners
+                .iter()
+                .map(|(var, at)| (var.to_string(), at.addr().to_string())),
+        )
         .collect();
+        let mut listeners = listeners;
         for (k, v) in options.env {
+            // An address the test sets itself is bound by the service.
+            listeners.remove(k.as_str());
             env.insert(k, v);
         }
         let shutdown = CancellationToken::new();
@@ -147,7 +154,7 @@ impl Stack {
         let mut stack = Stack {
             nats,
             redis,
-            admin_url: format!("http://127.0.0.1:{admin_port}"),
+            admin_url: format!("http://{}", env[herald_admin::ADMIN_ADDR]),
             env,
             resolver: options.resolver,
             shutdown,
@@ -155,6 +162,7 @@ impl Stack {
             js,
             http,
             _dir: tempfile_dir::Dir(dir),
+            listeners,
             services: HashMap::new(),
         };
         stack.spawn_services();
@@ -180,6 +188,9 @@ impl Stack {
             ($krate:ident, $adjust:expr) => {{
                 let mut config =
                     $krate::Config::from_source(src).expect(concat!(stringify!($krate), " config"));
+                if let Some(at) = self.listeners.get($krate::HEALTH_ADDR) {
+                    config.health_addr = at.clone();
+                }
                 $adjust(&mut config);
                 let token = token.clone();
                 tokio::spawn(async move {
@@ -201,7 +212,14 @@ impl Stack {
                 })
             }
             "log-writer" => spawn!(herald_log_writer),
-            "admin" => spawn!(herald_admin),
+            "admin" => {
+                let at = self.listeners.get(herald_admin::ADMIN_ADDR).cloned();
+                spawn!(herald_admin, |config: &mut herald_admin::Config| {
+                    if let Some(at) = at {
+                        config.addr = at;
+                    }
+                })
+            }
             other => panic!("no service {other:?}"),
         };
         self.services.insert(service, (token, task));

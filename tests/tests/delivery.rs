@@ -748,10 +748,7 @@ async fn on_shutdown_in_flight_deliveries_finish_or_are_handed_back() {
     // lost, and no attempt was spent.
     receiver.script("/hang", vec![Reply::status(200)]);
     let mut env = stack.env.clone();
-    env.insert(
-        herald_deliverer::HEALTH_ADDR.into(),
-        format!("127.0.0.1:{}", herald_test_support::free_port()),
-    );
+    env.insert(herald_deliverer::HEALTH_ADDR.into(), "127.0.0.1:0".into());
     let config = herald_deliverer::Config::from_source(&env).unwrap();
     let token = tokio_util::sync::CancellationToken::new();
     let deliverer = tokio::spawn(herald_deliverer::run(config, token.clone()));

@@ -13,7 +13,7 @@ use herald_core::{ids, names, proto, secret};
 use herald_e2e::{Receiver, Stack, matcher_idle};
 use herald_platform::config::Source;
 use herald_platform::webhooks::WebhookStore;
-use herald_test_support::{NatsServer, RedisServer, free_port};
+use herald_test_support::{NatsServer, RedisServer};
 use prost::Message;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -589,10 +589,7 @@ impl Harness {
             ("HERALD_ALLOW_PRIVATE_TARGETS", "true".into()),
             ("HERALD_RETRY_SCHEDULE", "200ms,400ms".into()),
             (herald_matcher::ACK_WAIT, "2s".into()),
-            (
-                herald_deliverer::HEALTH_ADDR,
-                format!("127.0.0.1:{}", free_port()),
-            ),
+            (herald_deliverer::HEALTH_ADDR, "127.0.0.1:0".into()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -619,10 +616,7 @@ impl Harness {
     /// A matcher on its own token (and health port).
     fn matcher(&self) -> (CancellationToken, tokio::task::JoinHandle<()>) {
         let mut env = self.env.clone();
-        env.insert(
-            herald_matcher::HEALTH_ADDR.into(),
-            format!("127.0.0.1:{}", free_port()),
-        );
+        env.insert(herald_matcher::HEALTH_ADDR.into(), "127.0.0.1:0".into());
         let src: &dyn Source = &env;
         let config = herald_matcher::Config::from_source(src).expect("matcher config");
         let token = self.shutdown.child_token();

@@ -33,10 +33,7 @@ impl Admin {
     /// health port) and waits until it is ready.
     async fn second(stack: &Stack) -> (Self, CancellationToken) {
         let mut env = stack.env.clone();
-        env.insert(
-            "HERALD_ADMIN_HEALTH_ADDR".into(),
-            format!("127.0.0.1:{}", herald_test_support::free_port()),
-        );
+        env.insert("HERALD_ADMIN_HEALTH_ADDR".into(), "127.0.0.1:0".into());
         let config = herald_admin::Config::from_source(&env).expect("admin config");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
