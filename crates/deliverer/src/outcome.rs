@@ -8,8 +8,10 @@ use herald_core::proto;
 
 use crate::http::{Response, SendError};
 
-/// The longest `Retry-After` honoured; a longer ask waits this long.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(86_400);
+/// The longest `Retry-After` honoured; a longer ask waits this long (the
+/// policy's cap on a throttle pause, `core::policy::MAX_THROTTLE_MS`).
+pub const MAX_RETRY_AFTER: Duration =
+    Duration::from_millis(herald_core::policy::MAX_THROTTLE_MS as u64);
 
 /// How one attempt ended.
 #[derive(Debug)]
@@ -125,13 +127,14 @@ mod tests {
             ("120", Some(120)),
             (" 5 ", Some(5)),
             ("0", Some(0)),
-            ("99999999999999999999999", Some(86_400)),
+            ("99999999999999999999999", Some(3_600)),
+            ("3601", Some(3_600)),
             ("Sun, 06 Nov 1994 08:50:37 GMT", Some(60)),
             ("Sunday, 06-Nov-94 08:51:37 GMT", Some(120)),
             ("Sun Nov  6 08:49:47 1994", Some(10)),
             ("Sun, 06 Nov 1994 08:00:00 GMT", Some(0)),
-            ("Mon, 07 Nov 1994 08:49:37 GMT", Some(86_400)),
-            ("Tue, 08 Nov 1994 08:49:37 GMT", Some(86_400)),
+            ("Sun, 06 Nov 1994 09:49:37 GMT", Some(3_600)),
+            ("Mon, 07 Nov 1994 08:49:37 GMT", Some(3_600)),
             ("-5", None),
             ("1.5", None),
             ("soon", None),
