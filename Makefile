@@ -39,8 +39,9 @@ helm-check: ## lint, render and validate the Helm chart
 	@$(PIP) install -q -r scripts/requirements-helm.txt
 	python3 scripts/helm-check.py
 
-bench: deps build ## end-to-end benchmark (builds the services first); writes target/bench/result.json
-	$(CARGO) run --release -p herald-bench --
+BENCH_ARGS ?=
+bench: deps build ## end-to-end benchmark (builds the services first); writes target/bench/result.json; BENCH_ARGS=--sync-always adds the sync-always pass
+	$(CARGO) run --release -p herald-bench -- $(BENCH_ARGS)
 
 SOAK_MINUTES ?= 20
 soak: deps build ## one slow (10 s) webhook beside a healthy one for SOAK_MINUTES (20); healthy p99 per minute

@@ -11,6 +11,7 @@
 
 mod chaos;
 mod load;
+mod ops;
 mod receiver;
 mod recover;
 mod replay;
@@ -45,6 +46,11 @@ usage: herald-bench [options]
   --bin-dir DIR         where herald-{ingest,...} are (next to this binary)
   --out FILE            result JSON (<target>/bench/result.json)
   --env NAME=VALUE      extra environment for the services (repeatable)
+  --sync-always         then again on a fresh stack whose nats-server syncs every write to
+                        disk (jetstream sync_interval: always): warm-up, throughput and
+                        both latency phases, under sync_always in the result
+  --no-tap              count no acks or pull requests (the tap subscribing to $JS.ACK.>
+                        and $JS.API.> costs nats-server a little CPU)
   --soak-minutes N      instead: the soak (a 10 s webhook beside a healthy one, 10 events/s)
   --soak-p99-ms N       the soak fails when a minute's healthy p99 exceeds this (1000)
   --replay-events N     instead: replay N events to one webhook beside live traffic at 500/s
@@ -75,6 +81,8 @@ struct Args {
     replay_events: Option<u64>,
     recover_events: Option<u64>,
     chaos: bool,
+    sync_always: bool,
+    tap: bool,
     rate_given: bool,
     chaos_down_secs: u64,
     chaos_server_down_secs: u64,
@@ -103,6 +111,8 @@ impl Args {
             replay_events: None,
             recover_events: None,
             chaos: false,
+            sync_always: false,
+            tap: true,
             rate_given: false,
             chaos_down_secs: 3,
             chaos_server_down_secs: 10,
@@ -115,6 +125,14 @@ impl Args {
             }
             if flag == "--chaos" {
                 args.chaos = true;
+                continue;
+            }
+            if flag == "--sync-always" {
+                args.sync_always = true;
+                continue;
+            }
+            if flag == "--no-tap" {
+                args.tap = false;
                 continue;
             }
             let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -218,6 +236,12 @@ struct PhaseReport {
     cpu_ms_per_delivery: f64,
     /// CPU seconds of NATS and Redis, when started by the benchmark.
     server_cpu_s: BTreeMap<String, f64>,
+    /// CPU ms per delivery of every process, services and servers, and
+    /// of each.
+    all_cpu_ms_per_delivery: f64,
+    cpu_ms_per_delivery_by_process: BTreeMap<String, f64>,
+    /// Operations per delivery (crate::ops), when NATS was started here.
+    ops: Option<ops::OpsReport>,
     /// CPU seconds of this process (publisher and receiver).
     bench_cpu_s: f64,
     /// Share of the whole machine busy during the phase, all processes.
@@ -249,6 +273,9 @@ struct Bench {
     js: async_nats::jetstream::Context,
     servers: Vec<(&'static str, u32)>,
     phase: usize,
+    ops: Option<ops::Ops>,
+    // Dropped after the stack: the services stop before their servers.
+    _backing: Backing,
 }
 
 impl Bench {
@@ -260,6 +287,11 @@ impl Bench {
     ) -> anyhow::Result<PhaseReport> {
         let phase = self.phase;
         self.phase += 1;
+        let ops_pids = self.ops_pids();
+        let ops_before = match &self.ops {
+            Some(ops) => Some(ops.snapshot(&ops_pids).await),
+            None => None,
+        };
         let cpu_before = self.stack.cpu();
         let servers_before: Vec<f64> = self
             .servers
@@ -393,9 +425,28 @@ impl Bench {
             0.0
         };
         for ((name, pid), before) in self.servers.iter().zip(servers_before) {
-            report
-                .server_cpu_s
-                .insert((*name).into(), round3(stack::cpu_seconds(*pid) - before));
+            let used = stack::cpu_seconds(*pid) - before;
+            total += used;
+            report.server_cpu_s.insert((*name).into(), round3(used));
+        }
+        let per_delivery = |s: f64| {
+            if seen.delivered > 0 {
+                round3(s * 1000.0 / seen.delivered as f64)
+            } else {
+                0.0
+            }
+        };
+        report.all_cpu_ms_per_delivery = per_delivery(total);
+        report.cpu_ms_per_delivery_by_process = report
+            .service_cpu_s
+            .iter()
+            .chain(&report.server_cpu_s)
+            .map(|(name, s)| (name.clone(), per_delivery(*s)))
+            .collect();
+        // The ceiling does not go through the broker.
+        if let (Some(ops), Some(before), false) = (&self.ops, &ops_before, is_ceiling) {
+            let after = ops.snapshot(&ops_pids).await;
+            report.ops = Some(ops::report(before, &after, seen.delivered, ops.tapping()));
         }
         report.connections_opened = self.receiver.connections() - connections_before;
         report.bench_cpu_s = round3(stack::cpu_seconds(std::process::id()) - bench_before);
@@ -429,6 +480,16 @@ impl Bench {
         Ok(report)
     }
 
+    /// The processes whose system calls and context switches are counted.
+    fn ops_pids(&self) -> Vec<(String, u32)> {
+        self.stack
+            .services
+            .iter()
+            .map(|s| (s.name.to_owned(), s.pid()))
+            .chain(self.servers.iter().map(|(n, p)| ((*n).to_owned(), *p)))
+            .collect()
+    }
+
     /// Waits (up to 60 s) until every Herald consumer has nothing pending.
     async fn settle(&self) {
         stack::settle(&self.js, Duration::from_millis(100)).await;
@@ -451,7 +512,161 @@ struct Report {
     phases: Vec<PhaseReport>,
     peak_memory_mib: BTreeMap<String, f64>,
     summary: Summary,
+    /// With `--sync-always`: the broker phases again on a nats-server that
+    /// syncs every write.
+    sync_always: Option<SyncAlways>,
     failures: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct SyncAlways {
+    nats_server_config: &'static str,
+    deliveries_per_s: f64,
+    all_cpu_ms_per_delivery: f64,
+    phases: Vec<PhaseReport>,
+}
+
+const SINGLE: &str = "workflow.step.completed";
+const FANOUT: &str = "workflow.step.failed";
+
+/// NATS, Redis and the services for one pass, with the benchmark's
+/// webhooks made and their secrets given to the receiver; with
+/// `sync_always`, nats-server syncs every write to disk.
+async fn start_pass(
+    args: &Args,
+    receiver: &Receiver,
+    work_dir: &std::path::Path,
+    service_env: &[(String, String)],
+    sync_always: bool,
+) -> anyhow::Result<(Backing, Stack, async_nats::jetstream::Context)> {
+    std::fs::create_dir_all(work_dir)?;
+    let conf = work_dir.join("nats-sync-always.conf");
+    let backing = Backing::start_with(
+        args.nats_url.clone(),
+        args.redis_url.clone(),
+        sync_always.then_some(conf.as_path()),
+    );
+    let stack = Stack::start(&backing, &args.bin_dir, work_dir, service_env).await?;
+    // The benchmark's own requests are told from the services' ones by
+    // their reply subjects (crate::ops).
+    let client = async_nats::ConnectOptions::new()
+        .custom_inbox_prefix(ops::BENCH_INBOX)
+        .connect(backing.nats_url.as_str())
+        .await
+        .context("connect to NATS")?;
+    let js = async_nats::jetstream::new(client);
+    let (id, secret) = stack
+        .create_webhook("bench-single", &receiver.url("/single"), SINGLE)
+        .await?;
+    receiver.add_secret(&id, &secret);
+    for i in 0..args.fanout_webhooks {
+        let (id, secret) = stack
+            .create_webhook(
+                &format!("bench-fanout-{i}"),
+                &receiver.url(&format!("/fanout/{i}")),
+                FANOUT,
+            )
+            .await?;
+        receiver.add_secret(&id, &secret);
+    }
+    Ok((backing, stack, js))
+}
+
+/// The operation counters, when the NATS was started here.
+async fn start_ops(args: &Args, backing: &Backing) -> anyhow::Result<Option<ops::Ops>> {
+    Ok(match &backing.monitor_url {
+        Some(url) => Some(ops::Ops::start(url.clone(), &backing.nats_url, args.tap).await?),
+        None => None,
+    })
+}
+
+/// The phases through the broker: warm-up, throughput to one webhook,
+/// fan-out (when `fanout_events` and webhooks), and latency at the steady
+/// rate and at half the throughput phase's rate.
+async fn broker_phases(bench: &mut Bench, fanout_events: u64) -> anyhow::Result<Vec<PhaseReport>> {
+    let a = &bench.args;
+    let (events, warmup, fanout_webhooks, rate, latency_secs) = (
+        a.events,
+        a.warmup,
+        a.fanout_webhooks,
+        a.rate,
+        a.latency_secs,
+    );
+    let mut phases = Vec::new();
+    eprintln!("warm-up: {warmup} events");
+    let burst = |n| Drive::Burst {
+        event_type: SINGLE.into(),
+        n,
+    };
+    phases.push(bench.run("warm-up", 1, burst(warmup)).await?);
+    eprintln!("throughput: {events} events to 1 webhook");
+    let single = bench.run("throughput", 1, burst(events)).await?;
+    let peak = single.deliveries_per_s;
+    phases.push(single);
+    if fanout_webhooks > 0 && fanout_events > 0 {
+        eprintln!("fan-out: {fanout_events} events to {fanout_webhooks} webhooks");
+        let drive = Drive::Burst {
+            event_type: FANOUT.into(),
+            n: fanout_events,
+        };
+        phases.push(bench.run("fan-out", fanout_webhooks, drive).await?);
+    }
+    for rate in [rate, (peak / 2.0).round().max(1.0)] {
+        eprintln!("latency: {rate} events/s for {latency_secs}s");
+        let drive = Drive::Paced {
+            event_type: SINGLE.into(),
+            rate,
+            secs: latency_secs,
+        };
+        phases.push(bench.run(&format!("latency@{rate}/s"), 1, drive).await?);
+    }
+    Ok(phases)
+}
+
+/// Operations per delivery of each phase through the broker, a line each.
+fn ops_table(title: &str, phases: &[PhaseReport]) -> String {
+    let mut out = format!(
+        "operations per delivery, {title}:\n  {:<16} {:>7} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>7} {:>7} {:>7} {:>7} {:>6}\n",
+        "phase",
+        "deliv/s",
+        "cpu ms",
+        "nats",
+        "stored",
+        "acks",
+        "pulls",
+        "api",
+        "in msg",
+        "out msg",
+        "disk B",
+        "syscall",
+        "ctxsw"
+    );
+    let opt = |x: Option<f64>| x.map_or("-".to_owned(), |x| format!("{x:.2}"));
+    for p in phases {
+        let Some(o) = &p.ops else { continue };
+        let nats_cpu = p
+            .cpu_ms_per_delivery_by_process
+            .get("nats-server")
+            .copied()
+            .unwrap_or(0.0);
+        out += &format!(
+            "  {:<16} {:>7.0} {:>6.3} {:>6.3} {:>6.2} {:>6} {:>6} {:>6} {:>7.2} {:>7.2} {:>7.0} {:>7.1} {:>6.1}\n",
+            p.name,
+            p.deliveries_per_s,
+            p.all_cpu_ms_per_delivery,
+            nats_cpu,
+            o.messages_stored,
+            opt(o.acks),
+            opt(o.pull_requests),
+            opt(o.api_requests),
+            o.nats_in_msgs,
+            o.nats_out_msgs,
+            o.disk_write_bytes,
+            o.syscalls_by_process.values().sum::<f64>(),
+            o.context_switches_by_process.values().sum::<f64>(),
+        );
+    }
+    out
 }
 
 #[derive(Serialize)]
@@ -538,35 +753,13 @@ async fn bench(args: Args) -> anyhow::Result<bool> {
     if args.chaos {
         return chaos(args, &target, &work_dir).await;
     }
-    let backing = Backing::start(args.nats_url.clone(), args.redis_url.clone());
     let receiver = Receiver::start().await?;
     let mut service_env = vec![(
         "HERALD_DELIVERY_CONCURRENCY".to_owned(),
         args.concurrency.to_string(),
     )];
     service_env.extend(args.env.iter().cloned());
-    let stack = Stack::start(&backing, &args.bin_dir, &work_dir, &service_env).await?;
-    let client = async_nats::connect(backing.nats_url.as_str())
-        .await
-        .context("connect to NATS")?;
-    let js = async_nats::jetstream::new(client.clone());
-
-    const SINGLE: &str = "workflow.step.completed";
-    const FANOUT: &str = "workflow.step.failed";
-    let (id, secret) = stack
-        .create_webhook("bench-single", &receiver.url("/single"), SINGLE)
-        .await?;
-    receiver.add_secret(&id, &secret);
-    for i in 0..args.fanout_webhooks {
-        let (id, secret) = stack
-            .create_webhook(
-                &format!("bench-fanout-{i}"),
-                &receiver.url(&format!("/fanout/{i}")),
-                FANOUT,
-            )
-            .await?;
-        receiver.add_secret(&id, &secret);
-    }
+    let (backing, stack, js) = start_pass(&args, &receiver, &work_dir, &service_env, false).await?;
     let fanout_events = args.fanout_events.unwrap_or((args.events / 10).max(1));
 
     let publisher = Publisher::new(js.clone(), args.publish_window);
@@ -629,6 +822,7 @@ async fn bench(args: Args) -> anyhow::Result<bool> {
         // The services are killed when `stack` drops.
         return Ok(report.passed);
     }
+    let ops = start_ops(&args, &backing).await?;
     let mut bench = Bench {
         receiver,
         stack,
@@ -637,6 +831,8 @@ async fn bench(args: Args) -> anyhow::Result<bool> {
         servers: backing.pids.clone(),
         phase: 0,
         args,
+        ops,
+        _backing: backing,
     };
     let a = &bench.args;
     let (events, warmup, fanout_webhooks, rate, latency_secs, concurrency) = (
@@ -647,64 +843,7 @@ async fn bench(args: Args) -> anyhow::Result<bool> {
         a.latency_secs,
         a.concurrency,
     );
-    let mut phases = Vec::new();
-    eprintln!("warm-up: {warmup} events");
-    phases.push(
-        bench
-            .run(
-                "warm-up",
-                1,
-                Drive::Burst {
-                    event_type: SINGLE.into(),
-                    n: warmup,
-                },
-            )
-            .await?,
-    );
-    eprintln!("throughput: {events} events to 1 webhook");
-    let single = bench
-        .run(
-            "throughput",
-            1,
-            Drive::Burst {
-                event_type: SINGLE.into(),
-                n: events,
-            },
-        )
-        .await?;
-    let peak = single.deliveries_per_s;
-    phases.push(single);
-    if fanout_webhooks > 0 {
-        eprintln!("fan-out: {fanout_events} events to {fanout_webhooks} webhooks");
-        phases.push(
-            bench
-                .run(
-                    "fan-out",
-                    fanout_webhooks,
-                    Drive::Burst {
-                        event_type: FANOUT.into(),
-                        n: fanout_events,
-                    },
-                )
-                .await?,
-        );
-    }
-    for rate in [rate, (peak / 2.0).round().max(1.0)] {
-        eprintln!("latency: {rate} events/s for {latency_secs}s");
-        phases.push(
-            bench
-                .run(
-                    &format!("latency@{rate}/s"),
-                    1,
-                    Drive::Paced {
-                        event_type: SINGLE.into(),
-                        rate,
-                        secs: latency_secs,
-                    },
-                )
-                .await?,
-        );
-    }
+    let mut phases = broker_phases(&mut bench, fanout_events).await?;
     let ceiling_warmup = warmup.max(2 * concurrency as u64);
     eprintln!("ceiling warm-up: {ceiling_warmup} signed POSTs, {concurrency} at once");
     phases.push(
@@ -724,6 +863,51 @@ async fn bench(args: Args) -> anyhow::Result<bool> {
         .map(|s| (*s).to_owned())
         .zip(bench.stack.peak_memory_mib().into_iter().map(round1))
         .collect();
+    eprint!("{}", ops_table("default sync", &phases));
+
+    // The same broker phases on a fresh stack whose nats-server writes
+    // every message to disk before acknowledging it.
+    let sync_always = if bench.args.sync_always {
+        let Bench {
+            receiver,
+            args,
+            phase,
+            stack,
+            ops,
+            _backing,
+            ..
+        } = bench;
+        drop(ops);
+        drop(stack);
+        drop(_backing);
+        eprintln!("sync always: a fresh stack, nats-server with jetstream sync_interval: always");
+        let (backing, stack, js) =
+            start_pass(&args, &receiver, &work_dir, &service_env, true).await?;
+        let ops = start_ops(&args, &backing).await?;
+        let publisher = Publisher::new(js.clone(), args.publish_window);
+        bench = Bench {
+            receiver,
+            stack,
+            publisher,
+            js,
+            servers: backing.pids.clone(),
+            phase,
+            args,
+            ops,
+            _backing: backing,
+        };
+        let sync_phases = broker_phases(&mut bench, 0).await?;
+        eprint!("{}", ops_table("sync always", &sync_phases));
+        let find = |prefix: &str| sync_phases.iter().find(|p| p.name.starts_with(prefix));
+        Some(SyncAlways {
+            nats_server_config: "jetstream { sync_interval: always }",
+            deliveries_per_s: find("throughput").map_or(0.0, |p| p.deliveries_per_s.round()),
+            all_cpu_ms_per_delivery: find("throughput").map_or(0.0, |p| p.all_cpu_ms_per_delivery),
+            phases: sync_phases,
+        })
+    } else {
+        None
+    };
 
     let find = |prefix: &str| phases.iter().find(|p| p.name.starts_with(prefix));
     let throughput = find("throughput").map_or(0.0, |p| p.deliveries_per_s);
@@ -754,7 +938,10 @@ async fn bench(args: Args) -> anyhow::Result<bool> {
         cpu_ms_per_delivery: find("throughput").map_or(0.0, |p| p.cpu_ms_per_delivery),
     };
     let mut failures = Vec::new();
-    for p in &phases {
+    for p in phases
+        .iter()
+        .chain(sync_always.iter().flat_map(|s| &s.phases))
+    {
         if p.missing > 0 {
             failures.push(format!(
                 "{}: {} of {} deliveries missing",
@@ -792,6 +979,7 @@ async fn bench(args: Args) -> anyhow::Result<bool> {
         phases,
         peak_memory_mib,
         summary,
+        sync_always,
         failures,
     };
     if let Some(dir) = out.parent() {

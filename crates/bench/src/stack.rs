@@ -28,6 +28,9 @@ pub struct Backing {
     pub redis_url: String,
     /// Process ids of the servers started here, for their CPU time.
     pub pids: Vec<(&'static str, u32)>,
+    /// The monitoring endpoint (`http://127.0.0.1:port`) of the NATS
+    /// started here, for the operation counts (`/varz`, `/jsz`, `/connz`).
+    pub monitor_url: Option<String>,
     _nats: Option<NatsServer>,
     /// The Redis started here (the chaos suite stops and restarts it).
     pub redis: Option<RedisServer>,
@@ -35,13 +38,39 @@ pub struct Backing {
 
 impl Backing {
     pub fn start(nats_url: Option<String>, redis_url: Option<String>) -> Self {
-        let nats = nats_url.is_none().then(NatsServer::start);
+        Self::start_with(nats_url, redis_url, None)
+    }
+
+    /// [`Backing::start`], the NATS started here (when one is) with a
+    /// monitoring port and, when `sync_always_conf` names a file, JetStream
+    /// writing every message to disk before it is acknowledged
+    /// (`sync_interval: always`, from a configuration file written there).
+    pub fn start_with(
+        nats_url: Option<String>,
+        redis_url: Option<String>,
+        sync_always_conf: Option<&Path>,
+    ) -> Self {
+        let monitor_port = free_port();
+        let nats = nats_url.is_none().then(|| {
+            let port = monitor_port.to_string();
+            let mut extra = vec!["-m".to_owned(), port];
+            if let Some(conf) = sync_always_conf {
+                std::fs::write(conf, "jetstream {\n  sync_interval: always\n}\n")
+                    .expect("write the nats-server configuration");
+                extra.push("-c".into());
+                extra.push(conf.display().to_string());
+            }
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            NatsServer::start_with(&extra)
+        });
+        let monitor_url = nats
+            .as_ref()
+            .map(|_| format!("http://127.0.0.1:{monitor_port}"));
         let redis = redis_url.is_none().then(RedisServer::start);
         let mut pids = Vec::new();
-        if let Some(pid) = nats
-            .as_ref()
-            .and_then(|n| find_server("nats-server", n.port()))
-        {
+        // nats-server is started with `-p -1`: its port is not on its
+        // command line, but test-support knows its process.
+        if let Some(pid) = nats.as_ref().and_then(NatsServer::pid) {
             pids.push(("nats-server", pid));
         }
         if let Some(pid) = redis.as_ref().and_then(|r| {
@@ -54,6 +83,7 @@ impl Backing {
             nats_url: nats_url.unwrap_or_else(|| nats.as_ref().expect("started").url()),
             redis_url: redis_url.unwrap_or_else(|| redis.as_ref().expect("started").url()),
             pids,
+            monitor_url,
             _nats: nats,
             redis,
         }
