@@ -5,7 +5,7 @@
 // a secret: a link's token is taken out of it before anything else runs.
 
 import { api, forget, whenUnauthorized } from './api.js';
-import { h, say } from './dom.js';
+import { h, hidden, say } from './dom.js';
 import { go, leave } from './nav.js';
 import { embedded, may, session } from './session.js';
 import { signIn } from './views/signin.js';
@@ -133,7 +133,8 @@ function renderHeader() {
     h('ul', {}, links.map(([href, text]) => h('li', {}, h('a', { href }, text)))));
   const out = embedded ? null
     : h('button', { type: 'button', class: 'quiet', onclick: () => signOut({ text: 'You are signed out.' }) }, 'Sign out');
-  header.replaceChildren(h('div', { class: 'bar' }, brand, nav, orgPicker(), readOnlyBadge(), out));
+  header.replaceChildren(h('div', { class: 'bar' }, brand, nav,
+    h('div', { class: 'session' }, orgPicker(), readOnlyBadge(), out)));
 }
 
 function readOnlyBadge() {
@@ -160,7 +161,7 @@ function orgPicker() {
       class: 'org', onsubmit: (e) => { e.preventDefault(); switchTo(input.value.trim()); },
     },
     h('label', { for: 'org-input' }, 'Organization'), input,
-    h('button', { type: 'submit', class: 'quiet' }, 'Switch organization'));
+    h('button', { type: 'submit', class: 'quiet' }, 'Switch', hidden(' organization')));
   }
   if (orgs.length > 1) {
     const select = h('select', {
