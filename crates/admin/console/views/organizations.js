@@ -1,6 +1,9 @@
 // Organizations (operator keys): the list, create, edit (display name and
-// limits), delete with a confirmation naming what goes with it, and a
-// console link for one, shown with a copy button.
+// limits), delete with a confirmation naming what goes with it, and one
+// organization's console links: the ones still valid (what each grants,
+// who made it and when, when it expires, whether it was opened; never a
+// token), create one (its URL shown once, with a copy button) and revoke
+// one.
 
 import { allWebhooks, api, query } from '../api.js';
 import { ask, h, hidden, labelled, liveRegion, say, time, uid, valuePanel } from '../dom.js';
@@ -13,7 +16,7 @@ const LIMITS = [
 
 export async function organizations() {
   const status = liveRegion();
-  const result = h('div', {});
+  const linksPanel = h('div', {});
   const table = h('div', {});
   const more = h('button', { type: 'button', hidden: true, onclick: () => load(next) }, 'More organizations');
   let next = null;
@@ -43,7 +46,7 @@ export async function organizations() {
         h('td', {}, time(o.created_at)),
         h('td', { class: 'actions' },
           h('button', { type: 'button', onclick: () => edit(o) }, 'Edit', hidden(` ${o.name}`)),
-          h('button', { type: 'button', onclick: () => link(o) }, 'Console link', hidden(` for ${o.name}`)),
+          h('button', { type: 'button', 'data-links': o.id, onclick: () => openLinks(o) }, 'Console links', hidden(` of ${o.name}`)),
           h('button', { type: 'button', class: 'danger', onclick: () => remove(o) }, 'Delete', hidden(` ${o.name}`)))))));
   }
 
@@ -117,20 +120,130 @@ export async function organizations() {
       danger: true,
       onConfirm: async () => {
         await api('DELETE', `/organizations/${encodeURIComponent(o.id)}`);
+        if (open?.o.id === o.id) closeLinks(false);
         await load(null);
         say(status, `The organization ${o.name} (${o.id}) was deleted.`);
       },
     });
   }
 
-  async function link(o) {
+  // The console links of the organization shown in `linksPanel`: its
+  // heading (focus goes there), the new link's panel, the list, and the
+  // names of its webhooks and of the keys that made links.
+  let open = null;
+
+  function openLinks(o) {
+    if (open?.o.id === o.id) {
+      loadLinks();
+      open.heading.focus();
+      return;
+    }
+    const titleId = uid('links-title');
+    const heading = h('h2', { id: titleId, tabindex: '-1' }, `Console links of ${o.name}`);
+    const here = {
+      o, heading, fresh: h('div', {}), freshId: null, names: null,
+      list: h('div', {}, h('p', { class: 'loading' }, 'Loading the console links…')),
+    };
+    open = here;
+    linksPanel.replaceChildren(h('section', { class: 'links card', 'aria-labelledby': titleId },
+      h('div', { class: 'title' }, heading,
+        h('div', { class: 'buttons' },
+          h('button', { type: 'button', class: 'primary', onclick: () => link(here) }, 'Create a console link', hidden(` for ${o.name}`)),
+          h('button', { type: 'button', onclick: () => closeLinks(true) }, 'Close', hidden(' the console links')))),
+      h('p', { class: 'hint' }, 'The links not yet expired, oldest first. A link opens the console once; the session it opens ',
+        'lasts until the link expires, unless the link is revoked. Revoked and expired links are not listed.'),
+      here.fresh,
+      here.list));
+    heading.focus();
+    loadLinks();
+  }
+
+  function closeLinks(refocus) {
+    const was = open;
+    open = null;
+    linksPanel.replaceChildren();
+    if (refocus && was) table.querySelector(`[data-links="${CSS.escape(was.o.id)}"]`)?.focus();
+  }
+
+  async function loadLinks() {
+    const here = open;
+    if (!here) return;
+    try {
+      const [{ data }] = await Promise.all([
+        api('GET', `/organizations/${encodeURIComponent(here.o.id)}/console-links`),
+        namesOf(here),
+      ]);
+      if (open !== here) return;
+      here.list.replaceChildren(renderLinks(here, data.data));
+    } catch (e) {
+      if (open !== here || e.status === 401) return;
+      const region = h('div', { role: 'alert' });
+      say(region, `Could not load the console links: ${e.message}`, 'error');
+      here.list.replaceChildren(region, h('button', { type: 'button', onclick: () => loadLinks() }, 'Try again'));
+    }
+  }
+
+  // Webhook and key names for the list, read once per opening; an id
+  // without a name is shown as it is.
+  async function namesOf(here) {
+    if (!here.names) {
+      const [webhooks, keys] = await Promise.all([
+        allWebhooks(here.o.id).catch(() => []),
+        api('GET', '/api-keys').then(({ data }) => data.data).catch(() => []),
+      ]);
+      here.names = {
+        webhooks: new Map(webhooks.map((w) => [w.id, w.name])),
+        keys: new Map(keys.map((k) => [k.id, k.name])),
+      };
+    }
+    return here.names;
+  }
+
+  const scopeName = (l) => (l.scope === 'read' ? 'Read-only' : 'Admin');
+
+  function webhooksOf(here, l) {
+    if (!l.webhook_ids) return 'All webhooks';
+    return h('ul', { class: 'plain' }, l.webhook_ids.map((id) => h('li', {},
+      here.names?.webhooks.get(id) ?? h('code', {}, id))));
+  }
+
+  function creator(here, id) {
+    const name = here.names?.keys.get(id);
+    if (name) return name;
+    return id.startsWith('file:') ? ['a key of the keys file ', h('code', {}, id)] : h('code', {}, id);
+  }
+
+  function renderLinks(here, links) {
+    if (links.length === 0) {
+      return h('p', { class: 'empty' }, `${here.o.name} has no console link that is still valid.`);
+    }
+    return h('table', { class: 'list' },
+      h('caption', { class: 'visually-hidden' }, `Console links of ${here.o.name}`),
+      h('thead', {}, h('tr', {},
+        ['Link', 'Scope', 'Webhooks', 'Created', 'Created by', 'Expires', 'Opened'].map((c) => h('th', { scope: 'col' }, c)),
+        h('th', { scope: 'col' }, h('span', { class: 'visually-hidden' }, 'Actions')))),
+      h('tbody', {}, links.map((l) => h('tr', {},
+        h('th', { scope: 'row' }, h('code', {}, l.id)),
+        h('td', {}, scopeName(l)),
+        h('td', {}, webhooksOf(here, l)),
+        h('td', {}, time(l.created_at)),
+        h('td', {}, creator(here, l.created_by)),
+        h('td', {}, time(l.expires_at)),
+        h('td', {}, l.exchanged_at ? time(l.exchanged_at) : 'Not yet'),
+        h('td', { class: 'actions' },
+          h('button', { type: 'button', class: 'danger', onclick: () => revokeLink(here, l) }, 'Revoke', hidden(` ${l.id}`)))))));
+  }
+
+  async function link(here) {
+    const { o } = here;
     const scope = h('select', {}, h('option', { value: 'read' }, 'Read-only: sees everything, changes nothing'),
       h('option', { value: 'admin' }, 'Admin: manages the organization’s webhooks'));
     const ttl = h('input', { value: '1h', autocomplete: 'off', spellcheck: 'false' });
     let webhooks = [];
     try { webhooks = await allWebhooks(o.id); } catch { webhooks = []; }
     const boxes = webhooks.map((w) => h('input', { type: 'checkbox', id: uid('link-webhook'), value: w.id }));
-    ask({
+    let made = null;
+    const created = await ask({
       title: `A console link for “${o.name}”`,
       body: [
         labelled('Scope', scope),
@@ -143,41 +256,69 @@ export async function organizations() {
         const body = { scope: scope.value, ttl: ttl.value.trim() };
         const ids = boxes.filter((b) => b.checked).map((b) => b.value);
         if (ids.length) body.webhook_ids = ids;
-        const { data } = await api('POST', `/organizations/${encodeURIComponent(o.id)}/console-links`, { body });
-        showLink(o, data);
+        made = (await api('POST', `/organizations/${encodeURIComponent(o.id)}/console-links`, { body })).data;
       },
     });
+    if (!created || open !== here) return;
+    here.names = null; // a webhook made meanwhile gets its name
+    showLink(here, made);
+    await loadLinks();
   }
 
-  function showLink(o, data) {
-    const revoke = h('button', {
-      type: 'button', class: 'danger',
-      onclick: async () => {
-        revoke.disabled = true;
-        try {
-          await api('DELETE', `/organizations/${encodeURIComponent(o.id)}/console-links/${encodeURIComponent(data.id)}`);
-          result.replaceChildren();
-          say(status, 'The console link was revoked, and any session opened with it has ended.');
-        } catch (e) {
-          revoke.disabled = false;
-          say(status, `Could not revoke the link: ${e.message}`, 'error');
-        }
-      },
-    }, 'Revoke this link');
-    result.replaceChildren(valuePanel({
-      title: `Console link for ${o.name}`,
+  // The new link's URL, shown once (the API keeps only its hash).
+  function showLink(here, data) {
+    here.freshId = data.id;
+    here.fresh.replaceChildren(valuePanel({
+      title: `Console link for ${here.o.name}`,
       label: 'Link',
       value: data.url,
       copyLabel: 'Copy the link',
-      warning: 'Anyone with this link can open the console as this organization until it is used or expires: hand it only to the customer it is for.',
+      warning: 'Copy it now: it will not be shown again. Anyone with this link can open the console as this organization until it is used or expires: hand it only to the customer it is for.',
       more: [
-        h('p', {}, `${data.scope === 'read' ? 'Read-only' : 'Admin'}, `,
+        h('p', {}, `${scopeName(data)}, `,
           data.webhook_ids ? `limited to ${data.webhook_ids.length} webhook${data.webhook_ids.length === 1 ? '' : 's'}, ` : '',
           'valid until ', time(data.expires_at), '. To frame it in your own page, put ', h('code', {}, '?embed'),
           ' after ', h('code', {}, '/console'), ' (and list your origin in HERALD_CONSOLE_FRAME_ANCESTORS).'),
-        revoke,
+        h('button', { type: 'button', class: 'danger', onclick: () => revokeLink(here, data) }, 'Revoke this link'),
       ],
     }));
+  }
+
+  async function revokeLink(here, l) {
+    let gone = false;
+    const webhooks = l.webhook_ids
+      ? `limited to ${l.webhook_ids.length} webhook${l.webhook_ids.length === 1 ? '' : 's'}`
+      : 'for all its webhooks';
+    const revoked = await ask({
+      title: `Revoke the console link ${l.id}?`,
+      body: [
+        h('p', {}, `${scopeName(l)}, ${webhooks}, valid until `, time(l.expires_at), '.'),
+        h('p', {}, l.exchanged_at
+          ? 'It was opened already: the session opened with it ends on every admin replica within seconds. '
+          : 'Nobody has opened it yet: it will sign nobody in. ',
+        'This cannot be undone.'),
+      ],
+      confirm: 'Revoke the link',
+      danger: true,
+      onConfirm: async () => {
+        try {
+          await api('DELETE', `/organizations/${encodeURIComponent(here.o.id)}/console-links/${encodeURIComponent(l.id)}`);
+        } catch (e) {
+          if (e.status !== 404) throw e;
+          gone = true; // expired, or revoked by someone else meanwhile
+        }
+      },
+    });
+    if (!revoked || open !== here) return;
+    if (here.freshId === l.id) {
+      here.fresh.replaceChildren();
+      here.freshId = null;
+    }
+    await loadLinks();
+    say(status, gone
+      ? `The console link ${l.id} had already expired or been revoked.`
+      : `The console link ${l.id} was revoked: it signs nobody in, and any session opened with it has ended.`);
+    here.heading.focus();
   }
 
   await load(null);
@@ -187,7 +328,7 @@ export async function organizations() {
       h('button', { type: 'button', class: 'primary', onclick: create }, 'Create an organization')),
     h('p', { class: 'lead' }, 'Your platform’s customers: each one’s webhooks, keys and limits.'),
     status,
-    result,
+    linksPanel,
     table,
     more);
 }
