@@ -25,7 +25,7 @@ const MUTATING = [
   ['link', /^Create/], ['button', /^Create/], ['button', /^Revoke/], ['button', /^Sign out/],
 ];
 
-const { page, problems, close } = await browser({ origins: [PLATFORM] });
+const { context, page, problems, close } = await browser({ origins: [PLATFORM] });
 const started = Date.now();
 let visits = 0;
 try {
@@ -259,15 +259,70 @@ async function linkLimitedToOneWebhook({ orders }) {
   await screen(page, 'framed-limited-link-not-allowed', content);
 }
 
-/// The operator's screens: organizations (create, edit, console link,
-/// delete), API keys (create shown once, revoke), the audit trail.
+/// Whether two boxes share a line: they overlap vertically.
+const sameLine = (a, b) => a.y < b.y + b.height && b.y < a.y + a.height;
+
+/// The operator's header at 1280px is one line: the brand, every link,
+/// the organization switch and Sign out side by side. Narrow, it wraps
+/// without making the page scroll sideways.
+async function headerFits() {
+  const { width, height } = page.viewportSize();
+  assert(width === 1280, `the browser is 1280px wide: ${width}`);
+  const header = page.getByRole('banner');
+  const brand = await header.getByRole('link', { name: 'Herald', exact: true }).boundingBox();
+  const parts = [
+    ...['Webhooks', 'Delivery logs', 'Audit trail', 'Organizations', 'API keys'].map((name) => ['link', name]),
+    ['button', 'Switch organization'], ['button', 'Sign out'],
+  ];
+  for (const [role, name] of parts) {
+    const box = await header.getByRole(role, { name, exact: true }).boundingBox();
+    assert(box && sameLine(box, brand), `${name} is on the header's line at 1280px: ${JSON.stringify(box)} vs the brand's ${JSON.stringify(brand)}`);
+  }
+  await screen(page, 'operator-header-1280');
+  await page.setViewportSize({ width: 360, height });
+  try {
+    const out = header.getByRole('button', { name: 'Sign out' });
+    assert(await out.isVisible(), 'Sign out is there at 360px');
+    const box = await out.boundingBox();
+    assert(box.x >= 0 && box.x + box.width <= 360, `Sign out fits at 360px: ${JSON.stringify(box)}`);
+    const over = await page.evaluate(() => [...document.querySelectorAll('header *')]
+      .filter((e) => e.getClientRects().length && e.getBoundingClientRect().right > window.innerWidth)
+      .map((e) => `${e.tagName} ${e.textContent}`));
+    assert(over.length === 0, `nothing in the header goes past 360px: ${over.join(', ')}`);
+    await screen(page, 'operator-header-360');
+  } finally {
+    await page.setViewportSize({ width, height });
+  }
+}
+
+/// `url` opened in a tab of its own (the operator's tab keeps its
+/// session): the console refuses it, and nobody is signed in.
+async function refusedInATab(url, why) {
+  const tab = await context.newPage();
+  try {
+    await tab.goto(url);
+    await tab.getByRole('heading', { name: 'Sign in to Herald' }).waitFor();
+    await tab.getByText('This console link cannot be used').waitFor();
+    assert(await tab.getByRole('heading', { name: 'Webhooks' }).count() === 0, `${why}: nobody is signed in`);
+  } finally {
+    await tab.close();
+  }
+}
+
+/// The operator's screens: organizations (create, edit, console links:
+/// the list, create, revoke; delete), API keys (create shown once,
+/// revoke), the audit trail.
 async function operatorScreens({ orders }) {
+  // A link the platform's backend made over the API, not opened yet.
+  const existing = await link({ scope: 'admin', ttl: '3h' });
   await page.goto(`${ADMIN}/console`);
   await page.getByRole('heading', { name: /^(Webhooks|Sign in to Herald)$/ }).waitFor();
   if (await page.getByRole('heading', { name: 'Sign in to Herald' }).count()) {
     await page.getByLabel('API key').fill(OPERATOR);
     await page.getByRole('button', { name: 'Sign in' }).click();
   }
+  await page.getByRole('heading', { name: 'Webhooks' }).waitFor();
+  await headerFits();
   const nav = (name) => page.getByRole('navigation', { name: 'Console' }).getByRole('link', { name });
   await nav('Organizations').click();
   await page.getByRole('heading', { name: 'Organizations' }).waitFor();
@@ -292,7 +347,28 @@ async function operatorScreens({ orders }) {
   const edited = await ok('fabrikam', api(OPERATOR, 'GET', '/organizations/fabrikam'), 200);
   assert(edited.name === 'Fabrikam Inc' && edited.limits.max_webhooks === null, `edited: ${JSON.stringify(edited)}`);
 
-  await page.getByRole('button', { name: 'Console link for Northwind Traders' }).click();
+  // Northwind's console links: the one made over the API is listed with
+  // what it grants and that nobody opened it; no token is shown.
+  await page.getByRole('button', { name: 'Console links of Northwind Traders' }).click();
+  const links = page.getByRole('region', { name: 'Console links of Northwind Traders' });
+  assert(await page.evaluate(() => document.activeElement.textContent) === 'Console links of Northwind Traders',
+    'focus moves to the links\' heading');
+  const listed = links.getByRole('row').filter({ hasText: existing.id });
+  await listed.waitFor();
+  const cells = await listed.textContent();
+  assert(cells.includes('Admin') && cells.includes('All webhooks') && cells.includes('Not yet'),
+    `the API's link as made: ${cells}`);
+  // The link opened in the read-only scenario says when.
+  const opened = (await ok('links', api(OPERATOR, 'GET', '/organizations/northwind/console-links'), 200))
+    .data.filter((l) => l.exchanged_at);
+  assert(opened.length > 0, 'a link was opened earlier');
+  assert(!(await links.getByRole('row').filter({ hasText: opened[0].id }).textContent()).includes('Not yet'),
+    'an opened link says when it was opened');
+  const token = existing.url.split('#link=')[1];
+  assert(!(await page.content()).includes(token), 'no link\'s token is on the page');
+  await screen(page, 'operator-console-links');
+
+  await links.getByRole('button', { name: 'Create a console link for Northwind Traders' }).click();
   dialog = page.getByRole('dialog', { name: 'A console link for “Northwind Traders”' });
   await dialog.getByLabel('Scope').selectOption('read');
   await dialog.getByLabel('Valid for').fill('2h');
@@ -303,12 +379,50 @@ async function operatorScreens({ orders }) {
   await panel.getByRole('button', { name: 'Copy the link' }).waitFor();
   const url = (await panel.locator('.secret-value').textContent()).trim();
   assert(url.startsWith(`${ADMIN}/console#link=hl_`), `the link is shown: ${url}`);
-  const links = await ok('links', api(OPERATOR, 'GET', '/organizations/northwind/console-links'), 200);
-  const made = links.data.find((l) => l.webhook_ids && l.webhook_ids[0] === orders.id && l.scope === 'read');
-  assert(made, `the link as asked: ${JSON.stringify(links.data)}`);
+  const all = await ok('links', api(OPERATOR, 'GET', '/organizations/northwind/console-links'), 200);
+  const made = all.data.find((l) => l.webhook_ids && l.webhook_ids[0] === orders.id && l.scope === 'read');
+  assert(made, `the link as asked: ${JSON.stringify(all.data)}`);
+  // The list is read again: the new link is in it, with its webhook's name.
+  const madeRow = links.getByRole('row').filter({ hasText: made.id });
+  await madeRow.waitFor();
+  assert((await madeRow.textContent()).includes('northwind orders'), 'the new link names its webhook');
   await screen(page, 'operator-console-link');
+
+  // Revoking asks first; Cancel changes nothing.
+  await listed.getByRole('button', { name: `Revoke ${existing.id}` }).click();
+  dialog = page.getByRole('dialog', { name: `Revoke the console link ${existing.id}?` });
+  await dialog.getByText('Nobody has opened it yet').waitFor();
+  await dialog.getByRole('button', { name: 'Cancel' }).click();
+  await dialog.waitFor({ state: 'detached' });
+  await listed.waitFor();
+  await listed.getByRole('button', { name: `Revoke ${existing.id}` }).click();
+  dialog = page.getByRole('dialog', { name: `Revoke the console link ${existing.id}?` });
+  await screen(page, 'operator-revoke-console-link');
+  await dialog.getByRole('button', { name: 'Revoke the link' }).click();
+  await page.getByRole('status').getByText(`The console link ${existing.id} was revoked`).waitFor();
+  await listed.waitFor({ state: 'detached' });
+  assert(await links.getByRole('row').filter({ hasText: made.id }).count() === 1, 'the other links stay');
+  assert(await page.evaluate(() => document.activeElement.textContent) === 'Console links of Northwind Traders',
+    'focus goes back to the links\' heading');
+  const after = await ok('links', api(OPERATOR, 'GET', '/organizations/northwind/console-links'), 200);
+  assert(!after.data.some((l) => l.id === existing.id), 'the API lists it no more');
+  await refusedInATab(existing.url, 'a link revoked in the console');
+
+  // The new link's own Revoke button asks too, and empties the panel.
   await panel.getByRole('button', { name: 'Revoke this link' }).click();
-  await page.getByText('The console link was revoked').waitFor();
+  dialog = page.getByRole('dialog', { name: `Revoke the console link ${made.id}?` });
+  await dialog.getByRole('button', { name: 'Revoke the link' }).click();
+  await page.getByRole('status').getByText(`The console link ${made.id} was revoked`).waitFor();
+  await panel.waitFor({ state: 'detached' });
+  await links.getByRole('row').filter({ hasText: made.id }).waitFor({ state: 'detached' });
+  await refusedInATab(url, 'the console\'s own link, revoked');
+  await links.getByRole('button', { name: 'Close the console links' }).click();
+  await links.waitFor({ state: 'detached' });
+
+  // An organization without links says so.
+  await page.getByRole('button', { name: 'Console links of Fabrikam Inc' }).click();
+  await page.getByRole('region', { name: 'Console links of Fabrikam Inc' })
+    .getByText('Fabrikam Inc has no console link that is still valid.').waitFor();
 
   await page.getByRole('button', { name: 'Delete Fabrikam Inc' }).click();
   dialog = page.getByRole('dialog', { name: 'Delete the organization “Fabrikam Inc” (fabrikam)?' });
