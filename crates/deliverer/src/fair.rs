@@ -90,7 +90,6 @@ struct OrgLabel {
     org: String,
 }
 
-#[derive(Default)]
 struct Metrics {
     held: Family<OrgLabel, Gauge>,
     in_flight: Family<OrgLabel, Gauge>,
@@ -179,24 +178,24 @@ impl Fair {
             js: js.clone(),
             redis,
             consumers: tokio::sync::Mutex::default(),
-            metrics: Metrics::default(),
-        });
-        health.register(|r| {
-            r.register(
-                "organization_held_deliveries",
-                "Delivery jobs held back by their organization's share or limits, by organization (organizations with work in the last 5 minutes)",
-                inner.metrics.held.clone(),
-            );
-            r.register(
-                "organization_deliveries_in_flight",
-                "Delivery requests in flight, by organization",
-                inner.metrics.in_flight.clone(),
-            );
-            r.register(
-                "organization_oldest_held_seconds",
-                "How long the organization's oldest held delivery has waited",
-                inner.metrics.oldest.clone(),
-            );
+            metrics: Metrics {
+                held: health.metric(
+                    "organization_held_deliveries",
+                    "Delivery jobs held back by their organization's share or limits, by organization (organizations with work in the last 5 minutes)",
+                    Family::default(),
+                ),
+                in_flight: health.metric(
+                    "organization_deliveries_in_flight",
+                    "Delivery requests in flight, by organization",
+                    Family::default(),
+                ),
+                oldest: health.metric(
+                    "organization_oldest_held_seconds",
+                    "How long the organization's oldest held delivery has waited",
+                    Family::default(),
+                ),
+                shown: Mutex::default(),
+            },
         });
         Ok(Self { inner })
     }

@@ -139,17 +139,8 @@ impl Config {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Nats(#[from] nats::Error),
-    #[error(transparent)]
-    Start(#[from] herald_platform::service::StartError),
-    #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
-    #[error("webhook store: {0}")]
-    Store(#[from] herald_platform::webhooks::StoreError),
-}
+/// Why the service stopped.
+pub use herald_platform::service::WorkerError as Error;
 
 /// What every job task shares.
 struct State {
@@ -263,8 +254,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         &shutdown,
     )
     .await?;
-    let metrics = metrics::Metrics::default();
-    metrics.register(&health);
+    let metrics = metrics::Metrics::registered(&health);
 
     let js = herald_platform::nats::jetstream(client.clone());
     nats::ensure_streams(&js, config.nats.replicas, &config.nats.streams, &shutdown).await?;

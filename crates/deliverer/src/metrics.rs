@@ -23,52 +23,33 @@ pub struct Metrics {
     pub webhooks_revision: Gauge,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self {
-            deliveries: Family::default(),
-            disabled: Counter::default(),
-            herald_failures: Counter::default(),
-            dead_letters: Counter::default(),
-            attempt_duration: herald_platform::metrics::attempt_duration(),
-            webhooks_revision: Gauge::default(),
-        }
-    }
-}
-
 impl Metrics {
-    pub fn register(&self, health: &herald_platform::health::Health) {
-        health.register(|r| {
-            r.register(
+    /// The deliverer's metrics, registered on its `/metrics`.
+    pub fn registered(health: &herald_platform::health::Health) -> Self {
+        Self {
+            deliveries: health.metric(
                 "deliveries",
                 "Delivery jobs handled, by outcome (succeeded, retrying, throttled, waiting, parked, deferred, held, failed, skipped, herald_failure)",
-                self.deliveries.clone(),
-            );
-            r.register(
-                "webhooks_disabled",
-                "Webhooks disabled by the deliverer",
-                self.disabled.clone(),
-            );
-            r.register(
+                Family::default(),
+            ),
+            disabled: health.counter("webhooks_disabled", "Webhooks disabled by the deliverer"),
+            herald_failures: health.counter(
                 "herald_failures",
                 "Deliveries that waited or were handed back for Herald's own failure (resolver, secret, NATS, Redis); never counted against a webhook",
-                self.herald_failures.clone(),
-            );
-            r.register(
+            ),
+            dead_letters: health.counter(
                 "dead_letters",
                 "Delivery jobs moved to HERALD_DEAD because Herald cannot process them",
-                self.dead_letters.clone(),
-            );
-            r.register(
+            ),
+            attempt_duration: health.metric(
                 "delivery_attempt_duration_seconds",
                 "How long customer endpoints took to answer an attempt",
-                self.attempt_duration.clone(),
-            );
-            r.register(
+                herald_platform::metrics::attempt_duration(),
+            ),
+            webhooks_revision: health.gauge(
                 "webhooks_revision",
                 "The webhooks bucket's revision (stream sequence) whose changes this deliverer has applied; behind the bucket's last sequence while a change is on its way",
-                self.webhooks_revision.clone(),
-            );
-        });
+            ),
+        }
     }
 }

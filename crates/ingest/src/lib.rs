@@ -103,20 +103,15 @@ impl Config {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Nats(#[from] nats::Error),
-    #[error(transparent)]
-    Start(#[from] herald_platform::service::StartError),
-}
+/// Why the service stopped.
+pub use herald_platform::service::WorkerError as Error;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct Metrics {
     ingested: Counter,
     rejected: Family<ReasonLabel, Counter>,
@@ -139,29 +134,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         &shutdown,
     )
     .await?;
-    let metrics = Metrics::default();
-    health.register(|r| {
-        r.register(
+    let metrics = Metrics {
+        ingested: health.counter(
             "events_ingested",
             "Events accepted and passed to the matcher",
-            metrics.ingested.clone(),
-        );
-        r.register(
+        ),
+        dead_letters: health.counter(
             "dead_letters",
             "Events moved to HERALD_DEAD because their outcome cannot be published",
-            metrics.dead_letters.clone(),
-        );
-        r.register(
+        ),
+        rejected: health.metric(
             "events_rejected",
             "Events refused, by reason",
-            metrics.rejected.clone(),
-        );
-        r.register(
+            Family::default(),
+        ),
+        set_aside: health.counter(
             "events_set_aside",
             "Events delivered too many times without being concluded, moved to HERALD_DEAD",
-            metrics.set_aside.clone(),
-        );
-    });
+        ),
+    };
     for code in Rejection::CODES.iter().chain([&REDELIVERED]) {
         let _ = metrics
             .rejected

@@ -83,13 +83,13 @@ impl Config {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
-    Nats(#[from] nats::Error),
-    #[error(transparent)]
-    Start(#[from] herald_platform::service::StartError),
-    #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
+    Worker(#[from] herald_platform::service::WorkerError),
     #[error("log index: {0}")]
     Index(#[from] IndexError),
+    #[error(transparent)]
+    Nats(#[from] nats::Error),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
     #[error("attempts stream: {0}")]
     Stream(String),
     #[error("another log-writer is rebuilding the index now; try again when it is done")]
@@ -119,39 +119,32 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         &shutdown,
     )
     .await?;
-    let metrics = Metrics::default();
-    health.register(|r| {
-        r.register(
+    let metrics = Metrics {
+        stored: health.counter(
             "attempts_stored",
             "Delivery attempts written to the log index",
-            metrics.stored.clone(),
-        );
-        r.register(
+        ),
+        replayed: health.counter(
             "attempts_replayed",
             "Delivery attempts written to the log index by a rebuild",
-            metrics.replayed.clone(),
-        );
-        r.register(
+        ),
+        rebuilds: health.counter(
             "log_index_rebuilds",
             "Rebuilds of the log index from the attempts stream",
-            metrics.rebuilds.clone(),
-        );
-        r.register(
+        ),
+        full: health.gauge(
             "log_index_full",
             "1 while the log index's Redis is full (attempts wait in the stream)",
-            metrics.full.clone(),
-        );
-        r.register(
+        ),
+        waiting: health.gauge(
             "log_index_waiting",
             "1 while attempts wait in the stream for the log index's Redis (full, unreachable or failing)",
-            metrics.waiting.clone(),
-        );
-        r.register(
+        ),
+        write_errors: health.counter(
             "log_index_write_errors",
             "Failed writes to the log index (each is tried again; no attempt is dropped)",
-            metrics.write_errors.clone(),
-        );
-    });
+        ),
+    };
 
     let js = herald_platform::nats::jetstream(client.clone());
     let retention = nats::Retention {

@@ -28,7 +28,7 @@ use prometheus_client::metrics::counter::Counter;
 use prost::Message;
 use tokio_util::sync::CancellationToken;
 
-pub use subscriptions::Cache;
+pub use subscriptions::{Cache, CacheMetrics};
 
 pub const HEALTH_ADDR: &str = "HERALD_MATCHER_HEALTH_ADDR";
 pub const CACHE_TTL: &str = "HERALD_SUBSCRIPTION_CACHE_TTL";
@@ -65,17 +65,8 @@ impl Config {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error(transparent)]
-    Nats(#[from] nats::Error),
-    #[error(transparent)]
-    Start(#[from] herald_platform::service::StartError),
-    #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
-    #[error("webhook store: {0}")]
-    Store(#[from] herald_platform::webhooks::StoreError),
-}
+/// Why the service stopped.
+pub use herald_platform::service::WorkerError as Error;
 
 /// Why an event could not be fanned out; every case is Herald's own, so
 /// the event is handed back, or set aside when it can never succeed.
@@ -93,7 +84,7 @@ impl FanOutError {
     }
 }
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct Metrics {
     events: Counter,
     jobs: Counter,
@@ -115,7 +106,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         &shutdown,
     )
     .await?;
-    let metrics = Metrics::default();
+    let metrics = Metrics {
+        events: health.counter("events_matched", "Events matched against subscriptions"),
+        jobs: health.counter("delivery_jobs", "Delivery jobs published (fan-out)"),
+        unmatched: health.counter("events_unmatched", "Events that matched no webhook"),
+        dead_letters: health.counter(
+            "dead_letters",
+            "Accepted events moved to HERALD_DEAD because Herald cannot process them",
+        ),
+    };
 
     // Each fan-out keeps at most ACK_WINDOW publishes unacknowledged, so
     // room for all of them at once means no fan-out ever waits for room
@@ -128,54 +127,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let store = nats::retry(&shutdown, || WebhookStore::open(&js, config.nats.replicas)).await?;
     let redis = Redis::new(&config.redis_url, Duration::from_millis(250))?;
     health.watch_redis_degradable(redis.clone(), shutdown.clone());
-    let cache = Cache::new(store.clone(), redis, config.cache_ttl);
-    health.register(|r| {
-        r.register(
-            "events_matched",
-            "Events matched against subscriptions",
-            metrics.events.clone(),
-        );
-        r.register(
-            "delivery_jobs",
-            "Delivery jobs published (fan-out)",
-            metrics.jobs.clone(),
-        );
-        r.register(
-            "events_unmatched",
-            "Events that matched no webhook",
-            metrics.unmatched.clone(),
-        );
-        r.register(
-            "dead_letters",
-            "Accepted events moved to HERALD_DEAD because Herald cannot process them",
-            metrics.dead_letters.clone(),
-        );
-        r.register(
-            "subscription_cache_local_hits",
-            "Subscription sets found in process",
-            cache.metrics.local_hits.clone(),
-        );
-        r.register(
-            "subscription_cache_redis_hits",
-            "Subscription sets found in Redis",
-            cache.metrics.redis_hits.clone(),
-        );
-        r.register(
-            "subscription_cache_rebuilds",
-            "Subscription sets rebuilt from the webhooks bucket",
-            cache.metrics.rebuilds.clone(),
-        );
-        r.register(
-            "subscription_cache_invalidations",
-            "Organizations dropped from the subscription caches on a webhook change",
-            cache.metrics.invalidations.clone(),
-        );
-        r.register(
-            "redis_degraded",
-            "Redis calls that failed or timed out; work went on without Redis",
-            cache.metrics.redis_degraded.clone(),
-        );
-    });
+    let cache = Cache::new(
+        store.clone(),
+        redis,
+        config.cache_ttl,
+        CacheMetrics::registered(&health),
+    );
 
     // The change feed first catches up on recent changes, so no set cached
     // before a change made while no matcher ran is used.

@@ -25,6 +25,7 @@ use async_nats::jetstream::consumer;
 use futures::StreamExt;
 use herald_core::matching::SubscriptionSet;
 use herald_core::proto;
+use herald_platform::health::Health;
 use herald_platform::redis::Redis;
 use herald_platform::webhooks::{StoreError, WebhookStore};
 use prometheus_client::metrics::counter::Counter;
@@ -61,6 +62,34 @@ pub struct CacheMetrics {
     pub rebuilds: Counter,
     pub invalidations: Counter,
     pub redis_degraded: Counter,
+}
+
+impl CacheMetrics {
+    /// The cache's metrics, registered on the matcher's `/metrics`.
+    pub fn registered(health: &Health) -> Self {
+        Self {
+            local_hits: health.counter(
+                "subscription_cache_local_hits",
+                "Subscription sets found in process",
+            ),
+            redis_hits: health.counter(
+                "subscription_cache_redis_hits",
+                "Subscription sets found in Redis",
+            ),
+            rebuilds: health.counter(
+                "subscription_cache_rebuilds",
+                "Subscription sets rebuilt from the webhooks bucket",
+            ),
+            invalidations: health.counter(
+                "subscription_cache_invalidations",
+                "Organizations dropped from the subscription caches on a webhook change",
+            ),
+            redis_degraded: health.counter(
+                "redis_degraded",
+                "Redis calls that failed or timed out; work went on without Redis",
+            ),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -111,7 +140,7 @@ fn trimmed(w: &proto::Webhook) -> proto::Webhook {
 }
 
 impl Cache {
-    pub fn new(store: WebhookStore, redis: Redis, ttl: Duration) -> Self {
+    pub fn new(store: WebhookStore, redis: Redis, ttl: Duration, metrics: CacheMetrics) -> Self {
         Self {
             store,
             redis,
@@ -120,7 +149,7 @@ impl Cache {
             loading: Arc::default(),
             store_script: Arc::new(redis::Script::new(STORE_IF_CURRENT)),
             degraded_log: Arc::default(),
-            metrics: CacheMetrics::default(),
+            metrics,
         }
     }
 
@@ -476,7 +505,12 @@ mod tests {
         impl Env {
             fn cache(&self) -> Cache {
                 let redis = Redis::new(&self.redis_url, Duration::from_millis(500)).unwrap();
-                Cache::new(self.store.clone(), redis, Duration::from_secs(60))
+                Cache::new(
+                    self.store.clone(),
+                    redis,
+                    Duration::from_secs(60),
+                    CacheMetrics::default(),
+                )
             }
 
             async fn add(&self, id: &str) {

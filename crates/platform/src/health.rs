@@ -15,7 +15,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Request, Response, StatusCode};
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Metric, Registry};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -84,6 +86,24 @@ impl Health {
     /// Registers metrics: `register(|r| r.register("name", "help", metric.clone()))`.
     pub fn register(&self, f: impl FnOnce(&mut Registry)) {
         f(&mut self.inner.registry.lock().expect("registry lock"));
+    }
+
+    /// Registers `metric` on `/metrics` as `herald_<name>` with its help
+    /// text and hands it back, so a service builds its metrics where it
+    /// names them: `Metrics { jobs: health.metric("jobs", "…", Family::default()) }`.
+    pub fn metric<M: Metric + Clone>(&self, name: &str, help: &str, metric: M) -> M {
+        self.register(|r| r.register(name, help, metric.clone()));
+        metric
+    }
+
+    /// A counter registered as [`Health::metric`] does.
+    pub fn counter(&self, name: &str, help: &str) -> Counter {
+        self.metric(name, help, Counter::default())
+    }
+
+    /// A gauge registered as [`Health::metric`] does.
+    pub fn gauge(&self, name: &str, help: &str) -> Gauge {
+        self.metric(name, help, Gauge::default())
     }
 
     pub fn render_metrics(&self) -> String {

@@ -84,13 +84,19 @@ where
     code
 }
 
-/// Why a worker could not take its first steps.
+/// Why a worker service stopped: its health server would not start, or
+/// NATS, Redis or the webhooks bucket failed it (the log-writer adds
+/// reasons of its own).
 #[derive(Debug, thiserror::Error)]
-pub enum StartError {
+pub enum WorkerError {
     #[error("health server: {0}")]
     Health(std::io::Error),
     #[error(transparent)]
     Nats(#[from] crate::nats::Error),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("webhook store: {0}")]
+    Store(#[from] crate::webhooks::StoreError),
 }
 
 /// The first steps every worker service takes: its health server up on
@@ -102,7 +108,7 @@ pub async fn start_worker(
     health_addr: &crate::config::Listen,
     nats: &crate::config::Nats,
     shutdown: &CancellationToken,
-) -> Result<(crate::health::Health, async_nats::Client), StartError> {
+) -> Result<(crate::health::Health, async_nats::Client), WorkerError> {
     let health = crate::health::Health::new(service);
     health.set("nats", false);
     health.set("consumer", false);
@@ -110,7 +116,7 @@ pub async fn start_worker(
         .clone()
         .serve(health_addr, shutdown.clone())
         .await
-        .map_err(StartError::Health)?;
+        .map_err(WorkerError::Health)?;
     let client = crate::nats::connect(nats, service).await?;
     health.watch_nats(client.clone(), shutdown.clone());
     Ok((health, client))
