@@ -260,7 +260,9 @@ async function linkLimitedToOneWebhook({ orders }) {
 }
 
 /// Whether two boxes share a line: they overlap vertically.
-const sameLine = (a, b) => a.y < b.y + b.height && b.y < a.y + a.height;
+function sameLine(a, b) {
+  return a.y < b.y + b.height && b.y < a.y + a.height;
+}
 
 /// The operator's header at 1280px is one line: the brand, every link,
 /// the organization switch and Sign out side by side. Narrow, it wraps
