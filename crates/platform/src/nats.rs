@@ -341,19 +341,26 @@ pub struct Pull {
 }
 
 impl Pull {
-    pub async fn new(
+    /// The first pull request is made on the first poll; its failure, like
+    /// any later one, comes out of the stream as an error and is made again
+    /// after a pause.
+    pub fn new(
         consumer: consumer::Consumer<consumer::pull::Config>,
         batch: usize,
         max_bytes: usize,
-    ) -> Result<Self, consumer::StreamError> {
-        let current = Self::open(consumer.clone(), batch, max_bytes, Duration::ZERO).await?;
-        Ok(Self {
+    ) -> Self {
+        Self {
+            opening: Some(Self::open(
+                consumer.clone(),
+                batch,
+                max_bytes,
+                Duration::ZERO,
+            )),
             consumer,
             batch,
             max_bytes,
-            current: Some(current),
-            opening: None,
-        })
+            current: None,
+        }
     }
 
     fn open(

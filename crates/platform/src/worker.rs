@@ -26,7 +26,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind, Message, consumer};
 use futures::StreamExt;
 use prometheus_client::metrics::counter::Counter;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -73,6 +73,9 @@ pub struct Spec {
     /// The span each message is processed in (`trace::message_span`).
     pub operation: &'static str,
 }
+
+/// How long an on-demand pull request waits at the server for messages.
+const ON_DEMAND_EXPIRES: Duration = Duration::from_millis(500);
 
 impl Spec {
     /// The durable pull consumer this spec describes. Every consumer's
@@ -167,7 +170,7 @@ impl Settle {
 /// A started consumer: its messages, and how to settle them.
 pub struct Worker {
     spec: Spec,
-    messages: nats::Pull,
+    consumer: consumer::Consumer<consumer::pull::Config>,
     settle: Settle,
     client: async_nats::Client,
 }
@@ -186,18 +189,13 @@ impl Worker {
         let consumer =
             nats::durable_consumer(js, spec.stream, spec.consumer_config(), shutdown).await?;
         metrics::watch_consumer(health, &consumer, spec.durable, shutdown.clone());
-        let messages = nats::Pull::new(consumer, spec.batch, spec.max_bytes)
-            .await
-            .map_err(|e| nats::Error::Consumer {
-                consumer: spec.durable.to_owned(),
-                message: e.to_string(),
-            })?;
+
         health.set("consumer", true);
         Ok(Self {
             settle: Settle::new(js.clone(), spec.stream, dead_letters),
             client: js.client(),
             spec,
-            messages,
+            consumer,
         })
     }
 
@@ -208,91 +206,120 @@ impl Worker {
 
     /// Processes messages one by one, each in its own task, up to
     /// `concurrency` at once, until `shutdown`; then finishes those started
-    /// and hands back the rest.
+    /// and hands back the rest. Messages are pulled ahead of the work (up to
+    /// `batch`), the fastest for short work.
     pub async fn each<H: Handler>(
         self,
         handler: Arc<H>,
         concurrency: usize,
         shutdown: &CancellationToken,
     ) {
-        self.each_within(handler, Arc::new(Semaphore::new(concurrency)), shutdown)
-            .await
+        let slots = Arc::new(Semaphore::new(concurrency));
+        self.run(handler, slots, Pulling::Ahead, shutdown).await
     }
 
-    /// [`Worker::each`] with a message in hand for each permit of `slots`,
-    /// which others may hold too (the deliverer's released jobs): a
-    /// message is taken from the pull only once a slot is free. At
-    /// `shutdown` what was pulled but not started is handed back at once,
-    /// and this returns when every message it started is settled (the
-    /// handler decides how long that may take).
+    /// [`Worker::each`] within `slots`, which others hold too (the
+    /// deliverer's released jobs), pulling on demand: one short pull
+    /// request at a time for no more messages than slots are free, so a
+    /// message is in hand only once its work can start. For work that may
+    /// hold every slot for long: no message waits in hand past its ack
+    /// wait, and at shutdown no pull request is left for nobody to read.
     pub async fn each_within<H: Handler>(
-        mut self,
+        self,
         handler: Arc<H>,
         slots: Arc<Semaphore>,
         shutdown: &CancellationToken,
     ) {
+        self.run(handler, slots, Pulling::OnDemand, shutdown).await
+    }
+
+    /// At `shutdown` what was pulled but not started is handed back at
+    /// once, and this returns when every message it started is settled
+    /// (the handler decides how long that may take).
+    async fn run<H: Handler>(
+        self,
+        handler: Arc<H>,
+        slots: Arc<Semaphore>,
+        pulling: Pulling,
+        shutdown: &CancellationToken,
+    ) {
+        let Worker {
+            spec,
+            consumer,
+            settle,
+            client,
+        } = self;
         let mut tasks = JoinSet::new();
-        loop {
-            let slot = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                slot = slots.clone().acquire_owned() => slot.expect("slots are never closed"),
-            };
-            let message = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                message = self.messages.next() => message,
-            };
-            match message {
-                Some(Ok(message)) => {
-                    let span = trace::message_span(
-                        self.spec.operation,
-                        &message.subject,
-                        message.headers.as_ref(),
-                        "",
-                    );
-                    let (handler, settle, spec) =
-                        (handler.clone(), self.settle.clone(), self.spec.clone());
-                    tasks.spawn(
-                        async move {
-                            process(&*handler, &settle, &spec, message).await;
-                            drop(slot);
-                        }
-                        .instrument(span),
-                    );
+        let start = |message: Message, slot: OwnedSemaphorePermit, tasks: &mut JoinSet<()>| {
+            let span = trace::message_span(
+                spec.operation,
+                &message.subject,
+                message.headers.as_ref(),
+                "",
+            );
+            let (handler, settle, own) = (handler.clone(), settle.clone(), spec.clone());
+            tasks.spawn(
+                async move {
+                    process(&*handler, &settle, &own, message).await;
+                    drop(slot);
                 }
-                Some(Err(error)) => {
-                    tracing::warn!(%error, consumer = self.spec.durable, "consumer error");
-                }
-                None => break,
-            }
+                .instrument(span),
+            );
             while let Some(done) = tasks.try_join_next() {
-                report_panic(done, self.spec.durable);
-            }
-        }
-        let hand_back = crate::shutdown::hand_back(&mut self.messages);
-        let finish = async {
-            while let Some(done) = tasks.join_next().await {
-                report_panic(done, self.spec.durable);
+                report_panic(done, spec.durable);
             }
         };
-        futures::join!(finish, hand_back);
-        nats::flush(&self.client).await;
+        match pulling {
+            Pulling::Ahead => {
+                let mut pull = nats::Pull::new(consumer, spec.batch, spec.max_bytes);
+                loop {
+                    let slot = tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => break,
+                        slot = slots.clone().acquire_owned() => slot.expect("slots are never closed"),
+                    };
+                    let message = tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => break,
+                        message = pull.next() => message,
+                    };
+                    match message {
+                        Some(Ok(message)) => start(message, slot, &mut tasks),
+                        Some(Err(error)) => {
+                            tracing::warn!(%error, consumer = spec.durable, "consumer error");
+                        }
+                        None => break,
+                    }
+                }
+                // Pulled but not started: handed back at once, while what
+                // was started finishes.
+                let hand_back = crate::shutdown::hand_back(&mut pull);
+                futures::join!(finish(&mut tasks, spec.durable), hand_back);
+            }
+            Pulling::OnDemand => {
+                on_demand(&consumer, &spec, &slots, shutdown, |message, slot| {
+                    start(message, slot, &mut tasks)
+                })
+                .await;
+                finish(&mut tasks, spec.durable).await;
+            }
+        }
+        nats::flush(&client).await;
     }
 
     /// Processes what each pull brought, up to `size` messages at a time,
     /// until `shutdown`; `handle` returns each message with its
     /// disposition (it may settle some itself first, through
     /// [`Worker::settler`]). What was pulled but not started is handed back.
-    pub async fn batches<F, Fut>(mut self, size: usize, shutdown: &CancellationToken, mut handle: F)
+    pub async fn batches<F, Fut>(self, size: usize, shutdown: &CancellationToken, mut handle: F)
     where
         F: FnMut(Vec<Message>) -> Fut,
         Fut: Future<Output = Vec<(Message, Disposition)>>,
     {
+        let mut pull = nats::Pull::new(self.consumer, self.spec.batch, self.spec.max_bytes);
         {
             let mut batches = std::pin::pin!(
-                self.messages
-                    .by_ref()
+                pull.by_ref()
                     .ready_chunks(size)
                     .take_until(shutdown.clone().cancelled_owned())
             );
@@ -311,8 +338,96 @@ impl Worker {
                 }
             }
         }
-        crate::shutdown::hand_back(&mut self.messages).await;
+        crate::shutdown::hand_back(&mut pull).await;
         nats::flush(&self.client).await;
+    }
+}
+
+/// How a worker pulls.
+enum Pulling {
+    /// [`nats::Pull`]: continuous pull requests of up to `batch` messages.
+    Ahead,
+    /// [`on_demand`].
+    OnDemand,
+}
+
+/// Waits until every started task has ended.
+async fn finish(tasks: &mut JoinSet<()>, consumer: &str) {
+    while let Some(done) = tasks.join_next().await {
+        report_panic(done, consumer);
+    }
+}
+
+/// Pulls on demand until `shutdown`: waits for a free slot, asks for no
+/// more messages than slots are free, and hands each, with its slot, to
+/// `start`. A pull request dies with its consumer's leader (a NATS node
+/// lost) and nothing says so; it is given up 1 s after its expiry and made
+/// again, of whichever node leads then.
+async fn on_demand(
+    consumer: &consumer::Consumer<consumer::pull::Config>,
+    spec: &Spec,
+    slots: &Arc<Semaphore>,
+    shutdown: &CancellationToken,
+    mut start: impl FnMut(Message, OwnedSemaphorePermit),
+) {
+    while !shutdown.is_cancelled() {
+        // Wait for a free slot without holding it.
+        let free = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            slot = slots.clone().acquire_owned() => {
+                drop(slot.expect("slots are never closed"));
+                slots.available_permits()
+            }
+        };
+        let mut request = consumer
+            .batch()
+            .max_messages(free.clamp(1, spec.batch))
+            .expires(ON_DEMAND_EXPIRES);
+        if spec.max_bytes > 0 {
+            request = request.max_bytes(spec.max_bytes);
+        }
+        let mut batch = match request.messages().await {
+            Ok(batch) => batch,
+            Err(error) => {
+                tracing::warn!(%error, consumer = spec.durable, "cannot pull");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                }
+            }
+        };
+        let give_up = tokio::time::Instant::now() + ON_DEMAND_EXPIRES + Duration::from_secs(1);
+        loop {
+            let message = match tokio::time::timeout_at(give_up, batch.next()).await {
+                Ok(Some(Ok(message))) => message,
+                Ok(Some(Err(error))) => {
+                    tracing::warn!(%error, consumer = spec.durable, "consumer error");
+                    continue;
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(
+                        consumer = spec.durable,
+                        "pull request unanswered past its expiry; pulling again"
+                    );
+                    break;
+                }
+            };
+            if shutdown.is_cancelled() {
+                // Pulled but not started: another replica takes it now.
+                let _ = message.ack_with(AckKind::Nak(None)).await;
+                continue;
+            }
+            // Never more were asked for than slots were free (others, such
+            // as the deliverer's released jobs, may have taken one since:
+            // then this waits for the next).
+            let slot = slots
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("slots are never closed");
+            start(message, slot);
+        }
     }
 }
 
