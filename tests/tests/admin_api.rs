@@ -107,103 +107,70 @@ async fn create_get_list_and_every_limit_at_its_edge() {
             .all(|w| w.get("secret").is_none())
     );
 
-    // Each limit at its edge.
+    // Each limit at its edge: accepted at it, refused past it.
     let url_of = |n: usize| format!("https://example.com/{}", "a".repeat(n - 20));
     assert_eq!(url_of(2048).len(), 2048);
-    accepted(&stack, with(&base, "name", json!("é".repeat(255)))).await;
-    refused(&stack, with(&base, "name", json!("é".repeat(256))), "name").await;
-    refused(&stack, with(&base, "name", json!("   ")), "name").await;
-    accepted(&stack, with(&base, "url", json!(url_of(2048)))).await;
-    refused(&stack, with(&base, "url", json!(url_of(2049))), "url").await;
-    refused(
-        &stack,
-        with(&base, "url", json!("ftp://example.com/")),
-        "url",
-    )
-    .await;
-    refused(&stack, with(&base, "url", json!("not a url")), "url").await;
-    refused(
-        &stack,
-        with(&base, "url", json!("https://u:p@example.com/")),
-        "url",
-    )
-    .await;
-    accepted(&stack, with(&base, "description", json!("d".repeat(1024)))).await;
-    refused(
-        &stack,
-        with(&base, "description", json!("d".repeat(1025))),
-        "description",
-    )
-    .await;
-    accepted(&stack, with(&base, "timeout_ms", json!(30_000))).await;
-    refused(
-        &stack,
-        with(&base, "timeout_ms", json!(30_001)),
-        "timeout_ms",
-    )
-    .await;
-    refused(&stack, with(&base, "timeout_ms", json!(0)), "timeout_ms").await;
-    refused(&stack, with(&base, "timeout_ms", json!(-1)), "timeout_ms").await;
-    refused(
-        &stack,
-        with(&base, "timeout_ms", json!("5000")),
-        "timeout_ms",
-    )
-    .await;
+    for (field, value) in [
+        ("name", json!("é".repeat(255))),
+        ("url", json!(url_of(2048))),
+        ("description", json!("d".repeat(1024))),
+        ("timeout_ms", json!(30_000)),
+        // Event types: exact or patterns.
+        ("event_types", json!(["workflow.*", "workflow.>"])),
+        ("headers", json!({"Authorization": "Bearer x"})),
+    ] {
+        accepted(&stack, with(&base, field, value)).await;
+    }
     let own = accepted(&stack, with(&base, "secret", json!("s".repeat(255)))).await;
     assert_eq!(
         own["secret"],
         "s".repeat(255),
         "an own secret is shown once too"
     );
-    refused(
-        &stack,
-        with(&base, "secret", json!("s".repeat(256))),
-        "secret",
-    )
-    .await;
-    refused(&stack, with(&base, "secret", json!("")), "secret").await;
-    refused(&stack, with(&base, "format", json!("yaml")), "format").await;
 
-    // Event types: exact or patterns, each checked against the catalogue.
-    refused(&stack, with(&base, "event_types", json!([])), "event_types").await;
-    refused(
-        &stack,
-        with(&base, "event_types", json!(["nothing.here"])),
-        "event_types",
-    )
-    .await;
-    refused(
-        &stack,
-        with(&base, "event_types", json!(["billing.*"])),
-        "event_types",
-    )
-    .await;
-    refused(
-        &stack,
-        with(&base, "event_types", json!(["workflow..x"])),
-        "event_types",
-    )
-    .await;
-    refused(
-        &stack,
-        with(&base, "event_types", json!(["workflow.>.x"])),
-        "event_types",
-    )
-    .await;
-    refused(
-        &stack,
-        with(&base, "event_types", json!("workflow.completed")),
-        "event_types",
-    )
-    .await;
-    accepted(
-        &stack,
-        with(&base, "event_types", json!(["workflow.*", "workflow.>"])),
-    )
-    .await;
-
-    // Custom headers: reserved names and CR/LF refused.
+    // Each refusal names its field.
+    let refusals = [
+        ("name", json!("é".repeat(256))),
+        ("name", json!("   ")),
+        ("url", json!(url_of(2049))),
+        ("url", json!("ftp://example.com/")),
+        ("url", json!("not a url")),
+        ("url", json!("https://u:p@example.com/")),
+        ("description", json!("d".repeat(1025))),
+        ("timeout_ms", json!(30_001)),
+        ("timeout_ms", json!(0)),
+        ("timeout_ms", json!(-1)),
+        ("timeout_ms", json!("5000")),
+        ("secret", json!("s".repeat(256))),
+        ("secret", json!("")),
+        ("format", json!("yaml")),
+        // Event types are checked against the catalogue.
+        ("event_types", json!([])),
+        ("event_types", json!(["nothing.here"])),
+        ("event_types", json!(["billing.*"])),
+        ("event_types", json!(["workflow..x"])),
+        ("event_types", json!(["workflow.>.x"])),
+        ("event_types", json!("workflow.completed")),
+        // Custom headers: CR/LF, bad names and values refused.
+        ("headers", json!({"X-A": "a\r\nX-B: b"})),
+        ("headers", json!({"X-A": "a\nb"})),
+        ("headers", json!({"bad name": "v"})),
+        ("headers", json!({"X-A": "caf\u{e9}"})),
+        ("headers", json!({"X-A": "\u{84}"})),
+        ("headers", json!({"X-A": "a\u{7f}"})),
+        ("filters", json!({"workflow": []})),
+        ("filters", json!({"a.b": ["x"]})),
+        ("filters", json!({"workflow": [""]})),
+        ("filters", json!({"workflow": "x"})),
+        // Unknown and read-only fields.
+        ("colour", json!("red")),
+        ("id", json!("wh_mine")),
+        ("disabled_reason", json!("x")),
+    ];
+    for (field, value) in refusals {
+        refused(&stack, with(&base, field, value), field).await;
+    }
+    // Reserved header names.
     for name in [
         "Host",
         "content-type",
@@ -221,79 +188,13 @@ async fn create_get_list_and_every_limit_at_its_edge() {
         )
         .await;
     }
-    refused(
-        &stack,
-        with(&base, "headers", json!({"X-A": "a\r\nX-B: b"})),
-        "headers",
-    )
-    .await;
-    refused(
-        &stack,
-        with(&base, "headers", json!({"X-A": "a\nb"})),
-        "headers",
-    )
-    .await;
-    refused(
-        &stack,
-        with(&base, "headers", json!({"bad name": "v"})),
-        "headers",
-    )
-    .await;
-    for value in ["caf\u{e9}", "\u{84}", "a\u{7f}"] {
-        refused(
-            &stack,
-            with(&base, "headers", json!({"X-A": value})),
-            "headers",
-        )
-        .await;
-    }
-    accepted(
-        &stack,
-        with(&base, "headers", json!({"Authorization": "Bearer x"})),
-    )
-    .await;
-
-    // Filters.
-    refused(
-        &stack,
-        with(&base, "filters", json!({"workflow": []})),
-        "filters",
-    )
-    .await;
-    refused(
-        &stack,
-        with(&base, "filters", json!({"a.b": ["x"]})),
-        "filters",
-    )
-    .await;
-    refused(
-        &stack,
-        with(&base, "filters", json!({"workflow": [""]})),
-        "filters",
-    )
-    .await;
-    refused(
-        &stack,
-        with(&base, "filters", json!({"workflow": "x"})),
-        "filters",
-    )
-    .await;
-
-    // Required fields, unknown fields, read-only fields.
+    // Required fields: missing or null.
     for field in ["name", "url", "event_types"] {
         let mut body = base.clone();
         body.as_object_mut().unwrap().remove(field);
         refused(&stack, body, field).await;
         refused(&stack, with(&base, field, Value::Null), field).await;
     }
-    refused(&stack, with(&base, "colour", json!("red")), "colour").await;
-    refused(&stack, with(&base, "id", json!("wh_mine")), "id").await;
-    refused(
-        &stack,
-        with(&base, "disabled_reason", json!("x")),
-        "disabled_reason",
-    )
-    .await;
 
     // The catalogue, and the document that describes the API.
     let (status, types) = stack.api("GET", "/event-types", None).await;
@@ -924,11 +825,7 @@ async fn a_rotated_secret_signs_alongside_the_new_one() {
     let got = receiver.wait_for("/hook", 1, Duration::from_secs(15)).await;
     let request = &got[0];
     let msg_id = request.header("webhook-id").unwrap();
-    let timestamp: i64 = request
-        .header("webhook-timestamp")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let timestamp = request.timestamp();
     let header = request.header("webhook-signature").unwrap();
     let signatures: Vec<&str> = header.split(' ').collect();
     assert_eq!(signatures.len(), 2, "{header}");
@@ -1032,6 +929,27 @@ async fn raw_http(addr: &str, request: String) -> String {
     String::from_utf8_lossy(&answer).into_owned()
 }
 
+/// Asserts that a [`raw_http`] answer is a 429 and answers its
+/// `Retry-After` in seconds.
+#[track_caller]
+fn retry_after_of_429(answer: &str) -> u64 {
+    assert!(
+        answer.starts_with("HTTP/1.0 429") || answer.starts_with("HTTP/1.1 429"),
+        "{answer}"
+    );
+    answer
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("retry-after: ")
+                .map(str::to_owned)
+        })
+        .expect("Retry-After")
+        .trim()
+        .parse()
+        .expect("Retry-After in seconds")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lists_are_paged_an_organization_has_a_limit_and_manual_sends_a_rate() {
     let stack = Stack::start_with(
@@ -1103,21 +1021,7 @@ async fn lists_are_paged_an_organization_has_a_limit_and_manual_sends_a_rate() {
         ),
     )
     .await;
-    assert!(
-        answer.starts_with("HTTP/1.0 429") || answer.starts_with("HTTP/1.1 429"),
-        "{answer}"
-    );
-    let retry_after: u64 = answer
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("retry-after: ")
-                .map(str::to_owned)
-        })
-        .expect("Retry-After")
-        .trim()
-        .parse()
-        .unwrap();
+    let retry_after = retry_after_of_429(&answer);
     assert!((1..=60).contains(&retry_after), "{retry_after}");
     assert!(answer.contains("\"rate_limited\""), "{answer}");
     // Starting a recover spends from the same key's budget…
@@ -1191,25 +1095,11 @@ async fn each_api_key_has_a_request_rate_and_is_told_when_to_come_back() {
         ),
     )
     .await;
-    assert!(
-        answer.starts_with("HTTP/1.0 429") || answer.starts_with("HTTP/1.1 429"),
-        "{answer}"
-    );
+    let retry_after = retry_after_of_429(&answer);
     assert!(
         answer.contains("HERALD_API_REQUESTS_PER_MINUTE"),
         "{answer}"
     );
-    let retry_after: u64 = answer
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("retry-after: ")
-                .map(str::to_owned)
-        })
-        .expect("Retry-After")
-        .trim()
-        .parse()
-        .expect("Retry-After in seconds");
     assert!((1..=2).contains(&retry_after), "Retry-After: {retry_after}");
     // Another key is not held back by this one; a wrong key is still a 401.
     let (status, answer) = stack

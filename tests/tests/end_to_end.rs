@@ -69,11 +69,7 @@ async fn a_matching_event_is_delivered_signed_and_logged() {
     assert_eq!(body["metadata"], json!({"source": "test"}));
 
     let msg_id = request.header("webhook-id").unwrap();
-    let timestamp: i64 = request
-        .header("webhook-timestamp")
-        .unwrap()
-        .parse()
-        .unwrap();
+    let timestamp = request.timestamp();
     let signature = request.header("webhook-signature").unwrap();
     assert!(
         signing::verify_standard(&secret, msg_id, timestamp, &request.body, signature),

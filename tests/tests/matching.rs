@@ -174,6 +174,50 @@ async fn changed<Fut: Future>(stack: &Stack, change: Fut) -> Fut::Output {
     out
 }
 
+/// A `workflow.completed` event of [`ORG`].
+fn completed(id: &str) -> proto::Event {
+    proto::Event {
+        id: id.into(),
+        organization_id: ORG.into(),
+        r#type: "workflow.completed".into(),
+        ..Default::default()
+    }
+}
+
+/// Publishes `event` as ingest publishes one it accepted, for the matcher.
+async fn publish_accepted(js: &jetstream::Context, event: &proto::Event) {
+    js.publish(names::accepted_subject(ORG), event.encode_to_vec().into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+}
+
+/// Changes webhook `id` of [`ORG`] in the bucket and waits for the
+/// matcher to see the change.
+async fn modify(
+    stack: &Stack,
+    store: &WebhookStore,
+    id: &str,
+    mut change: impl FnMut(&mut proto::Webhook),
+) {
+    let changing = store.modify(ORG, id, |w| {
+        change(w);
+        true
+    });
+    changed(stack, changing)
+        .await
+        .expect("modify")
+        .expect("exists");
+}
+
+/// Waits up to 10 s for `n` requests to `path` and asserts that exactly
+/// `n` came.
+async fn got_exactly(receiver: &Receiver, path: &str, n: usize) {
+    let got = receiver.wait_for(path, n, Duration::from_secs(10)).await;
+    assert_eq!(got.len(), n, "requests to {path}");
+}
+
 /// The webhook of a matcher's job for `event_id` seen on the wire.
 fn webhook_of(message: &async_nats::Message, event_id: &str) -> Option<String> {
     matcher_job(message.headers.as_ref(), &message.payload)
@@ -261,102 +305,51 @@ async fn webhook_changes_take_effect_on_the_next_event() {
     let completed = "workflow.completed";
     let invoice = json!({"workflow": "invoice-approval"});
     let payroll = json!({"workflow": "payroll"});
+    let route = async |event_id, event_type, attributes: &serde_json::Value| {
+        routed(&stack, &sentinel, event_id, event_type, attributes.clone()).await
+    };
 
-    assert_eq!(
-        routed(&stack, &sentinel, "e1", completed, invoice.clone()).await,
-        only_target
-    );
-    assert_eq!(
-        routed(&stack, &sentinel, "e2", completed, payroll.clone()).await,
-        none
-    );
+    assert_eq!(route("e1", completed, &invoice).await, only_target);
+    assert_eq!(route("e2", completed, &payroll).await, none);
 
     // Patch the filters: the next event follows the new ones.
-    changed(
-        &stack,
-        store.modify(ORG, &target, |w| {
-            w.filters.insert(
-                "workflow".into(),
-                proto::StringList {
-                    values: vec!["payroll".into()],
-                },
-            );
-            true
-        }),
-    )
-    .await
-    .expect("patch")
-    .expect("exists");
-    assert_eq!(
-        routed(&stack, &sentinel, "e3", completed, payroll.clone()).await,
-        only_target
-    );
-    assert_eq!(
-        routed(&stack, &sentinel, "e4", completed, invoice.clone()).await,
-        none
-    );
+    modify(&stack, &store, &target, |w| {
+        w.filters.insert(
+            "workflow".into(),
+            proto::StringList {
+                values: vec!["payroll".into()],
+            },
+        );
+    })
+    .await;
+    assert_eq!(route("e3", completed, &payroll).await, only_target);
+    assert_eq!(route("e4", completed, &invoice).await, none);
 
     // Patch the event types.
     let step_failed = "workflow.step.failed";
-    assert_eq!(
-        routed(&stack, &sentinel, "e5", step_failed, payroll.clone()).await,
-        none
-    );
-    changed(
-        &stack,
-        store.modify(ORG, &target, |w| {
-            w.event_types = vec!["workflow.>".into()];
-            true
-        }),
-    )
-    .await
-    .expect("patch")
-    .expect("exists");
-    assert_eq!(
-        routed(&stack, &sentinel, "e6", step_failed, payroll.clone()).await,
-        only_target
-    );
+    assert_eq!(route("e5", step_failed, &payroll).await, none);
+    modify(&stack, &store, &target, |w| {
+        w.event_types = vec!["workflow.>".into()]
+    })
+    .await;
+    assert_eq!(route("e6", step_failed, &payroll).await, only_target);
 
     // Disable, then enable again.
-    changed(
-        &stack,
-        store.modify(ORG, &target, |w| {
-            w.enabled = false;
-            w.disabled_reason = "test".into();
-            true
-        }),
-    )
-    .await
-    .expect("disable")
-    .expect("exists");
-    assert_eq!(
-        routed(&stack, &sentinel, "e7", completed, payroll.clone()).await,
-        none
-    );
-    changed(
-        &stack,
-        store.modify(ORG, &target, |w| {
-            w.enabled = true;
-            true
-        }),
-    )
-    .await
-    .expect("enable")
-    .expect("exists");
-    assert_eq!(
-        routed(&stack, &sentinel, "e8", completed, payroll.clone()).await,
-        only_target
-    );
+    modify(&stack, &store, &target, |w| {
+        w.enabled = false;
+        w.disabled_reason = "test".into();
+    })
+    .await;
+    assert_eq!(route("e7", completed, &payroll).await, none);
+    modify(&stack, &store, &target, |w| w.enabled = true).await;
+    assert_eq!(route("e8", completed, &payroll).await, only_target);
 
     // Delete.
     let revision = store.get(ORG, &target).await.unwrap().unwrap().revision;
     changed(&stack, store.delete(ORG, &target, revision))
         .await
         .expect("delete");
-    assert_eq!(
-        routed(&stack, &sentinel, "e9", completed, payroll.clone()).await,
-        none
-    );
+    assert_eq!(route("e9", completed, &payroll).await, none);
 
     // A webhook created behind the API's back is matched too.
     let created = webhook(&stack.env, &receiver.url("/new"), &["workflow.*"], &[]);
@@ -364,7 +357,7 @@ async fn webhook_changes_take_effect_on_the_next_event() {
         .await
         .expect("create");
     assert_eq!(
-        routed(&stack, &sentinel, "e10", completed, payroll.clone()).await,
+        route("e10", completed, &payroll).await,
         [created.id.clone()].into()
     );
 
@@ -407,20 +400,8 @@ async fn matching_goes_on_without_redis_and_counts_it() {
     for _ in 0..3 {
         stack.publish(ORG, "workflow.completed", json!({})).await;
     }
-    assert_eq!(
-        receiver
-            .wait_for("/a", 4, Duration::from_secs(10))
-            .await
-            .len(),
-        4
-    );
-    assert_eq!(
-        receiver
-            .wait_for("/b", 3, Duration::from_secs(10))
-            .await
-            .len(),
-        3
-    );
+    got_exactly(&receiver, "/a", 4).await;
+    got_exactly(&receiver, "/b", 3).await;
     assert!(
         metric(&addr, DEGRADED).await > degraded_before,
         "the degradation is counted"
@@ -431,20 +412,8 @@ async fn matching_goes_on_without_redis_and_counts_it() {
     let c = webhook(&stack.env, &receiver.url("/c"), &["workflow.>"], &[]);
     changed(&stack, store.create(&c)).await.expect("create c");
     stack.publish(ORG, "workflow.completed", json!({})).await;
-    assert_eq!(
-        receiver
-            .wait_for("/a", 5, Duration::from_secs(10))
-            .await
-            .len(),
-        5
-    );
-    assert_eq!(
-        receiver
-            .wait_for("/c", 1, Duration::from_secs(10))
-            .await
-            .len(),
-        1
-    );
+    got_exactly(&receiver, "/a", 5).await;
+    got_exactly(&receiver, "/c", 1).await;
     stack.stop().await;
 }
 
@@ -535,13 +504,7 @@ async fn one_event_fans_out_to_a_thousand_webhooks_once_each() {
     // The same event matched again (as after a partial failure) publishes
     // the same ids, which the stream drops as duplicates.
     let event = found[0].job.event.clone().expect("event");
-    stack
-        .js
-        .publish(names::accepted_subject(ORG), event.encode_to_vec().into())
-        .await
-        .expect("publish")
-        .await
-        .expect("ack");
+    publish_accepted(&stack.js, &event).await;
     let jobs_metric = "herald_delivery_jobs_total";
     let addr = stack.env["HERALD_MATCHER_HEALTH_ADDR"].clone();
     until(
@@ -613,6 +576,28 @@ impl Harness {
         tokio::spawn(herald_deliverer::run(config, self.shutdown.clone()));
     }
 
+    /// The webhooks bucket, with Herald's streams created first.
+    async fn store(&self) -> WebhookStore {
+        herald_platform::nats::ensure_streams(&self.js, 1, &Default::default(), &self.shutdown)
+            .await
+            .expect("streams");
+        WebhookStore::open(&self.js, 1).await.expect("store")
+    }
+
+    /// `n` webhooks of every workflow event, at an address nothing answers,
+    /// created 500 at a time.
+    async fn create_webhooks(&self, n: usize) {
+        let store = self.store().await;
+        let creates: Vec<proto::Webhook> = (0..n)
+            .map(|_| webhook(&self.env, "http://127.0.0.1:9/", &["workflow.>"], &[]))
+            .collect();
+        for chunk in creates.chunks(500) {
+            futures::future::try_join_all(chunk.iter().map(|w| store.create(w)))
+                .await
+                .expect("create");
+        }
+    }
+
     /// A matcher on its own token (and health port).
     fn matcher(&self) -> (CancellationToken, tokio::task::JoinHandle<()>) {
         let mut env = self.env.clone();
@@ -625,6 +610,20 @@ impl Harness {
             async move { herald_matcher::run(config, token).await.expect("matcher") }
         });
         (token, task)
+    }
+
+    /// A matcher as [`Harness::matcher`] starts one, answered once it has
+    /// published its first job.
+    async fn matcher_past_its_first_job(&self) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        let mut published = self
+            .js
+            .client()
+            .subscribe(format!("herald.deliveries.{ORG}.>"))
+            .await
+            .expect("subscribe");
+        let matcher = self.matcher();
+        published.next().await.expect("a first job");
+        matcher
     }
 }
 
@@ -642,10 +641,7 @@ async fn a_matcher_stopped_or_killed_mid_stream_yields_one_job_per_pair() {
     const WEBHOOKS: usize = 4;
     let harness = Harness::start().await;
     let receiver = Receiver::start().await;
-    herald_platform::nats::ensure_streams(&harness.js, 1, &Default::default(), &harness.shutdown)
-        .await
-        .expect("streams");
-    let store = WebhookStore::open(&harness.js, 1).await.expect("store");
+    let store = harness.store().await;
     let mut webhooks = Vec::new();
     for i in 0..WEBHOOKS {
         let patterns: &[&str] = [&["workflow.completed"][..], &["workflow.*"], &[">"]][i % 3];
@@ -662,26 +658,13 @@ async fn a_matcher_stopped_or_killed_mid_stream_yields_one_job_per_pair() {
             received_at_ms: 1_700_000_000_000,
             ..Default::default()
         };
-        harness
-            .js
-            .publish(names::accepted_subject(ORG), event.encode_to_vec().into())
-            .await
-            .expect("publish")
-            .await
-            .expect("ack");
+        publish_accepted(&harness.js, &event).await;
     }
     let total = (EVENTS * WEBHOOKS) as u64;
 
     // Stopped as SIGTERM would, right after its first job: in-flight events
     // finish, the rest are handed back.
-    let mut published = harness
-        .js
-        .client()
-        .subscribe(format!("herald.deliveries.{ORG}.>"))
-        .await
-        .expect("subscribe");
-    let (token, task) = harness.matcher();
-    published.next().await.expect("a first job");
+    let (token, task) = harness.matcher_past_its_first_job().await;
     token.cancel();
     tokio::time::timeout(Duration::from_secs(10), task)
         .await
@@ -689,17 +672,9 @@ async fn a_matcher_stopped_or_killed_mid_stream_yields_one_job_per_pair() {
         .expect("matcher stops cleanly");
     let after_stop = job_count(&harness.js).await;
     assert!(after_stop < total, "stopped mid-stream");
-    drop(published);
 
     // Killed right after its first job: jobs published, events not acked.
-    let mut published = harness
-        .js
-        .client()
-        .subscribe(format!("herald.deliveries.{ORG}.>"))
-        .await
-        .expect("subscribe");
-    let (token, task) = harness.matcher();
-    published.next().await.expect("a first job");
+    let (token, task) = harness.matcher_past_its_first_job().await;
     task.abort();
     token.cancel();
     let after_kill = job_count(&harness.js).await;
@@ -746,30 +721,9 @@ async fn many_large_fan_outs_at_once_complete() {
     const EVENTS: usize = 150;
     const WEBHOOKS: usize = 1000;
     let harness = Harness::start().await;
-    herald_platform::nats::ensure_streams(&harness.js, 1, &Default::default(), &harness.shutdown)
-        .await
-        .expect("streams");
-    let store = WebhookStore::open(&harness.js, 1).await.expect("store");
-    let creates: Vec<proto::Webhook> = (0..WEBHOOKS)
-        .map(|_| webhook(&harness.env, "http://127.0.0.1:9/", &["workflow.>"], &[]))
-        .collect();
-    futures::future::try_join_all(creates.iter().map(|w| store.create(w)))
-        .await
-        .expect("create");
+    harness.create_webhooks(WEBHOOKS).await;
     for i in 0..EVENTS {
-        let event = proto::Event {
-            id: format!("evt_{i}"),
-            organization_id: ORG.into(),
-            r#type: "workflow.completed".into(),
-            ..Default::default()
-        };
-        harness
-            .js
-            .publish(names::accepted_subject(ORG), event.encode_to_vec().into())
-            .await
-            .expect("publish")
-            .await
-            .expect("ack");
+        publish_accepted(&harness.js, &completed(&format!("evt_{i}"))).await;
     }
     let started = Instant::now();
     let (token, task) = harness.matcher();
@@ -798,31 +752,8 @@ async fn a_fan_out_longer_than_the_ack_wait_is_done_once() {
     harness
         .env
         .insert(herald_matcher::ACK_WAIT.into(), "300ms".into());
-    herald_platform::nats::ensure_streams(&harness.js, 1, &Default::default(), &harness.shutdown)
-        .await
-        .expect("streams");
-    let store = WebhookStore::open(&harness.js, 1).await.expect("store");
-    let creates: Vec<proto::Webhook> = (0..WEBHOOKS)
-        .map(|_| webhook(&harness.env, "http://127.0.0.1:9/", &["workflow.>"], &[]))
-        .collect();
-    for chunk in creates.chunks(500) {
-        futures::future::try_join_all(chunk.iter().map(|w| store.create(w)))
-            .await
-            .expect("create");
-    }
-    let event = proto::Event {
-        id: "evt_wide".into(),
-        organization_id: ORG.into(),
-        r#type: "workflow.completed".into(),
-        ..Default::default()
-    };
-    harness
-        .js
-        .publish(names::accepted_subject(ORG), event.encode_to_vec().into())
-        .await
-        .expect("publish")
-        .await
-        .expect("ack");
+    harness.create_webhooks(WEBHOOKS).await;
+    publish_accepted(&harness.js, &completed("evt_wide")).await;
     let started = Instant::now();
     let (token, task) = harness.matcher();
     until(Duration::from_secs(90), "every job", || async {

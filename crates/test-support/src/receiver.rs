@@ -72,6 +72,15 @@ impl Received {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
+
+    /// The `webhook-timestamp` header, in seconds; panics when it is
+    /// missing or not a number.
+    pub fn timestamp(&self) -> i64 {
+        self.header("webhook-timestamp")
+            .expect("webhook-timestamp header")
+            .parse()
+            .expect("webhook-timestamp in seconds")
+    }
 }
 
 /// A behaviour over time for one path, beside the scripted replies.
