@@ -728,51 +728,30 @@ mod tests {
     fn arrivals() {
         let p = policy();
         let t = 1_000_000;
-        // (state, job, now, expected arrival, claims the probe)
-        let cases: Vec<(Endpoint, Job, i64, Arrival, bool)> = vec![
-            (Endpoint::Healthy, job(1, 0), t, Arrival::Send, false),
-            (
-                Endpoint::Healthy,
-                job(3, t - 5_000),
-                t,
-                Arrival::Send,
-                false,
-            ),
+        // (state, job, expected arrival at `t`, claims the probe)
+        let cases: Vec<(Endpoint, Job, Arrival, bool)> = vec![
+            (Endpoint::Healthy, job(1, 0), Arrival::Send, false),
+            (Endpoint::Healthy, job(3, t - 5_000), Arrival::Send, false),
             // Deadline: first attempt + the 111 s span, a quarter more, 60 s.
             (
                 Endpoint::Healthy,
                 job(3, t - 198_751),
-                t,
                 Arrival::Expire,
                 false,
             ),
-            (
-                Endpoint::Healthy,
-                job(3, t - 198_750),
-                t,
-                Arrival::Send,
-                false,
-            ),
+            (Endpoint::Healthy, job(3, t - 198_750), Arrival::Send, false),
             (
                 throttled(t + 500, 1),
                 job(1, 0),
-                t,
                 Arrival::Wait { until_ms: t + 500 },
                 false,
             ),
-            (throttled(t, 1), job(1, 0), t, Arrival::Send, false),
-            (
-                throttled(t - 1, 3),
-                job(2, t - 9_000),
-                t,
-                Arrival::Send,
-                false,
-            ),
+            (throttled(t, 1), job(1, 0), Arrival::Send, false),
+            (throttled(t - 1, 3), job(2, t - 9_000), Arrival::Send, false),
             // Failing, probe not yet due: parked.
             (
                 failing(t - 100, t + 5_000, 1, 0),
                 job(1, 0),
-                t,
                 Arrival::Park,
                 false,
             ),
@@ -780,14 +759,12 @@ mod tests {
             (
                 failing(t - 100, t + 200, 1, 0),
                 job(1, 0),
-                t,
                 Arrival::Probe,
                 true,
             ),
             (
                 failing(t - 100, t - 3, 1, 0),
                 job(2, t - 100),
-                t,
                 Arrival::Probe,
                 true,
             ),
@@ -795,7 +772,6 @@ mod tests {
             (
                 failing(t - 100, t - 3, 1, t + 10),
                 job(1, 0),
-                t,
                 Arrival::Park,
                 false,
             ),
@@ -803,19 +779,18 @@ mod tests {
             (
                 failing(t - 100, t - 3, 1, t),
                 job(1, 0),
-                t,
                 Arrival::Probe,
                 true,
             ),
             (
                 failing(t - 100, t - 3, 1, 0),
                 job(2, t - 200_000),
-                t,
                 Arrival::Expire,
                 false,
             ),
         ];
-        for (state, j, now, expected, claims) in cases {
+        for (state, j, expected, claims) in cases {
+            let now = t;
             let (arrival, next) = p.on_arrival(&state, &j, now);
             assert_eq!(arrival, expected, "{state:?} {j:?}");
             assert_eq!(next.is_some(), claims, "{state:?} {j:?}");
