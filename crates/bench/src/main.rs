@@ -575,7 +575,9 @@ async fn start_pass(
 /// The operation counters, when the NATS was started here.
 async fn start_ops(args: &Args, backing: &Backing) -> anyhow::Result<Option<ops::Ops>> {
     Ok(match &backing.monitor_url {
-        Some(url) => Some(ops::Ops::start(url.clone(), &backing.nats_url, args.tap).await?),
+        Some(url) => Some(
+            ops::Ops::start(url.clone(), &backing.nats_url, &backing.redis_url, args.tap).await?,
+        ),
         None => None,
     })
 }
@@ -626,7 +628,7 @@ async fn broker_phases(bench: &mut Bench, fanout_events: u64) -> anyhow::Result<
 /// Operations per delivery of each phase through the broker, a line each.
 fn ops_table(title: &str, phases: &[PhaseReport]) -> String {
     let mut out = format!(
-        "operations per delivery, {title}:\n  {:<16} {:>7} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>7} {:>7} {:>7} {:>7} {:>6}\n",
+        "operations per delivery, {title}:\n  {:<16} {:>7} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>7} {:>7} {:>7} {:>7} {:>6} {:>6} {:>6}\n",
         "phase",
         "deliv/s",
         "cpu ms",
@@ -639,7 +641,9 @@ fn ops_table(title: &str, phases: &[PhaseReport]) -> String {
         "out msg",
         "disk B",
         "syscall",
-        "ctxsw"
+        "ctxsw",
+        "redis",
+        "r trip"
     );
     let opt = |x: Option<f64>| x.map_or("-".to_owned(), |x| format!("{x:.2}"));
     for p in phases {
@@ -650,7 +654,7 @@ fn ops_table(title: &str, phases: &[PhaseReport]) -> String {
             .copied()
             .unwrap_or(0.0);
         out += &format!(
-            "  {:<16} {:>7.0} {:>6.3} {:>6.3} {:>6.2} {:>6} {:>6} {:>6} {:>7.2} {:>7.2} {:>7.0} {:>7.1} {:>6.1}\n",
+            "  {:<16} {:>7.0} {:>6.3} {:>6.3} {:>6.2} {:>6} {:>6} {:>6} {:>7.2} {:>7.2} {:>7.0} {:>7.1} {:>6.1} {:>6.2} {:>6.2}\n",
             p.name,
             p.deliveries_per_s,
             p.all_cpu_ms_per_delivery,
@@ -664,6 +668,8 @@ fn ops_table(title: &str, phases: &[PhaseReport]) -> String {
             o.disk_write_bytes,
             o.syscalls_by_process.values().sum::<f64>(),
             o.context_switches_by_process.values().sum::<f64>(),
+            o.redis_commands,
+            o.redis_round_trips,
         );
     }
     out

@@ -167,6 +167,11 @@ pub struct Snapshot {
     connections: BTreeMap<String, (u64, u64)>,
     tap: TapCounts,
     procs: BTreeMap<String, Proc>,
+    /// Redis: commands processed, reads of its clients' sockets (a
+    /// pipeline is one), and calls by command.
+    redis_commands: u64,
+    redis_reads: u64,
+    redis_calls: BTreeMap<String, u64>,
 }
 
 /// Per delivery, what one phase cost in operations.
@@ -212,11 +217,19 @@ pub struct OpsReport {
     /// process (the services, nats-server and redis-server).
     pub syscalls_by_process: BTreeMap<String, f64>,
     pub context_switches_by_process: BTreeMap<String, f64>,
+    /// Redis commands, and round trips (`total_reads_processed`: each
+    /// read of a client's socket, so a pipeline counts once), and
+    /// commands by name (`INFO commandstats`).
+    pub redis_commands: f64,
+    pub redis_round_trips: f64,
+    pub redis_calls_by_command: BTreeMap<String, f64>,
 }
 
 /// Reads the counters; the tap runs from [`Ops::start`] on.
 pub struct Ops {
     monitor_url: String,
+    /// host:port of the Redis, for `INFO`.
+    redis_addr: Option<String>,
     http: Client<HttpConnector, Full<Bytes>>,
     tap: Option<(async_nats::Client, Arc<Mutex<TapCounts>>)>,
 }
@@ -224,7 +237,12 @@ pub struct Ops {
 impl Ops {
     /// Counts on the NATS at `nats_url` whose monitoring endpoint is
     /// `monitor_url`; with `tap`, acks and requests too.
-    pub async fn start(monitor_url: String, nats_url: &str, tap: bool) -> anyhow::Result<Self> {
+    pub async fn start(
+        monitor_url: String,
+        nats_url: &str,
+        redis_url: &str,
+        tap: bool,
+    ) -> anyhow::Result<Self> {
         let tap = if tap {
             let client = async_nats::ConnectOptions::new()
                 .name(TAP_NAME)
@@ -254,8 +272,12 @@ impl Ops {
         } else {
             None
         };
+        let redis_addr = redis_url
+            .strip_prefix("redis://")
+            .map(|rest| rest.trim_end_matches('/').to_owned());
         Ok(Self {
             monitor_url,
+            redis_addr,
             http: Client::builder(TokioExecutor::new()).build_http(),
             tap,
         })
@@ -321,7 +343,59 @@ impl Ops {
         for (name, pid) in pids {
             snap.procs.insert(name.clone(), Proc::read(*pid));
         }
+        if let Some(info) = self.redis_info().await {
+            for line in info.lines() {
+                let line = line.trim();
+                if let Some((key, value)) = line.split_once(':') {
+                    let n = || value.parse::<u64>().unwrap_or(0);
+                    match key {
+                        "total_commands_processed" => snap.redis_commands = n(),
+                        "total_reads_processed" => snap.redis_reads = n(),
+                        _ => {}
+                    }
+                    if let Some(command) = key.strip_prefix("cmdstat_") {
+                        let calls = value
+                            .split(',')
+                            .find_map(|f| f.strip_prefix("calls="))
+                            .and_then(|c| c.parse().ok())
+                            .unwrap_or(0);
+                        snap.redis_calls.insert(command.to_owned(), calls);
+                    }
+                }
+            }
+        }
         snap
+    }
+
+    /// `INFO stats commandstats` of the Redis, as text (an inline command
+    /// over a plain connection: no client library needed).
+    async fn redis_info(&self) -> Option<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = self.redis_addr.as_ref()?;
+        let read = async {
+            let mut conn = tokio::net::TcpStream::connect(addr).await.ok()?;
+            conn.write_all(b"INFO stats commandstats\r\n").await.ok()?;
+            let mut reply = Vec::new();
+            let mut buf = [0u8; 16 * 1024];
+            loop {
+                let n = conn.read(&mut buf).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                reply.extend_from_slice(&buf[..n]);
+                // "$<len>\r\n<len bytes>\r\n"
+                let text = String::from_utf8_lossy(&reply);
+                let (head, body) = text.split_once("\r\n")?;
+                let len: usize = head.strip_prefix('$')?.parse().ok()?;
+                if body.len() >= len {
+                    return Some(body[..len].to_owned());
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .ok()
+            .flatten()
     }
 
     pub fn tapping(&self) -> bool {
@@ -416,6 +490,14 @@ pub fn report(before: &Snapshot, after: &Snapshot, deliveries: u64, tapped: bool
             |p| p.context_switches,
             d,
         ),
+        redis_commands: per(after.redis_commands - before.redis_commands, d),
+        redis_round_trips: per(after.redis_reads - before.redis_reads, d),
+        redis_calls_by_command: nonzero(delta_map(
+            &before.redis_calls,
+            &after.redis_calls,
+            |v| *v,
+            d,
+        )),
         ..Default::default()
     };
     if tapped {
