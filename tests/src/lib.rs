@@ -452,6 +452,85 @@ impl Stack {
         }
     }
 
+    /// Every attempt logged for `webhook_id` (organization `acme`), in order.
+    pub async fn attempts(&self, webhook_id: &str) -> Vec<herald_core::proto::AttemptResult> {
+        let stored = self.attempts_stored(webhook_id).await;
+        stored.into_iter().map(|(attempt, _)| attempt).collect()
+    }
+
+    /// Every attempt logged for `webhook_id` (organization `acme`), in
+    /// order, each with when the stream stored it (unix nanoseconds).
+    pub async fn attempts_stored(
+        &self,
+        webhook_id: &str,
+    ) -> Vec<(herald_core::proto::AttemptResult, i128)> {
+        use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+        use futures::StreamExt;
+        use prost::Message;
+        let stream = self
+            .js
+            .get_stream(herald_core::names::ATTEMPTS_STREAM)
+            .await
+            .expect("attempts stream");
+        let consumer = stream
+            .create_consumer(OrderedConfig {
+                filter_subject: herald_core::names::attempt_subject("acme", webhook_id),
+                deliver_policy: DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .expect("ordered consumer");
+        let pending = consumer.cached_info().num_pending as usize;
+        let mut out = Vec::with_capacity(pending);
+        if pending == 0 {
+            return out;
+        }
+        let mut messages = consumer.messages().await.expect("messages");
+        while out.len() < pending {
+            let message = tokio::time::timeout(Duration::from_secs(5), messages.next())
+                .await
+                .expect("attempt within 5s")
+                .expect("stream open")
+                .expect("message");
+            let stored = message.info().expect("message info").published;
+            let attempt = herald_core::proto::AttemptResult::decode(message.payload.clone())
+                .expect("attempt decodes");
+            out.push((attempt, stored.unix_timestamp_nanos()));
+        }
+        out
+    }
+
+    /// Publishes delivery `jobs` to the subjects `subject` names for their
+    /// webhooks (of HERALD_DELIVERIES or HERALD_PARKED), a few hundred acks
+    /// in flight at a time, and waits until JetStream has stored them all.
+    pub async fn publish_jobs(
+        &self,
+        subject: fn(&str, &str) -> String,
+        jobs: impl IntoIterator<Item = herald_core::proto::DeliveryJob>,
+    ) {
+        use prost::Message;
+        let mut acks = Vec::new();
+        for job in jobs {
+            let ack = self
+                .js
+                .publish(
+                    subject(&job.organization_id, &job.webhook_id),
+                    job.encode_to_vec().into(),
+                )
+                .await
+                .expect("publish a delivery job");
+            acks.push(ack);
+            if acks.len() == 256 {
+                for ack in acks.drain(..) {
+                    ack.await.expect("delivery job stored");
+                }
+            }
+        }
+        for ack in acks {
+            ack.await.expect("delivery job stored");
+        }
+    }
+
     pub async fn publish_with_headers(
         &self,
         org: &str,
@@ -535,6 +614,30 @@ impl Stack {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+/// A first-attempt delivery job of organization `acme` for `webhook_id`,
+/// as the matcher queues it: event `event_id` of `event_type`, no data.
+pub fn delivery_job(
+    webhook_id: &str,
+    delivery_id: &str,
+    event_id: &str,
+    event_type: &str,
+) -> herald_core::proto::DeliveryJob {
+    use herald_core::proto;
+    proto::DeliveryJob {
+        delivery_id: delivery_id.into(),
+        organization_id: "acme".into(),
+        webhook_id: webhook_id.into(),
+        event: Some(proto::Event {
+            id: event_id.into(),
+            organization_id: "acme".into(),
+            r#type: event_type.into(),
+            ..Default::default()
+        }),
+        attempt: 1,
+        ..Default::default()
     }
 }
 

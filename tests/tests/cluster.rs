@@ -115,13 +115,8 @@ async fn a_service_starts_when_the_first_server_is_down() {
             "event_types": ["workflow.completed"],
         }))
         .await;
-    stack
-        .publish(
-            "acme",
-            "workflow.completed",
-            json!({"attributes": {"workflow": "w"}}),
-        )
-        .await;
+    let event = json!({"attributes": {"workflow": "w"}});
+    stack.publish("acme", "workflow.completed", event).await;
     let got = receiver.wait_for("/hook", 1, Duration::from_secs(10)).await;
     assert_eq!(got.len(), 1);
     stack.stop().await;

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures::{StreamExt, TryStreamExt};
 use herald_core::{names, proto, secret, signing};
 use herald_e2e::{Options, Receiver, Reply, Stack};
-use prost::Message;
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -23,39 +22,6 @@ fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
-/// Every attempt published for `webhook_id` (organization `acme`), in order.
-async fn attempts(stack: &Stack, webhook_id: &str) -> Vec<proto::AttemptResult> {
-    use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
-    let stream = stack
-        .js
-        .get_stream(names::ATTEMPTS_STREAM)
-        .await
-        .expect("attempts stream");
-    let consumer = stream
-        .create_consumer(OrderedConfig {
-            filter_subject: names::attempt_subject("acme", webhook_id),
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .expect("ordered consumer");
-    let pending = consumer.cached_info().num_pending as usize;
-    let mut out = Vec::with_capacity(pending);
-    if pending == 0 {
-        return out;
-    }
-    let mut messages = consumer.messages().await.expect("messages");
-    while out.len() < pending {
-        let message = tokio::time::timeout(Duration::from_secs(5), messages.next())
-            .await
-            .expect("attempt within 5s")
-            .expect("stream open")
-            .expect("message");
-        out.push(proto::AttemptResult::decode(message.payload.clone()).expect("attempt decodes"));
-    }
-    out
-}
-
 /// Waits until `webhook_id` has attempts that `done` accepts.
 async fn attempts_until(
     stack: &Stack,
@@ -65,7 +31,7 @@ async fn attempts_until(
 ) -> Vec<proto::AttemptResult> {
     stack
         .eventually(WAIT, what, || async {
-            let got = attempts(stack, webhook_id).await;
+            let got = stack.attempts(webhook_id).await;
             done(&got).then_some(got)
         })
         .await
@@ -244,29 +210,9 @@ async fn an_always_failing_webhook_is_disabled_after_its_fourth_failed_attempt()
 
 /// A delivery job for `webhook_id`, as the matcher would have queued it.
 async fn queue_job(stack: &Stack, webhook_id: &str, delivery_id: &str) {
-    let job = proto::DeliveryJob {
-        delivery_id: delivery_id.into(),
-        organization_id: "acme".into(),
-        webhook_id: webhook_id.into(),
-        event: Some(proto::Event {
-            id: format!("evt_{delivery_id}"),
-            organization_id: "acme".into(),
-            r#type: "workflow.completed".into(),
-            ..Default::default()
-        }),
-        attempt: 1,
-        ..Default::default()
-    };
-    stack
-        .js
-        .publish(
-            names::delivery_subject("acme", webhook_id),
-            job.encode_to_vec().into(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    let event_id = format!("evt_{delivery_id}");
+    let job = herald_e2e::delivery_job(webhook_id, delivery_id, &event_id, "workflow.completed");
+    stack.publish_jobs(names::delivery_subject, [job]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -536,34 +482,11 @@ async fn a_thousand_deliveries_waiting_for_retry_do_not_slow_a_healthy_webhook()
     create(&stack, &receiver.url("/healthy"), "workflow.completed").await;
     let baseline = latency(&stack, &receiver, "/healthy", 1).await;
 
-    let mut acks = Vec::new();
-    for i in 0..1000 {
-        let job = proto::DeliveryJob {
-            delivery_id: format!("msg_dead_{i}"),
-            organization_id: "acme".into(),
-            webhook_id: dead.clone(),
-            event: Some(proto::Event {
-                id: format!("evt_dead_{i}"),
-                organization_id: "acme".into(),
-                r#type: "workflow.failed".into(),
-                ..Default::default()
-            }),
-            attempt: 1,
-            ..Default::default()
-        };
-        let ack = stack
-            .js
-            .publish(
-                names::delivery_subject("acme", &dead),
-                job.encode_to_vec().into(),
-            )
-            .await
-            .unwrap();
-        acks.push(ack);
-    }
-    for ack in acks {
-        ack.await.unwrap();
-    }
+    let jobs = (0..1000).map(|i| {
+        let (delivery_id, event_id) = (format!("msg_dead_{i}"), format!("evt_dead_{i}"));
+        herald_e2e::delivery_job(&dead, &delivery_id, &event_id, "workflow.failed")
+    });
+    stack.publish_jobs(names::delivery_subject, jobs).await;
     // The first failures make the webhook failing; from then on nothing is
     // sent to it but a probe every 10 minutes, and all 1000 wait parked in
     // HERALD_PARKED, one copy each, none in the consumer's hands
@@ -687,15 +610,7 @@ async fn without_redis_deliveries_go_on_and_nothing_is_disabled() {
     publish(&stack, "workflow.failed", "evt_fail").await;
 
     let healthy = receiver.wait_for("/healthy", 10, WAIT).await;
-    let mut ids: Vec<String> = healthy
-        .iter()
-        .map(|r| {
-            serde_json::from_slice::<Value>(&r.body).unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
+    let mut ids: Vec<String> = healthy.iter().map(herald_e2e::Received::event_id).collect();
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 10, "every event delivered");
@@ -734,7 +649,7 @@ async fn on_shutdown_in_flight_deliveries_finish_or_are_handed_back() {
     assert_eq!(finished[0].status(), proto::AttemptStatus::Succeeded);
     // The other is handed back (a NAK, not left to the 60 s ack wait),
     // with no attempt logged.
-    assert!(attempts(&stack, &hang).await.is_empty());
+    assert!(stack.attempts(&hang).await.is_empty());
 
     // A deliverer started later makes that attempt at once: nothing was
     // lost, and no attempt was spent.

@@ -8,10 +8,9 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use futures::StreamExt;
-use herald_core::{names, proto};
+use herald_core::names;
 use herald_e2e::{Options, Receiver, Stack};
 use herald_test_support::RedisServer;
-use prost::Message;
 use serde_json::{Value, json};
 
 async fn create(stack: &Stack, url: &str) -> String {
@@ -134,41 +133,14 @@ async fn a_full_redis_holds_the_breaker_as_a_healthy_one_does() {
 /// Parks `n` deliveries for `webhook_id` as the deliverer does (the
 /// webhook's subject of HERALD_PARKED), `prefix` naming their events.
 async fn park(stack: &Stack, webhook_id: &str, prefix: &str, n: usize) {
-    let mut acks = Vec::new();
-    for i in 0..n {
-        let job = proto::DeliveryJob {
-            delivery_id: format!("dlv_{prefix}_{i}"),
-            organization_id: "acme".into(),
-            webhook_id: webhook_id.into(),
-            event: Some(proto::Event {
-                id: format!("{prefix}_{i}"),
-                organization_id: "acme".into(),
-                r#type: "workflow.completed".into(),
-                data_json: format!("{{\"i\":{i}}}").into_bytes().into(),
-                ..Default::default()
-            }),
-            attempt: 1,
-            ..Default::default()
-        };
-        acks.push(
-            stack
-                .js
-                .publish(
-                    names::parked_subject("acme", webhook_id),
-                    job.encode_to_vec().into(),
-                )
-                .await
-                .unwrap(),
-        );
-        if acks.len() == 256 {
-            for ack in acks.drain(..) {
-                ack.await.unwrap();
-            }
-        }
-    }
-    for ack in acks {
-        ack.await.unwrap();
-    }
+    let jobs = (0..n).map(|i| {
+        let (delivery_id, event_id) = (format!("dlv_{prefix}_{i}"), format!("{prefix}_{i}"));
+        let mut job =
+            herald_e2e::delivery_job(webhook_id, &delivery_id, &event_id, "workflow.completed");
+        job.event.as_mut().unwrap().data_json = format!("{{\"i\":{i}}}").into_bytes().into();
+        job
+    });
+    stack.publish_jobs(names::parked_subject, jobs).await;
 }
 
 /// How many deliveries are parked for `webhook_id`.
@@ -372,7 +344,8 @@ async fn a_disable_concludes_its_backlog_at_stream_speed_and_a_reenable_delivers
     // stream stored their records (once 21–85 a second, one by one).
     let drained = stack
         .eventually(Duration::from_secs(30), "every delivery logged", || async {
-            let drained: Vec<_> = attempts_of(&stack, &dead)
+            let drained: Vec<_> = stack
+                .attempts_stored(&dead)
                 .await
                 .into_iter()
                 .filter(|(a, _)| a.failure_reason == "webhook_disabled" && a.request.is_none())
@@ -444,7 +417,8 @@ async fn a_disable_concludes_its_backlog_at_stream_speed_and_a_reenable_delivers
             Duration::from_secs(40),
             "every delivery concluded",
             || async {
-                let failed = attempts_of(&stack, &again)
+                let failed = stack
+                    .attempts_stored(&again)
                     .await
                     .iter()
                     .filter(|(a, _)| a.failure_reason == "webhook_disabled" && a.request.is_none())
@@ -463,33 +437,6 @@ async fn a_disable_concludes_its_backlog_at_stream_speed_and_a_reenable_delivers
         "{failed} of {BACKLOG} marked failed after the re-enable"
     );
     stack.stop().await;
-}
-
-/// Every attempt logged for `webhook_id`, with when the stream stored it
-/// (unix nanoseconds).
-async fn attempts_of(stack: &Stack, webhook_id: &str) -> Vec<(proto::AttemptResult, i128)> {
-    use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
-    use futures::TryStreamExt;
-    let stream = stack.js.get_stream(names::ATTEMPTS_STREAM).await.unwrap();
-    let consumer = stream
-        .create_consumer(OrderedConfig {
-            filter_subject: names::attempt_subject("acme", webhook_id),
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let total = consumer.cached_info().num_pending as usize;
-    let mut messages = consumer.messages().await.unwrap().take(total);
-    let mut out = Vec::new();
-    while let Some(message) = messages.try_next().await.unwrap() {
-        let stored = message.info().unwrap().published.unix_timestamp_nanos();
-        out.push((
-            proto::AttemptResult::decode(message.payload.clone()).unwrap(),
-            stored,
-        ));
-    }
-    out
 }
 
 /// Tenants' names: `*.hang.example` never answers, `gone.example` does not
@@ -551,7 +498,7 @@ async fn a_tenants_broken_dns_is_its_own_failure_and_starves_no_one() {
             // A name that hangs, within its grace: Herald's, nothing counted.
             let webhook = stack.webhook(&hang).await;
             assert_eq!(webhook["state"], "healthy", "{webhook}");
-            assert!(attempts_of(&stack, &hang).await.is_empty());
+            assert!(stack.attempts_stored(&hang).await.is_empty());
         }
     }
     // Past the grace, with other names resolving all along: its own.

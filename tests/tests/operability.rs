@@ -249,7 +249,7 @@ async fn the_producers_trace_reaches_the_receiver() {
     assert_eq!(got.len(), 3);
     let of = |id: &str| -> Vec<Option<&str>> {
         got.iter()
-            .filter(|r| serde_json::from_slice::<Value>(&r.body).unwrap()["id"] == id)
+            .filter(|r| r.event_id() == id)
             .map(|r| r.header("traceparent"))
             .collect()
     };
@@ -332,12 +332,7 @@ async fn a_deliverer_stopped_under_load_loses_nothing() {
             let ids: HashSet<String> = receiver
                 .received("/hook")
                 .iter()
-                .map(|r| {
-                    serde_json::from_slice::<Value>(&r.body).unwrap()["id"]
-                        .as_str()
-                        .unwrap()
-                        .to_owned()
-                })
+                .map(herald_e2e::Received::event_id)
                 .collect();
             (ids.len() == EVENTS).then_some(ids)
         })

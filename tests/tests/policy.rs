@@ -11,7 +11,6 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use futures::{StreamExt, TryStreamExt};
 use herald_admin::dead_letters::{self, CommandError};
 use herald_core::{names, proto};
 use herald_e2e::{Options, Receiver, Reply, Stack};
@@ -43,12 +42,7 @@ fn distinct(receiver: &Receiver, path: &str) -> HashSet<String> {
         .received(path)
         .iter()
         .filter(|r| r.header("webhook-id").is_some())
-        .map(|r| {
-            serde_json::from_slice::<Value>(&r.body).unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
+        .map(herald_e2e::Received::event_id)
         .collect()
 }
 
@@ -58,28 +52,6 @@ async fn all_arrive(stack: &Stack, receiver: &Receiver, path: &str, n: usize, wi
             (distinct(receiver, path).len() == n).then_some(())
         })
         .await;
-}
-
-/// Every attempt published for `webhook_id`, in order.
-async fn attempts(stack: &Stack, webhook_id: &str) -> Vec<proto::AttemptResult> {
-    use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
-    let stream = stack.js.get_stream(names::ATTEMPTS_STREAM).await.unwrap();
-    let subject = names::attempt_subject("acme", webhook_id);
-    let consumer = stream
-        .create_consumer(OrderedConfig {
-            filter_subject: subject,
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let total = consumer.cached_info().num_pending as usize;
-    let mut messages = consumer.messages().await.unwrap().take(total);
-    let mut out = Vec::new();
-    while let Some(message) = messages.try_next().await.unwrap() {
-        out.push(proto::AttemptResult::decode(message.payload.clone()).unwrap());
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -117,7 +89,8 @@ async fn a_rate_limited_receiver_gets_every_event_at_its_pace_and_stays_enabled(
             Duration::from_secs(30),
             "every throttled answer in the log",
             || async {
-                let logged = attempts(&stack, &id)
+                let logged = stack
+                    .attempts(&id)
                     .await
                     .iter()
                     .filter(|a| a.status() == proto::AttemptStatus::Throttled)
@@ -132,7 +105,8 @@ async fn a_rate_limited_receiver_gets_every_event_at_its_pace_and_stays_enabled(
         .await;
     // Throttling spends no attempt: every delivery succeeded on attempt 1.
     assert!(
-        attempts(&stack, &id)
+        stack
+            .attempts(&id)
             .await
             .iter()
             .filter(|a| a.status() == proto::AttemptStatus::Succeeded)
@@ -308,7 +282,8 @@ async fn a_dead_receiver_is_disabled_after_its_probes_and_nothing_is_thrown_away
             Duration::from_secs(20),
             "waiting deliveries logged",
             || async {
-                let ended: HashSet<_> = attempts(&stack, &dead)
+                let ended: HashSet<_> = stack
+                    .attempts(&dead)
                     .await
                     .into_iter()
                     .filter(|a| {
@@ -322,7 +297,8 @@ async fn a_dead_receiver_is_disabled_after_its_probes_and_nothing_is_thrown_away
             },
         )
         .await;
-    let disabled_logged = attempts(&stack, &dead)
+    let disabled_logged = stack
+        .attempts(&dead)
         .await
         .iter()
         .filter(|a| a.failure_reason == "webhook_disabled")
@@ -381,7 +357,7 @@ async fn a_resolver_that_hangs_or_fails_is_heralds_failure_and_spends_nothing() 
     assert_eq!(webhook["state"], "healthy", "{webhook}");
     let got = stack
         .eventually(Duration::from_secs(10), "the success logged", || async {
-            let got = attempts(&stack, &id).await;
+            let got = stack.attempts(&id).await;
             got.iter()
                 .any(|a| a.status() == proto::AttemptStatus::Succeeded)
                 .then_some(got)
@@ -487,7 +463,7 @@ async fn heralds_own_failures_back_off_unlogged_and_go_to_the_dead_letters_after
     );
     // Not the receiver's attempts: nothing logged, nothing counted against
     // the webhook.
-    assert!(attempts(&stack, &id).await.is_empty());
+    assert!(stack.attempts(&id).await.is_empty());
     let webhook = stack.webhook(&id).await;
     assert_eq!(webhook["enabled"], true, "{webhook}");
     assert_eq!(webhook["state"], "healthy", "{webhook}");
@@ -511,7 +487,7 @@ async fn heralds_own_failures_back_off_unlogged_and_go_to_the_dead_letters_after
     receiver.wait_for("/own", 1, Duration::from_secs(20)).await;
     stack
         .eventually(Duration::from_secs(10), "the success logged", || async {
-            let got = attempts(&stack, &id).await;
+            let got = stack.attempts(&id).await;
             (got.len() == 1 && got[0].status() == proto::AttemptStatus::Succeeded).then_some(())
         })
         .await;
@@ -540,7 +516,7 @@ async fn an_event_too_large_to_log_in_full_is_posted_once_and_logged() {
     receiver.wait_for("/xml", 1, Duration::from_secs(20)).await;
     let got = stack
         .eventually(Duration::from_secs(20), "the attempt logged", || async {
-            let got = attempts(&stack, &id).await;
+            let got = stack.attempts(&id).await;
             (!got.is_empty()).then_some(got)
         })
         .await;
@@ -553,7 +529,7 @@ async fn an_event_too_large_to_log_in_full_is_posted_once_and_logged() {
     assert!(request.body_truncated, "body cut to the log limit");
     assert!(request.body_size > 1_000_000, "{}", request.body_size);
     assert!(request.body.len() <= 64 * 1024, "{}", request.body.len());
-    assert_eq!(attempts(&stack, &id).await.len(), 1);
+    assert_eq!(stack.attempts(&id).await.len(), 1);
     stack.stop().await;
 }
 

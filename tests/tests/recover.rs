@@ -10,26 +10,37 @@ use herald_core::payload;
 use herald_e2e::{Options, Receiver, Stack, TENANT_KEY};
 use serde_json::{Value, json};
 
+/// Starts a `kind` job ("recover" or "replay") on webhook `id` for what
+/// came since `since`; answers the job as the API accepted it (202).
+async fn start_job(stack: &Stack, id: &str, kind: &str, since: &str) -> Value {
+    let (status, job) = stack
+        .api(
+            "POST",
+            &format!("/webhooks/{id}/{kind}"),
+            Some(json!({"since": since})),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    job
+}
+
 async fn job_done(stack: &Stack, webhook: &str, job: &Value) -> Value {
-    let path = format!("/webhooks/{webhook}/jobs/{}", job["id"].as_str().unwrap());
-    stack
-        .eventually(Duration::from_secs(60), "the job finished", || async {
-            let (status, job) = stack.api("GET", &path, None).await;
-            assert_eq!(status, 200, "{job}");
-            (job["status"] != "running").then_some(job)
-        })
-        .await
+    job_until(
+        stack,
+        webhook,
+        job,
+        "the job finished",
+        Duration::from_secs(60),
+        |j| j["status"] != "running",
+    )
+    .await
 }
 
 /// The webhook-id of each event id `path` received with `status`.
 fn ids_by_event(receiver: &Receiver, path: &str) -> HashMap<String, HashSet<String>> {
     let mut out: HashMap<String, HashSet<String>> = HashMap::new();
     for r in receiver.received(path) {
-        let event = serde_json::from_slice::<Value>(&r.body).unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        out.entry(event)
+        out.entry(r.event_id())
             .or_default()
             .insert(r.header("webhook-id").unwrap().to_owned());
     }
@@ -90,10 +101,7 @@ async fn recover_sends_what_an_outage_lost_with_its_webhook_ids_once() {
         .await;
     assert_eq!(status, 404);
 
-    let (status, job) = stack
-        .api("POST", &path, Some(json!({"since": since})))
-        .await;
-    assert_eq!(status, 202, "{job}");
+    let job = start_job(&stack, &id, "recover", &since).await;
     assert_eq!(job["status"], "running");
     let done = job_done(&stack, &id, &job).await;
     assert_eq!(
@@ -122,10 +130,7 @@ async fn recover_sends_what_an_outage_lost_with_its_webhook_ids_once() {
     assert!(logs.iter().all(|l| l["kind"] == "recover"), "{logs:?}");
 
     // Running it again delivers nothing twice.
-    let (status, again) = stack
-        .api("POST", &path, Some(json!({"since": since})))
-        .await;
-    assert_eq!(status, 202, "{again}");
+    let again = start_job(&stack, &id, "recover", &since).await;
     let again = job_done(&stack, &id, &again).await;
     assert_eq!(again["queued"], 0, "{again}");
     assert_eq!(receiver.answered("/r", 200), 5);
@@ -195,10 +200,7 @@ async fn replay_backfills_a_new_webhook_with_what_it_matches_now() {
     let id = webhook["id"].as_str().unwrap().to_owned();
     let path = format!("/webhooks/{id}/replay");
 
-    let (status, job) = stack
-        .api("POST", &path, Some(json!({"since": since})))
-        .await;
-    assert_eq!(status, 202, "{job}");
+    let job = start_job(&stack, &id, "replay", &since).await;
     let done = job_done(&stack, &id, &job).await;
     assert_eq!(
         (
@@ -218,9 +220,7 @@ async fn replay_backfills_a_new_webhook_with_what_it_matches_now() {
 
     // A second replay is new deliveries: new webhook-ids, so a receiver that
     // deduplicated the first still takes them.
-    let (_, again) = stack
-        .api("POST", &path, Some(json!({"since": since})))
-        .await;
+    let again = start_job(&stack, &id, "replay", &since).await;
     assert_eq!(job_done(&stack, &id, &again).await["delivered"], 3);
     let second = ids_by_event(&receiver, "/new");
     for (event, ids) in &second {
@@ -272,14 +272,7 @@ async fn a_replay_survives_its_admin_stopping_and_sends_each_event_once() {
             "event_types": ["workflow.completed"]}))
         .await;
     let id = webhook["id"].as_str().unwrap().to_owned();
-    let (status, job) = stack
-        .api(
-            "POST",
-            &format!("/webhooks/{id}/replay"),
-            Some(json!({"since": since})),
-        )
-        .await;
-    assert_eq!(status, 202, "{job}");
+    let job = start_job(&stack, &id, "replay", &since).await;
     let job_path = format!("/webhooks/{id}/jobs/{}", job["id"].as_str().unwrap());
     stack
         .eventually(Duration::from_secs(30), "the job under way", || async {
@@ -361,14 +354,7 @@ async fn a_running_job_shows_its_progress_and_is_cancelled_and_its_webhook_is_fr
     );
     let n = 300;
     let id = webhook_with_a_backlog(&stack, &receiver, "/slow", n).await;
-    let (status, job) = stack
-        .api(
-            "POST",
-            &format!("/webhooks/{id}/replay"),
-            Some(json!({"since": since})),
-        )
-        .await;
-    assert_eq!(status, 202, "{job}");
+    let job = start_job(&stack, &id, "replay", &since).await;
     let job_path = format!("/webhooks/{id}/jobs/{}", job["id"].as_str().unwrap());
 
     // Progress is visible while it runs: outcomes are counted as they come.
@@ -442,14 +428,7 @@ async fn a_running_job_shows_its_progress_and_is_cancelled_and_its_webhook_is_fr
     );
 
     // The webhook is free for a new job at once.
-    let (status, next) = stack
-        .api(
-            "POST",
-            &format!("/webhooks/{id}/recover"),
-            Some(json!({"since": since})),
-        )
-        .await;
-    assert_eq!(status, 202, "{next}");
+    let next = start_job(&stack, &id, "recover", &since).await;
     let next = job_done(&stack, &id, &next).await;
     assert_eq!(next["status"], "done", "{next}");
     // A finished job cannot be cancelled either.
@@ -477,14 +456,7 @@ async fn a_job_that_cannot_count_its_outcomes_fails_with_the_reason() {
         vec![herald_e2e::Reply::status(200).delay(Duration::from_secs(5)); 10],
     );
     let id = webhook_with_a_backlog(&stack, &receiver, "/slow", 3).await;
-    let (status, job) = stack
-        .api(
-            "POST",
-            &format!("/webhooks/{id}/replay"),
-            Some(json!({"since": since})),
-        )
-        .await;
-    assert_eq!(status, 202, "{job}");
+    let job = start_job(&stack, &id, "replay", &since).await;
     job_until(
         &stack,
         &id,
@@ -502,15 +474,7 @@ async fn a_job_that_cannot_count_its_outcomes_fails_with_the_reason() {
         .delete_stream(herald_core::names::ATTEMPTS_STREAM)
         .await
         .expect("delete the attempts stream");
-    let ended = job_until(
-        &stack,
-        &id,
-        &job,
-        "the job to end",
-        Duration::from_secs(60),
-        |j| j["status"] != "running",
-    )
-    .await;
+    let ended = job_done(&stack, &id, &job).await;
     assert_eq!(ended["status"], "failed", "{ended}");
     let reason = ended["error"].as_str().unwrap_or_default();
     assert!(reason.contains("count"), "the reason: {ended}");
@@ -525,14 +489,7 @@ async fn a_job_that_cannot_count_its_outcomes_fails_with_the_reason() {
     )
     .await
     .expect("streams back");
-    let (status, next) = stack
-        .api(
-            "POST",
-            &format!("/webhooks/{id}/recover"),
-            Some(json!({"since": since})),
-        )
-        .await;
-    assert_eq!(status, 202, "{next}");
+    let next = start_job(&stack, &id, "recover", &since).await;
     assert_eq!(job_done(&stack, &id, &next).await["status"], "done");
     stack.stop().await;
 }
@@ -549,14 +506,7 @@ async fn an_idle_job_runner_reads_no_job_records() {
     let id = webhook["id"].as_str().unwrap().to_owned();
     // A week's worth of finished jobs, in miniature.
     for _ in 0..5 {
-        let (status, job) = stack
-            .api(
-                "POST",
-                &format!("/webhooks/{id}/recover"),
-                Some(json!({"since": since})),
-            )
-            .await;
-        assert_eq!(status, 202, "{job}");
+        let job = start_job(&stack, &id, "recover", &since).await;
         assert_eq!(job_done(&stack, &id, &job).await["status"], "done");
     }
     // Every JetStream API request about the jobs bucket (listing keys makes
@@ -586,14 +536,7 @@ async fn an_idle_job_runner_reads_no_job_records() {
     );
 
     // It still picks up a new job at once, through its watch.
-    let (status, job) = stack
-        .api(
-            "POST",
-            &format!("/webhooks/{id}/recover"),
-            Some(json!({"since": since})),
-        )
-        .await;
-    assert_eq!(status, 202, "{job}");
+    let job = start_job(&stack, &id, "recover", &since).await;
     assert_eq!(job_done(&stack, &id, &job).await["status"], "done");
     stack.stop().await;
 }

@@ -81,6 +81,15 @@ impl Received {
             .parse()
             .expect("webhook-timestamp in seconds")
     }
+
+    /// The `id` of the event this request carries (its JSON body's);
+    /// panics when the body is not JSON or has no string id.
+    pub fn event_id(&self) -> String {
+        serde_json::from_slice::<serde_json::Value>(&self.body).expect("a JSON body")["id"]
+            .as_str()
+            .expect("an event id")
+            .to_owned()
+    }
 }
 
 /// A behaviour over time for one path, beside the scripted replies.
