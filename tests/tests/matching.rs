@@ -12,6 +12,7 @@ use futures::StreamExt;
 use herald_core::{ids, names, proto, secret};
 use herald_e2e::{Receiver, Stack, matcher_idle};
 use herald_platform::config::Source;
+use herald_platform::lanes;
 use herald_platform::webhooks::WebhookStore;
 use herald_test_support::{NatsServer, RedisServer};
 use prost::Message;
@@ -551,6 +552,9 @@ impl Harness {
             ("HERALD_SECRET_KEY", secret::Keyring::generate_key_text()),
             ("HERALD_ALLOW_PRIVATE_TARGETS", "true".into()),
             ("HERALD_RETRY_SCHEDULE", "200ms,400ms".into()),
+            // No deliverer works the jobs these tests count: a matcher lane
+            // would wait for them to be sent (tests/tests/lanes.rs).
+            (lanes::LANES, "false".into()),
             (herald_matcher::ACK_WAIT, "2s".into()),
             (herald_deliverer::HEALTH_ADDR, "127.0.0.1:0".into()),
         ]
@@ -635,9 +639,10 @@ impl Drop for Harness {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_matcher_stopped_or_killed_mid_stream_yields_one_job_per_pair() {
-    // More events than a matcher works on at once (128), so that a stop
-    // leaves some untouched.
-    const EVENTS: usize = 300;
+    // Several times what a matcher works on at once (128), so that a stop
+    // leaves some untouched, and a matcher killed right after its first
+    // job, however late this test gets to the kill, is still mid-stream.
+    const EVENTS: usize = 600;
     const WEBHOOKS: usize = 4;
     let harness = Harness::start().await;
     let receiver = Receiver::start().await;
@@ -674,9 +679,19 @@ async fn a_matcher_stopped_or_killed_mid_stream_yields_one_job_per_pair() {
     assert!(after_stop < total, "stopped mid-stream");
 
     // Killed right after its first job: jobs published, events not acked.
+    // `abort` only asks: the count waits until the task is gone (its work
+    // under way aborted with it), so that it is what the killed matcher
+    // left rather than a glimpse of a matcher still publishing.
     let (token, task) = harness.matcher_past_its_first_job().await;
     task.abort();
     token.cancel();
+    let killed = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the kill lands in time");
+    assert!(
+        killed.is_err_and(|e| e.is_cancelled()),
+        "killed, not finished"
+    );
     let after_kill = job_count(&harness.js).await;
     assert!(after_kill < total, "killed mid-stream");
     eprintln!("jobs: {after_stop} after the stop, {after_kill} after the kill, of {total}");
