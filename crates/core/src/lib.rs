@@ -9,6 +9,7 @@ pub mod egress;
 pub mod event;
 pub mod fairness;
 pub mod ids;
+pub mod lanes;
 pub mod masking;
 pub mod matching;
 pub mod names;

@@ -23,6 +23,7 @@ use herald_core::catalogue::Catalogue;
 use herald_core::event::{self, Envelope, Limits, Rejection};
 use herald_core::names;
 use herald_platform::config::{self, ConfigError, Source};
+use herald_platform::lanes::{self, Lanes};
 use herald_platform::nats::PublishError;
 use herald_platform::now_ms;
 use herald_platform::worker::{self, Disposition, Handler, Worker};
@@ -63,6 +64,9 @@ pub struct Config {
     pub pull_max_bytes: usize,
     /// Deliveries of one event before it is set aside.
     pub max_deliveries: i64,
+    /// Whether a bursting organization's events are read beside the
+    /// others' (`platform::lanes`).
+    pub lanes: bool,
 }
 
 impl Config {
@@ -71,6 +75,7 @@ impl Config {
         Ok(Self {
             nats: config::Nats::from_source(src)?,
             health_addr: config::listen(src, HEALTH_ADDR, "127.0.0.1:9101")?,
+            lanes: config::boolean(src, lanes::LANES, true)?,
             limits: Limits {
                 max_event_bytes: config::number(
                     src,
@@ -194,13 +199,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         names::EVENTS_SUBJECTS
     );
 
-    let concurrency = config.concurrency;
+    let (concurrency, with_lanes) = (config.concurrency, config.lanes);
+    let replicas = config.nats.replicas;
     let state = Arc::new(State {
-        js,
+        js: js.clone(),
         config,
         metrics,
     });
-    worker.each(state, concurrency, &shutdown).await;
+    if with_lanes {
+        let lanes = Lanes::start(&js, replicas, lanes::INGEST, None, &health, &shutdown).await?;
+        lanes.each(worker, state, concurrency, &shutdown).await;
+    } else {
+        worker.each(state, concurrency, &shutdown).await;
+    }
     Ok(())
 }
 

@@ -20,6 +20,7 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use herald_core::{ids, names, proto};
 use herald_platform::config::{self, ConfigError, Source};
+use herald_platform::lanes::{self, Downstream, Lanes};
 use herald_platform::redis::Redis;
 use herald_platform::webhooks::WebhookStore;
 use herald_platform::worker::{self, Disposition, Handler, Worker};
@@ -50,6 +51,9 @@ pub struct Config {
     pub cache_ttl: Duration,
     pub ack_wait: Duration,
     pub concurrency: usize,
+    /// Whether a bursting organization's events are matched beside the
+    /// others', paced by its deliveries (`platform::lanes`).
+    pub lanes: bool,
 }
 
 impl Config {
@@ -61,6 +65,7 @@ impl Config {
             cache_ttl: config::duration(src, CACHE_TTL, Duration::from_secs(60))?,
             ack_wait: config::duration(src, ACK_WAIT, Duration::from_secs(30))?,
             concurrency: 128,
+            lanes: config::boolean(src, lanes::LANES, true)?,
         })
     }
 }
@@ -166,8 +171,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     };
     let dead = metrics.dead_letters.clone();
     let worker = Worker::start(&js, &health, spec, Some(dead), &shutdown).await?;
-    let state = Arc::new(State { js, cache, metrics });
-    worker.each(state, config.concurrency, &shutdown).await;
+    let state = Arc::new(State {
+        js: js.clone(),
+        cache,
+        metrics,
+    });
+    if config.lanes {
+        let downstream = Downstream::deliveries(&js, &shutdown);
+        let lanes = Lanes::start(
+            &js,
+            config.nats.replicas,
+            lanes::MATCHER,
+            Some(downstream),
+            &health,
+            &shutdown,
+        )
+        .await?;
+        lanes
+            .each(worker, state, config.concurrency, &shutdown)
+            .await;
+    } else {
+        worker.each(state, config.concurrency, &shutdown).await;
+    }
     Ok(())
 }
 

@@ -8,6 +8,7 @@ pub mod config;
 pub mod dead_letters;
 pub mod endpoint_state;
 pub mod health;
+pub mod lanes;
 pub mod log_index;
 pub mod metrics;
 pub mod nats;

@@ -199,6 +199,27 @@ impl Worker {
         })
     }
 
+    /// A worker on a consumer made elsewhere (a lane's), settling as
+    /// `settle` does.
+    pub(crate) fn on(
+        js: &jetstream::Context,
+        consumer: consumer::Consumer<consumer::pull::Config>,
+        spec: Spec,
+        settle: Settle,
+    ) -> Self {
+        Self {
+            spec,
+            consumer,
+            settle,
+            client: js.client(),
+        }
+    }
+
+    /// The consumer it reads, and how.
+    pub fn spec(&self) -> &Spec {
+        &self.spec
+    }
+
     /// The settling of this worker's messages, for a batch handler.
     pub fn settler(&self) -> Settle {
         self.settle.clone()

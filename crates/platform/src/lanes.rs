@@ -1,0 +1,851 @@
+//! Lanes (the rules: `core::lanes`): a bursting organization's messages are
+//! read by a consumer of their own, so that a stage's main consumer goes on
+//! with everybody else's at once.
+//!
+//! - [`Lanes::main`] wraps a stage's handler for its main consumer: a
+//!   message in a lane is acked unread (the lane works it); one of an
+//!   organization that makes most of a large backlog (or, in the matcher,
+//!   is far behind downstream) opens a lane from that message on.
+//! - [`Lanes::run`] works every open lane on every replica (one durable
+//!   consumer per lane, shared), closes a lane caught up for a while, and
+//!   removes it once everything before its end is worked.
+//! - Lane records live in the KV bucket `herald-lanes`, followed by a watch;
+//!   a view is read again (the stream's last sequence first) before it
+//!   decides a message past what it is current for. When the view cannot be
+//!   read, both sides work the message: a duplicate publish is kept once by
+//!   its message id, a skipped message would be lost.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, Message, consumer, kv};
+use futures::StreamExt;
+use herald_core::lanes::{self, Known, Lane, Open, Owner};
+use herald_core::names;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::health::Health;
+use crate::worker::{Disposition, Handler, Settle, Spec, Worker};
+use crate::{dead_letters, nats};
+
+/// The organizations of the last this many messages the main consumer read
+/// give each one's share.
+const RECENT: usize = 256;
+/// Messages of one lane worked at once on a replica.
+const LANE_CONCURRENCY: usize = 64;
+/// How often a lane looks at its consumer (to close, or to go).
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How often the work waiting downstream is counted (the matcher's).
+const COUNT_EVERY: Duration = Duration::from_millis(250);
+/// How long a paced lane waits before looking again.
+const PACE_WAIT: Duration = Duration::from_millis(100);
+
+/// Where a stage reads: its stream, the subject of one organization's
+/// messages there, and the rule for its lanes.
+#[derive(Clone, Copy)]
+pub struct Stage {
+    /// `ingest`, `matcher`: the records' and consumers' prefix.
+    pub name: &'static str,
+    pub stream: &'static str,
+    /// The subjects of one organization's messages (a filter).
+    pub subjects: fn(&str) -> String,
+    pub rule: Open,
+}
+
+/// Whether the stages read with lanes (on by default).
+pub const LANES: &str = "HERALD_LANES";
+
+/// Ingest's lanes: `herald.events.<org>.>`.
+pub const INGEST: Stage = Stage {
+    name: names::INGEST_CONSUMER,
+    stream: names::EVENTS_STREAM,
+    subjects: |org| format!("herald.events.{org}.>"),
+    rule: Open::INGEST,
+};
+
+/// The matcher's lanes: `herald.accepted.<org>`, paced by the
+/// organization's delivery jobs not yet sent ([`Downstream::deliveries`]).
+pub const MATCHER: Stage = Stage {
+    name: names::MATCHER_CONSUMER,
+    stream: names::ACCEPTED_STREAM,
+    subjects: names::accepted_subject,
+    rule: Open::MATCHER,
+};
+
+/// The organization of a message on `herald.<kind>.<org>[.…]`.
+fn org_of(subject: &str) -> Option<&str> {
+    subject
+        .split('.')
+        .nth(2)
+        .filter(|org| names::valid_org(org))
+}
+
+#[derive(Clone)]
+pub struct Lanes {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    js: jetstream::Context,
+    kv: kv::Store,
+    stage: Stage,
+    /// What this replica knows of each organization's lane, with the
+    /// record's revision.
+    view: Mutex<HashMap<String, (Known, u64)>>,
+    /// One refresh at a time.
+    refreshing: tokio::sync::Mutex<()>,
+    recent: Mutex<Recent>,
+    downstream: Option<Downstream>,
+    opened: Counter,
+    closed: Counter,
+    open_now: Gauge,
+}
+
+#[derive(Default)]
+struct Recent {
+    orgs: VecDeque<String>,
+    counts: HashMap<String, u64>,
+}
+
+impl Recent {
+    /// Notes `org` and answers its share of the recent messages.
+    fn note(&mut self, org: &str) -> u64 {
+        self.orgs.push_back(org.to_owned());
+        *self.counts.entry(org.to_owned()).or_default() += 1;
+        if self.orgs.len() > RECENT
+            && let Some(old) = self.orgs.pop_front()
+            && let Some(n) = self.counts.get_mut(&old)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.counts.remove(&old);
+            }
+        }
+        self.counts.get(org).copied().unwrap_or(0) * 100 / self.orgs.len() as u64
+    }
+}
+
+impl Lanes {
+    /// Opens (or makes) the bucket and follows this stage's records.
+    pub async fn start(
+        js: &jetstream::Context,
+        replicas: usize,
+        stage: Stage,
+        downstream: Option<Downstream>,
+        health: &Health,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, nats::Error> {
+        let kv = nats::retry(shutdown, || async {
+            match js.get_key_value(lanes::BUCKET).await {
+                Ok(kv) => Ok(kv),
+                Err(_) => {
+                    js.create_key_value(kv::Config {
+                        bucket: lanes::BUCKET.into(),
+                        description: "Herald: organizations read beside the others (lanes)".into(),
+                        history: 1,
+                        num_replicas: replicas,
+                        storage: jetstream::stream::StorageType::File,
+                        ..Default::default()
+                    })
+                    .await
+                }
+            }
+        })
+        .await
+        .map_err(|e| nats::Error::Consumer {
+            consumer: lanes::BUCKET.into(),
+            message: e.to_string(),
+        })?;
+        let lanes = Self {
+            inner: Arc::new(Inner {
+                js: js.clone(),
+                kv,
+                stage,
+                view: Mutex::default(),
+                refreshing: tokio::sync::Mutex::default(),
+                recent: Mutex::default(),
+                downstream,
+                opened: health.counter(
+                    "lanes_opened",
+                    "Lanes opened: an organization's burst read beside the others' messages",
+                ),
+                closed: health.counter("lanes_closed", "Lanes worked to their end and removed"),
+                open_now: health.gauge("lanes_open", "Lanes open now"),
+            }),
+        };
+        tokio::spawn(lanes.clone().follow(shutdown.clone()));
+        Ok(lanes)
+    }
+
+    /// Works the stage's main consumer with `worker` (`handler`, up to
+    /// `concurrency` at once) and its lanes beside it, until `shutdown`;
+    /// returns once both have finished what they had started.
+    pub async fn each<H: Handler>(
+        self,
+        worker: Worker,
+        handler: Arc<H>,
+        concurrency: usize,
+        shutdown: &CancellationToken,
+    ) {
+        let (spec, settle) = (worker.spec().clone(), worker.settler());
+        let lanes = self
+            .clone()
+            .run(handler.clone(), spec, settle, shutdown.clone());
+        let main = worker.each(self.main(handler), concurrency, shutdown);
+        tokio::join!(main, lanes);
+    }
+
+    /// The stage's handler for its main consumer.
+    pub fn main<H: Handler>(&self, handler: Arc<H>) -> Arc<MainSide<H>> {
+        Arc::new(MainSide {
+            lanes: self.clone(),
+            inner: handler,
+        })
+    }
+
+    fn prefix(&self) -> String {
+        format!("{}.", self.inner.stage.name)
+    }
+
+    /// Follows the records of this stage into the view.
+    async fn follow(self, shutdown: CancellationToken) {
+        loop {
+            let watch = self
+                .inner
+                .kv
+                .watch_with_history(format!("{}>", self.prefix()))
+                .await;
+            let mut watch = match watch {
+                Ok(watch) => watch,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot follow the lanes; trying again");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            loop {
+                let entry = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    entry = watch.next() => entry,
+                };
+                match entry {
+                    Some(Ok(entry)) => self.seen(&entry),
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, "lanes watch");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+        }
+    }
+
+    /// A record (or its removal) as the watch or a read saw it.
+    fn seen(&self, entry: &kv::Entry) {
+        let Some(org) = entry.key.strip_prefix(&self.prefix()) else {
+            return;
+        };
+        let lane = match entry.operation {
+            kv::Operation::Put => match serde_json::from_slice::<Lane>(&entry.value) {
+                Ok(lane) => Some(lane),
+                Err(error) => {
+                    tracing::warn!(%error, key = %entry.key, "unreadable lane record; ignored");
+                    return;
+                }
+            },
+            kv::Operation::Delete | kv::Operation::Purge => None,
+        };
+        self.learn(org, lane, entry.revision, None);
+    }
+
+    /// Puts what was read into the view unless the view knows a later
+    /// revision. `through`: the stream's last sequence read before the
+    /// record, when it was read so; a record heard of otherwise is current
+    /// for nothing until read again.
+    fn learn(&self, org: &str, lane: Option<Lane>, revision: u64, through: Option<u64>) {
+        let mut view = self.inner.view.lock().expect("lanes view");
+        let known = view.get(org).copied();
+        if known.is_some_and(|(_, r)| r > revision) {
+            return;
+        }
+        let through = through.unwrap_or_else(|| match known {
+            // The same record: what the view was current for still holds.
+            Some((k, r)) if r == revision && k.lane == lane => k.through,
+            _ => 0,
+        });
+        match lane {
+            Some(lane) => {
+                view.insert(
+                    org.to_owned(),
+                    (
+                        Known {
+                            lane: Some(lane),
+                            through,
+                        },
+                        revision,
+                    ),
+                );
+            }
+            None => {
+                view.remove(org);
+            }
+        }
+        self.inner
+            .open_now
+            .set(view.values().filter(|(k, _)| k.lane.is_some()).count() as i64);
+    }
+
+    /// Reads `org`'s record again, the stream's last sequence first.
+    async fn refresh(&self, org: &str) -> Result<(), async_nats::Error> {
+        let _one = self.inner.refreshing.lock().await;
+        let mut stream = self.inner.js.get_stream(self.inner.stage.stream).await?;
+        let through = stream.info().await?.state.last_sequence;
+        let key = lanes::key(self.inner.stage.name, org);
+        match self.inner.kv.entry(key).await? {
+            Some(entry) => {
+                let lane = match entry.operation {
+                    kv::Operation::Put => Some(serde_json::from_slice::<Lane>(&entry.value)?),
+                    _ => None,
+                };
+                self.learn(org, lane, entry.revision, Some(through));
+            }
+            None => {
+                self.inner.view.lock().expect("lanes view").remove(org);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whose message `seq` of `org` is, reading the record again when the
+    /// view may be too old for it. `Owner::Refresh`: it could not be read.
+    async fn owner(&self, org: &str, seq: u64) -> Owner {
+        for _ in 0..2 {
+            let known = self
+                .inner
+                .view
+                .lock()
+                .expect("lanes view")
+                .get(org)
+                .map(|(k, _)| *k);
+            let Some(known) = known else {
+                return Owner::Main;
+            };
+            match known.decides(seq) {
+                Owner::Refresh => {
+                    if let Err(error) = self.refresh(org).await {
+                        tracing::warn!(%error, org, "cannot read the lane; the message is worked here");
+                        return Owner::Refresh;
+                    }
+                }
+                owner => return owner,
+            }
+        }
+        Owner::Refresh
+    }
+
+    /// Opens a lane for `org` from `seq` on; false when one could not be
+    /// made (another replica's may have been: the view is read again).
+    async fn open(&self, org: &str, seq: u64) -> bool {
+        let lane = Lane {
+            from: seq,
+            until: None,
+        };
+        let key = lanes::key(self.inner.stage.name, org);
+        let value = serde_json::to_vec(&lane).expect("a lane serializes");
+        match self.inner.kv.create(&key, value.into()).await {
+            Ok(revision) => {
+                // Current up to `seq` at least: a close comes later.
+                self.learn(org, Some(lane), revision, Some(seq));
+                self.inner.opened.inc();
+                tracing::info!(
+                    stage = self.inner.stage.name,
+                    org,
+                    from = seq,
+                    "lane opened"
+                );
+                true
+            }
+            Err(error) => {
+                if error.kind() != kv::CreateErrorKind::AlreadyExists {
+                    tracing::warn!(%error, org, "cannot open a lane");
+                }
+                let _ = self.refresh(org).await;
+                false
+            }
+        }
+    }
+
+    /// Whether `org` gets a lane now, the message in hand having `pending`
+    /// behind it in the main consumer.
+    fn should_open(&self, org: &str, pending: u64) -> bool {
+        let share = self.inner.recent.lock().expect("recent").note(org);
+        let downstream = self.downstream(org);
+        self.inner.stage.rule.now(pending, share, downstream)
+    }
+
+    fn downstream(&self, org: &str) -> u64 {
+        self.inner.downstream.as_ref().map_or(0, |d| d.of(org))
+    }
+
+    /// Works every open lane until `shutdown`: on every replica, a worker
+    /// per lane on its shared consumer, running `handler` as the main
+    /// consumer would (settled with `settle`, within `spec`'s limits).
+    pub async fn run<H: Handler>(
+        self,
+        handler: Arc<H>,
+        spec: Spec,
+        settle: Settle,
+        shutdown: CancellationToken,
+    ) {
+        let mut running: HashMap<(String, u64), CancellationToken> = HashMap::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            let open: Vec<(String, u64)> = self
+                .inner
+                .view
+                .lock()
+                .expect("lanes view")
+                .iter()
+                .filter_map(|(org, (k, _))| k.lane.map(|l| (org.clone(), l.from)))
+                .collect();
+            running.retain(|lane, token| {
+                let keep = open.contains(lane);
+                if !keep {
+                    token.cancel();
+                }
+                keep
+            });
+            for lane in open {
+                if running.contains_key(&lane) {
+                    continue;
+                }
+                let token = shutdown.child_token();
+                running.insert(lane.clone(), token.clone());
+                let side = Arc::new(LaneSide {
+                    lanes: self.clone(),
+                    inner: handler.clone(),
+                    stop: token.clone(),
+                });
+                let work =
+                    self.clone()
+                        .work(lane.clone(), side, spec.clone(), settle.clone(), token);
+                tasks.spawn(async move {
+                    work.await;
+                    lane
+                });
+            }
+            // A lane whose worker ended while its record is still there (its
+            // consumer could not be read, or removing it failed) is taken
+            // up again.
+            while let Some(done) = tasks.try_join_next() {
+                if let Ok(lane) = done {
+                    running.remove(&lane);
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    /// One lane on this replica: its worker, and a look at its consumer
+    /// every second to close the lane once caught up, and to remove it once
+    /// everything before its end is worked.
+    async fn work<H: Handler>(
+        self,
+        (org, from): (String, u64),
+        side: Arc<LaneSide<H>>,
+        spec: Spec,
+        settle: Settle,
+        token: CancellationToken,
+    ) {
+        let stage = self.inner.stage;
+        let name = lanes::consumer_name(stage.name, &org, from);
+        let config = consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: (stage.subjects)(&org),
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: from,
+            },
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: spec.ack_wait,
+            max_ack_pending: spec.max_ack_pending,
+            max_deliver: dead_letters::MAX_DELIVER,
+            ..Default::default()
+        };
+        // A closed lane's consumer is never made again: one that is gone was
+        // removed, its lane worked to the end (made again, it would work
+        // the lane a second time from `from`). Only its record may be left.
+        let closed = self
+            .known(&org)
+            .is_some_and(|(k, _)| k.lane.is_some_and(|l| l.until.is_some()));
+        let consumer = if closed {
+            let stream = self.inner.js.get_stream(stage.stream).await;
+            match stream {
+                Ok(stream) => match stream.get_consumer(&name).await {
+                    Ok(consumer) => consumer,
+                    Err(_) => {
+                        self.remove(&org, &name).await;
+                        return;
+                    }
+                },
+                Err(_) => return,
+            }
+        } else {
+            match nats::durable_consumer(&self.inner.js, stage.stream, config, &token).await {
+                Ok(consumer) => consumer,
+                Err(_) => return,
+            }
+        };
+        let worker = Worker::on(&self.inner.js, consumer.clone(), spec, settle);
+        let slots = Arc::new(Semaphore::new(LANE_CONCURRENCY));
+        let working = worker.each_within(side, slots, &token);
+        let watching = self.watch_lane(&org, from, consumer, &name, &token);
+        tokio::join!(working, watching);
+    }
+
+    fn known(&self, org: &str) -> Option<(Known, u64)> {
+        self.inner
+            .view
+            .lock()
+            .expect("lanes view")
+            .get(org)
+            .copied()
+    }
+
+    async fn watch_lane(
+        &self,
+        org: &str,
+        from: u64,
+        mut consumer: consumer::Consumer<consumer::pull::Config>,
+        name: &str,
+        stop: &CancellationToken,
+    ) {
+        let mut idle_ms = 0i64;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(CHECK_EVERY) => {}
+            }
+            let Some((
+                Known {
+                    lane: Some(lane), ..
+                },
+                revision,
+            )) = self.known(org)
+            else {
+                stop.cancel();
+                return;
+            };
+            if lane.from != from {
+                stop.cancel();
+                return;
+            }
+            let info = match consumer.info().await {
+                Ok(info) => info.clone(),
+                Err(error) => {
+                    tracing::debug!(%error, org, "lane consumer info");
+                    // Removed by another replica: the record may be left.
+                    if lane.until.is_some() && self.remove(org, name).await {
+                        stop.cancel();
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let drained = info.num_pending == 0 && info.num_ack_pending == 0;
+            match lane.until {
+                None => {
+                    idle_ms = if drained {
+                        idle_ms + CHECK_EVERY.as_millis() as i64
+                    } else {
+                        0
+                    };
+                    if self.inner.stage.rule.closes(idle_ms, self.downstream(org)) {
+                        self.close(org, lane, revision).await;
+                    }
+                }
+                Some(until) => {
+                    if (drained || info.ack_floor.stream_sequence + 1 >= until)
+                        && self.remove(org, name).await
+                    {
+                        stop.cancel();
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ends the lane at the stream's end now: what comes later is the main
+    /// consumer's again.
+    async fn close(&self, org: &str, lane: Lane, revision: u64) {
+        let result: Result<(), async_nats::Error> = async {
+            let mut stream = self.inner.js.get_stream(self.inner.stage.stream).await?;
+            let last = stream.info().await?.state.last_sequence;
+            let closed = Lane {
+                until: Some(last + 1),
+                ..lane
+            };
+            let key = lanes::key(self.inner.stage.name, org);
+            let value = serde_json::to_vec(&closed)?;
+            let revision = self.inner.kv.update(&key, value.into(), revision).await?;
+            self.learn(org, Some(closed), revision, Some(last));
+            tracing::info!(
+                stage = self.inner.stage.name,
+                org,
+                from = lane.from,
+                until = last + 1,
+                "lane closing"
+            );
+            Ok(())
+        }
+        .await;
+        if let Err(error) = result {
+            // Another replica closed it, or NATS is away: looked at again.
+            tracing::debug!(%error, org, "lane not closed now");
+            let _ = self.refresh(org).await;
+        }
+    }
+
+    /// Everything before the lane's end is worked: its consumer goes, then
+    /// its record (never the other way round: a record without its
+    /// consumer is only removed, a consumer is never left without one).
+    /// False when either could not be removed now.
+    async fn remove(&self, org: &str, name: &str) -> bool {
+        let stream = self.inner.stage.stream;
+        match self
+            .inner
+            .js
+            .delete_consumer_from_stream(name, stream)
+            .await
+        {
+            Ok(_) => {}
+            Err(error) if error.to_string().contains("not found") => {}
+            Err(error) => {
+                tracing::warn!(%error, org, "cannot remove a lane's consumer");
+                return false;
+            }
+        }
+        let key = lanes::key(self.inner.stage.name, org);
+        let removed = match self.inner.kv.delete(&key).await {
+            Ok(()) => {
+                self.inner.closed.inc();
+                tracing::info!(stage = self.inner.stage.name, org, "lane worked to its end");
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%error, org, "cannot remove a lane record");
+                false
+            }
+        };
+        let _ = self.refresh(org).await;
+        removed
+    }
+}
+
+/// The main consumer's handler: a lane's messages are acked unread.
+pub struct MainSide<H> {
+    lanes: Lanes,
+    inner: Arc<H>,
+}
+
+impl<H: Handler> MainSide<H> {
+    /// The message's organization and sequence, when it may be in a lane.
+    fn position(message: &Message) -> Option<(&str, u64, u64)> {
+        let info = message.info().ok()?;
+        Some((
+            org_of(&message.subject)?,
+            info.stream_sequence,
+            info.pending,
+        ))
+    }
+}
+
+impl<H: Handler> Handler for MainSide<H> {
+    async fn handle(&self, message: &Message) -> Disposition {
+        if let Some((org, seq, pending)) = Self::position(message) {
+            match self.lanes.owner(org, seq).await {
+                Owner::Lane => return Disposition::Ack,
+                // Could not be read: worked here too.
+                Owner::Main | Owner::Refresh => {}
+            }
+            if self.lanes.should_open(org, pending) && self.lanes.open(org, seq).await {
+                return Disposition::Ack;
+            }
+        }
+        self.inner.handle(message).await
+    }
+
+    async fn exhausted(&self, message: &Message, delivered: i64) -> Disposition {
+        if let Some((org, seq, _)) = Self::position(message)
+            && self.lanes.owner(org, seq).await == Owner::Lane
+        {
+            return Disposition::Ack;
+        }
+        self.inner.exhausted(message, delivered).await
+    }
+}
+
+/// A lane's handler: what is the main consumer's again (past the lane's
+/// end) is acked unread; the rest is worked, paced when the stage says so.
+pub struct LaneSide<H> {
+    lanes: Lanes,
+    inner: Arc<H>,
+    /// The lane's worker stops (shutdown, or the lane is gone).
+    stop: CancellationToken,
+}
+
+/// What a lane does with a message it was given.
+enum Turn {
+    /// The main consumer's (past the lane's end): acked unread.
+    Skip,
+    Work,
+    /// Stopped while paced: handed back, worked after the restart.
+    Later,
+}
+
+impl<H: Handler> LaneSide<H> {
+    async fn turn(&self, message: &Message) -> Turn {
+        let Some((org, seq)) = message
+            .info()
+            .ok()
+            .and_then(|i| Some((org_of(&message.subject)?, i.stream_sequence)))
+        else {
+            return Turn::Work;
+        };
+        match self.lanes.owner(org, seq).await {
+            Owner::Main => Turn::Skip,
+            // Could not be read: worked here too.
+            Owner::Lane | Owner::Refresh => {
+                let rule = self.lanes.inner.stage.rule;
+                while rule.paces(self.lanes.downstream(org)) {
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return Turn::Later,
+                        _ = tokio::time::sleep(PACE_WAIT) => {}
+                    }
+                }
+                Turn::Work
+            }
+        }
+    }
+}
+
+impl<H: Handler> Handler for LaneSide<H> {
+    async fn handle(&self, message: &Message) -> Disposition {
+        match self.turn(message).await {
+            Turn::Skip => Disposition::Ack,
+            Turn::Later => Disposition::HandBack(Duration::ZERO),
+            Turn::Work => self.inner.handle(message).await,
+        }
+    }
+
+    async fn exhausted(&self, message: &Message, delivered: i64) -> Disposition {
+        match self.turn(message).await {
+            Turn::Skip => Disposition::Ack,
+            Turn::Later => Disposition::HandBack(Duration::ZERO),
+            Turn::Work => self.inner.exhausted(message, delivered).await,
+        }
+    }
+}
+
+/// Each organization's work waiting downstream: its delivery jobs not yet
+/// sent (`HERALD_DELIVERIES`, and those held back in `HERALD_HELD`),
+/// counted every quarter of a second.
+#[derive(Clone)]
+pub struct Downstream {
+    counts: Arc<Mutex<HashMap<String, u64>>>,
+}
+
+impl Downstream {
+    pub fn deliveries(js: &jetstream::Context, shutdown: &CancellationToken) -> Self {
+        let counts: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+        let (js, shutdown, shared) = (js.clone(), shutdown.clone(), counts.clone());
+        tokio::spawn(async move {
+            loop {
+                let mut now = HashMap::new();
+                for (stream, subjects) in [
+                    (names::DELIVERIES_STREAM, names::DELIVERIES_SUBJECTS),
+                    (herald_core::fairness::HELD_STREAM, "herald.held.>"),
+                ] {
+                    if let Err(error) = count(&js, stream, subjects, &mut now).await {
+                        tracing::debug!(%error, stream, "cannot count the work downstream");
+                    }
+                }
+                *shared.lock().expect("downstream") = now;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(COUNT_EVERY) => {}
+                }
+            }
+        });
+        Self { counts }
+    }
+
+    fn of(&self, org: &str) -> u64 {
+        self.counts
+            .lock()
+            .expect("downstream")
+            .get(org)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// Adds the messages on each organization's subjects of `stream` to
+/// `counts`.
+async fn count(
+    js: &jetstream::Context,
+    stream: &str,
+    subjects: &str,
+    counts: &mut HashMap<String, u64>,
+) -> Result<(), async_nats::Error> {
+    let stream = js.get_stream(stream).await?;
+    let mut listed = stream.info_with_subjects(subjects).await?;
+    while let Some(entry) = listed.next().await {
+        let (subject, n) = entry?;
+        if let Some(org) = org_of(&subject) {
+            *counts.entry(org.to_owned()).or_default() += n as u64;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_follow_the_last_messages() {
+        let mut recent = Recent::default();
+        for _ in 0..RECENT {
+            recent.note("a");
+        }
+        assert_eq!(recent.note("b"), 0);
+        for _ in 0..RECENT / 2 {
+            recent.note("b");
+        }
+        assert_eq!(recent.note("b"), 50);
+        assert_eq!(recent.orgs.len(), RECENT);
+        assert_eq!(recent.counts.values().sum::<u64>(), RECENT as u64);
+    }
+
+    #[test]
+    fn the_organization_is_the_third_token() {
+        assert_eq!(
+            org_of("herald.events.acme.workflow.completed"),
+            Some("acme")
+        );
+        assert_eq!(org_of("herald.accepted.acme"), Some("acme"));
+        assert_eq!(org_of("herald.events"), None);
+        assert_eq!(org_of("herald.events.Not Valid.x"), None);
+    }
+}

@@ -1,0 +1,178 @@
+//! Lanes (ARCHITECTURE.md, "Lanes"): a bursting organization's events are
+//! read by consumers of their own in ingest and the matcher, so another
+//! organization's events are not queued behind the burst; the matcher's
+//! lane goes only as fast as the burst's deliveries. Nothing is lost or
+//! doubled when a lane opens, closes, or its service restarts mid-burst,
+//! and lanes close once the burst is worked through.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use herald_e2e::{API_KEY, Receiver, Stack};
+use serde_json::{Value, json};
+
+const BURST: usize = 4_000;
+
+async fn create(stack: &Stack, org: &str, url: String) {
+    let (status, webhook) = stack
+        .api_as(
+            API_KEY,
+            Some(org),
+            "POST",
+            "/webhooks",
+            Some(json!({
+                "name": "hook",
+                "url": url,
+                "event_types": ["workflow.completed"],
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "create webhook: {webhook}");
+}
+
+fn event_id(body: &[u8]) -> String {
+    serde_json::from_slice::<Value>(body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Publishes `n` events of `org` as fast as acks come back (1,000 in
+/// flight).
+async fn burst(stack: &Stack, org: &str, n: usize) {
+    let subject = format!("herald.events.{org}.workflow.completed");
+    let mut acks = Vec::new();
+    for i in 0..n {
+        let body = json!({"id": format!("burst_{i}")}).to_string();
+        acks.push(
+            stack
+                .js
+                .publish(subject.clone(), body.into())
+                .await
+                .expect("publish"),
+        );
+        if acks.len() == 1_000 {
+            for ack in acks.drain(..) {
+                ack.await.expect("ack");
+            }
+        }
+    }
+    for ack in acks {
+        ack.await.expect("ack");
+    }
+}
+
+async fn lanes_metric(stack: &Stack, service: &str, name: &str) -> f64 {
+    stack.metric(service, name).await.unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_gets_lanes_loses_nothing_and_they_close_after_it() {
+    let mut stack = Stack::start().await;
+    let receiver = Receiver::start().await;
+    create(&stack, "burstco", receiver.url("/burst")).await;
+    create(&stack, "fastco", receiver.url("/fast")).await;
+    stack.wait_deliverer_current().await;
+
+    // fastco: 10 events a second while burstco's burst is worked through.
+    let published = std::sync::Mutex::new(HashMap::<String, Instant>::new());
+    let fast = async {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        for i in 0..150 {
+            tick.tick().await;
+            let id = format!("fast_{i}");
+            published.lock().unwrap().insert(id.clone(), Instant::now());
+            stack
+                .publish("fastco", "workflow.completed", json!({"id": id}))
+                .await;
+        }
+    };
+    let bursting = async {
+        burst(&stack, "burstco", BURST).await;
+    };
+    tokio::join!(fast, bursting);
+
+    // A lane opened in ingest or the matcher (a backlog mostly burstco's,
+    // or burstco's deliveries far behind).
+    let opened = lanes_metric(
+        &stack,
+        "HERALD_INGEST_HEALTH_ADDR",
+        "herald_lanes_opened_total",
+    )
+    .await
+        + lanes_metric(
+            &stack,
+            "HERALD_MATCHER_HEALTH_ADDR",
+            "herald_lanes_opened_total",
+        )
+        .await;
+    assert!(opened >= 1.0, "no lane opened for a burst of {BURST}");
+
+    // Restarting the matcher mid-burst: its lanes go on from their
+    // consumers.
+    stack.stop_service("matcher", Duration::from_secs(30)).await;
+    stack.start_service("matcher");
+
+    let fast_got = receiver
+        .wait_for_deliveries("/fast", 150, Duration::from_secs(60))
+        .await;
+    assert_eq!(fast_got.len(), 150, "fastco's deliveries");
+    let burst_got = receiver
+        .wait_for_deliveries("/burst", BURST, Duration::from_secs(240))
+        .await;
+    assert_eq!(burst_got.len(), BURST, "burstco's deliveries");
+    // Every event once: ids as published, each delivered by one delivery.
+    let ids: HashSet<String> = receiver
+        .received("/burst")
+        .iter()
+        .map(|r| event_id(&r.body))
+        .collect();
+    assert_eq!(ids.len(), BURST, "distinct burst events delivered");
+
+    let published = published.into_inner().unwrap();
+    let mut waits: Vec<Duration> = receiver
+        .received("/fast")
+        .iter()
+        .map(|r| r.at.duration_since(published[&event_id(&r.body)]))
+        .collect();
+    waits.sort();
+    eprintln!(
+        "fastco beside a burst of {BURST} (lanes opened: {opened}): p50 {:?}, p99 {:?}",
+        waits[waits.len() / 2],
+        waits[waits.len() * 99 / 100]
+    );
+
+    // Caught up: every lane closes and is removed.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let open = lanes_metric(&stack, "HERALD_INGEST_HEALTH_ADDR", "herald_lanes_open").await
+            + lanes_metric(&stack, "HERALD_MATCHER_HEALTH_ADDR", "herald_lanes_open").await;
+        if open == 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{open} lanes still open a minute after the burst"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let consumers: Vec<String> = {
+        use futures::StreamExt;
+        let mut names = Vec::new();
+        for stream in ["HERALD_EVENTS", "HERALD_ACCEPTED"] {
+            let stream = stack.js.get_stream(stream).await.unwrap();
+            let mut listed = stream.consumer_names();
+            while let Some(name) = listed.next().await {
+                names.push(name.unwrap());
+            }
+        }
+        names
+    };
+    assert!(
+        consumers.iter().all(|c| !c.contains("-lane-")),
+        "lane consumers left: {consumers:?}"
+    );
+    // Nothing more arrived while the lanes closed.
+    assert_eq!(receiver.received("/burst").len(), BURST);
+    stack.stop().await;
+}
