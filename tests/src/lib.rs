@@ -413,6 +413,15 @@ impl Stack {
         json
     }
 
+    /// Creates a webhook in `org` (operator key); answers its JSON.
+    pub async fn create_webhook_in(&self, org: &str, body: Value) -> Value {
+        let (status, json) = self
+            .api_as(API_KEY, Some(org), "POST", "/webhooks", Some(body))
+            .await;
+        assert_eq!(status, 201, "create webhook in {org}: {json}");
+        json
+    }
+
     /// A webhook's JSON (operator key, organization `acme`); it must exist.
     pub async fn webhook(&self, id: &str) -> Value {
         let (status, json) = self.api("GET", &format!("/webhooks/{id}"), None).await;
@@ -449,6 +458,26 @@ impl Stack {
         for i in 0..n {
             let body = serde_json::json!({"id": format!("{prefix}_{i}")});
             self.publish(org, event_type, body).await;
+        }
+    }
+
+    /// Publishes `n` `workflow.completed` events of `org` (ids `burst_0`…)
+    /// as fast as their acks come back, 1,000 in flight.
+    pub async fn publish_burst(&self, org: &str, n: usize) {
+        let subject = format!("herald.events.{org}.workflow.completed");
+        let mut acks = Vec::new();
+        for i in 0..n {
+            let body = serde_json::json!({"id": format!("burst_{i}")}).to_string();
+            let ack = self.js.publish(subject.clone(), body.into()).await;
+            acks.push(ack.expect("publish"));
+            if acks.len() == 1_000 {
+                for ack in acks.drain(..) {
+                    ack.await.expect("ack");
+                }
+            }
+        }
+        for ack in acks {
+            ack.await.expect("ack");
         }
     }
 

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use herald_e2e::{API_KEY, Options, Receiver, Reply, Stack};
-use serde_json::{Value, json};
+use serde_json::json;
 
 const SLOW_WEBHOOKS: usize = 16;
 const SLOW_EVENTS: usize = 10;
@@ -19,29 +19,14 @@ const SLOW_REPLY: Duration = Duration::from_secs(5);
 const FAST_EVENTS: usize = 150;
 
 async fn create(stack: &Stack, org: &str, url: String, timeout: Duration) -> String {
-    let (status, webhook) = stack
-        .api_as(
-            API_KEY,
-            Some(org),
-            "POST",
-            "/webhooks",
-            Some(json!({
-                "name": "hook",
-                "url": url,
-                "event_types": ["workflow.completed"],
-                "timeout_ms": timeout.as_millis() as u64,
-            })),
-        )
-        .await;
-    assert_eq!(status, 201, "create webhook: {webhook}");
+    let body = json!({
+        "name": "hook",
+        "url": url,
+        "event_types": ["workflow.completed"],
+        "timeout_ms": timeout.as_millis() as u64,
+    });
+    let webhook = stack.create_webhook_in(org, body).await;
     webhook["id"].as_str().unwrap().to_owned()
-}
-
-fn event_id(body: &[u8]) -> String {
-    serde_json::from_slice::<Value>(body).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,7 +105,7 @@ async fn a_slow_organization_never_delays_another() {
     // Each event's first receipt (at least once: a repeat is not a wait).
     let mut first: HashMap<String, Instant> = HashMap::new();
     for r in receiver.received("/fast") {
-        let at = first.entry(event_id(&r.body)).or_insert(r.at);
+        let at = first.entry(r.event_id()).or_insert(r.at);
         *at = (*at).min(r.at);
     }
     let mut waits: Vec<Duration> = first
@@ -200,7 +185,7 @@ async fn measure_a_burst_beside_another_organization() {
             .received("/fast")
             .iter()
             .filter_map(|r| {
-                let id = event_id(&r.body);
+                let id = r.event_id();
                 let i: usize = id.strip_prefix("fast_")?.parse().ok()?;
                 (from..to)
                     .contains(&i)
@@ -215,26 +200,7 @@ async fn measure_a_burst_beside_another_organization() {
     let alone = percentiles(waits(0, 100));
     let started = Instant::now();
     let burst = async {
-        let mut acks = Vec::new();
-        for i in 0..BURST {
-            let ack = stack
-                .js
-                .publish(
-                    "herald.events.burstco.workflow.completed",
-                    json!({"id": format!("burst_{i}")}).to_string().into(),
-                )
-                .await
-                .expect("publish");
-            acks.push(ack);
-            if acks.len() == 1_000 {
-                for ack in acks.drain(..) {
-                    ack.await.expect("ack");
-                }
-            }
-        }
-        for ack in acks {
-            ack.await.expect("ack");
-        }
+        stack.publish_burst("burstco", BURST).await;
         let published = started.elapsed();
         receiver
             .wait_for("/burst", BURST, Duration::from_secs(600))

@@ -8,58 +8,14 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use herald_e2e::{API_KEY, Receiver, Stack};
-use serde_json::{Value, json};
+use herald_e2e::{Receiver, Stack};
+use serde_json::json;
 
 const BURST: usize = 4_000;
 
 async fn create(stack: &Stack, org: &str, url: String) {
-    let (status, webhook) = stack
-        .api_as(
-            API_KEY,
-            Some(org),
-            "POST",
-            "/webhooks",
-            Some(json!({
-                "name": "hook",
-                "url": url,
-                "event_types": ["workflow.completed"],
-            })),
-        )
-        .await;
-    assert_eq!(status, 201, "create webhook: {webhook}");
-}
-
-fn event_id(body: &[u8]) -> String {
-    serde_json::from_slice::<Value>(body).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
-}
-
-/// Publishes `n` events of `org` as fast as acks come back (1,000 in
-/// flight).
-async fn burst(stack: &Stack, org: &str, n: usize) {
-    let subject = format!("herald.events.{org}.workflow.completed");
-    let mut acks = Vec::new();
-    for i in 0..n {
-        let body = json!({"id": format!("burst_{i}")}).to_string();
-        acks.push(
-            stack
-                .js
-                .publish(subject.clone(), body.into())
-                .await
-                .expect("publish"),
-        );
-        if acks.len() == 1_000 {
-            for ack in acks.drain(..) {
-                ack.await.expect("ack");
-            }
-        }
-    }
-    for ack in acks {
-        ack.await.expect("ack");
-    }
+    let body = json!({"name": "hook", "url": url, "event_types": ["workflow.completed"]});
+    stack.create_webhook_in(org, body).await;
 }
 
 async fn lanes_metric(stack: &Stack, service: &str, name: &str) -> f64 {
@@ -87,9 +43,7 @@ async fn a_burst_gets_lanes_loses_nothing_and_they_close_after_it() {
                 .await;
         }
     };
-    let bursting = async {
-        burst(&stack, "burstco", BURST).await;
-    };
+    let bursting = stack.publish_burst("burstco", BURST);
     tokio::join!(fast, bursting);
 
     // A lane opened in ingest or the matcher (a backlog mostly burstco's,
@@ -125,7 +79,7 @@ async fn a_burst_gets_lanes_loses_nothing_and_they_close_after_it() {
     let ids: HashSet<String> = receiver
         .received("/burst")
         .iter()
-        .map(|r| event_id(&r.body))
+        .map(|r| r.event_id())
         .collect();
     assert_eq!(ids.len(), BURST, "distinct burst events delivered");
 
@@ -133,7 +87,7 @@ async fn a_burst_gets_lanes_loses_nothing_and_they_close_after_it() {
     let mut waits: Vec<Duration> = receiver
         .received("/fast")
         .iter()
-        .map(|r| r.at.duration_since(published[&event_id(&r.body)]))
+        .map(|r| r.at.duration_since(published[&r.event_id()]))
         .collect();
     waits.sort();
     eprintln!(
