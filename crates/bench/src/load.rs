@@ -16,7 +16,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::receiver::Receiver;
 use crate::stack::ORG;
@@ -26,6 +26,15 @@ pub fn now_us() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or_default()
+}
+
+/// The headers of the event `id`: its id as the `Nats-Msg-Id`, so
+/// JetStream drops a duplicate, and its content type.
+fn headers(id: &str) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", id);
+    headers.insert("Content-Type", "application/json");
+    headers
 }
 
 /// Publishes benchmark events; at most `window` publishes await their ack.
@@ -60,23 +69,25 @@ impl Publisher {
         }
     }
 
-    /// Publishes event `seq` of `phase`; its ack is awaited in the background.
-    pub async fn publish(&self, phase: usize, event_type: &str, seq: u64) {
-        let permit = self
-            .window
+    /// A place in the window, held until the publish's ack.
+    async fn slot(&self) -> OwnedSemaphorePermit {
+        self.window
             .clone()
             .acquire_owned()
             .await
-            .expect("window never closes");
+            .expect("window never closes")
+    }
+
+    /// Publishes event `seq` of `phase`; its ack is awaited in the background.
+    pub async fn publish(&self, phase: usize, event_type: &str, seq: u64) {
+        let permit = self.slot().await;
         let id = format!("bench-{}-{phase}-{seq}", self.run);
         let body = format!(
             r#"{{"id":"{id}","type":"{event_type}","attributes":{{"workflow":"bench","execution":"ex-{seq}","status":"succeeded"}},"data":{{"phase":{phase},"seq":{seq},"ts_us":{},"pad":"{}"}}}}"#,
             now_us(),
             self.padding
         );
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", id.as_str());
-        headers.insert("Content-Type", "application/json");
+        let headers = headers(&id);
         let subject = format!("herald.events.{ORG}.{event_type}");
         match self
             .js
@@ -113,20 +124,13 @@ impl Publisher {
         give_up: Duration,
         retries: Arc<AtomicU64>,
     ) {
-        let permit = self
-            .window
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("window never closes");
+        let permit = self.slot().await;
         let id = format!("bench-{}-{phase}-{seq}", self.run);
         let body = Bytes::from(format!(
             r#"{{"id":"{id}","type":"{event_type}","attributes":{{"workflow":"bench","execution":"ex-{seq}","status":"succeeded"}},"data":{{"phase":{phase},"seq":{seq},"ts_us":{}}}}}"#,
             now_us()
         ));
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", id.as_str());
-        headers.insert("Content-Type", "application/json");
+        let headers = headers(&id);
         let subject = format!("herald.events.{ORG}.{event_type}");
         let (js, errors) = (self.js.clone(), self.errors.clone());
         tokio::spawn(async move {

@@ -496,6 +496,32 @@ impl Bench {
     }
 }
 
+/// Writes `report` as pretty JSON to `name` in `target`/bench (made if
+/// need be); answers the file's path.
+fn write_report(
+    target: &std::path::Path,
+    name: &str,
+    report: &impl Serialize,
+) -> anyhow::Result<PathBuf> {
+    let out = target.join("bench").join(name);
+    std::fs::create_dir_all(target.join("bench"))?;
+    std::fs::write(&out, serde_json::to_vec_pretty(report)?)?;
+    Ok(out)
+}
+
+/// A Markdown table: a header line of `columns`, then a line for each
+/// row of cells.
+fn markdown_table<const N: usize>(
+    columns: [&str; N],
+    rows: impl IntoIterator<Item = [String; N]>,
+) -> String {
+    let mut out = format!("| {} |\n|{}\n", columns.join(" | "), " --- |".repeat(N));
+    for row in rows {
+        out.push_str(&format!("| {} |\n", row.join(" | ")));
+    }
+    out
+}
+
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
@@ -771,11 +797,7 @@ async fn bench(args: Args) -> anyhow::Result<bool> {
     let publisher = Publisher::new(js.clone(), args.publish_window);
     if let Some(events) = args.recover_events.filter(|n| *n > 0) {
         let report = recover::run(&stack, &receiver, &publisher, &js, 0, events).await?;
-        let out = target.join("bench").join("recover.json");
-        if let Some(dir) = out.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        std::fs::write(&out, serde_json::to_vec_pretty(&report)?)?;
+        let out = write_report(&target, "recover.json", &report)?;
         println!(
             "recover: {} of {events} deliveries of 16 KiB events again in {:.1} s; admin peak {:.1} MiB before, {:.1} MiB after, {} ({})",
             report.recovered,
@@ -789,11 +811,7 @@ async fn bench(args: Args) -> anyhow::Result<bool> {
     }
     if let Some(events) = args.replay_events.filter(|n| *n > 0) {
         let report = replay::run(&stack, &receiver, &publisher, &js, 0, events).await?;
-        let out = target.join("bench").join("replay.json");
-        if let Some(dir) = out.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        std::fs::write(&out, serde_json::to_vec_pretty(&report)?)?;
+        let out = write_report(&target, "replay.json", &report)?;
         eprint!("{}", replay::table(&report));
         let worst = report
             .windows
@@ -813,11 +831,7 @@ async fn bench(args: Args) -> anyhow::Result<bool> {
     if let Some(minutes) = args.soak_minutes.filter(|m| *m > 0) {
         eprintln!("soak: {minutes} minutes, a 10 s webhook beside a healthy one, 10 events/s");
         let report = soak::run(&stack, &receiver, &publisher, 0, minutes, args.soak_p99_ms).await?;
-        let out = target.join("bench").join("soak.json");
-        if let Some(dir) = out.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        std::fs::write(&out, serde_json::to_vec_pretty(&report)?)?;
+        let out = write_report(&target, "soak.json", &report)?;
         eprint!("{}", soak::table(&report));
         let worst = report.minutes.iter().map(|m| m.p99_ms).fold(0.0, f64::max);
         println!(
@@ -1096,5 +1110,14 @@ mod tests {
         assert_eq!(latency.max_ms, 1.0);
         assert_eq!(Latency::of(vec![7_000]).p50_ms, 7.0);
         assert_eq!(Latency::of(Vec::new()).p99_ms, 0.0);
+    }
+
+    #[test]
+    fn a_markdown_table_has_a_header_a_rule_and_a_line_a_row() {
+        let rows = [["1".to_owned(), "2/3".to_owned()]];
+        assert_eq!(
+            markdown_table(["minute", "delivered"], rows),
+            "| minute | delivered |\n| --- | --- |\n| 1 | 2/3 |\n"
+        );
     }
 }

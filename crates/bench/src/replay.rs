@@ -36,6 +36,19 @@ pub struct Window {
     pub replayed: u64,
 }
 
+impl Window {
+    /// Its line in [`table`].
+    fn cells(&self) -> [String; 5] {
+        [
+            self.label.clone(),
+            format!("{}/{}", self.live_delivered, self.live_expected),
+            format!("{:.1}", self.live_p50_ms),
+            format!("{:.1}", self.live_p99_ms),
+            self.replayed.to_string(),
+        ]
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub events: u64,
@@ -156,15 +169,14 @@ pub async fn run(
 
 /// The windows as docs/benchmarks.md shows them.
 pub fn table(report: &Report) -> String {
-    let mut out = String::from(
-        "| window | live delivered | live p50 ms | live p99 ms | replayed so far |\n| --- | --- | --- | --- | --- |\n",
-    );
-    for w in &report.windows {
-        out.push_str(&format!(
-            "| {} | {}/{} | {:.1} | {:.1} | {} |\n",
-            w.label, w.live_delivered, w.live_expected, w.live_p50_ms, w.live_p99_ms, w.replayed
-        ));
-    }
+    let columns = [
+        "window",
+        "live delivered",
+        "live p50 ms",
+        "live p99 ms",
+        "replayed so far",
+    ];
+    let mut out = crate::markdown_table(columns, report.windows.iter().map(Window::cells));
     out.push_str(&format!(
         "\nreplay: {} events in {:.1} s ({:.0}/s); job {}\n",
         report.events, report.replay_secs, report.replay_per_sec, report.job

@@ -28,6 +28,19 @@ pub struct Minute {
     pub max_ms: f64,
 }
 
+impl Minute {
+    /// Its line in [`table`].
+    fn cells(&self) -> [String; 5] {
+        [
+            self.minute.to_string(),
+            format!("{}/{}", self.delivered, self.expected),
+            format!("{:.1}", self.p50_ms),
+            format!("{:.1}", self.p99_ms),
+            format!("{:.1}", self.max_ms),
+        ]
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub minutes: Vec<Minute>,
@@ -118,15 +131,8 @@ pub async fn run(
 
 /// The per-minute table, as docs/benchmarks.md shows it.
 pub fn table(report: &Report) -> String {
-    let mut out = String::from(
-        "| minute | healthy delivered | p50 ms | p99 ms | max ms |\n| --- | --- | --- | --- | --- |\n",
-    );
-    for m in &report.minutes {
-        out.push_str(&format!(
-            "| {} | {}/{} | {:.1} | {:.1} | {:.1} |\n",
-            m.minute, m.delivered, m.expected, m.p50_ms, m.p99_ms, m.max_ms
-        ));
-    }
+    let columns = ["minute", "healthy delivered", "p50 ms", "p99 ms", "max ms"];
+    let mut out = crate::markdown_table(columns, report.minutes.iter().map(Minute::cells));
     out.push_str(&format!(
         "\nslow webhook: {} of {} offered deliveries answered (10 s each)\n",
         report.slow_answered, report.slow_offered
