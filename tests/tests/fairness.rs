@@ -158,8 +158,15 @@ fn percentiles(mut waits: Vec<Duration>) -> (Duration, Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement; run it by hand"]
 async fn measure_a_burst_beside_another_organization() {
+    // With lanes (the default), then first come, first served.
+    for lanes in ["true", "false"] {
+        measure_a_burst(lanes).await;
+    }
+}
+
+async fn measure_a_burst(lanes: &str) {
     const BURST: usize = 30_000;
-    let stack = Stack::start().await;
+    let stack = Stack::start_with(Options::default().env("HERALD_LANES", lanes)).await;
     let receiver = Receiver::start().await;
     create(&stack, "burstco", receiver.url("/burst"), SLOW_REPLY).await;
     create(&stack, "fastco", receiver.url("/fast"), SLOW_REPLY).await;
@@ -219,7 +226,7 @@ async fn measure_a_burst_beside_another_organization() {
     let beside_n = ((delivered.as_millis() / 100) as usize).clamp(1, 300);
     let beside = percentiles(waits(100, 100 + beside_n));
     eprintln!(
-        "burst of {BURST}: published in {published:?}, delivered in {delivered:?}; \
+        "lanes {lanes}: burst of {BURST}: published in {published:?}, delivered in {delivered:?}; \
          fastco alone p50 {:?} p99 {:?}; during the burst ({beside_n} events) p50 {:?} p99 {:?}",
         alone.0, alone.1, beside.0, beside.1
     );
