@@ -685,6 +685,24 @@ pub async fn events_matched(js: &async_nats::jetstream::Context) -> bool {
         && matcher_idle(js).await
 }
 
+/// Writes to `redis` until it refuses: full, with `noeviction` (as
+/// [`RedisServer::start_small`] starts it).
+pub async fn fill_redis(redis: &RedisServer) {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for n in 0.. {
+        let set: redis::RedisResult<()> = redis::cmd("SET")
+            .arg(format!("filler:{n}"))
+            .arg("x".repeat(64 * 1024))
+            .query_async(&mut conn)
+            .await;
+        if set.is_err() {
+            return;
+        }
+        assert!(n < 1000, "8mb never filled");
+    }
+}
+
 impl Drop for Stack {
     fn drop(&mut self) {
         self.shutdown.cancel();

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use herald_core::names;
-use herald_e2e::{Options, Receiver, Stack};
+use herald_e2e::{Options, Receiver, Stack, fill_redis};
 use herald_test_support::RedisServer;
 use serde_json::{Value, json};
 
@@ -44,20 +44,26 @@ fn distinct(receiver: &Receiver, path: &str) -> HashSet<String> {
         .collect()
 }
 
-/// Writes to `redis` until it refuses: full, with `noeviction`.
-async fn fill(redis: &RedisServer) {
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    for n in 0.. {
-        let set: redis::RedisResult<()> = redis::cmd("SET")
-            .arg(format!("filler:{n}"))
-            .arg("x".repeat(64 * 1024))
-            .query_async(&mut conn)
-            .await;
-        if set.is_err() {
-            return;
+/// A steady load of `workflow.completed` events of `acme`: event `i`
+/// (from 0) is published, then the load waits until `every * (i + 1)`
+/// after its start, so a slow publish does not slow the load down.
+struct SteadyLoad {
+    start: tokio::time::Instant,
+    every: Duration,
+}
+
+impl SteadyLoad {
+    fn start(every: Duration) -> Self {
+        Self {
+            start: tokio::time::Instant::now(),
+            every,
         }
-        assert!(n < 1000, "8mb never filled");
+    }
+
+    async fn publish(&self, stack: &Stack, i: usize, event: Value) {
+        stack.publish("acme", "workflow.completed", event).await;
+        let due = self.start + self.every * (i as u32 + 1);
+        tokio::time::sleep_until(due).await;
     }
 }
 
@@ -78,20 +84,14 @@ async fn a_url_failing_under_load(full_redis: bool) -> usize {
     if full_redis {
         // Every write of the endpoint state is refused from here on; reads
         // still answer (healthy: no key).
-        fill(&small).await;
+        fill_redis(&small).await;
     }
     receiver.fail_for("/flaky", 500, Duration::from_secs(6));
     const EVENTS: usize = 400;
-    let start = tokio::time::Instant::now();
+    let load = SteadyLoad::start(Duration::from_millis(20));
     for i in 0..EVENTS {
-        stack
-            .publish(
-                "acme",
-                "workflow.completed",
-                json!({"id": format!("evt_{i}"), "data": {"i": i}}),
-            )
-            .await;
-        tokio::time::sleep_until(start + Duration::from_millis(20 * (i as u64 + 1))).await;
+        let event = json!({"id": format!("evt_{i}"), "data": {"i": i}});
+        load.publish(&stack, i, event).await;
     }
     stack
         .eventually(Duration::from_secs(40), "every event delivered", || async {
@@ -481,16 +481,10 @@ async fn a_tenants_broken_dns_is_its_own_failure_and_starves_no_one() {
 
     // Events, four a second, for 12 s.
     const EVENTS: usize = 48;
-    let start = tokio::time::Instant::now();
+    let load = SteadyLoad::start(Duration::from_millis(250));
     for i in 0..EVENTS {
-        stack
-            .publish(
-                "acme",
-                "workflow.completed",
-                json!({"id": format!("evt_{i}")}),
-            )
+        load.publish(&stack, i, json!({"id": format!("evt_{i}")}))
             .await;
-        tokio::time::sleep_until(start + Duration::from_millis(250 * (i as u64 + 1))).await;
         if i == 8 {
             // A name that does not exist is the endpoint's failure at once.
             let webhook = stack.webhook(&gone).await;
@@ -528,7 +522,7 @@ async fn a_tenants_broken_dns_is_its_own_failure_and_starves_no_one() {
         .await;
     let last = receiver.received("/ok").last().unwrap().at;
     assert!(
-        last.duration_since(start.into_std()) < Duration::from_secs(16),
+        last.duration_since(load.start.into_std()) < Duration::from_secs(16),
         "the healthy webhook fell behind"
     );
     stack.stop().await;

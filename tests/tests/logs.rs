@@ -5,7 +5,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use herald_core::{ids, names, proto};
-use herald_e2e::{Options, Receiver, Reply, Stack, TENANT_KEY};
+use herald_e2e::{Options, Receiver, Reply, Stack, TENANT_KEY, fill_redis};
 use herald_platform::log_index::{Cursor, LogIndex, Query, Stored};
 use herald_platform::redis::Redis;
 use herald_test_support::{RedisCluster, RedisServer};
@@ -152,6 +152,13 @@ async fn webhook(stack: &Stack, url: &str, extra: Value) -> (String, String) {
         created["id"].as_str().unwrap().to_owned(),
         created["secret"].as_str().unwrap().to_owned(),
     )
+}
+
+/// A webhook whose filter no published event passes: its log holds
+/// exactly the attempts a test publishes for it.
+async fn hand_fed_webhook(stack: &Stack, url: &str) -> String {
+    let filters = json!({"filters": {"workflow": ["only-these-logs"]}});
+    webhook(stack, url, filters).await.0
 }
 
 fn ids_of(page: &Value) -> Vec<String> {
@@ -1200,27 +1207,10 @@ async fn a_full_index_redis_loses_nothing_and_counters_keep_working() {
     let client = redis::Client::open(small.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     // Fill it up to its limit.
-    let mut n = 0;
-    loop {
-        let set: redis::RedisResult<()> = redis::cmd("SET")
-            .arg(format!("filler:{n}"))
-            .arg("x".repeat(64 * 1024))
-            .query_async(&mut conn)
-            .await;
-        if set.is_err() {
-            break;
-        }
-        n += 1;
-        assert!(n < 1000, "8mb never filled");
-    }
+    fill_redis(&small).await;
     // Its filter keeps the event below (for the other webhook) away from it:
     // its log holds exactly the 50 attempts published here.
-    let (id, _) = webhook(
-        &stack,
-        "http://127.0.0.1:9/full",
-        json!({"filters": {"workflow": ["only-these-logs"]}}),
-    )
-    .await;
+    let id = hand_fed_webhook(&stack, "http://127.0.0.1:9/full").await;
     let base = now_ms();
     publish_attempts(
         &stack,
@@ -1353,12 +1343,7 @@ async fn an_index_redis_failing_longer_than_the_delivery_budget_loses_nothing() 
     let index_redis = RedisServer::start();
     let stack =
         Stack::start_with(Options::default().env("HERALD_LOG_REDIS_URL", &index_redis.url())).await;
-    let (id, _) = webhook(
-        &stack,
-        "http://127.0.0.1:9/failing",
-        json!({"filters": {"workflow": ["only-these-logs"]}}),
-    )
-    .await;
+    let id = hand_fed_webhook(&stack, "http://127.0.0.1:9/failing").await;
     let base = now_ms();
     publish_attempts(
         &stack,

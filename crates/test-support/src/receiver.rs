@@ -82,12 +82,23 @@ impl Received {
             .expect("webhook-timestamp in seconds")
     }
 
+    /// The request's body as JSON; panics when it is not JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("a JSON body")
+    }
+
     /// The `id` of the event this request carries (its JSON body's);
     /// panics when the body is not JSON or has no string id.
     pub fn event_id(&self) -> String {
-        serde_json::from_slice::<serde_json::Value>(&self.body).expect("a JSON body")["id"]
+        self.json()["id"].as_str().expect("an event id").to_owned()
+    }
+
+    /// The `type` of the event this request carries (its JSON body's);
+    /// panics when the body is not JSON or has no string type.
+    pub fn event_type(&self) -> String {
+        self.json()["type"]
             .as_str()
-            .expect("an event id")
+            .expect("an event type")
             .to_owned()
     }
 }
