@@ -177,17 +177,21 @@ mod tests {
         });
         use Owner::{Lane as L, Main, Refresh};
         // For each view (record, current through): sequences and whose.
-        let cases: [(Option<Lane>, u64, &[(u64, Owner)]); 5] = [
-            (None, 1_000, &[(5, Main), (5_000, Main)]),
+        type View = (Option<Lane>, u64);
+        let cases: [(View, &[(u64, Owner)]); 5] = [
+            ((None, 1_000), &[(5, Main), (5_000, Main)]),
             // An open lane read after the stream reached 150; past that a
             // close may have come.
-            (open, 150, &[(99, Main), (100, L), (150, L), (151, Refresh)]),
-            (open, 0, &[(100, Refresh)]),
+            (
+                (open, 150),
+                &[(99, Main), (100, L), (150, L), (151, Refresh)],
+            ),
+            ((open, 0), &[(100, Refresh)]),
             // A closed lane's bounds are final, however old the view.
-            (closed, 0, &[(99, Main), (100, L), (199, L), (200, Main)]),
-            (closed, 10_000, &[(5_000, Main)]),
+            ((closed, 0), &[(99, Main), (100, L), (199, L), (200, Main)]),
+            ((closed, 10_000), &[(5_000, Main)]),
         ];
-        for (lane, through, sequences) in cases {
+        for ((lane, through), sequences) in cases {
             let known = Known { lane, through };
             for &(seq, owner) in sequences {
                 assert_eq!(known.decides(seq), owner, "{known:?} seq {seq}");

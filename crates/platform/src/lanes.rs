@@ -685,6 +685,14 @@ impl<H: Handler> Handler for MainSide<H> {
         self.inner.handle(message).await
     }
 
+    fn unread(&self, message: &Message) -> bool {
+        Self::position(message).is_some_and(|(org, seq, _)| {
+            self.lanes
+                .known(org)
+                .is_some_and(|(known, _)| known.decides(seq) == Owner::Lane)
+        })
+    }
+
     async fn exhausted(&self, message: &Message, delivered: i64) -> Disposition {
         if let Some((org, seq, _)) = Self::position(message)
             && self.lanes.owner(org, seq).await == Owner::Lane

@@ -111,6 +111,14 @@ pub trait Handler: Send + Sync + 'static {
             delivered - 1
         )))
     }
+
+    /// Whether `message` is known at once to be somebody else's (another
+    /// consumer works it: a lane's message in the main consumer), so it is
+    /// acked unread without a task of its own. Only a decision that needs
+    /// no IO; anything else goes to [`Handler::handle`].
+    fn unread(&self, _message: &Message) -> bool {
+        false
+    }
 }
 
 /// Carries out dispositions for one consumer's messages; cloneable, for a
@@ -305,6 +313,14 @@ impl Worker {
                         message = pull.next() => message,
                     };
                     match message {
+                        // A burst another consumer works is skipped at the
+                        // pace it is read.
+                        Some(Ok(message)) if handler.unread(&message) => {
+                            drop(slot);
+                            if let Err(error) = message.ack().await {
+                                tracing::warn!(%error, consumer = spec.durable, "ack failed; the message will be redelivered");
+                            }
+                        }
                         Some(Ok(message)) => start(message, slot, &mut tasks),
                         Some(Err(error)) => {
                             tracing::warn!(%error, consumer = spec.durable, "consumer error");
