@@ -481,6 +481,27 @@ impl Stack {
         }
     }
 
+    /// Publishes `workflow.completed` events of `org` with ids `fast_<i>`
+    /// for `i` in `ids`, one every `every`, noting in `published` when each
+    /// was published (for its time to receipt).
+    pub async fn publish_paced(
+        &self,
+        org: &str,
+        ids: std::ops::Range<usize>,
+        every: Duration,
+        published: &std::sync::Mutex<HashMap<String, std::time::Instant>>,
+    ) {
+        let mut tick = tokio::time::interval(every);
+        for i in ids {
+            tick.tick().await;
+            let id = format!("fast_{i}");
+            let now = std::time::Instant::now();
+            published.lock().expect("published").insert(id.clone(), now);
+            let body = serde_json::json!({"id": id});
+            self.publish(org, "workflow.completed", body).await;
+        }
+    }
+
     /// Every attempt logged for `webhook_id` (organization `acme`), in order.
     pub async fn attempts(&self, webhook_id: &str) -> Vec<herald_core::proto::AttemptResult> {
         let stored = self.attempts_stored(webhook_id).await;

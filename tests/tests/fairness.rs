@@ -172,20 +172,8 @@ async fn measure_a_burst(lanes: &str) {
     create(&stack, "fastco", receiver.url("/fast"), SLOW_REPLY).await;
     stack.wait_deliverer_current().await;
     let published = std::sync::Mutex::new(HashMap::<String, Instant>::new());
-    let fast = |from: usize, to: usize| {
-        let (stack, published) = (&stack, &published);
-        async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
-            for i in from..to {
-                tick.tick().await;
-                let id = format!("fast_{i}");
-                published.lock().unwrap().insert(id.clone(), Instant::now());
-                stack
-                    .publish("fastco", "workflow.completed", json!({"id": id}))
-                    .await;
-            }
-        }
-    };
+    let every = Duration::from_millis(100);
+    let fast = |from: usize, to: usize| stack.publish_paced("fastco", from..to, every, &published);
     let waits = |from: usize, to: usize| {
         let published = published.lock().unwrap();
         receiver

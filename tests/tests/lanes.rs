@@ -32,17 +32,7 @@ async fn a_burst_gets_lanes_loses_nothing_and_they_close_after_it() {
 
     // fastco: 10 events a second while burstco's burst is worked through.
     let published = std::sync::Mutex::new(HashMap::<String, Instant>::new());
-    let fast = async {
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
-        for i in 0..150 {
-            tick.tick().await;
-            let id = format!("fast_{i}");
-            published.lock().unwrap().insert(id.clone(), Instant::now());
-            stack
-                .publish("fastco", "workflow.completed", json!({"id": id}))
-                .await;
-        }
-    };
+    let fast = stack.publish_paced("fastco", 0..150, Duration::from_millis(100), &published);
     let bursting = stack.publish_burst("burstco", BURST);
     tokio::join!(fast, bursting);
 
