@@ -36,8 +36,27 @@ pub struct Stack {
     /// address: bound (port 0) when the stack starts and kept until it
     /// stops, so a restarted service listens where it did.
     listeners: HashMap<&'static str, Listen>,
-    /// Each running service: its own token (a child of `shutdown`) and task.
-    services: HashMap<&'static str, (CancellationToken, tokio::task::JoinHandle<()>)>,
+    /// Each running replica of a service, in the order they started.
+    services: Vec<Running>,
+    /// How many replicas the stack has started, for the next one's number.
+    started: usize,
+}
+
+/// A replica of a service the stack started, to stop or kill it by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Replica {
+    pub service: &'static str,
+    number: usize,
+}
+
+/// One running replica: its own token (a child of `shutdown`) and task.
+struct Running {
+    replica: Replica,
+    /// Whether it listens on the stack's addresses (the service's first
+    /// replica) rather than on ports of its own (a further one).
+    shared: bool,
+    token: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// The variables naming the addresses the stack's services listen on.
@@ -52,6 +71,15 @@ const LISTENS: [&str; 6] = [
 
 /// The services, by the names [`Stack::stop_service`] takes.
 pub use herald_core::names::SERVICES;
+
+/// Each service and the variable naming the address its `/ready` answers on.
+const READY: [(&str, &str); 5] = [
+    ("ingest", herald_ingest::HEALTH_ADDR),
+    ("matcher", herald_matcher::HEALTH_ADDR),
+    ("deliverer", herald_deliverer::HEALTH_ADDR),
+    ("log-writer", herald_log_writer::HEALTH_ADDR),
+    ("admin", herald_admin::ADMIN_ADDR),
+];
 
 mod tempfile_dir {
     /// A directory removed on drop.
@@ -69,6 +97,9 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// The deliverer's name resolver (the system's when `None`).
     pub resolver: Option<herald_deliverer::guard::Resolver>,
+    /// Services not started with the stack (a test starts them with
+    /// [`Stack::start_service`] when it wants them).
+    pub without: Vec<&'static str>,
 }
 
 impl Options {
@@ -81,6 +112,16 @@ impl Options {
         self.resolver = Some(herald_deliverer::guard::Resolver(std::sync::Arc::new(
             lookup,
         )));
+        self
+    }
+
+    /// Starts the stack without these services, e.g. `&["matcher",
+    /// "deliverer"]`.
+    pub fn without(mut self, services: &[&'static str]) -> Self {
+        for service in services {
+            assert!(SERVICES.contains(service), "no service {service:?}");
+        }
+        self.without.extend_from_slice(services);
         self
     }
 }
@@ -163,22 +204,35 @@ impl Stack {
             http,
             _dir: tempfile_dir::Dir(dir),
             listeners,
-            services: HashMap::new(),
+            services: Vec::new(),
+            started: 0,
         };
-        stack.spawn_services();
+        for service in SERVICES {
+            if !options.without.contains(&service) {
+                stack.start_service(service);
+            }
+        }
         stack.wait_ready().await;
         stack
     }
 
-    fn spawn_services(&mut self) {
-        for service in SERVICES {
-            self.start_service(service);
-        }
-    }
-
-    /// Starts one service (again) with the stack's environment, under its own
-    /// token, as a replica that replaces a stopped one would.
-    pub fn start_service(&mut self, service: &'static str) {
+    /// Starts a replica of one service with the stack's environment, under
+    /// its own token. The service's first replica running listens on the
+    /// stack's addresses, as one that replaces a stopped one would; another
+    /// started beside it (a second matcher) listens on ports of its own.
+    pub fn start_service(&mut self, service: &'static str) -> Replica {
+        let shared = !self
+            .services
+            .iter()
+            .any(|running| running.replica.service == service && running.shared);
+        let listeners = &self.listeners;
+        let listen = |var: &str| -> Option<Listen> {
+            if shared {
+                listeners.get(var).cloned()
+            } else {
+                Some(Listen::bound(([127, 0, 0, 1], 0).into()).expect("bind port 0"))
+            }
+        };
         let src: &dyn Source = &self.env;
         let token = self.shutdown.child_token();
         macro_rules! spawn {
@@ -188,8 +242,8 @@ impl Stack {
             ($krate:ident, $adjust:expr) => {{
                 let mut config =
                     $krate::Config::from_source(src).expect(concat!(stringify!($krate), " config"));
-                if let Some(at) = self.listeners.get($krate::HEALTH_ADDR) {
-                    config.health_addr = at.clone();
+                if let Some(at) = listen($krate::HEALTH_ADDR) {
+                    config.health_addr = at;
                 }
                 $adjust(&mut config);
                 let token = token.clone();
@@ -213,7 +267,7 @@ impl Stack {
             }
             "log-writer" => spawn!(herald_log_writer),
             "admin" => {
-                let at = self.listeners.get(herald_admin::ADMIN_ADDR).cloned();
+                let at = listen(herald_admin::ADMIN_ADDR);
                 spawn!(herald_admin, |config: &mut herald_admin::Config| {
                     if let Some(at) = at {
                         config.addr = at;
@@ -222,17 +276,41 @@ impl Stack {
             }
             other => panic!("no service {other:?}"),
         };
-        self.services.insert(service, (token, task));
+        self.started += 1;
+        let replica = Replica {
+            service,
+            number: self.started,
+        };
+        self.services.push(Running {
+            replica,
+            shared,
+            token,
+            task,
+        });
+        replica
     }
 
-    /// Stops one service as SIGTERM would (cancels its token) and waits for
+    /// Stops one service (its only replica running) as SIGTERM would and
+    /// waits for it to drain, as [`Stack::stop_replica`] does.
+    pub async fn stop_service(&mut self, service: &str, grace: Duration) -> Duration {
+        let mut replicas = self
+            .services
+            .iter()
+            .filter(|running| running.replica.service == service);
+        let replica = match (replicas.next(), replicas.next()) {
+            (Some(running), None) => running.replica,
+            (None, _) => panic!("{service} is not running"),
+            (Some(_), Some(_)) => panic!("several {service} replicas run: stop one by its replica"),
+        };
+        self.stop_replica(replica, grace).await
+    }
+
+    /// Stops one replica as SIGTERM would (cancels its token) and waits for
     /// it to drain; answers how long draining took. Panics if it takes more
     /// than `grace`.
-    pub async fn stop_service(&mut self, service: &str, grace: Duration) -> Duration {
-        let (token, task) = self
-            .services
-            .remove(service)
-            .unwrap_or_else(|| panic!("{service} is not running"));
+    pub async fn stop_replica(&mut self, replica: Replica, grace: Duration) -> Duration {
+        let service = replica.service;
+        let Running { token, task, .. } = self.take(replica);
         let started = tokio::time::Instant::now();
         token.cancel();
         tokio::time::timeout(grace, task)
@@ -240,6 +318,31 @@ impl Stack {
             .unwrap_or_else(|_| panic!("{service} still draining after {grace:?}"))
             .unwrap_or_else(|error| panic!("{service} failed while draining: {error}"));
         started.elapsed()
+    }
+
+    /// Kills one replica as SIGKILL would: aborts its task, with no graceful
+    /// stop (then cancels its token, for what it spawned apart), and waits
+    /// until the task is gone, its work under way aborted with it. Answers
+    /// how the task ended: cancelled, unless it had finished first. Panics
+    /// if it is not gone in 10 s.
+    pub async fn kill_replica(&mut self, replica: Replica) -> Result<(), tokio::task::JoinError> {
+        let service = replica.service;
+        let Running { token, task, .. } = self.take(replica);
+        task.abort();
+        token.cancel();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .unwrap_or_else(|_| panic!("{service} still there 10s after the kill"))
+    }
+
+    /// Takes `replica` out of the running ones; panics if it is not running.
+    fn take(&mut self, replica: Replica) -> Running {
+        let at = self
+            .services
+            .iter()
+            .position(|running| running.replica == replica)
+            .unwrap_or_else(|| panic!("{replica:?} is not running"));
+        self.services.remove(at)
     }
 
     /// The URL of `path` on a service's health server, e.g.
@@ -255,19 +358,20 @@ impl Stack {
             .map(|(status, body)| (status, String::from_utf8_lossy(&body).into_owned()))
     }
 
-    /// Waits until every service answers `/ready`.
+    /// Waits until every service running on the stack's addresses answers
+    /// `/ready` (one left out or stopped is not waited for).
     pub async fn wait_ready(&self) {
-        let ports = [
-            "HERALD_INGEST_HEALTH_ADDR",
-            "HERALD_MATCHER_HEALTH_ADDR",
-            "HERALD_DELIVERER_HEALTH_ADDR",
-            "HERALD_LOG_WRITER_HEALTH_ADDR",
-            "HERALD_ADMIN_ADDR",
-        ];
         // A just-formed 3-node cluster on a loaded machine can take most of
         // a minute to answer its first JetStream requests.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        for var in ports {
+        for (service, var) in READY {
+            let running = self
+                .services
+                .iter()
+                .any(|running| running.replica.service == service && running.shared);
+            if !running {
+                continue;
+            }
             let url = format!("http://{}/ready", self.env[var]);
             loop {
                 if let Ok((200, _)) = self.raw("GET", &url, None, &[]).await {
@@ -289,8 +393,9 @@ impl Stack {
         self.shutdown.cancel();
         let stopping = self
             .services
-            .drain()
-            .map(|(service, (_, task))| async move {
+            .drain(..)
+            .map(|Running { replica, task, .. }| async move {
+                let service = replica.service;
                 match tokio::time::timeout(Duration::from_secs(30), task).await {
                     Ok(Ok(())) => None,
                     Ok(Err(error)) => Some(format!("{service} failed or panicked: {error}")),

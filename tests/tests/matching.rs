@@ -10,15 +10,12 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use futures::StreamExt;
 use herald_core::{ids, names, proto, secret};
-use herald_e2e::{Options, Receiver, Stack, matcher_idle};
-use herald_platform::config::Source;
+use herald_e2e::{Options, Receiver, Replica, Stack, matcher_idle};
 use herald_platform::lanes;
 use herald_platform::webhooks::WebhookStore;
-use herald_test_support::{NatsServer, RedisServer};
 use prost::Message;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
 
 const ORG: &str = "acme";
 
@@ -421,11 +418,11 @@ async fn matching_goes_on_without_redis_and_counts_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_event_fans_out_to_a_thousand_webhooks_once_each() {
     // No deliverer runs: a matcher lane would wait for the jobs to be sent.
-    let mut stack = Stack::start_with(Options::default().env(lanes::LANES, "false")).await;
     // The jobs are read back from the stream before anything delivers them.
-    stack
-        .stop_service("deliverer", Duration::from_secs(10))
-        .await;
+    let options = Options::default()
+        .without(&["deliverer"])
+        .env(lanes::LANES, "false");
+    let mut stack = Stack::start_with(options).await;
     let store = WebhookStore::open(&stack.js, 1).await.expect("store");
     let receiver = Receiver::start().await;
     let url = receiver.url("/fan");
@@ -533,109 +530,42 @@ async fn one_event_fans_out_to_a_thousand_webhooks_once_each() {
     stack.stop().await;
 }
 
-/// NATS and Redis, with matchers and a deliverer started by the test;
-/// events go straight to `herald.accepted`.
-struct Harness {
-    _nats: NatsServer,
-    _redis: RedisServer,
-    env: HashMap<String, String>,
-    js: jetstream::Context,
-    shutdown: CancellationToken,
+/// The stack without a matcher or a deliverer: the test starts matchers
+/// (and a deliverer) itself; events go straight to `herald.accepted`.
+fn without_matching() -> Options {
+    Options::default()
+        .without(&["matcher", "deliverer"])
+        // No deliverer works the jobs these tests count: a matcher lane
+        // would wait for them to be sent (tests/tests/lanes.rs).
+        .env(lanes::LANES, "false")
+        .env(herald_matcher::ACK_WAIT, "2s")
 }
 
-impl Harness {
-    async fn start() -> Self {
-        let nats = NatsServer::start();
-        let redis = RedisServer::start();
-        let env: HashMap<String, String> = [
-            ("HERALD_NATS_URL", nats.url()),
-            ("HERALD_REDIS_URL", redis.url()),
-            ("HERALD_SECRET_KEY", secret::Keyring::generate_key_text()),
-            ("HERALD_ALLOW_PRIVATE_TARGETS", "true".into()),
-            ("HERALD_RETRY_SCHEDULE", "200ms,400ms".into()),
-            // No deliverer works the jobs these tests count: a matcher lane
-            // would wait for them to be sent (tests/tests/lanes.rs).
-            (lanes::LANES, "false".into()),
-            (herald_matcher::ACK_WAIT, "2s".into()),
-            (herald_deliverer::HEALTH_ADDR, "127.0.0.1:0".into()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
+/// `n` webhooks of every workflow event, at an address nothing answers,
+/// created 500 at a time.
+async fn create_webhooks(stack: &Stack, n: usize) {
+    let store = WebhookStore::open(&stack.js, 1).await.expect("store");
+    let creates: Vec<proto::Webhook> = (0..n)
+        .map(|_| webhook(&stack.env, "http://127.0.0.1:9/", &["workflow.>"], &[]))
         .collect();
-        let client = async_nats::connect(nats.url()).await.expect("connect");
-        let js = jetstream::new(client);
-        let shutdown = CancellationToken::new();
-        Self {
-            _nats: nats,
-            _redis: redis,
-            env,
-            js,
-            shutdown,
-        }
-    }
-
-    /// A deliverer, until the harness is dropped.
-    fn deliverer(&self) {
-        let src: &dyn Source = &self.env;
-        let config = herald_deliverer::Config::from_source(src).expect("deliverer config");
-        tokio::spawn(herald_deliverer::run(config, self.shutdown.clone()));
-    }
-
-    /// The webhooks bucket, with Herald's streams created first.
-    async fn store(&self) -> WebhookStore {
-        herald_platform::nats::ensure_streams(&self.js, 1, &Default::default(), &self.shutdown)
+    for chunk in creates.chunks(500) {
+        futures::future::try_join_all(chunk.iter().map(|w| store.create(w)))
             .await
-            .expect("streams");
-        WebhookStore::open(&self.js, 1).await.expect("store")
-    }
-
-    /// `n` webhooks of every workflow event, at an address nothing answers,
-    /// created 500 at a time.
-    async fn create_webhooks(&self, n: usize) {
-        let store = self.store().await;
-        let creates: Vec<proto::Webhook> = (0..n)
-            .map(|_| webhook(&self.env, "http://127.0.0.1:9/", &["workflow.>"], &[]))
-            .collect();
-        for chunk in creates.chunks(500) {
-            futures::future::try_join_all(chunk.iter().map(|w| store.create(w)))
-                .await
-                .expect("create");
-        }
-    }
-
-    /// A matcher on its own token (and health port).
-    fn matcher(&self) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-        let mut env = self.env.clone();
-        env.insert(herald_matcher::HEALTH_ADDR.into(), "127.0.0.1:0".into());
-        let src: &dyn Source = &env;
-        let config = herald_matcher::Config::from_source(src).expect("matcher config");
-        let token = self.shutdown.child_token();
-        let task = tokio::spawn({
-            let token = token.clone();
-            async move { herald_matcher::run(config, token).await.expect("matcher") }
-        });
-        (token, task)
-    }
-
-    /// A matcher as [`Harness::matcher`] starts one, answered once it has
-    /// published its first job.
-    async fn matcher_past_its_first_job(&self) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-        let mut published = self
-            .js
-            .client()
-            .subscribe(format!("herald.deliveries.{ORG}.>"))
-            .await
-            .expect("subscribe");
-        let matcher = self.matcher();
-        published.next().await.expect("a first job");
-        matcher
+            .expect("create");
     }
 }
 
-impl Drop for Harness {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
+/// A matcher started on its own token, answered once it has published its
+/// first job.
+async fn matcher_past_its_first_job(stack: &mut Stack) -> Replica {
+    let mut published = stack
+        .client
+        .subscribe(format!("herald.deliveries.{ORG}.>"))
+        .await
+        .expect("subscribe");
+    let matcher = stack.start_service("matcher");
+    published.next().await.expect("a first job");
+    matcher
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -645,13 +575,13 @@ async fn a_matcher_stopped_or_killed_mid_stream_yields_one_job_per_pair() {
     // job, however late this test gets to the kill, is still mid-stream.
     const EVENTS: usize = 600;
     const WEBHOOKS: usize = 4;
-    let harness = Harness::start().await;
+    let mut stack = Stack::start_with(without_matching()).await;
     let receiver = Receiver::start().await;
-    let store = harness.store().await;
+    let store = WebhookStore::open(&stack.js, 1).await.expect("store");
     let mut webhooks = Vec::new();
     for i in 0..WEBHOOKS {
         let patterns: &[&str] = [&["workflow.completed"][..], &["workflow.*"], &[">"]][i % 3];
-        let w = webhook(&harness.env, &receiver.url("/hook"), patterns, &[]);
+        let w = webhook(&stack.env, &receiver.url("/hook"), patterns, &[]);
         store.create(&w).await.expect("create");
         webhooks.push(w.id);
     }
@@ -664,46 +594,38 @@ async fn a_matcher_stopped_or_killed_mid_stream_yields_one_job_per_pair() {
             received_at_ms: 1_700_000_000_000,
             ..Default::default()
         };
-        publish_accepted(&harness.js, &event).await;
+        publish_accepted(&stack.js, &event).await;
     }
     let total = (EVENTS * WEBHOOKS) as u64;
 
     // Stopped as SIGTERM would, right after its first job: in-flight events
     // finish, the rest are handed back.
-    let (token, task) = harness.matcher_past_its_first_job().await;
-    token.cancel();
-    tokio::time::timeout(Duration::from_secs(10), task)
-        .await
-        .expect("matcher drains in time")
-        .expect("matcher stops cleanly");
-    let after_stop = job_count(&harness.js).await;
+    let matcher = matcher_past_its_first_job(&mut stack).await;
+    stack.stop_replica(matcher, Duration::from_secs(10)).await;
+    let after_stop = job_count(&stack.js).await;
     assert!(after_stop < total, "stopped mid-stream");
 
     // Killed right after its first job: jobs published, events not acked.
     // `abort` only asks: the count waits until the task is gone (its work
     // under way aborted with it), so that it is what the killed matcher
     // left rather than a glimpse of a matcher still publishing.
-    let (token, task) = harness.matcher_past_its_first_job().await;
-    task.abort();
-    token.cancel();
-    let killed = tokio::time::timeout(Duration::from_secs(10), task)
-        .await
-        .expect("the kill lands in time");
+    let matcher = matcher_past_its_first_job(&mut stack).await;
+    let killed = stack.kill_replica(matcher).await;
     assert!(
         killed.is_err_and(|e| e.is_cancelled()),
         "killed, not finished"
     );
-    let after_kill = job_count(&harness.js).await;
+    let after_kill = job_count(&stack.js).await;
     assert!(after_kill < total, "killed mid-stream");
     eprintln!("jobs: {after_stop} after the stop, {after_kill} after the kill, of {total}");
 
     // A fresh matcher finishes the stream.
-    let (token, task) = harness.matcher();
+    stack.start_service("matcher");
     until(Duration::from_secs(30), "every job", || async {
-        job_count(&harness.js).await >= total && matcher_idle(&harness.js).await
+        job_count(&stack.js).await >= total && matcher_idle(&stack.js).await
     })
     .await;
-    let found = jobs(&harness.js).await;
+    let found = jobs(&stack.js).await;
     assert_eq!(found.len() as u64, total, "one job per event and webhook");
     let pairs: HashSet<(String, String)> = found
         .iter()
@@ -719,15 +641,14 @@ async fn a_matcher_stopped_or_killed_mid_stream_yields_one_job_per_pair() {
     }
 
     // Receivers saw each delivery once.
-    harness.deliverer();
+    stack.start_service("deliverer");
     let got = receiver
         .wait_for("/hook", total as usize, Duration::from_secs(60))
         .await;
     let delivered: HashSet<&str> = got.iter().filter_map(|r| r.header("webhook-id")).collect();
     assert_eq!(delivered.len() as u64, total);
     assert_eq!(got.len() as u64, total, "no webhook-id twice");
-    token.cancel();
-    let _ = task.await;
+    stack.stop().await;
 }
 
 /// Many events, each to many webhooks, at once: the matcher's publishes in
@@ -736,25 +657,24 @@ async fn a_matcher_stopped_or_killed_mid_stream_yields_one_job_per_pair() {
 async fn many_large_fan_outs_at_once_complete() {
     const EVENTS: usize = 150;
     const WEBHOOKS: usize = 1000;
-    let harness = Harness::start().await;
-    harness.create_webhooks(WEBHOOKS).await;
+    let mut stack = Stack::start_with(without_matching()).await;
+    create_webhooks(&stack, WEBHOOKS).await;
     for i in 0..EVENTS {
-        publish_accepted(&harness.js, &completed(&format!("evt_{i}"))).await;
+        publish_accepted(&stack.js, &completed(&format!("evt_{i}"))).await;
     }
     let started = Instant::now();
-    let (token, task) = harness.matcher();
+    stack.start_service("matcher");
     let total = (EVENTS * WEBHOOKS) as u64;
     until(Duration::from_secs(60), "every job", || async {
-        job_count(&harness.js).await >= total && matcher_idle(&harness.js).await
+        job_count(&stack.js).await >= total && matcher_idle(&stack.js).await
     })
     .await;
     eprintln!(
         "{total} jobs from {EVENTS} events in {:?}",
         started.elapsed()
     );
-    assert_eq!(job_count(&harness.js).await, total);
-    token.cancel();
-    let _ = task.await;
+    assert_eq!(job_count(&stack.js).await, total);
+    stack.stop().await;
 }
 
 /// One event to 10,000 webhooks takes longer than the matcher's ack wait
@@ -764,23 +684,21 @@ async fn many_large_fan_outs_at_once_complete() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_fan_out_longer_than_the_ack_wait_is_done_once() {
     const WEBHOOKS: usize = 10_000;
-    let mut harness = Harness::start().await;
-    harness
-        .env
-        .insert(herald_matcher::ACK_WAIT.into(), "300ms".into());
-    harness.create_webhooks(WEBHOOKS).await;
-    publish_accepted(&harness.js, &completed("evt_wide")).await;
+    let options = without_matching().env(herald_matcher::ACK_WAIT, "300ms");
+    let mut stack = Stack::start_with(options).await;
+    create_webhooks(&stack, WEBHOOKS).await;
+    publish_accepted(&stack.js, &completed("evt_wide")).await;
     let started = Instant::now();
-    let (token, task) = harness.matcher();
+    stack.start_service("matcher");
     until(Duration::from_secs(90), "every job", || async {
-        job_count(&harness.js).await >= WEBHOOKS as u64 && matcher_idle(&harness.js).await
+        job_count(&stack.js).await >= WEBHOOKS as u64 && matcher_idle(&stack.js).await
     })
     .await;
     eprintln!(
         "one event to {WEBHOOKS} webhooks: {WEBHOOKS} jobs in {:?}",
         started.elapsed()
     );
-    let info = harness
+    let info = stack
         .js
         .get_stream(names::ACCEPTED_STREAM)
         .await
@@ -797,7 +715,6 @@ async fn a_fan_out_longer_than_the_ack_wait_is_done_once() {
         info.delivered.consumer_sequence, 1,
         "delivered to a matcher once"
     );
-    assert_eq!(job_count(&harness.js).await, WEBHOOKS as u64);
-    token.cancel();
-    let _ = task.await;
+    assert_eq!(job_count(&stack.js).await, WEBHOOKS as u64);
+    stack.stop().await;
 }
