@@ -120,10 +120,10 @@ impl Open {
             || (self.downstream > 0 && downstream >= self.downstream)
     }
 
-    /// Whether a lane with nothing left to read for `idle_ms`, and
-    /// `downstream` of its organization's work waiting after this stage,
-    /// closes: it has been caught up for a while, and (where that is a
-    /// reason to open one) the work downstream is well below the mark.
+    /// Whether a lane that has kept up for `idle_ms`, and `downstream` of
+    /// its organization's work waiting after this stage, closes: it has
+    /// been caught up for a while, and (where that is a reason to open one)
+    /// the work downstream is well below the mark.
     pub fn closes(&self, idle_ms: i64, downstream: u64) -> bool {
         idle_ms >= CLOSE_IDLE_MS && (self.downstream == 0 || downstream < self.downstream / 2)
     }
@@ -136,8 +136,12 @@ impl Open {
     }
 }
 
-/// How long a lane must have had nothing to read before it closes.
+/// How long a lane must have kept up (fewer than [`CLOSE_BACKLOG`]
+/// messages waiting for it) before it closes.
 pub const CLOSE_IDLE_MS: i64 = 5_000;
+/// A lane with fewer messages than this waiting keeps up with what
+/// arrives: its organization no longer bursts.
+pub const CLOSE_BACKLOG: u64 = 100;
 
 /// The organization's share of `recent` (the organizations of the last
 /// messages read), in hundredths.

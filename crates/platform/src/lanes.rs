@@ -41,6 +41,9 @@ const LANE_CONCURRENCY: usize = 64;
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// How often the work waiting downstream is counted (the matcher's).
 const COUNT_EVERY: Duration = Duration::from_millis(250);
+/// The least time between two reads of a lane's record (see
+/// [`Lanes::refresh_for`]).
+const REFRESH_SPACING: Duration = Duration::from_millis(20);
 /// How long a paced lane waits before looking again.
 const PACE_WAIT: Duration = Duration::from_millis(100);
 
@@ -96,8 +99,8 @@ struct Inner {
     /// What this replica knows of each organization's lane, with the
     /// record's revision.
     view: Mutex<HashMap<String, (Known, u64)>>,
-    /// One refresh at a time.
-    refreshing: tokio::sync::Mutex<()>,
+    /// One refresh at a time, and when the last began.
+    refreshing: tokio::sync::Mutex<Option<tokio::time::Instant>>,
     recent: Mutex<Recent>,
     downstream: Option<Downstream>,
     opened: Counter,
@@ -301,9 +304,29 @@ impl Lanes {
             .set(view.values().filter(|(k, _)| k.lane.is_some()).count() as i64);
     }
 
+    /// Makes the view current for message `seq` of `org`: one refresh at a
+    /// time, at most one per [`REFRESH_SPACING`]. The messages of a lane's
+    /// organization that arrive meanwhile wait for the next, which covers
+    /// them all; a trickle of them costs a few reads a second, not one
+    /// each.
+    async fn refresh_for(&self, org: &str, seq: u64) -> Result<(), async_nats::Error> {
+        let mut last = self.inner.refreshing.lock().await;
+        // A refresh made while this one waited may have covered it.
+        if self
+            .known(org)
+            .is_none_or(|(known, _)| known.decides(seq) != Owner::Refresh)
+        {
+            return Ok(());
+        }
+        if let Some(at) = *last {
+            tokio::time::sleep_until(at + REFRESH_SPACING).await;
+        }
+        *last = Some(tokio::time::Instant::now());
+        self.refresh(org).await
+    }
+
     /// Reads `org`'s record again, the stream's last sequence first.
     async fn refresh(&self, org: &str) -> Result<(), async_nats::Error> {
-        let _one = self.inner.refreshing.lock().await;
         let mut stream = self.inner.js.get_stream(self.inner.stage.stream).await?;
         let through = stream.info().await?.state.last_sequence;
         let key = lanes::key(self.inner.stage.name, org);
@@ -338,7 +361,7 @@ impl Lanes {
             };
             match known.decides(seq) {
                 Owner::Refresh => {
-                    if let Err(error) = self.refresh(org).await {
+                    if let Err(error) = self.refresh_for(org, seq).await {
                         tracing::warn!(%error, org, "cannot read the lane; the message is worked here");
                         return Owner::Refresh;
                     }
@@ -564,7 +587,9 @@ impl Lanes {
             let drained = info.num_pending == 0 && info.num_ack_pending == 0;
             match lane.until {
                 None => {
-                    idle_ms = if drained {
+                    // Keeping up with what arrives: nothing to protect the
+                    // others from any more.
+                    idle_ms = if info.num_pending < lanes::CLOSE_BACKLOG {
                         idle_ms + CHECK_EVERY.as_millis() as i64
                     } else {
                         0
