@@ -35,7 +35,7 @@ use crate::{dead_letters, nats};
 /// The organizations of the last this many messages the main consumer read
 /// give each one's share.
 const RECENT: usize = 256;
-/// Messages of one lane worked at once on a replica.
+/// Messages of one paced lane worked at once on a replica.
 const LANE_CONCURRENCY: usize = 64;
 /// How often a lane looks at its consumer (to close, or to go).
 const CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -44,6 +44,10 @@ const COUNT_EVERY: Duration = Duration::from_millis(250);
 /// The least time between two reads of a lane's record (see
 /// [`Lanes::refresh_for`]).
 const REFRESH_SPACING: Duration = Duration::from_millis(20);
+/// A lane opens only while another organization had a message within this
+/// long: alone, an organization's burst delays nobody else, and a lane
+/// would only cost it (a second consumer, an ack more per message).
+const OTHERS_WITHIN: Duration = Duration::from_secs(10);
 /// How long a paced lane waits before looking again.
 const PACE_WAIT: Duration = Duration::from_millis(100);
 
@@ -112,11 +116,31 @@ struct Inner {
 struct Recent {
     orgs: VecDeque<String>,
     counts: HashMap<String, u64>,
+    /// The last two organizations seen, most recent first, and when.
+    latest: Vec<(String, tokio::time::Instant)>,
 }
 
 impl Recent {
+    /// Whether an organization other than `org` had a message within
+    /// [`OTHERS_WITHIN`]: there is someone for a lane to keep the burst
+    /// away from.
+    fn others_active(&self, org: &str) -> bool {
+        self.latest
+            .iter()
+            .find(|(o, _)| o != org)
+            .is_some_and(|(_, at)| at.elapsed() < OTHERS_WITHIN)
+    }
+
     /// Notes `org` and answers its share of the recent messages.
     fn note(&mut self, org: &str) -> u64 {
+        let now = tokio::time::Instant::now();
+        match self.latest.first_mut() {
+            Some((first, at)) if first == org => *at = now,
+            _ => {
+                self.latest.insert(0, (org.to_owned(), now));
+                self.latest.truncate(2);
+            }
+        }
         self.orgs.push_back(org.to_owned());
         *self.counts.entry(org.to_owned()).or_default() += 1;
         if self.orgs.len() > RECENT
@@ -197,7 +221,7 @@ impl Lanes {
         let (spec, settle) = (worker.spec().clone(), worker.settler());
         let lanes = self
             .clone()
-            .run(handler.clone(), spec, settle, shutdown.clone());
+            .run(handler.clone(), spec, settle, concurrency, shutdown.clone());
         let main = worker.each(self.main(handler), concurrency, shutdown);
         tokio::join!(main, lanes);
     }
@@ -407,9 +431,12 @@ impl Lanes {
     /// Whether `org` gets a lane now, the message in hand having `pending`
     /// behind it in the main consumer.
     fn should_open(&self, org: &str, pending: u64) -> bool {
-        let share = self.inner.recent.lock().expect("recent").note(org);
+        let (share, others) = {
+            let mut recent = self.inner.recent.lock().expect("recent");
+            (recent.note(org), recent.others_active(org))
+        };
         let downstream = self.downstream(org);
-        self.inner.stage.rule.now(pending, share, downstream)
+        others && self.inner.stage.rule.now(pending, share, downstream)
     }
 
     fn downstream(&self, org: &str) -> u64 {
@@ -424,6 +451,7 @@ impl Lanes {
         handler: Arc<H>,
         spec: Spec,
         settle: Settle,
+        concurrency: usize,
         shutdown: CancellationToken,
     ) {
         let mut running: HashMap<(String, u64), CancellationToken> = HashMap::new();
@@ -455,9 +483,13 @@ impl Lanes {
                     inner: handler.clone(),
                     stop: token.clone(),
                 });
-                let work =
-                    self.clone()
-                        .work(lane.clone(), side, spec.clone(), settle.clone(), token);
+                let work = self.clone().work(
+                    lane.clone(),
+                    side,
+                    (spec.clone(), concurrency),
+                    settle.clone(),
+                    token,
+                );
                 tasks.spawn(async move {
                     work.await;
                     lane
@@ -486,7 +518,7 @@ impl Lanes {
         self,
         (org, from): (String, u64),
         side: Arc<LaneSide<H>>,
-        spec: Spec,
+        (spec, concurrency): (Spec, usize),
         settle: Settle,
         token: CancellationToken,
     ) {
@@ -529,8 +561,17 @@ impl Lanes {
             }
         };
         let worker = Worker::on(&self.inner.js, consumer.clone(), spec, settle);
-        let slots = Arc::new(Semaphore::new(LANE_CONCURRENCY));
-        let working = worker.each_within(side, slots, &token);
+        // A paced lane holds what it waits with in hand, so it pulls only
+        // what it can start; one that is not goes as fast as the main
+        // consumer would.
+        let working = async {
+            if stage.rule.paces(u64::MAX) {
+                let slots = Arc::new(Semaphore::new(LANE_CONCURRENCY));
+                worker.each_within(side, slots, &token).await
+            } else {
+                worker.each(side, concurrency, &token).await
+            }
+        };
         let watching = self.watch_lane(&org, from, consumer, &name, &token);
         tokio::join!(working, watching);
     }
@@ -869,6 +910,20 @@ mod tests {
         assert_eq!(recent.note("b"), 50);
         assert_eq!(recent.orgs.len(), RECENT);
         assert_eq!(recent.counts.values().sum::<u64>(), RECENT as u64);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lane_is_for_when_others_are_about() {
+        let mut recent = Recent::default();
+        recent.note("a");
+        assert!(!recent.others_active("a"), "alone");
+        recent.note("b");
+        recent.note("a");
+        assert!(recent.others_active("a"));
+        assert!(recent.others_active("b"));
+        tokio::time::advance(OTHERS_WITHIN).await;
+        recent.note("a");
+        assert!(!recent.others_active("a"), "b is long gone");
     }
 
     #[test]
