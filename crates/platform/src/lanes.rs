@@ -131,8 +131,8 @@ impl Recent {
             .is_some_and(|(_, at)| at.elapsed() < OTHERS_WITHIN)
     }
 
-    /// Notes `org` and answers its share of the recent messages.
-    fn note(&mut self, org: &str) -> u64 {
+    /// Notes that `org` had a message now.
+    fn seen(&mut self, org: &str) {
         let now = tokio::time::Instant::now();
         match self.latest.first_mut() {
             Some((first, at)) if first == org => *at = now,
@@ -141,6 +141,10 @@ impl Recent {
                 self.latest.truncate(2);
             }
         }
+    }
+
+    /// Notes `org` among the recent messages and answers its share of them.
+    fn note(&mut self, org: &str) -> u64 {
         self.orgs.push_back(org.to_owned());
         *self.counts.entry(org.to_owned()).or_default() += 1;
         if self.orgs.len() > RECENT
@@ -431,12 +435,20 @@ impl Lanes {
     /// Whether `org` gets a lane now, the message in hand having `pending`
     /// behind it in the main consumer.
     fn should_open(&self, org: &str, pending: u64) -> bool {
+        let rule = self.inner.stage.rule;
         let (share, others) = {
             let mut recent = self.inner.recent.lock().expect("recent");
-            (recent.note(org), recent.others_active(org))
+            recent.seen(org);
+            // Shares matter only behind a backlog that may open a lane.
+            let share = if pending >= rule.backlog {
+                recent.note(org)
+            } else {
+                0
+            };
+            (share, recent.others_active(org))
         };
         let downstream = self.downstream(org);
-        others && self.inner.stage.rule.now(pending, share, downstream)
+        others && rule.now(pending, share, downstream)
     }
 
     fn downstream(&self, org: &str) -> u64 {
@@ -915,14 +927,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_lane_is_for_when_others_are_about() {
         let mut recent = Recent::default();
-        recent.note("a");
+        recent.seen("a");
         assert!(!recent.others_active("a"), "alone");
-        recent.note("b");
-        recent.note("a");
+        recent.seen("b");
+        recent.seen("a");
         assert!(recent.others_active("a"));
         assert!(recent.others_active("b"));
         tokio::time::advance(OTHERS_WITHIN).await;
-        recent.note("a");
+        recent.seen("a");
         assert!(!recent.others_active("a"), "b is long gone");
     }
 

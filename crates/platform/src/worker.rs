@@ -12,11 +12,11 @@
 //! progress acks ([`Spec::progress_every`]), so it is not redelivered to
 //! another replica and done twice meanwhile.
 //!
-//! ingest, matcher and deliverer process message by message, each in its
-//! own task so that the work spreads over every core ([`Worker::each`];
-//! the deliverer shares its slots with the held jobs it releases:
-//! [`Worker::each_within`]), log-writer a batch at a time
-//! ([`Worker::batches`]). A message read from elsewhere (the deliverer's
+//! ingest and matcher process message by message on the worker's own task
+//! ([`Worker::each`]: short work, pulled ahead); the deliverer each message
+//! in a task of its own within slots it shares with the held jobs it
+//! releases ([`Worker::each_within`], pulled on demand); log-writer a batch
+//! at a time ([`Worker::batches`]). A message read from elsewhere (the deliverer's
 //! held jobs) goes the same way through [`process`].
 
 use std::future::Future;
@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, Message, consumer};
 use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -233,10 +234,10 @@ impl Worker {
         self.settle.clone()
     }
 
-    /// Processes messages one by one, each in its own task, up to
-    /// `concurrency` at once, until `shutdown`; then finishes those started
-    /// and hands back the rest. Messages are pulled ahead of the work (up to
-    /// `batch`), the fastest for short work.
+    /// Processes messages one by one on this task, up to `concurrency` at
+    /// once, until `shutdown`; then finishes those started and hands back
+    /// the rest. Messages are pulled ahead of the work (up to `batch`), the
+    /// fastest for short work.
     pub async fn each<H: Handler>(
         self,
         handler: Arc<H>,
@@ -247,8 +248,9 @@ impl Worker {
         self.run(handler, slots, Pulling::Ahead, shutdown).await
     }
 
-    /// [`Worker::each`] within `slots`, which others hold too (the
-    /// deliverer's released jobs), pulling on demand: one short pull
+    /// Each message in a task of its own (signing and TLS spread over every
+    /// core) within `slots`, which others hold too (the deliverer's released
+    /// jobs), pulling on demand: one short pull
     /// request at a time for no more messages than slots are free, so a
     /// message is in hand only once its work can start. For work that may
     /// hold every slot for long: no message waits in hand past its ack
@@ -300,38 +302,45 @@ impl Worker {
         };
         match pulling {
             Pulling::Ahead => {
+                // Short work, all of it on this task: cheaper than a task
+                // each (measured: make bench, docs/benchmarks.md).
+                let concurrency = slots.available_permits();
                 let mut pull = nats::Pull::new(consumer, spec.batch, spec.max_bytes);
+                let mut in_flight = FuturesUnordered::new();
                 loop {
-                    let slot = tokio::select! {
+                    tokio::select! {
                         biased;
                         _ = shutdown.cancelled() => break,
-                        slot = slots.clone().acquire_owned() => slot.expect("slots are never closed"),
-                    };
-                    let message = tokio::select! {
-                        biased;
-                        _ = shutdown.cancelled() => break,
-                        message = pull.next() => message,
-                    };
-                    match message {
-                        // A burst another consumer works is skipped at the
-                        // pace it is read.
-                        Some(Ok(message)) if handler.unread(&message) => {
-                            drop(slot);
-                            if let Err(error) = message.ack().await {
-                                tracing::warn!(%error, consumer = spec.durable, "ack failed; the message will be redelivered");
+                        Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+                        message = pull.next(), if in_flight.len() < concurrency => match message {
+                            // A burst another consumer works is skipped at
+                            // the pace it is read.
+                            Some(Ok(message)) if handler.unread(&message) => {
+                                if let Err(error) = message.ack().await {
+                                    tracing::warn!(%error, consumer = spec.durable, "ack failed; the message will be redelivered");
+                                }
                             }
-                        }
-                        Some(Ok(message)) => start(message, slot, &mut tasks),
-                        Some(Err(error)) => {
-                            tracing::warn!(%error, consumer = spec.durable, "consumer error");
-                        }
-                        None => break,
+                            Some(Ok(message)) => {
+                                let span = trace::message_span(
+                                    spec.operation,
+                                    &message.subject,
+                                    message.headers.as_ref(),
+                                    "",
+                                );
+                                let work = process(&*handler, &settle, &spec, message);
+                                in_flight.push(work.instrument(span));
+                            }
+                            Some(Err(error)) => {
+                                tracing::warn!(%error, consumer = spec.durable, "consumer error");
+                            }
+                            None => break,
+                        },
                     }
                 }
                 // Pulled but not started: handed back at once, while what
                 // was started finishes.
                 let hand_back = crate::shutdown::hand_back(&mut pull);
-                futures::join!(finish(&mut tasks, spec.durable), hand_back);
+                futures::join!(in_flight.collect::<()>(), hand_back);
             }
             Pulling::OnDemand => {
                 on_demand(&consumer, &spec, &slots, shutdown, |message, slot| {
