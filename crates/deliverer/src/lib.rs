@@ -206,8 +206,6 @@ async fn rearm_parked(state: Arc<State>, shutdown: CancellationToken) {
 
 /// The most jobs one pull asks for.
 const PULL_BATCH: usize = 500;
-/// The most bytes one pull asks for (a job carries its event).
-const PULL_MAX_BYTES: usize = 16 * 1024 * 1024;
 /// How often a job in hand says it is still being worked on (a third of
 /// the ack wait): one waiting long for its endpoint keeps its claim rather
 /// than being redelivered to another replica meanwhile.
@@ -224,7 +222,10 @@ fn spec(concurrency: usize) -> worker::Spec {
         ack_wait: ACK_WAIT,
         max_ack_pending: (concurrency * 2) as i64,
         batch: PULL_BATCH.min(concurrency),
-        max_bytes: PULL_MAX_BYTES,
+        // No byte cap: a pull asks for no more jobs than slots are free,
+        // and every job pulled is started at once (what is in memory is
+        // bounded by the slots). A cap cost CPU per delivery (make bench).
+        max_bytes: 0,
         // Naks are the last resort, when not even a schedule could be
         // published; their delays back off like schedules, so this many
         // span about the default give-up time.
