@@ -44,7 +44,8 @@ use axum::http::StatusCode;
 use futures::StreamExt;
 use herald_core::matching::Subscription;
 use herald_core::recovery::{DeliveryKey, Recovery, event_fingerprint};
-use herald_core::{ids, matching, names, payload, proto};
+use herald_core::{ids, matching, names, ordering as order_rules, payload, proto};
+use herald_platform::ordering::{self, Queues};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -751,6 +752,7 @@ impl Runner {
     ) -> Result<(), Stop> {
         let webhook = self.webhook(job).await?;
         let subscription = Subscription::from_webhook(&webhook);
+        let queues = Queues::new(self.js.clone(), ordering::KEY_TTL);
         let from = if job.cursor > 0 {
             DeliverPolicy::ByStartSequence {
                 start_sequence: job.cursor + 1,
@@ -801,6 +803,13 @@ impl Runner {
                 &format!("{}/{}", event.id, job.id),
                 &webhook.id,
             );
+            let ordered =
+                order_rules::key_of(webhook.ordering.as_ref(), &event.attributes).map(|key| {
+                    proto::OrderedPlace {
+                        key: key.to_owned(),
+                        ..Default::default()
+                    }
+                });
             let delivery = proto::DeliveryJob {
                 delivery_id: delivery_id.clone(),
                 organization_id: job.organization_id.clone(),
@@ -810,9 +819,12 @@ impl Runner {
                 kind: proto::DeliveryKind::Replay as i32,
                 event_seq: seq,
                 job_id: job.id.clone(),
+                ordered,
                 ..Default::default()
             };
-            self.publish(&delivery, &ids::first_job_msg_id(&delivery_id))
+            // An ordered webhook's replays join their keys' queues, in the
+            // stream's order (this loop's).
+            self.publish(&queues, &delivery, &ids::first_job_msg_id(&delivery_id))
                 .await?;
             job.queued += 1;
             job.cursor = seq;
@@ -827,7 +839,7 @@ impl Runner {
         counts: &Counts,
         shutdown: &CancellationToken,
     ) -> Result<(), Stop> {
-        self.webhook(job).await?;
+        let webhook = self.webhook(job).await?;
         let mut recovery = Recovery::new(job.since_ms, job.until_ms);
         // Deliveries this job already queued (it is resuming): their own
         // attempts are the latest of each, so one that this job already
@@ -858,12 +870,20 @@ impl Runner {
             .filter(|d| !recovery.is_candidate(&d.id()))
             .count() as u64;
         drop(own);
+        let queues = Queues::new(self.js.clone(), ordering::KEY_TTL);
         let accepted = self
             .js
             .get_stream(names::ACCEPTED_STREAM)
             .await
             .map_err(|e| Stop::Failed(e.to_string()))?;
-        for candidate in recovery.candidates() {
+        let mut candidates: Vec<_> = recovery.candidates().collect();
+        // An ordered webhook's deliveries are recovered in the order their
+        // events were accepted, each at the end of its key's queue (or, for
+        // the one its key is held on, at its own place).
+        if webhook.ordering.is_some() {
+            candidates.sort_by_key(|c| c.event_seq);
+        }
+        for candidate in candidates {
             let event = match &candidate.event {
                 Some(event) => event.clone(),
                 None => match accepted.get_raw_message(candidate.event_seq).await {
@@ -876,6 +896,28 @@ impl Runner {
                 },
             };
             self.pace(job, revision, counts, shutdown).await?;
+            let ordered = match order_rules::key_of(webhook.ordering.as_ref(), &event.attributes) {
+                None => None,
+                Some(key) => Some(
+                    match queues
+                        .held(&job.organization_id, &job.webhook_id, key)
+                        .await
+                        .map_err(|e| Stop::Failed(e.to_string()))?
+                    {
+                        Some(held) if held.delivery_id == candidate.delivery_id => {
+                            proto::OrderedPlace {
+                                key: key.to_owned(),
+                                sequence: held.sequence,
+                                entry: held.entry,
+                            }
+                        }
+                        _ => proto::OrderedPlace {
+                            key: key.to_owned(),
+                            ..Default::default()
+                        },
+                    },
+                ),
+            };
             let delivery = proto::DeliveryJob {
                 delivery_id: candidate.delivery_id.clone(),
                 organization_id: job.organization_id.clone(),
@@ -885,18 +927,36 @@ impl Runner {
                 kind: proto::DeliveryKind::Recover as i32,
                 event_seq: candidate.event_seq,
                 job_id: job.id.clone(),
+                ordered,
                 // Its deadline starts now: it is one attempt, made today.
                 ..Default::default()
             };
             let msg_id =
                 ids::manual_job_msg_id(&candidate.delivery_id, candidate.attempt + 1, &job.id);
-            self.publish(&delivery, &msg_id).await?;
+            self.publish(&queues, &delivery, &msg_id).await?;
             job.queued += 1;
         }
         Ok(())
     }
 
-    async fn publish(&self, delivery: &proto::DeliveryJob, msg_id: &str) -> Result<(), Stop> {
+    /// Queues `delivery`: an ordered one not yet at its place joins the end
+    /// of its key's queue; any other goes to the delivery subject.
+    async fn publish(
+        &self,
+        queues: &Queues,
+        delivery: &proto::DeliveryJob,
+        msg_id: &str,
+    ) -> Result<(), Stop> {
+        if delivery
+            .ordered
+            .as_ref()
+            .is_some_and(|p| !p.key.is_empty() && p.entry == 0)
+        {
+            return queues
+                .enqueue(delivery, delivery.encode_to_vec().into(), msg_id)
+                .await
+                .map_err(|e| Stop::Failed(format!("cannot queue a delivery: {e}")));
+        }
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(names::MSG_ID_HEADER, msg_id);
         herald_platform::nats::publish(

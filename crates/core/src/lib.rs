@@ -13,6 +13,7 @@ pub mod lanes;
 pub mod masking;
 pub mod matching;
 pub mod names;
+pub mod ordering;
 pub mod payload;
 pub mod policy;
 pub mod rate;

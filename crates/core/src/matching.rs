@@ -131,6 +131,8 @@ impl Glob {
 #[derive(Debug, Clone)]
 pub struct Subscription {
     pub webhook_id: String,
+    /// The webhook's ordered delivery, if it has one (`core::ordering`).
+    pub ordering: Option<proto::Ordering>,
     patterns: Vec<String>,
     filters: Vec<(String, Vec<Glob>)>,
 }
@@ -146,6 +148,7 @@ impl Subscription {
         patterns.dedup();
         Self {
             webhook_id,
+            ordering: None,
             patterns,
             filters: filters
                 .into_iter()
@@ -161,7 +164,10 @@ impl Subscription {
             .map(|(k, v)| (k.clone(), v.values.clone()))
             .collect();
         filters.sort();
-        Self::new(webhook.id.clone(), webhook.event_types.clone(), filters)
+        Self {
+            ordering: webhook.ordering.clone().filter(|o| !o.key.is_empty()),
+            ..Self::new(webhook.id.clone(), webhook.event_types.clone(), filters)
+        }
     }
 
     pub fn matches_type(&self, event_type: &str) -> bool {

@@ -45,6 +45,15 @@ pub const SYSTEM_SUBJECTS: &str = "herald.system.>";
 pub const PARKED_STREAM: &str = "HERALD_PARKED";
 pub const PARKED_SUBJECTS: &str = "herald.parked.>";
 
+/// Ordered webhooks' deliveries waiting for their key's turn, in the order
+/// accepted: `herald.ordered.<org>.<webhook>.q.<key token>`, beside each
+/// key's cursor (the sequence its last concluded delivery had),
+/// `herald.ordered.<org>.<webhook>.c.<key token>` (`core::ordering`).
+/// Nothing consumes them: the matcher (or a recover or replay) appends,
+/// and whoever concludes a key's delivery hands on the next.
+pub const ORDERED_STREAM: &str = "HERALD_ORDERED";
+pub const ORDERED_SUBJECTS: &str = "herald.ordered.>";
+
 /// Messages Herald could not process at all, with the reason:
 /// `herald.dead.<stream>`. Listed and redriven by operators.
 pub const DEAD_STREAM: &str = "HERALD_DEAD";
@@ -96,6 +105,22 @@ pub fn probe_schedule_subject(org: &str, webhook_id: &str) -> String {
 
 pub fn parked_subject(org: &str, webhook_id: &str) -> String {
     format!("herald.parked.{org}.{webhook_id}")
+}
+
+/// The queue of one key of an ordered webhook (`token`:
+/// `ordering::token` of the key).
+pub fn ordered_subject(org: &str, webhook_id: &str, token: &str) -> String {
+    format!("herald.ordered.{org}.{webhook_id}.q.{token}")
+}
+
+/// Every key's queue of an ordered webhook.
+pub fn ordered_queues(org: &str, webhook_id: &str) -> String {
+    format!("herald.ordered.{org}.{webhook_id}.q.*")
+}
+
+/// The cursor of one key of an ordered webhook.
+pub fn ordered_cursor_subject(org: &str, webhook_id: &str, token: &str) -> String {
+    format!("herald.ordered.{org}.{webhook_id}.c.{token}")
 }
 
 pub fn dead_subject(stream: &str) -> String {

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_nats::jetstream;
 use bytes::Bytes;
+use herald_core::ordering::Conclusion;
 use herald_core::payload::{self, Format};
 use herald_core::policy::{
     self, Action, Arrival, Attempted, Class, DisableReason, Endpoint, FailureReason, Notice,
@@ -24,6 +25,7 @@ use herald_core::policy::{
 use herald_core::signing::{self, SigningKey};
 use herald_core::{catalogue, ids, masking, names, proto};
 use herald_platform::nats::PublishError;
+use herald_platform::ordering::OrderingError;
 use herald_platform::webhooks::StoreError;
 use herald_platform::worker::Disposition;
 use herald_platform::{now_ms, trace};
@@ -64,6 +66,8 @@ pub enum JobError {
     Publish(#[from] PublishError),
     #[error(transparent)]
     Parking(#[from] ParkingError),
+    #[error(transparent)]
+    Ordering(#[from] OrderingError),
     #[error("cannot publish {kind}: {source}")]
     SystemEvent {
         kind: &'static str,
@@ -89,6 +93,7 @@ impl JobError {
         match self {
             JobError::Publish(e) | JobError::SystemEvent { source: e, .. } => e.is_permanent(),
             JobError::Parking(ParkingError::Publish(e)) => e.is_permanent(),
+            JobError::Ordering(e) => e.is_permanent(),
             _ => false,
         }
     }
@@ -239,10 +244,16 @@ impl State {
         reason: &str,
     ) -> Disposition {
         tracing::warn!(delivery_id = %job.delivery_id, webhook_id = %job.webhook_id, %reason, "delivery moved to the dead letters");
-        let payload = proto::DeliveryJob {
+        let mut payload = proto::DeliveryJob {
             not_before_ms: 0,
             ..got_on(job)
         };
+        // An ordered delivery given up this way does not hold its key: the
+        // next ones go on, and a redrive sends it on its own (with the
+        // sequence it had).
+        if let Some(place) = payload.ordered.as_mut() {
+            place.entry = 0;
+        }
         let stream = message
             .info()
             .map(|i| i.stream)
@@ -259,6 +270,10 @@ impl State {
         {
             Ok(()) => {
                 self.metrics.dead_letters.inc();
+                if let Err(error) = self.conclude_key(job, Conclusion::Failed, false).await {
+                    tracing::warn!(%error, "cannot hand on an ordered key after a dead letter; handed back");
+                    return Disposition::HandBack(Duration::from_secs(5));
+                }
                 Disposition::Term
             }
             Err(error) => {
@@ -299,6 +314,7 @@ impl State {
             },
             event_seq: job.event_seq,
             job_id: job.job_id.clone(),
+            ordered: job.ordered.clone(),
             ..Default::default()
         }
     }
@@ -306,6 +322,22 @@ impl State {
     async fn deliver(self: &Arc<Self>, job: &proto::DeliveryJob, source: u64) -> Done {
         if job.kind == proto::DeliveryKind::Probe as i32 {
             return self.probe_timer(job).await;
+        }
+        // An ordered delivery whose entry is gone was concluded already (a
+        // redelivery after its conclusion): not sent again.
+        if let Some(place) = job.ordered.as_ref().filter(|p| p.entry > 0) {
+            match self
+                .queues
+                .is_open(&job.organization_id, &job.webhook_id, place)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.count("concluded_before");
+                    return Done::Ack;
+                }
+                Err(error) => return Done::HandBack(error.into()),
+            }
         }
         let webhook = match self
             .webhooks
@@ -326,8 +358,12 @@ impl State {
             attempt.set_status(proto::AttemptStatus::Skipped);
             attempt.error = "webhook deleted or disabled; not sent".into();
             self.count("skipped");
-            return finish(self.outbox.attempt(&attempt).await);
+            if let Err(error) = self.outbox.attempt(&attempt).await {
+                return Done::HandBack(error.into());
+            }
+            return finish(self.conclude_key(job, Conclusion::Skipped, false).await);
         };
+        let hold = webhook.ordering.as_ref().is_some_and(|o| o.hold_on_failure);
         let view = self.job_view(job);
         let now = now_ms();
         let arrival = if one_off {
@@ -382,7 +418,10 @@ impl State {
                 {
                     return Done::HandBack(error);
                 }
-                return finish(self.outbox.attempt(&attempt).await);
+                if let Err(error) = self.outbox.attempt(&attempt).await {
+                    return Done::HandBack(error.into());
+                }
+                return finish(self.conclude_key(job, Conclusion::Failed, hold).await);
             }
         }
         let probe = arrival == Arrival::Probe;
@@ -489,6 +528,15 @@ impl State {
             .header("x-webhook-signature", keys[0].body_signature(&body));
         if let Some(traceparent) = trace::outgoing(&event.traceparent) {
             builder = builder.header("traceparent", traceparent);
+        }
+        // Its place in its key's order, for the receiver to check.
+        if let Some(place) = job.ordered.as_ref().filter(|p| p.sequence > 0) {
+            builder = builder
+                .header("webhook-sequence", place.sequence.to_string())
+                .header(
+                    "webhook-ordering-key",
+                    herald_core::ordering::header_value(&place.key),
+                );
         }
         for (name, value) in &webhook.headers {
             builder = builder.header(name, value);
@@ -694,7 +742,44 @@ impl State {
         {
             return Done::HandBack(error);
         }
-        finish(self.outbox.attempt(&attempt).await)
+        if let Err(error) = self.outbox.attempt(&attempt).await {
+            return Done::HandBack(error.into());
+        }
+        let how = match decision.action {
+            Action::Done => Conclusion::Delivered,
+            Action::Fail(_) => Conclusion::Failed,
+            // Still the key's: it goes on after its wait.
+            _ => return Done::Ack,
+        };
+        let hold = webhook.ordering.as_ref().is_some_and(|o| o.hold_on_failure);
+        finish(self.conclude_key(job, how, hold).await)
+    }
+
+    /// `job`'s delivery concluded `how`: for an ordered webhook its key
+    /// moves on (or is held on it), and the key's next delivery is handed
+    /// on. Tried a few times in place: the attempt is already recorded, and
+    /// handing the job back would send it again.
+    async fn conclude_key(
+        &self,
+        job: &proto::DeliveryJob,
+        how: Conclusion,
+        hold: bool,
+    ) -> Result<(), JobError> {
+        if job.ordered.as_ref().is_none_or(|p| p.entry == 0) {
+            return Ok(());
+        }
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self.queues.conclude(job, how, hold).await {
+                Ok(()) => return Ok(()),
+                Err(error) if pause < Duration::from_secs(2) && !self.hard_stop.is_cancelled() => {
+                    tracing::debug!(%error, "cannot hand on an ordered key yet; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
     }
 
     /// Parks `job` behind its failing webhook and makes sure a probe timer
@@ -791,10 +876,13 @@ impl State {
                 .get(org, webhook_id)
                 .await
                 .map_err(JobError::from)?;
-            if webhook.is_some_and(|w| w.enabled) {
+            if webhook.as_ref().is_some_and(|w| w.enabled) {
                 reenabled = true;
                 break;
             }
+            let hold = webhook
+                .and_then(|w| w.ordering.clone())
+                .is_some_and(|o| o.hold_on_failure);
             let mut attempts = Vec::with_capacity(batch.parked.len());
             for parked in &batch.parked {
                 let mut attempt = self.record(&parked.job);
@@ -809,6 +897,12 @@ impl State {
             futures::future::try_join_all(publishes)
                 .await
                 .map_err(JobError::from)?;
+            // An ordered key moves on past each (or holds on it): before the
+            // batch is removed, so a drain cut short does it again.
+            for parked in &batch.parked {
+                self.conclude_key(&parked.job, Conclusion::Failed, hold)
+                    .await?;
+            }
             batches.remove(&batch).await.map_err(JobError::from)?;
             self.metrics
                 .deliveries

@@ -62,6 +62,7 @@ pub const ENDPOINT_CONCURRENCY: &str = "HERALD_ENDPOINT_CONCURRENCY";
 pub const LOG_BODY_LIMIT: &str = "HERALD_LOG_BODY_LIMIT";
 pub const OWN_FAILURE_GIVE_UP: &str = "HERALD_OWN_FAILURE_GIVE_UP";
 pub const RESOLVE_GRACE: &str = "HERALD_RESOLVE_GRACE";
+pub const ORDERING_KEY_TTL: &str = "HERALD_ORDERING_KEY_TTL";
 
 /// The consumer's ack wait (a job in hand says it is still being worked
 /// on every 20 s).
@@ -94,6 +95,9 @@ pub struct Config {
     /// names resolve, before that counts against the webhook (its DNS, not
     /// Herald's resolver).
     pub resolve_grace: Duration,
+    /// How long an ordered webhook's key keeps its sequence after its last
+    /// delivery concluded (a key quiet for longer starts again at 1).
+    pub ordering_key_ttl: Duration,
     /// How webhook host names are resolved (the system resolver; not
     /// configurable by environment, tests put in another).
     pub resolver: guard::Resolver,
@@ -134,6 +138,11 @@ impl Config {
                 Duration::from_secs(3_600),
             )?,
             resolve_grace: config::duration(src, RESOLVE_GRACE, Duration::from_secs(30))?,
+            ordering_key_ttl: config::duration(
+                src,
+                ORDERING_KEY_TTL,
+                herald_platform::ordering::KEY_TTL,
+            )?,
             resolver: guard::Resolver::default(),
         })
     }
@@ -146,6 +155,9 @@ pub use herald_platform::service::WorkerError as Error;
 struct State {
     outbox: outbox::Outbox,
     parking: parking::Parking,
+    /// Ordered webhooks' queues: a concluded delivery hands on its key's
+    /// next.
+    queues: herald_platform::ordering::Queues,
     webhooks: cache::Webhooks,
     states: endpoint_state::EndpointStates,
     client: Client,
@@ -299,6 +311,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let state = Arc::new(State {
         outbox: outbox::Outbox::new(js.clone()),
         parking: parking::Parking::new(js.clone()),
+        queues: herald_platform::ordering::Queues::new(js.clone(), config.ordering_key_ttl),
         webhooks: cache::Webhooks::new(store, metrics.webhooks_revision.clone(), shutdown.clone()),
         states: endpoint_state::EndpointStates::new(redis),
         fair,

@@ -18,12 +18,13 @@ use std::time::Duration;
 use async_nats::jetstream;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use herald_core::{ids, names, proto};
+use herald_core::{ids, names, ordering as order_rules, proto};
 use herald_platform::config::{self, ConfigError, Source};
 use herald_platform::lanes::{self, Downstream, Lanes};
+use herald_platform::ordering::{self, OrderingError, Queues};
 use herald_platform::redis::Redis;
 use herald_platform::webhooks::WebhookStore;
-use herald_platform::worker::{self, Disposition, Handler, Worker};
+use herald_platform::worker::{self, Disposition, Handler, InOrder, Worker};
 use herald_platform::{dead_letters, nats, trace};
 use prometheus_client::metrics::counter::Counter;
 use prost::Message;
@@ -81,11 +82,17 @@ pub enum FanOutError {
     Subscriptions(#[from] herald_platform::webhooks::StoreError),
     #[error(transparent)]
     Publish(#[from] nats::PublishError),
+    #[error(transparent)]
+    Ordering(#[from] OrderingError),
 }
 
 impl FanOutError {
     fn is_permanent(&self) -> bool {
-        matches!(self, FanOutError::Publish(e) if e.is_permanent())
+        match self {
+            FanOutError::Publish(e) => e.is_permanent(),
+            FanOutError::Ordering(e) => e.is_permanent(),
+            FanOutError::Subscriptions(_) => false,
+        }
     }
 }
 
@@ -101,6 +108,11 @@ struct State {
     js: jetstream::Context,
     cache: Cache,
     metrics: Metrics,
+    /// Ordered webhooks' queues: their deliveries wait there for their
+    /// key's turn.
+    queues: Queues,
+    /// Appends to those queues go in the order events were pulled.
+    order: InOrder,
 }
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
@@ -175,6 +187,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         js: js.clone(),
         cache,
         metrics,
+        queues: Queues::new(js.clone(), ordering::KEY_TTL),
+        order: InOrder::default(),
     });
     if config.lanes {
         let downstream = Downstream::deliveries(&js, &shutdown);
@@ -197,6 +211,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 }
 
 impl Handler for State {
+    fn in_order(&self) -> Option<&InOrder> {
+        Some(&self.order)
+    }
+
     async fn handle(&self, message: &jetstream::Message) -> Disposition {
         // The event's place in HERALD_ACCEPTED: jobs carry it so that retry,
         // recover and replay read the event back instead of copying it.
@@ -236,6 +254,7 @@ impl State {
             matches.retain(|s| &s.webhook_id != about);
         }
         if matches.is_empty() {
+            self.order.pass(event_seq);
             self.metrics.unmatched.inc();
             return Ok(());
         }
@@ -244,20 +263,10 @@ impl State {
         // copied and re-encoded per webhook.
         let mut event_field = Vec::with_capacity(event.encoded_len() + 8);
         prost::encoding::message::encode(4, event, &mut event_field);
-        // Each ack future carries its subject, for the error.
-        let mut acks = FuturesUnordered::new();
-        let acked = |(subject, result): (String, Result<_, jetstream::context::PublishError>)| {
-            result
-                .map(|_| ())
-                .map_err(|source| nats::PublishError::Publish { subject, source })
-        };
         let n = matches.len() as u64;
+        let (mut ordered, mut unordered) = (Vec::new(), Vec::with_capacity(matches.len()));
         for subscription in matches {
-            if acks.len() >= ACK_WINDOW
-                && let Some(result) = acks.next().await
-            {
-                acked(result)?;
-            }
+            let key = order_rules::key_of(subscription.ordering.as_ref(), &event.attributes);
             let job = proto::DeliveryJob {
                 delivery_id: ids::delivery_id(
                     &event.organization_id,
@@ -270,19 +279,54 @@ impl State {
                 attempt: 1,
                 kind: proto::DeliveryKind::Event as i32,
                 event_seq,
+                ordered: key.map(|key| proto::OrderedPlace {
+                    key: key.to_owned(),
+                    ..Default::default()
+                }),
                 ..Default::default()
             };
             let mut payload = Vec::with_capacity(job.encoded_len() + event_field.len());
             job.encode(&mut payload)
                 .expect("encoding into a Vec cannot fail");
             payload.extend_from_slice(&event_field);
+            let msg_id = ids::first_job_msg_id(&job.delivery_id);
+            if key.is_some() {
+                ordered.push((job, payload, msg_id));
+            } else {
+                unordered.push((job, payload, msg_id));
+            }
+        }
+        // An ordered webhook's delivery waits for its key's turn, appended
+        // to its key's queue in the order the events were pulled (each
+        // waits for the events pulled before it to be appended, or to have
+        // nothing to append), and handed on once its key had nothing
+        // waiting before it (`platform::ordering`).
+        let mut appended = Vec::with_capacity(ordered.len());
+        if !ordered.is_empty() {
+            self.order.turn(event_seq).await;
+            for (job, payload, msg_id) in ordered {
+                let ack = self.queues.append(&job, payload.into(), &msg_id).await?;
+                appended.push((job, ack));
+            }
+        }
+        self.order.pass(event_seq);
+        // Each ack future carries its subject, for the error.
+        let mut acks = FuturesUnordered::new();
+        let acked = |(subject, result): (String, Result<_, jetstream::context::PublishError>)| {
+            result
+                .map(|_| ())
+                .map_err(|source| nats::PublishError::Publish { subject, source })
+        };
+        for (job, payload, msg_id) in unordered {
+            if acks.len() >= ACK_WINDOW
+                && let Some(result) = acks.next().await
+            {
+                acked(result)?;
+            }
             let mut headers = async_nats::HeaderMap::new();
-            headers.insert(
-                names::MSG_ID_HEADER,
-                ids::first_job_msg_id(&job.delivery_id).as_str(),
-            );
+            headers.insert(names::MSG_ID_HEADER, msg_id.as_str());
             trace::inject(&mut headers, &event.traceparent);
-            let subject = names::delivery_subject(&event.organization_id, &subscription.webhook_id);
+            let subject = names::delivery_subject(&event.organization_id, &job.webhook_id);
             let ack = match self
                 .js
                 .publish_with_headers(subject.clone(), headers, payload.into())
@@ -295,6 +339,13 @@ impl State {
         }
         while let Some(result) = acks.next().await {
             acked(result)?;
+        }
+        for (job, ack) in appended {
+            ack.await.map_err(|source| nats::PublishError::Publish {
+                subject: names::ORDERED_SUBJECTS.into(),
+                source,
+            })?;
+            self.queues.hand_on_job(&job).await?;
         }
         self.metrics.jobs.inc_by(n);
         Ok(())

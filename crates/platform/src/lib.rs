@@ -12,6 +12,7 @@ pub mod lanes;
 pub mod log_index;
 pub mod metrics;
 pub mod nats;
+pub mod ordering;
 pub mod redis;
 pub mod server;
 pub mod service;

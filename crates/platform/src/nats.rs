@@ -167,6 +167,21 @@ pub fn streams(replicas: usize, retention: &Retention) -> Vec<stream::Config> {
         max.parked,
     );
     parked.allow_direct = true;
+    // Ordered webhooks' queues and cursors (`platform::ordering`): read by
+    // the stream leader (no direct get, whose replicas may lag, since a
+    // stale head would hand a key's delivery on twice); cursors replace
+    // one another (rollup) and expire once a key is idle
+    // (`HERALD_ORDERING_KEY_TTL`). No age limit: an entry leaves only when
+    // its delivery concludes.
+    let mut ordered = stream_config(
+        names::ORDERED_STREAM,
+        vec![names::ORDERED_SUBJECTS.into()],
+        Duration::ZERO,
+        replicas,
+        0,
+    );
+    ordered.allow_rollup = true;
+    ordered.allow_message_ttl = true;
     // Accepted events are read back by sequence (manual retry, replay).
     let mut accepted = stream_config(
         names::ACCEPTED_STREAM,
@@ -211,6 +226,7 @@ pub fn streams(replicas: usize, retention: &Retention) -> Vec<stream::Config> {
             max.system,
         ),
         parked,
+        ordered,
         stream_config(
             names::DEAD_STREAM,
             vec![names::DEAD_SUBJECTS.into()],

@@ -120,6 +120,54 @@ pub trait Handler: Send + Sync + 'static {
     fn unread(&self, _message: &Message) -> bool {
         false
     }
+
+    /// The [`InOrder`] through which this handler takes a step in the
+    /// order its messages were pulled, if it has one: the worker loop
+    /// enters each message before its work starts and lets it pass when
+    /// its work is done (if the handler did not before).
+    fn in_order(&self) -> Option<&InOrder> {
+        None
+    }
+}
+
+/// Lets the handlers of one consumer's messages take one step — a publish
+/// whose order matters — in the order the messages were pulled (their
+/// stream sequence), while the rest of their work runs concurrently: a
+/// message's step waits only for the messages pulled before it that are
+/// still before theirs.
+#[derive(Default)]
+pub struct InOrder {
+    entered: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+    passed: tokio::sync::Notify,
+}
+
+impl InOrder {
+    fn enter(&self, seq: u64) {
+        if seq > 0 {
+            self.entered.lock().expect("in order").insert(seq);
+        }
+    }
+
+    /// Waits until every message entered before `seq` has passed.
+    pub async fn turn(&self, seq: u64) {
+        loop {
+            let passed = self.passed.notified();
+            let mut passed = std::pin::pin!(passed);
+            passed.as_mut().enable();
+            let first = self.entered.lock().expect("in order").first().copied();
+            if first.is_none_or(|first| first >= seq) {
+                return;
+            }
+            passed.await;
+        }
+    }
+
+    /// `seq` took its step (or has none to take): those after it may go.
+    pub fn pass(&self, seq: u64) {
+        if self.entered.lock().expect("in order").remove(&seq) {
+            self.passed.notify_waiters();
+        }
+    }
 }
 
 /// Carries out dispositions for one consumer's messages; cloneable, for a
@@ -289,6 +337,7 @@ impl Worker {
                 "",
             );
             let (handler, settle, own) = (handler.clone(), settle.clone(), spec.clone());
+            enter(&*handler, &message);
             tasks.spawn(
                 async move {
                     process(&*handler, &settle, &own, message).await;
@@ -327,6 +376,7 @@ impl Worker {
                                     message.headers.as_ref(),
                                     "",
                                 );
+                                enter(&*handler, &message);
                                 let work = process(&*handler, &settle, &spec, message);
                                 in_flight.push(work.instrument(span));
                             }
@@ -489,7 +539,25 @@ fn report_panic(done: Result<(), tokio::task::JoinError>, consumer: &str) {
 /// One message through a handler: exhausted (delivered more than
 /// `spec.max_deliveries` times) or handled, keeping its claim with progress
 /// acks while it runs when `spec.progress_every` says so; then settled.
+/// Enters `message` in its handler's [`InOrder`], in the order pulled.
+fn enter<H: Handler>(handler: &H, message: &Message) {
+    if let Some(order) = handler.in_order() {
+        order.enter(message.info().map(|i| i.stream_sequence).unwrap_or(0));
+    }
+}
+
 pub async fn process<H: Handler>(handler: &H, settle: &Settle, spec: &Spec, message: Message) {
+    let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+    /// Lets the message pass however its work ends (a panic included).
+    struct Passes<'a>(Option<&'a InOrder>, u64);
+    impl Drop for Passes<'_> {
+        fn drop(&mut self) {
+            if let Some(order) = self.0 {
+                order.pass(self.1);
+            }
+        }
+    }
+    let _passes = Passes(handler.in_order(), seq);
     let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
     let disposition = if delivered > spec.max_deliveries {
         handler.exhausted(&message, delivered).await

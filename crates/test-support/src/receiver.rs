@@ -61,6 +61,8 @@ impl Reply {
 /// One request the receiver got.
 #[derive(Debug, Clone)]
 pub struct Received {
+    /// The status it was answered with.
+    pub status: u16,
     pub method: String,
     pub path: String,
     pub headers: HeaderMap,
@@ -115,6 +117,13 @@ enum Mode {
     },
     /// Answers `status` until `until`, then 200.
     FailUntil { status: u16, until: Instant },
+    /// Answers `status` to `percent` of requests, picked at random (a fixed
+    /// sequence: the same in every run), 200 to the rest.
+    FailRandomly {
+        status: u16,
+        percent: u64,
+        draws: u64,
+    },
 }
 
 #[derive(Default)]
@@ -126,6 +135,8 @@ struct State {
     received: Vec<Received>,
     /// (path, status) of every answer given.
     answers: Vec<(String, u16)>,
+    /// Requests being answered now, and the most at once, per path.
+    in_flight: HashMap<String, (usize, usize)>,
 }
 
 /// An HTTP receiver on 127.0.0.1 that records every request.
@@ -179,13 +190,9 @@ impl Receiver {
         let path = parts.uri.path().to_owned();
         let reply = {
             let mut state = self.state.lock().expect("receiver lock");
-            state.received.push(Received {
-                method: parts.method.to_string(),
-                path: path.clone(),
-                headers: parts.headers,
-                body,
-                at: Instant::now(),
-            });
+            let busy = state.in_flight.entry(path.clone()).or_default();
+            busy.0 += 1;
+            busy.1 = busy.1.max(busy.0);
             let n = state.served.entry(path.clone()).or_default();
             let i = *n;
             *n += 1;
@@ -210,15 +217,41 @@ impl Receiver {
                     Some(Reply::status(*status))
                 }
                 Some(Mode::FailUntil { .. }) => Some(Reply::status(200)),
+                Some(Mode::FailRandomly {
+                    status,
+                    percent,
+                    draws,
+                }) => {
+                    // splitmix64 of the draw's number.
+                    *draws += 1;
+                    let mut z = draws.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                    z ^= z >> 31;
+                    Some(Reply::status(if z % 100 < *percent {
+                        *status
+                    } else {
+                        200
+                    }))
+                }
                 None => None,
             };
-            moded.unwrap_or_else(|| {
+            let reply = moded.unwrap_or_else(|| {
                 state
                     .scripts
                     .get(&path)
                     .and_then(|s| s.get(i).or(s.last()).cloned())
                     .unwrap_or_else(|| Reply::status(200))
-            })
+            });
+            state.received.push(Received {
+                method: parts.method.to_string(),
+                path: path.clone(),
+                headers: parts.headers,
+                body,
+                at: Instant::now(),
+                status: reply.status,
+            });
+            reply
         };
         self.state
             .lock()
@@ -231,6 +264,15 @@ impl Receiver {
         }
         if !reply.delay.is_zero() {
             tokio::time::sleep(reply.delay).await;
+        }
+        if let Some(busy) = self
+            .state
+            .lock()
+            .expect("receiver lock")
+            .in_flight
+            .get_mut(&path)
+        {
+            busy.0 -= 1;
         }
         let mut response = Response::builder().status(reply.status);
         for (name, value) in &reply.headers {
@@ -286,6 +328,26 @@ impl Receiver {
                 until: Instant::now() + duration,
             },
         );
+    }
+
+    /// Answers `status` to `percent` % of the requests to `path`, picked at
+    /// random, and 200 to the others, from now on.
+    pub fn fail_randomly(&self, path: &str, status: u16, percent: u64) {
+        let mut state = self.state.lock().expect("receiver lock");
+        state.modes.insert(
+            path.to_owned(),
+            Mode::FailRandomly {
+                status,
+                percent,
+                draws: 0,
+            },
+        );
+    }
+
+    /// The most requests to `path` being answered at once so far.
+    pub fn max_in_flight(&self, path: &str) -> usize {
+        let state = self.state.lock().expect("receiver lock");
+        state.in_flight.get(path).map(|b| b.1).unwrap_or(0)
     }
 
     /// Requests to `path` answered with `status` so far.

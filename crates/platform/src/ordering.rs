@@ -1,0 +1,384 @@
+//! The queues of ordered webhooks (`core::ordering` decides; this keeps
+//! them in HERALD_ORDERED).
+//!
+//! Each key of an ordered webhook has a queue,
+//! `herald.ordered.<org>.<webhook>.q.<token>`: its deliveries not yet
+//! concluded, oldest first. Only the head is ever handed on to
+//! HERALD_DELIVERIES, as a job that carries its place (key, sequence,
+//! entry); whoever concludes that job moves the key's cursor
+//! (`…c.<token>`, one message, rolled up) and removes the entry, then
+//! hands on the next. Every step can be repeated after a crash: a hand-on
+//! of the same entry is stored once (`Nats-Msg-Id`), an entry already
+//! removed is a delivery already concluded (the deliverer does not send it
+//! again), and the cursor is written absolutely, never incremented.
+//!
+//! What HERALD_ORDERED holds grows with the keys in flight: an entry leaves
+//! when its delivery concludes, and a cursor expires
+//! `HERALD_ORDERING_KEY_TTL` after its key's last conclusion (a key quiet
+//! for longer starts again at 1). A held key's cursor does not expire.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use bytes::Bytes;
+use futures::StreamExt;
+use herald_core::ordering::{self, Conclusion, Cursor, Next, Turn};
+use herald_core::{names, proto};
+use prost::Message;
+use tokio::sync::OnceCell;
+
+use crate::nats::{self, PublishError};
+use crate::trace;
+
+/// How long a key's cursor is kept after its last conclusion, by default.
+pub const KEY_TTL: Duration = Duration::from_secs(7 * 86_400);
+
+#[derive(Debug, thiserror::Error)]
+pub enum OrderingError {
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    #[error("cannot read HERALD_ORDERED: {0}")]
+    Read(String),
+    #[error("cannot remove a concluded delivery from its key's queue: {0}")]
+    Delete(String),
+}
+
+impl OrderingError {
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, OrderingError::Publish(e) if e.is_permanent())
+    }
+}
+
+/// The queues of ordered webhooks.
+#[derive(Clone)]
+pub struct Queues {
+    js: jetstream::Context,
+    stream: std::sync::Arc<OnceCell<stream::Stream>>,
+    key_ttl: Duration,
+}
+
+/// What an ordered webhook holds back.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Status {
+    /// Keys with a delivery not yet concluded.
+    pub keys_waiting: u64,
+    /// Keys with deliveries waiting behind one not yet concluded.
+    pub keys_held_back: u64,
+    /// Deliveries not yet concluded, over every key.
+    pub deliveries_waiting: u64,
+    /// The oldest delivery not yet concluded.
+    pub oldest: Option<Oldest>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Oldest {
+    pub delivery_id: String,
+    pub event_type: String,
+    pub key: String,
+    /// When it was queued.
+    pub since_ms: i64,
+    /// Whether its key is held on it (it gave up, and the webhook holds its
+    /// keys): it waits to be recovered.
+    pub held: bool,
+}
+
+impl Queues {
+    pub fn new(js: jetstream::Context, key_ttl: Duration) -> Self {
+        Self {
+            js,
+            stream: Default::default(),
+            key_ttl,
+        }
+    }
+
+    async fn stream(&self) -> Result<&stream::Stream, OrderingError> {
+        self.stream
+            .get_or_try_init(|| async {
+                self.js
+                    .get_stream(names::ORDERED_STREAM)
+                    .await
+                    .map_err(|e| OrderingError::Read(e.to_string()))
+            })
+            .await
+    }
+
+    /// Appends `job` (encoded as `payload`, its `ordered.key` set) to its
+    /// key's queue, stored once per `msg_id`, and hands the key's head on
+    /// if it may go (the job itself, when the key had nothing waiting).
+    pub async fn enqueue(
+        &self,
+        job: &proto::DeliveryJob,
+        payload: Bytes,
+        msg_id: &str,
+    ) -> Result<(), OrderingError> {
+        let ack = self.append(job, payload, msg_id).await?;
+        ack.await.map_err(|source| {
+            OrderingError::Publish(PublishError::Publish {
+                subject: names::ORDERED_SUBJECTS.into(),
+                source,
+            })
+        })?;
+        self.hand_on_job(job).await
+    }
+
+    /// Sends `job` to the end of its key's queue: once this returns, what
+    /// is appended after it on this connection is stored after it. The
+    /// stream's acknowledgement is the future returned; then
+    /// [`Queues::hand_on_job`].
+    pub async fn append(
+        &self,
+        job: &proto::DeliveryJob,
+        payload: Bytes,
+        msg_id: &str,
+    ) -> Result<jetstream::context::PublishAckFuture, OrderingError> {
+        let key = place(job).map(|p| p.key.as_str()).unwrap_or_default();
+        let subject =
+            names::ordered_subject(&job.organization_id, &job.webhook_id, &ordering::token(key));
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(names::MSG_ID_HEADER, msg_id);
+        self.js
+            .publish_with_headers(subject.clone(), headers, payload)
+            .await
+            .map_err(|source| OrderingError::Publish(PublishError::Publish { subject, source }))
+    }
+
+    /// [`Queues::hand_on`] for `job`'s key.
+    pub async fn hand_on_job(&self, job: &proto::DeliveryJob) -> Result<(), OrderingError> {
+        let key = place(job).map(|p| p.key.as_str()).unwrap_or_default();
+        self.hand_on(&job.organization_id, &job.webhook_id, key)
+            .await
+    }
+
+    /// Hands the head of `key`'s queue on to HERALD_DELIVERIES with its
+    /// sequence, unless the key is held or has nothing waiting.
+    pub async fn hand_on(
+        &self,
+        org: &str,
+        webhook_id: &str,
+        key: &str,
+    ) -> Result<(), OrderingError> {
+        let token = ordering::token(key);
+        let stream = self.stream().await?;
+        let head = match stream
+            .get_first_raw_message_by_subject(names::ordered_subject(org, webhook_id, &token), 1)
+            .await
+        {
+            Ok(head) => head,
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => return Ok(()),
+            Err(e) => return Err(OrderingError::Read(e.to_string())),
+        };
+        let cursor = self.cursor(org, webhook_id, key).await?;
+        let Turn::Go { sequence } = cursor.turn(head.sequence) else {
+            return Ok(());
+        };
+        let Ok(mut job) = proto::DeliveryJob::decode(head.payload.clone()) else {
+            // Nothing can ever deliver it: it must not block its key.
+            tracing::error!(
+                entry = head.sequence,
+                "undecodable entry in an ordered queue; removed"
+            );
+            self.remove(head.sequence).await?;
+            return Box::pin(self.hand_on(org, webhook_id, key)).await;
+        };
+        job.ordered = Some(proto::OrderedPlace {
+            key: key.to_owned(),
+            sequence,
+            entry: head.sequence,
+        });
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            names::MSG_ID_HEADER,
+            ordering::turn_msg_id(&job.delivery_id, head.sequence).as_str(),
+        );
+        if let Some(event) = &job.event {
+            trace::inject(&mut headers, &event.traceparent);
+        }
+        nats::publish(
+            &self.js,
+            names::delivery_subject(org, webhook_id),
+            headers,
+            job.encode_to_vec().into(),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The cursor of `key`.
+    pub async fn cursor(
+        &self,
+        org: &str,
+        webhook_id: &str,
+        key: &str,
+    ) -> Result<Cursor, OrderingError> {
+        let subject = names::ordered_cursor_subject(org, webhook_id, &ordering::token(key));
+        match self
+            .stream()
+            .await?
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        {
+            Ok(m) => Ok(Cursor::decode(&m.payload)),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                Ok(Cursor::default())
+            }
+            Err(e) => Err(OrderingError::Read(e.to_string())),
+        }
+    }
+
+    /// The delivery `key` is held on (it gave up on a webhook that holds
+    /// its keys), if it is: recovering it sends it at its place, with its
+    /// sequence, and the key goes on once it concludes.
+    pub async fn held(
+        &self,
+        org: &str,
+        webhook_id: &str,
+        key: &str,
+    ) -> Result<Option<Held>, OrderingError> {
+        let cursor = self.cursor(org, webhook_id, key).await?;
+        if cursor.held == 0 {
+            return Ok(None);
+        }
+        match self.stream().await?.get_raw_message(cursor.held).await {
+            Ok(m) => Ok(proto::DeliveryJob::decode(m.payload).ok().map(|job| Held {
+                entry: cursor.held,
+                sequence: cursor.concluded + 1,
+                delivery_id: job.delivery_id,
+            })),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(OrderingError::Read(e.to_string())),
+        }
+    }
+
+    /// Whether the delivery at `place` is still its key's to conclude (its
+    /// entry is queued): false once it concluded, so a job delivered
+    /// again after its conclusion is not sent again.
+    pub async fn is_open(
+        &self,
+        org: &str,
+        webhook_id: &str,
+        place: &proto::OrderedPlace,
+    ) -> Result<bool, OrderingError> {
+        match self.stream().await?.get_raw_message(place.entry).await {
+            Ok(m) => Ok(m.subject.as_str()
+                == names::ordered_subject(org, webhook_id, &ordering::token(&place.key))),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(false),
+            Err(e) => Err(OrderingError::Read(e.to_string())),
+        }
+    }
+
+    /// `job`'s delivery concluded `how`: moves its key's cursor (or holds
+    /// the key on it, when `hold` and it failed), removes its entry and
+    /// hands on the next. A job that is not ordered is left alone.
+    pub async fn conclude(
+        &self,
+        job: &proto::DeliveryJob,
+        how: Conclusion,
+        hold: bool,
+    ) -> Result<(), OrderingError> {
+        let Some(place) = place(job).filter(|p| p.entry > 0) else {
+            return Ok(());
+        };
+        let (org, webhook_id) = (job.organization_id.as_str(), job.webhook_id.as_str());
+        if self.is_open(org, webhook_id, place).await? {
+            let cursor = self.cursor(org, webhook_id, &place.key).await?;
+            let next = cursor.after(place.sequence, place.entry, how, hold);
+            if next != cursor {
+                self.write_cursor(org, webhook_id, &place.key, next).await?;
+            }
+            if ordering::after(how, hold) == Next::Hold {
+                return Ok(());
+            }
+            self.remove(place.entry).await?;
+        }
+        // Also when it was concluded before (a conclusion cut short between
+        // its removal and this): handing on again is stored once.
+        self.hand_on(org, webhook_id, &place.key).await
+    }
+
+    async fn write_cursor(
+        &self,
+        org: &str,
+        webhook_id: &str,
+        key: &str,
+        cursor: Cursor,
+    ) -> Result<(), OrderingError> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Rollup", "sub");
+        let ttl = if cursor.held != 0 {
+            "never".to_owned()
+        } else {
+            format!("{}s", self.key_ttl.as_secs().max(1))
+        };
+        headers.insert("Nats-TTL", ttl.as_str());
+        nats::publish(
+            &self.js,
+            names::ordered_cursor_subject(org, webhook_id, &ordering::token(key)),
+            headers,
+            cursor.encode().into(),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn remove(&self, entry: u64) -> Result<(), OrderingError> {
+        match self.stream().await?.delete_message(entry).await {
+            Ok(_) => Ok(()),
+            // Already removed.
+            Err(e) if e.to_string().contains("no message found") => Ok(()),
+            Err(e) => Err(OrderingError::Delete(e.to_string())),
+        }
+    }
+
+    /// What `webhook_id`'s keys hold back.
+    pub async fn status(&self, org: &str, webhook_id: &str) -> Result<Status, OrderingError> {
+        let stream = self.stream().await?;
+        let filter = names::ordered_queues(org, webhook_id);
+        let mut status = Status::default();
+        let mut subjects = stream
+            .info_with_subjects(&filter)
+            .await
+            .map_err(|e| OrderingError::Read(e.to_string()))?;
+        while let Some(subject) = subjects.next().await {
+            let (_, n) = subject.map_err(|e| OrderingError::Read(e.to_string()))?;
+            status.keys_waiting += 1;
+            status.deliveries_waiting += n as u64;
+            if n >= 2 {
+                status.keys_held_back += 1;
+            }
+        }
+        if status.keys_waiting == 0 {
+            return Ok(status);
+        }
+        let oldest = match stream.get_first_raw_message_by_subject(&filter, 1).await {
+            Ok(m) => m,
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                return Ok(status);
+            }
+            Err(e) => return Err(OrderingError::Read(e.to_string())),
+        };
+        if let Ok(job) = proto::DeliveryJob::decode(oldest.payload.clone()) {
+            let key = place(&job).map(|p| p.key.clone()).unwrap_or_default();
+            let cursor = self.cursor(org, webhook_id, &key).await?;
+            status.oldest = Some(Oldest {
+                delivery_id: job.delivery_id.clone(),
+                event_type: job.event.map(|e| e.r#type).unwrap_or_default(),
+                held: cursor.turn(oldest.sequence) == Turn::Held,
+                key,
+                since_ms: (oldest.time.unix_timestamp_nanos() / 1_000_000) as i64,
+            });
+        }
+        Ok(status)
+    }
+}
+
+/// The delivery a key is held on ([`Queues::held`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Held {
+    pub entry: u64,
+    pub sequence: u64,
+    pub delivery_id: String,
+}
+
+fn place(job: &proto::DeliveryJob) -> Option<&proto::OrderedPlace> {
+    job.ordered.as_ref().filter(|p| !p.key.is_empty())
+}
