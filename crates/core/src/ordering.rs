@@ -51,21 +51,30 @@ pub struct Cursor {
     /// The queue entry the key is held on (a delivery that gave up on a
     /// webhook that holds its keys), or 0.
     pub held: u64,
+    /// The queue entry handed on to the delivery pipeline last, or 0: a
+    /// head handed on is not handed on again (its job may wait, parked or
+    /// scheduled, for longer than JetStream deduplicates).
+    pub handed: u64,
 }
 
 impl Cursor {
     pub fn encode(&self) -> String {
-        format!("{} {}", self.concluded, self.held)
+        format!("{} {} {}", self.concluded, self.held, self.handed)
     }
 
     /// An absent or unreadable cursor is a key that starts at 1.
     pub fn decode(bytes: &[u8]) -> Cursor {
         let text = std::str::from_utf8(bytes).unwrap_or_default();
         let mut parts = text.split_whitespace().map(|p| p.parse::<u64>().ok());
-        match (parts.next().flatten(), parts.next().flatten()) {
-            (Some(concluded), held) => Cursor {
+        match (
+            parts.next().flatten(),
+            parts.next().flatten(),
+            parts.next().flatten(),
+        ) {
+            (Some(concluded), held, handed) => Cursor {
                 concluded,
                 held: held.unwrap_or(0),
+                handed: handed.unwrap_or(0),
             },
             _ => Cursor::default(),
         }
@@ -75,6 +84,8 @@ impl Cursor {
     pub fn turn(&self, head: u64) -> Turn {
         if self.held != 0 && self.held == head {
             Turn::Held
+        } else if self.handed != 0 && self.handed == head {
+            Turn::Handed
         } else {
             Turn::Go {
                 sequence: self.concluded + 1,
@@ -89,10 +100,12 @@ impl Cursor {
             Next::MoveOn => Cursor {
                 concluded: sequence,
                 held: 0,
+                handed: 0,
             },
             Next::Hold => Cursor {
                 concluded: sequence.saturating_sub(1),
                 held: entry,
+                handed: 0,
             },
         }
     }
@@ -105,6 +118,8 @@ pub enum Turn {
     Go { sequence: u64 },
     /// The key is held on it: it waits to be recovered.
     Held,
+    /// It is in the pipeline already.
+    Handed,
 }
 
 /// How a key's current delivery ended.
@@ -204,10 +219,17 @@ mod tests {
             Cursor {
                 concluded: 7,
                 held: 0,
+                handed: 0,
             },
             Cursor {
                 concluded: 7,
                 held: 1234,
+                handed: 0,
+            },
+            Cursor {
+                concluded: 7,
+                held: 0,
+                handed: 99,
             },
         ] {
             assert_eq!(Cursor::decode(c.encode().as_bytes()), c);
@@ -218,7 +240,8 @@ mod tests {
             Cursor::decode(b"5"),
             Cursor {
                 concluded: 5,
-                held: 0
+                held: 0,
+                handed: 0
             }
         );
     }
@@ -230,16 +253,30 @@ mod tests {
         let on = Cursor {
             concluded: 3,
             held: 0,
+            handed: 0,
         };
         assert_eq!(on.turn(10), Turn::Go { sequence: 4 });
         let held = Cursor {
             concluded: 3,
             held: 10,
+            handed: 0,
         };
         assert_eq!(held.turn(10), Turn::Held);
         // Held on an entry no longer at the head (recovered and concluded
         // meanwhile): the head goes.
         assert_eq!(held.turn(11), Turn::Go { sequence: 4 });
+        // Handed on already: not again, until it concludes.
+        let handed = Cursor {
+            concluded: 3,
+            held: 0,
+            handed: 10,
+        };
+        assert_eq!(handed.turn(10), Turn::Handed);
+        assert_eq!(handed.turn(11), Turn::Go { sequence: 4 });
+        assert_eq!(
+            handed.after(4, 10, Conclusion::Delivered, false).turn(11),
+            Turn::Go { sequence: 5 }
+        );
     }
 
     #[test]
@@ -259,31 +296,36 @@ mod tests {
         let c = Cursor {
             concluded: 4,
             held: 0,
+            handed: 0,
         };
         assert_eq!(
             c.after(5, 99, Failed, true),
             Cursor {
                 concluded: 4,
-                held: 99
+                held: 99,
+                handed: 0
             }
         );
         assert_eq!(
             c.after(5, 99, Failed, false),
             Cursor {
                 concluded: 5,
-                held: 0
+                held: 0,
+                handed: 0
             }
         );
         // A held key's delivery recovered and delivered moves it on.
         let held = Cursor {
             concluded: 4,
             held: 99,
+            handed: 0,
         };
         assert_eq!(
             held.after(5, 99, Delivered, true),
             Cursor {
                 concluded: 5,
-                held: 0
+                held: 0,
+                handed: 0
             }
         );
     }

@@ -200,7 +200,16 @@ impl Queues {
             job.encode_to_vec().into(),
         )
         .await?;
-        Ok(())
+        self.write_cursor(
+            org,
+            webhook_id,
+            key,
+            Cursor {
+                handed: head.sequence,
+                ..cursor
+            },
+        )
+        .await
     }
 
     /// The cursor of `key`.
