@@ -135,6 +135,7 @@ fn trimmed(w: &proto::Webhook) -> proto::Webhook {
         event_types: w.event_types.clone(),
         filters: w.filters.clone(),
         enabled: w.enabled,
+        ordering: w.ordering.clone(),
         ..Default::default()
     }
 }
