@@ -30,6 +30,7 @@ try {
   await disableStopsDeliveries(hook);
   await samplesVerifyARealDelivery();
   await deleteRemovesIt(hook);
+  await orderedThroughTheForm();
   await organizationsAreSeparate(hook);
   assert(problems.length === 0, `no page errors, CSP violations or foreign requests:\n${problems.join('\n')}`);
   log(`console scenarios passed in ${((Date.now() - started) / 1000).toFixed(1)} s`);
@@ -256,6 +257,80 @@ async function workflowLimitIsPlain() {
   await filters.getByText('the maximum is 1').waitFor();
   await page.getByRole('link', { name: 'Cancel' }).click();
   await page.getByRole('heading', { name: 'Webhooks' }).waitFor();
+}
+
+/// The text of the fact `term` of a definition list in `scope`.
+async function fact(scope, term) {
+  const dt = scope.locator('dt').filter({ hasText: new RegExp(`^${term}$`) });
+  return (await dt.locator('xpath=following-sibling::dd[1]').textContent()).trim();
+}
+
+/// Ordered delivery: set through the form (its refusal beside the field),
+/// shown on the webhook's page with what it holds back, turned off again.
+async function orderedThroughTheForm() {
+  await nav('Webhooks').click();
+  await page.getByRole('link', { name: 'Create a webhook' }).click();
+  await page.getByRole('heading', { name: 'Create a webhook' }).waitFor();
+  await page.getByLabel('Name').fill('ordered executions');
+  await page.getByLabel('URL').fill(`${RECEIVER}/ordered`);
+  await page.getByRole('checkbox', { name: /^workflow\.completed / }).check();
+  await page.getByLabel('Timeout (milliseconds)').fill('20000');
+  const onFailure = page.getByLabel('If a delivery gives up');
+  assert(await onFailure.isDisabled(), 'what a delivery that gives up does needs an ordering key first');
+  await page.getByLabel('Ordering key').fill('execution.id');
+  assert(await onFailure.isEnabled(), 'with a key, what a delivery that gives up does can be chosen');
+  await onFailure.selectOption({ label: 'Hold the key' });
+  await page.getByRole('button', { name: 'Create webhook' }).click();
+  await errorBeside(page.getByLabel('Ordering key'), 'is not an attribute name');
+  await screen(page, 'create-form-ordering');
+  await page.getByLabel('Ordering key').fill('execution');
+  await page.getByRole('button', { name: 'Create webhook' }).click();
+  await page.getByRole('heading', { name: 'ordered executions' }).waitFor();
+  const id = decodeURIComponent(page.url().split('#/webhooks/')[1]);
+  const { data } = await api(KEY, 'GET', `/webhooks/${id}`);
+  assert(JSON.stringify(data.ordering) === '{"key":"execution","on_failure":"hold"}', `ordering: ${JSON.stringify(data.ordering)}`);
+
+  // The page: the ordering in the definition, and nothing waiting yet.
+  const definition = page.getByRole('region', { name: 'Definition' });
+  const ordering = await fact(definition, 'Ordering');
+  assert(ordering.includes('By execution') && ordering.includes('holds its key until it is recovered'), `ordering shown: ${ordering}`);
+  const status = page.getByRole('region', { name: 'Ordered delivery' });
+  assert(await fact(status, 'Keys waiting') === '0', 'no key waits yet');
+  assert(await fact(status, 'Keys held back') === '0', 'no key is held back yet');
+  assert((await fact(status, 'Oldest waiting delivery')).startsWith('None'), 'no delivery waits yet');
+
+  // A slow first delivery of a key holds back the next one of that key.
+  await rust('slow', { path: '/ordered', delay_ms: 6000, n: 2 });
+  for (const n of [1, 2]) {
+    await rust('publish', {
+      org: 'acme', type: 'workflow.completed',
+      event: { id: `evt_console_ordered_${n}`, attributes: { workflow: 'ordered', execution: 'ex-1' } },
+    });
+  }
+  await eventually('the second delivery held back behind the first', async () => {
+    await page.getByRole('button', { name: 'Refresh the ordering status' }).click();
+    await page.getByText('The ordering status is up to date.').waitFor({ timeout: 2000 });
+    return await fact(status, 'Keys held back') === '1' && await fact(status, 'Deliveries waiting') === '2';
+  }, 5000);
+  assert(await fact(status, 'Keys waiting') === '1', 'one key waits');
+  const oldest = await fact(status, 'Oldest waiting delivery');
+  assert(oldest.includes('workflow.completed') && oldest.includes('ex-1') && oldest.includes('Not held'), `the oldest shown: ${oldest}`);
+  await screen(page, 'webhook-ordered');
+
+  // Turned off through the form: an empty key.
+  await page.getByRole('link', { name: 'Edit ordered executions' }).click();
+  await page.getByRole('heading', { name: 'Edit ordered executions' }).waitFor();
+  assert(await page.getByLabel('Ordering key').inputValue() === 'execution', 'the edit form shows the key');
+  assert(await onFailure.inputValue() === 'hold', 'the edit form shows what a delivery that gives up does');
+  await page.getByLabel('Ordering key').fill('');
+  await page.getByRole('button', { name: 'Save changes' }).click();
+  await page.getByText('Saved.').waitFor();
+  assert((await fact(definition, 'Ordering')).startsWith('None'), 'no ordering shown');
+  assert(!(await status.count()), 'no ordered delivery section for an unordered webhook');
+  const after = await api(KEY, 'GET', `/webhooks/${id}`);
+  assert(after.data.ordering === null && after.data.ordering_status === null, `ordering off: ${JSON.stringify(after.data)}`);
+  const removed = await api(KEY, 'DELETE', `/webhooks/${id}`);
+  assert(removed.status === 204, `the ordered webhook removed: ${removed.status}`);
 }
 
 async function orgLogs() {

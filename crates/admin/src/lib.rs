@@ -209,6 +209,8 @@ pub struct Inner {
     /// states, shown as a webhook's `state` and reset on re-enable.
     pub redis: Redis,
     pub js: jetstream::Context,
+    /// Ordered webhooks' queues, read for a webhook's `ordering_status`.
+    pub ordering: herald_platform::ordering::Queues,
     pub health: Health,
     /// Short-lived per-organization locks (see `limits`).
     pub locks: async_nats::jetstream::kv::Store,
@@ -349,6 +351,10 @@ pub async fn serve(
             store,
             logs,
             redis,
+            ordering: herald_platform::ordering::Queues::new(
+                js.clone(),
+                herald_platform::ordering::KEY_TTL,
+            ),
             js,
             health,
             locks,

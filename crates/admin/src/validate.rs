@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use herald_core::{matching, names, proto};
+use serde_json::Value;
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -250,6 +251,67 @@ pub fn validate_timeout(timeout_ms: u32) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// `ordering`: `None` (JSON null) is unordered; an object is
+/// `{"key": <attribute name>, "on_failure": "skip" | "hold"}`, `on_failure`
+/// optional (null or absent: `skip`). A delivery that gives up lets its
+/// key's next deliveries go on (`skip`), or holds them until it is
+/// recovered (`hold`).
+pub fn parse_ordering(value: Option<Value>) -> Result<Option<proto::Ordering>, ApiError> {
+    let refused = |message: String| ApiError::validation("ordering", message);
+    let mut map = match value {
+        None => return Ok(None),
+        Some(Value::Object(map)) => map,
+        Some(_) => {
+            return Err(refused(
+                "ordering must be null (unordered) or an object \
+                 {\"key\": <attribute name>, \"on_failure\": \"skip\" | \"hold\"}"
+                    .into(),
+            ));
+        }
+    };
+    if let Some(unknown) = map
+        .keys()
+        .find(|k| !["key", "on_failure"].contains(&k.as_str()))
+    {
+        return Err(refused(format!(
+            "unknown field {unknown:?} in ordering; known: key, on_failure"
+        )));
+    }
+    let key = match map.remove("key") {
+        None | Some(Value::Null) => {
+            return Err(refused(
+                "ordering.key is required: the name of the event attribute whose value orders deliveries"
+                    .into(),
+            ));
+        }
+        Some(Value::String(key)) if names::valid_type_token(&key) => key,
+        Some(Value::String(key)) => {
+            return Err(refused(format!(
+                "ordering.key {key:?} is not an attribute name (1-64 of [A-Za-z0-9_-])"
+            )));
+        }
+        Some(_) => {
+            return Err(refused(
+                "ordering.key must be a string: an attribute name (1-64 of [A-Za-z0-9_-])".into(),
+            ));
+        }
+    };
+    let hold_on_failure = match map.remove("on_failure") {
+        None | Some(Value::Null) => false,
+        Some(Value::String(s)) if s == "skip" => false,
+        Some(Value::String(s)) if s == "hold" => true,
+        Some(other) => {
+            return Err(refused(format!(
+                "ordering.on_failure must be skip or hold, not {other}"
+            )));
+        }
+    };
+    Ok(Some(proto::Ordering {
+        key,
+        hold_on_failure,
+    }))
+}
+
 pub fn filters_to_proto(
     filters: BTreeMap<String, Vec<String>>,
 ) -> HashMap<String, proto::StringList> {
@@ -262,6 +324,58 @@ pub fn filters_to_proto(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn ordering_values() {
+        let parse = |v: Value| parse_ordering(Some(v)).map_err(|e| e.field);
+        let ordered = |key: &str, hold| {
+            Ok(Some(proto::Ordering {
+                key: key.into(),
+                hold_on_failure: hold,
+            }))
+        };
+        assert_eq!(parse_ordering(None).map_err(|e| e.field), Ok(None));
+        assert_eq!(
+            parse(json!({"key": "execution"})),
+            ordered("execution", false)
+        );
+        assert_eq!(
+            parse(json!({"key": "a-B_9", "on_failure": "skip"})),
+            ordered("a-B_9", false)
+        );
+        assert_eq!(
+            parse(json!({"key": "x", "on_failure": "hold"})),
+            ordered("x", true)
+        );
+        assert_eq!(
+            parse(json!({"key": "x", "on_failure": null})),
+            ordered("x", false)
+        );
+        assert_eq!(
+            parse(json!({"key": "k".repeat(64)})),
+            ordered(&"k".repeat(64), false)
+        );
+        for bad in [
+            json!("execution"),
+            json!(true),
+            json!(["execution"]),
+            json!({}),
+            json!({"key": null}),
+            json!({"key": ""}),
+            json!({"key": "k".repeat(65)}),
+            json!({"key": "a.b"}),
+            json!({"key": "é"}),
+            json!({"key": "a\n"}),
+            json!({"key": 7}),
+            json!({"key": "x", "on_failure": "retry"}),
+            json!({"key": "x", "on_failure": "HOLD"}),
+            json!({"key": "x", "on_failure": true}),
+            json!({"key": "x", "hold": true}),
+        ] {
+            assert_eq!(parse(bad.clone()), Err(Some("ordering".into())), "{bad}");
+        }
+    }
 
     #[test]
     fn list_pages() {

@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use herald_core::policy::Endpoint;
 use herald_core::{ids, names, payload, proto, secret};
 use herald_platform::endpoint_state;
+use herald_platform::ordering::Status;
 use herald_platform::webhooks::{StoreError, Versioned};
 use serde_json::{Value, json};
 
@@ -27,6 +28,10 @@ use crate::body::{Fields, JsonBody};
 use crate::error::ApiError;
 use crate::limits::{self, OrgLock};
 use crate::validate::*;
+
+/// A webhook answer waits this long for its ordering status, then shows
+/// `ordering_status: null`.
+const ORDERING_STATUS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// After a rotation the previous secret keeps signing this long.
 pub const ROTATION_OVERLAP: Duration = Duration::from_secs(24 * 3600);
@@ -48,6 +53,7 @@ const FIELDS: &[&str] = &[
     "headers",
     "secret",
     "timeout_ms",
+    "ordering",
     "enabled",
 ];
 
@@ -114,11 +120,61 @@ pub fn to_json(keyring: &secret::Keyring, w: &proto::Webhook) -> Value {
         "format": match w.format() { proto::PayloadFormat::Json => "json", proto::PayloadFormat::Xml => "xml" },
         "headers": headers,
         "timeout_ms": w.timeout_ms,
+        "ordering": ordering_json(w.ordering.as_ref()),
         "enabled": w.enabled,
         "disabled_reason": if w.disabled_reason.is_empty() { Value::Null } else { Value::String(w.disabled_reason.clone()) },
         "created_at": payload::rfc3339_ms(w.created_at_ms),
         "updated_at": payload::rfc3339_ms(w.updated_at_ms),
     })
+}
+
+/// `ordering` as answered: null when unordered (no ordering, or an empty
+/// key, which orders nothing).
+fn ordering_json(ordering: Option<&proto::Ordering>) -> Value {
+    match ordering.filter(|o| !o.key.is_empty()) {
+        None => Value::Null,
+        Some(o) => json!({
+            "key": o.key,
+            "on_failure": if o.hold_on_failure { "hold" } else { "skip" },
+        }),
+    }
+}
+
+/// What an ordered webhook holds back, as `ordering_status` shows it.
+fn status_json(status: &Status) -> Value {
+    json!({
+        "keys_waiting": status.keys_waiting,
+        "keys_held_back": status.keys_held_back,
+        "deliveries_waiting": status.deliveries_waiting,
+        "oldest": status.oldest.as_ref().map(|o| json!({
+            "delivery_id": o.delivery_id,
+            "event_type": o.event_type,
+            "key": o.key,
+            "since": payload::rfc3339_ms(o.since_ms),
+            "held": o.held,
+        })),
+    })
+}
+
+/// `ordering_status` of a single-webhook answer: null for an unordered
+/// webhook, and when HERALD_ORDERED cannot say (the answer never fails for
+/// it). Lists leave it out: it is a read of the stream per webhook.
+async fn ordering_status(state: &AppState, w: &proto::Webhook) -> Value {
+    if ordering_json(w.ordering.as_ref()).is_null() {
+        return Value::Null;
+    }
+    let read = state.ordering.status(&w.organization_id, &w.id);
+    match tokio::time::timeout(ORDERING_STATUS_TIMEOUT, read).await {
+        Ok(Ok(status)) => status_json(&status),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, webhook_id = %w.id, "cannot read the ordering status");
+            Value::Null
+        }
+        Err(_) => {
+            tracing::warn!(webhook_id = %w.id, "the ordering status did not come in time");
+            Value::Null
+        }
+    }
 }
 
 /// A webhook answer with its revision as `ETag`.
@@ -192,6 +248,7 @@ pub async fn create(
     validate_headers(&headers)?;
     let timeout_ms: u32 = req.optional("timeout_ms")?.unwrap_or(DEFAULT_TIMEOUT_MS);
     validate_timeout(timeout_ms)?;
+    let ordering = parse_ordering(req.optional("ordering")?)?;
     let enabled: bool = req.optional("enabled")?.unwrap_or(true);
     let secret = match req.optional::<String>("secret")? {
         Some(s) => {
@@ -215,6 +272,7 @@ pub async fn create(
         format: format as i32,
         secrets: vec![state.config.keyring.encrypt(&secret, &aad, now)],
         timeout_ms,
+        ordering,
         enabled,
         disabled_reason: String::new(),
         created_at_ms: now,
@@ -245,6 +303,7 @@ pub async fn create(
         &webhook,
         Some(Endpoint::Healthy),
     );
+    body["ordering_status"] = ordering_status(&state, &webhook).await;
     body["secret"] = Value::String(secret);
     let mut response = answer(StatusCode::CREATED, body, revision);
     if let Ok(location) = HeaderValue::from_str(&format!("/webhooks/{}", webhook.id)) {
@@ -360,7 +419,8 @@ pub async fn get_one(
     ))
 }
 
-/// The webhook as the API shows it, with its current state.
+/// The webhook as the API shows it, with its current state and, when
+/// ordered, what it holds back.
 async fn shown(state: &AppState, w: &proto::Webhook) -> Value {
     let endpoint = endpoint_states(state, vec![w.id.as_str()])
         .await
@@ -372,6 +432,7 @@ async fn shown(state: &AppState, w: &proto::Webhook) -> Value {
     if w.enabled && held_back(state, &w.organization_id).await {
         body["held_back"] = json!(true);
     }
+    body["ordering_status"] = ordering_status(state, w).await;
     body
 }
 
@@ -401,14 +462,16 @@ struct Patch {
     headers: Option<BTreeMap<String, String>>,
     secret: Option<String>,
     timeout_ms: Option<u32>,
+    /// `Some(None)`: ordering turned off.
+    ordering: Option<Option<proto::Ordering>>,
     enabled: Option<bool>,
     /// The names of the fields given, for the audit trail.
     fields: Vec<String>,
 }
 
 impl Patch {
-    /// Null resets an optional field to its default; required fields and
-    /// `secret`/`enabled` cannot be null.
+    /// Null resets an optional field to its default (`ordering`: off);
+    /// required fields and `secret`/`enabled` cannot be null.
     fn parse(state: &AppState, mut req: Fields) -> Result<Self, ApiError> {
         req.only(FIELDS)?;
         let fields = req.names();
@@ -430,6 +493,10 @@ impl Patch {
             timeout_ms: req
                 .nullable::<u32>("timeout_ms")?
                 .map(|t| t.unwrap_or(DEFAULT_TIMEOUT_MS)),
+            ordering: req
+                .nullable::<Value>("ordering")?
+                .map(parse_ordering)
+                .transpose()?,
             enabled: req.not_null("enabled")?,
         };
         if let Some(name) = &patch.name {
@@ -518,6 +585,9 @@ impl Patch {
         }
         if let Some(v) = self.timeout_ms {
             w.timeout_ms = v;
+        }
+        if let Some(v) = &self.ordering {
+            w.ordering = v.clone();
         }
         match self.enabled {
             Some(true) => {

@@ -1,6 +1,8 @@
 // One form to create and to edit a webhook: name, URL, description, the
 // catalogue grouped as the seed products group it, the filters that fit the
-// chosen types, format, custom headers, timeout. The API validates; its
+// chosen types, format, custom headers, timeout, ordered delivery (an
+// attribute to order by, and what a delivery that gives up does to its
+// key). The API validates; its
 // error lands beside the field it names. An edit sends only what changed,
 // with If-Match, and a 409 says the webhook changed meanwhile. Custom
 // header values come masked and go back unchanged when not edited: the API
@@ -24,7 +26,7 @@ export async function webhookForm({ id }) {
   const editing = current !== null;
   const w = current || {
     name: '', url: '', description: '', event_types: [], filters: {}, format: 'json',
-    headers: {}, timeout_ms: 5000, enabled: true,
+    headers: {}, timeout_ms: 5000, ordering: null, enabled: true,
   };
   const fields = new Map(); // API field name → {focus, error, hint}
   const formError = h('div', { class: 'form-error', role: 'alert' });
@@ -159,6 +161,19 @@ export async function webhookForm({ id }) {
   const addButton = h('button', { type: 'button', class: 'quiet', onclick: () => addHeader().focus() }, 'Add a header');
 
   const timeout = h('input', { name: 'timeout_ms', type: 'number', min: 1, max: 30000, step: 1, value: String(w.timeout_ms) });
+
+  // Ordered delivery: an attribute name (empty: unordered) and what a
+  // delivery that gives up does to its key.
+  const orderingKey = h('input', {
+    name: 'ordering_key', value: w.ordering ? w.ordering.key : '', maxlength: 64,
+    autocomplete: 'off', spellcheck: 'false', placeholder: 'execution', oninput: () => refreshOrdering(),
+  });
+  const onFailure = h('select', { name: 'on_failure', value: w.ordering ? w.ordering.on_failure : 'skip' },
+    h('option', { value: 'skip' }, 'Skip it'),
+    h('option', { value: 'hold' }, 'Hold the key'));
+  const refreshOrdering = () => { onFailure.disabled = orderingKey.value.trim() === ''; };
+  refreshOrdering();
+
   const enabled = h('input', { type: 'checkbox', id: uid('enabled'), checked: w.enabled });
   const secret = editing ? null : h('input', { name: 'secret', autocomplete: 'off', spellcheck: 'false', maxlength: 255 });
 
@@ -196,6 +211,11 @@ export async function webhookForm({ id }) {
         : 'Sent with every request, e.g. an Authorization your endpoint expects.',
       headerRows, addButton),
     field('timeout_ms', 'Timeout (milliseconds)', timeout, 'How long Herald waits for a 2xx answer: 1 to 30000, default 5000.'),
+    h('fieldset', { class: 'group ordering' }, h('legend', {}, 'Ordered delivery (optional)'),
+      field('ordering', 'Ordering key', orderingKey,
+        'An attribute of the events, e.g. execution: the events that share its value are delivered one at a time, in the order Herald accepted them; other values, and events without it, go in parallel. Leave it empty to deliver every event on its own.'),
+      field('on_failure', 'If a delivery gives up', onFailure,
+        'Skip it: it is marked failed (you can recover it) and the next ones of its key go on. Hold the key: the next ones of its key wait until it is recovered.')),
     h('div', { class: 'check field' }, enabled, h('label', { for: enabled.id }, 'Enabled: deliver events to it')),
     secret ? field('secret', 'Secret (optional)', secret,
       'Leave it empty and Herald generates one. Either way it is shown once, right after you create the webhook.') : null,
@@ -267,10 +287,13 @@ export async function webhookForm({ id }) {
       format: formats.find((r) => r.checked)?.value || 'json',
       headers: readHeaders(),
       timeout_ms: t === '' ? null : (/^[0-9]+$/.test(t) ? Number(t) : t),
+      ordering: orderingKey.value.trim() === '' ? null
+        : { key: orderingKey.value.trim(), on_failure: onFailure.value },
       enabled: enabled.checked,
     };
     if (!editing) {
       if (body.timeout_ms === null) delete body.timeout_ms;
+      if (body.ordering === null) delete body.ordering;
       if (secret.value) body.secret = secret.value;
       return body;
     }

@@ -1,9 +1,10 @@
 // One webhook: its definition and state, the secret once after create or
 // rotate, the actions (edit, send a test event, rotate the secret, recover,
-// replay, delete) and its delivery log. A read-only session gets the same
+// replay, delete), what an ordered webhook holds back, and its delivery
+// log. A read-only session gets the same
 // page without the actions.
 
-import { api, routes } from '../api.js';
+import { api, query, routes } from '../api.js';
 import { ask, dl, h, hidden, liveRegion, say, time, uid } from '../dom.js';
 import { go, onLeave, takeFlash } from '../nav.js';
 import { logList } from './logs.js';
@@ -186,6 +187,27 @@ export async function webhookDetail({ id }) {
     if (job.status === 'running') timer = setTimeout(poll, 1000);
   }
 
+  // What an ordered webhook holds back (`ordering_status`), read again on
+  // request: a held key waits for a recovery.
+  const orderingSlot = h('div', {});
+  const orderingRegion = liveRegion();
+  const refreshOrdering = h('button', {
+    type: 'button',
+    onclick: async () => {
+      refreshOrdering.disabled = true;
+      try {
+        const { data } = await api('GET', path);
+        orderingSlot.replaceChildren(await orderingFacts(data));
+        say(orderingRegion, 'The ordering status is up to date.');
+      } catch (e) {
+        if (e.status !== 401) say(orderingRegion, `Could not read the ordering status: ${e.message}`, 'error');
+      } finally {
+        refreshOrdering.disabled = false;
+      }
+    },
+  }, 'Refresh the ordering status');
+  if (w.ordering) orderingSlot.append(await orderingFacts(w));
+
   const del = h('button', { type: 'button', class: 'danger', onclick: () => confirmDelete(w, () => go('#/webhooks')) },
     'Delete', hidden(` ${w.name}`));
 
@@ -217,11 +239,59 @@ export async function webhookDetail({ id }) {
           // Values come masked (••••abcd): the API never shows them again.
           : h('ul', { class: 'plain' }, headers.map(([k, v]) => h('li', {}, h('code', {}, k), `: ${v}`)))],
         ['Timeout', `${w.timeout_ms} ms`],
+        ['Ordering', orderingText(w.ordering)],
         ['Created', time(w.created_at)],
         ['Updated', time(w.updated_at)],
         ['ID', h('code', {}, w.id)],
       ])),
+    w.ordering ? h('section', { 'aria-labelledby': 'ordering' },
+      h('h2', { id: 'ordering' }, 'Ordered delivery'),
+      orderingSlot, refreshOrdering, orderingRegion) : null,
     h('section', { 'aria-labelledby': 'log' },
       h('h2', { id: 'log' }, 'Delivery log'),
       logs.element));
+}
+
+// A webhook's `ordering`, in words.
+function orderingText(ordering) {
+  if (!ordering) return 'None: every event is delivered on its own';
+  return h('span', {}, 'By ', h('code', {}, ordering.key),
+    ': the events that share its value go one at a time, in order. ',
+    ordering.on_failure === 'hold'
+      ? 'A delivery that gives up holds its key until it is recovered.'
+      : 'A delivery that gives up is skipped: the next ones of its key go on.');
+}
+
+// `ordering_status` as facts: the keys waiting and held back, and the
+// oldest waiting delivery with a link to its latest attempt, if it has one.
+async function orderingFacts(w) {
+  const s = w.ordering_status;
+  if (!s) return h('p', {}, 'Herald cannot say what waits right now. Try again in a moment.');
+  let oldest = 'None: nothing waits';
+  if (s.oldest) {
+    const o = s.oldest;
+    let attempt = null;
+    try {
+      const { data } = await api('GET', `/webhooks/${encodeURIComponent(w.id)}/logs${query({ delivery_id: o.delivery_id, limit: 1 })}`);
+      const latest = data.data[0];
+      if (latest) {
+        attempt = h('a', { href: `#/webhooks/${encodeURIComponent(w.id)}/logs/${encodeURIComponent(latest.id)}` },
+          'Show its latest attempt', hidden(` (attempt ${latest.attempt}, ${latest.status})`));
+      }
+    } catch (e) {
+      if (e.status === 401) throw e;
+    }
+    oldest = h('ul', { class: 'plain' },
+      h('li', {}, h('code', {}, o.event_type), ', key ', h('code', {}, o.key)),
+      h('li', {}, 'Waiting since ', time(o.since)),
+      h('li', {}, o.held ? 'Held: it gave up and its key waits until it is recovered.' : 'Not held: it is being delivered, or waits for its next retry.'),
+      h('li', {}, 'Delivery ID (webhook-id): ', h('code', {}, o.delivery_id)),
+      h('li', {}, attempt || 'No attempt yet.'));
+  }
+  return dl([
+    ['Keys waiting', String(s.keys_waiting)],
+    ['Keys held back', String(s.keys_held_back)],
+    ['Deliveries waiting', String(s.deliveries_waiting)],
+    ['Oldest waiting delivery', oldest],
+  ]);
 }
