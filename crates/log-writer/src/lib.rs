@@ -37,6 +37,13 @@ pub const LOG_INDEX_CHECK: &str = "HERALD_LOG_INDEX_CHECK";
 
 /// Attempts written to Redis in one round trip (per organization).
 const BATCH: usize = 500;
+/// How long a batch gathers attempts after its first: at 1,000 attempts a
+/// second a batch is then about ten, not one or two, and its script's
+/// per-batch trimming and expiries run once for all of them (the
+/// log-writer's CPU per attempt halved, Redis's fell by a quarter:
+/// docs/benchmarks.md, issue 27). The log shows an attempt at most this
+/// much later; deliveries are not delayed.
+const LINGER: Duration = Duration::from_millis(10);
 /// Bytes of attempt records pulled from NATS at once: a batch is bounded in
 /// bytes as well as in count, whatever the bodies' size.
 const PULL_BYTES: usize = 8 * 1024 * 1024;
@@ -183,7 +190,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let worker = Worker::start(&js, &health, spec, None, &shutdown).await?;
     let settle = worker.settler();
     worker
-        .batches(BATCH, &shutdown, |batch| {
+        .batches(BATCH, LINGER, &shutdown, |batch| {
             store_batch(&settle, &index, batch, &metrics, &health, &shutdown)
         })
         .await;

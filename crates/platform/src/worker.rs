@@ -403,35 +403,53 @@ impl Worker {
         nats::flush(&client).await;
     }
 
-    /// Processes what each pull brought, up to `size` messages at a time,
-    /// until `shutdown`; `handle` returns each message with its
-    /// disposition (it may settle some itself first, through
-    /// [`Worker::settler`]). What was pulled but not started is handed back.
-    pub async fn batches<F, Fut>(self, size: usize, shutdown: &CancellationToken, mut handle: F)
-    where
+    /// Processes the pulled messages a batch at a time, until `shutdown`:
+    /// a batch is up to `size` messages, taken from the first one on for up
+    /// to `linger` (at full speed a batch fills at once; at a moderate rate
+    /// it gathers what `linger` brings rather than one or two messages, so
+    /// the per-batch work — a round trip to Redis, a script — is paid once
+    /// for many). `handle` returns each message with its disposition (it
+    /// may settle some itself first, through [`Worker::settler`]). What
+    /// was pulled but not started is handed back.
+    pub async fn batches<F, Fut>(
+        self,
+        size: usize,
+        linger: Duration,
+        shutdown: &CancellationToken,
+        mut handle: F,
+    ) where
         F: FnMut(Vec<Message>) -> Fut,
         Fut: Future<Output = Vec<(Message, Disposition)>>,
     {
         let mut pull = nats::Pull::new(self.consumer, self.spec.batch, self.spec.max_bytes);
-        {
-            let mut batches = std::pin::pin!(
-                pull.by_ref()
-                    .ready_chunks(size)
-                    .take_until(shutdown.clone().cancelled_owned())
-            );
-            while let Some(batch) = batches.next().await {
-                let mut messages = Vec::with_capacity(batch.len());
-                for message in batch {
-                    match message {
-                        Ok(message) => messages.push(message),
-                        Err(error) => {
-                            tracing::warn!(%error, consumer = self.spec.durable, "consumer error")
-                        }
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                first = pull.next() => match first {
+                    Some(first) => first,
+                    None => break,
+                },
+            };
+            let mut batch = Vec::with_capacity(size);
+            batch.push(first);
+            let until = tokio::time::Instant::now() + linger;
+            while batch.len() < size {
+                match tokio::time::timeout_at(until, pull.next()).await {
+                    Ok(Some(message)) => batch.push(message),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            let mut messages = Vec::with_capacity(batch.len());
+            for message in batch {
+                match message {
+                    Ok(message) => messages.push(message),
+                    Err(error) => {
+                        tracing::warn!(%error, consumer = self.spec.durable, "consumer error")
                     }
                 }
-                for (message, disposition) in handle(messages).await {
-                    self.settle.settle(&message, disposition).await;
-                }
+            }
+            for (message, disposition) in handle(messages).await {
+                self.settle.settle(&message, disposition).await;
             }
         }
         crate::shutdown::hand_back(&mut pull).await;
