@@ -201,7 +201,24 @@ impl EndpointStates {
                     return done;
                 }
             }
-            None => {}
+            None => {
+                // A healthy endpoint read within `FRESH` that the decision
+                // leaves healthy (a success, the common case) needs no
+                // round trip: nothing is written, as Redis would have been
+                // asked only to be told the same. A change another replica
+                // made within `FRESH` is then not undone by this success
+                // (the next probe does that); every other decision reads
+                // Redis and swaps under compare-and-set as before.
+                if let Some(cached) = self
+                    .cached(webhook, true)
+                    .filter(|c| *c == Endpoint::Healthy)
+                {
+                    let (next, result) = decide(&cached);
+                    if next.is_none_or(|n| n == cached) {
+                        return (result, cached, Source::Shared);
+                    }
+                }
+            }
         }
         let mut latest = Endpoint::Healthy;
         for tries in 0..CAS_TRIES {
