@@ -37,6 +37,25 @@ fn headers(id: &str) -> async_nats::HeaderMap {
     headers
 }
 
+/// The organization of the ordered-delivery phases' webhooks and events,
+/// so that no other benchmark webhook gets them.
+pub const ORDERED_ORG: &str = "bench-ordered";
+
+/// The event types of one workflow execution, in the order it publishes them.
+pub const STEPS: [&str; 5] = [
+    "workflow.started",
+    "workflow.step.started",
+    "workflow.step.completed",
+    "workflow.step.started",
+    "workflow.completed",
+];
+
+/// The `execution` attribute of execution `e` of `phase`: each phase has
+/// keys of its own, so each key's `webhook-sequence` starts at 1.
+pub fn execution(phase: usize, e: u64) -> String {
+    format!("ex-{phase}-{e}")
+}
+
 /// Publishes benchmark events; at most `window` publishes await their ack.
 #[derive(Clone)]
 pub struct Publisher {
@@ -87,8 +106,14 @@ impl Publisher {
             now_us(),
             self.padding
         );
-        let headers = headers(&id);
         let subject = format!("herald.events.{ORG}.{event_type}");
+        self.send(permit, subject, &id, body).await;
+    }
+
+    /// Publishes `body` (event `id`) to `subject` holding `permit`, a place
+    /// in the window, until its ack.
+    async fn send(&self, permit: OwnedSemaphorePermit, subject: String, id: &str, body: String) {
+        let headers = headers(id);
         match self
             .js
             .publish_with_headers(subject, headers, body.into())
@@ -155,6 +180,52 @@ impl Publisher {
             }
             drop(permit);
         });
+    }
+
+    /// `n` executions of [`STEPS`] to organization [`ORDERED_ORG`], their
+    /// attribute `workflow` set to `workflow`, interleaved `group`
+    /// executions at a time: step 0 of each execution of the group, then
+    /// step 1 of each, …, then the next group. As fast as the window
+    /// allows, or at `rate` events/s (paced from the start) when given.
+    /// Event `step` of execution `e` carries `data.step` and the
+    /// `execution` attribute [`execution`]`(phase, e)`.
+    pub async fn executions(
+        &self,
+        phase: usize,
+        workflow: &str,
+        n: u64,
+        group: u64,
+        rate: Option<f64>,
+    ) {
+        let start = tokio::time::Instant::now();
+        let group = group.max(1);
+        let mut published = 0u64;
+        let mut first = 0;
+        while first < n {
+            let end = (first + group).min(n);
+            for (step, event_type) in STEPS.iter().enumerate() {
+                for e in first..end {
+                    if let Some(rate) = rate {
+                        let due = start + Duration::from_secs_f64(published as f64 / rate);
+                        if due > tokio::time::Instant::now() {
+                            tokio::time::sleep_until(due).await;
+                        }
+                    }
+                    let permit = self.slot().await;
+                    let id = format!("bench-{}-{phase}-{e}-{step}", self.run);
+                    let body = format!(
+                        r#"{{"id":"{id}","type":"{event_type}","attributes":{{"workflow":"{workflow}","execution":"{}"}},"data":{{"phase":{phase},"step":{step},"ts_us":{}}}}}"#,
+                        execution(phase, e),
+                        now_us()
+                    );
+                    let subject = format!("herald.events.{ORDERED_ORG}.{event_type}");
+                    self.send(permit, subject, &id, body).await;
+                    published += 1;
+                }
+            }
+            first = end;
+        }
+        self.drain().await;
     }
 
     /// `n` events as fast as the window allows.

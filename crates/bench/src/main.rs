@@ -5,13 +5,15 @@
 //! services as processes from the release binaries next to it, a receiver
 //! that verifies every signature, and then runs its phases in order:
 //! warm-up, throughput to one webhook, fan-out to several, latency at a
-//! steady rate and at half the measured peak, and the ceiling. It writes
+//! steady rate and at half the measured peak, with `--ordered-executions`
+//! the ordered-delivery phases (crate::ordered), and the ceiling. It writes
 //! `<target>/bench/result.json` and ends with one `bench:` summary line; it
 //! exits non-zero when a delivery is missing or a signature is wrong.
 
 mod chaos;
 mod load;
 mod ops;
+mod ordered;
 mod receiver;
 mod recover;
 mod replay;
@@ -40,6 +42,12 @@ usage: herald-bench [options]
   --concurrency N       deliveries in flight, the deliverer's and the ceiling's (1024)
   --publish-window N    publishes awaiting their ack at once (1024)
   --warmup N            warm-up events, not measured (2000)
+  --ordered-executions N  also the ordered-delivery phases (off: 0; `make bench` users pass
+                        10000): N executions x 5 events to an unordered webhook, then to one
+                        ordered by `execution`, as fast as the publisher goes; then
+                        --ordered-rate events/s for --latency-secs to the ordered webhook,
+                        without and with one key whose receiver answers after 2 s
+  --ordered-rate N      events/s of those two paced ordered phases (100)
   --stall-secs N        give up when no delivery arrives for this long (30)
   --nats-url URL        use this NATS instead of starting one
   --redis-url URL       use this Redis instead of starting one
@@ -70,6 +78,8 @@ struct Args {
     concurrency: usize,
     publish_window: usize,
     warmup: u64,
+    ordered_executions: u64,
+    ordered_rate: f64,
     stall_secs: u64,
     nats_url: Option<String>,
     redis_url: Option<String>,
@@ -100,6 +110,8 @@ impl Args {
             concurrency: 1024,
             publish_window: 1024,
             warmup: 2_000,
+            ordered_executions: 0,
+            ordered_rate: 100.0,
             stall_secs: 30,
             nats_url: None,
             redis_url: None,
@@ -154,6 +166,8 @@ impl Args {
                 "--concurrency" => args.concurrency = num(&flag, &value)?,
                 "--publish-window" => args.publish_window = num(&flag, &value)?,
                 "--warmup" => args.warmup = num(&flag, &value)?,
+                "--ordered-executions" => args.ordered_executions = num(&flag, &value)?,
+                "--ordered-rate" => args.ordered_rate = num(&flag, &value)?,
                 "--stall-secs" => args.stall_secs = num(&flag, &value)?,
                 "--nats-url" => args.nats_url = Some(value),
                 "--redis-url" => args.redis_url = Some(value),
@@ -172,10 +186,15 @@ impl Args {
                 _ => return Err(format!("unknown option {flag}")),
             }
         }
-        if args.events == 0 || args.rate <= 0.0 || args.concurrency == 0 || args.publish_window == 0
+        if args.events == 0
+            || args.rate <= 0.0
+            || args.ordered_rate <= 0.0
+            || args.concurrency == 0
+            || args.publish_window == 0
         {
             return Err(
-                "--events, --rate, --concurrency and --publish-window must be positive".into(),
+                "--events, --rate, --ordered-rate, --concurrency and --publish-window must be positive"
+                    .into(),
             );
         }
         if args.chaos && !args.rate_given {
@@ -248,6 +267,10 @@ struct PhaseReport {
     machine_busy_pct: f64,
     /// TCP connections the receiver accepted during the phase.
     connections_opened: u64,
+    /// Of a phase of executions (crate::ordered): what the receiver saw of
+    /// each execution's order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ordering: Option<ordered::OrderingReport>,
 }
 
 enum Drive {
@@ -262,6 +285,14 @@ enum Drive {
     },
     Ceiling {
         n: u64,
+    },
+    /// `n` executions of 5 events (crate::load `executions`).
+    Executions {
+        workflow: &'static str,
+        ordered: bool,
+        n: u64,
+        group: u64,
+        rate: Option<f64>,
     },
 }
 
@@ -318,11 +349,20 @@ impl Bench {
         let events = match &drive {
             Drive::Burst { n, .. } | Drive::Ceiling { n } => *n,
             Drive::Paced { rate, secs, .. } => (rate * *secs as f64).round() as u64,
+            Drive::Executions { n, .. } => *n * load::STEPS.len() as u64,
         };
         report.events = events;
-        if let Drive::Paced { rate, .. } = &drive {
-            report.offered_rate = Some(*rate);
+        match &drive {
+            Drive::Paced { rate, .. }
+            | Drive::Executions {
+                rate: Some(rate), ..
+            } => report.offered_rate = Some(*rate),
+            _ => {}
         }
+        let ordered = match &drive {
+            Drive::Executions { ordered, .. } => Some(*ordered),
+            _ => None,
+        };
         let is_ceiling = matches!(drive, Drive::Ceiling { .. });
         report.expected = events * webhooks as u64;
         let driver = tokio::spawn(async move {
@@ -342,6 +382,16 @@ impl Bench {
                     0
                 }
                 Drive::Ceiling { n } => load::ceiling(&receiver, phase, n, concurrency).await,
+                Drive::Executions {
+                    workflow,
+                    n,
+                    group,
+                    rate,
+                    ..
+                } => {
+                    publisher.executions(phase, workflow, n, group, rate).await;
+                    0
+                }
             }
         });
 
@@ -410,6 +460,13 @@ impl Bench {
         } else {
             0.0
         };
+        if let Some(ordered) = ordered {
+            report.ordering = Some(ordered::OrderingReport::of(
+                ordered,
+                &seen,
+                self.receiver.slow_key(),
+            ));
+        }
         report.latency = Latency::of(seen.latencies_us);
         let cpu_after = self.stack.cpu();
         let mut total = 0.0;
@@ -449,6 +506,12 @@ impl Bench {
             report.ops = Some(ops::report(before, &after, seen.delivered, ops.tapping()));
         }
         report.connections_opened = self.receiver.connections() - connections_before;
+        if let Some(o) = &report.ordering {
+            eprintln!(
+                "  {name}: {} keys, {} out of order, {} sequence errors, {} with webhook-sequence",
+                o.keys, o.out_of_order, o.sequence_errors, o.sequenced
+            );
+        }
         report.bench_cpu_s = round3(stack::cpu_seconds(std::process::id()) - bench_before);
         let machine_after = stack::machine_jiffies();
         let (busy, all) = (
@@ -538,6 +601,9 @@ struct Report {
     phases: Vec<PhaseReport>,
     peak_memory_mib: BTreeMap<String, f64>,
     summary: Summary,
+    /// With `--ordered-executions`: ordered beside unordered delivery.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ordered: Option<ordered::Summary>,
     /// With `--sync-always`: the broker phases again on a nats-server that
     /// syncs every write.
     sync_always: Option<SyncAlways>,
@@ -594,6 +660,9 @@ async fn start_pass(
             )
             .await?;
         receiver.add_secret(&id, &secret);
+    }
+    if args.ordered_executions > 0 {
+        ordered::create_webhooks(&stack, receiver).await?;
     }
     Ok((backing, stack, js))
 }
@@ -718,6 +787,8 @@ struct Settings {
     concurrency: usize,
     publish_window: usize,
     warmup: u64,
+    ordered_executions: u64,
+    ordered_rate: f64,
     service_env: BTreeMap<String, String>,
 }
 
@@ -864,6 +935,15 @@ async fn bench(args: Args) -> anyhow::Result<bool> {
         a.concurrency,
     );
     let mut phases = broker_phases(&mut bench, fanout_events).await?;
+    let ordered_executions = bench.args.ordered_executions;
+    let ordered = if ordered_executions > 0 {
+        let ordered_phases = ordered::phases(&mut bench, ordered_executions).await?;
+        let summary = ordered::summary(ordered_executions, &ordered_phases);
+        phases.extend(ordered_phases);
+        Some(summary)
+    } else {
+        None
+    };
     let ceiling_warmup = warmup.max(2 * concurrency as u64);
     eprintln!("ceiling warm-up: {ceiling_warmup} signed POSTs, {concurrency} at once");
     phases.push(
@@ -977,6 +1057,20 @@ async fn bench(args: Args) -> anyhow::Result<bool> {
         if p.publish_errors > 0 {
             failures.push(format!("{}: {} publish errors", p.name, p.publish_errors));
         }
+        if let Some(o) = p.ordering.as_ref().filter(|o| o.ordered) {
+            if o.out_of_order > 0 {
+                failures.push(format!(
+                    "{}: {} deliveries out of order",
+                    p.name, o.out_of_order
+                ));
+            }
+            if o.sequence_errors > 0 {
+                failures.push(format!(
+                    "{}: {} webhook-sequence errors",
+                    p.name, o.sequence_errors
+                ));
+            }
+        }
     }
     let result = Report {
         started_at_unix: load::now_us() / 1_000_000,
@@ -994,11 +1088,14 @@ async fn bench(args: Args) -> anyhow::Result<bool> {
             concurrency,
             publish_window: bench.args.publish_window,
             warmup,
+            ordered_executions,
+            ordered_rate: bench.args.ordered_rate,
             service_env: service_env.into_iter().collect(),
         },
         phases,
         peak_memory_mib,
         summary,
+        ordered,
         sync_always,
         failures,
     };
@@ -1011,6 +1108,9 @@ async fn bench(args: Args) -> anyhow::Result<bool> {
         eprintln!("FAILED: {failure}");
     }
     eprintln!("wrote {}", out.display());
+    if let Some(o) = &result.ordered {
+        println!("{}", ordered::line(o));
+    }
     let s = &result.summary;
     println!(
         "bench: deliveries/s={} p50_ms={} p99_ms={} ceiling/s={} ratio={}",

@@ -33,6 +33,59 @@ pub struct Phase {
     pub sent_us: Vec<u64>,
     pub last_at: Option<Instant>,
     seen: HashSet<String>,
+    /// Of the deliveries of executions (events with `data.step`, crate::load
+    /// `executions`): each execution's progress, by its `execution`
+    /// attribute.
+    pub keys: HashMap<String, KeyTrack>,
+    /// Deliveries that arrived after a later event of their execution.
+    pub out_of_order: u64,
+    /// Deliveries that carried `webhook-sequence`.
+    pub sequenced: u64,
+    /// Deliveries whose `webhook-sequence` was not one more than their
+    /// key's previous one (1 for the first), or whose
+    /// `webhook-ordering-key` was not their `execution` attribute.
+    pub sequence_errors: u64,
+    /// Publish-to-receipt of the deliveries of the slow key
+    /// ([`Receiver::set_slow_key`]), microseconds, in arrival order; these
+    /// are not in `latencies_us`.
+    pub slow_key_latencies_us: Vec<u32>,
+}
+
+/// What the receiver saw of one execution.
+#[derive(Debug, Default)]
+pub struct KeyTrack {
+    /// Distinct deliveries.
+    pub received: u32,
+    /// The highest `data.step` received.
+    pub max_step: Option<u32>,
+    /// The last `webhook-sequence` received (0: none yet).
+    pub last_sequence: u64,
+}
+
+impl Phase {
+    /// Checks a new delivery of `step` of `execution` against what its
+    /// execution got before.
+    fn track(
+        &mut self,
+        execution: &str,
+        step: u32,
+        sequence: Option<u64>,
+        ordering_key: Option<&str>,
+    ) {
+        let key = self.keys.entry(execution.to_owned()).or_default();
+        if key.max_step.is_some_and(|max| step < max) {
+            self.out_of_order += 1;
+        }
+        key.max_step = key.max_step.max(Some(step));
+        key.received += 1;
+        if let Some(sequence) = sequence {
+            self.sequenced += 1;
+            if sequence != key.last_sequence + 1 || ordering_key != Some(execution) {
+                self.sequence_errors += 1;
+            }
+            key.last_sequence = sequence;
+        }
+    }
 }
 
 #[derive(Default)]
@@ -43,7 +96,13 @@ struct State {
     /// Requests to `/slow…` paths, answered after [`SLOW_ANSWER`] and not
     /// recorded in any phase (the soak's slow customer).
     slow: AtomicU64,
+    /// The `webhook-ordering-key` whose requests are answered after
+    /// [`SLOW_KEY_ANSWER`] (recorded on receipt, before the wait).
+    slow_key: RwLock<Option<String>>,
 }
+
+/// How long a request of the slow key takes to answer.
+pub const SLOW_KEY_ANSWER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long a `/slow…` path takes to answer.
 pub const SLOW_ANSWER: std::time::Duration = std::time::Duration::from_secs(10);
@@ -58,6 +117,8 @@ pub struct Receiver {
 #[derive(Deserialize)]
 struct Body {
     webhook_id: String,
+    #[serde(default)]
+    attributes: HashMap<String, String>,
     data: Data,
 }
 
@@ -65,6 +126,9 @@ struct Body {
 struct Data {
     phase: usize,
     ts_us: u64,
+    /// Which step of its execution the event is (crate::load `executions`).
+    #[serde(default)]
+    step: Option<u32>,
 }
 
 impl Receiver {
@@ -117,6 +181,17 @@ impl Receiver {
             .write()
             .expect("secrets lock")
             .insert(webhook_id.to_owned(), secret.to_owned());
+    }
+
+    /// From now on, answers the requests whose `webhook-ordering-key` is
+    /// `key` after [`SLOW_KEY_ANSWER`] (none with `None`).
+    pub fn set_slow_key(&self, key: Option<String>) {
+        *self.state.slow_key.write().expect("slow key lock") = key;
+    }
+
+    /// The key [`Receiver::set_slow_key`] set.
+    pub fn slow_key(&self) -> Option<String> {
+        self.state.slow_key.read().expect("slow key lock").clone()
     }
 
     /// Requests answered on `/slow…` paths so far.
@@ -188,23 +263,44 @@ impl State {
                 herald_core::signing::verify_standard(secret, msg_id, timestamp, &body, signature)
             });
         let latency = received_us.saturating_sub(parsed.data.ts_us);
-        let mut phases = self.phases.lock().expect("phases lock");
-        if phases.len() <= parsed.data.phase {
-            phases.resize_with(parsed.data.phase + 1, Phase::default);
+        let sequence = header("webhook-sequence").and_then(|s| s.parse::<u64>().ok());
+        let ordering_key = header("webhook-ordering-key");
+        let slow = ordering_key.is_some()
+            && self.slow_key.read().expect("slow key lock").as_deref() == ordering_key;
+        // A block, not drop(): the guard must not be held across the await.
+        {
+            let mut phases = self.phases.lock().expect("phases lock");
+            if phases.len() <= parsed.data.phase {
+                phases.resize_with(parsed.data.phase + 1, Phase::default);
+            }
+            let phase = &mut phases[parsed.data.phase];
+            if !valid {
+                phase.bad_signatures += 1;
+            }
+            if phase.seen.insert(msg_id.to_owned()) {
+                phase.delivered += 1;
+                let latency = latency.min(u32::MAX as u64) as u32;
+                if slow {
+                    phase.slow_key_latencies_us.push(latency);
+                } else {
+                    phase.latencies_us.push(latency);
+                    phase.sent_us.push(parsed.data.ts_us);
+                }
+                phase.last_at = Some(Instant::now());
+                if let Some(step) = parsed.data.step {
+                    let execution = parsed
+                        .attributes
+                        .get("execution")
+                        .map_or("", String::as_str);
+                    phase.track(execution, step, sequence, ordering_key);
+                }
+            } else {
+                phase.duplicates += 1;
+            }
         }
-        let phase = &mut phases[parsed.data.phase];
-        if !valid {
-            phase.bad_signatures += 1;
+        if slow {
+            tokio::time::sleep(SLOW_KEY_ANSWER).await;
         }
-        if phase.seen.insert(msg_id.to_owned()) {
-            phase.delivered += 1;
-            phase.latencies_us.push(latency.min(u32::MAX as u64) as u32);
-            phase.sent_us.push(parsed.data.ts_us);
-            phase.last_at = Some(Instant::now());
-        } else {
-            phase.duplicates += 1;
-        }
-        drop(phases);
         reply(if valid { 200 } else { 401 })
     }
 
@@ -228,4 +324,30 @@ fn reply(status: u16) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = http::StatusCode::from_u16(status).expect("valid status");
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_execution_is_checked_for_order_and_a_gapless_sequence() {
+        let mut phase = Phase::default();
+        // In order, numbered 1, 2, 3.
+        for (step, seq) in [(0, 1), (1, 2), (2, 3)] {
+            phase.track("ex-a", step, Some(seq), Some("ex-a"));
+        }
+        assert_eq!((phase.out_of_order, phase.sequence_errors), (0, 0));
+        // Step 1 after step 2: one out of order; sequence 3 after 1: a gap;
+        // the wrong key: an error; no header: not counted as sequenced.
+        phase.track("ex-b", 0, Some(1), Some("ex-b"));
+        phase.track("ex-b", 2, Some(3), Some("ex-b"));
+        phase.track("ex-b", 1, Some(4), Some("ex-c"));
+        phase.track("ex-d", 0, None, None);
+        assert_eq!(phase.out_of_order, 1);
+        assert_eq!(phase.sequence_errors, 2);
+        assert_eq!(phase.sequenced, 6);
+        assert_eq!(phase.keys["ex-b"].received, 3);
+        assert_eq!(phase.keys.len(), 3);
+    }
 }

@@ -333,10 +333,22 @@ impl Stack {
         url: &str,
         body: Option<&Value>,
     ) -> anyhow::Result<(u16, Value)> {
+        self.call_in(ORG, method, url, body).await
+    }
+
+    /// [`Stack::call`] in organization `org` (`X-Organization-Id`).
+    pub async fn call_in(
+        &self,
+        org: &str,
+        method: &str,
+        url: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(u16, Value)> {
         let request = http::Request::builder()
             .method(method)
             .uri(url)
             .header("authorization", format!("Bearer {API_KEY}"))
+            .header("x-organization-id", org)
             .header("content-type", "application/json")
             .body(Full::new(
                 body.map(|b| Bytes::from(b.to_string())).unwrap_or_default(),
@@ -369,8 +381,22 @@ impl Stack {
         &self,
         body: serde_json::Value,
     ) -> anyhow::Result<(String, String)> {
+        self.create_webhook_in(ORG, body).await
+    }
+
+    /// [`Stack::create_webhook_with`] in organization `org`.
+    pub async fn create_webhook_in(
+        &self,
+        org: &str,
+        body: serde_json::Value,
+    ) -> anyhow::Result<(String, String)> {
         let (status, json) = self
-            .call("POST", &format!("{}/webhooks", self.admin_url), Some(&body))
+            .call_in(
+                org,
+                "POST",
+                &format!("{}/webhooks", self.admin_url),
+                Some(&body),
+            )
             .await?;
         if status != 201 {
             bail!("create webhook: HTTP {status}: {json}");
