@@ -43,7 +43,14 @@ pub fn turn_msg_id(delivery_id: &str, entry: u64) -> String {
     format!("{delivery_id}.q{entry}")
 }
 
-/// A key's cursor, stored as its latest message on the cursor subject.
+/// How long after a head was claimed (the cursor written to say it is
+/// handed on) a hand-on of it may be made again: a claim whose hand-on
+/// failed is healed by the next try, and a second hand-on within this time
+/// is stored once (JetStream deduplicates for two minutes).
+pub const AGAIN_WITHIN_MS: i64 = 60_000;
+
+/// A key's cursor, stored as its latest message on the cursor subject and
+/// changed only by compare-and-set.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Cursor {
     /// The sequence of the key's last concluded delivery (0: none yet).
@@ -51,45 +58,63 @@ pub struct Cursor {
     /// The queue entry the key is held on (a delivery that gave up on a
     /// webhook that holds its keys), or 0.
     pub held: u64,
-    /// The queue entry handed on to the delivery pipeline last, or 0: a
-    /// head handed on is not handed on again (its job may wait, parked or
-    /// scheduled, for longer than JetStream deduplicates).
+    /// The queue entry handed on to the delivery pipeline and not yet
+    /// concluded, or 0: it is not handed on again (its job may wait, parked
+    /// or scheduled, for longer than JetStream deduplicates).
     pub handed: u64,
+    /// The queue entry of the last concluded delivery: a head at or before
+    /// it was read before its removal and is not handed on.
+    pub last: u64,
 }
 
 impl Cursor {
     pub fn encode(&self) -> String {
-        format!("{} {} {}", self.concluded, self.held, self.handed)
+        format!(
+            "{} {} {} {}",
+            self.concluded, self.held, self.handed, self.last
+        )
     }
 
     /// An absent or unreadable cursor is a key that starts at 1.
     pub fn decode(bytes: &[u8]) -> Cursor {
         let text = std::str::from_utf8(bytes).unwrap_or_default();
-        let mut parts = text.split_whitespace().map(|p| p.parse::<u64>().ok());
-        match (
-            parts.next().flatten(),
-            parts.next().flatten(),
-            parts.next().flatten(),
-        ) {
-            (Some(concluded), held, handed) => Cursor {
-                concluded,
-                held: held.unwrap_or(0),
-                handed: handed.unwrap_or(0),
+        let parts: Vec<Option<u64>> = text.split_whitespace().map(|p| p.parse().ok()).collect();
+        let at = |i: usize| parts.get(i).copied().flatten().unwrap_or(0);
+        match parts.first() {
+            Some(Some(concluded)) => Cursor {
+                concluded: *concluded,
+                held: at(1),
+                handed: at(2),
+                last: at(3),
             },
             _ => Cursor::default(),
         }
     }
 
-    /// What the head of the key's queue, entry `head`, may do now.
-    pub fn turn(&self, head: u64) -> Turn {
+    /// What the head of the key's queue, entry `head`, may do now, the
+    /// cursor having been written `written_ago_ms` ago.
+    pub fn turn(&self, head: u64, written_ago_ms: i64) -> Turn {
+        let sequence = self.concluded + 1;
         if self.held != 0 && self.held == head {
             Turn::Held
-        } else if self.handed != 0 && self.handed == head {
-            Turn::Handed
-        } else {
-            Turn::Go {
-                sequence: self.concluded + 1,
+        } else if head <= self.last || (self.handed != 0 && head < self.handed) {
+            Turn::Nothing
+        } else if head == self.handed {
+            if written_ago_ms < AGAIN_WITHIN_MS {
+                Turn::Again { sequence }
+            } else {
+                Turn::Nothing
             }
+        } else {
+            Turn::Go { sequence }
+        }
+    }
+
+    /// The cursor that claims `head` as handed on.
+    pub fn handing(&self, head: u64) -> Cursor {
+        Cursor {
+            handed: head,
+            ..*self
         }
     }
 
@@ -101,11 +126,13 @@ impl Cursor {
                 concluded: sequence,
                 held: 0,
                 handed: 0,
+                last: entry,
             },
             Next::Hold => Cursor {
                 concluded: sequence.saturating_sub(1),
                 held: entry,
                 handed: 0,
+                last: self.last,
             },
         }
     }
@@ -114,12 +141,17 @@ impl Cursor {
 /// Whether the head of a key's queue may go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Turn {
-    /// Hand it on with this sequence.
+    /// Its turn: hand it on with this sequence, then claim it (the cursor,
+    /// by compare-and-set, says it is handed on).
     Go { sequence: u64 },
+    /// Claimed within [`AGAIN_WITHIN_MS`]: hand it on again with this
+    /// sequence (stored once), in case the claim's hand-on failed.
+    Again { sequence: u64 },
+    /// In the pipeline for longer, or concluded already (a read that raced
+    /// its removal): nothing to do.
+    Nothing,
     /// The key is held on it: it waits to be recovered.
     Held,
-    /// It is in the pipeline already.
-    Handed,
 }
 
 /// How a key's current delivery ended.
@@ -218,65 +250,67 @@ mod tests {
             Cursor::default(),
             Cursor {
                 concluded: 7,
-                held: 0,
-                handed: 0,
-            },
-            Cursor {
-                concluded: 7,
                 held: 1234,
                 handed: 0,
+                last: 1200,
             },
             Cursor {
                 concluded: 7,
                 held: 0,
                 handed: 99,
+                last: 98,
             },
         ] {
             assert_eq!(Cursor::decode(c.encode().as_bytes()), c);
         }
         assert_eq!(Cursor::decode(b""), Cursor::default());
         assert_eq!(Cursor::decode(b"garbage"), Cursor::default());
+        // Fewer fields (an older writer): the rest are 0.
         assert_eq!(
-            Cursor::decode(b"5"),
+            Cursor::decode(b"5 7"),
             Cursor {
                 concluded: 5,
-                held: 0,
-                handed: 0
+                held: 7,
+                ..Cursor::default()
             }
         );
     }
 
     #[test]
     fn whose_turn_it_is() {
-        let fresh = Cursor::default();
-        assert_eq!(fresh.turn(10), Turn::Go { sequence: 1 });
-        let on = Cursor {
-            concluded: 3,
-            held: 0,
-            handed: 0,
+        use Turn::*;
+        let c = |concluded, held, handed, last| Cursor {
+            concluded,
+            held,
+            handed,
+            last,
         };
-        assert_eq!(on.turn(10), Turn::Go { sequence: 4 });
-        let held = Cursor {
-            concluded: 3,
-            held: 10,
-            handed: 0,
-        };
-        assert_eq!(held.turn(10), Turn::Held);
-        // Held on an entry no longer at the head (recovered and concluded
-        // meanwhile): the head goes.
-        assert_eq!(held.turn(11), Turn::Go { sequence: 4 });
-        // Handed on already: not again, until it concludes.
-        let handed = Cursor {
-            concluded: 3,
-            held: 0,
-            handed: 10,
-        };
-        assert_eq!(handed.turn(10), Turn::Handed);
-        assert_eq!(handed.turn(11), Turn::Go { sequence: 4 });
-        assert_eq!(
-            handed.after(4, 10, Conclusion::Delivered, false).turn(11),
-            Turn::Go { sequence: 5 }
-        );
+        let long_ago = AGAIN_WITHIN_MS;
+        // (cursor, head, written ms ago, turn)
+        let cases = [
+            // A fresh key: the first goes as 1.
+            (Cursor::default(), 10, 0, Go { sequence: 1 }),
+            (c(3, 0, 0, 9), 10, 0, Go { sequence: 4 }),
+            // Held on it: it waits; a later head (the held one recovered
+            // and concluded meanwhile) goes.
+            (c(3, 10, 0, 9), 10, 0, Held),
+            (c(3, 10, 0, 9), 11, 0, Go { sequence: 4 }),
+            // Claimed just now: handed on again (stored once); claimed
+            // long ago: it is in the pipeline, not handed on again.
+            (c(3, 0, 10, 9), 10, 5, Again { sequence: 4 }),
+            (c(3, 0, 10, 9), 10, long_ago, Nothing),
+            // A head read before its removal: concluded, nothing to do.
+            (c(4, 0, 0, 10), 10, 0, Nothing),
+            (c(4, 0, 0, 10), 9, 0, Nothing),
+            (c(4, 0, 11, 10), 10, 0, Nothing),
+        ];
+        for (cursor, head, ago, want) in cases {
+            assert_eq!(
+                cursor.turn(head, ago),
+                want,
+                "{cursor:?} head {head} {ago} ms"
+            );
+        }
     }
 
     #[test]
@@ -293,41 +327,36 @@ mod tests {
         for (how, hold, want) in cases {
             assert_eq!(after(how, hold), want, "{how:?} hold={hold}");
         }
-        let c = Cursor {
+        let handed = Cursor {
             concluded: 4,
             held: 0,
-            handed: 0,
+            handed: 99,
+            last: 90,
         };
+        // Held: the key waits on the failed one, which is not handed on.
+        let held = handed.after(5, 99, Failed, true);
         assert_eq!(
-            c.after(5, 99, Failed, true),
+            held,
             Cursor {
                 concluded: 4,
                 held: 99,
-                handed: 0
+                handed: 0,
+                last: 90
             }
         );
-        assert_eq!(
-            c.after(5, 99, Failed, false),
-            Cursor {
-                concluded: 5,
-                held: 0,
-                handed: 0
-            }
-        );
+        assert_eq!(held.turn(99, 0), Turn::Held);
+        // Moved on: the next goes with the next sequence; the concluded one,
+        // read before its removal, does not.
+        let on = handed.after(5, 99, Failed, false);
+        assert_eq!(on.turn(100, 0), Turn::Go { sequence: 6 });
+        assert_eq!(on.turn(99, 0), Turn::Nothing);
         // A held key's delivery recovered and delivered moves it on.
-        let held = Cursor {
-            concluded: 4,
-            held: 99,
-            handed: 0,
-        };
         assert_eq!(
-            held.after(5, 99, Delivered, true),
-            Cursor {
-                concluded: 5,
-                held: 0,
-                handed: 0
-            }
+            held.after(5, 99, Delivered, true).turn(100, 0),
+            Turn::Go { sequence: 6 }
         );
+        // Claiming keeps the rest.
+        assert_eq!(on.handing(100), Cursor { handed: 100, ..on });
     }
 
     #[test]

@@ -23,7 +23,7 @@
 //! start and every few minutes ([`Parking::parked_webhooks`]), so one that
 //! died mid-release leaves nothing stranded.
 
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream;
 use bytes::Bytes;
 use futures::StreamExt;
 use herald_core::{names, proto};
@@ -130,22 +130,13 @@ impl Parking {
         }
     }
 
+    /// Forgets parked delivery `seq` (already gone: another replica's
+    /// release removed it).
     pub async fn remove(&self, seq: u64) -> Result<(), ParkingError> {
-        let stream = self.stream().await?;
-        match stream.delete_message(seq).await {
-            Ok(_) => Ok(()),
-            // Already removed by another replica's release.
-            Err(error)
-                if matches!(
-                    error.kind(),
-                    stream::DeleteMessageErrorKind::JetStream(e)
-                        if e.error_code() == async_nats::jetstream::ErrorCode::NO_MESSAGE_FOUND
-                ) =>
-            {
-                Ok(())
-            }
-            Err(error) => Err(ParkingError::Delete(error.to_string())),
-        }
+        nats::remove_message(&self.js, names::PARKED_STREAM, seq)
+            .await
+            .map(|_| ())
+            .map_err(|e| ParkingError::Delete(e.to_string()))
     }
 
     /// Moves `parked` back to its delivery subject, then forgets it.

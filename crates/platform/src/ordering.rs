@@ -41,6 +41,22 @@ pub enum OrderingError {
     Read(String),
     #[error("cannot remove a concluded delivery from its key's queue: {0}")]
     Delete(String),
+    /// Its key's cursor kept changing under compare-and-set.
+    #[error("the key's cursor kept changing")]
+    Contended,
+}
+
+/// Compare-and-set tries of a key's cursor before giving up (the caller
+/// tries again later).
+const CAS_TRIES: usize = 8;
+
+/// A key's cursor as read.
+struct Read {
+    cursor: Cursor,
+    /// Its message's stream sequence, 0 when there is none.
+    seq: u64,
+    /// How long ago it was written.
+    age_ms: i64,
 }
 
 impl OrderingError {
@@ -150,66 +166,86 @@ impl Queues {
     }
 
     /// Hands the head of `key`'s queue on to HERALD_DELIVERIES with its
-    /// sequence, unless the key is held or has nothing waiting.
+    /// sequence, unless the key is held, has nothing waiting, or its head
+    /// is in the pipeline already: published (`Nats-Msg-Id` of the entry),
+    /// then claimed (the cursor says it is handed on, by compare-and-set),
+    /// so that it is not handed on again once JetStream no longer
+    /// deduplicates. Two hand-ons racing store it once.
     pub async fn hand_on(
         &self,
         org: &str,
         webhook_id: &str,
         key: &str,
     ) -> Result<(), OrderingError> {
-        let token = ordering::token(key);
-        let stream = self.stream().await?;
-        let head = match stream
-            .get_first_raw_message_by_subject(names::ordered_subject(org, webhook_id, &token), 1)
-            .await
-        {
-            Ok(head) => head,
-            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => return Ok(()),
-            Err(e) => return Err(OrderingError::Read(e.to_string())),
-        };
-        let cursor = self.cursor(org, webhook_id, key).await?;
-        let Turn::Go { sequence } = cursor.turn(head.sequence) else {
-            return Ok(());
-        };
-        let Ok(mut job) = proto::DeliveryJob::decode(head.payload.clone()) else {
-            // Nothing can ever deliver it: it must not block its key.
-            tracing::error!(
-                entry = head.sequence,
-                "undecodable entry in an ordered queue; removed"
+        let subject = names::ordered_subject(org, webhook_id, &ordering::token(key));
+        for _ in 0..CAS_TRIES {
+            let head = match self
+                .stream()
+                .await?
+                .get_first_raw_message_by_subject(&subject, 1)
+                .await
+            {
+                Ok(head) => head,
+                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                    return Ok(());
+                }
+                Err(e) => return Err(OrderingError::Read(e.to_string())),
+            };
+            let read = self.read_cursor(org, webhook_id, key).await?;
+            let (sequence, claim) = match read.cursor.turn(head.sequence, read.age_ms) {
+                Turn::Held | Turn::Nothing => return Ok(()),
+                Turn::Again { sequence } => (sequence, false),
+                Turn::Go { sequence } => (sequence, true),
+            };
+            let Ok(mut job) = proto::DeliveryJob::decode(head.payload.clone()) else {
+                // Nothing can ever deliver it: it must not block its key.
+                tracing::error!(
+                    entry = head.sequence,
+                    "undecodable entry in an ordered queue; removed"
+                );
+                self.remove(head.sequence).await?;
+                continue;
+            };
+            job.ordered = Some(proto::OrderedPlace {
+                key: key.to_owned(),
+                sequence,
+                entry: head.sequence,
+            });
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(
+                names::MSG_ID_HEADER,
+                ordering::turn_msg_id(&job.delivery_id, head.sequence).as_str(),
             );
-            self.remove(head.sequence).await?;
-            return Box::pin(self.hand_on(org, webhook_id, key)).await;
-        };
-        job.ordered = Some(proto::OrderedPlace {
-            key: key.to_owned(),
-            sequence,
-            entry: head.sequence,
-        });
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(
-            names::MSG_ID_HEADER,
-            ordering::turn_msg_id(&job.delivery_id, head.sequence).as_str(),
-        );
-        if let Some(event) = &job.event {
-            trace::inject(&mut headers, &event.traceparent);
+            if let Some(event) = &job.event {
+                trace::inject(&mut headers, &event.traceparent);
+            }
+            // Published before it is claimed: a hand-on cut short in
+            // between is made again by the next (stored once), where a claim
+            // without its publish would leave the key waiting for nothing.
+            nats::publish(
+                &self.js,
+                names::delivery_subject(org, webhook_id),
+                headers,
+                job.encode_to_vec().into(),
+            )
+            .await?;
+            if !claim
+                || self
+                    .write_cursor(
+                        org,
+                        webhook_id,
+                        key,
+                        read.cursor.handing(head.sequence),
+                        read.seq,
+                    )
+                    .await?
+            {
+                return Ok(());
+            }
+            // The cursor changed since it was read (another hand-on of the
+            // same head claimed it, or the key moved on): look again.
         }
-        nats::publish(
-            &self.js,
-            names::delivery_subject(org, webhook_id),
-            headers,
-            job.encode_to_vec().into(),
-        )
-        .await?;
-        self.write_cursor(
-            org,
-            webhook_id,
-            key,
-            Cursor {
-                handed: head.sequence,
-                ..cursor
-            },
-        )
-        .await
+        Err(OrderingError::Contended)
     }
 
     /// The cursor of `key`.
@@ -219,6 +255,17 @@ impl Queues {
         webhook_id: &str,
         key: &str,
     ) -> Result<Cursor, OrderingError> {
+        Ok(self.read_cursor(org, webhook_id, key).await?.cursor)
+    }
+
+    /// The cursor of `key`, with its stream sequence (0: none) for a
+    /// compare-and-set, and how long ago it was written.
+    async fn read_cursor(
+        &self,
+        org: &str,
+        webhook_id: &str,
+        key: &str,
+    ) -> Result<Read, OrderingError> {
         let subject = names::ordered_cursor_subject(org, webhook_id, &ordering::token(key));
         match self
             .stream()
@@ -226,10 +273,16 @@ impl Queues {
             .get_last_raw_message_by_subject(&subject)
             .await
         {
-            Ok(m) => Ok(Cursor::decode(&m.payload)),
-            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
-                Ok(Cursor::default())
-            }
+            Ok(m) => Ok(Read {
+                cursor: Cursor::decode(&m.payload),
+                seq: m.sequence,
+                age_ms: crate::now_ms() - (m.time.unix_timestamp_nanos() / 1_000_000) as i64,
+            }),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(Read {
+                cursor: Cursor::default(),
+                seq: 0,
+                age_ms: i64::MAX,
+            }),
             Err(e) => Err(OrderingError::Read(e.to_string())),
         }
     }
@@ -289,10 +342,20 @@ impl Queues {
         };
         let (org, webhook_id) = (job.organization_id.as_str(), job.webhook_id.as_str());
         if self.is_open(org, webhook_id, place).await? {
-            let cursor = self.cursor(org, webhook_id, &place.key).await?;
-            let next = cursor.after(place.sequence, place.entry, how, hold);
-            if next != cursor {
-                self.write_cursor(org, webhook_id, &place.key, next).await?;
+            let mut moved = false;
+            for _ in 0..CAS_TRIES {
+                let read = self.read_cursor(org, webhook_id, &place.key).await?;
+                let next = read.cursor.after(place.sequence, place.entry, how, hold);
+                if self
+                    .write_cursor(org, webhook_id, &place.key, next, read.seq)
+                    .await?
+                {
+                    moved = true;
+                    break;
+                }
+            }
+            if !moved {
+                return Err(OrderingError::Contended);
             }
             if ordering::after(how, hold) == Next::Hold {
                 return Ok(());
@@ -300,42 +363,55 @@ impl Queues {
             self.remove(place.entry).await?;
         }
         // Also when it was concluded before (a conclusion cut short between
-        // its removal and this): handing on again is stored once.
+        // its removal and this): the next is handed on once.
         self.hand_on(org, webhook_id, &place.key).await
     }
 
+    /// Writes `cursor` if the key's cursor is still the message `expected`
+    /// (0: none): false when another writer came first.
     async fn write_cursor(
         &self,
         org: &str,
         webhook_id: &str,
         key: &str,
         cursor: Cursor,
-    ) -> Result<(), OrderingError> {
+        expected: u64,
+    ) -> Result<bool, OrderingError> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Rollup", "sub");
+        headers.insert(
+            "Nats-Expected-Last-Subject-Sequence",
+            expected.to_string().as_str(),
+        );
         let ttl = if cursor.held != 0 {
             "never".to_owned()
         } else {
             format!("{}s", self.key_ttl.as_secs().max(1))
         };
         headers.insert("Nats-TTL", ttl.as_str());
-        nats::publish(
+        match nats::publish(
             &self.js,
             names::ordered_cursor_subject(org, webhook_id, &ordering::token(key)),
             headers,
             cursor.encode().into(),
         )
-        .await?;
-        Ok(())
+        .await
+        {
+            Ok(_) => Ok(true),
+            Err(PublishError::Publish { source, .. })
+                if source.kind() == jetstream::context::PublishErrorKind::WrongLastSequence =>
+            {
+                Ok(false)
+            }
+            Err(error) => Err(error.into()),
+        }
     }
 
     async fn remove(&self, entry: u64) -> Result<(), OrderingError> {
-        match self.stream().await?.delete_message(entry).await {
-            Ok(_) => Ok(()),
-            // Already removed.
-            Err(e) if e.to_string().contains("no message found") => Ok(()),
-            Err(e) => Err(OrderingError::Delete(e.to_string())),
-        }
+        nats::remove_message(&self.js, names::ORDERED_STREAM, entry)
+            .await
+            .map(|_| ())
+            .map_err(|e| OrderingError::Delete(e.to_string()))
     }
 
     /// What `webhook_id`'s keys hold back.
@@ -371,7 +447,7 @@ impl Queues {
             status.oldest = Some(Oldest {
                 delivery_id: job.delivery_id.clone(),
                 event_type: job.event.map(|e| e.r#type).unwrap_or_default(),
-                held: cursor.turn(oldest.sequence) == Turn::Held,
+                held: cursor.turn(oldest.sequence, 0) == Turn::Held,
                 key,
                 since_ms: (oldest.time.unix_timestamp_nanos() / 1_000_000) as i64,
             });
