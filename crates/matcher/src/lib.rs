@@ -226,7 +226,8 @@ impl Handler for State {
                 return Disposition::DeadLetter(format!("undecodable accepted event: {error}"));
             }
         };
-        match self.fan_out(&event, seq).await {
+        let at = worker::Position::of(message);
+        match self.fan_out(&event, seq, at.as_ref()).await {
             Ok(()) => {
                 self.metrics.events.inc();
                 Disposition::Ack
@@ -244,7 +245,14 @@ impl Handler for State {
 }
 
 impl State {
-    async fn fan_out(&self, event: &proto::Event, event_seq: u64) -> Result<(), FanOutError> {
+    /// `at`: the event's place in its consumer, for the order of the
+    /// appends to ordered webhooks' queues.
+    async fn fan_out(
+        &self,
+        event: &proto::Event,
+        event_seq: u64,
+        at: Option<&worker::Position>,
+    ) -> Result<(), FanOutError> {
         let set = self.cache.get(&event.organization_id).await?;
         let mut matches = set.matching(&event.r#type, &event.attributes);
         // A webhook is never sent system events about itself.
@@ -254,7 +262,9 @@ impl State {
             matches.retain(|s| &s.webhook_id != about);
         }
         if matches.is_empty() {
-            self.order.pass(event_seq);
+            if let Some(at) = at {
+                self.order.pass(at);
+            }
             self.metrics.unmatched.inc();
             return Ok(());
         }
@@ -302,14 +312,20 @@ impl State {
         // nothing to append), and handed on once its key had nothing
         // waiting before it (`platform::ordering`).
         let mut appended = Vec::with_capacity(ordered.len());
+        if !ordered.is_empty()
+            && let Some(at) = at
+        {
+            self.order.turn(at).await;
+        }
         if !ordered.is_empty() {
-            self.order.turn(event_seq).await;
             for (job, payload, msg_id) in ordered {
                 let ack = self.queues.append(&job, payload.into(), &msg_id).await?;
                 appended.push((job, ack));
             }
         }
-        self.order.pass(event_seq);
+        if let Some(at) = at {
+            self.order.pass(at);
+        }
         // Each ack future carries its subject, for the error.
         let mut acks = FuturesUnordered::new();
         let acked = |(subject, result): (String, Result<_, jetstream::context::PublishError>)| {

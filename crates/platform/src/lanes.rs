@@ -763,6 +763,10 @@ impl<H: Handler> Handler for MainSide<H> {
         self.inner.handle(message).await
     }
 
+    fn in_order(&self) -> Option<&crate::worker::InOrder> {
+        self.inner.in_order()
+    }
+
     fn unread(&self, message: &Message) -> bool {
         Self::position(message).is_some_and(|(org, seq, _)| {
             self.lanes
@@ -826,6 +830,10 @@ impl<H: Handler> LaneSide<H> {
 }
 
 impl<H: Handler> Handler for LaneSide<H> {
+    fn in_order(&self) -> Option<&crate::worker::InOrder> {
+        self.inner.in_order()
+    }
+
     async fn handle(&self, message: &Message) -> Disposition {
         match self.turn(message).await {
             Turn::Skip => Disposition::Ack,

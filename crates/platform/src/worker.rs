@@ -130,41 +130,70 @@ pub trait Handler: Send + Sync + 'static {
     }
 }
 
-/// Lets the handlers of one consumer's messages take one step — a publish
+/// Lets the handlers of a consumer's messages take one step — a publish
 /// whose order matters — in the order the messages were pulled (their
 /// stream sequence), while the rest of their work runs concurrently: a
-/// message's step waits only for the messages pulled before it that are
-/// still before theirs.
+/// message's step waits only for the messages of the same consumer pulled
+/// before it that are still before theirs. Each consumer (a stage's main
+/// one, each lane) keeps its own order, so one's slow messages never hold
+/// up another's.
 #[derive(Default)]
 pub struct InOrder {
-    entered: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+    entered: std::sync::Mutex<std::collections::BTreeSet<Position>>,
     passed: tokio::sync::Notify,
 }
 
+/// A message's place for [`InOrder`]: its consumer and stream sequence.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position {
+    consumer: String,
+    seq: u64,
+}
+
+impl Position {
+    /// `None` for a message without JetStream metadata.
+    pub fn of(message: &Message) -> Option<Position> {
+        let info = message.info().ok()?;
+        Some(Position {
+            consumer: info.consumer.to_owned(),
+            seq: info.stream_sequence,
+        })
+    }
+}
+
 impl InOrder {
-    fn enter(&self, seq: u64) {
-        if seq > 0 {
-            self.entered.lock().expect("in order").insert(seq);
-        }
+    fn enter(&self, at: Position) {
+        self.entered.lock().expect("in order").insert(at);
     }
 
-    /// Waits until every message entered before `seq` has passed.
-    pub async fn turn(&self, seq: u64) {
+    /// Waits until every message of `at`'s consumer entered before it has
+    /// passed.
+    pub async fn turn(&self, at: &Position) {
+        let first = Position {
+            consumer: at.consumer.clone(),
+            seq: 0,
+        };
         loop {
             let passed = self.passed.notified();
             let mut passed = std::pin::pin!(passed);
             passed.as_mut().enable();
-            let first = self.entered.lock().expect("in order").first().copied();
-            if first.is_none_or(|first| first >= seq) {
+            let before = self
+                .entered
+                .lock()
+                .expect("in order")
+                .range(&first..at)
+                .next()
+                .is_some();
+            if !before {
                 return;
             }
             passed.await;
         }
     }
 
-    /// `seq` took its step (or has none to take): those after it may go.
-    pub fn pass(&self, seq: u64) {
-        if self.entered.lock().expect("in order").remove(&seq) {
+    /// `at` took its step (or has none to take): those after it may go.
+    pub fn pass(&self, at: &Position) {
+        if self.entered.lock().expect("in order").remove(at) {
             self.passed.notify_waiters();
         }
     }
@@ -559,23 +588,24 @@ fn report_panic(done: Result<(), tokio::task::JoinError>, consumer: &str) {
 /// acks while it runs when `spec.progress_every` says so; then settled.
 /// Enters `message` in its handler's [`InOrder`], in the order pulled.
 fn enter<H: Handler>(handler: &H, message: &Message) {
-    if let Some(order) = handler.in_order() {
-        order.enter(message.info().map(|i| i.stream_sequence).unwrap_or(0));
+    if let Some(order) = handler.in_order()
+        && let Some(at) = Position::of(message)
+    {
+        order.enter(at);
     }
 }
 
 pub async fn process<H: Handler>(handler: &H, settle: &Settle, spec: &Spec, message: Message) {
-    let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
     /// Lets the message pass however its work ends (a panic included).
-    struct Passes<'a>(Option<&'a InOrder>, u64);
+    struct Passes<'a>(Option<(&'a InOrder, Position)>);
     impl Drop for Passes<'_> {
         fn drop(&mut self) {
-            if let Some(order) = self.0 {
-                order.pass(self.1);
+            if let Some((order, at)) = &self.0 {
+                order.pass(at);
             }
         }
     }
-    let _passes = Passes(handler.in_order(), seq);
+    let _passes = Passes(handler.in_order().zip(Position::of(&message)));
     let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
     let disposition = if delivered > spec.max_deliveries {
         handler.exhausted(&message, delivered).await
