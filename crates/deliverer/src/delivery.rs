@@ -333,8 +333,14 @@ impl State {
             {
                 Ok(true) => {}
                 Ok(false) => {
+                    // Its conclusion may have been cut short after its
+                    // entry's removal: the key's next is handed on (once).
                     self.count("concluded_before");
-                    return Done::Ack;
+                    return finish(
+                        self.queues
+                            .hand_on(&job.organization_id, &job.webhook_id, &place.key)
+                            .await,
+                    );
                 }
                 Err(error) => return Done::HandBack(error.into()),
             }
