@@ -97,7 +97,9 @@ impl Cursor {
         let sequence = self.concluded + 1;
         if self.held != 0 && self.held == head {
             Turn::Held
-        } else if head <= self.last || (self.handed != 0 && head < self.handed) {
+        } else if head <= self.last {
+            Turn::Concluded
+        } else if self.handed != 0 && head < self.handed {
             Turn::Nothing
         } else if head == self.handed {
             if written_ago_ms < AGAIN_WITHIN_MS {
@@ -120,7 +122,12 @@ impl Cursor {
 
     /// The cursor once the delivery with `sequence` (entry `entry`)
     /// concluded `how` on a webhook that does (or does not) hold its keys.
+    /// A delivery concluded before (its entry at or before the last
+    /// concluded one) changes nothing.
     pub fn after(&self, sequence: u64, entry: u64, how: Conclusion, hold: bool) -> Cursor {
+        if entry <= self.last {
+            return *self;
+        }
         match after(how, hold) {
             Next::MoveOn => Cursor {
                 concluded: sequence,
@@ -147,9 +154,12 @@ pub enum Turn {
     /// Claimed within [`AGAIN_WITHIN_MS`]: hand it on again with this
     /// sequence (stored once), in case the claim's hand-on failed.
     Again { sequence: u64 },
-    /// In the pipeline for longer, or concluded already (a read that raced
-    /// its removal): nothing to do.
+    /// In the pipeline for longer: nothing to do.
     Nothing,
+    /// Concluded already, its entry not yet removed (a read that raced the
+    /// removal, or a conclusion cut short before it): remove it, and look
+    /// at the next.
+    Concluded,
     /// The key is held on it: it waits to be recovered.
     Held,
 }
@@ -299,10 +309,12 @@ mod tests {
             // long ago: it is in the pipeline, not handed on again.
             (c(3, 0, 10, 9), 10, 5, Again { sequence: 4 }),
             (c(3, 0, 10, 9), 10, long_ago, Nothing),
-            // A head read before its removal: concluded, nothing to do.
-            (c(4, 0, 0, 10), 10, 0, Nothing),
-            (c(4, 0, 0, 10), 9, 0, Nothing),
-            (c(4, 0, 11, 10), 10, 0, Nothing),
+            // A head concluded, not yet removed (read before its removal,
+            // or a conclusion cut short).
+            (c(4, 0, 0, 10), 10, 0, Concluded),
+            (c(4, 0, 0, 10), 9, 0, Concluded),
+            (c(4, 0, 11, 10), 10, 0, Concluded),
+            (c(4, 0, 12, 10), 11, 0, Nothing),
         ];
         for (cursor, head, ago, want) in cases {
             assert_eq!(
@@ -349,12 +361,15 @@ mod tests {
         // read before its removal, does not.
         let on = handed.after(5, 99, Failed, false);
         assert_eq!(on.turn(100, 0), Turn::Go { sequence: 6 });
-        assert_eq!(on.turn(99, 0), Turn::Nothing);
+        assert_eq!(on.turn(99, 0), Turn::Concluded);
         // A held key's delivery recovered and delivered moves it on.
         assert_eq!(
             held.after(5, 99, Delivered, true).turn(100, 0),
             Turn::Go { sequence: 6 }
         );
+        // A second conclusion of one concluded before changes nothing.
+        assert_eq!(on.after(5, 99, Delivered, false), on);
+        assert_eq!(on.after(4, 80, Failed, true), on);
         // Claiming keeps the rest.
         assert_eq!(on.handing(100), Cursor { handed: 100, ..on });
     }

@@ -177,6 +177,17 @@ impl Queues {
         webhook_id: &str,
         key: &str,
     ) -> Result<(), OrderingError> {
+        self.hand_on_with(org, webhook_id, key, None).await
+    }
+
+    /// [`Queues::hand_on`], the key's cursor known at first (just written).
+    async fn hand_on_with(
+        &self,
+        org: &str,
+        webhook_id: &str,
+        key: &str,
+        mut known: Option<Read>,
+    ) -> Result<(), OrderingError> {
         let subject = names::ordered_subject(org, webhook_id, &ordering::token(key));
         for _ in 0..CAS_TRIES {
             let head = match self
@@ -191,9 +202,19 @@ impl Queues {
                 }
                 Err(e) => return Err(OrderingError::Read(e.to_string())),
             };
-            let read = self.read_cursor(org, webhook_id, key).await?;
+            let read = match known.take() {
+                Some(read) => read,
+                None => self.read_cursor(org, webhook_id, key).await?,
+            };
             let (sequence, claim) = match read.cursor.turn(head.sequence, read.age_ms) {
                 Turn::Held | Turn::Nothing => return Ok(()),
+                // Its conclusion was cut short before the removal (or
+                // this read raced it): removed, and the next looked at.
+                Turn::Concluded => {
+                    self.remove(head.sequence).await?;
+                    known = Some(read);
+                    continue;
+                }
                 Turn::Again { sequence } => (sequence, false),
                 Turn::Go { sequence } => (sequence, true),
             };
@@ -239,6 +260,7 @@ impl Queues {
                         read.seq,
                     )
                     .await?
+                    .is_some()
             {
                 return Ok(());
             }
@@ -340,35 +362,42 @@ impl Queues {
         let Some(place) = place(job).filter(|p| p.entry > 0) else {
             return Ok(());
         };
-        let (org, webhook_id) = (job.organization_id.as_str(), job.webhook_id.as_str());
-        if self.is_open(org, webhook_id, place).await? {
-            let mut moved = false;
-            for _ in 0..CAS_TRIES {
-                let read = self.read_cursor(org, webhook_id, &place.key).await?;
-                let next = read.cursor.after(place.sequence, place.entry, how, hold);
-                if self
-                    .write_cursor(org, webhook_id, &place.key, next, read.seq)
-                    .await?
-                {
-                    moved = true;
-                    break;
-                }
+        let (org, webhook_id, key) = (
+            job.organization_id.as_str(),
+            job.webhook_id.as_str(),
+            place.key.as_str(),
+        );
+        for _ in 0..CAS_TRIES {
+            let read = self.read_cursor(org, webhook_id, key).await?;
+            let next = read.cursor.after(place.sequence, place.entry, how, hold);
+            if next == read.cursor {
+                // Concluded before (a conclusion cut short after its cursor,
+                // or a second copy): its next is handed on, once.
+                return self.hand_on_with(org, webhook_id, key, Some(read)).await;
             }
-            if !moved {
-                return Err(OrderingError::Contended);
-            }
+            let Some(seq) = self
+                .write_cursor(org, webhook_id, key, next, read.seq)
+                .await?
+            else {
+                continue;
+            };
             if ordering::after(how, hold) == Next::Hold {
                 return Ok(());
             }
             self.remove(place.entry).await?;
+            let written = Read {
+                cursor: next,
+                seq,
+                age_ms: 0,
+            };
+            return self.hand_on_with(org, webhook_id, key, Some(written)).await;
         }
-        // Also when it was concluded before (a conclusion cut short between
-        // its removal and this): the next is handed on once.
-        self.hand_on(org, webhook_id, &place.key).await
+        Err(OrderingError::Contended)
     }
 
     /// Writes `cursor` if the key's cursor is still the message `expected`
-    /// (0: none): false when another writer came first.
+    /// (0: none), answering the new message's sequence: `None` when another
+    /// writer came first.
     async fn write_cursor(
         &self,
         org: &str,
@@ -376,7 +405,7 @@ impl Queues {
         key: &str,
         cursor: Cursor,
         expected: u64,
-    ) -> Result<bool, OrderingError> {
+    ) -> Result<Option<u64>, OrderingError> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Rollup", "sub");
         headers.insert(
@@ -397,11 +426,11 @@ impl Queues {
         )
         .await
         {
-            Ok(_) => Ok(true),
+            Ok(ack) => Ok(Some(ack.sequence)),
             Err(PublishError::Publish { source, .. })
                 if source.kind() == jetstream::context::PublishErrorKind::WrongLastSequence =>
             {
-                Ok(false)
+                Ok(None)
             }
             Err(error) => Err(error.into()),
         }
