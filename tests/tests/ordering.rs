@@ -69,6 +69,17 @@ async fn publish_interleaved(stack: &Stack) {
     }
 }
 
+/// `<event id>#<webhook-sequence>` of each request, in the order received.
+fn event_and_sequence(received: &[Received]) -> Vec<String> {
+    received
+        .iter()
+        .map(|r| {
+            let sequence = r.header("webhook-sequence").unwrap_or("none");
+            format!("{}#{sequence}", r.event_id())
+        })
+        .collect()
+}
+
 /// (execution, step) of a received event.
 fn place(r: &Received) -> (usize, usize) {
     let id = r.event_id();
@@ -289,23 +300,7 @@ async fn a_given_up_delivery_moves_its_key_on_or_holds_it() {
     }
     // Skip: the first gives up after its two attempts, the second goes.
     let skip = receiver.wait_for("/skip", 3, Duration::from_secs(30)).await;
-    let steps: Vec<(String, Option<String>)> = skip
-        .iter()
-        .map(|r| {
-            (
-                r.event_id(),
-                r.header("webhook-sequence").map(str::to_owned),
-            )
-        })
-        .collect();
-    assert_eq!(
-        steps,
-        [
-            ("e0".to_string(), Some("1".to_string())),
-            ("e0".to_string(), Some("1".to_string())),
-            ("e1".to_string(), Some("2".to_string())),
-        ]
-    );
+    assert_eq!(event_and_sequence(&skip), ["e0#1", "e0#1", "e1#2"]);
     // Hold: the first gives up, the second waits, shown on the webhook.
     let hold_id = webhooks[1]["id"].as_str().unwrap().to_owned();
     let shown = stack
@@ -326,29 +321,14 @@ async fn a_given_up_delivery_moves_its_key_on_or_holds_it() {
         .api(
             "POST",
             &format!("/webhooks/{hold_id}/recover"),
-            Some(json!({"since": herald_core::payload::rfc3339_ms(herald_platform::now_ms() - 3_600_000)})),
+            Some(json!({
+                "since": herald_core::payload::rfc3339_ms(herald_platform::now_ms() - 3_600_000)
+            })),
         )
         .await;
     assert!(status == 202 || status == 200, "recover: {status} {job}");
     let hold = receiver.wait_for("/hold", 4, Duration::from_secs(30)).await;
-    let steps: Vec<(String, Option<String>)> = hold
-        .iter()
-        .map(|r| {
-            (
-                r.event_id(),
-                r.header("webhook-sequence").map(str::to_owned),
-            )
-        })
-        .collect();
-    assert_eq!(
-        steps,
-        [
-            ("e0".to_string(), Some("1".to_string())),
-            ("e0".to_string(), Some("1".to_string())),
-            ("e0".to_string(), Some("1".to_string())),
-            ("e1".to_string(), Some("2".to_string())),
-        ]
-    );
+    assert_eq!(event_and_sequence(&hold), ["e0#1", "e0#1", "e0#1", "e1#2"]);
     stack
         .eventually(Duration::from_secs(30), "nothing held", || async {
             let w = stack.webhook(&hold_id).await;

@@ -95,23 +95,13 @@ async fn ordering_is_set_validated_shown_and_turned_off() {
     let longest = stack.create_webhook(minimal(json!({"key": long}))).await;
     assert_eq!(longest["ordering"]["key"], long.as_str());
 
-    // Refused, naming the field: on create and on PATCH alike.
+    // Refused, naming the field: on create and on PATCH alike (one of each
+    // kind here; every rule is a row of validate.rs's `ordering_values`).
     for bad in [
         json!("execution"),
-        json!(true),
-        json!(["execution"]),
         json!({}),
-        json!({"key": null}),
-        json!({"key": ""}),
-        json!({"key": "k".repeat(65)}),
         json!({"key": "execution.id"}),
-        json!({"key": "exécution"}),
-        json!({"key": "a b"}),
-        json!({"key": 7}),
-        json!({"on_failure": "hold"}),
         json!({"key": "execution", "on_failure": "retry"}),
-        json!({"key": "execution", "on_failure": "Hold"}),
-        json!({"key": "execution", "on_failure": true}),
         json!({"key": "execution", "hold_on_failure": true}),
     ] {
         let (status, answer) = stack

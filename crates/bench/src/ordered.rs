@@ -168,24 +168,38 @@ pub async fn phases(bench: &mut Bench, n: u64) -> anyhow::Result<Vec<PhaseReport
     Ok(phases)
 }
 
+/// One webhook's burst of the executions.
+#[derive(Debug, Default, Serialize)]
+pub struct Burst {
+    pub per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// The services' CPU ms per delivery, and every process's (NATS and
+    /// Redis too).
+    pub cpu_ms_per_delivery: f64,
+    pub all_cpu_ms_per_delivery: f64,
+}
+
+impl Burst {
+    fn of(p: &PhaseReport) -> Self {
+        Self {
+            per_s: p.deliveries_per_s.round(),
+            p50_ms: p.latency.p50_ms,
+            p99_ms: p.latency.p99_ms,
+            cpu_ms_per_delivery: p.cpu_ms_per_delivery,
+            all_cpu_ms_per_delivery: p.all_cpu_ms_per_delivery,
+        }
+    }
+}
+
 /// Ordered beside unordered, from [`phases`]' reports.
 #[derive(Debug, Default, Serialize)]
 pub struct Summary {
     pub executions: u64,
-    pub unordered_per_s: f64,
-    pub ordered_per_s: f64,
-    /// ordered_per_s / unordered_per_s.
+    pub unordered: Burst,
+    pub ordered: Burst,
+    /// ordered.per_s / unordered.per_s.
     pub ordered_share: f64,
-    pub unordered_p50_ms: f64,
-    pub unordered_p99_ms: f64,
-    pub ordered_p50_ms: f64,
-    pub ordered_p99_ms: f64,
-    /// The services' CPU ms per delivery, and every process's (NATS and
-    /// Redis too).
-    pub unordered_cpu_ms_per_delivery: f64,
-    pub ordered_cpu_ms_per_delivery: f64,
-    pub unordered_all_cpu_ms_per_delivery: f64,
-    pub ordered_all_cpu_ms_per_delivery: f64,
     /// Of the ordered phases, all four: must be 0.
     pub out_of_order: u64,
     pub sequence_errors: u64,
@@ -213,22 +227,14 @@ pub fn summary(executions: u64, phases: &[PhaseReport]) -> Summary {
         ..Default::default()
     };
     if let Some(u) = find("unordered executions") {
-        s.unordered_per_s = u.deliveries_per_s.round();
-        s.unordered_p50_ms = u.latency.p50_ms;
-        s.unordered_p99_ms = u.latency.p99_ms;
-        s.unordered_cpu_ms_per_delivery = u.cpu_ms_per_delivery;
-        s.unordered_all_cpu_ms_per_delivery = u.all_cpu_ms_per_delivery;
+        s.unordered = Burst::of(u);
         s.unordered_out_of_order = u.ordering.as_ref().map_or(0, |o| o.out_of_order);
     }
     if let Some(o) = find("ordered executions") {
-        s.ordered_per_s = o.deliveries_per_s.round();
-        s.ordered_p50_ms = o.latency.p50_ms;
-        s.ordered_p99_ms = o.latency.p99_ms;
-        s.ordered_cpu_ms_per_delivery = o.cpu_ms_per_delivery;
-        s.ordered_all_cpu_ms_per_delivery = o.all_cpu_ms_per_delivery;
+        s.ordered = Burst::of(o);
     }
-    if s.unordered_per_s > 0.0 {
-        s.ordered_share = round3(s.ordered_per_s / s.unordered_per_s);
+    if s.unordered.per_s > 0.0 {
+        s.ordered_share = round3(s.ordered.per_s / s.unordered.per_s);
     }
     for p in phases {
         if let Some(o) = p.ordering.as_ref().filter(|o| o.ordered) {
@@ -255,15 +261,15 @@ pub fn line(s: &Summary) -> String {
     format!(
         "ordered: {} executions x 5; unordered {}/s p50 {} ms p99 {} ms {} cpu ms; ordered {}/s ({:.0}%) p50 {} ms p99 {} ms {} cpu ms; {} out of order, {} sequence errors; at {}/s p99 {} ms, beside a {} ms key {} ms, the slow key's {:?} ms",
         s.executions,
-        s.unordered_per_s,
-        round1(s.unordered_p50_ms),
-        round1(s.unordered_p99_ms),
-        s.unordered_cpu_ms_per_delivery,
-        s.ordered_per_s,
+        s.unordered.per_s,
+        round1(s.unordered.p50_ms),
+        round1(s.unordered.p99_ms),
+        s.unordered.cpu_ms_per_delivery,
+        s.ordered.per_s,
         s.ordered_share * 100.0,
-        round1(s.ordered_p50_ms),
-        round1(s.ordered_p99_ms),
-        s.ordered_cpu_ms_per_delivery,
+        round1(s.ordered.p50_ms),
+        round1(s.ordered.p99_ms),
+        s.ordered.cpu_ms_per_delivery,
         s.out_of_order,
         s.sequence_errors,
         s.paced_rate,
