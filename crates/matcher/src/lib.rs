@@ -317,11 +317,9 @@ impl State {
         {
             self.order.turn(at).await;
         }
-        if !ordered.is_empty() {
-            for (job, payload, msg_id) in ordered {
-                let ack = self.queues.append(&job, payload.into(), &msg_id).await?;
-                appended.push((job, ack));
-            }
+        for (job, payload, msg_id) in ordered {
+            let ack = self.queues.append(&job, payload.into(), &msg_id).await?;
+            appended.push((job, ack));
         }
         if let Some(at) = at {
             self.order.pass(at);
@@ -357,10 +355,7 @@ impl State {
             acked(result)?;
         }
         for (job, ack) in appended {
-            ack.await.map_err(|source| nats::PublishError::Publish {
-                subject: names::ORDERED_SUBJECTS.into(),
-                source,
-            })?;
+            ack.await?;
             self.queues.hand_on_job(&job).await?;
         }
         self.metrics.jobs.inc_by(n);

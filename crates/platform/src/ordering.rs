@@ -127,13 +127,7 @@ impl Queues {
         payload: Bytes,
         msg_id: &str,
     ) -> Result<(), OrderingError> {
-        let ack = self.append(job, payload, msg_id).await?;
-        ack.await.map_err(|source| {
-            OrderingError::Publish(PublishError::Publish {
-                subject: names::ORDERED_SUBJECTS.into(),
-                source,
-            })
-        })?;
+        self.append(job, payload, msg_id).await?.await?;
         self.hand_on_job(job).await
     }
 
@@ -146,16 +140,22 @@ impl Queues {
         job: &proto::DeliveryJob,
         payload: Bytes,
         msg_id: &str,
-    ) -> Result<jetstream::context::PublishAckFuture, OrderingError> {
+    ) -> Result<impl Future<Output = Result<(), OrderingError>> + use<>, OrderingError> {
         let key = place(job).map(|p| p.key.as_str()).unwrap_or_default();
         let subject =
             names::ordered_subject(&job.organization_id, &job.webhook_id, &ordering::token(key));
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(names::MSG_ID_HEADER, msg_id);
-        self.js
+        let fail =
+            |subject, source| OrderingError::Publish(PublishError::Publish { subject, source });
+        match self
+            .js
             .publish_with_headers(subject.clone(), headers, payload)
             .await
-            .map_err(|source| OrderingError::Publish(PublishError::Publish { subject, source }))
+        {
+            Ok(ack) => Ok(async move { ack.await.map(|_| ()).map_err(|e| fail(subject, e)) }),
+            Err(source) => Err(fail(subject, source)),
+        }
     }
 
     /// [`Queues::hand_on`] for `job`'s key.
@@ -190,17 +190,10 @@ impl Queues {
     ) -> Result<(), OrderingError> {
         let subject = names::ordered_subject(org, webhook_id, &ordering::token(key));
         for _ in 0..CAS_TRIES {
-            let head = match self
-                .stream()
-                .await?
-                .get_first_raw_message_by_subject(&subject, 1)
-                .await
-            {
-                Ok(head) => head,
-                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
-                    return Ok(());
-                }
-                Err(e) => return Err(OrderingError::Read(e.to_string())),
+            let stream = self.stream().await?;
+            let Some(head) = found(stream.get_first_raw_message_by_subject(&subject, 1).await)?
+            else {
+                return Ok(());
             };
             let read = match known.take() {
                 Some(read) => read,
@@ -270,16 +263,6 @@ impl Queues {
         Err(OrderingError::Contended)
     }
 
-    /// The cursor of `key`.
-    pub async fn cursor(
-        &self,
-        org: &str,
-        webhook_id: &str,
-        key: &str,
-    ) -> Result<Cursor, OrderingError> {
-        Ok(self.read_cursor(org, webhook_id, key).await?.cursor)
-    }
-
     /// The cursor of `key`, with its stream sequence (0: none) for a
     /// compare-and-set, and how long ago it was written.
     async fn read_cursor(
@@ -289,24 +272,24 @@ impl Queues {
         key: &str,
     ) -> Result<Read, OrderingError> {
         let subject = names::ordered_cursor_subject(org, webhook_id, &ordering::token(key));
-        match self
-            .stream()
-            .await?
-            .get_last_raw_message_by_subject(&subject)
-            .await
-        {
-            Ok(m) => Ok(Read {
+        let last = found(
+            self.stream()
+                .await?
+                .get_last_raw_message_by_subject(&subject)
+                .await,
+        )?;
+        Ok(match last {
+            Some(m) => Read {
                 cursor: Cursor::decode(&m.payload),
                 seq: m.sequence,
                 age_ms: crate::now_ms() - (m.time.unix_timestamp_nanos() / 1_000_000) as i64,
-            }),
-            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(Read {
+            },
+            None => Read {
                 cursor: Cursor::default(),
                 seq: 0,
                 age_ms: i64::MAX,
-            }),
-            Err(e) => Err(OrderingError::Read(e.to_string())),
-        }
+            },
+        })
     }
 
     /// The delivery `key` is held on (it gave up on a webhook that holds
@@ -318,19 +301,18 @@ impl Queues {
         webhook_id: &str,
         key: &str,
     ) -> Result<Option<Held>, OrderingError> {
-        let cursor = self.cursor(org, webhook_id, key).await?;
+        let cursor = self.read_cursor(org, webhook_id, key).await?.cursor;
         if cursor.held == 0 {
             return Ok(None);
         }
-        match self.stream().await?.get_raw_message(cursor.held).await {
-            Ok(m) => Ok(proto::DeliveryJob::decode(m.payload).ok().map(|job| Held {
+        let entry = found(self.stream().await?.get_raw_message(cursor.held).await)?;
+        Ok(entry
+            .and_then(|m| proto::DeliveryJob::decode(m.payload).ok())
+            .map(|job| Held {
                 entry: cursor.held,
                 sequence: cursor.concluded + 1,
                 delivery_id: job.delivery_id,
-            })),
-            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(e) => Err(OrderingError::Read(e.to_string())),
-        }
+            }))
     }
 
     /// Whether the delivery at `place` is still its key's to conclude (its
@@ -342,12 +324,9 @@ impl Queues {
         webhook_id: &str,
         place: &proto::OrderedPlace,
     ) -> Result<bool, OrderingError> {
-        match self.stream().await?.get_raw_message(place.entry).await {
-            Ok(m) => Ok(m.subject.as_str()
-                == names::ordered_subject(org, webhook_id, &ordering::token(&place.key))),
-            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(false),
-            Err(e) => Err(OrderingError::Read(e.to_string())),
-        }
+        let entry = found(self.stream().await?.get_raw_message(place.entry).await)?;
+        let queue = names::ordered_subject(org, webhook_id, &ordering::token(&place.key));
+        Ok(entry.is_some_and(|m| m.subject.as_str() == queue))
     }
 
     /// `job`'s delivery concluded `how`: moves its key's cursor (or holds
@@ -463,16 +442,12 @@ impl Queues {
         if status.keys_waiting == 0 {
             return Ok(status);
         }
-        let oldest = match stream.get_first_raw_message_by_subject(&filter, 1).await {
-            Ok(m) => m,
-            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
-                return Ok(status);
-            }
-            Err(e) => return Err(OrderingError::Read(e.to_string())),
+        let Some(oldest) = found(stream.get_first_raw_message_by_subject(&filter, 1).await)? else {
+            return Ok(status);
         };
         if let Ok(job) = proto::DeliveryJob::decode(oldest.payload.clone()) {
             let key = place(&job).map(|p| p.key.clone()).unwrap_or_default();
-            let cursor = self.cursor(org, webhook_id, &key).await?;
+            let cursor = self.read_cursor(org, webhook_id, &key).await?.cursor;
             status.oldest = Some(Oldest {
                 delivery_id: job.delivery_id.clone(),
                 event_type: job.event.map(|e| e.r#type).unwrap_or_default(),
@@ -491,6 +466,17 @@ pub struct Held {
     pub entry: u64,
     pub sequence: u64,
     pub delivery_id: String,
+}
+
+/// A read of HERALD_ORDERED: `None` when there is no such message.
+fn found(
+    read: Result<jetstream::message::StreamMessage, stream::RawMessageError>,
+) -> Result<Option<jetstream::message::StreamMessage>, OrderingError> {
+    match read {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(OrderingError::Read(e.to_string())),
+    }
 }
 
 fn place(job: &proto::DeliveryJob) -> Option<&proto::OrderedPlace> {

@@ -621,6 +621,33 @@ pub async fn process<H: Handler>(handler: &H, settle: &Settle, spec: &Spec, mess
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn a_step_waits_for_its_consumers_earlier_messages_only() {
+        let at = |consumer: &str, seq| Position {
+            consumer: consumer.into(),
+            seq,
+        };
+        let order = std::sync::Arc::new(InOrder::default());
+        for p in [at("main", 5), at("main", 7), at("lane", 6)] {
+            order.enter(p);
+        }
+        // Another consumer's earlier message does not hold a step up, nor
+        // does the first of its own.
+        order.turn(&at("lane", 6)).await;
+        order.turn(&at("main", 5)).await;
+        let later = {
+            let order = order.clone();
+            tokio::spawn(async move { order.turn(&at("main", 7)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!later.is_finished(), "7 waits for 5");
+        order.pass(&at("main", 5));
+        tokio::time::timeout(Duration::from_secs(1), later)
+            .await
+            .expect("7 goes once 5 passed")
+            .unwrap();
+    }
+
     #[test]
     fn every_consumer_has_the_dead_letter_backstop() {
         let spec = Spec {
