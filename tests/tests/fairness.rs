@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use herald_core::names;
 use herald_e2e::{API_KEY, Options, Receiver, Reply, Stack};
 use serde_json::json;
 
@@ -171,11 +172,11 @@ async fn measure_a_burst(lanes: &str) {
     create(&stack, "burstco", receiver.url("/burst"), SLOW_REPLY).await;
     create(&stack, "fastco", receiver.url("/fast"), SLOW_REPLY).await;
     stack.wait_deliverer_current().await;
-    let published = std::sync::Mutex::new(HashMap::<String, Instant>::new());
+    let sent = std::sync::Mutex::new(HashMap::<String, Instant>::new());
     let every = Duration::from_millis(100);
-    let fast = |from: usize, to: usize| stack.publish_paced("fastco", from..to, every, &published);
+    let fast = |from: usize, to: usize| stack.publish_paced("fastco", from..to, every, &sent);
     let waits = |from: usize, to: usize| {
-        let published = published.lock().unwrap();
+        let published = sent.lock().unwrap();
         receiver
             .received("/fast")
             .iter()
@@ -194,6 +195,7 @@ async fn measure_a_burst(lanes: &str) {
         .await;
     let alone = percentiles(waits(0, 100));
     let started = Instant::now();
+    let burst_started = started;
     let burst = async {
         stack.publish_burst("burstco", BURST).await;
         let published = started.elapsed();
@@ -207,7 +209,63 @@ async fn measure_a_burst(lanes: &str) {
         let (published, delivered) = burst.await;
         (published, delivered)
     };
-    let ((published, delivered), ()) = tokio::join!(during, fast(100, 400));
+    // Every 100 ms until the burst is delivered: what waits for the
+    // matcher's and the deliverer's main consumers (pending / ack pending),
+    // burstco's jobs waiting, and its lanes.
+    let burst_done = std::sync::atomic::AtomicBool::new(false);
+    let timeline = async {
+        let mut lines = Vec::new();
+        let lanes = stack.js.get_key_value("herald-lanes").await.ok();
+        let js = &stack.js;
+        let consumer = |stream: &'static str, name: &'static str| async move {
+            let stream = js.get_stream(stream).await.ok()?;
+            let mut c = stream
+                .get_consumer::<async_nats::jetstream::consumer::pull::Config>(name)
+                .await
+                .ok()?;
+            let info = c.info().await.ok()?;
+            Some((info.num_pending, info.num_ack_pending))
+        };
+        while !burst_done.load(std::sync::atomic::Ordering::Relaxed) && lines.len() < 300 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut waiting = 0;
+            if let Ok(stream) = stack.js.get_stream(names::DELIVERIES_STREAM).await
+                && let Ok(mut subjects) = stream
+                    .info_with_subjects("herald.deliveries.burstco.>")
+                    .await
+            {
+                use futures::StreamExt;
+                while let Some(Ok((_, n))) = subjects.next().await {
+                    waiting += n;
+                }
+            }
+            let matcher = consumer(names::ACCEPTED_STREAM, names::MATCHER_CONSUMER).await;
+            let deliverer = consumer(names::DELIVERIES_STREAM, names::DELIVERER_CONSUMER).await;
+            let mut open = Vec::new();
+            for key in ["ingest.burstco", "matcher.burstco"] {
+                if let Some(kv) = &lanes
+                    && let Ok(Some(v)) = kv.get(key).await
+                {
+                    open.push(format!("{key}={}", String::from_utf8_lossy(&v)));
+                }
+            }
+            lines.push(format!(
+                "  +{:.2}s matcher {matcher:?} deliverer {deliverer:?} burstco jobs {waiting}; {}",
+                started.elapsed().as_secs_f64(),
+                open.join(" ")
+            ));
+        }
+        lines
+    };
+    let during = async {
+        let done = during.await;
+        burst_done.store(true, std::sync::atomic::Ordering::Relaxed);
+        done
+    };
+    let ((published, delivered), (), lines) = tokio::join!(during, fast(100, 400), timeline);
+    for line in lines {
+        eprintln!("{line}");
+    }
     receiver
         .wait_for("/fast", 400, Duration::from_secs(60))
         .await;
@@ -218,5 +276,97 @@ async fn measure_a_burst(lanes: &str) {
          fastco alone p50 {:?} p99 {:?}; during the burst ({beside_n} events) p50 {:?} p99 {:?}",
         alone.0, alone.1, beside.0, beside.1
     );
+    // Where fastco's slowest deliveries waited: publish to stored in the
+    // events stream, to accepted, to receipt.
+    let events = stored(&stack, names::EVENTS_STREAM, "herald.events.fastco.>").await;
+    let accepted = stored(&stack, names::ACCEPTED_STREAM, "herald.accepted.fastco").await;
+    let attempted = stored(&stack, names::ATTEMPTS_STREAM, "herald.attempts.fastco.>").await;
+    let (base, base_wall) = (Instant::now(), std::time::SystemTime::now());
+    let wall = |at: Instant| {
+        let wall = base_wall - base.duration_since(at);
+        wall.duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as i128
+    };
+    let mut slowest: Vec<(Duration, String, i128, i128)> = {
+        let published = sent.lock().unwrap();
+        receiver
+            .received("/fast")
+            .iter()
+            .filter_map(|r| {
+                let id = r.event_id();
+                let i: usize = id.strip_prefix("fast_")?.parse().ok()?;
+                (100..100 + beside_n).contains(&i).then(|| {
+                    let wait = r.at.duration_since(published[&id]);
+                    (wait, id, wall(published[&r.event_id()]), wall(r.at))
+                })
+            })
+            .collect()
+    };
+    slowest.sort();
+    let ms = |nanos: i128| nanos as f64 / 1e6;
+    for (wait, id, sent, received) in slowest.iter().rev().take(8) {
+        let (Some(&e), Some(&a)) = (events.get(id), accepted.get(id)) else {
+            continue;
+        };
+        let began = attempted.get(id).copied().unwrap_or(*received);
+        let at = (*sent - wall(burst_started)) as f64 / 1e9;
+        eprintln!(
+            "  {id} (published at +{at:.2}s): {wait:?}: publish to stored {:.1} ms, ingest {:.1} ms, \
+             accepted to attempted {:.1} ms, attempted to receipt {:.1} ms",
+            ms(e - sent),
+            ms(a - e),
+            ms(began - a),
+            ms(received - began)
+        );
+    }
     stack.stop().await;
+}
+
+/// When the stream stored each message of `subject`, by event id (unix
+/// nanoseconds).
+async fn stored(stack: &Stack, stream: &str, subject: &str) -> HashMap<String, i128> {
+    use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+    use futures::StreamExt;
+    let stream = stack.js.get_stream(stream).await.expect("stream");
+    let consumer = stream
+        .create_consumer(OrderedConfig {
+            filter_subject: subject.into(),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .expect("ordered consumer");
+    let pending = consumer.cached_info().num_pending as usize;
+    let mut out = HashMap::with_capacity(pending);
+    let mut messages = consumer.messages().await.expect("messages");
+    for _ in 0..pending {
+        let message = messages.next().await.expect("open").expect("message");
+        let at = message
+            .info()
+            .expect("info")
+            .published
+            .unix_timestamp_nanos();
+        use prost::Message;
+        let (id, at) = match serde_json::from_slice::<serde_json::Value>(&message.payload) {
+            Ok(json) => (json["id"].as_str().unwrap_or_default().to_owned(), at),
+            // An attempt: when it was sent.
+            Err(_) if stream.cached_info().config.name == names::ATTEMPTS_STREAM => {
+                let attempt = herald_core::proto::AttemptResult::decode(message.payload.clone())
+                    .expect("an attempt");
+                (
+                    attempt.event_id,
+                    attempt.attempted_at_ms as i128 * 1_000_000,
+                )
+            }
+            Err(_) => (
+                herald_core::proto::Event::decode(message.payload.clone())
+                    .map(|e| e.id)
+                    .unwrap_or_default(),
+                at,
+            ),
+        };
+        out.insert(id, at);
+    }
+    out
 }

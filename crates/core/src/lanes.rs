@@ -29,19 +29,111 @@ use serde::{Deserialize, Serialize};
 pub const BUCKET: &str = "herald-lanes";
 
 /// A lane: the organization's messages from `from` on, until `until` (once
-/// closed).
+/// closed). While open, the lane *promises* to go on to `promised` at least
+/// until the time `promised_until_ms`: a view that knows the promise
+/// decides every message below it without reading the record again, until
+/// then. The lane renews the promise as the stream grows and time passes
+/// ([`Lane::renewed`]), so the main consumer skips a long burst on what it
+/// heard by the watch. To close, the lane first stops promising
+/// (`closing`), and sets `until` only once its last promise has expired
+/// everywhere ([`Lane::closed`]: [`CLOCK_SKEW_MS`] after it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lane {
     pub from: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<u64>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub promised: u64,
+    #[serde(default, skip_serializing_if = "is_zero_ms")]
+    pub promised_until_ms: i64,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub closing: bool,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+fn is_zero_ms(n: &i64) -> bool {
+    *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// The least a lane promises past the stream's last sequence.
+pub const LEAST_PROMISE: u64 = 1_000;
+/// How long a promise holds once made.
+pub const PROMISE_MS: i64 = 5_000;
+/// How far apart two replicas' clocks may be: a promise is taken as held
+/// everywhere until this long after it expired.
+pub const CLOCK_SKEW_MS: i64 = 2_000;
+
 impl Lane {
+    /// A lane opened at `from`, promising nothing yet.
+    pub fn opened(from: u64) -> Lane {
+        Lane {
+            from,
+            until: None,
+            promised: 0,
+            promised_until_ms: 0,
+            closing: false,
+        }
+    }
+
     /// Whether `seq` is the lane's, when the record is known to be current
     /// for it.
     pub fn holds(&self, seq: u64) -> bool {
         seq >= self.from && self.until.is_none_or(|until| seq < until)
+    }
+
+    /// The open lane promising at `now_ms` to go on past `last` (the
+    /// stream's last sequence) by `margin` messages at least, for
+    /// [`PROMISE_MS`]: `None` when what it promised already reaches half
+    /// that far for half that long (nothing to write), or it is closing.
+    pub fn renewed(&self, last: u64, margin: u64, now_ms: i64) -> Option<Lane> {
+        let promise = last + 1 + margin;
+        let short = self.promised < last + 1 + margin / 2
+            || self.promised_until_ms < now_ms + PROMISE_MS / 2;
+        (self.until.is_none() && !self.closing && short).then_some(Lane {
+            promised: self.promised.max(promise),
+            promised_until_ms: now_ms + PROMISE_MS,
+            ..*self
+        })
+    }
+
+    /// The lane promising no more, to close ([`Lane::closed`]).
+    pub fn closing(&self) -> Lane {
+        Lane {
+            closing: true,
+            ..*self
+        }
+    }
+
+    /// The margin for a stream that grew by `per_second` messages in the
+    /// last second: two seconds of it, [`LEAST_PROMISE`] at least.
+    pub fn margin(per_second: u64) -> u64 {
+        per_second.saturating_mul(2).max(LEAST_PROMISE)
+    }
+
+    /// The closing lane closed at `now_ms`, the stream's last sequence
+    /// being `last`: what comes later is the main consumer's again. `None`
+    /// while its last promise may still be relied on somewhere.
+    pub fn closed(&self, last: u64, now_ms: i64) -> Option<Lane> {
+        (self.closing && self.until.is_none() && now_ms >= self.promised_until_ms + CLOCK_SKEW_MS)
+            .then_some(Lane {
+                until: Some(last + 1),
+                ..*self
+            })
+    }
+
+    /// Whether a closed lane is done and may be removed: its consumer has
+    /// worked everything (`drained`), or has acked up to its end
+    /// (`ack_floor`: the stream sequence everything up to which is acked).
+    pub fn done(&self, drained: bool, ack_floor: u64) -> bool {
+        self.until
+            .is_some_and(|until| drained || ack_floor + 1 >= until)
     }
 }
 
@@ -64,11 +156,12 @@ pub enum Owner {
 }
 
 impl Known {
-    /// Whose message `seq` is. Without a record it is the main consumer's
-    /// (a lane opened meanwhile elsewhere works it too, harmlessly); a
-    /// closed lane's bounds are final; an open lane's hold only up to
+    /// Whose message `seq` is at `now_ms`. Without a record it is the
+    /// main consumer's (a lane opened meanwhile elsewhere works it too,
+    /// harmlessly); a closed lane's bounds are final; an open lane's hold
+    /// up to what it promised while the promise lasts, and up to
     /// `through`.
-    pub fn decides(&self, seq: u64) -> Owner {
+    pub fn decides(&self, seq: u64, now_ms: i64) -> Owner {
         match self.lane {
             None => Owner::Main,
             Some(lane) if seq < lane.from => Owner::Main,
@@ -81,7 +174,12 @@ impl Known {
                     Owner::Main
                 }
             }
-            Some(_) if seq <= self.through => Owner::Lane,
+            Some(lane)
+                if (seq < lane.promised && now_ms < lane.promised_until_ms)
+                    || seq <= self.through =>
+            {
+                Owner::Lane
+            }
             Some(_) => Owner::Refresh,
         }
     }
@@ -101,10 +199,12 @@ pub struct Open {
 }
 
 impl Open {
+    /// Ingest's `downstream` is the organization's accepted events waiting
+    /// in the matcher's lane.
     pub const INGEST: Open = Open {
         backlog: 1_000,
         share_percent: 50,
-        downstream: 0,
+        downstream: 1_000,
     };
     pub const MATCHER: Open = Open {
         backlog: 1_000,
@@ -114,10 +214,13 @@ impl Open {
 
     /// Whether the organization of the message in hand gets a lane: it
     /// makes most of a large backlog, or the stages after this one are
-    /// far behind on its work.
-    pub fn now(&self, backlog: u64, share_percent: u64, downstream: u64) -> bool {
+    /// far behind on its work, or the stage before this one has a lane
+    /// open for it (`upstream`: its burst is on its way here, and that
+    /// lane paces itself by this one's).
+    pub fn now(&self, backlog: u64, share_percent: u64, downstream: u64, upstream: bool) -> bool {
         (backlog >= self.backlog && share_percent >= self.share_percent)
             || (self.downstream > 0 && downstream >= self.downstream)
+            || upstream
     }
 
     /// Whether a lane that has kept up for `idle_ms`, and `downstream` of
@@ -171,18 +274,27 @@ mod tests {
 
     #[test]
     fn who_works_a_message() {
-        let open = Some(Lane {
-            from: 100,
-            until: None,
+        let open = Some(Lane::opened(100));
+        let promising = Some(Lane {
+            promised: 300,
+            promised_until_ms: 10_000,
+            ..Lane::opened(100)
         });
         let closed = Some(Lane {
-            from: 100,
             until: Some(200),
+            ..Lane::opened(100)
         });
         use Owner::{Lane as L, Main, Refresh};
-        // For each view (record, current through): sequences and whose.
+        // For each view (record, current through): sequences and whose
+        // (at 5 s; the promise holds until 10 s).
         type View = (Option<Lane>, u64);
-        let cases: [(View, &[(u64, Owner)]); 5] = [
+        let cases: [(View, &[(u64, Owner)]); 7] = [
+            // A promise decides below it however old the view.
+            (
+                (promising, 0),
+                &[(99, Main), (100, L), (299, L), (300, Refresh)],
+            ),
+            ((promising, 400), &[(400, L), (401, Refresh)]),
             ((None, 1_000), &[(5, Main), (5_000, Main)]),
             // An open lane read after the stream reached 150; past that a
             // close may have come.
@@ -198,9 +310,16 @@ mod tests {
         for ((lane, through), sequences) in cases {
             let known = Known { lane, through };
             for &(seq, owner) in sequences {
-                assert_eq!(known.decides(seq), owner, "{known:?} seq {seq}");
+                assert_eq!(known.decides(seq, 5_000), owner, "{known:?} seq {seq}");
             }
         }
+        // An expired promise decides nothing.
+        let known = Known {
+            lane: promising,
+            through: 150,
+        };
+        assert_eq!(known.decides(200, 10_000), Refresh);
+        assert_eq!(known.decides(150, 10_000), L);
     }
 
     #[test]
@@ -209,13 +328,14 @@ mod tests {
             (Open::INGEST, 999, 100, 0, false),
             (Open::INGEST, 1_000, 49, 0, false),
             (Open::INGEST, 1_000, 50, 0, true),
-            (Open::INGEST, 0, 0, 1_000_000, false),
+            (Open::INGEST, 0, 0, 999, false),
+            (Open::INGEST, 0, 0, 1_000, true),
             (Open::MATCHER, 0, 0, 499, false),
             (Open::MATCHER, 0, 0, 500, true),
             (Open::MATCHER, 5_000, 80, 0, true),
         ] {
             assert_eq!(
-                rule.now(backlog, share, downstream),
+                rule.now(backlog, share, downstream, false),
                 opens,
                 "{rule:?} backlog {backlog} share {share} downstream {downstream}"
             );
@@ -223,10 +343,62 @@ mod tests {
     }
 
     #[test]
+    fn a_promise_grows_lasts_and_expires_before_a_close() {
+        let open = Lane::opened(100);
+        assert_eq!(Lane::margin(0), LEAST_PROMISE);
+        assert_eq!(Lane::margin(30_000), 60_000);
+        let renewed = open.renewed(1_000, 1_000, 0).unwrap();
+        assert_eq!(
+            (renewed.promised, renewed.promised_until_ms),
+            (2_001, PROMISE_MS)
+        );
+        // Still reaching half a margin ahead for half its time: nothing to
+        // write.
+        assert_eq!(renewed.renewed(1_400, 1_000, 1_000), None);
+        assert_eq!(
+            renewed.renewed(1_600, 1_000, 1_000).unwrap().promised,
+            2_601
+        );
+        // Running out of time: renewed for longer, never for less.
+        let later = renewed.renewed(1_400, 0, 3_000).unwrap();
+        assert_eq!(
+            (later.promised, later.promised_until_ms),
+            (2_001, 3_000 + PROMISE_MS)
+        );
+        // Closing: no more promises; closed only once the last one has
+        // expired everywhere, at the stream's end then.
+        let closing = later.closing();
+        assert_eq!(closing.renewed(9_000, 1_000, 4_000), None);
+        assert_eq!(open.closed(1_500, 1_000_000), None, "not closing");
+        let expired = later.promised_until_ms + CLOCK_SKEW_MS;
+        assert_eq!(closing.closed(1_500, expired - 1), None);
+        let closed = closing.closed(1_500, expired).unwrap();
+        assert_eq!(closed.until, Some(1_501));
+        assert_eq!(closed.renewed(9_000, 1_000, expired), None);
+        for (drained, ack_floor, done) in
+            [(false, 1_499, false), (true, 0, true), (false, 1_500, true)]
+        {
+            assert_eq!(
+                closed.done(drained, ack_floor),
+                done,
+                "{drained} {ack_floor}"
+            );
+        }
+        assert!(!open.done(true, 10_000), "an open lane is never done");
+    }
+
+    #[test]
+    fn a_lane_opens_behind_the_stage_befores() {
+        assert!(Open::MATCHER.now(0, 0, 0, true));
+        assert!(!Open::MATCHER.now(0, 0, 0, false));
+    }
+
+    #[test]
     fn a_lane_closes_when_caught_up_and_paces_while_far_ahead() {
         for (rule, idle, downstream, closes) in [
             (Open::INGEST, 4_999, 0, false),
-            (Open::INGEST, 5_000, 10_000, true),
+            (Open::INGEST, 5_000, 500, false),
+            (Open::INGEST, 5_000, 499, true),
             (Open::MATCHER, 5_000, 250, false),
             (Open::MATCHER, 5_000, 249, true),
             (Open::MATCHER, 100, 0, false),
@@ -237,7 +409,8 @@ mod tests {
                 "{rule:?} {idle} {downstream}"
             );
         }
-        assert!(!Open::INGEST.paces(u64::MAX));
+        assert!(!Open::INGEST.paces(999));
+        assert!(Open::INGEST.paces(1_000));
         assert!(!Open::MATCHER.paces(499));
         assert!(Open::MATCHER.paces(500));
     }
@@ -250,23 +423,16 @@ mod tests {
         assert_eq!(share_percent([].iter().copied(), "a"), 0);
         assert_eq!(consumer_name("ingest", "acme", 42), "ingest-lane-acme-42");
         assert_eq!(key("matcher", "acme"), "matcher.acme");
-        let json = serde_json::to_string(&Lane {
-            from: 3,
-            until: None,
-        })
-        .unwrap();
+        let json = serde_json::to_string(&Lane::opened(3)).unwrap();
         assert_eq!(json, r#"{"from":3}"#);
-        assert!(
-            Lane {
-                from: 3,
-                until: None
-            }
-            .holds(3)
-        );
+        // A record written before promises reads as promising nothing.
+        let old: Lane = serde_json::from_str(r#"{"from":3,"until":9}"#).unwrap();
+        assert_eq!(old.promised, 0);
+        assert!(Lane::opened(3).holds(3));
         assert!(
             !Lane {
-                from: 3,
-                until: Some(4)
+                until: Some(4),
+                ..Lane::opened(3)
             }
             .holds(4)
         );

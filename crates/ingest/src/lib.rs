@@ -207,7 +207,18 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         metrics,
     });
     if with_lanes {
-        let lanes = Lanes::start(&js, replicas, lanes::INGEST, None, &health, &shutdown).await?;
+        // Paced by what the matcher's lane has still to match, so a burst
+        // reaches HERALD_ACCEPTED no faster than it is worked there.
+        let downstream = lanes::Downstream::accepted(&js, &shutdown);
+        let lanes = Lanes::start(
+            &js,
+            replicas,
+            lanes::INGEST,
+            Some(downstream),
+            &health,
+            &shutdown,
+        )
+        .await?;
         lanes.each(worker, state, concurrency, &shutdown).await;
     } else {
         worker.each(state, concurrency, &shutdown).await;

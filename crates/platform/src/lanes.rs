@@ -43,7 +43,7 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 const COUNT_EVERY: Duration = Duration::from_millis(250);
 /// The least time between two reads of a lane's record (see
 /// [`Lanes::refresh_for`]).
-const REFRESH_SPACING: Duration = Duration::from_millis(20);
+const REFRESH_SPACING: Duration = Duration::from_millis(5);
 /// A lane opens only while another organization had a message within this
 /// long: alone, an organization's burst delays nobody else, and a lane
 /// would only cost it (a second consumer, an ack more per message).
@@ -61,6 +61,8 @@ pub struct Stage {
     /// The subjects of one organization's messages (a filter).
     pub subjects: fn(&str) -> String,
     pub rule: Open,
+    /// The stage before this one, whose open lanes open one here too.
+    pub after: Option<&'static str>,
 }
 
 /// Whether the stages read with lanes (on by default).
@@ -72,6 +74,7 @@ pub const INGEST: Stage = Stage {
     stream: names::EVENTS_STREAM,
     subjects: |org| format!("herald.events.{org}.>"),
     rule: Open::INGEST,
+    after: None,
 };
 
 /// The matcher's lanes: `herald.accepted.<org>`, paced by the
@@ -81,6 +84,7 @@ pub const MATCHER: Stage = Stage {
     stream: names::ACCEPTED_STREAM,
     subjects: names::accepted_subject,
     rule: Open::MATCHER,
+    after: Some(names::INGEST_CONSUMER),
 };
 
 /// The organization of a message on `herald.<kind>.<org>[.…]`.
@@ -106,6 +110,8 @@ struct Inner {
     /// One refresh at a time, and when the last began.
     refreshing: tokio::sync::Mutex<Option<tokio::time::Instant>>,
     recent: Mutex<Recent>,
+    /// The organizations with a lane open in the stage before this one.
+    upstream: Mutex<std::collections::HashSet<String>>,
     downstream: Option<Downstream>,
     opened: Counter,
     closed: Counter,
@@ -199,6 +205,7 @@ impl Lanes {
                 view: Mutex::default(),
                 refreshing: tokio::sync::Mutex::default(),
                 recent: Mutex::default(),
+                upstream: Mutex::default(),
                 downstream,
                 opened: health.counter(
                     "lanes_opened",
@@ -242,14 +249,11 @@ impl Lanes {
         format!("{}.", self.inner.stage.name)
     }
 
-    /// Follows the records of this stage into the view.
+    /// Follows the records of this stage into the view (and the stage
+    /// before's, into `upstream`).
     async fn follow(self, shutdown: CancellationToken) {
         loop {
-            let watch = self
-                .inner
-                .kv
-                .watch_with_history(format!("{}>", self.prefix()))
-                .await;
+            let watch = self.inner.kv.watch_with_history(">").await;
             let mut watch = match watch {
                 Ok(watch) => watch,
                 Err(error) => {
@@ -280,6 +284,7 @@ impl Lanes {
     /// A record (or its removal) as the watch or a read saw it.
     fn seen(&self, entry: &kv::Entry) {
         let Some(org) = entry.key.strip_prefix(&self.prefix()) else {
+            self.seen_upstream(entry);
             return;
         };
         let lane = match entry.operation {
@@ -293,6 +298,28 @@ impl Lanes {
             kv::Operation::Delete | kv::Operation::Purge => None,
         };
         self.learn(org, lane, entry.revision, None);
+    }
+
+    /// A record of the stage before this one: an open lane there is a
+    /// reason to open one here.
+    fn seen_upstream(&self, entry: &kv::Entry) {
+        let Some(org) = self
+            .inner
+            .stage
+            .after
+            .and_then(|after| entry.key.strip_prefix(after))
+            .and_then(|key| key.strip_prefix('.'))
+        else {
+            return;
+        };
+        let open = entry.operation == kv::Operation::Put
+            && serde_json::from_slice::<Lane>(&entry.value).is_ok_and(|l| l.until.is_none());
+        let mut upstream = self.inner.upstream.lock().expect("upstream");
+        if open {
+            upstream.insert(org.to_owned());
+        } else {
+            upstream.remove(org);
+        }
     }
 
     /// Puts what was read into the view unless the view knows a later
@@ -336,13 +363,20 @@ impl Lanes {
     /// time, at most one per [`REFRESH_SPACING`]. The messages of a lane's
     /// organization that arrive meanwhile wait for the next, which covers
     /// them all; a trickle of them costs a few reads a second, not one
-    /// each.
-    async fn refresh_for(&self, org: &str, seq: u64) -> Result<(), async_nats::Error> {
+    /// each. `through`: a stream sequence known to be stored before now
+    /// (the message's own sequence plus the messages its consumer had
+    /// pending after it), so the record is all there is to read.
+    async fn refresh_for(
+        &self,
+        org: &str,
+        seq: u64,
+        through: u64,
+    ) -> Result<(), async_nats::Error> {
         let mut last = self.inner.refreshing.lock().await;
         // A refresh made while this one waited may have covered it.
         if self
             .known(org)
-            .is_none_or(|(known, _)| known.decides(seq) != Owner::Refresh)
+            .is_none_or(|(known, _)| known.decides(seq, crate::now_ms()) != Owner::Refresh)
         {
             return Ok(());
         }
@@ -350,21 +384,48 @@ impl Lanes {
             tokio::time::sleep_until(at + REFRESH_SPACING).await;
         }
         *last = Some(tokio::time::Instant::now());
-        self.refresh(org).await
+        self.refresh(org, Some(through)).await
     }
 
-    /// Reads `org`'s record again, the stream's last sequence first.
-    async fn refresh(&self, org: &str) -> Result<(), async_nats::Error> {
-        let mut stream = self.inner.js.get_stream(self.inner.stage.stream).await?;
-        let through = stream.info().await?.state.last_sequence;
+    /// Reads `org`'s record again, after the stream's last sequence
+    /// (`through`, when one stored before now is known already: a view is
+    /// current for every message up to a sequence the stream held before
+    /// the record was read, and one taken from a message in hand is such a
+    /// sequence, at no cost).
+    async fn refresh(&self, org: &str, through: Option<u64>) -> Result<(), async_nats::Error> {
+        let through = match through {
+            Some(through) => through,
+            None => {
+                let stream = self.inner.js.get_stream(self.inner.stage.stream).await?;
+                stream.cached_info().state.last_sequence
+            }
+        };
         let key = lanes::key(self.inner.stage.name, org);
-        match self.inner.kv.entry(key).await? {
+        match self.inner.kv.entry(&key).await? {
             Some(entry) => {
-                let lane = match entry.operation {
+                let mut lane = match entry.operation {
                     kv::Operation::Put => Some(serde_json::from_slice::<Lane>(&entry.value)?),
                     _ => None,
                 };
-                self.learn(org, lane, entry.revision, Some(through));
+                let mut revision = entry.revision;
+                // An open lane whose promise the stream has outgrown is
+                // made to promise more (anyone may: a close keeps it), so
+                // the messages after this one need no read of their own.
+                // Written by somebody else meanwhile, what was read still
+                // holds up to `through`.
+                if let Some(open) = lane
+                    && through >= open.promised
+                    && let Some(renewed) = open.renewed(
+                        through,
+                        Lane::margin(through - open.promised.max(open.from).min(through)),
+                        crate::now_ms(),
+                    )
+                    && let Ok(value) = serde_json::to_vec(&renewed)
+                    && let Ok(written) = self.inner.kv.update(&key, value.into(), revision).await
+                {
+                    (lane, revision) = (Some(renewed), written);
+                }
+                self.learn(org, lane, revision, Some(through));
             }
             None => {
                 self.inner.view.lock().expect("lanes view").remove(org);
@@ -373,9 +434,10 @@ impl Lanes {
         Ok(())
     }
 
-    /// Whose message `seq` of `org` is, reading the record again when the
-    /// view may be too old for it. `Owner::Refresh`: it could not be read.
-    async fn owner(&self, org: &str, seq: u64) -> Owner {
+    /// Whose message `seq` of `org` is (`through`: see
+    /// [`Lanes::refresh_for`]), reading the record again when the view may
+    /// be too old for it. `Owner::Refresh`: it could not be read.
+    async fn owner(&self, org: &str, seq: u64, through: u64) -> Owner {
         for _ in 0..2 {
             let known = self
                 .inner
@@ -387,9 +449,9 @@ impl Lanes {
             let Some(known) = known else {
                 return Owner::Main;
             };
-            match known.decides(seq) {
+            match known.decides(seq, crate::now_ms()) {
                 Owner::Refresh => {
-                    if let Err(error) = self.refresh_for(org, seq).await {
+                    if let Err(error) = self.refresh_for(org, seq, through).await {
                         tracing::warn!(%error, org, "cannot read the lane; the message is worked here");
                         return Owner::Refresh;
                     }
@@ -400,13 +462,13 @@ impl Lanes {
         Owner::Refresh
     }
 
-    /// Opens a lane for `org` from `seq` on; false when one could not be
-    /// made (another replica's may have been: the view is read again).
-    async fn open(&self, org: &str, seq: u64) -> bool {
-        let lane = Lane {
-            from: seq,
-            until: None,
-        };
+    /// Opens a lane for `org` from `seq` on, promising to go on past the
+    /// `pending` messages behind it; false when one could not be made
+    /// (another replica's may have been: the view is read again).
+    async fn open(&self, org: &str, seq: u64, pending: u64) -> bool {
+        let lane = Lane::opened(seq)
+            .renewed(seq + pending, lanes::LEAST_PROMISE, crate::now_ms())
+            .expect("a lane just opened promises");
         let key = lanes::key(self.inner.stage.name, org);
         let value = serde_json::to_vec(&lane).expect("a lane serializes");
         match self.inner.kv.create(&key, value.into()).await {
@@ -426,7 +488,7 @@ impl Lanes {
                 if error.kind() != kv::CreateErrorKind::AlreadyExists {
                     tracing::warn!(%error, org, "cannot open a lane");
                 }
-                let _ = self.refresh(org).await;
+                let _ = self.refresh(org, None).await;
                 false
             }
         }
@@ -448,11 +510,21 @@ impl Lanes {
             (share, recent.others_active(org))
         };
         let downstream = self.downstream(org);
-        others && rule.now(pending, share, downstream)
+        let upstream = self.inner.upstream.lock().expect("upstream").contains(org);
+        others && rule.now(pending, share, downstream, upstream)
     }
 
     fn downstream(&self, org: &str) -> u64 {
         self.inner.downstream.as_ref().map_or(0, |d| d.of(org))
+    }
+
+    /// Whether a paced lane of `org` may work its next message now.
+    fn may_go(&self, org: &str) -> bool {
+        let rule = self.inner.stage.rule;
+        match &self.inner.downstream {
+            Some(downstream) if downstream.budgeted => downstream.take(org, rule.downstream),
+            _ => !rule.paces(self.downstream(org)),
+        }
     }
 
     /// Works every open lane until `shutdown`: on every replica, a worker
@@ -572,6 +644,12 @@ impl Lanes {
                 Err(_) => return,
             }
         };
+        // A paced lane holds messages in hand while it waits: they keep
+        // their claim meanwhile.
+        let mut spec = spec;
+        if stage.rule.paces(u64::MAX) && spec.progress_every.is_none() {
+            spec.progress_every = Some(spec.ack_wait / 3);
+        }
         let worker = Worker::on(&self.inner.js, consumer.clone(), spec, settle);
         // A paced lane holds what it waits with in hand, so it pulls only
         // what it can start; one that is not goes as fast as the main
@@ -606,6 +684,7 @@ impl Lanes {
         stop: &CancellationToken,
     ) {
         let mut idle_ms = 0i64;
+        let mut last_seen: Option<u64> = None;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -638,6 +717,15 @@ impl Lanes {
                 }
             };
             let drained = info.num_pending == 0 && info.num_ack_pending == 0;
+            let last = match self.last_sequence().await {
+                Ok(last) => last,
+                Err(error) => {
+                    tracing::debug!(%error, org, "cannot read the stream's last sequence");
+                    continue;
+                }
+            };
+            let grown = last.saturating_sub(*last_seen.get_or_insert(last));
+            last_seen = Some(last);
             match lane.until {
                 None => {
                     // Keeping up with what arrives: nothing to protect the
@@ -647,12 +735,21 @@ impl Lanes {
                     } else {
                         0
                     };
-                    if self.inner.stage.rule.closes(idle_ms, self.downstream(org)) {
-                        self.close(org, lane, revision).await;
+                    let now = crate::now_ms();
+                    let change = if lane.closing {
+                        lane.closed(last, now).map(|closed| (closed, "lane closed"))
+                    } else if self.inner.stage.rule.closes(idle_ms, self.downstream(org)) {
+                        Some((lane.closing(), "lane closing"))
+                    } else {
+                        lane.renewed(last, Lane::margin(grown), now)
+                            .map(|renewed| (renewed, "lane renewed"))
+                    };
+                    if let Some((changed, what)) = change {
+                        self.change(org, changed, revision, last, what).await;
                     }
                 }
-                Some(until) => {
-                    if (drained || info.ack_floor.stream_sequence + 1 >= until)
+                Some(_) => {
+                    if lane.done(drained, info.ack_floor.stream_sequence)
                         && self.remove(org, name).await
                     {
                         stop.cancel();
@@ -663,34 +760,37 @@ impl Lanes {
         }
     }
 
-    /// Ends the lane at the stream's end now: what comes later is the main
-    /// consumer's again.
-    async fn close(&self, org: &str, lane: Lane, revision: u64) {
+    /// The stage's stream's last sequence now.
+    async fn last_sequence(&self) -> Result<u64, async_nats::Error> {
+        let stream = self.inner.js.get_stream(self.inner.stage.stream).await?;
+        Ok(stream.cached_info().state.last_sequence)
+    }
+
+    /// Writes the lane's record changed (closed, or promising more), the
+    /// stream's last sequence being `last`; a record changed meanwhile by
+    /// another replica is read again instead.
+    async fn change(&self, org: &str, changed: Lane, revision: u64, last: u64, what: &str) {
         let result: Result<(), async_nats::Error> = async {
-            let mut stream = self.inner.js.get_stream(self.inner.stage.stream).await?;
-            let last = stream.info().await?.state.last_sequence;
-            let closed = Lane {
-                until: Some(last + 1),
-                ..lane
-            };
             let key = lanes::key(self.inner.stage.name, org);
-            let value = serde_json::to_vec(&closed)?;
+            let value = serde_json::to_vec(&changed)?;
             let revision = self.inner.kv.update(&key, value.into(), revision).await?;
-            self.learn(org, Some(closed), revision, Some(last));
-            tracing::info!(
-                stage = self.inner.stage.name,
-                org,
-                from = lane.from,
-                until = last + 1,
-                "lane closing"
-            );
+            self.learn(org, Some(changed), revision, Some(last));
+            if what != "lane renewed" {
+                tracing::info!(
+                    stage = self.inner.stage.name,
+                    org,
+                    from = changed.from,
+                    until = changed.until,
+                    "{what}"
+                );
+            }
             Ok(())
         }
         .await;
         if let Err(error) = result {
-            // Another replica closed it, or NATS is away: looked at again.
-            tracing::debug!(%error, org, "lane not closed now");
-            let _ = self.refresh(org).await;
+            // Another replica changed it, or NATS is away: looked at again.
+            tracing::debug!(%error, org, "{what}: not now");
+            let _ = self.refresh(org, None).await;
         }
     }
 
@@ -725,7 +825,7 @@ impl Lanes {
                 false
             }
         };
-        let _ = self.refresh(org).await;
+        let _ = self.refresh(org, None).await;
         removed
     }
 }
@@ -736,27 +836,27 @@ pub struct MainSide<H> {
     inner: Arc<H>,
 }
 
-impl<H: Handler> MainSide<H> {
-    /// The message's organization and sequence, when it may be in a lane.
-    fn position(message: &Message) -> Option<(&str, u64, u64)> {
-        let info = message.info().ok()?;
-        Some((
-            org_of(&message.subject)?,
-            info.stream_sequence,
-            info.pending,
-        ))
-    }
+/// A message's organization and stream sequence, and the messages its
+/// consumer had pending after it (so the stream held at least `seq +
+/// pending` messages before it was delivered).
+fn position(message: &Message) -> Option<(&str, u64, u64)> {
+    let info = message.info().ok()?;
+    Some((
+        org_of(&message.subject)?,
+        info.stream_sequence,
+        info.pending,
+    ))
 }
 
 impl<H: Handler> Handler for MainSide<H> {
     async fn handle(&self, message: &Message) -> Disposition {
-        if let Some((org, seq, pending)) = Self::position(message) {
-            match self.lanes.owner(org, seq).await {
+        if let Some((org, seq, pending)) = position(message) {
+            match self.lanes.owner(org, seq, seq + pending).await {
                 Owner::Lane => return Disposition::Ack,
                 // Could not be read: worked here too.
                 Owner::Main | Owner::Refresh => {}
             }
-            if self.lanes.should_open(org, pending) && self.lanes.open(org, seq).await {
+            if self.lanes.should_open(org, pending) && self.lanes.open(org, seq, pending).await {
                 return Disposition::Ack;
             }
         }
@@ -768,16 +868,16 @@ impl<H: Handler> Handler for MainSide<H> {
     }
 
     fn unread(&self, message: &Message) -> bool {
-        Self::position(message).is_some_and(|(org, seq, _)| {
+        position(message).is_some_and(|(org, seq, _)| {
             self.lanes
                 .known(org)
-                .is_some_and(|(known, _)| known.decides(seq) == Owner::Lane)
+                .is_some_and(|(known, _)| known.decides(seq, crate::now_ms()) == Owner::Lane)
         })
     }
 
     async fn exhausted(&self, message: &Message, delivered: i64) -> Disposition {
-        if let Some((org, seq, _)) = Self::position(message)
-            && self.lanes.owner(org, seq).await == Owner::Lane
+        if let Some((org, seq, pending)) = position(message)
+            && self.lanes.owner(org, seq, seq + pending).await == Owner::Lane
         {
             return Disposition::Ack;
         }
@@ -805,19 +905,14 @@ enum Turn {
 
 impl<H: Handler> LaneSide<H> {
     async fn turn(&self, message: &Message) -> Turn {
-        let Some((org, seq)) = message
-            .info()
-            .ok()
-            .and_then(|i| Some((org_of(&message.subject)?, i.stream_sequence)))
-        else {
+        let Some((org, seq, pending)) = position(message) else {
             return Turn::Work;
         };
-        match self.lanes.owner(org, seq).await {
+        match self.lanes.owner(org, seq, seq + pending).await {
             Owner::Main => Turn::Skip,
             // Could not be read: worked here too.
             Owner::Lane | Owner::Refresh => {
-                let rule = self.lanes.inner.stage.rule;
-                while rule.paces(self.lanes.downstream(org)) {
+                while !self.lanes.may_go(org) {
                     tokio::select! {
                         _ = self.stop.cancelled() => return Turn::Later,
                         _ = tokio::time::sleep(PACE_WAIT) => {}
@@ -851,47 +946,156 @@ impl<H: Handler> Handler for LaneSide<H> {
     }
 }
 
-/// Each organization's work waiting downstream: its delivery jobs not yet
-/// sent (`HERALD_DELIVERIES`, and those held back in `HERALD_HELD`),
-/// counted every quarter of a second.
+/// Each organization's work waiting downstream, counted every quarter of a
+/// second: for the matcher, its delivery jobs not yet sent
+/// (`HERALD_DELIVERIES`, and those held back in `HERALD_HELD`); for
+/// ingest, its accepted events the matcher's lane has not matched yet.
 #[derive(Clone)]
 pub struct Downstream {
-    counts: Arc<Mutex<HashMap<String, u64>>>,
+    counts: Arc<Mutex<Counts>>,
+    /// Whether a paced lane spends a budget ([`Downstream::take`]) rather
+    /// than looking at the last count.
+    budgeted: bool,
+}
+
+#[derive(Default)]
+struct Counts {
+    /// The last count.
+    counted: HashMap<String, u64>,
+    /// Messages a paced lane took here since (a budget spent).
+    taken: HashMap<String, u64>,
 }
 
 impl Downstream {
+    /// The matcher's: each organization's delivery jobs not yet sent.
     pub fn deliveries(js: &jetstream::Context, shutdown: &CancellationToken) -> Self {
-        let counts: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
-        let (js, shutdown, shared) = (js.clone(), shutdown.clone(), counts.clone());
-        tokio::spawn(async move {
-            loop {
-                let mut now = HashMap::new();
+        Self::counting(js, shutdown, |js, now| {
+            Box::pin(async move {
                 for (stream, subjects) in [
                     (names::DELIVERIES_STREAM, names::DELIVERIES_SUBJECTS),
                     (herald_core::fairness::HELD_STREAM, "herald.held.>"),
                 ] {
-                    if let Err(error) = count(&js, stream, subjects, &mut now).await {
+                    if let Err(error) = count(&js, stream, subjects, now).await {
                         tracing::debug!(%error, stream, "cannot count the work downstream");
                     }
                 }
-                *shared.lock().expect("downstream") = now;
+            })
+        })
+    }
+
+    /// Ingest's: each organization's accepted events waiting in the
+    /// matcher's lane (an organization without one has none: the matcher
+    /// keeps up with it). An ingest lane paced by it turns a burst into
+    /// accepted events no faster than the matcher's lane takes them, so
+    /// the matcher's main consumer never has thousands of the burst's to
+    /// skip before another organization's event. Budgeted: between two
+    /// counts the lane takes no more than the count left room for, so the
+    /// events come evenly rather than a quarter second's worth at once.
+    pub fn accepted(js: &jetstream::Context, shutdown: &CancellationToken) -> Self {
+        let mut downstream = Self::counting(js, shutdown, |js, now| {
+            Box::pin(async move {
+                if let Err(error) = matcher_lanes(&js, now).await {
+                    tracing::debug!(%error, "cannot count the matcher's lanes");
+                }
+            })
+        });
+        downstream.budgeted = true;
+        downstream
+    }
+
+    /// Takes one message of `org`'s budget, if the last count and what was
+    /// taken since leave it under `limit`.
+    fn take(&self, org: &str, limit: u64) -> bool {
+        let mut counts = self.counts.lock().expect("downstream");
+        let counted = counts.counted.get(org).copied().unwrap_or(0);
+        let taken = counts.taken.entry(org.to_owned()).or_default();
+        if counted + *taken < limit {
+            *taken += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn counting(js: &jetstream::Context, shutdown: &CancellationToken, count: Count) -> Self {
+        let counts: Arc<Mutex<Counts>> = Arc::default();
+        let (js, shutdown, shared) = (js.clone(), shutdown.clone(), counts.clone());
+        tokio::spawn(async move {
+            loop {
+                let mut now = HashMap::new();
+                count(js.clone(), &mut now).await;
+                *shared.lock().expect("downstream") = Counts {
+                    counted: now,
+                    taken: HashMap::new(),
+                };
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(COUNT_EVERY) => {}
                 }
             }
         });
-        Self { counts }
+        Self {
+            counts,
+            budgeted: false,
+        }
     }
 
     fn of(&self, org: &str) -> u64 {
         self.counts
             .lock()
             .expect("downstream")
+            .counted
             .get(org)
             .copied()
             .unwrap_or(0)
     }
+}
+
+/// One count of the work waiting downstream, by organization, into the
+/// map it is given.
+type Count = for<'a> fn(
+    jetstream::Context,
+    &'a mut HashMap<String, u64>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
+/// Adds the messages waiting in each of the matcher's open lanes to its
+/// organization's count.
+async fn matcher_lanes(
+    js: &jetstream::Context,
+    counts: &mut HashMap<String, u64>,
+) -> Result<(), async_nats::Error> {
+    // The bucket's subjects (one request) rather than its keys (an
+    // ephemeral consumer each time): this runs four times a second.
+    let prefix = format!("$KV.{}.{}.", lanes::BUCKET, MATCHER.name);
+    let bucket = js.get_stream(format!("KV_{}", lanes::BUCKET)).await?;
+    let mut subjects = bucket.info_with_subjects(format!("{prefix}>")).await?;
+    let mut lanes = Vec::new();
+    while let Some(subject) = subjects.next().await {
+        let (subject, _) = subject?;
+        if let Some(org) = subject.strip_prefix(&prefix) {
+            lanes.push((org.to_owned(), lanes::key(MATCHER.name, org)));
+        }
+    }
+    if lanes.is_empty() {
+        return Ok(());
+    }
+    let kv = js.get_key_value(lanes::BUCKET).await?;
+    let stream = js.get_stream(MATCHER.stream).await?;
+    for (org, key) in lanes {
+        let Some(record) = kv.get(&key).await? else {
+            continue;
+        };
+        let Ok(lane) = serde_json::from_slice::<Lane>(&record) else {
+            continue;
+        };
+        let name = lanes::consumer_name(MATCHER.name, &org, lane.from);
+        if let Ok(mut consumer) = stream.get_consumer::<consumer::pull::Config>(&name).await
+            && let Ok(info) = consumer.info().await
+        {
+            *counts.entry(org).or_default() += info.num_pending;
+        }
+    }
+    Ok(())
 }
 
 /// Adds the messages on each organization's subjects of `stream` to
