@@ -839,12 +839,22 @@ async fn the_sample_nats_config_keeps_a_producer_to_its_events_and_its_own_inbox
         .publish("_INBOX.reply.1", "meant for herald".into())
         .await
         .unwrap();
-    herald
-        .publish("_INBOX_acme.probe", "for the producer".into())
-        .await
-        .unwrap();
-    herald.flush().await.unwrap();
-    let heard = tokio::time::timeout(Duration::from_secs(10), own.next()).await;
+    // Sent again until heard: the producer's interest reaches Herald's
+    // account through the import, which a loaded machine may take a
+    // moment over (a message published before that reaches nobody).
+    let heard = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            herald
+                .publish("_INBOX_acme.probe", "for the producer".into())
+                .await
+                .unwrap();
+            herald.flush().await.unwrap();
+            if let Ok(heard) = tokio::time::timeout(Duration::from_millis(500), own.next()).await {
+                return heard;
+            }
+        }
+    })
+    .await;
     assert!(matches!(heard, Ok(Some(_))), "the producer's own inbox");
     let spied = tokio::time::timeout(Duration::from_millis(500), spy.next()).await;
     assert!(
