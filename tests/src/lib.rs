@@ -619,17 +619,28 @@ impl Stack {
         &self,
         webhook_id: &str,
     ) -> Vec<(herald_core::proto::AttemptResult, i128)> {
+        use prost::Message;
+        let subject = herald_core::names::attempt_subject("acme", webhook_id);
+        self.stored(herald_core::names::ATTEMPTS_STREAM, &subject)
+            .await
+            .into_iter()
+            .map(|(payload, stored)| {
+                let attempt =
+                    herald_core::proto::AttemptResult::decode(payload).expect("attempt decodes");
+                (attempt, stored)
+            })
+            .collect()
+    }
+
+    /// Every message of `stream` on `subject` (a filter), in order, each
+    /// with when the stream stored it (unix nanoseconds).
+    pub async fn stored(&self, stream: &str, subject: &str) -> Vec<(bytes::Bytes, i128)> {
         use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
         use futures::StreamExt;
-        use prost::Message;
-        let stream = self
-            .js
-            .get_stream(herald_core::names::ATTEMPTS_STREAM)
-            .await
-            .expect("attempts stream");
+        let stream = self.js.get_stream(stream).await.expect("stream");
         let consumer = stream
             .create_consumer(OrderedConfig {
-                filter_subject: herald_core::names::attempt_subject("acme", webhook_id),
+                filter_subject: subject.into(),
                 deliver_policy: DeliverPolicy::All,
                 ..Default::default()
             })
@@ -644,13 +655,11 @@ impl Stack {
         while out.len() < pending {
             let message = tokio::time::timeout(Duration::from_secs(5), messages.next())
                 .await
-                .expect("attempt within 5s")
+                .expect("a message within 5s")
                 .expect("stream open")
                 .expect("message");
             let stored = message.info().expect("message info").published;
-            let attempt = herald_core::proto::AttemptResult::decode(message.payload.clone())
-                .expect("attempt decodes");
-            out.push((attempt, stored.unix_timestamp_nanos()));
+            out.push((message.payload.clone(), stored.unix_timestamp_nanos()));
         }
         out
     }

@@ -175,7 +175,9 @@ async fn measure_a_burst(lanes: &str) {
     let sent = std::sync::Mutex::new(HashMap::<String, Instant>::new());
     let every = Duration::from_millis(100);
     let fast = |from: usize, to: usize| stack.publish_paced("fastco", from..to, every, &sent);
-    let waits = |from: usize, to: usize| {
+    // fastco's events `fast_<from>` to `fast_<to - 1>` received: each
+    // with its wait, when it was published and when received.
+    let received = |from: usize, to: usize| {
         let published = sent.lock().unwrap();
         receiver
             .received("/fast")
@@ -183,10 +185,17 @@ async fn measure_a_burst(lanes: &str) {
             .filter_map(|r| {
                 let id = r.event_id();
                 let i: usize = id.strip_prefix("fast_")?.parse().ok()?;
+                let sent = *published.get(&id)?;
                 (from..to)
                     .contains(&i)
-                    .then(|| r.at.duration_since(published[&id]))
+                    .then(|| (r.at.duration_since(sent), id, sent, r.at))
             })
+            .collect::<Vec<_>>()
+    };
+    let waits = |from: usize, to: usize| {
+        received(from, to)
+            .into_iter()
+            .map(|(wait, ..)| wait)
             .collect::<Vec<_>>()
     };
     fast(0, 100).await;
@@ -288,21 +297,10 @@ async fn measure_a_burst(lanes: &str) {
             .unwrap()
             .as_nanos() as i128
     };
-    let mut slowest: Vec<(Duration, String, i128, i128)> = {
-        let published = sent.lock().unwrap();
-        receiver
-            .received("/fast")
-            .iter()
-            .filter_map(|r| {
-                let id = r.event_id();
-                let i: usize = id.strip_prefix("fast_")?.parse().ok()?;
-                (100..100 + beside_n).contains(&i).then(|| {
-                    let wait = r.at.duration_since(published[&id]);
-                    (wait, id, wall(published[&r.event_id()]), wall(r.at))
-                })
-            })
-            .collect()
-    };
+    let mut slowest: Vec<(Duration, String, i128, i128)> = received(100, 100 + beside_n)
+        .into_iter()
+        .map(|(wait, id, sent, at)| (wait, id, wall(sent), wall(at)))
+        .collect();
     slowest.sort();
     let ms = |nanos: i128| nanos as f64 / 1e6;
     for (wait, id, sent, received) in slowest.iter().rev().take(8) {
@@ -324,43 +322,24 @@ async fn measure_a_burst(lanes: &str) {
 }
 
 /// When the stream stored each message of `subject`, by event id (unix
-/// nanoseconds).
+/// nanoseconds); for an attempt, when it was sent.
 async fn stored(stack: &Stack, stream: &str, subject: &str) -> HashMap<String, i128> {
-    use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
-    use futures::StreamExt;
-    let stream = stack.js.get_stream(stream).await.expect("stream");
-    let consumer = stream
-        .create_consumer(OrderedConfig {
-            filter_subject: subject.into(),
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-        .expect("ordered consumer");
-    let pending = consumer.cached_info().num_pending as usize;
-    let mut out = HashMap::with_capacity(pending);
-    let mut messages = consumer.messages().await.expect("messages");
-    for _ in 0..pending {
-        let message = messages.next().await.expect("open").expect("message");
-        let at = message
-            .info()
-            .expect("info")
-            .published
-            .unix_timestamp_nanos();
-        use prost::Message;
-        let (id, at) = match serde_json::from_slice::<serde_json::Value>(&message.payload) {
+    use prost::Message;
+    let attempts = stream == names::ATTEMPTS_STREAM;
+    let mut out = HashMap::new();
+    for (payload, at) in stack.stored(stream, subject).await {
+        let (id, at) = match serde_json::from_slice::<serde_json::Value>(&payload) {
             Ok(json) => (json["id"].as_str().unwrap_or_default().to_owned(), at),
-            // An attempt: when it was sent.
-            Err(_) if stream.cached_info().config.name == names::ATTEMPTS_STREAM => {
-                let attempt = herald_core::proto::AttemptResult::decode(message.payload.clone())
-                    .expect("an attempt");
+            Err(_) if attempts => {
+                let attempt =
+                    herald_core::proto::AttemptResult::decode(payload).expect("an attempt");
                 (
                     attempt.event_id,
                     attempt.attempted_at_ms as i128 * 1_000_000,
                 )
             }
             Err(_) => (
-                herald_core::proto::Event::decode(message.payload.clone())
+                herald_core::proto::Event::decode(payload)
                     .map(|e| e.id)
                     .unwrap_or_default(),
                 at,

@@ -434,7 +434,7 @@ impl Lanes {
                     && through >= open.promised
                     && let Some(renewed) = open.renewed(
                         through,
-                        Lane::margin(through - open.promised.max(open.from).min(through)),
+                        Lane::margin(through.saturating_sub(open.promised.max(open.from))),
                         crate::now_ms(),
                     )
                     && let Ok(value) = serde_json::to_vec(&renewed)
@@ -734,17 +734,17 @@ impl Lanes {
                 }
             };
             let drained = info.num_pending == 0 && info.num_ack_pending == 0;
-            let last = match self.last_sequence().await {
-                Ok(last) => last,
-                Err(error) => {
-                    tracing::debug!(%error, org, "cannot read the stream's last sequence");
-                    continue;
-                }
-            };
-            let grown = last.saturating_sub(*last_seen.get_or_insert(last));
-            last_seen = Some(last);
             match lane.until {
                 None => {
+                    let last = match self.last_sequence().await {
+                        Ok(last) => last,
+                        Err(error) => {
+                            tracing::debug!(%error, org, "cannot read the stream's last sequence");
+                            continue;
+                        }
+                    };
+                    let grown = last.saturating_sub(*last_seen.get_or_insert(last));
+                    last_seen = Some(last);
                     // Keeping up with what arrives: nothing to protect the
                     // others from any more.
                     idle_ms = if info.num_pending < lanes::CLOSE_BACKLOG {
@@ -1170,6 +1170,32 @@ mod tests {
         tokio::time::advance(OTHERS_WITHIN).await;
         recent.seen("a");
         assert!(!recent.others_active("a"), "b is long gone");
+    }
+
+    #[test]
+    fn a_budget_is_what_the_last_count_left_room_for() {
+        let downstream = Downstream {
+            counts: Arc::default(),
+            kind: Kind::Accepted,
+            next_lanes: Arc::default(),
+        };
+        assert!(downstream.budgeted());
+        downstream
+            .counts
+            .lock()
+            .unwrap()
+            .counted
+            .insert("a".into(), 997);
+        let taken = (0..10).filter(|_| downstream.take("a", 1_000)).count();
+        assert_eq!(taken, 3, "room for 3 under 1,000");
+        assert_eq!((0..5).filter(|_| downstream.take("b", 4)).count(), 4);
+        // A new count gives a new budget.
+        *downstream.counts.lock().unwrap() = Counts::default();
+        assert!(downstream.take("a", 1_000));
+        downstream.next_lane("a", Some(7));
+        assert_eq!(downstream.next_lanes.lock().unwrap().get("a"), Some(&7));
+        downstream.next_lane("a", None);
+        assert!(downstream.next_lanes.lock().unwrap().is_empty());
     }
 
     #[test]
