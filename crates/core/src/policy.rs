@@ -663,13 +663,20 @@ pub fn own_failure_delay_ms(failures: u32, jitter: f64) -> i64 {
 }
 
 /// The in-flight limit to one endpoint, additive increase and
-/// multiplicative decrease: halved on a throttled answer, one more on each
-/// success, within `1..=max`.
-pub fn next_limit(limit: usize, max: usize, throttled: bool) -> usize {
+/// multiplicative decrease as TCP's congestion avoidance does it: halved on
+/// a throttled answer, and one more for each limit's worth of successes
+/// (`1 / limit` per success), within `1..=max`. Growing by a whole request
+/// per success would double the limit with each round of answers, and a
+/// rate-limited receiver would get as many requests over its limit after
+/// each pause as before the first. The limit is fractional; requests in
+/// flight are its whole part.
+pub fn next_limit(limit: f64, max: usize, throttled: bool) -> f64 {
+    let max = max.max(1) as f64;
+    let limit = limit.clamp(1.0, max);
     if throttled {
-        (limit / 2).max(1)
+        (limit / 2.0).max(1.0)
     } else {
-        (limit + 1).min(max.max(1))
+        (limit + 1.0 / limit).min(max)
     }
 }
 
@@ -1397,10 +1404,24 @@ mod tests {
 
     #[test]
     fn limits_and_backoff() {
-        assert_eq!(next_limit(32, 32, true), 16);
-        assert_eq!(next_limit(1, 32, true), 1);
-        assert_eq!(next_limit(16, 32, false), 17);
-        assert_eq!(next_limit(32, 32, false), 32);
+        assert_eq!(next_limit(32.0, 32, true), 16.0);
+        assert_eq!(next_limit(1.0, 32, true), 1.0);
+        assert_eq!(next_limit(1.0, 32, false), 2.0);
+        assert_eq!(next_limit(16.0, 32, false), 16.0625);
+        assert_eq!(next_limit(32.0, 32, false), 32.0);
+        assert_eq!(next_limit(40.0, 32, false), 32.0);
+        // From 1, ten successes (a 10/s receiver's second) allow 4 in
+        // flight, not 11: few requests beyond its limit after each pause.
+        let grown = (0..10).fold(1.0, |l, _| next_limit(l, 32, false));
+        assert_eq!(grown as usize, 4);
+        // Back from 1 to the whole 32 takes some 500 successes.
+        let mut limit = 1.0;
+        let steps = std::iter::from_fn(|| {
+            limit = next_limit(limit, 32, false);
+            (limit < 32.0).then_some(())
+        })
+        .count();
+        assert!((480..=520).contains(&steps), "{steps}");
         assert_eq!(throttle_backoff_ms(1), 1_000);
         assert_eq!(throttle_backoff_ms(3), 4_000);
         assert_eq!(throttle_backoff_ms(100), MAX_THROTTLE_BACKOFF_MS);

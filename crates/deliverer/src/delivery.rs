@@ -470,26 +470,28 @@ impl State {
         };
         let mut attempt = self.record(job);
         let outcome = self.send(job, &webhook, &mut attempt).await;
-        drop((permit, share));
         let class = classify(&outcome);
-        match class {
-            Class::Success => self.inflight.adapt(&key, false),
-            Class::Throttled { .. } => self.inflight.adapt(&key, true),
-            // Nothing reached the receiver (its name did not resolve on
-            // Herald's side, its secret cannot be read): not its attempt.
-            // A probe gives its claim back: the job waits (backing off) and
-            // the next delivery due probes, rather than everything parking
-            // behind a claim nobody is using.
-            Class::Herald => {
-                if probe {
-                    let now = now_ms();
-                    self.states
-                        .update(&webhook.id, |s| (s.release_probe(now), ()))
-                        .await;
-                }
-                return Done::HandBack(JobError::Attempt(outcome.error));
+        if let Some(permit) = &permit {
+            match class {
+                Class::Success => permit.answered(false),
+                Class::Throttled { .. } => permit.answered(true),
+                _ => {}
             }
-            _ => {}
+        }
+        drop((permit, share));
+        // Nothing reached the receiver (its name did not resolve on
+        // Herald's side, its secret cannot be read): not its attempt.
+        // A probe gives its claim back: the job waits (backing off) and
+        // the next delivery due probes, rather than everything parking
+        // behind a claim nobody is using.
+        if matches!(class, Class::Herald) {
+            if probe {
+                let now = now_ms();
+                self.states
+                    .update(&webhook.id, |s| (s.release_probe(now), ()))
+                    .await;
+            }
+            return Done::HandBack(JobError::Attempt(outcome.error));
         }
         self.conclude(job, &webhook, attempt, outcome, class, probe, source)
             .await

@@ -2,7 +2,10 @@
 //! in flight to one webhook, so a slow or dead URL can hold only that many
 //! of the deliverer's global slots. The limit adapts (additive increase,
 //! multiplicative decrease, `core::policy::next_limit`): halved when the
-//! endpoint throttles, one more per success. It follows the endpoint's
+//! endpoint throttles, one more per limit's worth of successes. A lowered
+//! limit outlives the endpoint's last request by [`REMEMBERED`], so a
+//! throttled endpoint, paused with nothing in flight, resumes at the limit
+//! it had rather than at the whole cap. It follows the endpoint's
 //! latency too (`core::fairness::endpoint_limit`, on an average of its
 //! recent requests): up to a second a request it may have the whole cap, a
 //! slower one fewer in proportion (a 10 s endpoint a tenth), so slow
@@ -19,7 +22,7 @@
 //! a turn without a time limit.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,10 +36,18 @@ pub type Key = (String, String);
 /// as moving; also the longest a job waits for a turn.
 pub const STALL: Duration = Duration::from_millis(250);
 
+/// How long an endpoint's lowered limit is remembered once nothing is in
+/// flight to it (its pauses last up to a minute; a receiver quiet for ten
+/// starts afresh).
+pub const REMEMBERED: Duration = Duration::from_secs(600);
+
 struct Endpoint {
     semaphore: Arc<Semaphore>,
-    /// Requests allowed in flight now (at most the semaphore's size).
-    limit: AtomicUsize,
+    /// The most in flight: `HERALD_ENDPOINT_CONCURRENCY`.
+    cap: usize,
+    /// Requests allowed in flight now (at most the semaphore's size), an
+    /// `f64`'s bits: it grows by fractions.
+    limit: AtomicU64,
     /// When a request to it last finished (or when it was first seen).
     last_done: Mutex<Instant>,
     /// How long its requests take, in ms: a moving average (0: none yet).
@@ -47,8 +58,8 @@ impl Endpoint {
     /// The limit now: the adaptive one, lowered for a slow endpoint.
     fn limit(&self, cap: usize) -> usize {
         let latency = self.latency_ms.load(Ordering::Relaxed);
-        self.limit
-            .load(Ordering::Relaxed)
+        (f64::from_bits(self.limit.load(Ordering::Relaxed)) as usize)
+            .clamp(1, cap.max(1))
             .min(herald_core::fairness::endpoint_limit(cap, latency))
     }
 
@@ -67,7 +78,16 @@ impl Endpoint {
     }
 }
 
-type Map = Arc<Mutex<HashMap<Key, Arc<Endpoint>>>>;
+#[derive(Default)]
+struct Endpoints {
+    /// Every endpoint with a request in flight or waiting for a turn.
+    active: HashMap<Key, Arc<Endpoint>>,
+    /// Limits below the cap of endpoints with nothing in flight, and when
+    /// their last request ended.
+    lowered: HashMap<Key, (f64, Instant)>,
+}
+
+type Map = Arc<Mutex<Endpoints>>;
 
 /// The permits of every endpoint with requests in flight.
 pub struct InFlight {
@@ -86,20 +106,44 @@ pub struct Permit {
     taken: Instant,
 }
 
+impl Permit {
+    /// Adapts the endpoint's limit to how the request went: throttled, or
+    /// accepted. Called before the turn ends, so that the last request's
+    /// answer is not lost with the endpoint.
+    pub fn answered(&self, throttled: bool) {
+        let Some(endpoint) = &self.endpoint else {
+            return;
+        };
+        let cap = endpoint.cap;
+        let _ = endpoint
+            .limit
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                let limit = herald_core::policy::next_limit(f64::from_bits(bits), cap, throttled);
+                Some(limit.to_bits())
+            });
+    }
+}
+
 impl Drop for Permit {
     fn drop(&mut self) {
+        let now = Instant::now();
         if let Some(endpoint) = self.endpoint.take() {
-            *endpoint.last_done.lock().expect("endpoint lock") = Instant::now();
+            *endpoint.last_done.lock().expect("endpoint lock") = now;
             endpoint.took(self.taken.elapsed());
         }
         drop(self.permit.take());
         let mut map = self.map.lock().expect("endpoints lock");
         // Only the map holds it: nobody is in flight or waiting.
         if map
+            .active
             .get(&self.key)
             .is_some_and(|s| Arc::strong_count(s) == 1)
+            && let Some(endpoint) = map.active.remove(&self.key)
         {
-            map.remove(&self.key);
+            let limit = f64::from_bits(endpoint.limit.load(Ordering::Relaxed));
+            if limit < endpoint.cap as f64 {
+                map.lowered.insert(self.key.clone(), (limit, now));
+            }
         }
     }
 }
@@ -113,19 +157,26 @@ impl InFlight {
     }
 
     fn endpoint(&self, key: &Key) -> Arc<Endpoint> {
-        self.map
-            .lock()
-            .expect("endpoints lock")
-            .entry(key.clone())
-            .or_insert_with(|| {
-                Arc::new(Endpoint {
-                    semaphore: Arc::new(Semaphore::new(self.per_endpoint)),
-                    limit: AtomicUsize::new(self.per_endpoint),
-                    last_done: Mutex::new(Instant::now()),
-                    latency_ms: AtomicU64::new(0),
-                })
-            })
-            .clone()
+        let mut map = self.map.lock().expect("endpoints lock");
+        if let Some(endpoint) = map.active.get(key) {
+            return endpoint.clone();
+        }
+        let now = Instant::now();
+        map.lowered
+            .retain(|_, (_, since)| now.duration_since(*since) < REMEMBERED);
+        let limit = map
+            .lowered
+            .remove(key)
+            .map_or(self.per_endpoint as f64, |(limit, _)| limit);
+        let endpoint = Arc::new(Endpoint {
+            semaphore: Arc::new(Semaphore::new(self.per_endpoint)),
+            cap: self.per_endpoint,
+            limit: AtomicU64::new(limit.to_bits()),
+            last_done: Mutex::new(now),
+            latency_ms: AtomicU64::new(0),
+        });
+        map.active.insert(key.clone(), endpoint.clone());
+        endpoint
     }
 
     fn permit(&self, key: &Key, endpoint: Arc<Endpoint>, permit: OwnedSemaphorePermit) -> Permit {
@@ -170,31 +221,15 @@ impl InFlight {
         Some(self.permit(key, endpoint, permit))
     }
 
-    /// Adapts the endpoint's limit to how its last answer went.
-    pub fn adapt(&self, key: &Key, throttled: bool) {
-        let Some(endpoint) = self.map.lock().expect("endpoints lock").get(key).cloned() else {
-            return;
-        };
-        let _ = endpoint
-            .limit
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| {
-                Some(herald_core::policy::next_limit(
-                    l,
-                    self.per_endpoint,
-                    throttled,
-                ))
-            });
-    }
-
     #[cfg(test)]
     fn limit(&self, key: &Key) -> Option<usize> {
         let map = self.map.lock().expect("endpoints lock");
-        map.get(key).map(|e| e.limit(self.per_endpoint))
+        map.active.get(key).map(|e| e.limit(self.per_endpoint))
     }
 
     #[cfg(test)]
     fn tracked(&self) -> usize {
-        self.map.lock().expect("endpoints lock").len()
+        self.map.lock().expect("endpoints lock").active.len()
     }
 }
 
@@ -266,18 +301,48 @@ mod tests {
         let limits = InFlight::new(4);
         let a = key("a");
         let first = limits.acquire_if_moving(&a).await.expect("a turn");
-        limits.adapt(&a, true);
+        first.answered(true);
         assert_eq!(limits.limit(&a), Some(2));
         let second = limits.acquire_if_moving(&a).await.expect("under the limit");
         // At the lowered limit: deferred, though the semaphore has room.
         assert!(limits.acquire_if_moving(&a).await.is_none());
-        limits.adapt(&a, false);
+        // One more for about a limit's worth of successes: 2, 2.5, 2.9, 3.2.
+        first.answered(false);
+        second.answered(false);
+        assert_eq!(limits.limit(&a), Some(2));
+        second.answered(false);
         assert_eq!(limits.limit(&a), Some(3));
         let third = limits
             .acquire_if_moving(&a)
             .await
             .expect("one more allowed");
         drop((first, second, third));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lowered_limit_outlives_the_last_request_for_a_while() {
+        let limits = InFlight::new(8);
+        let a = key("a");
+        // The last request in flight is throttled: the endpoint is paused
+        // with nothing in flight, and comes back at its lowered limit.
+        let only = limits.acquire_if_moving(&a).await.expect("a turn");
+        only.answered(true);
+        drop(only);
+        assert_eq!(limits.tracked(), 0, "idle endpoints are forgotten");
+        let again = limits.acquire_if_moving(&a).await.expect("a turn");
+        assert_eq!(limits.limit(&a), Some(4));
+        drop(again);
+        // Quiet for longer than REMEMBERED: the whole cap again.
+        tokio::time::sleep(REMEMBERED).await;
+        let later = limits.acquire_if_moving(&a).await.expect("a turn");
+        assert_eq!(limits.limit(&a), Some(8));
+        drop(later);
+        // A limit grown back to the cap is not kept at all.
+        let b = key("b");
+        let turn = limits.acquire_if_moving(&b).await.expect("a turn");
+        turn.answered(false);
+        drop(turn);
+        assert!(limits.map.lock().unwrap().lowered.is_empty());
     }
 
     #[tokio::test(start_paused = true)]
