@@ -146,6 +146,81 @@ async fn a_slow_organization_never_delays_another() {
     stack.stop().await;
 }
 
+/// While another organization's jobs wait, the one sending the most yields:
+/// a cap on its deliveries a second (the deliverer's metric says so), its
+/// jobs over it held and released, none lost or sent twice; once nobody
+/// else has work, the cap goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_busiest_organization_yields_while_another_waits_and_loses_nothing() {
+    const BURST: usize = 3_000;
+    let stack = Stack::start().await;
+    let receiver = Receiver::start().await;
+    create(&stack, "burstco", receiver.url("/burst"), SLOW_REPLY).await;
+    create(&stack, "fastco", receiver.url("/fast"), SLOW_REPLY).await;
+    stack.wait_deliverer_current().await;
+    let cap = || async {
+        stack
+            .metric(
+                "HERALD_DELIVERER_HEALTH_ADDR",
+                "herald_busiest_organization_yield_cap",
+            )
+            .await
+            .unwrap_or(0.0)
+    };
+    let sent = std::sync::Mutex::new(HashMap::new());
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let fast = async {
+        let mut from = 0;
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            stack
+                .publish_paced("fastco", from..from + 10, Duration::from_millis(100), &sent)
+                .await;
+            from += 10;
+        }
+        from
+    };
+    let burst = async {
+        stack.publish_burst("burstco", BURST).await;
+        let mut capped = 0.0_f64;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while receiver.received("/burst").len() < BURST && Instant::now() < deadline {
+            capped = capped.max(cap().await);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        capped
+    };
+    let (fast_sent, capped) = tokio::join!(fast, burst);
+    eprintln!("burstco yielded: the highest cap sampled {capped}/s");
+    assert!(
+        capped > 0.0,
+        "burstco never yielded while fastco's jobs waited"
+    );
+    let mut ids: Vec<String> = receiver
+        .received("/burst")
+        .iter()
+        .map(|r| r.event_id())
+        .collect();
+    let total = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(
+        ids.len(),
+        BURST,
+        "every event of the burst, held or not ({total} requests)"
+    );
+    receiver
+        .wait_for("/fast", fast_sent, Duration::from_secs(30))
+        .await;
+    // Nobody else about: no cap.
+    stack
+        .eventually(Duration::from_secs(15), "the cap gone", || async {
+            (cap().await == 0.0).then_some(())
+        })
+        .await;
+    stack.stop().await;
+}
+
 /// p50 and p99 of `waits`.
 fn percentiles(mut waits: Vec<Duration>) -> (Duration, Duration) {
     waits.sort();
@@ -159,15 +234,28 @@ fn percentiles(mut waits: Vec<Duration>) -> (Duration, Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement; run it by hand"]
 async fn measure_a_burst_beside_another_organization() {
-    // With lanes (the default), then first come, first served.
-    for lanes in ["true", "false"] {
-        measure_a_burst(lanes).await;
+    // The default (lanes, and the busiest organization yields while others
+    // wait), lanes alone, then first come, first served.
+    // `MEASURE_ONLY=<label>` runs one of them.
+    let only = std::env::var("MEASURE_ONLY").ok();
+    for (label, lanes, yields) in [
+        ("lanes", "true", "true"),
+        ("lanes, the busiest not yielding", "true", "false"),
+        ("no lanes", "false", "false"),
+    ] {
+        if only.as_deref().is_some_and(|o| o != label) {
+            continue;
+        }
+        let options = Options::default()
+            .env("HERALD_LANES", lanes)
+            .env("HERALD_BUSIEST_YIELDS", yields);
+        measure_a_burst(label, options).await;
     }
 }
 
-async fn measure_a_burst(lanes: &str) {
+async fn measure_a_burst(lanes: &str, options: Options) {
     const BURST: usize = 30_000;
-    let stack = Stack::start_with(Options::default().env("HERALD_LANES", lanes)).await;
+    let stack = Stack::start_with(options).await;
     let receiver = Receiver::start().await;
     create(&stack, "burstco", receiver.url("/burst"), SLOW_REPLY).await;
     create(&stack, "fastco", receiver.url("/fast"), SLOW_REPLY).await;
@@ -258,8 +346,15 @@ async fn measure_a_burst(lanes: &str) {
                     open.push(format!("{key}={}", String::from_utf8_lossy(&v)));
                 }
             }
+            let cap = stack
+                .metric(
+                    "HERALD_DELIVERER_HEALTH_ADDR",
+                    "herald_busiest_organization_yield_cap",
+                )
+                .await
+                .unwrap_or(0.0);
             lines.push(format!(
-                "  +{:.2}s matcher {matcher:?} deliverer {deliverer:?} burstco jobs {waiting}; {}",
+                "  +{:.2}s matcher {matcher:?} deliverer {deliverer:?} burstco jobs {waiting}, yield cap {cap}/s; {}",
                 started.elapsed().as_secs_f64(),
                 open.join(" ")
             ));
@@ -281,7 +376,7 @@ async fn measure_a_burst(lanes: &str) {
     let beside_n = ((delivered.as_millis() / 100) as usize).clamp(1, 300);
     let beside = percentiles(waits(100, 100 + beside_n));
     eprintln!(
-        "lanes {lanes}: burst of {BURST}: published in {published:?}, delivered in {delivered:?}; \
+        "{lanes}: burst of {BURST}: published in {published:?}, delivered in {delivered:?}; \
          fastco alone p50 {:?} p99 {:?}; during the burst ({beside_n} events) p50 {:?} p99 {:?}",
         alone.0, alone.1, beside.0, beside.1
     );
@@ -303,6 +398,31 @@ async fn measure_a_burst(lanes: &str) {
         .collect();
     slowest.sort();
     let ms = |nanos: i128| nanos as f64 / 1e6;
+    // The median of each part, over every event during the burst.
+    let mut parts: [Vec<f64>; 4] = Default::default();
+    for (_, id, sent, received) in &slowest {
+        let (Some(&e), Some(&a)) = (events.get(id), accepted.get(id)) else {
+            continue;
+        };
+        let began = attempted.get(id).copied().unwrap_or(*received);
+        for (part, nanos) in parts
+            .iter_mut()
+            .zip([e - sent, a - e, began - a, received - began])
+        {
+            part.push(ms(nanos));
+        }
+    }
+    let medians: Vec<String> = parts
+        .iter_mut()
+        .map(|part| {
+            part.sort_by(f64::total_cmp);
+            format!("{:.1}", part.get(part.len() / 2).copied().unwrap_or(0.0))
+        })
+        .collect();
+    eprintln!(
+        "  medians, ms: publish to stored {}, ingest {}, accepted to attempted {}, attempted to receipt {}",
+        medians[0], medians[1], medians[2], medians[3]
+    );
     for (wait, id, sent, received) in slowest.iter().rev().take(8) {
         let (Some(&e), Some(&a)) = (events.get(id), accepted.get(id)) else {
             continue;

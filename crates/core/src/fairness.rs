@@ -17,6 +17,15 @@
 //! complete ([`Scheduler::releases`], a round over the organizations with
 //! held jobs, one slot each per turn, so free slots are dealt out evenly).
 //!
+//! Slots are not the machine, though: a burst to a fast receiver uses few
+//! of them and every core, and then every other organization's job waits
+//! for a core at every step. So while others have work, the organization
+//! sending the most *yields* ([`Yielding`]): each deliverer watches how
+//! long the others' jobs waited from being stored to being picked up, and
+//! while that grows, the busiest organization's deliveries a second are
+//! capped (its jobs over the cap are held like any others), lower each
+//! tick; when the others' waits are back to normal the cap rises, and goes.
+//!
 //! The scheduler counts one deliverer's requests; every replica has its own,
 //! so the shares hold per replica (replicas pull from one stream, so each
 //! sees every organization's work in proportion).
@@ -83,6 +92,8 @@ pub enum Why {
     InFlightLimit,
     /// The organization's own rate.
     Rate,
+    /// It sends the most, and yields to others' waiting jobs.
+    Yield,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -96,6 +107,8 @@ struct Org {
     seen_held_ms: Option<i64>,
     bucket: Option<Bucket>,
     last_active_ms: i64,
+    /// Jobs sent (or released) since the last [`Scheduler::sent`].
+    sent: u64,
 }
 
 /// An organization as the metrics show it.
@@ -120,6 +133,8 @@ pub struct Scheduler {
     orgs: BTreeMap<String, Org>,
     /// Where the last round of releases stopped, so the next starts after.
     cursor: Option<String>,
+    /// The organization yielding to others, and its deliveries a second.
+    yielding: Option<(String, u32)>,
 }
 
 impl Scheduler {
@@ -131,7 +146,32 @@ impl Scheduler {
             limits: BTreeMap::new(),
             orgs: BTreeMap::new(),
             cursor: None,
+            yielding: None,
         }
+    }
+
+    /// Caps `org`'s deliveries a second while it yields; `None`: nobody
+    /// yields.
+    pub fn set_yield(&mut self, yielding: Option<(String, u32)>) {
+        self.yielding = yielding;
+    }
+
+    /// The organization yielding now.
+    pub fn yielding(&self) -> Option<&str> {
+        self.yielding.as_ref().map(|(org, _)| org.as_str())
+    }
+
+    /// Each organization's jobs sent since the last call, most first, of
+    /// those active within `within_ms`.
+    pub fn sent(&mut self, within_ms: i64, now_ms: i64) -> Vec<(String, u64)> {
+        let mut out: Vec<(String, u64)> = self
+            .orgs
+            .iter_mut()
+            .filter(|(_, o)| now_ms - o.last_active_ms < within_ms || o.in_flight > 0)
+            .map(|(name, o)| (name.clone(), std::mem::take(&mut o.sent)))
+            .collect();
+        out.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        out
     }
 
     /// The organization's own limits (from its record); `None` forgets them.
@@ -159,6 +199,26 @@ impl Scheduler {
             per_minute: n.saturating_mul(60),
             burst: n.max(1),
         })
+    }
+
+    /// The rate `org` is held to: its own, or lower while it yields (with
+    /// a tenth of a second's burst, so that it does not spend a second's
+    /// worth at once).
+    fn rate_of(&self, org: &str, limits: Limits) -> Option<(Rate, Why)> {
+        let own = Self::rate(limits).map(|r| (r, Why::Rate));
+        let yielded = self
+            .yielding
+            .as_ref()
+            .filter(|(o, _)| o == org)
+            .map(|(_, n)| Rate {
+                per_minute: n.saturating_mul(60),
+                burst: (n / 10).max(1),
+            });
+        match (own, yielded) {
+            (Some((own, why)), Some(y)) if own.per_minute <= y.per_minute => Some((own, why)),
+            (_, Some(y)) => Some((y, Why::Yield)),
+            (own, None) => own,
+        }
     }
 
     /// The slots shared between organizations.
@@ -218,9 +278,9 @@ impl Scheduler {
         if o.in_flight >= share {
             return Err(Why::Share);
         }
-        if let Some(rate) = Self::rate(limits) {
+        if let Some((rate, why)) = self.rate_of(org, limits) {
             let bucket = o.bucket.unwrap_or_else(|| rate.full(now_ms));
-            let taken = rate.take(bucket, now_ms).map_err(|_| Why::Rate)?;
+            let taken = rate.take(bucket, now_ms).map_err(|_| why)?;
             self.org(org, now_ms).bucket = Some(taken);
         }
         Ok(())
@@ -239,7 +299,10 @@ impl Scheduler {
         };
         let o = self.org(org, now_ms);
         match decision {
-            Decision::Send => o.in_flight += 1,
+            Decision::Send => {
+                o.in_flight += 1;
+                o.sent += 1;
+            }
             Decision::Hold(_) => {
                 o.held += 1;
                 o.held_since.push_back(queued_ms);
@@ -288,6 +351,7 @@ impl Scheduler {
                 o.held -= 1;
                 o.held_since.pop_front();
                 o.in_flight += 1;
+                o.sent += 1;
                 free -= 1;
                 moving = true;
                 self.cursor = Some(name.clone());
@@ -373,6 +437,89 @@ pub fn endpoint_limit(cap: usize, latency_ms: u64) -> usize {
     }
     let scaled = (cap as u64).saturating_mul(1_000) / latency_ms;
     (scaled as usize).clamp(2.min(cap), cap)
+}
+
+/// How often [`Yielding::tick`] adapts the cap.
+pub const YIELD_TICK_MS: i64 = 100;
+/// Others' jobs waiting longer than this beyond the least wait seen are
+/// waiting for the busiest organization's work.
+pub const YIELD_EXCESS_MS: i64 = 2;
+/// The lowest cap, deliveries a second: however long others wait, the
+/// yielding organization moves.
+pub const YIELD_LEAST: f64 = 100.0;
+/// Above this cap the organization no longer yields.
+pub const YIELD_MOST: f64 = 100_000.0;
+/// The least wait is the least of this window and the one before.
+pub const YIELD_WINDOW_MS: i64 = 60_000;
+/// Others count as active for this long after their last job.
+pub const YIELD_OTHERS_WITHIN_MS: i64 = 2_000;
+
+/// The cap on the busiest organization's deliveries a second while others
+/// wait: a delay-based background class, as LEDBAT is for TCP. The wait of
+/// each job of another organization, from being stored to being picked up,
+/// is set beside the least such wait lately (what a job nobody is in front
+/// of waits, plus any offset between the server's clock and this one).
+/// While the others wait more than [`YIELD_EXCESS_MS`] beyond it, the cap
+/// falls to 70% of what the organization sent in the tick (never below
+/// [`YIELD_LEAST`]); a tick whose jobs of others all waited less grows it
+/// by 25%, and past [`YIELD_MOST`] it goes. A tick with no job of
+/// another organization leaves it as it is: an organization sending ten
+/// events a second has a job in one tick of two, and no news is not good
+/// news. Once nobody else has work, the cap goes ([`Yielding::stop`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Yielding {
+    cap: Option<f64>,
+    /// The least wait of this window and of the last one.
+    base: [i64; 2],
+    window_from_ms: i64,
+    /// The longest wait of another organization's job this tick.
+    worst: Option<i64>,
+}
+
+impl Yielding {
+    pub fn new(now_ms: i64) -> Self {
+        Self {
+            cap: None,
+            base: [i64::MAX; 2],
+            window_from_ms: now_ms,
+            worst: None,
+        }
+    }
+
+    /// Deliveries a second; `None`: no cap.
+    pub fn cap(&self) -> Option<u32> {
+        self.cap.map(|c| c as u32)
+    }
+
+    /// Nobody yields any more (nobody else is about): no cap.
+    pub fn stop(&mut self) {
+        self.cap = None;
+    }
+
+    /// A job of another organization waited `wait_ms` to be picked up.
+    pub fn waited(&mut self, wait_ms: i64) {
+        self.base[0] = self.base[0].min(wait_ms);
+        self.worst = Some(self.worst.map_or(wait_ms, |w| w.max(wait_ms)));
+    }
+
+    /// Every [`YIELD_TICK_MS`]: `sent`, what the yielding organization sent
+    /// in the tick (a second's worth), sets the cap for the next.
+    pub fn tick(&mut self, now_ms: i64, sent_per_second: f64) {
+        let base = self.base[0].min(self.base[1]);
+        self.cap = match self.worst {
+            Some(worst) if worst.saturating_sub(base) > YIELD_EXCESS_MS => {
+                let went = self.cap.map_or(sent_per_second, |c| c.min(sent_per_second));
+                Some((went * 0.7).max(YIELD_LEAST))
+            }
+            Some(_) => self.cap.map(|c| c * 1.25).filter(|c| *c < YIELD_MOST),
+            None => self.cap,
+        };
+        self.worst = None;
+        if now_ms - self.window_from_ms >= YIELD_WINDOW_MS {
+            self.base = [i64::MAX, self.base[0]];
+            self.window_from_ms = now_ms;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -615,5 +762,104 @@ mod tests {
                 "{cap} at {latency_ms} ms"
             );
         }
+    }
+
+    #[test]
+    fn the_busiest_yields_while_others_wait_and_less_as_they_do_not() {
+        let mut y = Yielding::new(0);
+        // (others' waits this tick, what the busiest sent a second) → cap.
+        let cases: [(&[i64], f64, Option<u32>); 10] = [
+            // Others wait no more than the least wait: no cap.
+            (&[1, 2, 1], 2_400.0, None),
+            // 6 ms beyond the least (1): 70% of what it sent.
+            (&[7], 2_400.0, Some(1_680)),
+            (&[9], 1_680.0, Some(1_176)),
+            // Within 2 ms of the least: 25% more.
+            (&[3], 1_176.0, Some(1_470)),
+            // No job of another organization this tick: as it was.
+            (&[], 1_470.0, Some(1_470)),
+            // It sent less than its cap: 70% of what it sent.
+            (&[12], 500.0, Some(350)),
+            (&[12], 100.0, Some(100)),
+            (&[12], 100.0, Some(100)),
+            (&[2], 100.0, Some(125)),
+            (&[1, 3], 100.0, Some(156)),
+        ];
+        for (i, (waits, sent, cap)) in cases.into_iter().enumerate() {
+            for w in waits {
+                y.waited(*w);
+            }
+            y.tick((i as i64 + 1) * YIELD_TICK_MS, sent);
+            assert_eq!(y.cap(), cap, "tick {i}");
+        }
+        let mut ticks = 0;
+        while y.cap().is_some() {
+            ticks += 1;
+            y.waited(1);
+            y.tick(10_000 + ticks * YIELD_TICK_MS, 100.0);
+        }
+        assert_eq!(ticks, 29, "about 3 s from 156/s to no cap");
+        // Capped again, then nobody else is about.
+        y.waited(50);
+        y.tick(20_000, 1_000.0);
+        assert_eq!(y.cap(), Some(700));
+        y.stop();
+        assert_eq!(y.cap(), None);
+    }
+
+    #[test]
+    fn the_least_wait_is_of_the_last_two_windows() {
+        // A clock 50 ms ahead of the server's: every wait reads 50 ms
+        // more, and only what exceeds the least counts.
+        let mut y = Yielding::new(0);
+        for (wait, at) in [(51, 1), (53, 2)] {
+            y.waited(wait);
+            y.tick(at * YIELD_TICK_MS, 1_000.0);
+            assert_eq!(y.cap(), None);
+        }
+        // Two windows on, the 51 is forgotten.
+        y.tick(YIELD_WINDOW_MS, 1_000.0);
+        y.tick(2 * YIELD_WINDOW_MS, 1_000.0);
+        for (wait, cap) in [(60, None), (62, None), (63, Some(700))] {
+            y.waited(wait);
+            y.tick(2 * YIELD_WINDOW_MS + 1, 1_000.0);
+            assert_eq!(y.cap(), cap, "{wait}");
+        }
+    }
+
+    #[test]
+    fn a_yielding_organization_is_held_to_its_cap_with_a_short_burst() {
+        let mut s = Scheduler::new(64, NONE);
+        s.set_yield(Some(("burst".into(), 100)));
+        // A tenth of a second's burst (10), then one every 10 ms.
+        let sent = (0..20)
+            .filter(|_| s.arrive("burst", 0, 0) == Decision::Send)
+            .count();
+        assert_eq!(sent, 10);
+        assert_eq!(s.arrive("burst", 0, 0), Decision::Hold(Why::Behind));
+        assert_eq!(s.arrive("quiet", 0, 0), Decision::Send);
+        for _ in 0..10 {
+            s.done("burst", 5);
+        }
+        assert_eq!(s.releases(64, 15), vec![("burst".into(), 1)]);
+        assert_eq!(
+            s.sent(YIELD_OTHERS_WITHIN_MS, 20),
+            vec![("burst".into(), 11), ("quiet".into(), 1)]
+        );
+        assert_eq!(
+            s.sent(YIELD_OTHERS_WITHIN_MS, 20),
+            vec![("burst".into(), 0), ("quiet".into(), 0)]
+        );
+        // Its own lower rate still holds.
+        s.set_limits(
+            "burst",
+            Some(Limits {
+                in_flight: None,
+                per_second: Some(20),
+            }),
+        );
+        assert_eq!(s.rate_of("burst", s.limits("burst")).unwrap().1, Why::Rate);
+        s.set_yield(None);
+        assert_eq!(s.yielding(), None);
     }
 }

@@ -152,6 +152,7 @@ impl State {
                 return Disposition::DeadLetter(format!("undecodable delivery job: {error}"));
             }
         };
+        self.fair.waited(message, &job.organization_id);
         let done = tokio::select! {
             done = self.deliver(&job, source) => done,
             _ = self.hard_stop.cancelled() => Done::HandBack(JobError::ShuttingDown),

@@ -20,6 +20,14 @@
 //! per-organization metrics and the `herald:held:{<org>}` markers (what the
 //! webhook's API answer reads) are set. Organizations' own limits come from
 //! the `herald-organizations` bucket, followed by its change feed.
+//!
+//! While others have work, the organization that sent the most yields
+//! (`core::fairness::Yielding`): every job of another organization says how
+//! long it waited from being stored to being picked up ([`Fair::waited`]),
+//! and every 100 ms the cap on the busiest one's deliveries a second is
+//! set from those waits ([`Fair::adapt`]). Its jobs over the cap are held,
+//! so the matcher's lane for it (paced by its jobs waiting, held ones
+//! included) slows with it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::AtomicU64;
@@ -28,7 +36,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv, stream};
 use futures::StreamExt;
-use herald_core::fairness::{self, Decision, Limits, Scheduler};
+use herald_core::fairness::{self, Decision, Limits, Scheduler, Yielding};
 use herald_core::{names, proto};
 use herald_platform::config::{self, ConfigError, Source};
 use herald_platform::nats::{self, PublishError};
@@ -46,6 +54,7 @@ use crate::State;
 
 pub const ORG_CONCURRENCY: &str = "HERALD_ORG_DELIVERY_CONCURRENCY";
 pub const ORG_RATE: &str = "HERALD_ORG_DELIVERY_RATE";
+pub const YIELD: &str = "HERALD_BUSIEST_YIELDS";
 
 /// The organizations bucket (written by admin).
 const ORGANIZATIONS: &str = "herald-organizations";
@@ -68,6 +77,8 @@ const MARKER_TTL_SECS: u64 = 5;
 pub struct Settings {
     pub org_concurrency: Option<u32>,
     pub org_rate: Option<u32>,
+    /// While others wait, the busiest organization yields (on by default).
+    pub yields: bool,
 }
 
 impl Settings {
@@ -76,6 +87,7 @@ impl Settings {
         Ok(Self {
             org_concurrency: some(config::number(src, ORG_CONCURRENCY, 0, 0..=65_536)?),
             org_rate: some(config::number(src, ORG_RATE, 0, 0..=1_000_000)?),
+            yields: config::boolean(src, YIELD, true)?,
         })
     }
 }
@@ -95,15 +107,26 @@ struct Metrics {
     in_flight: Family<OrgLabel, Gauge>,
     oldest: Family<OrgLabel, Gauge<f64, AtomicU64>>,
     shown: Mutex<HashSet<String>>,
+    yield_cap: Gauge,
 }
 
 struct Inner {
     scheduler: Mutex<Scheduler>,
+    /// `None`: nobody yields (`HERALD_BUSIEST_YIELDS=false`).
+    yielding: Option<Mutex<Yield>>,
     wake: Notify,
     js: jetstream::Context,
     redis: Redis,
     consumers: tokio::sync::Mutex<HashMap<String, consumer::PullConsumer>>,
     metrics: Metrics,
+}
+
+/// Who yields, and by how much.
+struct Yield {
+    control: Yielding,
+    /// The organization that sent the most in the last tick, while others
+    /// were active: its own jobs' waits do not count.
+    busiest: Option<String>,
 }
 
 #[derive(Clone)]
@@ -174,6 +197,12 @@ impl Fair {
         };
         let inner = Arc::new(Inner {
             scheduler: Mutex::new(Scheduler::new(slots, defaults)),
+            yielding: settings.yields.then(|| {
+                Mutex::new(Yield {
+                    control: Yielding::new(now_ms()),
+                    busiest: None,
+                })
+            }),
             wake: Notify::new(),
             js: js.clone(),
             redis,
@@ -195,6 +224,10 @@ impl Fair {
                     Family::default(),
                 ),
                 shown: Mutex::default(),
+                yield_cap: health.gauge(
+                    "busiest_organization_yield_cap",
+                    "Deliveries a second the busiest organization is capped at while others' jobs wait (0: no cap)",
+                ),
             },
         });
         Ok(Self { inner })
@@ -222,6 +255,66 @@ impl Fair {
                 Admission::Hold
             }
         }
+    }
+
+    /// `message`'s job is picked up: unless it is the busiest
+    /// organization's, or released (it waited held, on purpose), how long
+    /// it waited since stored counts toward whether the busiest yields.
+    pub fn waited(&self, message: &jetstream::Message, org: &str) {
+        let Some(yielding) = &self.inner.yielding else {
+            return;
+        };
+        if RELEASED.try_with(|_| ()).is_ok() {
+            return;
+        }
+        // Redelivered: it waited for an ack wait, not for a core.
+        let Ok(info) = message
+            .info()
+            .map_err(drop)
+            .and_then(|i| if i.delivered > 1 { Err(()) } else { Ok(i) })
+        else {
+            return;
+        };
+        let stored_ms = (info.published.unix_timestamp_nanos() / 1_000_000) as i64;
+        let mut y = yielding.lock().expect("yield lock");
+        if y.busiest.as_deref() != Some(org) {
+            y.control.waited(now_ms() - stored_ms);
+        }
+    }
+
+    /// Every [`fairness::YIELD_TICK_MS`]: who sent the most, and the cap it
+    /// yields to while others are active.
+    fn adapt(&self) {
+        let Some(yielding) = &self.inner.yielding else {
+            return;
+        };
+        let now = now_ms();
+        let mut scheduler = self.inner.scheduler.lock().expect("scheduler lock");
+        let sent = scheduler.sent(fairness::YIELD_OTHERS_WITHIN_MS, now);
+        let mut y = yielding.lock().expect("yield lock");
+        let per_second = |org: &str| {
+            sent.iter().find(|(o, _)| o == org).map_or(0, |(_, n)| *n) as f64 * 1_000.0
+                / fairness::YIELD_TICK_MS as f64
+        };
+        // While anybody else is about: the one yielding goes on yielding
+        // until its cap goes; otherwise the busiest.
+        let busiest = if sent.len() > 1 {
+            scheduler
+                .yielding()
+                .map(str::to_owned)
+                .or_else(|| sent.first().map(|(org, _)| org.clone()))
+        } else {
+            None
+        };
+        let sent_by = busiest.as_deref().map_or(0.0, per_second);
+        y.control.tick(now, sent_by);
+        if busiest.is_none() {
+            y.control.stop();
+        }
+        let cap = y.control.cap();
+        scheduler.set_yield(busiest.clone().zip(cap));
+        y.busiest = busiest;
+        self.inner.metrics.yield_cap.set(cap.map_or(0, i64::from));
     }
 
     /// Stores `job` held; `source` (the job message's stream sequence)
@@ -492,6 +585,9 @@ pub async fn run(state: Arc<State>, slots: Arc<Semaphore>, shutdown: Cancellatio
     let start = tokio::time::Instant::now();
     let mut sweep = tokio::time::interval_at(start, SWEEP_EVERY);
     let mut show = tokio::time::interval_at(start, SHOW_EVERY);
+    let mut adapt =
+        tokio::time::interval_at(start, Duration::from_millis(fairness::YIELD_TICK_MS as u64));
+    adapt.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     show.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -501,6 +597,7 @@ pub async fn run(state: Arc<State>, slots: Arc<Semaphore>, shutdown: Cancellatio
             _ = tokio::time::sleep(TICK) => {}
             _ = sweep.tick() => fair.sweep().await,
             _ = show.tick() => fair.show().await,
+            _ = adapt.tick() => fair.adapt(),
         }
         let releases = fair
             .inner
