@@ -454,6 +454,26 @@ pub const YIELD_WINDOW_MS: i64 = 60_000;
 /// Others count as active for this long after their last job.
 pub const YIELD_OTHERS_WITHIN_MS: i64 = 2_000;
 
+/// Who yields for the next tick, from `sent` (each active organization's
+/// jobs sent in the last tick, most first, [`Scheduler::sent`]) and who
+/// yielded in it: nobody unless another organization is active; the one
+/// yielding while it still sends at least as much as any other (its cap
+/// holds it, so it sends less than it would); otherwise the one that sent
+/// the most, and the cap moves to it (`true`: start its cap afresh). So of
+/// two organizations each wanting more than half of the machine, neither
+/// is held at the least while the other takes the rest.
+pub fn yielder(sent: &[(String, u64)], yielding: Option<&str>) -> (Option<String>, bool) {
+    if sent.len() < 2 {
+        return (None, yielding.is_some());
+    }
+    let of = |org: &str| sent.iter().find(|(o, _)| o == org).map_or(0, |(_, n)| *n);
+    let most = &sent[0];
+    match yielding {
+        Some(y) if of(y) >= most.1 => (Some(y.to_owned()), false),
+        other => (Some(most.0.clone()), other.is_some()),
+    }
+}
+
 /// The cap on the busiest organization's deliveries a second while others
 /// wait: a delay-based background class, as LEDBAT is for TCP. The wait of
 /// each job of another organization, from being stored to being picked up,
@@ -805,6 +825,35 @@ mod tests {
         assert_eq!(y.cap(), Some(700));
         y.stop();
         assert_eq!(y.cap(), None);
+    }
+
+    #[test]
+    fn who_yields() {
+        let sent = |v: &[(&str, u64)]| -> Vec<(String, u64)> {
+            v.iter().map(|(o, n)| (o.to_string(), *n)).collect()
+        };
+        // (sent this tick, most first; yielding) → (yielding next, afresh)
+        type Case<'a> = (&'a [(&'a str, u64)], Option<&'a str>, Option<&'a str>, bool);
+        let cases: [Case; 7] = [
+            // Alone: nobody yields, and a cap goes.
+            (&[("a", 240)], None, None, false),
+            (&[("a", 240)], Some("a"), None, true),
+            (&[], Some("a"), None, true),
+            // Others about: the busiest.
+            (&[("a", 240), ("b", 1)], None, Some("a"), false),
+            // Yielding, and still sending the most: it goes on.
+            (&[("a", 120), ("b", 1)], Some("a"), Some("a"), false),
+            (&[("a", 120), ("b", 120)], Some("b"), Some("b"), false),
+            // Another sends more than the one held: the cap moves.
+            (&[("b", 300), ("a", 100)], Some("a"), Some("b"), true),
+        ];
+        for (sent_now, yielding, next, afresh) in cases {
+            assert_eq!(
+                yielder(&sent(sent_now), yielding),
+                (next.map(str::to_owned), afresh),
+                "{sent_now:?} {yielding:?}"
+            );
+        }
     }
 
     #[test]

@@ -296,16 +296,10 @@ impl Fair {
             sent.iter().find(|(o, _)| o == org).map_or(0, |(_, n)| *n) as f64 * 1_000.0
                 / fairness::YIELD_TICK_MS as f64
         };
-        // While anybody else is about: the one yielding goes on yielding
-        // until its cap goes; otherwise the busiest.
-        let busiest = if sent.len() > 1 {
-            scheduler
-                .yielding()
-                .map(str::to_owned)
-                .or_else(|| sent.first().map(|(org, _)| org.clone()))
-        } else {
-            None
-        };
+        let (busiest, afresh) = fairness::yielder(&sent, scheduler.yielding());
+        if afresh {
+            y.control.stop();
+        }
         let sent_by = busiest.as_deref().map_or(0.0, per_second);
         y.control.tick(now, sent_by);
         if busiest.is_none() {
