@@ -144,7 +144,8 @@ impl State {
     /// grace period after shutdown ends is handed back at once: another
     /// replica (or this one, restarted) makes the attempt.
     pub(crate) async fn handle(self: &Arc<Self>, message: &jetstream::Message) -> Disposition {
-        let source = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let info = message.info().ok();
+        let source = info.as_ref().map_or(0, |i| i.stream_sequence);
         let job = match proto::DeliveryJob::decode(message.payload.clone()) {
             Ok(job) => job,
             Err(error) => {
@@ -152,7 +153,9 @@ impl State {
                 return Disposition::DeadLetter(format!("undecodable delivery job: {error}"));
             }
         };
-        self.fair.waited(message, &job.organization_id);
+        if let Some(info) = &info {
+            self.fair.waited(info, &job.organization_id);
+        }
         let done = tokio::select! {
             done = self.deliver(&job, source) => done,
             _ = self.hard_stop.cancelled() => Done::HandBack(JobError::ShuttingDown),

@@ -257,24 +257,17 @@ impl Fair {
         }
     }
 
-    /// `message`'s job is picked up: unless it is the busiest
-    /// organization's, or released (it waited held, on purpose), how long
-    /// it waited since stored counts toward whether the busiest yields.
-    pub fn waited(&self, message: &jetstream::Message, org: &str) {
+    /// A job of `org` (its message's `info`) is picked up: unless it is the
+    /// busiest organization's, released (it waited held, on purpose) or
+    /// redelivered (it waited for an ack wait, not for a core), how long it
+    /// waited since stored counts toward whether the busiest yields.
+    pub fn waited(&self, info: &jetstream::message::Info, org: &str) {
         let Some(yielding) = &self.inner.yielding else {
             return;
         };
-        if RELEASED.try_with(|_| ()).is_ok() {
+        if RELEASED.try_with(|_| ()).is_ok() || info.delivered > 1 {
             return;
         }
-        // Redelivered: it waited for an ack wait, not for a core.
-        let Ok(info) = message
-            .info()
-            .map_err(drop)
-            .and_then(|i| if i.delivered > 1 { Err(()) } else { Ok(i) })
-        else {
-            return;
-        };
         let stored_ms = (info.published.unix_timestamp_nanos() / 1_000_000) as i64;
         let mut y = yielding.lock().expect("yield lock");
         if y.busiest.as_deref() != Some(org) {

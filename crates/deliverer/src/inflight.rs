@@ -56,11 +56,11 @@ struct Endpoint {
 
 impl Endpoint {
     /// The limit now: the adaptive one, lowered for a slow endpoint.
-    fn limit(&self, cap: usize) -> usize {
+    fn limit(&self) -> usize {
         let latency = self.latency_ms.load(Ordering::Relaxed);
         (f64::from_bits(self.limit.load(Ordering::Relaxed)) as usize)
-            .clamp(1, cap.max(1))
-            .min(herald_core::fairness::endpoint_limit(cap, latency))
+            .clamp(1, self.cap.max(1))
+            .min(herald_core::fairness::endpoint_limit(self.cap, latency))
     }
 
     /// Adds one request's time to the average (each new one weighs 1/4).
@@ -142,6 +142,9 @@ impl Drop for Permit {
         {
             let limit = f64::from_bits(endpoint.limit.load(Ordering::Relaxed));
             if limit < endpoint.cap as f64 {
+                // Only throttled endpoints going quiet pay for the pruning.
+                map.lowered
+                    .retain(|_, (_, since)| now.duration_since(*since) < REMEMBERED);
                 map.lowered.insert(self.key.clone(), (limit, now));
             }
         }
@@ -162,11 +165,10 @@ impl InFlight {
             return endpoint.clone();
         }
         let now = Instant::now();
-        map.lowered
-            .retain(|_, (_, since)| now.duration_since(*since) < REMEMBERED);
         let limit = map
             .lowered
             .remove(key)
+            .filter(|(_, since)| now.duration_since(*since) < REMEMBERED)
             .map_or(self.per_endpoint as f64, |(limit, _)| limit);
         let endpoint = Arc::new(Endpoint {
             semaphore: Arc::new(Semaphore::new(self.per_endpoint)),
@@ -202,7 +204,7 @@ impl InFlight {
     /// deferred).
     pub async fn acquire_if_moving(&self, key: &Key) -> Option<Permit> {
         let endpoint = self.endpoint(key);
-        let limit = endpoint.limit(self.per_endpoint);
+        let limit = endpoint.limit();
         let in_flight = self.per_endpoint - endpoint.semaphore.available_permits();
         if in_flight >= limit && limit < self.per_endpoint {
             return None;
@@ -224,7 +226,7 @@ impl InFlight {
     #[cfg(test)]
     fn limit(&self, key: &Key) -> Option<usize> {
         let map = self.map.lock().expect("endpoints lock");
-        map.active.get(key).map(|e| e.limit(self.per_endpoint))
+        map.active.get(key).map(|e| e.limit())
     }
 
     #[cfg(test)]
