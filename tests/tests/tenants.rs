@@ -319,6 +319,18 @@ async fn organizations_and_a_read_only_key_over_the_api() {
     assert_eq!(status, 401);
     let (status, _) = admin.op("GET", "/organizations/initech", None).await;
     assert_eq!(status, 404);
+    // Ids no organization or key can have name nothing (the bucket is not
+    // asked: a key with an empty token has no responder).
+    for (method, path) in [
+        ("GET", "/organizations/0..0"),
+        ("PATCH", "/organizations/0..0"),
+        ("DELETE", "/organizations/0..0"),
+        ("DELETE", "/api-keys/a..b"),
+    ] {
+        let body = (method == "PATCH").then(|| json!({"name": "x"}));
+        let (status, _) = admin.op(method, path, body).await;
+        assert_eq!(status, 404, "{method} {path}");
+    }
     stack.stop().await;
 }
 

@@ -54,12 +54,12 @@ fn unavailable(e: impl std::fmt::Display) -> KvError {
 }
 
 /// Opens `bucket`, creating it when missing (for `nats::retry` at start).
-/// Whether the bucket can hold `key`: 1–255 of `[-_=a-zA-Z0-9/.]`, not
-/// starting or ending with a dot.
+/// Whether the bucket can hold `key`: 1–255 of `[-_=a-zA-Z0-9/.]` whose
+/// dot-separated tokens are none empty (a subject with an empty token has
+/// no responder: the server answers 503).
 pub fn valid_key(key: &str) -> bool {
     (1..=255).contains(&key.len())
-        && !key.starts_with('.')
-        && !key.ends_with('.')
+        && key.split('.').all(|token| !token.is_empty())
         && key
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'=' | b'/' | b'.'))
@@ -307,5 +307,30 @@ where
         slots.retain(|key, slot| slot.revision > before || seen.contains(key));
         drop(slots);
         self.loaded.send_replace(true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_key;
+
+    #[test]
+    fn keys_the_bucket_can_hold() {
+        for (key, want) in [
+            ("acme", true),
+            ("acme.wh_1", true),
+            ("a/b=c-d_e", true),
+            ("", false),
+            (".acme", false),
+            ("acme.", false),
+            ("0..0", false),
+            ("a b", false),
+            ("a*", false),
+            ("a>", false),
+            (&"k".repeat(255), true),
+            (&"k".repeat(256), false),
+        ] {
+            assert_eq!(valid_key(key), want, "{key:?}");
+        }
     }
 }

@@ -264,7 +264,7 @@ async fn get_one(
     caller: Caller,
     Path(org): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    if !caller.is_operator() && !caller.principal.allows(&org) {
+    if !names::valid_org(&org) || (!caller.is_operator() && !caller.principal.allows(&org)) {
         return Err(ApiError::not_found("organization"));
     }
     let (found, _) = state
@@ -282,6 +282,9 @@ async fn patch(
     body: JsonBody,
 ) -> Result<Json<Value>, ApiError> {
     caller.require_operator()?;
+    if !names::valid_org(&org) {
+        return Err(ApiError::not_found("organization"));
+    }
     let mut req = body_of(body)?;
     req.only(&["name", "metadata", "limits"])?;
     let mut fields = req.names();
@@ -341,7 +344,7 @@ async fn delete_one(
     Path(org): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     caller.require_operator()?;
-    if state.orgs.fetch(&org).await?.is_none() {
+    if !names::valid_org(&org) || state.orgs.fetch(&org).await?.is_none() {
         return Err(ApiError::not_found("organization"));
     }
     crate::api_keys::remove_organization(&state, &caller, &org).await?;
