@@ -98,6 +98,10 @@ SEED_ARGS=()
 
 echo "fuzzing $ADMIN/openapi.json ($MAX_EXAMPLES examples per operation, at most ${MAX_TIME}s)"
 # Run from the temp dir: Schemathesis keeps a cache in its working directory.
+# One worker: with two, Hypothesis parses lambdas' source (`ast.parse`) from
+# two threads at once, which CPython 3.11.7 (this machine's) can fail with
+# "SystemError: AST constructor recursion depth mismatch" (CPython
+# gh-106905), a runtime error of the fuzzer failing the run.
 SCHEMATHESIS=$(cd "$VENV/bin" && pwd)/schemathesis
 REPORTS=$(cd "$TARGET" && pwd)/fuzz-api
 cd "$DIR"
@@ -107,7 +111,7 @@ timeout --signal=INT --kill-after=10 "$MAX_TIME" \
   --checks "${FUZZ_CHECKS:-not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,negative_data_rejection,missing_required_header,ignored_auth,use_after_free,ensure_resource_availability}" \
   --max-examples "$MAX_EXAMPLES" \
   --request-timeout 15 \
-  --workers 2 \
+  --workers 1 \
   --suppress-health-check all \
   --output-sanitize true \
   --report junit --report-dir "$REPORTS" \
