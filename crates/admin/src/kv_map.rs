@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
@@ -97,7 +97,17 @@ pub async fn open(
 struct Slot<T> {
     revision: u64,
     value: Option<Arc<T>>,
+    /// For a deletion the feed reported: when. The slot is kept (a
+    /// tombstone at the deletion's revision) so that a read of the bucket
+    /// made before the deletion, and applied after the feed reported it,
+    /// cannot bring the record back on this replica (a revoked key
+    /// accepted again); tombstones go after [`TOMBSTONE_KEPT`].
+    gone_at: Option<Instant>,
 }
+
+/// How long a deletion's tombstone is kept: far longer than any read of
+/// the bucket takes.
+const TOMBSTONE_KEPT: Duration = Duration::from_secs(300);
 
 pub struct KvMap<T> {
     kv: kv::Store,
@@ -222,6 +232,7 @@ where
         let slot = slots.entry(key.to_owned()).or_insert(Slot {
             revision: known,
             value: None,
+            gone_at: None,
         });
         if slot.revision <= known {
             slot.value = None;
@@ -231,14 +242,7 @@ where
 
     fn apply(&self, key: &str, value: Option<Arc<T>>, revision: u64, from_feed: bool) {
         let mut slots = self.slots.write().expect("kv map lock");
-        if slots.get(key).is_some_and(|s| s.revision >= revision) {
-            return;
-        }
-        if from_feed && value.is_none() {
-            slots.remove(key);
-        } else {
-            slots.insert(key.to_owned(), Slot { revision, value });
-        }
+        admit(&mut slots, key, value, revision, from_feed, Instant::now());
     }
 
     async fn follow(self, shutdown: CancellationToken) {
@@ -310,9 +314,123 @@ where
     }
 }
 
+/// Puts what was read of `key` at `revision` into `slots`, unless they hold
+/// a later revision (a read made before a change and applied after it
+/// changes nothing). A deletion the feed reported stays as a tombstone for
+/// [`TOMBSTONE_KEPT`]; older tombstones go when another deletion comes.
+fn admit<T>(
+    slots: &mut BTreeMap<String, Slot<T>>,
+    key: &str,
+    value: Option<Arc<T>>,
+    revision: u64,
+    from_feed: bool,
+    now: Instant,
+) {
+    if slots.get(key).is_some_and(|s| s.revision >= revision) {
+        return;
+    }
+    let gone_at = (from_feed && value.is_none()).then_some(now);
+    if gone_at.is_some() {
+        slots.retain(|_, s| s.gone_at.is_none_or(|at| now - at < TOMBSTONE_KEPT));
+    }
+    slots.insert(
+        key.to_owned(),
+        Slot {
+            revision,
+            value,
+            gone_at,
+        },
+    );
+}
+
 #[cfg(test)]
 mod tests {
-    use super::valid_key;
+    use super::*;
+
+    /// What one replica sees, in order: (key, from the feed?, revision, the
+    /// record or its deletion, seconds since the start).
+    type Step = (&'static str, bool, u64, Option<&'static str>, u64);
+
+    /// The record `k` ends with, and how many slots (tombstones included).
+    fn seen(steps: &[Step]) -> (Option<String>, usize) {
+        let start = Instant::now();
+        let mut slots = BTreeMap::new();
+        for &(key, from_feed, revision, value, at) in steps {
+            let value = value.map(|v| Arc::new(v.to_owned()));
+            let now = start + Duration::from_secs(at);
+            admit(&mut slots, key, value, revision, from_feed, now);
+        }
+        let value = slots
+            .get("k")
+            .and_then(|s: &Slot<String>| s.value.as_deref().cloned());
+        (value, slots.len())
+    }
+
+    #[test]
+    fn a_read_older_than_what_the_feed_said_changes_nothing() {
+        let cases: &[(&str, &[Step], Option<&str>, usize)] = &[
+            (
+                "made, then read",
+                &[("k", true, 1, Some("a"), 0), ("k", false, 1, Some("a"), 0)],
+                Some("a"),
+                1,
+            ),
+            (
+                "changed, then an older read",
+                &[("k", true, 2, Some("b"), 0), ("k", false, 1, Some("a"), 0)],
+                Some("b"),
+                1,
+            ),
+            // The revoked key brought back by a read made before the
+            // revocation and applied after the feed reported it.
+            (
+                "deleted, then an older read",
+                &[
+                    ("k", true, 1, Some("a"), 0),
+                    ("k", true, 3, None, 0),
+                    ("k", false, 2, Some("a"), 0),
+                ],
+                None,
+                1,
+            ),
+            (
+                "deleted, then made again",
+                &[("k", true, 3, None, 0), ("k", true, 4, Some("c"), 0)],
+                Some("c"),
+                1,
+            ),
+            (
+                "a read before the feed",
+                &[("k", false, 2, Some("a"), 0), ("k", true, 1, Some("x"), 0)],
+                Some("a"),
+                1,
+            ),
+            // A tombstone goes once it is old and another deletion comes.
+            (
+                "tombstones expire",
+                &[
+                    ("k", true, 3, None, 0),
+                    ("o", true, 5, Some("o"), 400),
+                    ("o", true, 6, None, 400),
+                ],
+                None,
+                1,
+            ),
+            (
+                "tombstones kept while young",
+                &[
+                    ("k", true, 3, None, 0),
+                    ("o", true, 5, Some("o"), 100),
+                    ("o", true, 6, None, 100),
+                ],
+                None,
+                2,
+            ),
+        ];
+        for (name, steps, want, len) in cases {
+            assert_eq!(seen(steps), (want.map(str::to_owned), *len), "{name}");
+        }
+    }
 
     #[test]
     fn keys_the_bucket_can_hold() {
