@@ -21,9 +21,14 @@ run: deps build ## start NATS, Redis and all five services locally; Ctrl-C stops
 
 test: deps test-rust fuzz-api helm-check ## install what is missing and run every test
 
+# One test more than cores: the end-to-end tests spend much of their time
+# waiting on their servers (on 2 cores, 3 at once took the suite from 325 s
+# to 223 s, and it passed with 3 spinning shells beside 2).
+TEST_THREADS ?= $(shell echo $$(( $$(nproc) + 1 )))
+
 test-rust: ## unit, integration and end-to-end tests against real NATS and Redis
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-		$(CARGO) nextest run --workspace --no-fail-fast; \
+		$(CARGO) nextest run --workspace --no-fail-fast --test-threads $(TEST_THREADS); \
 	else \
 		$(CARGO) test --workspace --no-fail-fast; \
 	fi
