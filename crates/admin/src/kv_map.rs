@@ -53,7 +53,6 @@ fn unavailable(e: impl std::fmt::Display) -> KvError {
     KvError::Unavailable(e.to_string())
 }
 
-/// Opens `bucket`, creating it when missing (for `nats::retry` at start).
 /// Whether the bucket can hold `key`: 1–255 of `[-_=a-zA-Z0-9/.]` whose
 /// dot-separated tokens are none empty (a subject with an empty token has
 /// no responder: the server answers 503).
