@@ -569,9 +569,15 @@ impl Stack {
     /// Publishes `n` `workflow.completed` events of `org` (ids `burst_0`…)
     /// as fast as their acks come back, 1,000 in flight.
     pub async fn publish_burst(&self, org: &str, n: usize) {
+        self.publish_burst_of(org, 0..n).await
+    }
+
+    /// Publishes `workflow.completed` events of `org` with ids `burst_<i>`
+    /// for `i` in `ids`, 1,000 in flight at a time.
+    pub async fn publish_burst_of(&self, org: &str, ids: std::ops::Range<usize>) {
         let subject = format!("herald.events.{org}.workflow.completed");
         let mut acks = Vec::new();
-        for i in 0..n {
+        for i in ids {
             let body = serde_json::json!({"id": format!("burst_{i}")}).to_string();
             let ack = self.js.publish(subject.clone(), body.into()).await;
             acks.push(ack.expect("publish"));

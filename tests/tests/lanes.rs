@@ -33,8 +33,24 @@ async fn a_burst_gets_lanes_loses_nothing_and_they_close_after_it() {
     // fastco: 10 events a second while burstco's burst is worked through.
     let published = std::sync::Mutex::new(HashMap::<String, Instant>::new());
     let fast = stack.publish_paced("fastco", 0..150, Duration::from_millis(100), &published);
-    let bursting = stack.publish_burst("burstco", BURST);
-    tokio::join!(fast, bursting);
+    // The burst in two parts: the second once ingest has a lane for
+    // burstco (if it opens one), so that part is published while the lane
+    // is open.
+    let bursting = async {
+        stack.publish_burst_of("burstco", 0..BURST - 1_000).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut laned = false;
+        while !laned && Instant::now() < deadline {
+            laned =
+                lanes_metric(&stack, "HERALD_INGEST_HEALTH_ADDR", "herald_lanes_open").await >= 1.0;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stack
+            .publish_burst_of("burstco", BURST - 1_000..BURST)
+            .await;
+        laned
+    };
+    let ((), laned) = tokio::join!(fast, bursting);
 
     // A lane opened in ingest or the matcher (a backlog mostly burstco's,
     // or burstco's deliveries far behind).
@@ -52,10 +68,42 @@ async fn a_burst_gets_lanes_loses_nothing_and_they_close_after_it() {
         .await;
     assert!(opened >= 1.0, "no lane opened for a burst of {BURST}");
 
-    // Restarting the matcher mid-burst: its lanes go on from their
-    // consumers.
+    // Ingest's lane diverts the burst it opened for (the events stream's
+    // subject transform), so its main consumer does not read it: what
+    // burstco published while the lane was open is stored on
+    // `herald.lane.burstco.…`, none of fastco's.
+    let diverted = |org: &'static str| {
+        let js = stack.js.clone();
+        async move {
+            use futures::StreamExt;
+            let stream = js.get_stream("HERALD_EVENTS").await.unwrap();
+            let mut subjects = stream
+                .info_with_subjects(format!("herald.lane.{org}.>"))
+                .await
+                .unwrap();
+            let mut n = 0;
+            while let Some(Ok((_, count))) = subjects.next().await {
+                n += count;
+            }
+            n
+        }
+    };
+    eprintln!("ingest's lane open before the burst's last part: {laned}");
+    if laned {
+        assert!(
+            diverted("burstco").await >= 1_000,
+            "the burst's last part not diverted"
+        );
+    }
+    assert_eq!(diverted("fastco").await, 0, "fastco's events diverted");
+
+    // Restarting the matcher and ingest mid-burst: their lanes go on from
+    // their consumers (ingest's start sets the stream's configuration
+    // again, ending the diversion; what was diverted is still its lane's).
     stack.stop_service("matcher", Duration::from_secs(30)).await;
     stack.start_service("matcher");
+    stack.stop_service("ingest", Duration::from_secs(30)).await;
+    stack.start_service("ingest");
 
     let fast_got = receiver
         .wait_for_deliveries("/fast", 150, Duration::from_secs(60))
@@ -116,7 +164,17 @@ async fn a_burst_gets_lanes_loses_nothing_and_they_close_after_it() {
         consumers.iter().all(|c| !c.contains("-lane-")),
         "lane consumers left: {consumers:?}"
     );
-    // Nothing more arrived while the lanes closed.
+    // Nothing more arrived while the lanes closed, and nothing is
+    // diverted any more.
     assert_eq!(receiver.received("/burst").len(), BURST);
+    let mut events = stack.js.get_stream("HERALD_EVENTS").await.unwrap();
+    let transform = events
+        .info()
+        .await
+        .unwrap()
+        .config
+        .subject_transform
+        .clone();
+    assert!(transform.is_none(), "still diverted: {transform:?}");
     stack.stop().await;
 }

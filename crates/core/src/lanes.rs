@@ -268,9 +268,62 @@ pub fn key(stage: &str, org: &str) -> String {
     format!("{stage}.{org}")
 }
 
+/// The subjects of an organization's events *diverted* while its ingest
+/// lane is open: the events stream's subject transform (one at a time)
+/// stores `herald.events.<org>.<type>` as `herald.lane.<org>.<type>`,
+/// outside the main consumer's filter (`herald.events.>`), so the main
+/// consumer does not even read the burst it would skip.
+pub fn diverted_subjects(org: &str) -> String {
+    format!("{DIVERTED_PREFIX}{org}.>")
+}
+
+/// The prefix of [`diverted_subjects`].
+pub const DIVERTED_PREFIX: &str = "herald.lane.";
+
+/// The subject an event was published to, for one stored diverted
+/// (`None`: it was not).
+pub fn undiverted(subject: &str) -> Option<String> {
+    subject
+        .strip_prefix(DIVERTED_PREFIX)
+        .map(|rest| format!("herald.events.{rest}"))
+}
+
+/// The organization a transform whose source is `source` diverts
+/// (`herald.events.<org>.>`), if it is one of the lanes'.
+pub fn diverted_org(source: &str) -> Option<&str> {
+    source
+        .strip_prefix("herald.events.")?
+        .strip_suffix(".>")
+        .filter(|org| crate::names::valid_org(org))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_diverted_event_keeps_its_organization_and_type() {
+        assert_eq!(diverted_subjects("acme"), "herald.lane.acme.>");
+        for (stored, published) in [
+            (
+                "herald.lane.acme.workflow.completed",
+                Some("herald.events.acme.workflow.completed"),
+            ),
+            ("herald.events.acme.workflow.completed", None),
+            ("herald.accepted.acme", None),
+        ] {
+            assert_eq!(undiverted(stored).as_deref(), published, "{stored}");
+        }
+        for (source, org) in [
+            ("herald.events.acme.>", Some("acme")),
+            ("herald.events.acme", None),
+            ("herald.events.*.>", None),
+            ("herald.events.a.b.>", None),
+            ("other.acme.>", None),
+        ] {
+            assert_eq!(diverted_org(source), org, "{source}");
+        }
+    }
 
     #[test]
     fn who_works_a_message() {

@@ -173,7 +173,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let spec = worker::Spec {
         stream: names::EVENTS_STREAM,
         durable: names::INGEST_CONSUMER,
-        filter: "",
+        // With lanes, not what a lane has diverted.
+        filter: if config.lanes {
+            lanes::INGEST.main_filter()
+        } else {
+            ""
+        },
         ack_wait: Duration::from_secs(30),
         max_ack_pending: 20_000,
         batch: PULL_BATCH,
@@ -235,6 +240,9 @@ fn hand_back_delay(delivered: i64) -> Duration {
 
 impl Handler for State {
     async fn handle(&self, message: &jetstream::Message) -> Disposition {
+        // Stored diverted while its organization's lane was open: read as
+        // published.
+        let message = &*lanes::published(message);
         let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
         let headers = message.headers.as_ref();
         let envelope = Envelope {
@@ -294,6 +302,7 @@ impl Handler for State {
     /// (an operator redrives it once the cause is fixed), and files a
     /// rejection `redelivered` for its organization saying so.
     async fn exhausted(&self, message: &jetstream::Message, delivered: i64) -> Disposition {
+        let message = &*lanes::published(message);
         let reason = format!(
             "delivered {delivered} times without being concluded (ingest stopped or failed while \
              handling it); set aside to the dead letters"

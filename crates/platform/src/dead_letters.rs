@@ -78,10 +78,13 @@ pub async fn terminate(
     message: &jetstream::Message,
     reason: &str,
 ) -> Result<(), PublishError> {
+    // One stored diverted (an ingest lane's) goes back where it was
+    // published.
+    let subject = herald_core::lanes::undiverted(&message.subject);
     match send(
         js,
         stream,
-        &message.subject,
+        subject.as_deref().unwrap_or(&message.subject),
         message.payload.clone(),
         reason,
     )

@@ -56,6 +56,10 @@ const REFRESH_SPACING: Duration = Duration::from_millis(5);
 const OTHERS_WITHIN: Duration = Duration::from_secs(10);
 /// How long a paced lane waits before looking again.
 const PACE_WAIT: Duration = Duration::from_millis(100);
+/// How long a diversion may go on without an open lane before it is ended
+/// ([`Lanes::mend_diversion`]): longer than a replica takes to hear of a
+/// lane just opened.
+const STRAY_AFTER: Duration = Duration::from_secs(3);
 
 /// Where a stage reads: its stream, the subject of one organization's
 /// messages there, and the rule for its lanes.
@@ -72,6 +76,22 @@ pub struct Stage {
     /// The stage after this one, whose lanes' backlogs pace this one's
     /// ([`Downstream::accepted`]).
     pub next: Option<&'static str>,
+    /// Whether a lane's messages are diverted while it is open (the
+    /// stream's subject transform, one organization at a time; see
+    /// [`lanes::diverted_subjects`]): the main consumer, filtered to
+    /// [`Stage::main_filter`], then never reads them.
+    pub diverts: bool,
+}
+
+impl Stage {
+    /// The main consumer's filter with lanes on: what is not diverted.
+    pub fn main_filter(&self) -> &'static str {
+        if self.diverts {
+            names::EVENTS_SUBJECTS
+        } else {
+            ""
+        }
+    }
 }
 
 /// Whether the stages read with lanes (on by default).
@@ -85,6 +105,7 @@ pub const INGEST: Stage = Stage {
     rule: Open::INGEST,
     after: None,
     next: Some(names::MATCHER_CONSUMER),
+    diverts: true,
 };
 
 /// The matcher's lanes: `herald.accepted.<org>`, paced by the
@@ -96,6 +117,7 @@ pub const MATCHER: Stage = Stage {
     rule: Open::MATCHER,
     after: Some(names::INGEST_CONSUMER),
     next: None,
+    diverts: false,
 };
 
 /// The organization of a message on `herald.<kind>.<org>[.…]`.
@@ -499,6 +521,7 @@ impl Lanes {
                     from = seq,
                     "lane opened"
                 );
+                self.divert(org).await;
                 true
             }
             Err(error) => {
@@ -557,7 +580,12 @@ impl Lanes {
     ) {
         let mut running: HashMap<(String, u64), CancellationToken> = HashMap::new();
         let mut tasks = tokio::task::JoinSet::new();
+        let (mut stray, mut mended) = (None, tokio::time::Instant::now());
         loop {
+            if mended.elapsed() >= CHECK_EVERY {
+                self.mend_diversion(&mut stray).await;
+                mended = tokio::time::Instant::now();
+            }
             let open: Vec<(String, u64)> = self
                 .inner
                 .view
@@ -627,7 +655,11 @@ impl Lanes {
         let name = lanes::consumer_name(stage.name, &org, from);
         let config = consumer::pull::Config {
             durable_name: Some(name.clone()),
-            filter_subject: (stage.subjects)(&org),
+            filter_subjects: if stage.diverts {
+                vec![(stage.subjects)(&org), lanes::diverted_subjects(&org)]
+            } else {
+                vec![(stage.subjects)(&org)]
+            },
             deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                 start_sequence: from,
             },
@@ -753,6 +785,11 @@ impl Lanes {
                         0
                     };
                     let now = crate::now_ms();
+                    // A closing lane ends only once its events go back to
+                    // the main consumer: nothing is diverted past its end.
+                    if lane.closing && !self.undivert(org).await {
+                        continue;
+                    }
                     let change = if lane.closing {
                         lane.closed(last, now).map(|closed| (closed, "lane closed"))
                     } else if self.inner.stage.rule.closes(idle_ms, self.downstream(org)) {
@@ -761,8 +798,11 @@ impl Lanes {
                         lane.renewed(last, Lane::margin(grown), now)
                             .map(|renewed| (renewed, "lane renewed"))
                     };
-                    if let Some((changed, what)) = change {
-                        self.change(org, changed, revision, last, what).await;
+                    if let Some((changed, what)) = change
+                        && self.change(org, changed, revision, last, what).await
+                        && changed.closing
+                    {
+                        self.undivert(org).await;
                     }
                 }
                 Some(_) => {
@@ -786,7 +826,7 @@ impl Lanes {
     /// Writes the lane's record changed (closed, or promising more), the
     /// stream's last sequence being `last`; a record changed meanwhile by
     /// another replica is read again instead.
-    async fn change(&self, org: &str, changed: Lane, revision: u64, last: u64, what: &str) {
+    async fn change(&self, org: &str, changed: Lane, revision: u64, last: u64, what: &str) -> bool {
         let result: Result<(), async_nats::Error> = async {
             let key = lanes::key(self.inner.stage.name, org);
             let value = serde_json::to_vec(&changed)?;
@@ -804,10 +844,127 @@ impl Lanes {
             Ok(())
         }
         .await;
-        if let Err(error) = result {
-            // Another replica changed it, or NATS is away: looked at again.
-            tracing::debug!(%error, org, "{what}: not now");
-            let _ = self.refresh(org, None).await;
+        match result {
+            Ok(()) => true,
+            Err(error) => {
+                // Another replica changed it, or NATS is away: looked at again.
+                tracing::debug!(%error, org, "{what}: not now");
+                let _ = self.refresh(org, None).await;
+                false
+            }
+        }
+    }
+
+    /// Diverts `org`'s events to its lane's own subjects
+    /// ([`lanes::diverted_subjects`]) if this stage diverts and the
+    /// stream's transform is free (another organization's lane may hold
+    /// it: then this lane's messages are skipped by the main consumer
+    /// as before). Only the replica that opened the lane, just after:
+    /// a replica that had not heard of the lane closing yet could
+    /// otherwise divert past its end.
+    async fn divert(&self, org: &str) {
+        let stage = self.inner.stage;
+        if !stage.diverts {
+            return;
+        }
+        let result: Result<bool, async_nats::Error> = async {
+            let mut stream = self.inner.js.get_stream(stage.stream).await?;
+            let mut config = stream.info().await?.config.clone();
+            if config.subject_transform.is_some() {
+                return Ok(false);
+            }
+            config.subject_transform = Some(jetstream::stream::SubjectTransform {
+                source: (stage.subjects)(org),
+                destination: lanes::diverted_subjects(org),
+            });
+            self.inner.js.update_stream(&config).await?;
+            Ok(true)
+        }
+        .await;
+        match result {
+            Ok(true) => tracing::info!(org, "lane's events diverted"),
+            Ok(false) => {}
+            Err(error) => tracing::warn!(%error, org, "cannot divert a lane's events"),
+        }
+    }
+
+    /// Ends the diversion of `org`'s events, if the stream has it: true
+    /// once it has none.
+    async fn undivert(&self, org: &str) -> bool {
+        let stage = self.inner.stage;
+        if !stage.diverts {
+            return true;
+        }
+        let result: Result<(), async_nats::Error> = async {
+            let mut stream = self.inner.js.get_stream(stage.stream).await?;
+            let mut config = stream.info().await?.config.clone();
+            let ours = config
+                .subject_transform
+                .as_ref()
+                .and_then(|t| lanes::diverted_org(&t.source))
+                == Some(org);
+            if ours {
+                config.subject_transform = None;
+                self.inner.js.update_stream(&config).await?;
+                tracing::info!(org, "lane's events no longer diverted");
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!(%error, org, "cannot end a lane's diversion");
+                false
+            }
+        }
+    }
+
+    /// A diversion whose organization has had no open lane for
+    /// [`STRAY_AFTER`] (its record was removed by hand, or a divert was
+    /// applied after the lane closed): ended, so the main consumer sees
+    /// the organization's events again. Diverted events no lane covers
+    /// are reported: the main consumer does not read them.
+    async fn mend_diversion(&self, stray: &mut Option<(String, tokio::time::Instant)>) {
+        let stage = self.inner.stage;
+        if !stage.diverts {
+            return;
+        }
+        let Ok(mut stream) = self.inner.js.get_stream(stage.stream).await else {
+            return;
+        };
+        let Ok(info) = stream.info().await else {
+            return;
+        };
+        let Some(org) = info
+            .config
+            .subject_transform
+            .as_ref()
+            .and_then(|t| lanes::diverted_org(&t.source))
+            .map(str::to_owned)
+        else {
+            *stray = None;
+            return;
+        };
+        let live = self
+            .known(&org)
+            .is_some_and(|(k, _)| k.lane.is_some_and(|l| !l.closing && l.until.is_none()));
+        if live {
+            *stray = None;
+            return;
+        }
+        match stray {
+            Some((o, since)) if *o == org => {
+                if since.elapsed() >= STRAY_AFTER && self.undivert(&org).await {
+                    tracing::error!(
+                        org,
+                        "a diversion outlived its lane; ended (events diverted after the lane's end \
+                         are read by no consumer: see docs/ARCHITECTURE.md, Lanes)"
+                    );
+                    *stray = None;
+                }
+            }
+            _ => *stray = Some((org, tokio::time::Instant::now())),
         }
     }
 
@@ -902,6 +1059,19 @@ impl<H: Handler> Handler for MainSide<H> {
     }
 }
 
+/// `message` under the subject it was published to, if it was stored
+/// diverted ([`lanes::undiverted`]): ingest works it as any other.
+pub fn published(message: &Message) -> std::borrow::Cow<'_, Message> {
+    match lanes::undiverted(&message.subject) {
+        Some(subject) => {
+            let mut published = message.clone();
+            published.message.subject = subject.into();
+            std::borrow::Cow::Owned(published)
+        }
+        None => std::borrow::Cow::Borrowed(message),
+    }
+}
+
 /// A lane's handler: what is the main consumer's again (past the lane's
 /// end) is acked unread; the rest is worked, paced when the stage says so.
 pub struct LaneSide<H> {
@@ -925,7 +1095,14 @@ impl<H: Handler> LaneSide<H> {
         let Some((org, seq, pending)) = position(message) else {
             return Turn::Work;
         };
-        match self.lanes.owner(org, seq, seq + pending).await {
+        // Diverted: the main consumer never reads it, so it is the lane's
+        // wherever the lane ends.
+        let owner = if lanes::undiverted(&message.subject).is_some() {
+            Owner::Lane
+        } else {
+            self.lanes.owner(org, seq, seq + pending).await
+        };
+        match owner {
             Owner::Main => Turn::Skip,
             // Could not be read: worked here too.
             Owner::Lane | Owner::Refresh => {
