@@ -250,11 +250,21 @@ pub const CLOSE_BACKLOG: u64 = 100;
 /// messages read), in hundredths.
 pub fn share_percent<'a>(recent: impl ExactSizeIterator<Item = &'a str>, org: &str) -> u64 {
     let n = recent.len() as u64;
-    if n == 0 {
+    let mine = recent.filter(|o| *o == org).count() as u64;
+    share(mine, n)
+}
+
+/// Fewer messages noted than this say nothing of a share: a stage that has
+/// just started, having read one message of an organization behind a
+/// backlog, would otherwise give it 100% and a lane.
+pub const SHARE_SAMPLE: u64 = 128;
+
+/// `mine` of `noted` messages, in hundredths; 0 below [`SHARE_SAMPLE`].
+pub fn share(mine: u64, noted: u64) -> u64 {
+    if noted < SHARE_SAMPLE {
         return 0;
     }
-    let mine = recent.filter(|o| *o == org).count() as u64;
-    mine * 100 / n
+    mine * 100 / noted
 }
 
 /// The durable name of a lane's consumer: unique per lane, so that a lane
@@ -470,9 +480,14 @@ mod tests {
 
     #[test]
     fn shares_and_names() {
-        let recent = ["a", "b", "a", "a"];
+        let recent = ["a", "b", "a", "a"].repeat(32);
         assert_eq!(share_percent(recent.iter().copied(), "a"), 75);
         assert_eq!(share_percent(recent.iter().copied(), "c"), 0);
+        // Too few to say: no share at all.
+        assert_eq!(share_percent(["a"].into_iter(), "a"), 0);
+        for (mine, noted, want) in [(1, 1, 0), (127, 127, 0), (128, 128, 100), (64, 256, 25)] {
+            assert_eq!(share(mine, noted), want, "{mine} of {noted}");
+        }
         assert_eq!(share_percent([].iter().copied(), "a"), 0);
         assert_eq!(consumer_name("ingest", "acme", 42), "ingest-lane-acme-42");
         assert_eq!(key("matcher", "acme"), "matcher.acme");

@@ -195,7 +195,10 @@ impl Recent {
                 self.counts.remove(&old);
             }
         }
-        self.counts.get(org).copied().unwrap_or(0) * 100 / self.orgs.len() as u64
+        lanes::share(
+            self.counts.get(org).copied().unwrap_or(0),
+            self.orgs.len() as u64,
+        )
     }
 }
 
