@@ -380,6 +380,36 @@ async fn measure_a_burst(lanes: &str, options: Options) {
          fastco alone p50 {:?} p99 {:?}; during the burst ({beside_n} events) p50 {:?} p99 {:?}",
         alone.0, alone.1, beside.0, beside.1
     );
+    // How much of the burst ingest's main consumer had to read: what was
+    // stored before ingest's lane diverted the rest.
+    {
+        use futures::StreamExt;
+        let mut events = stack.js.get_stream(names::EVENTS_STREAM).await.unwrap();
+        let count = |subject: &'static str| {
+            let events = events.clone();
+            async move {
+                let mut n = 0;
+                if let Ok(mut subjects) = events.info_with_subjects(subject).await {
+                    while let Some(Ok((_, c))) = subjects.next().await {
+                        n += c;
+                    }
+                }
+                n
+            }
+        };
+        let undiverted = count("herald.events.burstco.>").await;
+        let diverted = count("herald.lane.burstco.>").await;
+        let first = events
+            .get_first_raw_message_by_subject("herald.lane.burstco.>", 1)
+            .await
+            .map(|m| m.sequence)
+            .ok();
+        let last = events.info().await.map(|i| i.state.last_sequence).ok();
+        eprintln!(
+            "  burstco in HERALD_EVENTS: {undiverted} stored undiverted, {diverted} diverted \
+             (the first at sequence {first:?}; the stream's last {last:?})"
+        );
+    }
     // Where fastco's slowest deliveries waited: publish to stored in the
     // events stream, to accepted, to receipt.
     let events = stored(&stack, names::EVENTS_STREAM, "herald.events.fastco.>").await;

@@ -33,16 +33,21 @@ async fn a_burst_gets_lanes_loses_nothing_and_they_close_after_it() {
     // fastco: 10 events a second while burstco's burst is worked through.
     let published = std::sync::Mutex::new(HashMap::<String, Instant>::new());
     let fast = stack.publish_paced("fastco", 0..150, Duration::from_millis(100), &published);
-    // The burst in two parts: the second once ingest has a lane for
-    // burstco (if it opens one), so that part is published while the lane
-    // is open.
+    // The burst in two parts: the second once ingest's lane for burstco
+    // (if it opens one) diverts its events, so that part is published
+    // while they are diverted.
     let bursting = async {
         stack.publish_burst_of("burstco", 0..BURST - 1_000).await;
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut laned = false;
         while !laned && Instant::now() < deadline {
-            laned =
-                lanes_metric(&stack, "HERALD_INGEST_HEALTH_ADDR", "herald_lanes_open").await >= 1.0;
+            let mut events = stack.js.get_stream("HERALD_EVENTS").await.unwrap();
+            laned = events.info().await.is_ok_and(|info| {
+                info.config
+                    .subject_transform
+                    .as_ref()
+                    .is_some_and(|t| t.source == "herald.events.burstco.>")
+            });
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         stack
@@ -88,7 +93,7 @@ async fn a_burst_gets_lanes_loses_nothing_and_they_close_after_it() {
             n
         }
     };
-    eprintln!("ingest's lane open before the burst's last part: {laned}");
+    eprintln!("burstco's events diverted before the burst's last part: {laned}");
     if laned {
         assert!(
             diverted("burstco").await >= 1_000,
