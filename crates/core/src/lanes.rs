@@ -202,7 +202,7 @@ impl Open {
     /// Ingest's `downstream` is the organization's accepted events waiting
     /// in the matcher's lane.
     pub const INGEST: Open = Open {
-        backlog: 1_000,
+        backlog: 300,
         share_percent: 50,
         downstream: 1_000,
     };
@@ -257,7 +257,7 @@ pub fn share_percent<'a>(recent: impl ExactSizeIterator<Item = &'a str>, org: &s
 /// Fewer messages noted than this say nothing of a share: a stage that has
 /// just started, having read one message of an organization behind a
 /// backlog, would otherwise give it 100% and a lane.
-pub const SHARE_SAMPLE: u64 = 128;
+pub const SHARE_SAMPLE: u64 = 32;
 
 /// `mine` of `noted` messages, in hundredths; 0 below [`SHARE_SAMPLE`].
 pub fn share(mine: u64, noted: u64) -> u64 {
@@ -388,9 +388,9 @@ mod tests {
     #[test]
     fn a_lane_opens_for_most_of_a_backlog_or_far_behind_downstream() {
         for (rule, backlog, share, downstream, opens) in [
-            (Open::INGEST, 999, 100, 0, false),
-            (Open::INGEST, 1_000, 49, 0, false),
-            (Open::INGEST, 1_000, 50, 0, true),
+            (Open::INGEST, 299, 100, 0, false),
+            (Open::INGEST, 300, 49, 0, false),
+            (Open::INGEST, 300, 50, 0, true),
             (Open::INGEST, 0, 0, 999, false),
             (Open::INGEST, 0, 0, 1_000, true),
             (Open::MATCHER, 0, 0, 499, false),
@@ -485,7 +485,7 @@ mod tests {
         assert_eq!(share_percent(recent.iter().copied(), "c"), 0);
         // Too few to say: no share at all.
         assert_eq!(share_percent(["a"].into_iter(), "a"), 0);
-        for (mine, noted, want) in [(1, 1, 0), (127, 127, 0), (128, 128, 100), (64, 256, 25)] {
+        for (mine, noted, want) in [(1, 1, 0), (31, 31, 0), (32, 32, 100), (64, 256, 25)] {
             assert_eq!(share(mine, noted), want, "{mine} of {noted}");
         }
         assert_eq!(share_percent([].iter().copied(), "a"), 0);

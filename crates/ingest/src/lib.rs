@@ -45,8 +45,13 @@ pub const MAX_DELIVERIES: &str = "HERALD_INGEST_MAX_DELIVERIES";
 /// The rejection reason of an event set aside after too many deliveries.
 pub const REDELIVERED: &str = "redelivered";
 
-/// Messages one pull asks for, at most.
-const PULL_BATCH: usize = 1_000;
+/// Messages one pull asks for, at most. Few enough that the backlog a
+/// message reports (when it was delivered) is fresh when the main consumer
+/// weighs a lane on it: with 1,000, a burst's first thousand messages all
+/// reported none, and were worked one by one while every other
+/// organization's event waited behind them (docs/benchmarks.md, "Ingest
+/// diverts the burst").
+const PULL_BATCH: usize = 256;
 /// Room above the server's `max_payload` for a message's subject and
 /// headers: a pull capped below the largest message would never get it.
 const PULL_BYTES_MARGIN: usize = 64 * 1024;
