@@ -12,7 +12,7 @@ async fn each_pull_is_capped_by_bytes_as_well_as_by_count() {
     let stack =
         Stack::start_with(Options::default().env("HERALD_INGEST_PULL_MAX_BYTES", "2MiB")).await;
     let pull = next_pull(&stack).await;
-    assert_eq!(pull["batch"], 1_000, "{pull}");
+    assert_eq!(pull["batch"], 256, "{pull}");
     assert_eq!(pull["max_bytes"], 2 << 20, "{pull}");
     stack.stop().await;
 
