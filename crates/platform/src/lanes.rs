@@ -790,7 +790,7 @@ impl Lanes {
                     let now = crate::now_ms();
                     // A closing lane ends only once its events go back to
                     // the main consumer: nothing is diverted past its end.
-                    if lane.closing && !self.undivert(org).await {
+                    if lane.closing && self.undivert(org).await.is_none() {
                         continue;
                     }
                     let change = if lane.closing {
@@ -808,8 +808,12 @@ impl Lanes {
                         self.undivert(org).await;
                     }
                 }
+                // Its consumer goes only while nothing of its organization is
+                // diverted: one diverted past the end (a divert applied
+                // late) is still read by it, and worked.
                 Some(_) => {
-                    if lane.done(drained, info.ack_floor.stream_sequence)
+                    if self.undivert(org).await == Some(false)
+                        && lane.done(drained, info.ack_floor.stream_sequence)
                         && self.remove(org, name).await
                     {
                         stop.cancel();
@@ -891,14 +895,15 @@ impl Lanes {
         }
     }
 
-    /// Ends the diversion of `org`'s events, if the stream has it: true
-    /// once it has none.
-    async fn undivert(&self, org: &str) -> bool {
+    /// Ends the diversion of `org`'s events, if the stream has it: once it
+    /// has none, whether there was one to end (`None`: it could not be
+    /// looked at or ended).
+    async fn undivert(&self, org: &str) -> Option<bool> {
         let stage = self.inner.stage;
         if !stage.diverts {
-            return true;
+            return Some(false);
         }
-        let result: Result<(), async_nats::Error> = async {
+        let result: Result<bool, async_nats::Error> = async {
             let mut stream = self.inner.js.get_stream(stage.stream).await?;
             let mut config = stream.info().await?.config.clone();
             let ours = config
@@ -911,14 +916,14 @@ impl Lanes {
                 self.inner.js.update_stream(&config).await?;
                 tracing::info!(org, "lane's events no longer diverted");
             }
-            Ok(())
+            Ok(ours)
         }
         .await;
         match result {
-            Ok(()) => true,
+            Ok(ended) => Some(ended),
             Err(error) => {
                 tracing::warn!(%error, org, "cannot end a lane's diversion");
-                false
+                None
             }
         }
     }
@@ -958,11 +963,11 @@ impl Lanes {
         }
         match stray {
             Some((o, since)) if *o == org => {
-                if since.elapsed() >= STRAY_AFTER && self.undivert(&org).await {
+                if since.elapsed() >= STRAY_AFTER && self.undivert(&org).await.is_some() {
                     tracing::error!(
                         org,
-                        "a diversion outlived its lane; ended (events diverted after the lane's end \
-                         are read by no consumer: see docs/ARCHITECTURE.md, Lanes)"
+                        "a diversion outlived its lane; ended (events diverted after the lane's \
+                         consumer was removed are read by no consumer: see docs/ARCHITECTURE.md, Lanes)"
                     );
                     *stray = None;
                 }
