@@ -638,6 +638,23 @@ impl Stack {
             .collect()
     }
 
+    /// Messages stored under `filter` in `stream` now (0 when the stream
+    /// cannot be read).
+    pub async fn stored_count(&self, stream: &str, filter: &str) -> u64 {
+        use futures::StreamExt;
+        let Ok(stream) = self.js.get_stream(stream).await else {
+            return 0;
+        };
+        let Ok(mut subjects) = stream.info_with_subjects(filter).await else {
+            return 0;
+        };
+        let mut n = 0;
+        while let Some(Ok((_, count))) = subjects.next().await {
+            n += count as u64;
+        }
+        n
+    }
+
     /// Every message of `stream` on `subject` (a filter), in order, each
     /// with when the stream stored it (unix nanoseconds).
     pub async fn stored(&self, stream: &str, subject: &str) -> Vec<(bytes::Bytes, i128)> {

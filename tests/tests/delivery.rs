@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use herald_core::{names, proto, secret, signing};
 use herald_e2e::{Options, Receiver, Reply, Stack};
 use serde_json::{Value, json};
@@ -39,12 +39,7 @@ async fn attempts_until(
 
 /// Messages stored under `filter` in `stream`.
 async fn count(stack: &Stack, stream: &str, filter: &str) -> u64 {
-    let stream = stack.js.get_stream(stream).await.expect("stream");
-    let subjects = stream.info_with_subjects(filter).await.expect("info");
-    subjects
-        .try_fold(0, |n, (_, c)| async move { Ok(n + c as u64) })
-        .await
-        .expect("subjects")
+    stack.stored_count(stream, filter).await
 }
 
 /// The deliverer's durable consumer as the server sees it now.

@@ -325,17 +325,9 @@ async fn measure_a_burst(lanes: &str, options: Options) {
         };
         while !burst_done.load(std::sync::atomic::Ordering::Relaxed) && lines.len() < 300 {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let mut waiting = 0;
-            if let Ok(stream) = stack.js.get_stream(names::DELIVERIES_STREAM).await
-                && let Ok(mut subjects) = stream
-                    .info_with_subjects("herald.deliveries.burstco.>")
-                    .await
-            {
-                use futures::StreamExt;
-                while let Some(Ok((_, n))) = subjects.next().await {
-                    waiting += n;
-                }
-            }
+            let waiting = stack
+                .stored_count(names::DELIVERIES_STREAM, "herald.deliveries.burstco.>")
+                .await;
             let matcher = consumer(names::ACCEPTED_STREAM, names::MATCHER_CONSUMER).await;
             let deliverer = consumer(names::DELIVERIES_STREAM, names::DELIVERER_CONSUMER).await;
             let mut open = Vec::new();
@@ -383,22 +375,13 @@ async fn measure_a_burst(lanes: &str, options: Options) {
     // How much of the burst ingest's main consumer had to read: what was
     // stored before ingest's lane diverted the rest.
     {
-        use futures::StreamExt;
         let mut events = stack.js.get_stream(names::EVENTS_STREAM).await.unwrap();
-        let count = |subject: &'static str| {
-            let events = events.clone();
-            async move {
-                let mut n = 0;
-                if let Ok(mut subjects) = events.info_with_subjects(subject).await {
-                    while let Some(Ok((_, c))) = subjects.next().await {
-                        n += c;
-                    }
-                }
-                n
-            }
-        };
-        let undiverted = count("herald.events.burstco.>").await;
-        let diverted = count("herald.lane.burstco.>").await;
+        let undiverted = stack
+            .stored_count(names::EVENTS_STREAM, "herald.events.burstco.>")
+            .await;
+        let diverted = stack
+            .stored_count(names::EVENTS_STREAM, "herald.lane.burstco.>")
+            .await;
         let first = events
             .get_first_raw_message_by_subject("herald.lane.burstco.>", 1)
             .await

@@ -7,7 +7,6 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use futures::StreamExt;
 use herald_core::names;
 use herald_e2e::{Options, Receiver, Stack, fill_redis};
 use herald_test_support::RedisServer;
@@ -145,18 +144,8 @@ async fn park(stack: &Stack, webhook_id: &str, prefix: &str, n: usize) {
 
 /// How many deliveries are parked for `webhook_id`.
 async fn parked(stack: &Stack, webhook_id: &str) -> u64 {
-    let stream = stack.js.get_stream(names::PARKED_STREAM).await.unwrap();
     let subject = names::parked_subject("acme", webhook_id);
-    match stream.info_with_subjects(&subject).await {
-        Ok(mut subjects) => {
-            let mut n = 0;
-            while let Some(Ok((_, count))) = subjects.next().await {
-                n += count as u64;
-            }
-            n
-        }
-        Err(_) => 0,
-    }
+    stack.stored_count(names::PARKED_STREAM, &subject).await
 }
 
 /// The last sequence HERALD_PARKED has stored: how many parkings there

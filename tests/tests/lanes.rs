@@ -78,20 +78,9 @@ async fn a_burst_gets_lanes_loses_nothing_and_they_close_after_it() {
     // burstco published while the lane was open is stored on
     // `herald.lane.burstco.…`, none of fastco's.
     let diverted = |org: &'static str| {
-        let js = stack.js.clone();
-        async move {
-            use futures::StreamExt;
-            let stream = js.get_stream("HERALD_EVENTS").await.unwrap();
-            let mut subjects = stream
-                .info_with_subjects(format!("herald.lane.{org}.>"))
-                .await
-                .unwrap();
-            let mut n = 0;
-            while let Some(Ok((_, count))) = subjects.next().await {
-                n += count;
-            }
-            n
-        }
+        let filter = format!("herald.lane.{org}.>");
+        let stack = &stack;
+        async move { stack.stored_count("HERALD_EVENTS", &filter).await }
     };
     eprintln!("burstco's events diverted before the burst's last part: {laned}");
     if laned {

@@ -875,8 +875,7 @@ impl Lanes {
             return;
         }
         let result: Result<bool, async_nats::Error> = async {
-            let mut stream = self.inner.js.get_stream(stage.stream).await?;
-            let mut config = stream.info().await?.config.clone();
+            let (mut config, _) = self.diversion().await?;
             if config.subject_transform.is_some() {
                 return Ok(false);
             }
@@ -895,6 +894,21 @@ impl Lanes {
         }
     }
 
+    /// The stage's stream's configuration now, and the organization whose
+    /// events its transform diverts, if any.
+    async fn diversion(
+        &self,
+    ) -> Result<(jetstream::stream::Config, Option<String>), async_nats::Error> {
+        let mut stream = self.inner.js.get_stream(self.inner.stage.stream).await?;
+        let config = stream.info().await?.config.clone();
+        let org = config
+            .subject_transform
+            .as_ref()
+            .and_then(|t| lanes::diverted_org(&t.source))
+            .map(str::to_owned);
+        Ok((config, org))
+    }
+
     /// Ends the diversion of `org`'s events, if the stream has it: once it
     /// has none, whether there was one to end (`None`: it could not be
     /// looked at or ended).
@@ -904,13 +918,8 @@ impl Lanes {
             return Some(false);
         }
         let result: Result<bool, async_nats::Error> = async {
-            let mut stream = self.inner.js.get_stream(stage.stream).await?;
-            let mut config = stream.info().await?.config.clone();
-            let ours = config
-                .subject_transform
-                .as_ref()
-                .and_then(|t| lanes::diverted_org(&t.source))
-                == Some(org);
+            let (mut config, diverted) = self.diversion().await?;
+            let ours = diverted.as_deref() == Some(org);
             if ours {
                 config.subject_transform = None;
                 self.inner.js.update_stream(&config).await?;
@@ -931,26 +940,15 @@ impl Lanes {
     /// A diversion whose organization has had no open lane for
     /// [`STRAY_AFTER`] (its record was removed by hand, or a divert was
     /// applied after the lane closed): ended, so the main consumer sees
-    /// the organization's events again. Diverted events no lane covers
-    /// are reported: the main consumer does not read them.
+    /// the organization's events again, and logged as an error.
     async fn mend_diversion(&self, stray: &mut Option<(String, tokio::time::Instant)>) {
-        let stage = self.inner.stage;
-        if !stage.diverts {
+        if !self.inner.stage.diverts {
             return;
         }
-        let Ok(mut stream) = self.inner.js.get_stream(stage.stream).await else {
+        let Ok((_, diverted)) = self.diversion().await else {
             return;
         };
-        let Ok(info) = stream.info().await else {
-            return;
-        };
-        let Some(org) = info
-            .config
-            .subject_transform
-            .as_ref()
-            .and_then(|t| lanes::diverted_org(&t.source))
-            .map(str::to_owned)
-        else {
+        let Some(org) = diverted else {
             *stray = None;
             return;
         };
