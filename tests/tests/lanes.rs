@@ -172,3 +172,55 @@ async fn a_burst_gets_lanes_loses_nothing_and_they_close_after_it() {
     assert!(transform.is_none(), "still diverted: {transform:?}");
     stack.stop().await;
 }
+
+/// A diversion that no open lane holds (a lane record removed by hand, or
+/// a divert applied after its lane closed) is ended within seconds by
+/// ingest, so the organization's events reach the main consumer again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_diversion_without_its_lane_is_ended() {
+    let stack = Stack::start().await;
+    let receiver = Receiver::start().await;
+    create(&stack, "ghostco", receiver.url("/ghost")).await;
+    stack.wait_deliverer_current().await;
+
+    let mut events = stack.js.get_stream("HERALD_EVENTS").await.unwrap();
+    let mut config = events.info().await.unwrap().config.clone();
+    config.subject_transform = Some(async_nats::jetstream::stream::SubjectTransform {
+        source: "herald.events.ghostco.>".into(),
+        destination: "herald.lane.ghostco.>".into(),
+    });
+    stack.js.update_stream(&config).await.unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let transform = events
+            .info()
+            .await
+            .unwrap()
+            .config
+            .subject_transform
+            .clone();
+        if transform.is_none() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a diversion without a lane still there after 20 s: {transform:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    stack
+        .publish("ghostco", "workflow.completed", json!({"id": "evt_after"}))
+        .await;
+    let got = receiver
+        .wait_for_deliveries("/ghost", 1, Duration::from_secs(30))
+        .await;
+    assert_eq!(got.len(), 1, "ghostco's event after the diversion ended");
+    assert_eq!(
+        stack
+            .stored_count("HERALD_EVENTS", "herald.lane.ghostco.>")
+            .await,
+        0
+    );
+    stack.stop().await;
+}
