@@ -1103,7 +1103,7 @@ impl<H: Handler> LaneSide<H> {
         };
         // Diverted: the main consumer never reads it, so it is the lane's
         // wherever the lane ends.
-        let owner = if lanes::undiverted(&message.subject).is_some() {
+        let owner = if message.subject.starts_with(lanes::DIVERTED_PREFIX) {
             Owner::Lane
         } else {
             self.lanes.owner(org, seq, seq + pending).await
