@@ -65,6 +65,8 @@ pub struct Publisher {
     run: String,
     /// Bytes of filler in each event's data, for events of a given size.
     padding: Arc<String>,
+    /// The organization whose events [`Publisher::publish`] sends.
+    org: Arc<str>,
     pub errors: Arc<AtomicU64>,
 }
 
@@ -76,7 +78,18 @@ impl Publisher {
             size: window as u32,
             run: format!("{:x}", now_us()),
             padding: Arc::default(),
+            org: ORG.into(),
             errors: Arc::default(),
+        }
+    }
+
+    /// The same publisher, its events sent as organization `org`'s (the
+    /// window is shared: give a publisher that must not wait for another's
+    /// acks a window of its own, [`Publisher::new`]).
+    pub fn in_org(&self, org: &str) -> Self {
+        Self {
+            org: org.into(),
+            ..self.clone()
         }
     }
 
@@ -106,7 +119,7 @@ impl Publisher {
             now_us(),
             self.padding
         );
-        let subject = format!("herald.events.{ORG}.{event_type}");
+        let subject = format!("herald.events.{}.{event_type}", self.org);
         self.send(permit, subject, &id, body).await;
     }
 

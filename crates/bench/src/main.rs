@@ -12,6 +12,7 @@
 
 mod chaos;
 mod load;
+mod noisy;
 mod ops;
 mod ordered;
 mod receiver;
@@ -62,6 +63,9 @@ usage: herald-bench [options]
   --soak-minutes N      instead: the soak (a 10 s webhook beside a healthy one, 10 events/s)
   --soak-p99-ms N       the soak fails when a minute's healthy p99 exceeds this (1000)
   --replay-events N     instead: replay N events to one webhook beside live traffic at 500/s
+  --noisy-burst N       instead: another organization's 10 events/s alone, then beside a burst
+                        of N events from organization bench-noisy; its p50/p99 both ways
+                        (`make bench-noisy` passes 30000); writes <target>/bench/noisy.json
   --recover-events N    instead: admin's memory while a recover sends N deliveries of 16 KiB events again
   --chaos               instead: the fault suite on a 3-node NATS cluster, two replicas per worker
                         (--rate defaults to 500); writes <target>/bench/chaos.json
@@ -90,6 +94,7 @@ struct Args {
     soak_p99_ms: f64,
     replay_events: Option<u64>,
     recover_events: Option<u64>,
+    noisy_burst: Option<u64>,
     chaos: bool,
     sync_always: bool,
     tap: bool,
@@ -122,6 +127,7 @@ impl Args {
             soak_p99_ms: 1_000.0,
             replay_events: None,
             recover_events: None,
+            noisy_burst: None,
             chaos: false,
             sync_always: false,
             tap: true,
@@ -177,6 +183,7 @@ impl Args {
                 "--soak-p99-ms" => args.soak_p99_ms = num(&flag, &value)?,
                 "--replay-events" => args.replay_events = Some(num(&flag, &value)?),
                 "--recover-events" => args.recover_events = Some(num(&flag, &value)?),
+                "--noisy-burst" => args.noisy_burst = Some(num(&flag, &value)?),
                 "--env" => {
                     let (k, v) = value
                         .split_once('=')
@@ -875,6 +882,20 @@ async fn bench(args: Args) -> anyhow::Result<bool> {
             report.recover_secs,
             report.admin_peak_mib_before,
             report.admin_peak_mib_after,
+            if report.passed { "passed" } else { "FAILED" },
+            out.display()
+        );
+        return Ok(report.passed);
+    }
+    if let Some(burst) = args.noisy_burst.filter(|n| *n > 0) {
+        let report = noisy::run(&stack, &receiver, &js, 0, burst).await?;
+        let out = write_report(&target, "noisy.json", &report)?;
+        eprint!("{}", noisy::table(&report));
+        println!(
+            "noisy burst: {burst} events; the other organization's p99 {:.1} ms alone, {:.1} ms beside ({:.1}x), {} ({})",
+            report.alone_p99_ms,
+            report.beside_p99_ms,
+            report.p99_ratio,
             if report.passed { "passed" } else { "FAILED" },
             out.display()
         );

@@ -1,0 +1,201 @@
+//! `herald-bench --noisy-burst N` (`make bench-noisy`): one organization's
+//! burst must not slow another's deliveries (issue 29's second mark, with
+//! the services as the separate processes they are in production, not in
+//! one test process). Organization `bench` sends 10 events a second to its
+//! webhook, first alone for 10 s, then while organization `bench-noisy`
+//! publishes `N` events at once to a webhook of its own on the same
+//! receiver, until the burst is delivered. It reports the quiet
+//! organization's publish-to-receipt p50/p99 alone and beside the burst,
+//! and their ratio (the issue's mark: within 10× of alone); it fails when
+//! a delivery is missing or a signature is wrong.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::load::Publisher;
+use crate::receiver::Receiver;
+use crate::soak::percentile;
+use crate::stack::Stack;
+
+/// The noisy organization.
+pub const NOISY_ORG: &str = "bench-noisy";
+const EVENT_TYPE: &str = "workflow.completed";
+/// The quiet organization's rate, events a second.
+const RATE: f64 = 10.0;
+const ALONE: Duration = Duration::from_secs(10);
+/// The burst must be delivered within this.
+const DEADLINE: Duration = Duration::from_secs(600);
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub burst: u64,
+    pub burst_published_s: f64,
+    pub burst_delivered_s: f64,
+    pub burst_delivered: u64,
+    pub alone_events: u64,
+    pub alone_p50_ms: f64,
+    pub alone_p99_ms: f64,
+    pub beside_events: u64,
+    pub beside_delivered: u64,
+    pub beside_p50_ms: f64,
+    pub beside_p99_ms: f64,
+    pub beside_max_ms: f64,
+    /// Beside the burst's p99 over alone's.
+    pub p99_ratio: f64,
+    /// The quiet organization's five slowest deliveries beside the burst:
+    /// when each was published (seconds after the burst began) and its
+    /// publish to receipt (ms).
+    pub slowest: Vec<(f64, f64)>,
+    pub passed: bool,
+}
+
+/// Runs it; phases `first_phase` (alone), `+ 1` (beside) and `+ 2` (the
+/// burst) of the receiver.
+pub async fn run(
+    stack: &Stack,
+    receiver: &Receiver,
+    js: &async_nats::jetstream::Context,
+    first_phase: usize,
+    burst: u64,
+) -> anyhow::Result<Report> {
+    let (quiet_id, secret) = stack
+        .create_webhook("noisy-quiet", &receiver.url("/quiet"), EVENT_TYPE)
+        .await?;
+    receiver.add_secret(&quiet_id, &secret);
+    let (noisy_id, secret) = stack
+        .create_webhook_in(
+            NOISY_ORG,
+            serde_json::json!({"name": "noisy-burst", "url": receiver.url("/noisy"),
+                "event_types": [EVENT_TYPE]}),
+        )
+        .await?;
+    receiver.add_secret(&noisy_id, &secret);
+    // Each its own window: the quiet organization's publishes never wait
+    // for the burst's acks.
+    let quiet = Publisher::new(js.clone(), 16);
+    let noisy = Publisher::new(js.clone(), 1024).in_org(NOISY_ORG);
+    let (alone, beside, burst_phase) = (first_phase, first_phase + 1, first_phase + 2);
+
+    eprintln!("noisy burst: the quiet organization alone, {RATE}/s for {ALONE:?}");
+    let alone_events = quiet.paced(alone, EVENT_TYPE, RATE, ALONE).await;
+    settle(receiver, alone, alone_events, Duration::from_secs(10)).await;
+
+    eprintln!("noisy burst: {burst} events from {NOISY_ORG} beside {RATE}/s");
+    let started = Instant::now();
+    let started_us = crate::load::now_us();
+    let burst_done = async {
+        noisy.burst(burst_phase, EVENT_TYPE, burst).await;
+        let published = started.elapsed();
+        let deadline = started + DEADLINE;
+        while receiver.delivered(burst_phase) < burst && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        (published, started.elapsed())
+    };
+    // The quiet organization goes on, paced from the start, until the
+    // burst is delivered.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let quiet_beside = async {
+        let mut seq = 0u64;
+        let every = Duration::from_secs_f64(1.0 / RATE);
+        let from = tokio::time::Instant::now();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            tokio::time::sleep_until(from + every * seq as u32).await;
+            quiet.publish(beside, EVENT_TYPE, seq).await;
+            seq += 1;
+        }
+        quiet.drain().await;
+        seq
+    };
+    let burst_done = async {
+        let done = burst_done.await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        done
+    };
+    let ((published, delivered), beside_events) = tokio::join!(burst_done, quiet_beside);
+    settle(receiver, beside, beside_events, Duration::from_secs(30)).await;
+
+    let mut alone_seen = receiver.take(alone);
+    let mut beside_seen = receiver.take(beside);
+    let burst_seen = receiver.take(burst_phase);
+    let mut slowest: Vec<(f64, f64)> = beside_seen
+        .sent_us
+        .iter()
+        .zip(&beside_seen.latencies_us)
+        .map(|(sent, latency)| {
+            (
+                (*sent as f64 - started_us as f64) / 1e6,
+                *latency as f64 / 1000.0,
+            )
+        })
+        .collect();
+    slowest.sort_by(|a, b| b.1.total_cmp(&a.1));
+    slowest.truncate(5);
+    alone_seen.latencies_us.sort_unstable();
+    beside_seen.latencies_us.sort_unstable();
+    let alone_p99 = percentile(&alone_seen.latencies_us, 0.99);
+    let beside_p99 = percentile(&beside_seen.latencies_us, 0.99);
+    let bad = alone_seen.bad_signatures + beside_seen.bad_signatures + burst_seen.bad_signatures;
+    Ok(Report {
+        burst,
+        burst_published_s: published.as_secs_f64(),
+        burst_delivered_s: delivered.as_secs_f64(),
+        burst_delivered: burst_seen.delivered,
+        alone_events,
+        alone_p50_ms: percentile(&alone_seen.latencies_us, 0.5),
+        alone_p99_ms: alone_p99,
+        beside_events,
+        beside_delivered: beside_seen.delivered,
+        beside_p50_ms: percentile(&beside_seen.latencies_us, 0.5),
+        beside_p99_ms: beside_p99,
+        beside_max_ms: percentile(&beside_seen.latencies_us, 1.0),
+        slowest,
+        p99_ratio: if alone_p99 > 0.0 {
+            beside_p99 / alone_p99
+        } else {
+            0.0
+        },
+        passed: bad == 0
+            && burst_seen.delivered == burst
+            && alone_seen.delivered == alone_events
+            && beside_seen.delivered == beside_events,
+    })
+}
+
+/// Waits (at most `within`) until `phase` has `n` deliveries.
+async fn settle(receiver: &Receiver, phase: usize, n: u64, within: Duration) {
+    let deadline = Instant::now() + within;
+    while receiver.delivered(phase) < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The report as lines, as docs/benchmarks.md shows it.
+pub fn table(r: &Report) -> String {
+    let slowest: Vec<String> = r
+        .slowest
+        .iter()
+        .map(|(at, ms)| format!("{ms:.1} ms (published at +{at:.2} s)"))
+        .collect();
+    format!(
+        "  burst of {}: published in {:.2} s, delivered in {:.1} s ({} delivered)\n  \
+         quiet organization alone: {} events, p50 {:.1} ms, p99 {:.1} ms\n  \
+         beside the burst: {}/{} delivered, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms \
+         (p99 {:.1}x alone)\n  slowest beside the burst: {}\n",
+        r.burst,
+        r.burst_published_s,
+        r.burst_delivered_s,
+        r.burst_delivered,
+        r.alone_events,
+        r.alone_p50_ms,
+        r.alone_p99_ms,
+        r.beside_delivered,
+        r.beside_events,
+        r.beside_p50_ms,
+        r.beside_p99_ms,
+        r.beside_max_ms,
+        r.p99_ratio,
+        slowest.join(", ")
+    )
+}
