@@ -451,6 +451,15 @@ pub const YIELD_LEAST: f64 = 100.0;
 pub const YIELD_MOST: f64 = 100_000.0;
 /// The least wait is the least of this window and the one before.
 pub const YIELD_WINDOW_MS: i64 = 60_000;
+/// The cap grows quickly up to this fraction of its ceiling, the rate at
+/// which others last waited ([`Yielding`]).
+pub const YIELD_NEAR: f64 = 0.85;
+/// Near its ceiling the cap grows this much a tick: about eight quiet ticks
+/// from [`YIELD_NEAR`] back to the ceiling.
+pub const YIELD_PROBE: f64 = 1.02;
+/// This far past its ceiling the cap forgets it (the machine has room
+/// again) and grows quickly.
+pub const YIELD_PAST: f64 = 1.1;
 /// Others count as active for this long after their last job.
 pub const YIELD_OTHERS_WITHIN_MS: i64 = 2_000;
 
@@ -481,14 +490,20 @@ pub fn yielder(sent: &[(String, u64)], yielding: Option<&str>) -> (Option<String
 /// of waits, plus any offset between the server's clock and this one).
 /// While the others wait more than [`YIELD_EXCESS_MS`] beyond it, the cap
 /// falls to 70% of what the organization sent in the tick (never below
-/// [`YIELD_LEAST`]); a tick whose jobs of others all waited less grows it
-/// by 25%, and past [`YIELD_MOST`] it goes. A tick with no job of
+/// [`YIELD_LEAST`]); a tick whose jobs of others all waited less grows it:
+/// by 25% up to [`YIELD_NEAR`] of the rate at which others last waited
+/// (its *ceiling*), then by [`YIELD_PROBE`] a tick (so it overshoots what
+/// the machine bears once in many ticks rather than every third one: each
+/// overshoot is another organization's job waiting), and by 25% again once
+/// [`YIELD_PAST`] beyond it; past [`YIELD_MOST`] it goes. A tick with no job of
 /// another organization leaves it as it is: an organization sending ten
 /// events a second has a job in one tick of two, and no news is not good
 /// news. Once nobody else has work, the cap goes ([`Yielding::stop`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Yielding {
     cap: Option<f64>,
+    /// What the organization sent a second when others last waited for it.
+    ceiling: Option<f64>,
     /// The least wait of this window and of the last one.
     base: [i64; 2],
     window_from_ms: i64,
@@ -500,6 +515,7 @@ impl Yielding {
     pub fn new(now_ms: i64) -> Self {
         Self {
             cap: None,
+            ceiling: None,
             base: [i64::MAX; 2],
             window_from_ms: now_ms,
             worst: None,
@@ -514,6 +530,7 @@ impl Yielding {
     /// Nobody yields any more (nobody else is about): no cap.
     pub fn stop(&mut self) {
         self.cap = None;
+        self.ceiling = None;
     }
 
     /// A job of another organization waited `wait_ms` to be picked up.
@@ -529,11 +546,29 @@ impl Yielding {
         self.cap = match self.worst {
             Some(worst) if worst.saturating_sub(base) > YIELD_EXCESS_MS => {
                 let went = self.cap.map_or(sent_per_second, |c| c.min(sent_per_second));
+                self.ceiling = Some(went);
                 Some((went * 0.7).max(YIELD_LEAST))
             }
-            Some(_) => self.cap.map(|c| c * 1.25).filter(|c| *c < YIELD_MOST),
+            Some(_) => {
+                if let (Some(cap), Some(ceiling)) = (self.cap, self.ceiling)
+                    && cap >= ceiling * YIELD_PAST
+                {
+                    self.ceiling = None;
+                }
+                let grown = match (self.cap, self.ceiling) {
+                    (Some(cap), Some(ceiling)) if cap >= ceiling * YIELD_NEAR => {
+                        Some(cap * YIELD_PROBE)
+                    }
+                    (Some(cap), Some(ceiling)) => Some((cap * 1.25).min(ceiling * YIELD_NEAR)),
+                    (cap, _) => cap.map(|c| c * 1.25),
+                };
+                grown.filter(|c| *c < YIELD_MOST)
+            }
             None => self.cap,
         };
+        if self.cap.is_none() {
+            self.ceiling = None;
+        }
         self.worst = None;
         if now_ms - self.window_from_ms >= YIELD_WINDOW_MS {
             self.base = [i64::MAX, self.base[0]];
@@ -794,16 +829,18 @@ mod tests {
             // 6 ms beyond the least (1): 70% of what it sent.
             (&[7], 2_400.0, Some(1_680)),
             (&[9], 1_680.0, Some(1_176)),
-            // Within 2 ms of the least: 25% more.
-            (&[3], 1_176.0, Some(1_470)),
+            // Within 2 ms of the least: 25% more, up to 85% of the rate
+            // others last waited at (1,680).
+            (&[3], 1_176.0, Some(1_428)),
             // No job of another organization this tick: as it was.
-            (&[], 1_470.0, Some(1_470)),
+            (&[], 1_428.0, Some(1_428)),
             // It sent less than its cap: 70% of what it sent.
             (&[12], 500.0, Some(350)),
             (&[12], 100.0, Some(100)),
             (&[12], 100.0, Some(100)),
-            (&[2], 100.0, Some(125)),
-            (&[1, 3], 100.0, Some(156)),
+            // Near the rate others waited at (100): 2% a tick.
+            (&[2], 100.0, Some(102)),
+            (&[1, 3], 100.0, Some(104)),
         ];
         for (i, (waits, sent, cap)) in cases.into_iter().enumerate() {
             for w in waits {
@@ -818,13 +855,45 @@ mod tests {
             y.waited(1);
             y.tick(10_000 + ticks * YIELD_TICK_MS, 100.0);
         }
-        assert_eq!(ticks, 29, "about 3 s from 156/s to no cap");
+        assert_eq!(ticks, 34, "about 3.4 s from 104/s to no cap");
         // Capped again, then nobody else is about.
         y.waited(50);
         y.tick(20_000, 1_000.0);
         assert_eq!(y.cap(), Some(700));
         y.stop();
         assert_eq!(y.cap(), None);
+    }
+
+    #[test]
+    fn the_cap_comes_back_quickly_near_where_others_waited_then_slowly() {
+        // The machine bears 1,000/s of the busiest beside the others: above
+        // that, their jobs wait. Ticks between the overshoots (each one a
+        // job of another organization that waited) over 20 s.
+        let mut y = Yielding::new(0);
+        // Before the burst: others' jobs wait 1 ms.
+        y.waited(1);
+        y.tick(0, 0.0);
+        let (mut overshoots, mut capped) = (0, 0.0);
+        for tick in 1..=200 {
+            let sent = y.cap().map_or(3_000.0, |c| f64::from(c).min(3_000.0));
+            y.waited(if sent > 1_000.0 { 20 } else { 1 });
+            overshoots += u32::from(sent > 1_000.0);
+            capped += sent;
+            y.tick(tick * YIELD_TICK_MS, sent);
+        }
+        // Once every nine ticks or so (about 70 times with 25% a tick,
+        // every third tick), and it still sends most of what the machine
+        // bears.
+        assert!(overshoots <= 25, "{overshoots} overshoots");
+        assert!(capped / 200.0 > 850.0, "{} a second", capped / 200.0);
+        // A machine with room again: the cap goes past its ceiling and on.
+        let mut ticks = 0;
+        while y.cap().is_some() {
+            ticks += 1;
+            y.waited(1);
+            y.tick(30_000 + ticks * YIELD_TICK_MS, 1_000.0);
+        }
+        assert!(ticks < 60, "{ticks} ticks to no cap");
     }
 
     #[test]
