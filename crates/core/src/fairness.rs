@@ -32,6 +32,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use crate::proto;
 use crate::rate::{Bucket, Rate};
 
 /// The stream of held jobs, `herald.held.<org>.<webhook>`.
@@ -443,7 +444,27 @@ pub fn endpoint_limit(cap: usize, latency_ms: u64) -> usize {
 pub const YIELD_TICK_MS: i64 = 100;
 /// Others' jobs waiting longer than this beyond the least wait seen are
 /// waiting for the busiest organization's work.
-pub const YIELD_EXCESS_MS: i64 = 2;
+pub const YIELD_EXCESS_MS: i64 = 4;
+
+/// Since when a job has waited for Herald alone, for [`Yielding::waited`]:
+/// an event's first attempt, from when ingest accepted the event, so that
+/// the wait covers every stage after ingest (the matcher and both streams)
+/// and not only the deliverer's queue. `None` for a job that waits on
+/// purpose or for longer than Herald's stages: a retry, a test, recover or
+/// replay, a job deferred, throttled, scheduled for later, stopped by
+/// Herald's own failure, or ordered behind its key.
+pub fn waiting_since_ms(job: &proto::DeliveryJob) -> Option<i64> {
+    let event = job.event.as_ref()?;
+    let fresh = job.kind == proto::DeliveryKind::Event as i32
+        && job.attempt <= 1
+        && job.deferrals == 0
+        && job.throttles == 0
+        && job.own_failures == 0
+        && job.not_before_ms == 0
+        && job.ordered.is_none()
+        && event.received_at_ms > 0;
+    fresh.then_some(event.received_at_ms)
+}
 /// The lowest cap, deliveries a second: however long others wait, the
 /// yielding organization moves.
 pub const YIELD_LEAST: f64 = 100.0;
@@ -485,8 +506,8 @@ pub fn yielder(sent: &[(String, u64)], yielding: Option<&str>) -> (Option<String
 
 /// The cap on the busiest organization's deliveries a second while others
 /// wait: a delay-based background class, as LEDBAT is for TCP. The wait of
-/// each job of another organization, from being stored to being picked up,
-/// is set beside the least such wait lately (what a job nobody is in front
+/// each job of another organization, from its event's acceptance to the
+/// job's pickup ([`waiting_since_ms`]), is set beside the least such wait lately (what a job nobody is in front
 /// of waits, plus any offset between the server's clock and this one).
 /// While the others wait more than [`YIELD_EXCESS_MS`] beyond it, the cap
 /// falls to 70% of what the organization sent in the tick (never below
@@ -829,7 +850,7 @@ mod tests {
             // 6 ms beyond the least (1): 70% of what it sent.
             (&[7], 2_400.0, Some(1_680)),
             (&[9], 1_680.0, Some(1_176)),
-            // Within 2 ms of the least: 25% more, up to 85% of the rate
+            // Within 4 ms of the least: 25% more, up to 85% of the rate
             // others last waited at (1,680).
             (&[3], 1_176.0, Some(1_428)),
             // No job of another organization this tick: as it was.
@@ -897,6 +918,40 @@ mod tests {
     }
 
     #[test]
+    fn only_a_fresh_event_delivery_says_how_long_others_wait() {
+        let fresh = proto::DeliveryJob {
+            kind: proto::DeliveryKind::Event as i32,
+            attempt: 1,
+            event: Some(proto::Event {
+                received_at_ms: 1_000,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(waiting_since_ms(&fresh), Some(1_000));
+        let cases: [(&str, fn(&mut proto::DeliveryJob)); 9] = [
+            ("a retry", |j| j.attempt = 2),
+            ("a test", |j| j.kind = proto::DeliveryKind::Test as i32),
+            ("a replay", |j| j.kind = proto::DeliveryKind::Replay as i32),
+            ("deferred", |j| j.deferrals = 1),
+            ("throttled", |j| j.throttles = 1),
+            ("Herald's own failure", |j| j.own_failures = 1),
+            ("scheduled", |j| j.not_before_ms = 5),
+            ("ordered", |j| {
+                j.ordered = Some(proto::OrderedPlace::default())
+            }),
+            ("no acceptance time", |j| {
+                j.event.as_mut().unwrap().received_at_ms = 0
+            }),
+        ];
+        for (what, change) in cases {
+            let mut job = fresh.clone();
+            change(&mut job);
+            assert_eq!(waiting_since_ms(&job), None, "{what}");
+        }
+    }
+
+    #[test]
     fn who_yields() {
         let sent = |v: &[(&str, u64)]| -> Vec<(String, u64)> {
             v.iter().map(|(o, n)| (o.to_string(), *n)).collect()
@@ -938,7 +993,7 @@ mod tests {
         // Two windows on, the 51 is forgotten.
         y.tick(YIELD_WINDOW_MS, 1_000.0);
         y.tick(2 * YIELD_WINDOW_MS, 1_000.0);
-        for (wait, cap) in [(60, None), (62, None), (63, Some(700))] {
+        for (wait, cap) in [(60, None), (64, None), (65, Some(700))] {
             y.waited(wait);
             y.tick(2 * YIELD_WINDOW_MS + 1, 1_000.0);
             assert_eq!(y.cap(), cap, "{wait}");

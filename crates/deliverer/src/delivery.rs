@@ -154,7 +154,7 @@ impl State {
             }
         };
         if let Some(info) = &info {
-            self.fair.waited(info, &job.organization_id);
+            self.fair.waited(info, &job);
         }
         let done = tokio::select! {
             done = self.deliver(&job, source) => done,

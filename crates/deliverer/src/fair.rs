@@ -257,21 +257,24 @@ impl Fair {
         }
     }
 
-    /// A job of `org` (its message's `info`) is picked up: unless it is the
-    /// busiest organization's, released (it waited held, on purpose) or
-    /// redelivered (it waited for an ack wait, not for a core), how long it
-    /// waited since stored counts toward whether the busiest yields.
-    pub fn waited(&self, info: &jetstream::message::Info, org: &str) {
+    /// `job` (its message's `info`) is picked up: unless it is the busiest
+    /// organization's, released (it waited held, on purpose), redelivered
+    /// (it waited for an ack wait, not for a core) or not a fresh event
+    /// delivery (`fairness::waiting_since_ms`), how long it waited since
+    /// ingest accepted its event counts toward whether the busiest yields.
+    pub fn waited(&self, info: &jetstream::message::Info, job: &proto::DeliveryJob) {
         let Some(yielding) = &self.inner.yielding else {
             return;
         };
         if RELEASED.try_with(|_| ()).is_ok() || info.delivered > 1 {
             return;
         }
-        let stored_ms = (info.published.unix_timestamp_nanos() / 1_000_000) as i64;
+        let Some(since_ms) = fairness::waiting_since_ms(job) else {
+            return;
+        };
         let mut y = yielding.lock().expect("yield lock");
-        if y.busiest.as_deref() != Some(org) {
-            y.control.waited(now_ms() - stored_ms);
+        if y.busiest.as_deref() != Some(job.organization_id.as_str()) {
+            y.control.waited(now_ms() - since_ms);
         }
     }
 
