@@ -9,6 +9,7 @@
 //! and their ratio (the issue's mark: within 10× of alone); it fails when
 //! a delivery is missing or a signature is wrong.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -27,6 +28,24 @@ const ALONE: Duration = Duration::from_secs(10);
 /// The burst must be delivered within this.
 const DEADLINE: Duration = Duration::from_secs(600);
 
+/// One of the quiet organization's slowest deliveries beside the burst, and
+/// where it waited (from the streams' stored times and the attempt's
+/// `attempted_at_ms`; `None` where its record was not found).
+#[derive(Debug, Serialize)]
+pub struct Slowest {
+    /// Seconds after the burst began.
+    pub published_at_s: f64,
+    pub total_ms: f64,
+    /// Publish to stored in HERALD_EVENTS.
+    pub to_stored_ms: Option<f64>,
+    /// Stored to stored in HERALD_ACCEPTED (ingest).
+    pub ingest_ms: Option<f64>,
+    /// Accepted to the attempt's start (the matcher and the deliverer).
+    pub accepted_to_attempt_ms: Option<f64>,
+    /// The attempt's start to receipt.
+    pub attempt_to_receipt_ms: Option<f64>,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub burst: u64,
@@ -43,10 +62,8 @@ pub struct Report {
     pub beside_max_ms: f64,
     /// Beside the burst's p99 over alone's.
     pub p99_ratio: f64,
-    /// The quiet organization's five slowest deliveries beside the burst:
-    /// when each was published (seconds after the burst began) and its
-    /// publish to receipt (ms).
-    pub slowest: Vec<(f64, f64)>,
+    /// The quiet organization's five slowest deliveries beside the burst.
+    pub slowest: Vec<Slowest>,
     pub passed: bool,
 }
 
@@ -119,19 +136,15 @@ pub async fn run(
     let mut alone_seen = receiver.take(alone);
     let mut beside_seen = receiver.take(beside);
     let burst_seen = receiver.take(burst_phase);
-    let mut slowest: Vec<(f64, f64)> = beside_seen
+    let mut slow: Vec<(u64, u32)> = beside_seen
         .sent_us
         .iter()
-        .zip(&beside_seen.latencies_us)
-        .map(|(sent, latency)| {
-            (
-                (*sent as f64 - started_us as f64) / 1e6,
-                *latency as f64 / 1000.0,
-            )
-        })
+        .copied()
+        .zip(beside_seen.latencies_us.iter().copied())
         .collect();
-    slowest.sort_by(|a, b| b.1.total_cmp(&a.1));
-    slowest.truncate(5);
+    slow.sort_by_key(|(_, latency)| std::cmp::Reverse(*latency));
+    slow.truncate(5);
+    let slowest = where_waited(js, &slow, started_us).await;
     alone_seen.latencies_us.sort_unstable();
     beside_seen.latencies_us.sort_unstable();
     let alone_p99 = percentile(&alone_seen.latencies_us, 0.99);
@@ -163,6 +176,114 @@ pub async fn run(
     })
 }
 
+/// Where each of `slow` (sent at, unix µs; publish to receipt, µs) waited:
+/// the quiet organization's events as HERALD_EVENTS stored them (the
+/// JSON as published, `data.ts_us` its send time), then HERALD_ACCEPTED
+/// and HERALD_ATTEMPTS by event id.
+async fn where_waited(
+    js: &async_nats::jetstream::Context,
+    slow: &[(u64, u32)],
+    burst_us: u64,
+) -> Vec<Slowest> {
+    use herald_core::{names, proto};
+    use prost::Message;
+    let org = crate::stack::ORG;
+    let mut by_sent: HashMap<u64, (String, i128)> = HashMap::new();
+    for (payload, at) in stored(
+        js,
+        names::EVENTS_STREAM,
+        &format!("herald.events.{org}.{EVENT_TYPE}"),
+    )
+    .await
+    {
+        let Ok(json) = serde_json::from_slice::<serde_json::Value>(&payload) else {
+            continue;
+        };
+        if let (Some(id), Some(sent)) = (json["id"].as_str(), json["data"]["ts_us"].as_u64()) {
+            by_sent.insert(sent, (id.to_owned(), at));
+        }
+    }
+    let mut accepted = HashMap::new();
+    for (payload, at) in stored(js, names::ACCEPTED_STREAM, &names::accepted_subject(org)).await {
+        if let Ok(event) = proto::Event::decode(payload) {
+            accepted.insert(event.id, at);
+        }
+    }
+    let mut attempted = HashMap::new();
+    for (payload, _) in stored(
+        js,
+        names::ATTEMPTS_STREAM,
+        &format!("herald.attempts.{org}.>"),
+    )
+    .await
+    {
+        if let Ok(attempt) = proto::AttemptResult::decode(payload) {
+            attempted
+                .entry(attempt.event_id)
+                .or_insert(attempt.attempted_at_ms as i128 * 1_000_000);
+        }
+    }
+    let ms = |from: i128, to: i128| (to - from) as f64 / 1e6;
+    slow.iter()
+        .map(|&(sent_us, latency_us)| {
+            let sent = sent_us as i128 * 1_000;
+            let received = sent + latency_us as i128 * 1_000;
+            let found = by_sent.get(&sent_us);
+            let events_at = found.map(|(_, at)| *at);
+            let accepted_at = found.and_then(|(id, _)| accepted.get(id).copied());
+            let attempt_at = found.and_then(|(id, _)| attempted.get(id).copied());
+            Slowest {
+                published_at_s: (sent_us as f64 - burst_us as f64) / 1e6,
+                total_ms: latency_us as f64 / 1000.0,
+                to_stored_ms: events_at.map(|e| ms(sent, e)),
+                ingest_ms: events_at.zip(accepted_at).map(|(e, a)| ms(e, a)),
+                accepted_to_attempt_ms: accepted_at.zip(attempt_at).map(|(a, t)| ms(a, t)),
+                attempt_to_receipt_ms: attempt_at.map(|t| ms(t, received)),
+            }
+        })
+        .collect()
+}
+
+/// Every message of `stream` on `subject`, each with when the stream stored
+/// it (unix nanoseconds); what could not be read is left out.
+async fn stored(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    subject: &str,
+) -> Vec<(bytes::Bytes, i128)> {
+    use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+    use futures::StreamExt;
+    let mut out = Vec::new();
+    let Ok(stream) = js.get_stream(stream).await else {
+        return out;
+    };
+    let Ok(consumer) = stream
+        .create_consumer(OrderedConfig {
+            filter_subject: subject.into(),
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+    else {
+        return out;
+    };
+    let pending = consumer.cached_info().num_pending as usize;
+    let Ok(mut messages) = consumer.messages().await else {
+        return out;
+    };
+    while out.len() < pending {
+        let Ok(Some(Ok(message))) =
+            tokio::time::timeout(Duration::from_secs(5), messages.next()).await
+        else {
+            break;
+        };
+        let Ok(info) = message.info() else { continue };
+        let at = info.published.unix_timestamp_nanos();
+        out.push((message.payload.clone(), at));
+    }
+    out
+}
+
 /// Waits (at most `within`) until `phase` has `n` deliveries.
 async fn settle(receiver: &Receiver, phase: usize, n: u64, within: Duration) {
     let deadline = Instant::now() + within;
@@ -173,16 +294,28 @@ async fn settle(receiver: &Receiver, phase: usize, n: u64, within: Duration) {
 
 /// The report as lines, as docs/benchmarks.md shows it.
 pub fn table(r: &Report) -> String {
+    let part = |p: Option<f64>| p.map_or("?".to_owned(), |p| format!("{p:.1}"));
     let slowest: Vec<String> = r
         .slowest
         .iter()
-        .map(|(at, ms)| format!("{ms:.1} ms (published at +{at:.2} s)"))
+        .map(|s| {
+            format!(
+                "\n    {:.1} ms, published at +{:.2} s: to stored {}, ingest {}, \
+                 accepted to attempt {}, attempt to receipt {}",
+                s.total_ms,
+                s.published_at_s,
+                part(s.to_stored_ms),
+                part(s.ingest_ms),
+                part(s.accepted_to_attempt_ms),
+                part(s.attempt_to_receipt_ms)
+            )
+        })
         .collect();
     format!(
         "  burst of {}: published in {:.2} s, delivered in {:.1} s ({} delivered)\n  \
          quiet organization alone: {} events, p50 {:.1} ms, p99 {:.1} ms\n  \
          beside the burst: {}/{} delivered, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms \
-         (p99 {:.1}x alone)\n  slowest beside the burst: {}\n",
+         (p99 {:.1}x alone)\n  slowest beside the burst:{}\n",
         r.burst,
         r.burst_published_s,
         r.burst_delivered_s,
@@ -196,6 +329,6 @@ pub fn table(r: &Report) -> String {
         r.beside_p99_ms,
         r.beside_max_ms,
         r.p99_ratio,
-        slowest.join(", ")
+        slowest.concat()
     )
 }
