@@ -929,7 +929,8 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(waiting_since_ms(&fresh), Some(1_000));
-        let cases: [(&str, fn(&mut proto::DeliveryJob)); 9] = [
+        type Change = fn(&mut proto::DeliveryJob);
+        let cases: [(&str, Change); 9] = [
             ("a retry", |j| j.attempt = 2),
             ("a test", |j| j.kind = proto::DeliveryKind::Test as i32),
             ("a replay", |j| j.kind = proto::DeliveryKind::Replay as i32),
