@@ -513,7 +513,19 @@ impl Lanes {
             .expect("a lane just opened promises");
         let key = lanes::key(self.inner.stage.name, org);
         let value = serde_json::to_vec(&lane).expect("a lane serializes");
-        match self.inner.kv.create(&key, value.into()).await {
+        // The stream's configuration is read while the record is created:
+        // every round trip before the transform is a few thousand of a
+        // burst's events more for the main consumer to read through.
+        let diversion = async {
+            if self.inner.stage.diverts {
+                Some(self.diversion().await)
+            } else {
+                None
+            }
+        };
+        let (created, diversion) =
+            tokio::join!(self.inner.kv.create(&key, value.into()), diversion);
+        match created {
             Ok(revision) => {
                 // Current up to `seq` at least: a close comes later.
                 self.learn(org, Some(lane), revision, Some(seq));
@@ -524,7 +536,9 @@ impl Lanes {
                     from = seq,
                     "lane opened"
                 );
-                self.divert(org).await;
+                if let Some(diversion) = diversion {
+                    self.divert(org, diversion).await;
+                }
                 true
             }
             Err(error) => {
@@ -868,14 +882,19 @@ impl Lanes {
     /// it: then this lane's messages are skipped by the main consumer
     /// as before). Only the replica that opened the lane, just after:
     /// a replica that had not heard of the lane closing yet could
-    /// otherwise divert past its end.
-    async fn divert(&self, org: &str) {
+    /// otherwise divert past its end. `diversion` is the stream's
+    /// configuration, read while the lane's record was being created.
+    async fn divert(
+        &self,
+        org: &str,
+        diversion: Result<(jetstream::stream::Config, Option<String>), async_nats::Error>,
+    ) {
         let stage = self.inner.stage;
         if !stage.diverts {
             return;
         }
         let result: Result<bool, async_nats::Error> = async {
-            let (mut config, _) = self.diversion().await?;
+            let (mut config, _) = diversion?;
             if config.subject_transform.is_some() {
                 return Ok(false);
             }
@@ -899,8 +918,9 @@ impl Lanes {
     async fn diversion(
         &self,
     ) -> Result<(jetstream::stream::Config, Option<String>), async_nats::Error> {
-        let mut stream = self.inner.js.get_stream(self.inner.stage.stream).await?;
-        let config = stream.info().await?.config.clone();
+        // One request: the stream's info comes with it.
+        let stream = self.inner.js.get_stream(self.inner.stage.stream).await?;
+        let config = stream.cached_info().config.clone();
         let org = config
             .subject_transform
             .as_ref()
