@@ -658,33 +658,9 @@ impl Stack {
     /// Every message of `stream` on `subject` (a filter), in order, each
     /// with when the stream stored it (unix nanoseconds).
     pub async fn stored(&self, stream: &str, subject: &str) -> Vec<(bytes::Bytes, i128)> {
-        use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
-        use futures::StreamExt;
-        let stream = self.js.get_stream(stream).await.expect("stream");
-        let consumer = stream
-            .create_consumer(OrderedConfig {
-                filter_subject: subject.into(),
-                deliver_policy: DeliverPolicy::All,
-                ..Default::default()
-            })
+        herald_test_support::stored(&self.js, stream, subject)
             .await
-            .expect("ordered consumer");
-        let pending = consumer.cached_info().num_pending as usize;
-        let mut out = Vec::with_capacity(pending);
-        if pending == 0 {
-            return out;
-        }
-        let mut messages = consumer.messages().await.expect("messages");
-        while out.len() < pending {
-            let message = tokio::time::timeout(Duration::from_secs(5), messages.next())
-                .await
-                .expect("a message within 5s")
-                .expect("stream open")
-                .expect("message");
-            let stored = message.info().expect("message info").published;
-            out.push((message.payload.clone(), stored.unix_timestamp_nanos()));
-        }
-        out
+            .expect("the stream's messages")
     }
 
     /// Publishes delivery `jobs` to the subjects `subject` names for their

@@ -41,13 +41,9 @@ async fn a_burst_gets_lanes_loses_nothing_and_they_close_after_it() {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut laned = false;
         while !laned && Instant::now() < deadline {
-            let mut events = stack.js.get_stream("HERALD_EVENTS").await.unwrap();
-            laned = events.info().await.is_ok_and(|info| {
-                info.config
-                    .subject_transform
-                    .as_ref()
-                    .is_some_and(|t| t.source == "herald.events.burstco.>")
-            });
+            laned = transform(&stack)
+                .await
+                .is_ok_and(|t| t.is_some_and(|t| t.source == "herald.events.burstco.>"));
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         stack
@@ -161,16 +157,17 @@ async fn a_burst_gets_lanes_loses_nothing_and_they_close_after_it() {
     // Nothing more arrived while the lanes closed, and nothing is
     // diverted any more.
     assert_eq!(receiver.received("/burst").len(), BURST);
-    let mut events = stack.js.get_stream("HERALD_EVENTS").await.unwrap();
-    let transform = events
-        .info()
-        .await
-        .unwrap()
-        .config
-        .subject_transform
-        .clone();
+    let transform = transform(&stack).await.unwrap();
     assert!(transform.is_none(), "still diverted: {transform:?}");
     stack.stop().await;
+}
+
+/// HERALD_EVENTS' subject transform now (a lane's diversion), if any.
+async fn transform(
+    stack: &Stack,
+) -> Result<Option<async_nats::jetstream::stream::SubjectTransform>, async_nats::Error> {
+    let mut events = stack.js.get_stream("HERALD_EVENTS").await?;
+    Ok(events.info().await?.config.subject_transform.clone())
 }
 
 /// A diversion that no open lane holds (a lane record removed by hand, or
@@ -193,13 +190,7 @@ async fn a_diversion_without_its_lane_is_ended() {
 
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let transform = events
-            .info()
-            .await
-            .unwrap()
-            .config
-            .subject_transform
-            .clone();
+        let transform = transform(&stack).await.unwrap();
         if transform.is_none() {
             break;
         }

@@ -189,13 +189,17 @@ async fn where_waited(
     use prost::Message;
     let org = crate::stack::ORG;
     let mut by_sent: HashMap<u64, (String, i128)> = HashMap::new();
-    for (payload, at) in stored(
-        js,
+    // What cannot be read is left out.
+    let read = |stream: &'static str, subject: String| async move {
+        herald_test_support::stored(js, stream, &subject)
+            .await
+            .unwrap_or_default()
+    };
+    let events = read(
         names::EVENTS_STREAM,
-        &format!("herald.events.{org}.{EVENT_TYPE}"),
-    )
-    .await
-    {
+        format!("herald.events.{org}.{EVENT_TYPE}"),
+    );
+    for (payload, at) in events.await {
         let Ok(json) = serde_json::from_slice::<serde_json::Value>(&payload) else {
             continue;
         };
@@ -204,19 +208,13 @@ async fn where_waited(
         }
     }
     let mut accepted = HashMap::new();
-    for (payload, at) in stored(js, names::ACCEPTED_STREAM, &names::accepted_subject(org)).await {
+    for (payload, at) in read(names::ACCEPTED_STREAM, names::accepted_subject(org)).await {
         if let Ok(event) = proto::Event::decode(payload) {
             accepted.insert(event.id, at);
         }
     }
     let mut attempted = HashMap::new();
-    for (payload, _) in stored(
-        js,
-        names::ATTEMPTS_STREAM,
-        &format!("herald.attempts.{org}.>"),
-    )
-    .await
-    {
+    for (payload, _) in read(names::ATTEMPTS_STREAM, format!("herald.attempts.{org}.>")).await {
         if let Ok(attempt) = proto::AttemptResult::decode(payload) {
             attempted
                 .entry(attempt.event_id)
@@ -242,46 +240,6 @@ async fn where_waited(
             }
         })
         .collect()
-}
-
-/// Every message of `stream` on `subject`, each with when the stream stored
-/// it (unix nanoseconds); what could not be read is left out.
-async fn stored(
-    js: &async_nats::jetstream::Context,
-    stream: &str,
-    subject: &str,
-) -> Vec<(bytes::Bytes, i128)> {
-    use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
-    use futures::StreamExt;
-    let mut out = Vec::new();
-    let Ok(stream) = js.get_stream(stream).await else {
-        return out;
-    };
-    let Ok(consumer) = stream
-        .create_consumer(OrderedConfig {
-            filter_subject: subject.into(),
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
-        .await
-    else {
-        return out;
-    };
-    let pending = consumer.cached_info().num_pending as usize;
-    let Ok(mut messages) = consumer.messages().await else {
-        return out;
-    };
-    while out.len() < pending {
-        let Ok(Some(Ok(message))) =
-            tokio::time::timeout(Duration::from_secs(5), messages.next()).await
-        else {
-            break;
-        };
-        let Ok(info) = message.info() else { continue };
-        let at = info.published.unix_timestamp_nanos();
-        out.push((message.payload.clone(), at));
-    }
-    out
 }
 
 /// Waits (at most `within`) until `phase` has `n` deliveries.

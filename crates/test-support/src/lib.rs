@@ -8,6 +8,8 @@
 
 mod receiver;
 mod servers;
+mod streams;
 
 pub use receiver::{Received, Receiver, Reply};
 pub use servers::{NatsCluster, NatsServer, RedisCluster, RedisServer, free_port};
+pub use streams::stored;
