@@ -42,6 +42,9 @@ pub struct Slowest {
     pub ingest_ms: Option<f64>,
     /// Accepted to the attempt's start (the matcher and the deliverer).
     pub accepted_to_attempt_ms: Option<f64>,
+    /// Of which accepted to the delivery job's publish (the matcher), as a
+    /// plain subscription on the job's subject saw it.
+    pub matcher_ms: Option<f64>,
     /// The attempt's start to receipt.
     pub attempt_to_receipt_ms: Option<f64>,
 }
@@ -62,7 +65,12 @@ pub struct Report {
     pub beside_max_ms: f64,
     /// Beside the burst's p99 over alone's.
     pub p99_ratio: f64,
-    /// The quiet organization's five slowest deliveries beside the burst.
+    /// The burst's events ingest's main consumer read (stored before the
+    /// diversion took effect, or after it ended), and when the first
+    /// diverted one was stored, ms after the burst began.
+    pub burst_undiverted: usize,
+    pub diverted_from_ms: Option<f64>,
+    /// The quiet organization's eight slowest deliveries beside the burst.
     pub slowest: Vec<Slowest>,
     pub passed: bool,
 }
@@ -93,6 +101,7 @@ pub async fn run(
     let quiet = Publisher::new(js.clone(), 16);
     let noisy = Publisher::new(js.clone(), 1024).in_org(NOISY_ORG);
     let (alone, beside, burst_phase) = (first_phase, first_phase + 1, first_phase + 2);
+    let jobs = JobTap::start(js).await?;
 
     eprintln!("noisy burst: the quiet organization alone, {RATE}/s for {ALONE:?}");
     let alone_events = quiet.paced(alone, EVENT_TYPE, RATE, ALONE).await;
@@ -143,8 +152,9 @@ pub async fn run(
         .zip(beside_seen.latencies_us.iter().copied())
         .collect();
     slow.sort_by_key(|(_, latency)| std::cmp::Reverse(*latency));
-    slow.truncate(5);
-    let slowest = where_waited(js, &slow, started_us).await;
+    slow.truncate(8);
+    let slowest = where_waited(js, &slow, started_us, &jobs.seen()).await;
+    let (burst_undiverted, diverted_from_ms) = diversion(js, started_us).await;
     alone_seen.latencies_us.sort_unstable();
     beside_seen.latencies_us.sort_unstable();
     let alone_p99 = percentile(&alone_seen.latencies_us, 0.99);
@@ -164,6 +174,8 @@ pub async fn run(
         beside_p99_ms: beside_p99,
         beside_max_ms: percentile(&beside_seen.latencies_us, 1.0),
         slowest,
+        burst_undiverted,
+        diverted_from_ms,
         p99_ratio: if alone_p99 > 0.0 {
             beside_p99 / alone_p99
         } else {
@@ -184,6 +196,7 @@ async fn where_waited(
     js: &async_nats::jetstream::Context,
     slow: &[(u64, u32)],
     burst_us: u64,
+    jobs: &HashMap<String, i128>,
 ) -> Vec<Slowest> {
     use herald_core::{names, proto};
     use prost::Message;
@@ -230,16 +243,82 @@ async fn where_waited(
             let events_at = found.map(|(_, at)| *at);
             let accepted_at = found.and_then(|(id, _)| accepted.get(id).copied());
             let attempt_at = found.and_then(|(id, _)| attempted.get(id).copied());
+            let job_at = found.and_then(|(id, _)| jobs.get(id).copied());
             Slowest {
                 published_at_s: (sent_us as f64 - burst_us as f64) / 1e6,
                 total_ms: latency_us as f64 / 1000.0,
                 to_stored_ms: events_at.map(|e| ms(sent, e)),
                 ingest_ms: events_at.zip(accepted_at).map(|(e, a)| ms(e, a)),
                 accepted_to_attempt_ms: accepted_at.zip(attempt_at).map(|(a, t)| ms(a, t)),
+                matcher_ms: accepted_at.zip(job_at).map(|(a, j)| ms(a, j)),
                 attempt_to_receipt_ms: attempt_at.map(|t| ms(t, received)),
             }
         })
         .collect()
+}
+
+/// How many of the burst's events were stored undiverted, and when the
+/// first diverted one was stored (ms after `burst_us`).
+async fn diversion(js: &async_nats::jetstream::Context, burst_us: u64) -> (usize, Option<f64>) {
+    let read = |subject: String| async move {
+        herald_test_support::stored(js, herald_core::names::EVENTS_STREAM, &subject)
+            .await
+            .unwrap_or_default()
+    };
+    let undiverted = read(format!("herald.events.{NOISY_ORG}.>")).await.len();
+    let first = read(format!("herald.lane.{NOISY_ORG}.>"))
+        .await
+        .iter()
+        .map(|(_, at)| *at)
+        .min();
+    let from = first.map(|at| (at - burst_us as i128 * 1_000) as f64 / 1e6);
+    (undiverted, from)
+}
+
+/// When each of the quiet organization's delivery jobs was published, by
+/// event id: HERALD_DELIVERIES is a work queue (a job is gone once
+/// delivered), so a plain subscription on the jobs' subject times them as
+/// the matcher publishes them.
+struct JobTap {
+    seen: std::sync::Arc<std::sync::Mutex<HashMap<String, i128>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl JobTap {
+    async fn start(js: &async_nats::jetstream::Context) -> anyhow::Result<Self> {
+        use futures::StreamExt;
+        use herald_core::proto;
+        use prost::Message;
+        let client = js.client();
+        let mut jobs = client
+            .subscribe(format!("herald.deliveries.{}.>", crate::stack::ORG))
+            .await?;
+        // The subscription is in place once the server has it.
+        client.flush().await?;
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(HashMap::new()));
+        let into = seen.clone();
+        let task = tokio::spawn(async move {
+            while let Some(message) = jobs.next().await {
+                let at = crate::load::now_us() as i128 * 1_000;
+                if let Ok(job) = proto::DeliveryJob::decode(message.payload)
+                    && let Some(event) = job.event
+                {
+                    into.lock().unwrap().entry(event.id).or_insert(at);
+                }
+            }
+        });
+        Ok(Self { seen, task })
+    }
+
+    fn seen(&self) -> HashMap<String, i128> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for JobTap {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// Waits (at most `within`) until `phase` has `n` deliveries.
@@ -259,12 +338,13 @@ pub fn table(r: &Report) -> String {
         .map(|s| {
             format!(
                 "\n    {:.1} ms, published at +{:.2} s: to stored {}, ingest {}, \
-                 accepted to attempt {}, attempt to receipt {}",
+                 accepted to attempt {} (matcher {}), attempt to receipt {}",
                 s.total_ms,
                 s.published_at_s,
                 part(s.to_stored_ms),
                 part(s.ingest_ms),
                 part(s.accepted_to_attempt_ms),
+                part(s.matcher_ms),
                 part(s.attempt_to_receipt_ms)
             )
         })
@@ -273,7 +353,8 @@ pub fn table(r: &Report) -> String {
         "  burst of {}: published in {:.2} s, delivered in {:.1} s ({} delivered)\n  \
          quiet organization alone: {} events, p50 {:.1} ms, p99 {:.1} ms\n  \
          beside the burst: {}/{} delivered, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms \
-         (p99 {:.1}x alone)\n  slowest beside the burst:{}\n",
+         (p99 {:.1}x alone)\n  burst read by the main consumer: {} (diverted from +{} ms)\n  \
+         slowest beside the burst:{}\n",
         r.burst,
         r.burst_published_s,
         r.burst_delivered_s,
@@ -287,6 +368,8 @@ pub fn table(r: &Report) -> String {
         r.beside_p99_ms,
         r.beside_max_ms,
         r.p99_ratio,
+        r.burst_undiverted,
+        part(r.diverted_from_ms),
         slowest.concat()
     )
 }
