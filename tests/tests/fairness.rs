@@ -221,6 +221,61 @@ async fn the_busiest_organization_yields_while_another_waits_and_loses_nothing()
     stack.stop().await;
 }
 
+/// An organization held back to its share (here, by its rate limit): the
+/// matcher stores its new jobs behind its held ones in HERALD_HELD, so they
+/// never pass through HERALD_DELIVERIES in front of other organizations'
+/// jobs (each would be read there and moved aside); the deliverer releases
+/// them all the same, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_back_organizations_new_jobs_wait_behind_its_held_ones() {
+    const FIRST: usize = 300;
+    const THEN: usize = 200;
+    let stack = Stack::start_with(Options::default().env("HERALD_ORG_DELIVERY_RATE", "100")).await;
+    let receiver = Receiver::start().await;
+    create(&stack, "heldco", receiver.url("/held"), SLOW_REPLY).await;
+    stack.wait_deliverer_current().await;
+    let stored_jobs = || async {
+        let mut stream = stack.js.get_stream(names::DELIVERIES_STREAM).await.unwrap();
+        stream.info().await.unwrap().state.last_sequence
+    };
+
+    // 300 at once against 100 a second: most are held.
+    stack.publish_burst_of("heldco", 0..FIRST).await;
+    stack
+        .eventually(Duration::from_secs(10), "heldco held back", || async {
+            let held = stack
+                .stored_count(herald_core::fairness::HELD_STREAM, "herald.held.heldco.>")
+                .await;
+            (held > 50).then_some(())
+        })
+        .await;
+    // The matcher counts what is held four times a second.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let before = stored_jobs().await;
+    stack.publish_burst_of("heldco", FIRST..FIRST + THEN).await;
+    receiver
+        .wait_for("/held", FIRST + THEN, Duration::from_secs(30))
+        .await;
+    let through = stored_jobs().await - before;
+    eprintln!(
+        "of {THEN} jobs of heldco published while it was held back, {through} went through HERALD_DELIVERIES"
+    );
+    assert!(
+        through < THEN as u64 / 4,
+        "{through} of {THEN} jobs went through HERALD_DELIVERIES while heldco was held back"
+    );
+    let mut ids: Vec<String> = receiver
+        .received("/held")
+        .iter()
+        .map(|r| r.event_id())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), FIRST + THEN, "every event, once each");
+    assert_eq!(receiver.received("/held").len(), FIRST + THEN, "none twice");
+    stack.stop().await;
+}
+
 /// p50 and p99 of `waits`.
 fn percentiles(mut waits: Vec<Duration>) -> (Duration, Duration) {
     waits.sort();

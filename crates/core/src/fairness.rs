@@ -39,6 +39,26 @@ use crate::rate::{Bucket, Rate};
 pub const HELD_STREAM: &str = "HERALD_HELD";
 pub const HELD_PREFIX: &str = "herald.held";
 
+/// Where a held job of `org` for `webhook_id` is stored.
+pub fn held_subject(org: &str, webhook_id: &str) -> String {
+    format!("{HELD_PREFIX}.{org}.{webhook_id}")
+}
+
+/// Where the matcher stores a new delivery job for `webhook_id` of `org`,
+/// which had `held` jobs held back at the last count: behind them, when it
+/// has any, since the deliverer would hold it anyway (a job of an
+/// organization with held jobs waits behind them: [`Scheduler::arrive`]).
+/// So a burst held back to its share never passes through
+/// `HERALD_DELIVERIES`, where every other organization's next job would
+/// wait behind it to be read and moved aside.
+pub fn job_subject(org: &str, webhook_id: &str, held: u64) -> String {
+    if held > 0 {
+        held_subject(org, webhook_id)
+    } else {
+        crate::names::delivery_subject(org, webhook_id)
+    }
+}
+
 /// The Redis key that says an organization's deliveries are held back now
 /// (set by the deliverer with a short expiry; read for the webhook's page).
 pub fn held_key(org: &str) -> String {
@@ -110,6 +130,14 @@ struct Org {
     last_active_ms: i64,
     /// Jobs sent (or released) since the last [`Scheduler::sent`].
     sent: u64,
+}
+
+impl Org {
+    fn forget_held(&mut self) {
+        self.held = 0;
+        self.held_since.clear();
+        self.seen_held_ms = None;
+    }
 }
 
 /// An organization as the metrics show it.
@@ -367,14 +395,32 @@ impl Scheduler {
 
     /// Of `asked` jobs of `org` released, `got` could be read: the others
     /// are not in flight, and none are left held (another deliverer took
-    /// them, or they were fewer than counted).
-    pub fn released(&mut self, org: &str, asked: usize, got: usize, now_ms: i64) {
+    /// them, or they were fewer than counted). `left`: how many the stream
+    /// said were still held after the last one read, the truth where it
+    /// differs from the count (the matcher stores a job of an organization
+    /// held back there directly: [`job_subject`]).
+    pub fn released(
+        &mut self,
+        org: &str,
+        asked: usize,
+        got: usize,
+        left: Option<u64>,
+        now_ms: i64,
+    ) {
         let o = self.org(org, now_ms);
         o.in_flight = o.in_flight.saturating_sub(asked.saturating_sub(got));
-        if got < asked {
-            o.held = 0;
-            o.held_since.clear();
-            o.seen_held_ms = None;
+        match left {
+            Some(0) if got > 0 => o.forget_held(),
+            Some(left) if got > 0 => {
+                if left > o.held {
+                    o.seen_held_ms.get_or_insert(now_ms);
+                }
+                o.held = left;
+                let extra = o.held_since.len().saturating_sub(left as usize);
+                o.held_since.drain(..extra);
+            }
+            _ if got < asked => o.forget_held(),
+            _ => {}
         }
     }
 
@@ -718,9 +764,42 @@ mod tests {
         let mut s = Scheduler::new(100, NONE);
         s.seen_held(&[("a".to_owned(), 10)].into(), 0);
         assert_eq!(s.releases(20, 1), vec![("a".into(), 10)]);
-        s.released("a", 10, 3, 2);
+        s.released("a", 10, 3, None, 2);
         assert!(!s.holding("a"));
         assert_eq!(s.views(10, 3)[0].in_flight, 3);
+    }
+
+    #[test]
+    fn what_the_stream_says_is_left_is_what_is_held() {
+        // (held before, released, read, left after the last read) → held.
+        let cases: &[(u64, usize, usize, Option<u64>, u64)] = &[
+            // The matcher stored more behind them: all of it is held.
+            (10, 10, 10, Some(40), 40),
+            // Another replica released some: fewer are.
+            (10, 5, 5, Some(2), 2),
+            // Nothing left.
+            (10, 5, 5, Some(0), 0),
+            // Fewer read than released, nothing said: none are left.
+            (10, 10, 3, None, 0),
+            // Fewer read, but the stream says more came meanwhile.
+            (10, 10, 3, Some(7), 7),
+            // All read, nothing said: the count goes on.
+            (10, 4, 4, None, 6),
+            // Nothing read: none are left, whatever was said before.
+            (10, 4, 0, Some(9), 0),
+        ];
+        for &(before, asked, got, left, after) in cases {
+            let mut s = Scheduler::new(100, NONE);
+            s.seen_held(&[("a".to_owned(), before)].into(), 0);
+            assert_eq!(s.releases(asked + 6, 1), vec![("a".into(), asked)]);
+            s.released("a", asked, got, left, 2);
+            let held = s.views(10, 3).first().map_or(0, |v| v.held);
+            assert_eq!(
+                held, after,
+                "{before} held, {asked} released, {got} read, {left:?} left"
+            );
+            assert_eq!(s.holding("a"), after > 0);
+        }
     }
 
     #[test]

@@ -15,8 +15,12 @@
 //! A released job goes the usual way (`State::handle`), without asking for
 //! a share again (it was counted when released).
 //!
-//! Every 5 s the stream's subjects say which organizations have held jobs
-//! (held by another replica, or before a restart), and every second the
+//! The matcher stores a new job of an organization with held jobs behind
+//! them directly (`fairness::job_subject`), so what is held grows without
+//! this deliverer holding it: each release reads how many are left from
+//! the last job it read (its `pending`), and every second the stream's
+//! subjects say which organizations have held jobs (held by another
+//! replica or the matcher, or before a restart). Every second too the
 //! per-organization metrics and the `herald:held:{<org>}` markers (what the
 //! webhook's API answer reads) are set. Organizations' own limits come from
 //! the `herald-organizations` bucket, followed by its change feed.
@@ -63,7 +67,7 @@ const HELD_MAX_AGE: Duration = Duration::from_secs(3 * 24 * 3600);
 /// The held stream's first sequence: far above any deliveries stream's, so
 /// that ids derived from a job's stream sequence (`park.<seq>`) never meet.
 const HELD_FIRST_SEQUENCE: u64 = 1 << 40;
-const SWEEP_EVERY: Duration = Duration::from_secs(5);
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 const SHOW_EVERY: Duration = Duration::from_secs(1);
 /// How often held jobs are looked at without a completion (rates).
 const TICK: Duration = Duration::from_millis(100);
@@ -158,10 +162,6 @@ impl Drop for Ticket {
             .done(&self.org, now_ms());
         self.inner.wake.notify_one();
     }
-}
-
-fn held_subject(org: &str, webhook_id: &str) -> String {
-    format!("{}.{org}.{webhook_id}", fairness::HELD_PREFIX)
 }
 
 impl Fair {
@@ -314,7 +314,7 @@ impl Fair {
         headers.insert(names::MSG_ID_HEADER, format!("held.{source}").as_str());
         nats::publish(
             &self.inner.js,
-            held_subject(&job.organization_id, &job.webhook_id),
+            fairness::held_subject(&job.organization_id, &job.webhook_id),
             headers,
             job.encode_to_vec().into(),
         )
@@ -360,6 +360,8 @@ impl Fair {
     /// starts each, with a global slot, as a released job.
     async fn release(&self, state: &Arc<State>, org: &str, n: usize, slots: &Arc<Semaphore>) {
         let mut got = 0;
+        // Held after the last one read, as the stream says.
+        let mut left = None;
         let fetched = match self.consumer(org).await {
             Ok(c) => c
                 .fetch()
@@ -382,6 +384,7 @@ impl Fair {
                             Ok(None) | Err(_) => break,
                         };
                     got += 1;
+                    left = message.info().ok().map(|info| info.pending);
                     let ticket = Ticket {
                         inner: self.inner.clone(),
                         org: org.to_owned(),
@@ -422,7 +425,7 @@ impl Fair {
             .scheduler
             .lock()
             .expect("scheduler lock")
-            .released(org, n, got, now_ms());
+            .released(org, n, got, left, now_ms());
     }
 
     /// Which organizations have held jobs, from the stream's subjects.

@@ -2,10 +2,14 @@
 //!
 //! It consumes `herald.accepted.<org>`, finds the webhooks whose event types
 //! and filters select the event, and publishes one `herald.v1.DeliveryJob`
-//! per match to `herald.deliveries.<org>.<webhook>`. The event is acked only
-//! after every job is durably stored; a crash in between re-matches it, and
-//! because delivery ids are derived from (org, event, webhook) and jobs carry
-//! `Nats-Msg-Id: <delivery id>.1`, the receiver still sees one delivery.
+//! per match to `herald.deliveries.<org>.<webhook>` (or, for an organization
+//! the deliverer is holding back to its share, behind its held jobs on
+//! `herald.held.<org>.<webhook>`: `fairness::job_subject`). The event is
+//! acked only after every job is durably stored; a crash in between
+//! re-matches it, and because delivery ids are derived from (org, event,
+//! webhook) and jobs carry `Nats-Msg-Id: <delivery id>.1`, the receiver still
+//! sees one delivery (two, if the organization began or stopped being held
+//! back between the two tries: each stream keeps its own copy).
 //! On shutdown it finishes the events in hand and hands back at once those
 //! pulled but not started. Where the subscription sets come from, and how
 //! a webhook change reaches them, is in [`Cache`].
@@ -18,7 +22,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use herald_core::{ids, names, ordering as order_rules, proto};
+use herald_core::{fairness, ids, names, ordering as order_rules, proto};
 use herald_platform::config::{self, ConfigError, Source};
 use herald_platform::lanes::{self, Downstream, Lanes};
 use herald_platform::ordering::{self, OrderingError, Queues};
@@ -113,6 +117,9 @@ struct State {
     queues: Queues,
     /// Appends to those queues go in the order events were pulled.
     order: InOrder,
+    /// Each organization's jobs waiting to be sent, counted: a job of one
+    /// with jobs held back goes behind them (`fairness::job_subject`).
+    downstream: Downstream,
 }
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
@@ -183,15 +190,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     };
     let dead = metrics.dead_letters.clone();
     let worker = Worker::start(&js, &health, spec, Some(dead), &shutdown).await?;
+    let downstream = Downstream::deliveries(&js, &shutdown);
     let state = Arc::new(State {
         js: js.clone(),
         cache,
         metrics,
         queues: Queues::new(js.clone(), ordering::KEY_TTL),
         order: InOrder::default(),
+        downstream: downstream.clone(),
     });
     if config.lanes {
-        let downstream = Downstream::deliveries(&js, &shutdown);
         let lanes = Lanes::start(
             &js,
             config.nats.replicas,
@@ -331,6 +339,9 @@ impl State {
                 .map(|_| ())
                 .map_err(|source| nats::PublishError::Publish { subject, source })
         };
+        // An organization held back to its share: its jobs go behind its
+        // held ones, not through the deliveries stream in front of others'.
+        let held = self.downstream.held(&event.organization_id);
         for (job, payload, msg_id) in unordered {
             if acks.len() >= ACK_WINDOW
                 && let Some(result) = acks.next().await
@@ -340,7 +351,7 @@ impl State {
             let mut headers = async_nats::HeaderMap::new();
             headers.insert(names::MSG_ID_HEADER, msg_id.as_str());
             trace::inject(&mut headers, &event.traceparent);
-            let subject = names::delivery_subject(&event.organization_id, &job.webhook_id);
+            let subject = fairness::job_subject(&event.organization_id, &job.webhook_id, held);
             let ack = match self
                 .js
                 .publish_with_headers(subject.clone(), headers, payload.into())

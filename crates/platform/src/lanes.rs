@@ -1190,6 +1190,8 @@ enum Kind {
 struct Counts {
     /// The last count.
     counted: HashMap<String, u64>,
+    /// Of which held back by the deliverer (`HERALD_HELD`; the matcher's).
+    held: HashMap<String, u64>,
     /// Messages a paced lane took here since (a budget spent).
     taken: HashMap<String, u64>,
 }
@@ -1221,10 +1223,14 @@ impl Downstream {
         let (js, shutdown, counting) = (js.clone(), shutdown.clone(), downstream.clone());
         tokio::spawn(async move {
             loop {
-                let mut now = HashMap::new();
-                counting.count(&js, &mut now).await;
+                let (mut now, mut held) = (HashMap::new(), HashMap::new());
+                counting.count(&js, &mut now, &mut held).await;
+                for (org, n) in &held {
+                    *now.entry(org.clone()).or_default() += n;
+                }
                 *counting.counts.lock().expect("downstream") = Counts {
                     counted: now,
+                    held,
                     taken: HashMap::new(),
                 };
                 tokio::select! {
@@ -1236,15 +1242,20 @@ impl Downstream {
         downstream
     }
 
-    /// Counts into `now`.
-    async fn count(&self, js: &jetstream::Context, now: &mut HashMap<String, u64>) {
+    /// Counts into `now` (and what is held back into `held`).
+    async fn count(
+        &self,
+        js: &jetstream::Context,
+        now: &mut HashMap<String, u64>,
+        held: &mut HashMap<String, u64>,
+    ) {
         match self.kind {
             Kind::Deliveries => {
-                for (stream, subjects) in [
-                    (names::DELIVERIES_STREAM, names::DELIVERIES_SUBJECTS),
-                    (herald_core::fairness::HELD_STREAM, "herald.held.>"),
+                for (stream, subjects, into) in [
+                    (names::DELIVERIES_STREAM, names::DELIVERIES_SUBJECTS, now),
+                    (herald_core::fairness::HELD_STREAM, "herald.held.>", held),
                 ] {
-                    if let Err(error) = count(js, stream, subjects, now).await {
+                    if let Err(error) = count(js, stream, subjects, into).await {
                         tracing::debug!(%error, stream, "cannot count the work downstream");
                     }
                 }
@@ -1310,6 +1321,18 @@ impl Downstream {
         } else {
             false
         }
+    }
+
+    /// `org`'s delivery jobs held back by the deliverer at the last count
+    /// (the matcher's; 0 for ingest's).
+    pub fn held(&self, org: &str) -> u64 {
+        self.counts
+            .lock()
+            .expect("downstream")
+            .held
+            .get(org)
+            .copied()
+            .unwrap_or(0)
     }
 
     fn of(&self, org: &str) -> u64 {
