@@ -39,14 +39,20 @@ const RECENT: usize = 256;
 const LANE_CONCURRENCY: usize = 64;
 /// How often a lane looks at its consumer (to close, or to go).
 const CHECK_EVERY: Duration = Duration::from_secs(1);
-/// How often the work waiting downstream is counted (the matcher's).
-/// A budget of 1,000 a count lets ingest's lane go up to 4,000 events a
+/// How often ingest counts the work waiting downstream (the matcher's
+/// lanes' events). A budget of 1,000 a count lets ingest's lane go up to 4,000 events a
 /// second. Counted every 50 ms instead (up to 20,000 a second), the lane
 /// competes for the cores ingest's main consumer needs to read past a
 /// burst while it is being published: another organization's p99 beside a
 /// 30,000-event burst was 155 and 420 ms in two runs, against 74–216 ms in
 /// four at 250 ms.
 const COUNT_EVERY: Duration = Duration::from_millis(250);
+/// How often the matcher counts its organizations' delivery jobs waiting to
+/// be sent. Its lane's budget (500 a count) is what another organization's
+/// next job may find in front of it in `HERALD_DELIVERIES`; counted every
+/// 250 ms, and not budgeted, the lane sent 500–2,000 at a time, and others'
+/// jobs waited 40–230 ms behind them (docs/benchmarks.md).
+const DELIVERIES_COUNT_EVERY: Duration = Duration::from_millis(100);
 /// The least time between two reads of a lane's record (see
 /// [`Lanes::refresh_for`]).
 const REFRESH_SPACING: Duration = Duration::from_millis(5);
@@ -579,8 +585,8 @@ impl Lanes {
     fn may_go(&self, org: &str) -> bool {
         let rule = self.inner.stage.rule;
         match &self.inner.downstream {
-            Some(downstream) if downstream.budgeted() => downstream.take(org, rule.downstream),
-            _ => !rule.paces(self.downstream(org)),
+            Some(downstream) => downstream.take(org, rule.downstream),
+            None => true,
         }
     }
 
@@ -1166,11 +1172,14 @@ impl<H: Handler> Handler for LaneSide<H> {
     }
 }
 
-/// Each organization's work waiting downstream, counted every quarter of a
-/// second: for the matcher, its
-/// delivery jobs not yet sent (`HERALD_DELIVERIES`, and those held back in
-/// `HERALD_HELD`); for ingest, its accepted events the matcher's lane has
-/// not matched yet.
+/// Each organization's work waiting downstream, counted now and then: for
+/// the matcher (every [`DELIVERIES_COUNT_EVERY`]), its delivery jobs not yet
+/// sent (`HERALD_DELIVERIES`, and those held back in `HERALD_HELD`, also
+/// kept apart: [`Downstream::held`]); for ingest (every [`COUNT_EVERY`]),
+/// its accepted events the matcher's lane has not matched yet. A paced lane
+/// is budgeted: between two counts it takes no more than the count left
+/// room for under its mark, so the work comes evenly rather than a count's
+/// interval worth at once.
 #[derive(Clone)]
 pub struct Downstream {
     counts: Arc<Mutex<Counts>>,
@@ -1184,6 +1193,15 @@ pub struct Downstream {
 enum Kind {
     Deliveries,
     Accepted,
+}
+
+impl Kind {
+    fn every(self) -> Duration {
+        match self {
+            Kind::Deliveries => DELIVERIES_COUNT_EVERY,
+            Kind::Accepted => COUNT_EVERY,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -1207,9 +1225,7 @@ impl Downstream {
     /// keeps up with it). An ingest lane paced by it turns a burst into
     /// accepted events no faster than the matcher's lane takes them, so
     /// the matcher's main consumer never has thousands of the burst's to
-    /// skip before another organization's event. Budgeted: between two
-    /// counts the lane takes no more than the count left room for, so the
-    /// events come evenly rather than a count's interval worth at once.
+    /// skip before another organization's event.
     pub fn accepted(js: &jetstream::Context, shutdown: &CancellationToken) -> Self {
         Self::start(js, shutdown, Kind::Accepted)
     }
@@ -1235,7 +1251,7 @@ impl Downstream {
                 };
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(COUNT_EVERY) => {}
+                    _ = tokio::time::sleep(counting.kind.every()) => {}
                 }
             }
         });
@@ -1287,12 +1303,6 @@ impl Downstream {
                 }
             }
         }
-    }
-
-    /// Whether a paced lane spends a budget ([`Downstream::take`]) rather
-    /// than looking at the last count.
-    fn budgeted(&self) -> bool {
-        self.kind == Kind::Accepted
     }
 
     /// The next stage's lane of `org` starts at `from` (`None`: it has
@@ -1405,7 +1415,6 @@ mod tests {
             kind: Kind::Accepted,
             next_lanes: Arc::default(),
         };
-        assert!(downstream.budgeted());
         downstream
             .counts
             .lock()
