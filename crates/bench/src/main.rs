@@ -66,6 +66,9 @@ usage: herald-bench [options]
   --noisy-burst N       instead: another organization's 10 events/s alone, then beside a burst
                         of N events from organization bench-noisy; its p50/p99 both ways
                         (`make bench-noisy` passes 30000); writes <target>/bench/noisy.json
+  --slow-org N          instead: organization bench-slow's N events to 40 webhooks answering
+                        after 10 s (40 x N slow deliveries) beside another's 10 events/s for
+                        60 s; the other's p50/p99 alone and beside; writes <target>/bench/slow-org.json
   --recover-events N    instead: admin's memory while a recover sends N deliveries of 16 KiB events again
   --chaos               instead: the fault suite on a 3-node NATS cluster, two replicas per worker
                         (--rate defaults to 500); writes <target>/bench/chaos.json
@@ -95,6 +98,7 @@ struct Args {
     replay_events: Option<u64>,
     recover_events: Option<u64>,
     noisy_burst: Option<u64>,
+    slow_org: Option<u64>,
     chaos: bool,
     sync_always: bool,
     tap: bool,
@@ -128,6 +132,7 @@ impl Args {
             replay_events: None,
             recover_events: None,
             noisy_burst: None,
+            slow_org: None,
             chaos: false,
             sync_always: false,
             tap: true,
@@ -184,6 +189,7 @@ impl Args {
                 "--replay-events" => args.replay_events = Some(num(&flag, &value)?),
                 "--recover-events" => args.recover_events = Some(num(&flag, &value)?),
                 "--noisy-burst" => args.noisy_burst = Some(num(&flag, &value)?),
+                "--slow-org" => args.slow_org = Some(num(&flag, &value)?),
                 "--env" => {
                     let (k, v) = value
                         .split_once('=')
@@ -900,6 +906,27 @@ async fn bench(args: Args) -> anyhow::Result<bool> {
             out.display()
         );
         return Ok(report.passed);
+    }
+    if let Some(events) = args.slow_org.filter(|n| *n > 0) {
+        let r = noisy::slow(&stack, &receiver, &js, 0, events).await?;
+        let out = write_report(&target, "slow-org.json", &r)?;
+        eprintln!("  slowest beside them:{}", noisy::slowest_lines(&r.slowest));
+        println!(
+            "slow organization: {events} events to {} webhooks answering after 10 s ({} answered in the time); \
+             the other organization's p50/p99 {:.1}/{:.1} ms alone, {:.1}/{:.1} ms beside (max {:.1} ms, {}/{} delivered), {} ({})",
+            r.slow_webhooks,
+            r.slow_answered,
+            r.alone_p50_ms,
+            r.alone_p99_ms,
+            r.beside_p50_ms,
+            r.beside_p99_ms,
+            r.beside_max_ms,
+            r.beside_delivered,
+            r.beside_events,
+            if r.passed { "passed" } else { "FAILED" },
+            out.display()
+        );
+        return Ok(r.passed);
     }
     if let Some(events) = args.replay_events.filter(|n| *n > 0) {
         let report = replay::run(&stack, &receiver, &publisher, &js, 0, events).await?;

@@ -145,15 +145,7 @@ pub async fn run(
     let mut alone_seen = receiver.take(alone);
     let mut beside_seen = receiver.take(beside);
     let burst_seen = receiver.take(burst_phase);
-    let mut slow: Vec<(u64, u32)> = beside_seen
-        .sent_us
-        .iter()
-        .copied()
-        .zip(beside_seen.latencies_us.iter().copied())
-        .collect();
-    slow.sort_by_key(|(_, latency)| std::cmp::Reverse(*latency));
-    slow.truncate(8);
-    let slowest = where_waited(js, &slow, started_us, &jobs.seen()).await;
+    let slowest = where_waited(js, &slowest(&beside_seen), started_us, &jobs.seen()).await;
     let (burst_undiverted, diverted_from_ms) = diversion(js, started_us).await;
     alone_seen.latencies_us.sort_unstable();
     beside_seen.latencies_us.sort_unstable();
@@ -186,6 +178,116 @@ pub async fn run(
             && alone_seen.delivered == alone_events
             && beside_seen.delivered == beside_events,
     })
+}
+
+/// `herald-bench --slow-org N`: issue 29's first mark as a measurement at
+/// its full size. Organization `bench-slow` has [`SLOW_WEBHOOKS`] webhooks
+/// whose receivers answer after 10 s (`/slow…` on the bench's receiver) and
+/// publishes `n` events at once: `SLOW_WEBHOOKS × n` slow deliveries.
+/// Organization `bench` sends 10 events a second alone for 10 s, then
+/// beside them for [`SLOW_BESIDE`].
+#[derive(Debug, Serialize)]
+pub struct SlowReport {
+    pub slow_webhooks: usize,
+    pub slow_events: u64,
+    /// Slow deliveries answered by the end of the beside phase.
+    pub slow_answered: u64,
+    pub alone_p50_ms: f64,
+    pub alone_p99_ms: f64,
+    pub beside_events: u64,
+    pub beside_delivered: u64,
+    pub beside_p50_ms: f64,
+    pub beside_p99_ms: f64,
+    pub beside_max_ms: f64,
+    /// The quiet organization's eight slowest beside them.
+    pub slowest: Vec<Slowest>,
+    pub passed: bool,
+}
+
+/// The slow organization's webhooks (the issue's 40).
+pub const SLOW_WEBHOOKS: usize = 40;
+/// How long the quiet organization goes on beside them.
+const SLOW_BESIDE: Duration = Duration::from_secs(60);
+/// The slow organization.
+pub const SLOW_ORG: &str = "bench-slow";
+
+/// Runs it; phases `first_phase` (alone) and `+ 1` (beside).
+pub async fn slow(
+    stack: &Stack,
+    receiver: &Receiver,
+    js: &async_nats::jetstream::Context,
+    first_phase: usize,
+    n: u64,
+) -> anyhow::Result<SlowReport> {
+    let (quiet_id, secret) = stack
+        .create_webhook("slow-org-quiet", &receiver.url("/quiet"), EVENT_TYPE)
+        .await?;
+    receiver.add_secret(&quiet_id, &secret);
+    for i in 0..SLOW_WEBHOOKS {
+        // Within its timeout: each answer is a success that took 10 s.
+        stack
+            .create_webhook_in(
+                SLOW_ORG,
+                serde_json::json!({"name": format!("slow-{i}"),
+                    "url": receiver.url(&format!("/slow/{i}")),
+                    "event_types": [EVENT_TYPE], "timeout_ms": 30_000}),
+            )
+            .await?;
+    }
+    let quiet = Publisher::new(js.clone(), 16);
+    let slow = Publisher::new(js.clone(), 1024).in_org(SLOW_ORG);
+    let (alone, beside) = (first_phase, first_phase + 1);
+    let jobs = JobTap::start(js).await?;
+
+    eprintln!("slow organization: the quiet organization alone, {RATE}/s for {ALONE:?}");
+    let alone_events = quiet.paced(alone, EVENT_TYPE, RATE, ALONE).await;
+    settle(receiver, alone, alone_events, Duration::from_secs(10)).await;
+
+    eprintln!(
+        "slow organization: {n} events to {SLOW_WEBHOOKS} webhooks answering after 10 s, beside {RATE}/s for {SLOW_BESIDE:?}"
+    );
+    let started_us = crate::load::now_us();
+    slow.burst(first_phase + 2, EVENT_TYPE, n).await;
+    let beside_events = quiet.paced(beside, EVENT_TYPE, RATE, SLOW_BESIDE).await;
+    settle(receiver, beside, beside_events, Duration::from_secs(30)).await;
+    let slow_answered = receiver.slow_answered();
+
+    let mut alone_seen = receiver.take(alone);
+    let mut beside_seen = receiver.take(beside);
+    let slowest = where_waited(js, &slowest(&beside_seen), started_us, &jobs.seen()).await;
+    alone_seen.latencies_us.sort_unstable();
+    beside_seen.latencies_us.sort_unstable();
+    let bad = alone_seen.bad_signatures + beside_seen.bad_signatures;
+    Ok(SlowReport {
+        slowest,
+        slow_webhooks: SLOW_WEBHOOKS,
+        slow_events: n,
+        slow_answered,
+        alone_p50_ms: percentile(&alone_seen.latencies_us, 0.5),
+        alone_p99_ms: percentile(&alone_seen.latencies_us, 0.99),
+        beside_events,
+        beside_delivered: beside_seen.delivered,
+        beside_p50_ms: percentile(&beside_seen.latencies_us, 0.5),
+        beside_p99_ms: percentile(&beside_seen.latencies_us, 0.99),
+        beside_max_ms: percentile(&beside_seen.latencies_us, 1.0),
+        passed: bad == 0
+            && alone_seen.delivered == alone_events
+            && beside_seen.delivered == beside_events
+            && slow_answered > 0,
+    })
+}
+
+/// The eight slowest of `phase` (sent at, unix µs; publish to receipt, µs).
+fn slowest(phase: &crate::receiver::Phase) -> Vec<(u64, u32)> {
+    let mut slow: Vec<(u64, u32)> = phase
+        .sent_us
+        .iter()
+        .copied()
+        .zip(phase.latencies_us.iter().copied())
+        .collect();
+    slow.sort_by_key(|(_, latency)| std::cmp::Reverse(*latency));
+    slow.truncate(8);
+    slow
 }
 
 /// Where each of `slow` (sent at, unix µs; publish to receipt, µs) waited:
@@ -332,23 +434,6 @@ async fn settle(receiver: &Receiver, phase: usize, n: u64, within: Duration) {
 /// The report as lines, as docs/benchmarks.md shows it.
 pub fn table(r: &Report) -> String {
     let part = |p: Option<f64>| p.map_or("?".to_owned(), |p| format!("{p:.1}"));
-    let slowest: Vec<String> = r
-        .slowest
-        .iter()
-        .map(|s| {
-            format!(
-                "\n    {:.1} ms, published at +{:.2} s: to stored {}, ingest {}, \
-                 accepted to attempt {} (matcher {}), attempt to receipt {}",
-                s.total_ms,
-                s.published_at_s,
-                part(s.to_stored_ms),
-                part(s.ingest_ms),
-                part(s.accepted_to_attempt_ms),
-                part(s.matcher_ms),
-                part(s.attempt_to_receipt_ms)
-            )
-        })
-        .collect();
     format!(
         "  burst of {}: published in {:.2} s, delivered in {:.1} s ({} delivered)\n  \
          quiet organization alone: {} events, p50 {:.1} ms, p99 {:.1} ms\n  \
@@ -370,6 +455,28 @@ pub fn table(r: &Report) -> String {
         r.p99_ratio,
         r.burst_undiverted,
         part(r.diverted_from_ms),
-        slowest.concat()
+        slowest_lines(&r.slowest)
     )
+}
+
+/// The slowest deliveries and where they waited, a line each.
+pub fn slowest_lines(slowest: &[Slowest]) -> String {
+    let part = |p: Option<f64>| p.map_or("?".to_owned(), |p| format!("{p:.1}"));
+    slowest
+        .iter()
+        .map(|s| {
+            format!(
+                "\n    {:.1} ms, published at +{:.2} s: to stored {}, ingest {}, \
+                 accepted to attempt {} (matcher {}), attempt to receipt {}",
+                s.total_ms,
+                s.published_at_s,
+                part(s.to_stored_ms),
+                part(s.ingest_ms),
+                part(s.accepted_to_attempt_ms),
+                part(s.matcher_ms),
+                part(s.attempt_to_receipt_ms)
+            )
+        })
+        .collect::<Vec<_>>()
+        .concat()
 }
