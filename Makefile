@@ -5,7 +5,7 @@ PIP ?= python3 -m pip
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help deps build run test test-rust lint helm-check bench bench-noisy soak chaos fuzz-api clean
+.PHONY: help deps build run test test-rust lint helm-check bench bench-noisy bench-slow-org soak chaos fuzz-api clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -55,6 +55,10 @@ soak: deps build ## one slow (10 s) webhook beside a healthy one for SOAK_MINUTE
 
 bench-noisy: deps build ## one organization's burst of NOISY_BURST (30000) events beside another's 10 events/s; the other's p99 alone and beside
 	$(CARGO) run --release -p herald-bench -- --noisy-burst $(NOISY_BURST)
+
+SLOW_ORG_EVENTS ?= 300
+bench-slow-org: deps build ## one organization's SLOW_ORG_EVENTS (300) events to 40 webhooks answering after 10 s beside another's 10 events/s; the other's p99 alone and beside
+	$(CARGO) run --release -p herald-bench -- --slow-org $(SLOW_ORG_EVENTS)
 
 chaos: deps build ## faults under load (kill -9 each replica, a NATS node, Redis) on a 3-node NATS; writes target/bench/chaos.json
 	$(CARGO) run --release -p herald-bench -- --chaos
