@@ -276,6 +276,97 @@ async fn a_held_back_organizations_new_jobs_wait_behind_its_held_ones() {
     stack.stop().await;
 }
 
+/// A fan-out burst while another organization has events: once
+/// `fairness::FLOOD_JOBS` of its jobs are waiting to be sent, the matcher
+/// stores the next ones held (its metric counts them), so HERALD_DELIVERIES
+/// never has thousands of them in front of the other's jobs; the deliverer
+/// releases them, and each is delivered once. Alone, the same burst is
+/// stored as it comes (it delays nobody).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_flood_beside_another_organization_is_stored_held() {
+    const WEBHOOKS: usize = 10;
+    const EVENTS: usize = 150;
+    let stack = Stack::start().await;
+    let receiver = Receiver::start().await;
+    for i in 0..WEBHOOKS {
+        let path = format!("/flood/{i}");
+        receiver.script(
+            &path,
+            vec![Reply::status(200).delay(Duration::from_millis(500))],
+        );
+        create(&stack, "floodco", receiver.url(&path), SLOW_REPLY).await;
+    }
+    create(&stack, "fastco", receiver.url("/fast"), SLOW_REPLY).await;
+    stack.wait_deliverer_current().await;
+    let held = || async {
+        stack
+            .metric(
+                herald_matcher::HEALTH_ADDR,
+                "herald_delivery_jobs_held_total",
+            )
+            .await
+            .unwrap_or(0.0)
+    };
+    let delivered = |n: usize| {
+        let receiver = &receiver;
+        async move {
+            let got: usize = (0..WEBHOOKS)
+                .map(|i| receiver.answered(&format!("/flood/{i}"), 200))
+                .sum();
+            (got >= WEBHOOKS * n).then_some(())
+        }
+    };
+
+    // Alone: nothing is held.
+    stack.publish_burst_of("floodco", 0..EVENTS).await;
+    stack
+        .eventually(Duration::from_secs(60), "floodco's burst alone", || {
+            delivered(EVENTS)
+        })
+        .await;
+    assert_eq!(held().await, 0.0, "floodco alone had jobs stored held");
+
+    // fastco is about: floodco's next burst waits held past the flood mark.
+    stack
+        .publish("fastco", "workflow.completed", json!({"id": "fast_0"}))
+        .await;
+    receiver.wait_for("/fast", 1, Duration::from_secs(10)).await;
+    stack.publish_burst_of("floodco", EVENTS..2 * EVENTS).await;
+    stack
+        .eventually(
+            Duration::from_secs(60),
+            "floodco's burst beside fastco",
+            || delivered(2 * EVENTS),
+        )
+        .await;
+    let held = held().await;
+    eprintln!(
+        "of {} floodco jobs beside fastco, {held} stored held",
+        WEBHOOKS * EVENTS
+    );
+    assert!(
+        held >= WEBHOOKS as f64,
+        "no floodco job was stored held while fastco was about"
+    );
+    for i in 0..WEBHOOKS {
+        let path = format!("/flood/{i}");
+        let mut ids: Vec<String> = receiver
+            .received(&path)
+            .iter()
+            .map(|r| r.event_id())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 2 * EVENTS, "{path} got every event");
+        assert_eq!(
+            receiver.received(&path).len(),
+            2 * EVENTS,
+            "{path}: none twice"
+        );
+    }
+    stack.stop().await;
+}
+
 /// p50 and p99 of `waits`.
 fn percentiles(mut waits: Vec<Duration>) -> (Duration, Duration) {
     waits.sort();

@@ -44,19 +44,28 @@ pub fn held_subject(org: &str, webhook_id: &str) -> String {
     format!("{HELD_PREFIX}.{org}.{webhook_id}")
 }
 
-/// Where the matcher stores a new delivery job for `webhook_id` of `org`,
-/// which had `held` jobs held back at the last count: behind them, when it
-/// has any, since the deliverer would hold it anyway (a job of an
-/// organization with held jobs waits behind them: [`Scheduler::arrive`]).
-/// So a burst held back to its share never passes through
-/// `HERALD_DELIVERIES`, where every other organization's next job would
-/// wait behind it to be read and moved aside.
-pub fn job_subject(org: &str, webhook_id: &str, held: u64) -> String {
-    if held > 0 {
-        held_subject(org, webhook_id)
-    } else {
-        crate::names::delivery_subject(org, webhook_id)
-    }
+/// An organization's delivery jobs waiting to be sent (at the last count,
+/// and stored since) past which, while others have events too, the matcher
+/// stores its next ones held ([`stored_held`]): what another organization's
+/// next job may find in front of it in `HERALD_DELIVERIES`.
+pub const FLOOD_JOBS: u64 = 500;
+
+/// Whether the matcher stores a new delivery job of an organization held
+/// (`herald.held.<org>.<webhook>`, [`held_subject`]) rather than in
+/// `HERALD_DELIVERIES`: it had `held` jobs held back at the last count,
+/// and `waiting` jobs waiting to be sent (that count's, held ones
+/// included, and those stored since), while other organizations had
+/// events lately (`others`). Behind its held jobs, when it has any, since
+/// the deliverer would hold it anyway (a job of an organization with held
+/// jobs waits behind them: [`Scheduler::arrive`]); and held too once it has
+/// [`FLOOD_JOBS`] waiting while others are about (a fan-out of 300 events
+/// to 40 webhooks is 12,000 jobs stored in a fifth of a second, before any
+/// count sees them). So a burst never passes through `HERALD_DELIVERIES`
+/// in the thousands, where every other organization's next job would wait
+/// behind it to be read and moved aside. The deliverer releases held jobs
+/// by the organizations' shares.
+pub fn stored_held(held: u64, waiting: u64, others: bool) -> bool {
+    held > 0 || (others && waiting >= FLOOD_JOBS)
 }
 
 /// The Redis key that says an organization's deliveries are held back now
@@ -398,7 +407,7 @@ impl Scheduler {
     /// them, or they were fewer than counted). `left`: how many the stream
     /// said were still held after the last one read, the truth where it
     /// differs from the count (the matcher stores a job of an organization
-    /// held back there directly: [`job_subject`]).
+    /// held back there directly: [`stored_held`]).
     pub fn released(
         &mut self,
         org: &str,
@@ -757,6 +766,30 @@ mod tests {
         );
         // The next round starts after the last released (a); c has none.
         assert_eq!(s.releases(9, 2), vec![("b".into(), 2), ("a".into(), 1)]);
+    }
+
+    #[test]
+    fn a_job_waits_behind_its_organizations_held_ones_or_its_flood() {
+        // (held, waiting, others active) → stored held.
+        let cases: &[(u64, u64, bool, bool)] = &[
+            (0, 0, false, false),
+            (0, 0, true, false),
+            (0, FLOOD_JOBS - 1, true, false),
+            // A flood while others are about: held.
+            (0, FLOOD_JOBS, true, true),
+            // Alone, a flood delays nobody.
+            (0, 50_000, false, false),
+            // Behind what is held, alone or not.
+            (1, 1, false, true),
+            (3, 0, true, true),
+        ];
+        for &(held, waiting, others, want) in cases {
+            assert_eq!(
+                stored_held(held, waiting, others),
+                want,
+                "{held} held, {waiting} waiting, others {others}"
+            );
+        }
     }
 
     #[test]

@@ -15,8 +15,9 @@
 //! A released job goes the usual way (`State::handle`), without asking for
 //! a share again (it was counted when released).
 //!
-//! The matcher stores a new job of an organization with held jobs behind
-//! them directly (`fairness::job_subject`), so what is held grows without
+//! The matcher stores a new job of an organization with held jobs (or a
+//! flood of jobs waiting while others have events) held directly
+//! (`fairness::stored_held`), so what is held grows without
 //! this deliverer holding it: each release reads how many are left from
 //! the last job it read (its `pending`), and every second the stream's
 //! subjects say which organizations have held jobs (held by another

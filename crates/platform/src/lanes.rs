@@ -209,6 +209,12 @@ impl Recent {
 }
 
 impl Lanes {
+    /// Whether an organization other than `org` had a message lately in
+    /// the main consumer: someone a burst of `org`'s would delay.
+    pub fn others_active(&self, org: &str) -> bool {
+        self.inner.recent.lock().expect("recent").others_active(org)
+    }
+
     /// Opens (or makes) the bucket and follows this stage's records.
     pub async fn start(
         js: &jetstream::Context,
@@ -1212,6 +1218,8 @@ struct Counts {
     held: HashMap<String, u64>,
     /// Messages a paced lane took here since (a budget spent).
     taken: HashMap<String, u64>,
+    /// Delivery jobs the matcher stored since (in a lane or not).
+    sent: HashMap<String, u64>,
 }
 
 impl Downstream {
@@ -1247,7 +1255,7 @@ impl Downstream {
                 *counting.counts.lock().expect("downstream") = Counts {
                     counted: now,
                     held,
-                    taken: HashMap::new(),
+                    ..Counts::default()
                 };
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -1343,6 +1351,25 @@ impl Downstream {
             .get(org)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// The matcher stored `jobs` delivery jobs of `org`.
+    pub fn sent(&self, org: &str, jobs: u64) {
+        *self
+            .counts
+            .lock()
+            .expect("downstream")
+            .sent
+            .entry(org.to_owned())
+            .or_default() += jobs;
+    }
+
+    /// `org`'s delivery jobs waiting to be sent: the last count's, held
+    /// ones included, and those the matcher stored since.
+    pub fn waiting(&self, org: &str) -> u64 {
+        let counts = self.counts.lock().expect("downstream");
+        let of = |m: &HashMap<String, u64>| m.get(org).copied().unwrap_or(0);
+        of(&counts.counted) + of(&counts.sent)
     }
 
     fn of(&self, org: &str) -> u64 {
