@@ -1372,14 +1372,11 @@ impl Downstream {
         of(&counts.counted) + of(&counts.sent)
     }
 
+    /// `org`'s work waiting downstream, for whether it gets a lane and
+    /// when its lane closes: the last count and (the matcher's) the jobs
+    /// stored since, so that a fan-out's flood opens a lane at once.
     fn of(&self, org: &str) -> u64 {
-        self.counts
-            .lock()
-            .expect("downstream")
-            .counted
-            .get(org)
-            .copied()
-            .unwrap_or(0)
+        self.waiting(org)
     }
 }
 
