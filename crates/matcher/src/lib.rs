@@ -355,8 +355,9 @@ impl State {
                 .map(|_| ())
                 .map_err(|source| nats::PublishError::Publish { subject, source })
         };
-        // An organization held back to its share: its jobs go behind its
-        // held ones, not through the deliveries stream in front of others'.
+        // An organization held back to its share, or flooding while others
+        // have events: its jobs are stored held, not in the deliveries
+        // stream in front of others'.
         let org = &event.organization_id;
         let hold = fairness::stored_held(
             self.downstream.held(org),
