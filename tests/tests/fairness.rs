@@ -221,69 +221,15 @@ async fn the_busiest_organization_yields_while_another_waits_and_loses_nothing()
     stack.stop().await;
 }
 
-/// An organization held back to its share (here, by its rate limit): the
-/// matcher stores its new jobs behind its held ones in HERALD_HELD, so they
-/// never pass through HERALD_DELIVERIES in front of other organizations'
-/// jobs (each would be read there and moved aside); the deliverer releases
-/// them all the same, each once.
+/// A fan-out burst to slow receivers, alone and then while another
+/// organization has events (so that lanes open, the busiest yields and its
+/// jobs are held and released): every delivery arrives, and none twice.
+/// (An earlier change, storing a held-back organization's new jobs straight
+/// in HERALD_HELD, sent 5–18% of them twice here: the matcher's main
+/// consumer and a lane opening on the same events chose different streams,
+/// and only one stream's deduplication saw each.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_held_back_organizations_new_jobs_wait_behind_its_held_ones() {
-    const FIRST: usize = 300;
-    const THEN: usize = 200;
-    let stack = Stack::start_with(Options::default().env("HERALD_ORG_DELIVERY_RATE", "100")).await;
-    let receiver = Receiver::start().await;
-    create(&stack, "heldco", receiver.url("/held"), SLOW_REPLY).await;
-    stack.wait_deliverer_current().await;
-    let stored_jobs = || async {
-        let mut stream = stack.js.get_stream(names::DELIVERIES_STREAM).await.unwrap();
-        stream.info().await.unwrap().state.last_sequence
-    };
-
-    // 300 at once against 100 a second: most are held.
-    stack.publish_burst_of("heldco", 0..FIRST).await;
-    stack
-        .eventually(Duration::from_secs(10), "heldco held back", || async {
-            let held = stack
-                .stored_count(herald_core::fairness::HELD_STREAM, "herald.held.heldco.>")
-                .await;
-            (held > 50).then_some(())
-        })
-        .await;
-    // The matcher counts what is held four times a second.
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let before = stored_jobs().await;
-    stack.publish_burst_of("heldco", FIRST..FIRST + THEN).await;
-    receiver
-        .wait_for("/held", FIRST + THEN, Duration::from_secs(30))
-        .await;
-    let through = stored_jobs().await - before;
-    eprintln!(
-        "of {THEN} jobs of heldco published while it was held back, {through} went through HERALD_DELIVERIES"
-    );
-    assert!(
-        through < THEN as u64 / 4,
-        "{through} of {THEN} jobs went through HERALD_DELIVERIES while heldco was held back"
-    );
-    let mut ids: Vec<String> = receiver
-        .received("/held")
-        .iter()
-        .map(|r| r.event_id())
-        .collect();
-    ids.sort();
-    ids.dedup();
-    assert_eq!(ids.len(), FIRST + THEN, "every event, once each");
-    assert_eq!(receiver.received("/held").len(), FIRST + THEN, "none twice");
-    stack.stop().await;
-}
-
-/// A fan-out burst while another organization has events: once
-/// `fairness::FLOOD_JOBS` of its jobs are waiting to be sent, the matcher
-/// stores the next ones held (its metric counts them), so HERALD_DELIVERIES
-/// never has thousands of them in front of the other's jobs; the deliverer
-/// releases them, and each is delivered once. Alone, the same burst is
-/// stored as it comes (it delays nobody).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fan_out_flood_beside_another_organization_is_stored_held() {
+async fn a_fan_out_burst_alone_and_beside_another_organization_arrives_once() {
     const WEBHOOKS: usize = 10;
     const EVENTS: usize = 150;
     let stack = Stack::start().await;
@@ -298,35 +244,35 @@ async fn a_fan_out_flood_beside_another_organization_is_stored_held() {
     }
     create(&stack, "fastco", receiver.url("/fast"), SLOW_REPLY).await;
     stack.wait_deliverer_current().await;
-    let held = || async {
-        stack
-            .metric(
-                herald_matcher::HEALTH_ADDR,
-                "herald_delivery_jobs_held_total",
-            )
-            .await
-            .unwrap_or(0.0)
-    };
+    // Every webhook has each of the first `n` events (a repeat is not one
+    // more).
     let delivered = |n: usize| {
         let receiver = &receiver;
         async move {
-            let got: usize = (0..WEBHOOKS)
-                .map(|i| receiver.answered(&format!("/flood/{i}"), 200))
-                .sum();
-            (got >= WEBHOOKS * n).then_some(())
+            (0..WEBHOOKS)
+                .all(|i| {
+                    let mut ids: Vec<String> = receiver
+                        .received(&format!("/flood/{i}"))
+                        .iter()
+                        .map(|r| r.event_id())
+                        .collect();
+                    ids.sort();
+                    ids.dedup();
+                    ids.len() >= n
+                })
+                .then_some(())
         }
     };
 
-    // Alone: nothing is held.
+    // Alone.
     stack.publish_burst_of("floodco", 0..EVENTS).await;
     stack
         .eventually(Duration::from_secs(60), "floodco's burst alone", || {
             delivered(EVENTS)
         })
         .await;
-    assert_eq!(held().await, 0.0, "floodco alone had jobs stored held");
 
-    // fastco is about: floodco's next burst waits held past the flood mark.
+    // fastco is about.
     stack
         .publish("fastco", "workflow.completed", json!({"id": "fast_0"}))
         .await;
@@ -339,15 +285,8 @@ async fn a_fan_out_flood_beside_another_organization_is_stored_held() {
             || delivered(2 * EVENTS),
         )
         .await;
-    let held = held().await;
-    eprintln!(
-        "of {} floodco jobs beside fastco, {held} stored held",
-        WEBHOOKS * EVENTS
-    );
-    assert!(
-        held >= WEBHOOKS as f64,
-        "no floodco job was stored held while fastco was about"
-    );
+    // A repeat would come soon after.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     for i in 0..WEBHOOKS {
         let path = format!("/flood/{i}");
         let mut ids: Vec<String> = receiver

@@ -44,30 +44,6 @@ pub fn held_subject(org: &str, webhook_id: &str) -> String {
     format!("{HELD_PREFIX}.{org}.{webhook_id}")
 }
 
-/// An organization's delivery jobs waiting to be sent (at the last count,
-/// and stored since) past which, while others have events too, the matcher
-/// stores its next ones held ([`stored_held`]): what another organization's
-/// next job may find in front of it in `HERALD_DELIVERIES`.
-pub const FLOOD_JOBS: u64 = 500;
-
-/// Whether the matcher stores a new delivery job of an organization held
-/// (`herald.held.<org>.<webhook>`, [`held_subject`]) rather than in
-/// `HERALD_DELIVERIES`: it had `held` jobs held back at the last count,
-/// and `waiting` jobs waiting to be sent (that count's, held ones
-/// included, and those stored since), while other organizations had
-/// events lately (`others`). Behind its held jobs, when it has any, since
-/// the deliverer would hold it anyway (a job of an organization with held
-/// jobs waits behind them: [`Scheduler::arrive`]); and held too once it has
-/// [`FLOOD_JOBS`] waiting while others are about (a fan-out of 300 events
-/// to 40 webhooks is 12,000 jobs stored in a fifth of a second, before any
-/// count sees them). So a burst never passes through `HERALD_DELIVERIES`
-/// in the thousands, where every other organization's next job would wait
-/// behind it to be read and moved aside. The deliverer releases held jobs
-/// by the organizations' shares.
-pub fn stored_held(held: u64, waiting: u64, others: bool) -> bool {
-    held > 0 || (others && waiting >= FLOOD_JOBS)
-}
-
 /// The Redis key that says an organization's deliveries are held back now
 /// (set by the deliverer with a short expiry; read for the webhook's page).
 pub fn held_key(org: &str) -> String {
@@ -406,8 +382,8 @@ impl Scheduler {
     /// are not in flight, and none are left held (another deliverer took
     /// them, or they were fewer than counted). `left`: how many the stream
     /// said were still held after the last one read, the truth where it
-    /// differs from the count (the matcher stores a job of an organization
-    /// held back there directly: [`stored_held`]).
+    /// differs from the count (another replica held more, or released
+    /// some).
     pub fn released(
         &mut self,
         org: &str,
@@ -769,30 +745,6 @@ mod tests {
     }
 
     #[test]
-    fn a_job_waits_behind_its_organizations_held_ones_or_its_flood() {
-        // (held, waiting, others active) → stored held.
-        let cases: &[(u64, u64, bool, bool)] = &[
-            (0, 0, false, false),
-            (0, 0, true, false),
-            (0, FLOOD_JOBS - 1, true, false),
-            // A flood while others are about: held.
-            (0, FLOOD_JOBS, true, true),
-            // Alone, a flood delays nobody.
-            (0, 50_000, false, false),
-            // Behind what is held, alone or not.
-            (1, 1, false, true),
-            (3, 0, true, true),
-        ];
-        for &(held, waiting, others, want) in cases {
-            assert_eq!(
-                stored_held(held, waiting, others),
-                want,
-                "{held} held, {waiting} waiting, others {others}"
-            );
-        }
-    }
-
-    #[test]
     fn fewer_read_than_released_means_none_are_left() {
         let mut s = Scheduler::new(100, NONE);
         s.seen_held(&[("a".to_owned(), 10)].into(), 0);
@@ -806,7 +758,7 @@ mod tests {
     fn what_the_stream_says_is_left_is_what_is_held() {
         // (held before, released, read, left after the last read) → held.
         let cases: &[(u64, usize, usize, Option<u64>, u64)] = &[
-            // The matcher stored more behind them: all of it is held.
+            // Another replica held more behind them: all of it is held.
             (10, 10, 10, Some(40), 40),
             // Another replica released some: fewer are.
             (10, 5, 5, Some(2), 2),

@@ -15,13 +15,10 @@
 //! A released job goes the usual way (`State::handle`), without asking for
 //! a share again (it was counted when released).
 //!
-//! The matcher stores a new job of an organization with held jobs (or a
-//! flood of jobs waiting while others have events) held directly
-//! (`fairness::stored_held`), so what is held grows without
-//! this deliverer holding it: each release reads how many are left from
-//! the last job it read (its `pending`), and every second the stream's
-//! subjects say which organizations have held jobs (held by another
-//! replica or the matcher, or before a restart). Every second too the
+//! Each release reads how many are left held from the last job it read
+//! (its `pending`), and every second the stream's subjects say which
+//! organizations have held jobs (held by another replica, or before a
+//! restart). Every second too the
 //! per-organization metrics and the `herald:held:{<org>}` markers (what the
 //! webhook's API answer reads) are set. Organizations' own limits come from
 //! the `herald-organizations` bucket, followed by its change feed.

@@ -2,15 +2,10 @@
 //!
 //! It consumes `herald.accepted.<org>`, finds the webhooks whose event types
 //! and filters select the event, and publishes one `herald.v1.DeliveryJob`
-//! per match to `herald.deliveries.<org>.<webhook>` (or, for an organization
-//! the deliverer is holding back to its share, or with a flood of jobs
-//! waiting while others have events, behind its held jobs on
-//! `herald.held.<org>.<webhook>`: `fairness::stored_held`). The event is
-//! acked only after every job is durably stored; a crash in between
-//! re-matches it, and because delivery ids are derived from (org, event,
-//! webhook) and jobs carry `Nats-Msg-Id: <delivery id>.1`, the receiver still
-//! sees one delivery (two, if the organization began or stopped being held
-//! back between the two tries: each stream keeps its own copy).
+//! per match to `herald.deliveries.<org>.<webhook>`. The event is acked only
+//! after every job is durably stored; a crash in between re-matches it, and
+//! because delivery ids are derived from (org, event, webhook) and jobs carry
+//! `Nats-Msg-Id: <delivery id>.1`, the receiver still sees one delivery.
 //! On shutdown it finishes the events in hand and hands back at once those
 //! pulled but not started. Where the subscription sets come from, and how
 //! a webhook change reaches them, is in [`Cache`].
@@ -23,7 +18,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use herald_core::{fairness, ids, names, ordering as order_rules, proto};
+use herald_core::{ids, names, ordering as order_rules, proto};
 use herald_platform::config::{self, ConfigError, Source};
 use herald_platform::lanes::{self, Downstream, Lanes};
 use herald_platform::ordering::{self, OrderingError, Queues};
@@ -105,7 +100,6 @@ impl FanOutError {
 struct Metrics {
     events: Counter,
     jobs: Counter,
-    jobs_held: Counter,
     unmatched: Counter,
     dead_letters: Counter,
 }
@@ -119,12 +113,6 @@ struct State {
     queues: Queues,
     /// Appends to those queues go in the order events were pulled.
     order: InOrder,
-    /// Each organization's jobs waiting to be sent, counted: a job of one
-    /// with jobs held back, or with a flood of them waiting while others
-    /// have events, is stored held (`fairness::stored_held`).
-    downstream: Downstream,
-    /// Who else had events lately (with lanes on).
-    lanes: Option<Lanes>,
 }
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
@@ -138,10 +126,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let metrics = Metrics {
         events: health.counter("events_matched", "Events matched against subscriptions"),
         jobs: health.counter("delivery_jobs", "Delivery jobs published (fan-out)"),
-        jobs_held: health.counter(
-            "delivery_jobs_held",
-            "Delivery jobs stored held back at once: their organization had jobs held, or a flood waiting while others had events",
-        ),
         unmatched: health.counter("events_unmatched", "Events that matched no webhook"),
         dead_letters: health.counter(
             "dead_letters",
@@ -199,32 +183,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     };
     let dead = metrics.dead_letters.clone();
     let worker = Worker::start(&js, &health, spec, Some(dead), &shutdown).await?;
-    let downstream = Downstream::deliveries(&js, &shutdown);
-    let lanes = if config.lanes {
-        Some(
-            Lanes::start(
-                &js,
-                config.nats.replicas,
-                lanes::MATCHER,
-                Some(downstream.clone()),
-                &health,
-                &shutdown,
-            )
-            .await?,
-        )
-    } else {
-        None
-    };
     let state = Arc::new(State {
         js: js.clone(),
         cache,
         metrics,
         queues: Queues::new(js.clone(), ordering::KEY_TTL),
         order: InOrder::default(),
-        downstream,
-        lanes: lanes.clone(),
     });
-    if let Some(lanes) = lanes {
+    if config.lanes {
+        let downstream = Downstream::deliveries(&js, &shutdown);
+        let lanes = Lanes::start(
+            &js,
+            config.nats.replicas,
+            lanes::MATCHER,
+            Some(downstream),
+            &health,
+            &shutdown,
+        )
+        .await?;
         lanes
             .each(worker, state, config.concurrency, &shutdown)
             .await;
@@ -355,16 +331,6 @@ impl State {
                 .map(|_| ())
                 .map_err(|source| nats::PublishError::Publish { subject, source })
         };
-        // An organization held back to its share, or flooding while others
-        // have events: its jobs are stored held, not in the deliveries
-        // stream in front of others'.
-        let org = &event.organization_id;
-        let hold = fairness::stored_held(
-            self.downstream.held(org),
-            self.downstream.waiting(org),
-            self.lanes.as_ref().is_some_and(|l| l.others_active(org)),
-        );
-        let unordered_jobs = unordered.len() as u64;
         for (job, payload, msg_id) in unordered {
             if acks.len() >= ACK_WINDOW
                 && let Some(result) = acks.next().await
@@ -374,11 +340,7 @@ impl State {
             let mut headers = async_nats::HeaderMap::new();
             headers.insert(names::MSG_ID_HEADER, msg_id.as_str());
             trace::inject(&mut headers, &event.traceparent);
-            let subject = if hold {
-                fairness::held_subject(org, &job.webhook_id)
-            } else {
-                names::delivery_subject(org, &job.webhook_id)
-            };
+            let subject = names::delivery_subject(&event.organization_id, &job.webhook_id);
             let ack = match self
                 .js
                 .publish_with_headers(subject.clone(), headers, payload.into())
@@ -391,10 +353,6 @@ impl State {
         }
         while let Some(result) = acks.next().await {
             acked(result)?;
-        }
-        self.downstream.sent(org, unordered_jobs);
-        if hold {
-            self.metrics.jobs_held.inc_by(unordered_jobs);
         }
         for (job, ack) in appended {
             ack.await?;

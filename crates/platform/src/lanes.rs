@@ -209,12 +209,6 @@ impl Recent {
 }
 
 impl Lanes {
-    /// Whether an organization other than `org` had a message lately in
-    /// the main consumer: someone a burst of `org`'s would delay.
-    pub fn others_active(&self, org: &str) -> bool {
-        self.inner.recent.lock().expect("recent").others_active(org)
-    }
-
     /// Opens (or makes) the bucket and follows this stage's records.
     pub async fn start(
         js: &jetstream::Context,
@@ -1180,8 +1174,8 @@ impl<H: Handler> Handler for LaneSide<H> {
 
 /// Each organization's work waiting downstream, counted now and then: for
 /// the matcher (every [`DELIVERIES_COUNT_EVERY`]), its delivery jobs not yet
-/// sent (`HERALD_DELIVERIES`, and those held back in `HERALD_HELD`, also
-/// kept apart: [`Downstream::held`]); for ingest (every [`COUNT_EVERY`]),
+/// sent (`HERALD_DELIVERIES`, and those held back in `HERALD_HELD`); for
+/// ingest (every [`COUNT_EVERY`]),
 /// its accepted events the matcher's lane has not matched yet. A paced lane
 /// is budgeted: between two counts it takes no more than the count left
 /// room for under its mark, so the work comes evenly rather than a count's
@@ -1214,12 +1208,8 @@ impl Kind {
 struct Counts {
     /// The last count.
     counted: HashMap<String, u64>,
-    /// Of which held back by the deliverer (`HERALD_HELD`; the matcher's).
-    held: HashMap<String, u64>,
     /// Messages a paced lane took here since (a budget spent).
     taken: HashMap<String, u64>,
-    /// Delivery jobs the matcher stored since (in a lane or not).
-    sent: HashMap<String, u64>,
 }
 
 impl Downstream {
@@ -1247,15 +1237,11 @@ impl Downstream {
         let (js, shutdown, counting) = (js.clone(), shutdown.clone(), downstream.clone());
         tokio::spawn(async move {
             loop {
-                let (mut now, mut held) = (HashMap::new(), HashMap::new());
-                counting.count(&js, &mut now, &mut held).await;
-                for (org, n) in &held {
-                    *now.entry(org.clone()).or_default() += n;
-                }
+                let mut now = HashMap::new();
+                counting.count(&js, &mut now).await;
                 *counting.counts.lock().expect("downstream") = Counts {
                     counted: now,
-                    held,
-                    ..Counts::default()
+                    taken: HashMap::new(),
                 };
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -1266,20 +1252,15 @@ impl Downstream {
         downstream
     }
 
-    /// Counts into `now` (and what is held back into `held`).
-    async fn count(
-        &self,
-        js: &jetstream::Context,
-        now: &mut HashMap<String, u64>,
-        held: &mut HashMap<String, u64>,
-    ) {
+    /// Counts into `now`.
+    async fn count(&self, js: &jetstream::Context, now: &mut HashMap<String, u64>) {
         match self.kind {
             Kind::Deliveries => {
-                for (stream, subjects, into) in [
-                    (names::DELIVERIES_STREAM, names::DELIVERIES_SUBJECTS, now),
-                    (herald_core::fairness::HELD_STREAM, "herald.held.>", held),
+                for (stream, subjects) in [
+                    (names::DELIVERIES_STREAM, names::DELIVERIES_SUBJECTS),
+                    (herald_core::fairness::HELD_STREAM, "herald.held.>"),
                 ] {
-                    if let Err(error) = count(js, stream, subjects, into).await {
+                    if let Err(error) = count(js, stream, subjects, now).await {
                         tracing::debug!(%error, stream, "cannot count the work downstream");
                     }
                 }
@@ -1341,42 +1322,14 @@ impl Downstream {
         }
     }
 
-    /// `org`'s delivery jobs held back by the deliverer at the last count
-    /// (the matcher's; 0 for ingest's).
-    pub fn held(&self, org: &str) -> u64 {
+    fn of(&self, org: &str) -> u64 {
         self.counts
             .lock()
             .expect("downstream")
-            .held
+            .counted
             .get(org)
             .copied()
             .unwrap_or(0)
-    }
-
-    /// The matcher stored `jobs` delivery jobs of `org`.
-    pub fn sent(&self, org: &str, jobs: u64) {
-        *self
-            .counts
-            .lock()
-            .expect("downstream")
-            .sent
-            .entry(org.to_owned())
-            .or_default() += jobs;
-    }
-
-    /// `org`'s delivery jobs waiting to be sent: the last count's, held
-    /// ones included, and those the matcher stored since.
-    pub fn waiting(&self, org: &str) -> u64 {
-        let counts = self.counts.lock().expect("downstream");
-        let of = |m: &HashMap<String, u64>| m.get(org).copied().unwrap_or(0);
-        of(&counts.counted) + of(&counts.sent)
-    }
-
-    /// `org`'s work waiting downstream, for whether it gets a lane and
-    /// when its lane closes: the last count and (the matcher's) the jobs
-    /// stored since, so that a fan-out's flood opens a lane at once.
-    fn of(&self, org: &str) -> u64 {
-        self.waiting(org)
     }
 }
 
