@@ -84,10 +84,7 @@ pub async fn run(
     first_phase: usize,
     burst: u64,
 ) -> anyhow::Result<Report> {
-    let (quiet_id, secret) = stack
-        .create_webhook("noisy-quiet", &receiver.url("/quiet"), EVENT_TYPE)
-        .await?;
-    receiver.add_secret(&quiet_id, &secret);
+    let quiet = quiet(stack, receiver, js, "noisy-quiet").await?;
     let (noisy_id, secret) = stack
         .create_webhook_in(
             NOISY_ORG,
@@ -96,16 +93,11 @@ pub async fn run(
         )
         .await?;
     receiver.add_secret(&noisy_id, &secret);
-    // Each its own window: the quiet organization's publishes never wait
-    // for the burst's acks.
-    let quiet = Publisher::new(js.clone(), 16);
     let noisy = Publisher::new(js.clone(), 1024).in_org(NOISY_ORG);
     let (alone, beside, burst_phase) = (first_phase, first_phase + 1, first_phase + 2);
     let jobs = JobTap::start(js).await?;
 
-    eprintln!("noisy burst: the quiet organization alone, {RATE}/s for {ALONE:?}");
-    let alone_events = quiet.paced(alone, EVENT_TYPE, RATE, ALONE).await;
-    settle(receiver, alone, alone_events, Duration::from_secs(10)).await;
+    let alone_events = alone_phase(receiver, &quiet, alone, "noisy burst").await;
 
     eprintln!("noisy burst: {burst} events from {NOISY_ORG} beside {RATE}/s");
     let started = Instant::now();
@@ -219,10 +211,7 @@ pub async fn slow(
     first_phase: usize,
     n: u64,
 ) -> anyhow::Result<SlowReport> {
-    let (quiet_id, secret) = stack
-        .create_webhook("slow-org-quiet", &receiver.url("/quiet"), EVENT_TYPE)
-        .await?;
-    receiver.add_secret(&quiet_id, &secret);
+    let quiet = quiet(stack, receiver, js, "slow-org-quiet").await?;
     for i in 0..SLOW_WEBHOOKS {
         // Within its timeout: each answer is a success that took 10 s.
         stack
@@ -234,14 +223,11 @@ pub async fn slow(
             )
             .await?;
     }
-    let quiet = Publisher::new(js.clone(), 16);
     let slow = Publisher::new(js.clone(), 1024).in_org(SLOW_ORG);
     let (alone, beside) = (first_phase, first_phase + 1);
     let jobs = JobTap::start(js).await?;
 
-    eprintln!("slow organization: the quiet organization alone, {RATE}/s for {ALONE:?}");
-    let alone_events = quiet.paced(alone, EVENT_TYPE, RATE, ALONE).await;
-    settle(receiver, alone, alone_events, Duration::from_secs(10)).await;
+    let alone_events = alone_phase(receiver, &quiet, alone, "slow organization").await;
 
     eprintln!(
         "slow organization: {n} events to {SLOW_WEBHOOKS} webhooks answering after 10 s, beside {RATE}/s for {SLOW_BESIDE:?}"
@@ -421,6 +407,30 @@ impl Drop for JobTap {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// The quiet organization's webhook (`name`), and its publisher: a window
+/// of its own, so its publishes never wait for the other's acks.
+async fn quiet(
+    stack: &Stack,
+    receiver: &Receiver,
+    js: &async_nats::jetstream::Context,
+    name: &str,
+) -> anyhow::Result<Publisher> {
+    let (id, secret) = stack
+        .create_webhook(name, &receiver.url("/quiet"), EVENT_TYPE)
+        .await?;
+    receiver.add_secret(&id, &secret);
+    Ok(Publisher::new(js.clone(), 16))
+}
+
+/// The quiet organization alone, [`RATE`] for [`ALONE`], as `phase`; the
+/// events it sent.
+async fn alone_phase(receiver: &Receiver, quiet: &Publisher, phase: usize, mode: &str) -> u64 {
+    eprintln!("{mode}: the quiet organization alone, {RATE}/s for {ALONE:?}");
+    let sent = quiet.paced(phase, EVENT_TYPE, RATE, ALONE).await;
+    settle(receiver, phase, sent, Duration::from_secs(10)).await;
+    sent
 }
 
 /// Waits (at most `within`) until `phase` has `n` deliveries.
