@@ -115,6 +115,19 @@ struct Org {
     last_active_ms: i64,
     /// Jobs sent (or released) since the last [`Scheduler::sent`].
     sent: u64,
+    /// Once a released job of its could not be sent (its endpoint at its
+    /// limit), until nothing of its is held: how many more may be released
+    /// (one more per request of its that ends and per released job sent,
+    /// or one per [`RELEASE_PROBE_MS`] without). `None`: as many as the
+    /// free slots and its share allow.
+    release_credit: Option<Credit>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Credit {
+    left: usize,
+    /// When the last release without credit was made.
+    probed_ms: i64,
 }
 
 impl Org {
@@ -122,8 +135,20 @@ impl Org {
         self.held = 0;
         self.held_since.clear();
         self.seen_held_ms = None;
+        self.release_credit = None;
+    }
+
+    fn credit(&mut self, slots: usize) {
+        if let Some(credit) = &mut self.release_credit {
+            credit.left = (credit.left + 1).min(slots);
+        }
     }
 }
+
+/// How often an organization whose released jobs could not be sent, and
+/// which has no request of its own to end meanwhile, gets one released
+/// again.
+pub const RELEASE_PROBE_MS: i64 = 100;
 
 /// An organization as the metrics show it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -278,22 +303,32 @@ impl Scheduler {
         o
     }
 
+    /// Whether one more request of `org` fits its in-flight limit and
+    /// share now.
+    fn room(&self, org: &str, limits: Limits) -> Result<(), Why> {
+        let in_flight = self.orgs.get(org).map_or(0, |o| o.in_flight);
+        if let Some(cap) = limits.in_flight
+            && in_flight >= cap as usize
+        {
+            return Err(Why::InFlightLimit);
+        }
+        if in_flight >= self.share(org) {
+            return Err(Why::Share);
+        }
+        Ok(())
+    }
+
     /// Whether one more request of `org` fits its limits and share now
     /// (taking a token of its rate when it does).
     fn fits(&mut self, org: &str, now_ms: i64) -> Result<(), Why> {
         let limits = self.limits(org);
-        let share = self.share(org);
-        let o = self.orgs.get(org).cloned().unwrap_or_default();
-        if let Some(cap) = limits.in_flight
-            && o.in_flight >= cap as usize
-        {
-            return Err(Why::InFlightLimit);
-        }
-        if o.in_flight >= share {
-            return Err(Why::Share);
-        }
+        self.room(org, limits)?;
         if let Some((rate, why)) = self.rate_of(org, limits) {
-            let bucket = o.bucket.unwrap_or_else(|| rate.full(now_ms));
+            let bucket = self
+                .orgs
+                .get(org)
+                .and_then(|o| o.bucket)
+                .unwrap_or_else(|| rate.full(now_ms));
             let taken = rate.take(bucket, now_ms).map_err(|_| why)?;
             self.org(org, now_ms).bucket = Some(taken);
         }
@@ -325,10 +360,80 @@ impl Scheduler {
         decision
     }
 
-    /// A request of `org` (sent, or released) is over.
+    /// A job of `org` about to wait for its endpoint's turn: held now
+    /// instead (counted as [`Scheduler::arrive`] counts a held one) when its
+    /// organization has older jobs held or no room in its share or
+    /// in-flight limit, since it would be held once it had the turn. A
+    /// rate is left to `arrive`, which takes its token. Waiting for the
+    /// turn would hold one of the deliverer's slots, and in a fan-out's
+    /// flood every slot left (the reserve, what another organization's
+    /// job needs) went to such waits.
+    pub fn hold_early(&mut self, org: &str, queued_ms: i64, now_ms: i64) -> Option<Why> {
+        let why = if self.orgs.get(org).is_some_and(|o| o.held > 0) {
+            Why::Behind
+        } else {
+            self.room(org, self.limits(org)).err()?
+        };
+        let o = self.org(org, now_ms);
+        o.held += 1;
+        o.held_since.push_back(queued_ms);
+        Some(why)
+    }
+
+    /// A request of `org` (sent, or released and sent) is over.
     pub fn done(&mut self, org: &str, now_ms: i64) {
+        let slots = self.slots;
         let o = self.org(org, now_ms);
         o.in_flight = o.in_flight.saturating_sub(1);
+        o.credit(slots);
+    }
+
+    /// A released job of `org` was sent: one more may be released (as
+    /// TCP's slow start grows, so releases of jobs that can be sent double
+    /// each round).
+    pub fn released_sent(&mut self, org: &str, now_ms: i64) {
+        let slots = self.slots;
+        self.org(org, now_ms).credit(slots);
+    }
+
+    /// A released job of `org` is over without a request (its endpoint was
+    /// at its limit, and it was put back for later): from now on, until
+    /// nothing of `org` is held, its releases are earned: one per request
+    /// of its that ends and per released job sent (or one per
+    /// [`RELEASE_PROBE_MS`] without). Released freely, every slot freed
+    /// went to reading held jobs and putting them back, as fast as the
+    /// deliverer could (a slow organization's, hundreds a second for as
+    /// long as it had jobs held).
+    pub fn unsent(&mut self, org: &str, now_ms: i64) {
+        let o = self.org(org, now_ms);
+        o.in_flight = o.in_flight.saturating_sub(1);
+        o.release_credit.get_or_insert(Credit {
+            left: 0,
+            probed_ms: now_ms,
+        });
+    }
+
+    /// Whether `org` may have one more released now.
+    fn may_release(&self, org: &str, now_ms: i64) -> bool {
+        match self.orgs.get(org).and_then(|o| o.release_credit) {
+            None => true,
+            Some(credit) => credit.left > 0 || now_ms - credit.probed_ms >= RELEASE_PROBE_MS,
+        }
+    }
+
+    /// One more of `org` is released: a credit taken, or the probe made.
+    fn take_release_credit(&mut self, org: &str, now_ms: i64) {
+        if let Some(credit) = self
+            .orgs
+            .get_mut(org)
+            .and_then(|o| o.release_credit.as_mut())
+        {
+            if credit.left > 0 {
+                credit.left -= 1;
+            } else {
+                credit.probed_ms = now_ms;
+            }
+        }
     }
 
     /// How many held jobs of each organization to release now, with `free`
@@ -357,10 +462,12 @@ impl Scheduler {
                     break;
                 }
                 if self.orgs.get(name).is_none_or(|o| o.held == 0)
+                    || !self.may_release(name, now_ms)
                     || self.fits(name, now_ms).is_err()
                 {
                     continue;
                 }
+                self.take_release_credit(name, now_ms);
                 let o = self.org(name, now_ms);
                 o.held -= 1;
                 o.held_since.pop_front();
@@ -785,6 +892,93 @@ mod tests {
             );
             assert_eq!(s.holding("a"), after > 0);
         }
+    }
+
+    #[test]
+    fn a_job_about_to_wait_for_its_endpoint_is_held_when_it_would_be_after() {
+        // (a's in flight, b's in flight, a's held, a's own cap) → held why.
+        type Case = (usize, usize, u64, Option<u32>, Option<Why>);
+        let cases: &[Case] = &[
+            // Alone, room in all but the reserve (100 slots: 94 shared).
+            (10, 0, 0, None, None),
+            (94, 0, 0, None, Some(Why::Share)),
+            // b has one in flight: a may have the other 93.
+            (46, 1, 0, None, None),
+            (93, 1, 0, None, Some(Why::Share)),
+            // Older jobs of a's are held: behind them.
+            (0, 0, 3, None, Some(Why::Behind)),
+            // Its own cap.
+            (5, 0, 0, Some(5), Some(Why::InFlightLimit)),
+        ];
+        for &(a, b, held, cap, why) in cases {
+            let mut s = Scheduler::new(100, NONE);
+            s.set_limits(
+                "a",
+                Some(Limits {
+                    in_flight: cap,
+                    per_second: None,
+                }),
+            );
+            for _ in 0..a {
+                assert_eq!(s.arrive("a", 0, 0), Decision::Send);
+            }
+            for _ in 0..b {
+                s.arrive("b", 0, 0);
+            }
+            if held > 0 {
+                s.seen_held(&[("a".to_owned(), held)].into(), 0);
+            }
+            assert_eq!(s.hold_early("a", 1, 1), why, "{a} {b} {held} {cap:?}");
+            let counted = s
+                .views(10, 2)
+                .iter()
+                .find(|v| v.org == "a")
+                .map_or(0, |v| v.held);
+            assert_eq!(counted, held + u64::from(why.is_some()), "counted held");
+        }
+    }
+
+    #[test]
+    fn released_jobs_that_cannot_be_sent_are_released_as_requests_end() {
+        let mut s = Scheduler::new(100, NONE); // reserve 6
+        s.seen_held(&[("a".to_owned(), 1_000)].into(), 0);
+        for _ in 0..10 {
+            assert_eq!(s.arrive("a", 0, 0), Decision::Hold(Why::Behind));
+        }
+        assert_eq!(s.releases(50, 1), vec![("a".into(), 44)]);
+        // Sent: they end, and the next go as freely.
+        for _ in 0..44 {
+            s.released_sent("a", 2);
+            s.done("a", 2);
+        }
+        assert_eq!(s.releases(50, 3), vec![("a".into(), 44)]);
+        // Put back unsent (their endpoints at their limits): their slots
+        // free, but no more are released until a request of a's ends ...
+        for _ in 0..40 {
+            s.unsent("a", 4);
+        }
+        assert_eq!(s.releases(50, 5), vec![], "no credit");
+        // ... one each,
+        s.done("a", 6);
+        s.done("a", 6);
+        assert_eq!(s.releases(50, 7), vec![("a".into(), 2)]);
+        assert_eq!(s.releases(50, 8), vec![]);
+        // (one put back again changes nothing)
+        s.unsent("a", 8);
+        assert_eq!(s.releases(50, 9), vec![]);
+        // or one per RELEASE_PROBE_MS when none ends;
+        assert_eq!(s.releases(50, 4 + RELEASE_PROBE_MS), vec![("a".into(), 1)]);
+        assert_eq!(s.releases(50, 5 + RELEASE_PROBE_MS), vec![]);
+        // and one per released job sent: those that can be sent double.
+        s.released_sent("a", 150);
+        assert_eq!(s.releases(50, 151), vec![("a".into(), 1)]);
+        s.released_sent("a", 152);
+        s.done("a", 153);
+        assert_eq!(s.releases(50, 154), vec![("a".into(), 2)]);
+        // Nothing held any more: free again.
+        s.released("a", 1, 0, None, 155);
+        s.seen_held(&[("a".to_owned(), 100)].into(), 156);
+        assert_eq!(s.releases(50, 157), vec![("a".into(), 44)]);
     }
 
     #[test]

@@ -436,6 +436,13 @@ impl State {
         }
         let probe = arrival == Arrival::Probe;
         let key = (webhook.organization_id.clone(), webhook.id.clone());
+        // An organization that could not send it after its endpoint's turn
+        // holds it now, rather than have it wait for the turn in one of the
+        // deliverer's slots.
+        if !(probe || one_off) && self.fair.hold_early(job) {
+            self.count("held");
+            return finish(self.fair.hold(job, source).await);
+        }
         let permit = if probe || one_off {
             None
         } else {
@@ -452,6 +459,7 @@ impl State {
                         ..job.clone()
                     };
                     self.count("deferred");
+                    self.fair.deferred();
                     return finish(self.outbox.schedule(&next).await);
                 }
             }

@@ -15,6 +15,14 @@
 //! A released job goes the usual way (`State::handle`), without asking for
 //! a share again (it was counted when released).
 //!
+//! A released job whose endpoint is at its limit is put back for later
+//! (deferred); then its organization's next are released one per request
+//! of its that ends (or one per `RELEASE_PROBE_MS`) until a released one is
+//! sent (`Scheduler::unsent`), so freed slots do not all go to reading held
+//! jobs and putting them back. A job whose organization could not send it
+//! after its endpoint's turn is held before waiting for the turn
+//! ([`Fair::hold_early`]), so no slot waits on its behalf.
+//!
 //! Each release reads how many are left held from the last job it read
 //! (its `pending`), and every second the stream's subjects say which
 //! organizations have held jobs (held by another replica, or before a
@@ -31,6 +39,7 @@
 //! so the matcher's lane for it (paced by its jobs waiting, held ones
 //! included) slows with it.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -95,8 +104,19 @@ impl Settings {
 }
 
 tokio::task_local! {
-    /// Set around a released job: it was counted when released.
-    static RELEASED: ();
+    /// Set around a released job: it was counted when released. What
+    /// became of it.
+    static RELEASED: Cell<Released>;
+}
+
+/// What became of a released job.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Released {
+    Started,
+    /// Sent ([`Fair::admit`]).
+    Sent,
+    /// Put back for later, its endpoint at its limit ([`Fair::deferred`]).
+    Deferred,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -149,15 +169,20 @@ pub enum Admission {
 pub struct Ticket {
     inner: Arc<Inner>,
     org: String,
+    /// A released job put back for later, its endpoint at its limit
+    /// (`Scheduler::unsent`).
+    unsent: bool,
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.inner
-            .scheduler
-            .lock()
-            .expect("scheduler lock")
-            .done(&self.org, now_ms());
+        let mut scheduler = self.inner.scheduler.lock().expect("scheduler lock");
+        if self.unsent {
+            scheduler.unsent(&self.org, now_ms());
+        } else {
+            scheduler.done(&self.org, now_ms());
+        }
+        drop(scheduler);
         self.inner.wake.notify_one();
     }
 }
@@ -234,7 +259,12 @@ impl Fair {
     /// May `job` be sent now, or is it held back by its organization's
     /// share or limits?
     pub fn admit(&self, job: &proto::DeliveryJob) -> Admission {
-        if RELEASED.try_with(|_| ()).is_ok() {
+        if RELEASED.try_with(|r| r.set(Released::Sent)).is_ok() {
+            self.inner
+                .scheduler
+                .lock()
+                .expect("scheduler lock")
+                .released_sent(&job.organization_id, now_ms());
             return Admission::Send(None);
         }
         let now = now_ms();
@@ -247,12 +277,40 @@ impl Fair {
             Decision::Send => Admission::Send(Some(Ticket {
                 inner: self.inner.clone(),
                 org: job.organization_id.clone(),
+                unsent: false,
             })),
             Decision::Hold(why) => {
                 tracing::trace!(org = %job.organization_id, ?why, "delivery held back");
                 Admission::Hold
             }
         }
+    }
+
+    /// The job in hand is put back for later, its endpoint at its limit:
+    /// when it was released, its organization's next are released one per
+    /// request of its that ends (`Scheduler::unsent`).
+    pub fn deferred(&self) {
+        let _ = RELEASED.try_with(|r| r.set(Released::Deferred));
+    }
+
+    /// Whether `job`, about to wait for its endpoint's turn, is held now
+    /// instead: its organization could not send it after the turn either
+    /// (`Scheduler::hold_early`). A released job never is.
+    pub fn hold_early(&self, job: &proto::DeliveryJob) -> bool {
+        if RELEASED.try_with(|_| ()).is_ok() {
+            return false;
+        }
+        let now = now_ms();
+        let held = self
+            .inner
+            .scheduler
+            .lock()
+            .expect("scheduler lock")
+            .hold_early(&job.organization_id, now, now);
+        if let Some(why) = held {
+            tracing::trace!(org = %job.organization_id, ?why, "delivery held back before its endpoint's turn");
+        }
+        held.is_some()
     }
 
     /// `job` (its message's `info`) is picked up: unless it is the busiest
@@ -383,9 +441,10 @@ impl Fair {
                         };
                     got += 1;
                     left = message.info().ok().map(|info| info.pending);
-                    let ticket = Ticket {
+                    let mut ticket = Ticket {
                         inner: self.inner.clone(),
                         org: org.to_owned(),
+                        unsent: false,
                     };
                     let slot = slots
                         .clone()
@@ -401,11 +460,12 @@ impl Fair {
                     );
                     tokio::spawn(
                         RELEASED
-                            .scope((), async move {
+                            .scope(Cell::new(Released::Started), async move {
                                 let (spec, settle) = &state.held;
                                 let jobs = crate::Jobs(state.clone());
                                 herald_platform::worker::process(&jobs, settle, spec, message)
                                     .await;
+                                ticket.unsent = RELEASED.with(Cell::get) == Released::Deferred;
                                 drop(ticket);
                                 drop(slot);
                             })
