@@ -113,6 +113,9 @@ struct State {
     queues: Queues,
     /// Appends to those queues go in the order events were pulled.
     order: InOrder,
+    /// With lanes: told of each event's fan-out, so that a flood opens its
+    /// organization's lane at once.
+    downstream: Option<Downstream>,
 }
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
@@ -183,15 +186,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     };
     let dead = metrics.dead_letters.clone();
     let worker = Worker::start(&js, &health, spec, Some(dead), &shutdown).await?;
+    let downstream = config.lanes.then(|| Downstream::deliveries(&js, &shutdown));
     let state = Arc::new(State {
         js: js.clone(),
         cache,
         metrics,
         queues: Queues::new(js.clone(), ordering::KEY_TTL),
         order: InOrder::default(),
+        downstream: downstream.clone(),
     });
-    if config.lanes {
-        let downstream = Downstream::deliveries(&js, &shutdown);
+    if let Some(downstream) = downstream {
         let lanes = Lanes::start(
             &js,
             config.nats.replicas,
@@ -260,6 +264,9 @@ impl State {
             && let Some(about) = event.attributes.get("webhook")
         {
             matches.retain(|s| &s.webhook_id != about);
+        }
+        if let Some(downstream) = &self.downstream {
+            downstream.matched(&event.organization_id, matches.len() as u64);
         }
         if matches.is_empty() {
             if let Some(at) = at {
