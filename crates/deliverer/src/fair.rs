@@ -16,10 +16,10 @@
 //! a share again (it was counted when released).
 //!
 //! A released job whose endpoint is at its limit is put back for later
-//! (deferred); then its organization's next are released one per request
-//! of its that ends (or one per `RELEASE_PROBE_MS`) until a released one is
-//! sent (`Scheduler::unsent`), so freed slots do not all go to reading held
-//! jobs and putting them back. A job whose organization could not send it
+//! (deferred); then, until nothing of its organization is held, its
+//! releases are earned: one per request of its that ends and per released
+//! job sent, or one per `RELEASE_PROBE_MS` (`Scheduler::unsent`), so freed
+//! slots do not all go to reading held jobs and putting them back. A job whose organization could not send it
 //! after its endpoint's turn is held before waiting for the turn
 //! ([`Fair::hold_early`]), so no slot waits on its behalf.
 //!
