@@ -138,6 +138,12 @@ impl Org {
         self.release_credit = None;
     }
 
+    /// One more job, queued at `queued_ms`, is held.
+    fn hold(&mut self, queued_ms: i64) {
+        self.held += 1;
+        self.held_since.push_back(queued_ms);
+    }
+
     fn credit(&mut self, slots: usize) {
         if let Some(credit) = &mut self.release_credit {
             credit.left = (credit.left + 1).min(slots);
@@ -352,10 +358,7 @@ impl Scheduler {
                 o.in_flight += 1;
                 o.sent += 1;
             }
-            Decision::Hold(_) => {
-                o.held += 1;
-                o.held_since.push_back(queued_ms);
-            }
+            Decision::Hold(_) => o.hold(queued_ms),
         }
         decision
     }
@@ -374,9 +377,7 @@ impl Scheduler {
         } else {
             self.room(org, self.limits(org)).err()?
         };
-        let o = self.org(org, now_ms);
-        o.held += 1;
-        o.held_since.push_back(queued_ms);
+        self.org(org, now_ms).hold(queued_ms);
         Some(why)
     }
 

@@ -19,9 +19,10 @@
 //! (deferred); then, until nothing of its organization is held, its
 //! releases are earned: one per request of its that ends and per released
 //! job sent, or one per `RELEASE_PROBE_MS` (`Scheduler::unsent`), so freed
-//! slots do not all go to reading held jobs and putting them back. A job whose organization could not send it
-//! after its endpoint's turn is held before waiting for the turn
-//! ([`Fair::hold_early`]), so no slot waits on its behalf.
+//! slots do not all go to reading held jobs and putting them back. A job
+//! whose organization could not send it after its endpoint's turn is held
+//! before waiting for the turn ([`Fair::hold_early`]), so no slot waits on
+//! its behalf.
 //!
 //! Each release reads how many are left held from the last job it read
 //! (its `pending`), and every second the stream's subjects say which
@@ -287,8 +288,8 @@ impl Fair {
     }
 
     /// The job in hand is put back for later, its endpoint at its limit:
-    /// when it was released, its organization's next are released one per
-    /// request of its that ends (`Scheduler::unsent`).
+    /// when it was released, its organization's releases are earned from
+    /// now on (`Scheduler::unsent`).
     pub fn deferred(&self) {
         let _ = RELEASED.try_with(|r| r.set(Released::Deferred));
     }
