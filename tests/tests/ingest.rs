@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use herald_core::names;
 use herald_e2e::{Options, Stack};
+use prost::Message as _;
 use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -136,4 +137,55 @@ async fn next_pull(stack: &Stack) -> Value {
     .expect("a pull request within 15 s")
     .expect("subscription open");
     serde_json::from_slice(&pull.payload).expect("a JSON pull request")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_at_a_moderate_rate_are_accepted_together_and_each_once() {
+    // Events 5 ms apart: once ingest has seen the rate, it gathers them up
+    // to 8 at a time (or 50 ms) and publishes each batch at once
+    // (herald_core::gather), instead of one every 5 ms.
+    let stack = Stack::start_with(Options::default().env("HERALD_INGEST_GATHER", "50ms")).await;
+    let n = 120u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    for i in 0..n {
+        tick.tick().await;
+        stack
+            .publish(
+                "acme",
+                "workflow.completed",
+                json!({"id": format!("evt_{i}")}),
+            )
+            .await;
+    }
+    let accepted = stack
+        .js
+        .get_stream(names::ACCEPTED_STREAM)
+        .await
+        .expect("accepted stream");
+    stack
+        .eventually(Duration::from_secs(20), "every event accepted", || {
+            let mut accepted = accepted.clone();
+            async move { (accepted.info().await.ok()?.state.messages >= n).then_some(()) }
+        })
+        .await;
+    let mut ids = std::collections::BTreeSet::new();
+    let mut times = Vec::new();
+    for seq in 1..=n {
+        let message = accepted.get_raw_message(seq).await.expect("accepted event");
+        let event = herald_core::proto::Event::decode(message.payload.as_ref()).unwrap();
+        ids.insert(event.id);
+        times.push(message.time);
+    }
+    assert_eq!(ids.len(), n as usize, "each event accepted once");
+    // Past the first 60 (while the rate is learnt), most events are stored
+    // within 2 ms of the one before: they were published together.
+    let close = times[60..]
+        .windows(2)
+        .filter(|w| (w[1] - w[0]).whole_microseconds() < 2_000)
+        .count();
+    assert!(
+        close > 40,
+        "{close} of 59 stored within 2 ms of the previous"
+    );
+    stack.stop().await;
 }

@@ -8,6 +8,7 @@ pub mod duration;
 pub mod egress;
 pub mod event;
 pub mod fairness;
+pub mod gather;
 pub mod ids;
 pub mod lanes;
 pub mod masking;

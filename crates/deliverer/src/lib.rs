@@ -244,6 +244,7 @@ fn spec(concurrency: usize) -> worker::Spec {
         max_deliveries: herald_platform::dead_letters::MAX_HAND_BACKS,
         progress_every: Some(PROGRESS_EVERY),
         operation: "deliver",
+        gather: herald_core::gather::Gather::OFF,
     }
 }
 

@@ -21,6 +21,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use herald_core::catalogue::Catalogue;
 use herald_core::event::{self, Envelope, Limits, Rejection};
+use herald_core::gather::Gather;
 use herald_core::names;
 use herald_platform::config::{self, ConfigError, Source};
 use herald_platform::lanes::{self, Lanes};
@@ -41,6 +42,14 @@ pub const EXTRA_EVENT_TYPES: &str = "HERALD_EXTRA_EVENT_TYPES";
 pub const PULL_MAX_BYTES: &str = "HERALD_INGEST_PULL_MAX_BYTES";
 /// Deliveries of one event, at most, before it is set aside.
 pub const MAX_DELIVERIES: &str = "HERALD_INGEST_MAX_DELIVERIES";
+/// The longest an event waits for others to be started with (0: never).
+pub const GATHER: &str = "HERALD_INGEST_GATHER";
+
+/// What a gathered batch needs to start before its window ends: at 4,000
+/// events/s the window is 2 ms, at 8,000/s 1 ms (herald_core::gather).
+const GATHER_ENOUGH: usize = 8;
+/// The longest [`GATHER`] may be.
+const GATHER_MAX: Duration = Duration::from_millis(50);
 
 /// The rejection reason of an event set aside after too many deliveries.
 pub const REDELIVERED: &str = "redelivered";
@@ -72,6 +81,9 @@ pub struct Config {
     /// Whether a bursting organization's events are read beside the
     /// others' (`platform::lanes`).
     pub lanes: bool,
+    /// How events arriving at a moderate rate are gathered, to be started
+    /// together (`herald_core::gather`).
+    pub gather: Gather,
 }
 
 impl Config {
@@ -109,6 +121,13 @@ impl Config {
                 5,
                 1..=dead_letters::MAX_HAND_BACKS,
             )?,
+            gather: Gather {
+                max: match config::duration(src, GATHER, Duration::from_millis(5))? {
+                    max if max <= GATHER_MAX => max,
+                    _ => return Err(ConfigError::new(GATHER, "must be at most 50ms")),
+                },
+                enough: GATHER_ENOUGH,
+            },
         })
     }
 }
@@ -194,6 +213,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         max_deliveries: config.max_deliveries,
         progress_every: None,
         operation: "ingest",
+        gather: config.gather,
     };
     let worker = Worker::start(
         &js,
@@ -436,7 +456,16 @@ mod tests {
         assert_eq!((config.pull_max_bytes, config.max_deliveries), (8 << 20, 5));
         let config = Config::from_source(&[(PULL_MAX_BYTES, "2MiB")]).unwrap();
         assert_eq!(config.pull_max_bytes, 2 << 20);
+        let gather = |value| Config::from_source(&[(GATHER, value)]).unwrap().gather.max;
+        assert_eq!(gather("0ms"), Duration::ZERO);
+        assert_eq!(gather("20ms"), Duration::from_millis(20));
+        assert_eq!(
+            Config::from_source(&[("UNUSED", "")]).unwrap().gather.max,
+            Duration::from_millis(5)
+        );
         for (var, value) in [
+            (GATHER, "51ms"),
+            (GATHER, "soon"),
             (PULL_MAX_BYTES, "1KiB"),
             (PULL_MAX_BYTES, "lots"),
             (MAX_DELIVERIES, "0"),

@@ -186,6 +186,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         max_deliveries: herald_platform::dead_letters::MAX_HAND_BACKS,
         progress_every: None,
         operation: "index",
+        gather: herald_core::gather::Gather::OFF,
     };
     let worker = Worker::start(&js, &health, spec, None, &shutdown).await?;
     let settle = worker.settler();

@@ -183,6 +183,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         // meanwhile.
         progress_every: Some(config.ack_wait / 3),
         operation: "match",
+        gather: herald_core::gather::Gather::OFF,
     };
     let dead = metrics.dead_letters.clone();
     let worker = Worker::start(&js, &health, spec, Some(dead), &shutdown).await?;

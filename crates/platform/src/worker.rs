@@ -32,6 +32,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use herald_core::gather::{Arrivals, Gather};
+
 use crate::health::Health;
 use crate::{dead_letters, metrics, nats, trace};
 
@@ -73,6 +75,9 @@ pub struct Spec {
     pub progress_every: Option<Duration>,
     /// The span each message is processed in (`trace::message_span`).
     pub operation: &'static str,
+    /// How [`Worker::each`] gathers messages arriving at a moderate rate
+    /// to start them together ([`Gather::OFF`]: each as it comes).
+    pub gather: Gather,
 }
 
 /// How long an on-demand pull request waits at the server for messages.
@@ -314,7 +319,8 @@ impl Worker {
     /// Processes messages one by one on this task, up to `concurrency` at
     /// once, until `shutdown`; then finishes those started and hands back
     /// the rest. Messages are pulled ahead of the work (up to `batch`), the
-    /// fastest for short work.
+    /// fastest for short work; at a moderate rate they are gathered and
+    /// started together, as [`Spec::gather`] says.
     pub async fn each<H: Handler>(
         self,
         handler: Arc<H>,
@@ -385,12 +391,21 @@ impl Worker {
                 let concurrency = slots.available_permits();
                 let mut pull = nats::Pull::new(consumer, spec.batch, spec.max_bytes);
                 let mut in_flight = FuturesUnordered::new();
+                // Gathered at a moderate rate to start together (`Spec::gather`).
+                let mut gathered: Vec<Message> = Vec::new();
+                let mut arrivals = Arrivals::default();
+                let clock = tokio::time::Instant::now();
+                let window = tokio::time::sleep(Duration::ZERO);
+                tokio::pin!(window);
                 loop {
                     tokio::select! {
                         biased;
                         _ = shutdown.cancelled() => break,
                         Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
-                        message = pull.next(), if in_flight.len() < concurrency => match message {
+                        () = &mut window, if !gathered.is_empty() => {
+                            in_flight.extend(gathered.drain(..).map(|m| begin(&*handler, &settle, &spec, m)));
+                        }
+                        message = pull.next(), if in_flight.len() + gathered.len() < concurrency => match message {
                             // A burst another consumer works is skipped at
                             // the pace it is read.
                             Some(Ok(message)) if handler.unread(&message) => {
@@ -399,15 +414,18 @@ impl Worker {
                                 }
                             }
                             Some(Ok(message)) => {
-                                let span = trace::message_span(
-                                    spec.operation,
-                                    &message.subject,
-                                    message.headers.as_ref(),
-                                    "",
-                                );
-                                enter(&*handler, &message);
-                                let work = process(&*handler, &settle, &spec, message);
-                                in_flight.push(work.instrument(span));
+                                arrivals.arrived(clock.elapsed().as_micros() as u64);
+                                if gathered.is_empty() && spec.gather.waits(&arrivals) {
+                                    window.as_mut().reset(tokio::time::Instant::now() + spec.gather.max);
+                                }
+                                if gathered.is_empty() && !spec.gather.waits(&arrivals) {
+                                    in_flight.push(begin(&*handler, &settle, &spec, message));
+                                } else {
+                                    gathered.push(message);
+                                    if spec.gather.full(gathered.len()) {
+                                        in_flight.extend(gathered.drain(..).map(|m| begin(&*handler, &settle, &spec, m)));
+                                    }
+                                }
                             }
                             Some(Err(error)) => {
                                 tracing::warn!(%error, consumer = spec.durable, "consumer error");
@@ -418,6 +436,9 @@ impl Worker {
                 }
                 // Pulled but not started: handed back at once, while what
                 // was started finishes.
+                for message in gathered {
+                    let _ = message.ack_with(AckKind::Nak(None)).await;
+                }
                 let hand_back = crate::shutdown::hand_back(&mut pull);
                 futures::join!(in_flight.collect::<()>(), hand_back);
             }
@@ -583,9 +604,23 @@ fn report_panic(done: Result<(), tokio::task::JoinError>, consumer: &str) {
     }
 }
 
-/// One message through a handler: exhausted (delivered more than
-/// `spec.max_deliveries` times) or handled, keeping its claim with progress
-/// acks while it runs when `spec.progress_every` says so; then settled.
+/// Starts `message`'s work, in its span, entered in its handler's order.
+fn begin<'a, H: Handler>(
+    handler: &'a H,
+    settle: &'a Settle,
+    spec: &'a Spec,
+    message: Message,
+) -> impl Future<Output = ()> + 'a {
+    let span = trace::message_span(
+        spec.operation,
+        &message.subject,
+        message.headers.as_ref(),
+        "",
+    );
+    enter(handler, &message);
+    process(handler, settle, spec, message).instrument(span)
+}
+
 /// Enters `message` in its handler's [`InOrder`], in the order pulled.
 fn enter<H: Handler>(handler: &H, message: &Message) {
     if let Some(order) = handler.in_order()
@@ -595,6 +630,9 @@ fn enter<H: Handler>(handler: &H, message: &Message) {
     }
 }
 
+/// One message through a handler: exhausted (delivered more than
+/// `spec.max_deliveries` times) or handled, keeping its claim with progress
+/// acks while it runs when `spec.progress_every` says so; then settled.
 pub async fn process<H: Handler>(handler: &H, settle: &Settle, spec: &Spec, message: Message) {
     /// Lets the message pass however its work ends (a panic included).
     struct Passes<'a>(Option<(&'a InOrder, Position)>);
@@ -661,6 +699,7 @@ mod tests {
             max_deliveries: dead_letters::MAX_HAND_BACKS,
             progress_every: None,
             operation: "test",
+            gather: Gather::OFF,
         };
         let config = spec.consumer_config();
         assert_eq!(config.durable_name.as_deref(), Some("d"));
