@@ -144,7 +144,7 @@ async fn events_at_a_moderate_rate_are_accepted_together_and_each_once() {
     // Events 5 ms apart: once ingest has seen the rate, it gathers them up
     // to 8 at a time (or 50 ms) and publishes each batch at once
     // (herald_core::gather), instead of one every 5 ms.
-    let stack = Stack::start_with(Options::default().env("HERALD_INGEST_GATHER", "50ms")).await;
+    let mut stack = Stack::start_with(Options::default().env("HERALD_INGEST_GATHER", "50ms")).await;
     let n = 120u64;
     let mut tick = tokio::time::interval(Duration::from_millis(5));
     for i in 0..n {
@@ -187,5 +187,54 @@ async fn events_at_a_moderate_rate_are_accepted_together_and_each_once() {
         close > 40,
         "{close} of 59 stored within 2 ms of the previous"
     );
+
+    // Ingest stops while it gathers. What it gathered is handed back, and
+    // the next ingest accepts it, well before the 30 s ack wait would bring
+    // it back (without the hand-back, this part fails).
+    let more = 40u64;
+    for i in n..n + more {
+        tick.tick().await;
+        stack
+            .publish(
+                "acme",
+                "workflow.completed",
+                json!({"id": format!("evt_{i}")}),
+            )
+            .await;
+    }
+    // Stopped once some are in its hands, not yet accepted (a batch waits
+    // up to 50 ms); while none are (a batch of 8 had just gone), another
+    // event is published first.
+    let mut published = n + more;
+    loop {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let mut stream = accepted.clone();
+        if stream.info().await.expect("stream info").state.messages < published {
+            break;
+        }
+        tick.tick().await;
+        stack
+            .publish(
+                "acme",
+                "workflow.completed",
+                json!({"id": format!("evt_{published}")}),
+            )
+            .await;
+        published += 1;
+    }
+    stack.stop_service("ingest", Duration::from_secs(10)).await;
+    stack.start_service("ingest");
+    stack
+        .eventually(Duration::from_secs(15), "the events after accepted", || {
+            let mut accepted = accepted.clone();
+            async move { (accepted.info().await.ok()?.state.messages >= published).then_some(()) }
+        })
+        .await;
+    for seq in n + 1..=published {
+        let message = accepted.get_raw_message(seq).await.expect("accepted event");
+        let event = herald_core::proto::Event::decode(message.payload.as_ref()).unwrap();
+        ids.insert(event.id);
+    }
+    assert_eq!(ids.len(), published as usize, "each event accepted once");
     stack.stop().await;
 }
