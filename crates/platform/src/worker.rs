@@ -415,16 +415,17 @@ impl Worker {
                             }
                             Some(Ok(message)) => {
                                 arrivals.arrived(clock.elapsed().as_micros() as u64);
-                                if gathered.is_empty() && spec.gather.waits(&arrivals) {
-                                    window.as_mut().reset(tokio::time::Instant::now() + spec.gather.max);
-                                }
-                                if gathered.is_empty() && !spec.gather.waits(&arrivals) {
-                                    in_flight.push(begin(&*handler, &settle, &spec, message));
-                                } else {
+                                if !gathered.is_empty() {
                                     gathered.push(message);
-                                    if spec.gather.full(gathered.len()) {
-                                        in_flight.extend(gathered.drain(..).map(|m| begin(&*handler, &settle, &spec, m)));
-                                    }
+                                } else if spec.gather.waits(&arrivals) {
+                                    // The first of a batch opens its window.
+                                    window.as_mut().reset(tokio::time::Instant::now() + spec.gather.max);
+                                    gathered.push(message);
+                                } else {
+                                    in_flight.push(begin(&*handler, &settle, &spec, message));
+                                }
+                                if spec.gather.full(gathered.len()) {
+                                    in_flight.extend(gathered.drain(..).map(|m| begin(&*handler, &settle, &spec, m)));
                                 }
                             }
                             Some(Err(error)) => {
