@@ -149,39 +149,22 @@ async fn events_at_a_moderate_rate_are_accepted_together_and_each_once() {
     let mut tick = tokio::time::interval(Duration::from_millis(5));
     for i in 0..n {
         tick.tick().await;
-        stack
-            .publish(
-                "acme",
-                "workflow.completed",
-                json!({"id": format!("evt_{i}")}),
-            )
-            .await;
+        publish_evt(&stack, i).await;
     }
     let accepted = stack
         .js
         .get_stream(names::ACCEPTED_STREAM)
         .await
         .expect("accepted stream");
-    stack
-        .eventually(Duration::from_secs(20), "every event accepted", || {
-            let mut accepted = accepted.clone();
-            async move { (accepted.info().await.ok()?.state.messages >= n).then_some(()) }
-        })
-        .await;
-    let mut ids = std::collections::BTreeSet::new();
-    let mut times = Vec::new();
-    for seq in 1..=n {
-        let message = accepted.get_raw_message(seq).await.expect("accepted event");
-        let event = herald_core::proto::Event::decode(message.payload.as_ref()).unwrap();
-        ids.insert(event.id);
-        times.push(message.time);
-    }
+    let first = accepted_from(&stack, &accepted, 1, n).await;
+    let mut ids: std::collections::BTreeSet<String> =
+        first.iter().map(|(id, _)| id.clone()).collect();
     assert_eq!(ids.len(), n as usize, "each event accepted once");
     // Past the first 60 (while the rate is learnt), most events are stored
     // within 2 ms of the one before: they were published together.
-    let close = times[60..]
+    let close = first[60..]
         .windows(2)
-        .filter(|w| (w[1] - w[0]).whole_microseconds() < 2_000)
+        .filter(|w| w[1].1 - w[0].1 < 2_000)
         .count();
     assert!(
         close > 40,
@@ -191,21 +174,15 @@ async fn events_at_a_moderate_rate_are_accepted_together_and_each_once() {
     // Ingest stops while it gathers. What it gathered is handed back, and
     // the next ingest accepts it, well before the 30 s ack wait would bring
     // it back (without the hand-back, this part fails).
-    let more = 40u64;
-    for i in n..n + more {
+    let mut published = n;
+    for _ in 0..40 {
         tick.tick().await;
-        stack
-            .publish(
-                "acme",
-                "workflow.completed",
-                json!({"id": format!("evt_{i}")}),
-            )
-            .await;
+        publish_evt(&stack, published).await;
+        published += 1;
     }
     // Stopped once some are in its hands, not yet accepted (a batch waits
     // up to 50 ms); while none are (a batch of 8 had just gone), another
     // event is published first.
-    let mut published = n + more;
     loop {
         tokio::time::sleep(Duration::from_millis(2)).await;
         let mut stream = accepted.clone();
@@ -213,28 +190,48 @@ async fn events_at_a_moderate_rate_are_accepted_together_and_each_once() {
             break;
         }
         tick.tick().await;
-        stack
-            .publish(
-                "acme",
-                "workflow.completed",
-                json!({"id": format!("evt_{published}")}),
-            )
-            .await;
+        publish_evt(&stack, published).await;
         published += 1;
     }
     stack.stop_service("ingest", Duration::from_secs(10)).await;
     stack.start_service("ingest");
-    stack
-        .eventually(Duration::from_secs(15), "the events after accepted", || {
-            let mut accepted = accepted.clone();
-            async move { (accepted.info().await.ok()?.state.messages >= published).then_some(()) }
-        })
-        .await;
-    for seq in n + 1..=published {
-        let message = accepted.get_raw_message(seq).await.expect("accepted event");
-        let event = herald_core::proto::Event::decode(message.payload.as_ref()).unwrap();
-        ids.insert(event.id);
-    }
+    let after = accepted_from(&stack, &accepted, n + 1, published).await;
+    ids.extend(after.into_iter().map(|(id, _)| id));
     assert_eq!(ids.len(), published as usize, "each event accepted once");
     stack.stop().await;
+}
+
+/// Publishes acme's `workflow.completed` with id `evt_<i>`.
+async fn publish_evt(stack: &Stack, i: u64) {
+    stack
+        .publish(
+            "acme",
+            "workflow.completed",
+            json!({"id": format!("evt_{i}")}),
+        )
+        .await;
+}
+
+/// Waits (20 s at most, less than the 30 s ack wait) until HERALD_ACCEPTED holds `last` events, and
+/// reads those from sequence `from` on: each one's id, and when it was
+/// stored (µs).
+async fn accepted_from(
+    stack: &Stack,
+    accepted: &async_nats::jetstream::stream::Stream,
+    from: u64,
+    last: u64,
+) -> Vec<(String, i128)> {
+    stack
+        .eventually(Duration::from_secs(20), "the events accepted", || {
+            let mut accepted = accepted.clone();
+            async move { (accepted.info().await.ok()?.state.messages >= last).then_some(()) }
+        })
+        .await;
+    let mut events = Vec::new();
+    for seq in from..=last {
+        let message = accepted.get_raw_message(seq).await.expect("accepted event");
+        let event = herald_core::proto::Event::decode(message.payload.as_ref()).unwrap();
+        events.push((event.id, message.time.unix_timestamp_nanos() / 1_000));
+    }
+    events
 }
