@@ -58,6 +58,9 @@ usage: herald-bench [options]
   --sync-always         then again on a fresh stack whose nats-server syncs every write to
                         disk (jetstream sync_interval: always): warm-up, throughput and
                         both latency phases, under sync_always in the result
+  --cluster             the broker phases on a 3-node NATS cluster, every stream with three
+                        replicas (what the Helm chart deploys); with --sync-always, both passes
+                        (no operation counts: they are spread over the three nodes)
   --no-tap              count no acks or pull requests (the tap subscribing to $JS.ACK.>
                         and $JS.API.> costs nats-server a little CPU)
   --soak-minutes N      instead: the soak (a 10 s webhook beside a healthy one, 10 events/s)
@@ -100,6 +103,7 @@ struct Args {
     noisy_burst: Option<u64>,
     slow_org: Option<u64>,
     chaos: bool,
+    cluster: bool,
     sync_always: bool,
     tap: bool,
     rate_given: bool,
@@ -134,6 +138,7 @@ impl Args {
             noisy_burst: None,
             slow_org: None,
             chaos: false,
+            cluster: false,
             sync_always: false,
             tap: true,
             rate_given: false,
@@ -148,6 +153,10 @@ impl Args {
             }
             if flag == "--chaos" {
                 args.chaos = true;
+                continue;
+            }
+            if flag == "--cluster" {
+                args.cluster = true;
                 continue;
             }
             if flag == "--sync-always" {
@@ -650,13 +659,14 @@ async fn start_pass(
         args.nats_url.clone(),
         args.redis_url.clone(),
         sync_always.then_some(conf.as_path()),
+        args.cluster,
     );
     let stack = Stack::start(&backing, &args.bin_dir, work_dir, service_env).await?;
     // The benchmark's own requests are told from the services' ones by
     // their reply subjects (crate::ops).
     let client = async_nats::ConnectOptions::new()
         .custom_inbox_prefix(ops::BENCH_INBOX)
-        .connect(backing.nats_url.as_str())
+        .connect(backing.nats_urls())
         .await
         .context("connect to NATS")?;
     let js = async_nats::jetstream::new(client);
@@ -802,6 +812,8 @@ struct Settings {
     warmup: u64,
     ordered_executions: u64,
     ordered_rate: f64,
+    /// 1, or 3 for `--cluster`.
+    nats_nodes: usize,
     service_env: BTreeMap<String, String>,
 }
 
@@ -874,6 +886,9 @@ async fn bench(args: Args) -> anyhow::Result<bool> {
         "HERALD_DELIVERY_CONCURRENCY".to_owned(),
         args.concurrency.to_string(),
     )];
+    if args.cluster {
+        service_env.push(("HERALD_STREAM_REPLICAS".to_owned(), "3".to_owned()));
+    }
     service_env.extend(args.env.iter().cloned());
     let (backing, stack, js) = start_pass(&args, &receiver, &work_dir, &service_env, false).await?;
     let fanout_events = args.fanout_events.unwrap_or((args.events / 10).max(1));
@@ -1028,7 +1043,14 @@ async fn bench(args: Args) -> anyhow::Result<bool> {
         drop(ops);
         drop(stack);
         drop(_backing);
-        eprintln!("sync always: a fresh stack, nats-server with jetstream sync_interval: always");
+        eprintln!(
+            "sync always: a fresh stack, {} with jetstream sync_interval: always",
+            if args.cluster {
+                "3 NATS nodes"
+            } else {
+                "nats-server"
+            }
+        );
         let (backing, stack, js) =
             start_pass(&args, &receiver, &work_dir, &service_env, true).await?;
         let ops = start_ops(&args, &backing).await?;
@@ -1138,6 +1160,7 @@ async fn bench(args: Args) -> anyhow::Result<bool> {
             warmup,
             ordered_executions,
             ordered_rate: bench.args.ordered_rate,
+            nats_nodes: if bench.args.cluster { 3 } else { 1 },
             service_env: service_env.into_iter().collect(),
         },
         phases,

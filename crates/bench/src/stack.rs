@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use herald_core::names;
-use herald_test_support::{NatsServer, RedisServer, free_port};
+use herald_test_support::{NatsCluster, NatsServer, RedisServer, free_port};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -29,40 +29,55 @@ pub struct Backing {
     /// Process ids of the servers started here, for their CPU time.
     pub pids: Vec<(&'static str, u32)>,
     /// The monitoring endpoint (`http://127.0.0.1:port`) of the NATS
-    /// started here, for the operation counts (`/varz`, `/jsz`, `/connz`).
+    /// started here, for the operation counts (`/varz`, `/jsz`, `/connz`);
+    /// none for a cluster, whose counts are spread over three nodes.
     pub monitor_url: Option<String>,
     _nats: Option<NatsServer>,
+    _cluster: Option<NatsCluster>,
     /// The Redis started here (the chaos suite stops and restarts it).
     pub redis: Option<RedisServer>,
 }
 
+/// The names the CPU time of a cluster's nodes is reported under.
+const CLUSTER_NODES: [&str; 3] = ["nats-server-n0", "nats-server-n1", "nats-server-n2"];
+
 impl Backing {
     pub fn start(nats_url: Option<String>, redis_url: Option<String>) -> Self {
-        Self::start_with(nats_url, redis_url, None)
+        Self::start_with(nats_url, redis_url, None, false)
     }
 
     /// [`Backing::start`], the NATS started here (when one is) with a
-    /// monitoring port and, when `sync_always_conf` names a file, JetStream
-    /// writing every message to disk before it is acknowledged
-    /// (`sync_interval: always`, from a configuration file written there).
+    /// monitoring port, three nodes in a cluster when `cluster` (the
+    /// services are then told to keep three replicas of each stream), and,
+    /// when `sync_always_conf` names a file, JetStream writing every
+    /// message to disk before it is acknowledged (`sync_interval: always`,
+    /// from a configuration file written there).
     pub fn start_with(
         nats_url: Option<String>,
         redis_url: Option<String>,
         sync_always_conf: Option<&Path>,
+        cluster: bool,
     ) -> Self {
+        let mut extra = Vec::new();
+        if let Some(conf) = sync_always_conf.filter(|_| nats_url.is_none()) {
+            std::fs::write(conf, "jetstream {\n  sync_interval: always\n}\n")
+                .expect("write the nats-server configuration");
+            extra.push("-c".to_owned());
+            extra.push(conf.display().to_string());
+        }
         let monitor_port = free_port();
-        let nats = nats_url.is_none().then(|| {
-            let port = monitor_port.to_string();
-            let mut extra = vec!["-m".to_owned(), port];
-            if let Some(conf) = sync_always_conf {
-                std::fs::write(conf, "jetstream {\n  sync_interval: always\n}\n")
-                    .expect("write the nats-server configuration");
-                extra.push("-c".into());
-                extra.push(conf.display().to_string());
+        let (nats, nodes) = match (&nats_url, cluster) {
+            (Some(_), _) => (None, None),
+            (None, true) => {
+                let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+                (None, Some(NatsCluster::start_with(&extra)))
             }
-            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-            NatsServer::start_with(&extra)
-        });
+            (None, false) => {
+                extra.extend(["-m".to_owned(), monitor_port.to_string()]);
+                let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+                (Some(NatsServer::start_with(&extra)), None)
+            }
+        };
         let monitor_url = nats
             .as_ref()
             .map(|_| format!("http://127.0.0.1:{monitor_port}"));
@@ -73,20 +88,37 @@ impl Backing {
         if let Some(pid) = nats.as_ref().and_then(NatsServer::pid) {
             pids.push(("nats-server", pid));
         }
+        if let Some(nodes) = &nodes {
+            for (i, name) in CLUSTER_NODES.iter().enumerate() {
+                if let Some(pid) = nodes.pid(i) {
+                    pids.push((*name, pid));
+                }
+            }
+        }
         if let Some(pid) = redis.as_ref().and_then(|r| {
             let port = r.url().rsplit(':').next()?.parse().ok()?;
             find_server("redis-server", port)
         }) {
             pids.push(("redis-server", pid));
         }
+        let started = nats
+            .as_ref()
+            .map(NatsServer::url)
+            .or_else(|| nodes.as_ref().map(NatsCluster::url));
         Self {
-            nats_url: nats_url.unwrap_or_else(|| nats.as_ref().expect("started").url()),
+            nats_url: nats_url.or(started).expect("a NATS given or started"),
             redis_url: redis_url.unwrap_or_else(|| redis.as_ref().expect("started").url()),
             pids,
             monitor_url,
             _nats: nats,
+            _cluster: nodes,
             redis,
         }
+    }
+
+    /// The NATS URLs, one per node (`nats_url` is them comma-separated).
+    pub fn nats_urls(&self) -> Vec<String> {
+        self.nats_url.split(',').map(str::to_owned).collect()
     }
 }
 

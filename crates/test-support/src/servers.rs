@@ -341,6 +341,12 @@ impl NatsCluster {
     /// Starts the nodes and waits until JetStream is up on each (a meta
     /// leader elected and every node caught up).
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// [`NatsCluster::start`], with `extra` arguments for every node (a
+    /// configuration file: `-c <path>`).
+    pub fn start_with(extra: &[&str]) -> Self {
         const SIZE: usize = 3;
         let client: Vec<u16> = (0..SIZE).map(|_| free_port()).collect();
         let route: Vec<u16> = (0..SIZE).map(|_| free_port()).collect();
@@ -375,6 +381,7 @@ impl NatsCluster {
                     "-sd",
                 ]);
                 args.push(dir.path().join("js").into());
+                args.extend(os(extra));
                 Server::start_with(
                     "nats-server",
                     "NATS_SERVER_BIN",
