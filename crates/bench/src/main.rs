@@ -219,6 +219,13 @@ impl Args {
                     .into(),
             );
         }
+        if args.cluster && args.nats_url.is_some() {
+            return Err(
+                "--cluster starts its own three nodes: leave out --nats-url (or give a cluster's \
+                 URLs with --env HERALD_STREAM_REPLICAS=3)"
+                    .into(),
+            );
+        }
         if args.chaos && !args.rate_given {
             args.rate = 500.0;
         }
