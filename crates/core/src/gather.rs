@@ -45,13 +45,12 @@ const WEIGHT: f64 = 1.0 / 8.0;
 impl Arrivals {
     /// An event arrived at `now_us` (any clock that does not go back).
     pub fn arrived(&mut self, now_us: u64) {
-        let gap = match self.last_us {
-            Some(last) => now_us.saturating_sub(last).min(LONGEST_GAP_US),
-            None => LONGEST_GAP_US,
-        };
         self.gap_us = match self.last_us {
-            Some(_) => self.gap_us + (gap as f64 - self.gap_us) * WEIGHT,
-            None => gap as f64,
+            Some(last) => {
+                let gap = now_us.saturating_sub(last).min(LONGEST_GAP_US);
+                self.gap_us + (gap as f64 - self.gap_us) * WEIGHT
+            }
+            None => LONGEST_GAP_US as f64,
         };
         self.last_us = Some(now_us);
     }
